@@ -1,0 +1,1 @@
+//! Godwit API types.

@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("godwit-apiserver: not built yet");
+    std::process::exit(2);
+}

@@ -1,0 +1,3 @@
+fn main() {
+    println!("godwit-node {}: node agent not built yet", env!("CARGO_PKG_VERSION"));
+}

@@ -1,0 +1,3 @@
+fn main() {
+    println!("godwit-vmm {}: VMM not built yet", env!("CARGO_PKG_VERSION"));
+}

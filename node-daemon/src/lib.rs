@@ -1,0 +1,1 @@
+//! Godwit node daemon: the per-node agent and the KVM VMM it runs.
