@@ -1,0 +1,4 @@
+fn main() {
+    // Relink when the linker script changes.
+    println!("cargo:rerun-if-changed=linker.ld");
+}

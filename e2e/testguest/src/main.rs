@@ -1,0 +1,451 @@
+//! The Godwit test guest: a freestanding x86_64 guest booted through PVH that
+//! prints heartbeats, dirties and verifies memory, writes and verifies a disk
+//! pattern, and streams heartbeats over TCP. Its command line and output lines
+//! are documented in README.md; other tools parse them.
+
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+mod acpi;
+mod boot;
+mod clock;
+mod cmdline;
+mod interrupts;
+mod net;
+mod pattern;
+mod rt;
+#[macro_use]
+mod serial;
+mod startinfo;
+mod virtio;
+mod workload;
+
+use core::fmt::{self, Write};
+use core::ptr::addr_of_mut;
+
+use linked_list_allocator::LockedHeap;
+use virtio_drivers::device::blk::VirtIOBlk;
+use virtio_drivers::transport::{DeviceType, Transport};
+
+use crate::cmdline::{parse_u64, Config};
+use crate::net::Net;
+use crate::startinfo::StartInfo;
+use crate::virtio::{Blk, BlkOutcome};
+use crate::workload::{Check, CheckResult, Workload, PAGE};
+
+/// Printed on the first line.
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// LAPIC timer period.
+const TICK_US: u64 = 1000;
+/// Where the memory working set starts.
+const WORKSET_BASE: u64 = 64 << 20;
+/// Work done between checks of the clock, and the budget of one chunk.
+const CHUNK_PAGES: u64 = 64;
+const CHUNK_NS: u64 = 500_000;
+const MAXPAUSE_EVERY_NS: u64 = 10_000_000_000;
+
+const HEAP_SIZE: usize = 8 << 20;
+
+#[repr(C, align(4096))]
+struct HeapMem([u8; HEAP_SIZE]);
+
+static mut HEAP_MEM: HeapMem = HeapMem([0; HEAP_SIZE]);
+
+#[global_allocator]
+static HEAP: LockedHeap = LockedHeap::empty();
+
+extern "C" {
+    static __image_end: u8;
+}
+
+/// Stops the CPU for good.
+pub fn halt_forever() -> ! {
+    loop {
+        // SAFETY: cli; hlt only stops this CPU.
+        unsafe { core::arch::asm!("cli", "hlt", options(nomem, nostack)) };
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    println!("PANIC {}", info);
+    halt_forever()
+}
+
+/// A line assembled in a fixed buffer (heartbeats go to the console and to TCP).
+struct LineBuf {
+    buf: [u8; 96],
+    len: usize,
+}
+
+impl Write for LineBuf {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let b = s.as_bytes();
+        let n = b.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&b[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+/// Everything the main loop owns.
+struct Guest {
+    cfg: Config,
+    info: StartInfo,
+    blk: Option<Blk>,
+    net: Option<Net>,
+    work: Option<Workload>,
+    check: Option<Check>,
+    hb: u64,
+    hb_period_ns: u64,
+    next_hb_ns: u64,
+    last_hb_ns: u64,
+    max_gap_ns: u64,
+    next_maxpause_ns: u64,
+    next_memcheck_ns: u64,
+    line: [u8; 160],
+    line_len: usize,
+}
+
+#[no_mangle]
+extern "C" fn main64(start_info: u32) -> ! {
+    serial::init();
+    println!("GODWIT-TESTGUEST {}", VERSION);
+    interrupts::init_cpu_tables();
+    // SAFETY: HEAP_MEM is used only by the allocator from here on.
+    unsafe { HEAP.lock().init(addr_of_mut!(HEAP_MEM) as *mut u8, HEAP_SIZE) };
+
+    let Some(info) = StartInfo::read(start_info as u64) else {
+        println!("PANIC no PVH start info at {:#x}", start_info);
+        halt_forever()
+    };
+    println!("CMDLINE {}", info.cmdline);
+    let cfg = Config::parse(info.cmdline);
+    let ram_end = info.ram_end();
+    for gib in 4..ram_end.div_ceil(1 << 30) as usize {
+        if !boot::map_gib(gib) {
+            println!("WARN RAM above {} GiB is not mapped", gib);
+            break;
+        }
+    }
+    println!("MEM {}", info.ram_bytes());
+    let (cpus, _) = acpi::count_cpus(info.rsdp);
+    println!("CPUS {}", cpus);
+    let source = clock::init();
+    let lapic_per_ms = interrupts::start_timer(TICK_US);
+    println!("CLOCK {} lapic_per_ms={}", source, lapic_per_ms);
+
+    let mut g = Guest {
+        hb_period_ns: cfg.hb_ms * 1_000_000,
+        cfg,
+        info,
+        blk: None,
+        net: None,
+        work: None,
+        check: None,
+        hb: 0,
+        next_hb_ns: 0,
+        last_hb_ns: 0,
+        max_gap_ns: 0,
+        next_maxpause_ns: 0,
+        next_memcheck_ns: 0,
+        line: [0; 160],
+        line_len: 0,
+    };
+    g.setup_devices();
+    if g.cfg.dirty_mib > 0 {
+        g.start_workload(g.cfg.dirty_mib, g.cfg.dirty_rate);
+    }
+    let now = clock::now_ns();
+    g.last_hb_ns = now;
+    g.next_hb_ns = now + g.hb_period_ns;
+    g.next_maxpause_ns = now + MAXPAUSE_EVERY_NS;
+    g.next_memcheck_ns = now + g.cfg.memcheck_s * 1_000_000_000;
+    interrupts::enable();
+    println!("READY");
+    g.run()
+}
+
+impl Guest {
+    fn setup_devices(&mut self) {
+        for i in 0..self.cfg.nvirtio {
+            let d = self.cfg.virtio[i];
+            let Some(t) = virtio::open(&d) else {
+                continue;
+            };
+            println!("VIRTIO {:#x} {}", d.addr, virtio::kind_name(&t));
+            match t.device_type() {
+                DeviceType::Block if self.blk.is_none() => match VirtIOBlk::new(t) {
+                    Ok(b) => self.blk = Some(b),
+                    Err(_) => println!("WARN virtio-blk at {:#x} failed to start", d.addr),
+                },
+                DeviceType::Network if self.net.is_none() => {
+                    let Some((ip, prefix)) = self.cfg.ip else {
+                        println!("WARN virtio-net at {:#x} unused: no ip= given", d.addr);
+                        continue;
+                    };
+                    match Net::new(t, ip, prefix, self.cfg.gw, self.cfg.tcp_port, clock::now_ns()) {
+                        Ok(n) => {
+                            let m = n.mac;
+                            println!(
+                                "NET up ip={}.{}.{}.{} mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                                ip[0], ip[1], ip[2], ip[3], m[0], m[1], m[2], m[3], m[4], m[5]
+                            );
+                            self.net = Some(n);
+                        }
+                        Err(e) => println!("WARN {}", e),
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(p) = self.cfg.blk_write {
+            self.blk_write(p.sector, p.count, p.seed);
+        }
+        if let Some(p) = self.cfg.blk_verify {
+            self.blk_verify(p.sector, p.count, p.seed);
+        }
+    }
+
+    fn start_workload(&mut self, mib: u64, rate: u64) {
+        self.check = None;
+        if mib == 0 {
+            self.work = None;
+            println!("DIRTY stopped");
+            return;
+        }
+        let image_end = core::ptr::addr_of!(__image_end) as u64;
+        let bytes = mib << 20;
+        if image_end > WORKSET_BASE || !self.info.is_ram(WORKSET_BASE, bytes) {
+            self.work = None;
+            println!(
+                "DIRTY refused mib={} base={:#x} ram_end={:#x}: working set does not fit in RAM",
+                mib,
+                WORKSET_BASE,
+                self.info.ram_end()
+            );
+            return;
+        }
+        self.work = Some(Workload::new(WORKSET_BASE, bytes / PAGE, rate, clock::now_ns()));
+        println!(
+            "DIRTY mib={} rate={} pages={} base={:#x}",
+            mib,
+            rate,
+            bytes / PAGE,
+            WORKSET_BASE
+        );
+    }
+
+    fn blk_write(&mut self, sector: u64, count: u64, seed: u64) {
+        let Some(blk) = self.blk.as_mut() else {
+            println!("BLK write bad error=nodevice");
+            return;
+        };
+        match virtio::blk_write(blk, sector, count, seed) {
+            BlkOutcome::Ok => println!("BLK write ok sector={} count={} seed={}", sector, count, seed),
+            BlkOutcome::Io { sector } => println!("BLK write bad sector={} error=io", sector),
+            BlkOutcome::Mismatch { .. } => {}
+        }
+        self.blk_verify(sector, count, seed);
+    }
+
+    fn blk_verify(&mut self, sector: u64, count: u64, seed: u64) {
+        let Some(blk) = self.blk.as_mut() else {
+            println!("BLK verify bad error=nodevice");
+            return;
+        };
+        match virtio::blk_verify(blk, sector, count, seed) {
+            BlkOutcome::Ok => println!("BLK verify ok sector={} count={} seed={}", sector, count, seed),
+            BlkOutcome::Io { sector } => println!("BLK verify bad sector={} error=io", sector),
+            BlkOutcome::Mismatch {
+                sector,
+                word,
+                expected,
+                found,
+            } => println!(
+                "BLK verify bad sector={} word={} expected={:#018x} found={:#018x}",
+                sector, word, expected, found
+            ),
+        }
+    }
+
+    fn heartbeat(&mut self, now: u64) {
+        self.hb += 1;
+        let gap = now - self.last_hb_ns;
+        self.max_gap_ns = self.max_gap_ns.max(gap);
+        self.last_hb_ns = now;
+        let mut l = LineBuf {
+            buf: [0; 96],
+            len: 0,
+        };
+        let _ = writeln!(l, "HB {} {}", self.hb, now);
+        for b in &l.buf[..l.len] {
+            serial::write_byte(*b);
+        }
+        if let Some(n) = self.net.as_mut() {
+            n.broadcast(&l.buf[..l.len]);
+        }
+        self.next_hb_ns += self.hb_period_ns;
+        if self.next_hb_ns <= now {
+            self.next_hb_ns = now + self.hb_period_ns;
+        }
+    }
+
+    fn print_maxpause(&self) {
+        println!("MAXPAUSE {}", self.max_gap_ns / 1_000_000);
+    }
+
+    fn start_memcheck(&mut self) {
+        if self.work.is_none() {
+            println!("MEMCHECK ok gen=0 pages=0");
+            return;
+        }
+        if self.check.is_none() {
+            self.check = Some(Workload::start_check());
+        }
+    }
+
+    /// Runs chunks of verification and dirtying until the budget is spent or a
+    /// heartbeat is due. Returns whether work remains (the loop must not halt).
+    fn do_work(&mut self, start: u64) -> bool {
+        loop {
+            let now = clock::now_ns();
+            if now >= self.next_hb_ns || now - start >= CHUNK_NS {
+                return self.check.is_some() || self.work.as_ref().is_some_and(|w| w.rate == 0);
+            }
+            let Some(w) = self.work.as_mut() else {
+                return false;
+            };
+            if let Some(c) = self.check.as_mut() {
+                if let Some(r) = w.check_some(c, CHUNK_PAGES * 4) {
+                    self.check = None;
+                    match r {
+                        CheckResult::Ok { gen, pages } => {
+                            println!("MEMCHECK ok gen={} pages={}", gen, pages)
+                        }
+                        CheckResult::Bad {
+                            page,
+                            expected,
+                            found,
+                        } => println!(
+                            "MEMCHECK bad page={} expected={:#018x} found={:#018x}",
+                            page, expected, found
+                        ),
+                    }
+                }
+                continue;
+            }
+            let n = w.allowed(now).min(CHUNK_PAGES);
+            if n == 0 {
+                return false;
+            }
+            w.write(n);
+        }
+    }
+
+    fn command(&mut self) {
+        let mut buf = [0u8; 160];
+        let n = self.line_len;
+        buf[..n].copy_from_slice(&self.line[..n]);
+        self.line_len = 0;
+        let text = core::str::from_utf8(&buf[..n]).unwrap_or("").trim();
+        let mut words = text.split_ascii_whitespace();
+        let Some(cmd) = words.next() else {
+            return;
+        };
+        let mut args = [0u64; 3];
+        let mut nargs = 0;
+        let mut bad_arg = false;
+        for (i, w) in words.enumerate() {
+            if i < 3 {
+                match parse_u64(w) {
+                    Some(v) => args[i] = v,
+                    None => bad_arg = true,
+                }
+                nargs = i + 1;
+            }
+        }
+        if bad_arg {
+            println!("ERR bad argument: {}", text);
+            return;
+        }
+        match (cmd, nargs) {
+            ("status", _) => {
+                let (pages, gen, pos, written, rate) = match &self.work {
+                    Some(w) => (w.pages, w.gen, w.pos, w.written, w.rate),
+                    None => (0, 0, 0, 0, 0),
+                };
+                println!(
+                    "STATUS hb={} ns={} ticks={} pages={} rate={} gen={} pos={} written={} maxpause_ms={} clients={}",
+                    self.hb,
+                    clock::now_ns(),
+                    interrupts::ticks(),
+                    pages,
+                    rate,
+                    gen,
+                    pos,
+                    written,
+                    self.max_gap_ns / 1_000_000,
+                    self.net.as_ref().map_or(0, |n| n.connected())
+                );
+            }
+            ("memcheck", _) => self.start_memcheck(),
+            ("dirty", 1) => self.start_workload(args[0], 0),
+            ("dirty", 2) => self.start_workload(args[0], args[1]),
+            ("maxpause", _) => self.print_maxpause(),
+            ("blkwrite", 3) => self.blk_write(args[0], args[1], args[2]),
+            ("blkverify", 3) => self.blk_verify(args[0], args[1], args[2]),
+            ("corrupt", 1) => match &self.work {
+                Some(w) if w.corrupt(args[0]) => println!("CORRUPT page={}", args[0]),
+                _ => println!("CORRUPT refused page={}", args[0]),
+            },
+            ("help", _) => println!(
+                "HELP status | memcheck | dirty MIB [RATE] | maxpause | blkwrite SECTOR COUNT SEED | blkverify SECTOR COUNT SEED | corrupt PAGE | help"
+            ),
+            _ => println!("ERR unknown command: {}", text),
+        }
+    }
+
+    fn poll_console(&mut self) {
+        while let Some(b) = serial::read_byte() {
+            match b {
+                b'\n' | b'\r' => self.command(),
+                _ if self.line_len < self.line.len() => {
+                    self.line[self.line_len] = b;
+                    self.line_len += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn run(&mut self) -> ! {
+        loop {
+            let seen = interrupts::ticks();
+            let now = clock::now_ns();
+            if now >= self.next_hb_ns {
+                self.heartbeat(now);
+            }
+            if now >= self.next_maxpause_ns {
+                self.print_maxpause();
+                self.next_maxpause_ns = now + MAXPAUSE_EVERY_NS;
+            }
+            if self.cfg.memcheck_s > 0 && now >= self.next_memcheck_ns {
+                self.next_memcheck_ns = now + self.cfg.memcheck_s * 1_000_000_000;
+                if self.work.is_some() {
+                    self.start_memcheck();
+                }
+            }
+            self.poll_console();
+            if let Some(n) = self.net.as_mut() {
+                n.poll(now);
+            }
+            let busy = self.do_work(now);
+            if !busy {
+                interrupts::wait_for_tick(seen);
+            }
+        }
+    }
+}
