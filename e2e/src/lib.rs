@@ -1,2 +1,4 @@
 //! Godwit end-to-end support: the test guest harness, the Kubernetes API test
 //! server, the local multi-node cluster and the benchmarks.
+
+pub mod apiserver;

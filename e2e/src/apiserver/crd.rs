@@ -1,0 +1,326 @@
+//! The resource registry: the built-in kinds this server serves and the
+//! kinds that `apiextensions.k8s.io/v1` CustomResourceDefinitions add.
+//!
+//! A CRD becomes live as soon as it is stored: its served versions appear in
+//! discovery and its REST paths answer. All served versions share one
+//! storage; reading through another version only rewrites `apiVersion`
+//! (the `None` conversion strategy; conversion webhooks are not supported).
+
+use serde_json::{json, Value};
+
+use super::store::ResourceId;
+
+/// A printer column for table output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrinterColumn {
+    /// Column header.
+    pub name: String,
+    /// Column type (`string`, `integer`, `number`, `boolean`, `date`).
+    pub type_: String,
+    /// Column format, e.g. `name`.
+    pub format: String,
+    /// JSONPath into the object.
+    pub json_path: String,
+    /// Priority (0 shows by default, higher only with `-o wide`).
+    pub priority: i64,
+    /// Column description.
+    pub description: String,
+}
+
+impl PrinterColumn {
+    fn new(name: &str, type_: &str, json_path: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            type_: type_.to_string(),
+            format: String::new(),
+            json_path: json_path.to_string(),
+            priority: 0,
+            description: String::new(),
+        }
+    }
+}
+
+/// One served resource in one group version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResourceDef {
+    /// API group, empty for the core group.
+    pub group: String,
+    /// API version, e.g. `v1`.
+    pub version: String,
+    /// Kind, e.g. `VirtualMachine`.
+    pub kind: String,
+    /// Plural resource name.
+    pub plural: String,
+    /// Singular resource name.
+    pub singular: String,
+    /// Short names for kubectl.
+    pub short_names: Vec<String>,
+    /// Categories for kubectl (e.g. `all`).
+    pub categories: Vec<String>,
+    /// Namespaced or cluster-scoped.
+    pub namespaced: bool,
+    /// Whether `/status` is a subresource (then main writes ignore status).
+    pub status_subresource: bool,
+    /// Printer columns (besides Name).
+    pub columns: Vec<PrinterColumn>,
+    /// The version's `openAPIV3Schema`, for custom resources.
+    pub schema: Option<Value>,
+    /// Whether this is a custom resource.
+    pub custom: bool,
+    /// Whether updates without `resourceVersion` are allowed.
+    pub unconditional_update: bool,
+}
+
+impl ResourceDef {
+    /// Storage identity (group and plural).
+    pub fn id(&self) -> ResourceId {
+        ResourceId::new(&self.group, &self.plural)
+    }
+
+    /// `group/version`, or `version` for the core group.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// `plural.group` (or `plural`), as error messages name the resource.
+    pub fn group_resource(&self) -> String {
+        if self.group.is_empty() {
+            self.plural.clone()
+        } else {
+            format!("{}.{}", self.plural, self.group)
+        }
+    }
+
+    /// `Kind.group` (or `Kind`), as validation errors name the kind.
+    pub fn group_kind(&self) -> String {
+        if self.group.is_empty() {
+            self.kind.clone()
+        } else {
+            format!("{}.{}", self.kind, self.group)
+        }
+    }
+
+    fn builtin(group: &str, version: &str, kind: &str, plural: &str, namespaced: bool) -> Self {
+        Self {
+            group: group.to_string(),
+            version: version.to_string(),
+            kind: kind.to_string(),
+            plural: plural.to_string(),
+            singular: kind.to_lowercase(),
+            short_names: Vec::new(),
+            categories: Vec::new(),
+            namespaced,
+            status_subresource: false,
+            columns: Vec::new(),
+            schema: None,
+            custom: false,
+            unconditional_update: true,
+        }
+    }
+
+    fn short(mut self, names: &[&str]) -> Self {
+        self.short_names = names.iter().map(|n| n.to_string()).collect();
+        self
+    }
+
+    fn with_status(mut self) -> Self {
+        self.status_subresource = true;
+        self
+    }
+
+    fn columns(mut self, columns: Vec<PrinterColumn>) -> Self {
+        self.columns = columns;
+        self
+    }
+}
+
+fn age() -> PrinterColumn {
+    PrinterColumn::new("Age", "date", ".metadata.creationTimestamp")
+}
+
+/// The built-in resources this server serves.
+pub fn builtin_resources() -> Vec<ResourceDef> {
+    vec![
+        ResourceDef::builtin("", "v1", "Namespace", "namespaces", false)
+            .short(&["ns"])
+            .with_status()
+            .columns(vec![
+                PrinterColumn::new("Status", "string", ".status.phase"),
+                age(),
+            ]),
+        ResourceDef::builtin("", "v1", "Node", "nodes", false)
+            .short(&["no"])
+            .with_status()
+            .columns(vec![
+                PrinterColumn::new(
+                    "Status",
+                    "string",
+                    ".status.conditions[?(@.type==\"Ready\")].status",
+                ),
+                age(),
+                PrinterColumn::new("Version", "string", ".status.nodeInfo.kubeletVersion"),
+            ]),
+        ResourceDef::builtin("", "v1", "Event", "events", true)
+            .short(&["ev"])
+            .columns(vec![
+                PrinterColumn::new("Type", "string", ".type"),
+                PrinterColumn::new("Reason", "string", ".reason"),
+                PrinterColumn::new("Object", "string", ".involvedObject.name"),
+                PrinterColumn::new("Message", "string", ".message"),
+            ]),
+        ResourceDef::builtin("", "v1", "Secret", "secrets", true)
+            .columns(vec![PrinterColumn::new("Type", "string", ".type"), age()]),
+        ResourceDef::builtin("", "v1", "ConfigMap", "configmaps", true)
+            .short(&["cm"])
+            .columns(vec![age()]),
+        ResourceDef::builtin("", "v1", "ServiceAccount", "serviceaccounts", true)
+            .short(&["sa"])
+            .columns(vec![age()]),
+        ResourceDef::builtin("coordination.k8s.io", "v1", "Lease", "leases", true).columns(vec![
+            PrinterColumn::new("Holder", "string", ".spec.holderIdentity"),
+            age(),
+        ]),
+        ResourceDef::builtin("events.k8s.io", "v1", "Event", "events", true)
+            .short(&["ev"])
+            .columns(vec![
+                PrinterColumn::new("Type", "string", ".type"),
+                PrinterColumn::new("Reason", "string", ".reason"),
+                PrinterColumn::new("Object", "string", ".regarding.name"),
+                PrinterColumn::new("Note", "string", ".note"),
+            ]),
+        ResourceDef::builtin(
+            "apiextensions.k8s.io",
+            "v1",
+            "CustomResourceDefinition",
+            "customresourcedefinitions",
+            false,
+        )
+        .short(&["crd", "crds"])
+        .with_status()
+        .columns(vec![PrinterColumn::new(
+            "Created At",
+            "string",
+            ".metadata.creationTimestamp",
+        )]),
+    ]
+}
+
+fn strings(value: Option<&Value>) -> Vec<String> {
+    value
+        .and_then(Value::as_array)
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The served resources a stored CRD defines, one per served version.
+pub fn resources_of_crd(crd: &Value) -> Vec<ResourceDef> {
+    let spec = &crd["spec"];
+    let names = &spec["names"];
+    let group = spec["group"].as_str().unwrap_or_default();
+    let plural = names["plural"].as_str().unwrap_or_default();
+    let kind = names["kind"].as_str().unwrap_or_default();
+    let singular = names["singular"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| kind.to_lowercase());
+    let namespaced = spec["scope"].as_str() != Some("Cluster");
+    let versions = spec["versions"].as_array().cloned().unwrap_or_default();
+    versions
+        .iter()
+        .filter(|v| v["served"].as_bool().unwrap_or(true))
+        .map(|v| {
+            let columns: Vec<PrinterColumn> = v["additionalPrinterColumns"]
+                .as_array()
+                .map(|cols| {
+                    cols.iter()
+                        .map(|c| PrinterColumn {
+                            name: c["name"].as_str().unwrap_or_default().to_string(),
+                            type_: c["type"].as_str().unwrap_or("string").to_string(),
+                            format: c["format"].as_str().unwrap_or_default().to_string(),
+                            json_path: c["jsonPath"].as_str().unwrap_or_default().to_string(),
+                            priority: c["priority"].as_i64().unwrap_or(0),
+                            description: c["description"].as_str().unwrap_or_default().to_string(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_else(|| vec![age()]);
+            ResourceDef {
+                group: group.to_string(),
+                version: v["name"].as_str().unwrap_or_default().to_string(),
+                kind: kind.to_string(),
+                plural: plural.to_string(),
+                singular: singular.clone(),
+                short_names: strings(names.get("shortNames")),
+                categories: strings(names.get("categories")),
+                namespaced,
+                status_subresource: v.pointer("/subresources/status").is_some(),
+                columns,
+                schema: v.pointer("/schema/openAPIV3Schema").cloned(),
+                custom: true,
+                unconditional_update: false,
+            }
+        })
+        .collect()
+}
+
+/// The status a real server reports for an accepted CRD.
+pub fn established_status(crd: &Value, now: &str) -> Value {
+    let names = crd["spec"]["names"].clone();
+    let condition = |type_: &str, reason: &str, message: &str| json!({"type": type_, "status": "True", "lastTransitionTime": now, "reason": reason, "message": message});
+    let stored: Vec<Value> = crd["spec"]["versions"]
+        .as_array()
+        .map(|vs| {
+            vs.iter()
+                .filter(|v| v["storage"].as_bool().unwrap_or(false))
+                .map(|v| v["name"].clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({
+        "acceptedNames": names,
+        "conditions": [
+            condition("NamesAccepted", "NoConflicts", "no conflicts found"),
+            condition("Established", "InitialNamesAccepted", "the initial names have been accepted"),
+        ],
+        "storedVersions": stored,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crd_yields_one_resource_per_served_version() {
+        let crd = json!({
+            "spec": {
+                "group": "godwit.dev",
+                "names": {"kind": "VirtualMachine", "plural": "virtualmachines", "singular": "virtualmachine", "shortNames": ["vm"]},
+                "scope": "Namespaced",
+                "versions": [
+                    {"name": "v1alpha1", "served": true, "storage": true, "subresources": {"status": {}},
+                     "additionalPrinterColumns": [{"name": "Phase", "type": "string", "jsonPath": ".status.phase"}],
+                     "schema": {"openAPIV3Schema": {"type": "object"}}},
+                    {"name": "v0", "served": false, "storage": false}
+                ]
+            }
+        });
+        let defs = resources_of_crd(&crd);
+        assert_eq!(defs.len(), 1);
+        let vm = &defs[0];
+        assert_eq!(vm.api_version(), "godwit.dev/v1alpha1");
+        assert!(vm.namespaced && vm.status_subresource && vm.custom);
+        assert_eq!(vm.short_names, vec!["vm"]);
+        assert_eq!(vm.columns[0].json_path, ".status.phase");
+        assert_eq!(vm.group_kind(), "VirtualMachine.godwit.dev");
+    }
+}
