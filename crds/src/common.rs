@@ -1,0 +1,176 @@
+//! Types shared by the three kinds: boot settings, the migration policy, and the
+//! parsing of Kubernetes quantities that the operator and node agents need.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The pattern every memory or size quantity must match: a whole or decimal number
+/// with an optional binary (`Ki`..`Ei`) or decimal (`k`..`E`) suffix, as in
+/// Kubernetes resource quantities (`512Mi`, `2Gi`, `1.5G`, `1073741824`).
+pub const QUANTITY_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$";
+
+/// A MAC address in the usual colon-separated hex form.
+pub const MAC_PATTERN: &str = r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$";
+
+/// A DNS-1123 label, as Kubernetes names for nodes, networks and disks.
+pub const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$";
+
+/// How the guest is started: a Linux bzImage or a PVH ELF kernel, an optional
+/// initrd and the kernel command line.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BootSpec {
+    /// Path of the kernel on the node (bzImage or PVH ELF).
+    #[schemars(length(min = 1))]
+    pub kernel: String,
+    /// Path of an initial ramdisk on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// Kernel command line. Godwit appends its device and customization entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+}
+
+/// How a live migration may proceed. Every field is optional; the operator fills in
+/// the defaults documented on each field.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationPolicy {
+    /// Longest pause the guest may see at switch-over, in milliseconds (default 50).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 60000))]
+    pub max_downtime_ms: Option<u32>,
+    /// Bandwidth cap for the migration stream in megabits per second; absent means
+    /// no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 400000))]
+    pub bandwidth_mbps: Option<u32>,
+    /// Allow switching to post-copy when pre-copy rounds stop shrinking (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_post_copy: Option<bool>,
+    /// Allow throttling the vCPUs when pre-copy rounds stop shrinking (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_auto_converge: Option<bool>,
+    /// Give up (and keep the VM on the source) after this many seconds (default 600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub completion_timeout_seconds: Option<u32>,
+}
+
+impl MigrationPolicy {
+    /// Default maximum downtime in milliseconds.
+    pub const DEFAULT_MAX_DOWNTIME_MS: u32 = 50;
+    /// Default completion timeout in seconds.
+    pub const DEFAULT_COMPLETION_TIMEOUT_SECONDS: u32 = 600;
+
+    /// This policy with the fields it leaves open taken from `base` (a VM's
+    /// override applied over the cluster default, or a migration's over a VM's).
+    pub fn or(&self, base: &MigrationPolicy) -> MigrationPolicy {
+        MigrationPolicy {
+            max_downtime_ms: self.max_downtime_ms.or(base.max_downtime_ms),
+            bandwidth_mbps: self.bandwidth_mbps.or(base.bandwidth_mbps),
+            allow_post_copy: self.allow_post_copy.or(base.allow_post_copy),
+            allow_auto_converge: self.allow_auto_converge.or(base.allow_auto_converge),
+            completion_timeout_seconds: self
+                .completion_timeout_seconds
+                .or(base.completion_timeout_seconds),
+        }
+    }
+}
+
+/// Why a quantity string could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuantityError {
+    /// The text is not a number with an optional suffix.
+    #[error("Quantity {0:?} is not a number with an optional suffix such as Mi or Gi")]
+    Malformed(String),
+    /// The value does not fit in 64 bits of bytes.
+    #[error("Quantity {0:?} is too large")]
+    Overflow(String),
+}
+
+/// Parses a Kubernetes quantity (`512Mi`, `1Gi`, `1.5G`, `4096`) into bytes,
+/// rounding a fractional result up.
+pub fn parse_quantity(text: &str) -> Result<u64, QuantityError> {
+    let malformed = || QuantityError::Malformed(text.to_string());
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(split);
+    let multiplier: u128 = match suffix {
+        "" => 1,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "P" => 1_000_000_000_000_000,
+        "E" => 1_000_000_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "Pi" => 1 << 50,
+        "Ei" => 1 << 60,
+        _ => return Err(malformed()),
+    };
+    let (whole, fraction) = match number.split_once('.') {
+        Some((w, f)) => (w, f),
+        None => (number, ""),
+    };
+    if whole.is_empty() || (number.contains('.') && fraction.is_empty()) || fraction.len() > 18 {
+        return Err(malformed());
+    }
+    let whole: u128 = whole.parse().map_err(|_| malformed())?;
+    let mut bytes = whole
+        .checked_mul(multiplier)
+        .ok_or_else(|| QuantityError::Overflow(text.to_string()))?;
+    if !fraction.is_empty() {
+        let digits: u128 = fraction.parse().map_err(|_| malformed())?;
+        let scale = 10u128.pow(fraction.len() as u32);
+        bytes += (digits * multiplier).div_ceil(scale);
+    }
+    u64::try_from(bytes).map_err(|_| QuantityError::Overflow(text.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities_parse_to_bytes() {
+        assert_eq!(parse_quantity("64Mi"), Ok(64 << 20));
+        assert_eq!(parse_quantity("1Gi"), Ok(1 << 30));
+        assert_eq!(parse_quantity("1.5Gi"), Ok(3 << 29));
+        assert_eq!(parse_quantity("2G"), Ok(2_000_000_000));
+        assert_eq!(parse_quantity("4096"), Ok(4096));
+        assert_eq!(parse_quantity("0.5k"), Ok(500));
+    }
+
+    #[test]
+    fn bad_quantities_are_refused() {
+        for bad in ["", "Mi", "1.Gi", "1GB", "-1Gi", "1..2", "1 Gi"] {
+            assert!(parse_quantity(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(matches!(
+            parse_quantity("100Ei"),
+            Err(QuantityError::Overflow(_))
+        ));
+    }
+
+    #[test]
+    fn policy_override_takes_set_fields_only() {
+        let base = MigrationPolicy {
+            max_downtime_ms: Some(50),
+            allow_post_copy: Some(true),
+            ..Default::default()
+        };
+        let over = MigrationPolicy {
+            max_downtime_ms: Some(10),
+            ..Default::default()
+        };
+        let merged = over.or(&base);
+        assert_eq!(merged.max_downtime_ms, Some(10));
+        assert_eq!(merged.allow_post_copy, Some(true));
+        assert_eq!(merged.bandwidth_mbps, None);
+    }
+}

@@ -1,0 +1,137 @@
+//! `VMTemplate`: a golden image and the defaults of the VMs provisioned from it.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::BootSpec;
+use crate::vm::{ImageFormat, Network};
+
+/// A golden image with boot settings, defaults and guest customization.
+// Each `printcolumn(...)` repeats `type_ = ...`, which clippy mistakes for a
+// duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "godwit.dev",
+    version = "v1alpha1",
+    kind = "VMTemplate",
+    namespaced,
+    status = "VMTemplateStatus",
+    shortname = "vmt",
+    shortname = "vmtpl",
+    category = "godwit",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Image", type_ = "string", json_path = ".spec.image.source"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VMTemplateSpec {
+    /// The root disk image.
+    pub image: ImageSource,
+    /// Kernel, initrd and command line of VMs from this template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootSpec>,
+    /// Default number of vCPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 256))]
+    pub cpu: Option<u32>,
+    /// Default guest memory (a quantity, at least 64Mi).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
+    #[x_kube(validation = Rule::new("quantity(self).compareTo(quantity('64Mi')) >= 0").message("memory must be at least 64Mi"))]
+    pub memory: Option<String>,
+    /// Default network interfaces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub networks: Vec<Network>,
+    /// What each VM from this template is given at first boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customization: Option<Customization>,
+}
+
+/// Where a template's root image comes from.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageSource {
+    /// An absolute path on the node, or an `http://` / `https://` URL that each node
+    /// downloads once into its image cache.
+    #[schemars(pattern(r"^(/|https?://).+"))]
+    pub source: String,
+    /// Expected SHA-256 of the image, lower-case hex; downloads that do not match
+    /// are discarded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[0-9a-f]{64}$"))]
+    pub sha256: Option<String>,
+    /// Image format (default `raw`).
+    #[serde(default)]
+    pub format: ImageFormat,
+}
+
+/// First-boot customization, passed on the kernel command line and on a small
+/// config disk.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Customization {
+    /// Host name; the VM's name when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))]
+    pub hostname: Option<String>,
+    /// Address configuration of the first interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkConfig>,
+    /// Public keys allowed to log in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<String>,
+    /// Appended to the kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra_cmdline: Option<String>,
+}
+
+/// DHCP, or a static IPv4 address.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("(has(self.dhcp) && self.dhcp) ? !has(self.address) : has(self.address)").message("set either dhcp: true or a static address, not both"))]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkConfig {
+    /// Ask for an address by DHCP.
+    #[serde(default)]
+    pub dhcp: bool,
+    /// Static IPv4 address in CIDR form (`10.0.0.5/24`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^([0-9]{1,3}\.){3}[0-9]{1,3}/[0-9]{1,2}$"))]
+    pub address: Option<String>,
+    /// Default gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^([0-9]{1,3}\.){3}[0-9]{1,3}$"))]
+    pub gateway: Option<String>,
+    /// DNS servers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<String>,
+}
+
+/// What the node agents found of a template.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VMTemplateStatus {
+    /// `Ready` is true once the image is verified and cached on at least one node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// SHA-256 of the image as cached (`sha256:<hex>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
+    /// Nodes that hold a verified copy of the image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cached_nodes: Vec<String>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}

@@ -1,0 +1,357 @@
+//! `VirtualMachine`: what to run, where it may run, and what it is doing now.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Toleration;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{BootSpec, MigrationPolicy};
+
+/// The desired state of a virtual machine.
+///
+/// Without a `templateRef` the VM must say its `cpu`, `memory` and `boot`; with one,
+/// the template supplies what the VM leaves out and the VM's fields win.
+// Each `printcolumn(...)` repeats `type_ = ...`, which clippy mistakes for a
+// duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "godwit.dev",
+    version = "v1alpha1",
+    kind = "VirtualMachine",
+    namespaced,
+    status = "VirtualMachineStatus",
+    shortname = "vm",
+    shortname = "vms",
+    category = "godwit",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName"),
+    printcolumn(name = "CPU", type_ = "integer", json_path = ".spec.cpu"),
+    printcolumn(name = "Memory", type_ = "string", json_path = ".spec.memory"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(validation = Rule::new("has(self.templateRef) || (has(self.cpu) && has(self.memory) && has(self.boot))").message("spec.cpu, spec.memory and spec.boot are required when spec.templateRef is not set"))]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineSpec {
+    /// The `VMTemplate` (same namespace) this VM is provisioned from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_ref: Option<TemplateRef>,
+    /// Number of vCPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 256))]
+    pub cpu: Option<u32>,
+    /// Guest memory as a Kubernetes quantity, at least 64Mi (e.g. `512Mi`, `2Gi`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
+    #[x_kube(validation = Rule::new("quantity(self).compareTo(quantity('64Mi')) >= 0").message("memory must be at least 64Mi"))]
+    pub memory: Option<String>,
+    /// Kernel, initrd and command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootSpec>,
+    /// Disks, in the order the guest sees them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub disks: Vec<Disk>,
+    /// Network interfaces, in the order the guest sees them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub networks: Vec<Network>,
+    /// Whether the VM should be running (default `Always`).
+    #[serde(default)]
+    pub run_strategy: RunStrategy,
+    /// Only nodes with all these labels can run the VM.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Placement relative to other VMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<VmAffinity>,
+    /// Taints of nodes this VM tolerates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// What happens when the VM's node is drained (default `LiveMigrate`).
+    #[serde(default)]
+    pub eviction_strategy: EvictionStrategy,
+    /// Order in which HA restarts VMs of a lost node: higher first (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = -1000, max = 1000))]
+    pub restart_priority: Option<i32>,
+    /// Overrides of the cluster's migration policy for this VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_policy: Option<MigrationPolicy>,
+}
+
+/// A reference to a `VMTemplate` in the VM's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct TemplateRef {
+    /// The template's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// One virtual disk.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Disk {
+    /// Name, unique within the VM.
+    #[schemars(pattern(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))]
+    pub name: String,
+    /// Where the disk's content comes from.
+    pub source: DiskSource,
+    /// Whether every node sees the disk's path (`Shared`, never copied) or it lives
+    /// on the VM's node (`Local`, copied when the VM moves). Default `Local`.
+    #[serde(default)]
+    pub storage: StorageKind,
+    /// Attach read-only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+}
+
+/// Where a disk's content comes from; exactly one of the fields is set.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("[has(self.template), has(self.image), has(self.blank)].filter(x, x).size() == 1").message("exactly one of template, image or blank must be set"))]
+pub struct DiskSource {
+    /// A copy-on-write overlay on the template's root image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TemplateDiskSource>,
+    /// An existing image file on the node or on shared storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageDiskSource>,
+    /// A new empty disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blank: Option<BlankDiskSource>,
+}
+
+/// The template's root disk, as a copy-on-write overlay.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct TemplateDiskSource {}
+
+/// An existing image file.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct ImageDiskSource {
+    /// Absolute path of the image.
+    #[schemars(pattern(r"^/.+"))]
+    pub path: String,
+    /// Image format (default `raw`).
+    #[serde(default)]
+    pub format: ImageFormat,
+}
+
+/// A new empty disk of the given size.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct BlankDiskSource {
+    /// Size as a Kubernetes quantity (e.g. `10Gi`).
+    #[schemars(pattern(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
+    pub size: String,
+}
+
+/// Disk image formats Godwit reads and writes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    /// A plain, possibly sparse, image file.
+    #[default]
+    Raw,
+    /// QEMU copy-on-write v2/v3, optionally with a backing file.
+    Qcow2,
+}
+
+/// Where a disk lives.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum StorageKind {
+    /// On the VM's node: copied by a migration.
+    #[default]
+    Local,
+    /// On storage every node sees: never copied.
+    Shared,
+}
+
+/// One network interface.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Network {
+    /// Name, unique within the VM.
+    #[schemars(pattern(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))]
+    pub name: String,
+    /// The node bridge the interface's tap is attached to.
+    #[schemars(length(min = 1, max = 15))]
+    pub bridge: String,
+    /// MAC address; generated from the VM's UID when absent, and kept across
+    /// migrations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$"))]
+    pub mac: Option<String>,
+}
+
+/// Whether a VM should be running.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RunStrategy {
+    /// Keep it running: start it, and restart it whenever it stops.
+    #[default]
+    Always,
+    /// Start it, and restart it only when it failed (not after a clean shutdown).
+    RerunOnFailure,
+    /// Start and stop it only when asked.
+    Manual,
+    /// Keep it stopped.
+    Halted,
+}
+
+/// What happens when a VM's node is drained.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum EvictionStrategy {
+    /// Move it to another node while it runs.
+    #[default]
+    LiveMigrate,
+    /// Shut it down.
+    Shutdown,
+}
+
+/// Placement rules relative to other VMs, by their labels.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VmAffinity {
+    /// Run on a node that already runs a VM matching each term.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vm_affinity: Vec<VmAffinityTerm>,
+    /// Never share a node with a VM matching any term.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vm_anti_affinity: Vec<VmAffinityTerm>,
+}
+
+/// A set of VMs, in the same namespace, chosen by labels.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VmAffinityTerm {
+    /// Which VMs the term is about.
+    pub label_selector: LabelSelector,
+}
+
+/// What a VM is doing, as observed by the operator and its node's agent.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineStatus {
+    /// Where the VM is in its life.
+    #[serde(default)]
+    pub phase: VmPhase,
+    /// The node that runs (or will run) the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// Addresses of the VM's interfaces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<VmAddress>,
+    /// Standard conditions: `Ready`, `Migratable`, `Provisioned`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The migration moving the VM now, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<String>,
+}
+
+/// One interface's addresses.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VmAddress {
+    /// The interface's network name from the spec.
+    pub network: String,
+    /// MAC address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// IPv4 address in CIDR form, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+}
+
+/// A VM's phase, as `status.phase` shows it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum VmPhase {
+    /// Accepted, not yet placed on a node.
+    #[default]
+    Pending,
+    /// A node has been chosen.
+    Scheduled,
+    /// Disks are being prepared on the node.
+    Provisioning,
+    /// The VMM is starting.
+    Starting,
+    /// The guest runs.
+    Running,
+    /// The guest runs and is moving to another node.
+    Migrating,
+    /// The guest is shutting down.
+    Stopping,
+    /// Not running, by request.
+    Stopped,
+    /// Not running, because something went wrong (see conditions and Events).
+    Failed,
+}
+
+impl VmPhase {
+    /// Whether a VM may go from `self` to `next`. The controllers refuse anything
+    /// else, so a stale or reordered status write cannot, say, mark a stopped VM
+    /// as migrating.
+    pub fn can_transition_to(self, next: VmPhase) -> bool {
+        use VmPhase::*;
+        if self == next {
+            return true;
+        }
+        match (self, next) {
+            // Anything can fail or be asked to stop.
+            (_, Failed) | (_, Stopping) => true,
+            (Pending, Scheduled) => true,
+            (Scheduled, Provisioning | Starting | Pending) => true,
+            (Provisioning, Starting) => true,
+            (Starting, Running) => true,
+            (Running, Migrating) => true,
+            // A migration ends with the VM running (on either node).
+            (Migrating, Running) => true,
+            (Stopping, Stopped) => true,
+            // A stopped or failed VM is started again through scheduling.
+            (Stopped | Failed, Pending | Scheduled) => true,
+            _ => false,
+        }
+    }
+
+    /// Whether a VMM process exists for the VM in this phase.
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            VmPhase::Starting | VmPhase::Running | VmPhase::Migrating | VmPhase::Stopping
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phase_transitions_follow_the_life_cycle() {
+        use VmPhase::*;
+        let path = [
+            Pending,
+            Scheduled,
+            Provisioning,
+            Starting,
+            Running,
+            Migrating,
+            Running,
+        ];
+        for pair in path.windows(2) {
+            assert!(pair[0].can_transition_to(pair[1]), "{pair:?}");
+        }
+        assert!(!Stopped.can_transition_to(Migrating));
+        assert!(!Pending.can_transition_to(Running));
+        assert!(!Running.can_transition_to(Provisioning));
+        assert!(Running.can_transition_to(Failed));
+    }
+}

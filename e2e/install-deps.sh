@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what Godwit's build, tests and demo need on a fresh Debian 12 machine
+# (run as root). Idempotent: installs only what is missing.
+set -euo pipefail
+
+apt_packages=(
+  qemu-system-x86   # the oracle and benchmark peer for the test guest
+  qemu-utils        # qemu-img: the checker of every image we write
+  iproute2          # ip netns, veth, bridges, taps; tc tbf for link shaping
+  binutils          # objdump: the test guest build refuses SSE/x87 code
+  kmod              # modprobe tun/bridge where they are modules
+)
+
+missing=()
+for pkg in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}"
+fi
+
+for tool in cargo rustc; do
+  command -v "$tool" >/dev/null || { echo "install-deps: $tool not found: install Rust (rustup) first" >&2; exit 1; }
+done
+rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt
+
+[ -e /dev/kvm ] || echo "install-deps: warning: /dev/kvm is missing; the KVM tests will fail" >&2
+[ -e /dev/net/tun ] || { mkdir -p /dev/net; mknod /dev/net/tun c 10 200 2>/dev/null || true; }
+echo "install-deps: ok"

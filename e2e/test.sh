@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, the test guest build, and every test
+# of the workspace (unit, integration with real KVM guests, end to end).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash e2e/install-deps.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+if [ -x e2e/testguest/build.sh ] || [ -f e2e/testguest/build.sh ]; then
+  bash e2e/testguest/build.sh >/dev/null
+fi
+cargo test --workspace --release
