@@ -493,6 +493,14 @@ fn route(
         }
     };
     record.verb = verb.to_string();
+    if content_type.contains("protobuf") {
+        // client-go falls back to JSON for the rest of its life after a 415.
+        return Err(ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml"),
+        ));
+    }
     match verb {
         "watch" => watch(state, &target, query, accept),
         "list" => list(state, &target, query, accept),

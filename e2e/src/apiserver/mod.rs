@@ -127,8 +127,8 @@ impl ApiServerHandle {
     }
 
     /// Writes a kubeconfig for this server (see [`write_kubeconfig`]).
-    pub fn write_kubeconfig(&self, path: &Path, token: &str) -> Result<(), ApiServerError> {
-        write_kubeconfig(path, &self.url(), token)
+    pub fn write_kubeconfig(&self, path: &Path, user: &str) -> Result<(), ApiServerError> {
+        write_kubeconfig(path, &self.url(), user)
     }
 
     /// Stops accepting connections and closes open ones.
@@ -262,8 +262,8 @@ impl ServerThread {
     }
 
     /// Writes a kubeconfig for this server (see [`write_kubeconfig`]).
-    pub fn write_kubeconfig(&self, path: &Path, token: &str) -> Result<(), ApiServerError> {
-        write_kubeconfig(path, &self.url, token)
+    pub fn write_kubeconfig(&self, path: &Path, user: &str) -> Result<(), ApiServerError> {
+        write_kubeconfig(path, &self.url, user)
     }
 }
 
@@ -278,10 +278,13 @@ impl Drop for ServerThread {
     }
 }
 
-/// A kubeconfig for `server` (an `http://` URL) with a bearer `token`; the
-/// token is the user name in the request log. Context and cluster are named
-/// `godwit-test`, the default namespace is `default`.
-pub fn kubeconfig_yaml(server: &str, token: &str) -> String {
+/// A kubeconfig for `server` (an `http://` URL) acting as `user`.
+///
+/// The user is both the bearer token and the impersonated user (`as:`):
+/// kubectl sends no bearer token over plain HTTP but does send
+/// `Impersonate-User`, which the request log records. Context and cluster
+/// are named `godwit-test`, the default namespace is `default`.
+pub fn kubeconfig_yaml(server: &str, user: &str) -> String {
     format!(
         "apiVersion: v1
 kind: Config
@@ -293,7 +296,8 @@ clusters:
 users:
 - name: godwit-test
   user:
-    token: {token}
+    token: {user}
+    as: {user}
 contexts:
 - name: godwit-test
   context:
@@ -306,6 +310,6 @@ current-context: godwit-test
 }
 
 /// Writes [`kubeconfig_yaml`] to `path`.
-pub fn write_kubeconfig(path: &Path, server: &str, token: &str) -> Result<(), ApiServerError> {
-    std::fs::write(path, kubeconfig_yaml(server, token)).map_err(ApiServerError::Kubeconfig)
+pub fn write_kubeconfig(path: &Path, server: &str, user: &str) -> Result<(), ApiServerError> {
+    std::fs::write(path, kubeconfig_yaml(server, user)).map_err(ApiServerError::Kubeconfig)
 }
