@@ -366,7 +366,7 @@ pub fn parse_pages(payload: &[u8]) -> Result<Vec<PageRun<'_>>, ProtocolError> {
         if header[13..16] != [0, 0, 0] {
             return Err(bad("reserved run bytes set"));
         }
-        if gpa % PAGE_SIZE as u64 != 0 {
+        if !gpa.is_multiple_of(PAGE_SIZE as u64) {
             return Err(bad("page address not page-aligned"));
         }
         if pages == 0 {
@@ -399,7 +399,7 @@ pub fn encode_page_request(gpas: &[u64]) -> Vec<u8> {
 
 /// Decodes a [`Command::PageRequest`] payload.
 pub fn parse_page_request(payload: &[u8]) -> Result<Vec<u64>, ProtocolError> {
-    if payload.len() % 8 != 0 {
+    if !payload.len().is_multiple_of(8) {
         return Err(ProtocolError::Malformed {
             command: Command::PageRequest,
             reason: "length is not a multiple of 8",
@@ -409,7 +409,7 @@ pub fn parse_page_request(payload: &[u8]) -> Result<Vec<u64>, ProtocolError> {
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
         .collect();
-    if gpas.iter().any(|g| g % PAGE_SIZE as u64 != 0) {
+    if gpas.iter().any(|g| !g.is_multiple_of(PAGE_SIZE as u64)) {
         return Err(ProtocolError::Malformed {
             command: Command::PageRequest,
             reason: "page address not page-aligned",
