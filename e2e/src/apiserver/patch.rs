@@ -67,8 +67,16 @@ pub fn parse_body(body: &[u8]) -> Result<Value, PatchError> {
 pub fn apply(kind: PatchKind, target: &mut Value, body: &[u8]) -> Result<(), PatchError> {
     match kind {
         PatchKind::Json => {
-            let patch: json_patch::Patch =
+            let mut ops: Vec<Value> =
                 serde_json::from_slice(body).map_err(PatchError::JsonPatchDocument)?;
+            // As in the Go server, `test` of a missing path against null passes
+            // (kube-rs' finalizer helper relies on it).
+            ops.retain(|op| {
+                let null_test = op["op"] == "test" && op.get("value").is_none_or(Value::is_null);
+                !(null_test && target.pointer(op["path"].as_str().unwrap_or("")).is_none())
+            });
+            let patch: json_patch::Patch =
+                serde_json::from_value(Value::Array(ops)).map_err(PatchError::JsonPatchDocument)?;
             json_patch::patch(target, &patch).map_err(PatchError::JsonPatch)
         }
         PatchKind::Merge | PatchKind::Strategic | PatchKind::Apply => {
@@ -117,6 +125,18 @@ mod tests {
             br#"[{"op": "test", "path": "/spec/disks/0", "value": "zz"}]"#,
         );
         assert!(matches!(err, Err(PatchError::JsonPatch(_))));
+    }
+
+    #[test]
+    fn json_patch_test_of_missing_path_against_null_passes() {
+        let mut obj = json!({"metadata": {"name": "x"}});
+        apply(
+            PatchKind::Json,
+            &mut obj,
+            br#"[{"op": "test", "path": "/metadata/finalizers", "value": null}, {"op": "add", "path": "/metadata/finalizers", "value": ["f"]}]"#,
+        )
+        .unwrap();
+        assert_eq!(obj["metadata"]["finalizers"], json!(["f"]));
     }
 
     #[test]
