@@ -6,6 +6,10 @@
 //! 4 GiB with 2 MiB pages (the top GiB uncached: LAPIC, virtio-mmio, IOAPIC
 //! live there), enable PAE + EFER.LME + paging and far-jump into 64-bit code,
 //! which calls [`crate::main64`] with the start-info address.
+//!
+//! Every mapping has the user bit set: after setup the guest drops to ring 3
+//! (see `interrupts::enter_user`), because this KVM emulates ring-0 guest code
+//! instruction by instruction while ring-3 code runs natively.
 
 use core::arch::global_asm;
 
@@ -32,13 +36,14 @@ pub const BOOT_STACK_SIZE: usize = 128 * 1024;
 pub struct Stack<const N: usize>(pub [u8; N]);
 
 #[no_mangle]
+#[link_section = ".bss.noinit"]
 static mut BOOT_STACK: Stack<BOOT_STACK_SIZE> = Stack([0; BOOT_STACK_SIZE]);
 
 /// Physical address of the PVH start info, stored by the 32-bit entry.
 #[no_mangle]
 static mut PVH_START_INFO: u32 = 0;
 
-const PD_FLAGS: u64 = 0x83; // present, writable, 2 MiB page
+const PD_FLAGS: u64 = 0x87; // present, writable, user, 2 MiB page
 
 /// Maps GiB `gib` (index into the PDPT) if it is not mapped yet. Used for RAM
 /// above 4 GiB, which the 32-bit code does not map.
@@ -58,7 +63,7 @@ pub fn map_gib(gib: usize) -> bool {
         for (i, e) in pd.0.iter_mut().enumerate() {
             *e = ((gib as u64) << 30) + ((i as u64) << 21) | PD_FLAGS;
         }
-        pdpt.0[gib] = pd as *const PageTable as u64 | 3;
+        pdpt.0[gib] = pd as *const PageTable as u64 | 7;
         // Reload CR3 to flush any cached non-present entries.
         core::arch::asm!("mov {t}, cr3", "mov cr3, {t}", t = out(reg) _, options(nostack));
     }
@@ -105,12 +110,12 @@ pvh_start32:
     movl %esi, PVH_START_INFO
 
     movl $BOOT_PDPT, %eax
-    orl $3, %eax
+    orl $7, %eax
     movl %eax, BOOT_PML4
 
     movl $BOOT_PDPT, %edi
     movl $BOOT_PDS, %eax
-    orl $3, %eax
+    orl $7, %eax
     movl $4, %ecx
 .Lpdpt_loop:
     movl %eax, (%edi)
@@ -120,7 +125,7 @@ pvh_start32:
     jnz .Lpdpt_loop
 
     movl $BOOT_PDS, %edi
-    movl $0x83, %eax
+    movl $0x87, %eax
     xorl %edx, %edx
     movl $2048, %ecx
 .Lpd_loop:

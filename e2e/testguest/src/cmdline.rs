@@ -24,6 +24,7 @@ pub struct BlkPattern {
 /// The parsed command line.
 pub struct Config {
     pub hb_ms: u64,
+    pub tick_us: u64,
     pub dirty_mib: u64,
     pub dirty_rate: u64,
     pub memcheck_s: u64,
@@ -41,6 +42,7 @@ impl Config {
     pub fn parse(text: &str) -> Config {
         let mut c = Config {
             hb_ms: 100,
+            tick_us: 1000,
             dirty_mib: 0,
             dirty_rate: 0,
             memcheck_s: 0,
@@ -60,6 +62,11 @@ impl Config {
                 "hb_ms" => {
                     if let Some(v) = parse_u64(value).filter(|v| *v > 0) {
                         c.hb_ms = v;
+                    }
+                }
+                "tick_us" => {
+                    if let Some(v) = parse_u64(value).filter(|v| *v >= 100) {
+                        c.tick_us = v;
                     }
                 }
                 "dirty_mib" => c.dirty_mib = parse_u64(value).unwrap_or(0),

@@ -29,9 +29,13 @@ const IA32_APIC_BASE: u32 = 0x1b;
 pub static GODWIT_TICKS: AtomicU64 = AtomicU64::new(0);
 
 const IST_SIZE: usize = 16 * 1024;
+#[link_section = ".bss.noinit"]
 static mut IST_EXC: Stack<IST_SIZE> = Stack([0; IST_SIZE]);
+#[link_section = ".bss.noinit"]
 static mut IST_IRQ: Stack<IST_SIZE> = Stack([0; IST_SIZE]);
+#[link_section = ".bss.noinit"]
 static mut IST_NMI: Stack<IST_SIZE> = Stack([0; IST_SIZE]);
+#[link_section = ".bss.noinit"]
 static mut IST_DF: Stack<IST_SIZE> = Stack([0; IST_SIZE]);
 
 #[repr(C, packed)]
@@ -56,9 +60,30 @@ static mut TSS: Tss = Tss {
 };
 
 #[repr(C, align(16))]
-struct Gdt([u64; 5]);
+struct Gdt([u64; 7]);
 
-static mut GDT: Gdt = Gdt([0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff, 0, 0]);
+/// Kernel code 0x08, kernel data 0x10, user data 0x18, user code 0x20, TSS 0x28.
+static mut GDT: Gdt = Gdt([
+    0,
+    0x00af_9a00_0000_ffff,
+    0x00cf_9200_0000_ffff,
+    0x00cf_f200_0000_ffff,
+    0x00af_fa00_0000_ffff,
+    0,
+    0,
+]);
+
+const USER_DS: u64 = 0x18 | 3;
+const USER_CS: u64 = 0x20 | 3;
+/// Call numbers (rax) of the UD2 calls from ring 3 served by `ud_entry`.
+pub const SYS_HALT: u64 = 0;
+pub const SYS_WRITE: u64 = 1;
+pub const SYS_READ: u64 = 2;
+pub const SYS_STOP: u64 = 3;
+
+/// Stack for interrupts and calls that arrive from ring 3 (TSS.RSP0).
+#[link_section = ".bss.noinit"]
+static mut KERNEL_STACK: Stack<IST_SIZE> = Stack([0; IST_SIZE]);
 
 #[repr(C, align(16))]
 #[derive(Clone, Copy)]
@@ -94,6 +119,7 @@ extern "C" {
     static exc_stub_table: [u64; 32];
     fn timer_isr();
     fn spurious_isr();
+    fn ud_entry();
 }
 
 global_asm!(
@@ -139,6 +165,60 @@ timer_isr:
 spurious_isr:
     iretq
 
+    /* UD2 from ring 3 is a call into ring 0: rax = call number.
+       0: halt if GODWIT_TICKS == rdi; 1: write rdi..rdi+rsi to COM1 with one
+       rep outsb; 2: read a COM1 byte (rax = 0x100 | byte, or 0).
+       A #UD in ring 0 is a real fault and is reported as such. */
+    .global ud_entry
+ud_entry:
+    testq $3, 8(%rsp)
+    jz exc_stub_6
+    addq $2, (%rsp)
+    cmpq $1, %rax
+    je .Lsys_write
+    cmpq $2, %rax
+    je .Lsys_read
+    cmpq $3, %rax
+    je .Lsys_stop
+    cmpq GODWIT_TICKS(%rip), %rdi
+    jne .Lsys_ret
+    sti
+    hlt
+    cli
+.Lsys_ret:
+    iretq
+.Lsys_write:
+    pushq %rcx
+    pushq %rdx
+    movq %rsi, %rcx
+    movq %rdi, %rsi
+    movw $0x3f8, %dx
+    cld
+    rep outsb
+    popq %rdx
+    popq %rcx
+    iretq
+.Lsys_read:
+    pushq %rdx
+    movw $0x3fd, %dx
+    inb %dx, %al
+    testb $1, %al
+    jz .Lread_none
+    movw $0x3f8, %dx
+    inb %dx, %al
+    movzbl %al, %eax
+    orl $0x100, %eax
+    popq %rdx
+    iretq
+.Lread_none:
+    xorl %eax, %eax
+    popq %rdx
+    iretq
+.Lsys_stop:
+    cli
+    hlt
+    jmp .Lsys_stop
+
     .section .rodata.exc_table, "a"
     .balign 8
     .global exc_stub_table
@@ -156,6 +236,8 @@ extern "C" fn exception_report(vector: u64, error: u64, rip: u64) -> ! {
     let cr2: u64;
     // SAFETY: reading CR2 has no side effects.
     unsafe { asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack)) };
+    // We are in ring 0 now: print with direct port I/O.
+    crate::serial::IN_USER_MODE.store(false, Ordering::SeqCst);
     crate::println!(
         "PANIC exception vector={} error={:#x} rip={:#x} cr2={:#x}",
         vector,
@@ -190,6 +272,7 @@ pub fn init_cpu_tables() {
     // by the CPU after lgdt/ltr/lidt, and they live for the whole run.
     unsafe {
         let tss = &mut *addr_of_mut!(TSS);
+        tss.rsp[0] = stack_top(addr_of_mut!(KERNEL_STACK));
         tss.ist[0] = stack_top(addr_of_mut!(IST_EXC));
         tss.ist[1] = stack_top(addr_of_mut!(IST_IRQ));
         tss.ist[2] = stack_top(addr_of_mut!(IST_NMI));
@@ -202,8 +285,8 @@ pub fn init_cpu_tables() {
             | ((limit >> 16) & 0xf) << 48
             | ((base >> 24) & 0xff) << 56;
         let gdt = &mut *addr_of_mut!(GDT);
-        gdt.0[3] = low;
-        gdt.0[4] = base >> 32;
+        gdt.0[5] = low;
+        gdt.0[6] = base >> 32;
         let gp = DescPtr {
             limit: (core::mem::size_of::<Gdt>() - 1) as u16,
             base: addr_of!(GDT) as u64,
@@ -214,7 +297,7 @@ pub fn init_cpu_tables() {
             "mov ds, ax",
             "mov es, ax",
             "mov ss, ax",
-            "mov ax, 0x18",
+            "mov ax, 0x28",
             "ltr ax",
             gp = in(reg) &gp,
             out("ax") _,
@@ -231,6 +314,11 @@ pub fn init_cpu_tables() {
         }
         set_gate(TIMER_VECTOR as usize, timer_isr as *const () as u64, 2);
         set_gate(SPURIOUS_VECTOR as usize, spurious_isr as *const () as u64, 2);
+        // Ring 3 calls ring 0 with UD2: on this KVM `int n` from ring 3 becomes
+        // #UD and SYSCALL lands in a context that cannot do port I/O, while
+        // exceptions from ring 3 reach our (emulated) ring-0 handlers intact.
+        // The #UD gate uses RSP0 (no IST), so the timer (IST 2) can nest in HLT.
+        set_gate(6, ud_entry as *const () as u64, 0);
         let ip = DescPtr {
             limit: (core::mem::size_of::<[Gate; 256]>() - 1) as u16,
             base: addr_of!(IDT) as u64,
@@ -279,23 +367,36 @@ pub fn ticks() -> u64 {
     GODWIT_TICKS.load(Ordering::Relaxed)
 }
 
-/// Enables interrupts.
-pub fn enable() {
-    // SAFETY: the IDT and the handlers are installed.
-    unsafe { asm!("sti", options(nomem, nostack)) };
+/// Leaves ring 0 for good: continues in ring 3 (IOPL 3 for port I/O,
+/// interrupts on) at `entry(arg)` on the stack ending at `stack_top`.
+pub fn enter_user(entry: extern "C" fn(u64) -> !, arg: u64, stack_top: u64) -> ! {
+    crate::serial::IN_USER_MODE.store(true, Ordering::SeqCst);
+    // SAFETY: builds an IRET frame to the ring-3 code segment with a valid
+    // stack; all memory is mapped with the user bit, and the TSS provides RSP0
+    // for interrupts from ring 3.
+    unsafe {
+        asm!(
+            "push {ss}",
+            "push {rsp}",
+            "push 0x3202",
+            "push {cs}",
+            "push {rip}",
+            "iretq",
+            ss = in(reg) USER_DS,
+            rsp = in(reg) stack_top & !15,
+            cs = in(reg) USER_CS,
+            rip = in(reg) entry as *const () as u64,
+            in("rdi") arg,
+            options(noreturn)
+        )
+    }
 }
 
-/// Halts until the next interrupt if the tick count is still `seen`; returns
-/// with interrupts enabled.
+/// From ring 3: halts until the next interrupt if the tick count is still
+/// `seen`. The check and the HLT happen with interrupts off in the handler
+/// (`sti; hlt` is atomic), so a tick arriving after the caller's check still
+/// wakes it.
 pub fn wait_for_tick(seen: u64) {
-    // SAFETY: cli/sti/hlt only; `sti; hlt` is atomic with respect to interrupt
-    // delivery, so a tick arriving after the check still wakes the HLT.
-    unsafe {
-        asm!("cli", options(nomem, nostack));
-        if ticks() == seen {
-            asm!("sti", "hlt", options(nomem, nostack));
-        } else {
-            asm!("sti", options(nomem, nostack));
-        }
-    }
+    // SAFETY: the UD2 call only reads the tick counter and halts.
+    unsafe { asm!("ud2", in("rax") SYS_HALT, in("rdi") seen, options(nostack)) };
 }

@@ -37,13 +37,12 @@ use crate::workload::{Check, CheckResult, Workload, PAGE};
 
 /// Printed on the first line.
 const VERSION: &str = env!("CARGO_PKG_VERSION");
-/// LAPIC timer period.
-const TICK_US: u64 = 1000;
 /// Where the memory working set starts.
 const WORKSET_BASE: u64 = 64 << 20;
 /// Work done between checks of the clock, and the budget of one chunk.
 const CHUNK_PAGES: u64 = 64;
 const CHUNK_NS: u64 = 500_000;
+const CONSOLE_POLL_NS: u64 = 5_000_000;
 const MAXPAUSE_EVERY_NS: u64 = 10_000_000_000;
 
 const HEAP_SIZE: usize = 8 << 20;
@@ -51,7 +50,13 @@ const HEAP_SIZE: usize = 8 << 20;
 #[repr(C, align(4096))]
 struct HeapMem([u8; HEAP_SIZE]);
 
+#[link_section = ".bss.noinit"]
 static mut HEAP_MEM: HeapMem = HeapMem([0; HEAP_SIZE]);
+
+const USER_STACK_SIZE: usize = 256 * 1024;
+
+#[link_section = ".bss.noinit"]
+static mut USER_STACK: boot::Stack<USER_STACK_SIZE> = boot::Stack([0; USER_STACK_SIZE]);
 
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();
@@ -62,6 +67,10 @@ extern "C" {
 
 /// Stops the CPU for good.
 pub fn halt_forever() -> ! {
+    if serial::IN_USER_MODE.load(core::sync::atomic::Ordering::Relaxed) {
+        // SAFETY: the UD2 stop call never returns.
+        unsafe { core::arch::asm!("ud2", in("rax") interrupts::SYS_STOP, options(noreturn)) };
+    }
     loop {
         // SAFETY: cli; hlt only stops this CPU.
         unsafe { core::arch::asm!("cli", "hlt", options(nomem, nostack)) };
@@ -105,8 +114,41 @@ struct Guest {
     max_gap_ns: u64,
     next_maxpause_ns: u64,
     next_memcheck_ns: u64,
+    next_console_ns: u64,
     line: [u8; 160],
     line_len: usize,
+}
+
+/// Measures the cost of the operations the main loop relies on.
+fn bench(work: Option<&mut Workload>) {
+    let t0 = clock::now_ns();
+    for _ in 0..100 {
+        core::hint::black_box(clock::now_ns());
+    }
+    let t1 = clock::now_ns();
+    for _ in 0..100 {
+        core::hint::black_box(serial::read_byte());
+    }
+    let t2 = clock::now_ns();
+    let mut x = 0u64;
+    for i in 0..100_000u64 {
+        x = core::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+    }
+    let t3 = clock::now_ns();
+    let mut pages = 0;
+    if let Some(w) = work {
+        pages = w.pages.min(256);
+        w.write(pages);
+    }
+    let t4 = clock::now_ns();
+    println!(
+        "BENCH clock_ns={} console_read_ns={} loop100k_ns={} pages={} write_ns={}",
+        (t1 - t0) / 100,
+        (t2 - t1) / 100,
+        t3 - t2,
+        pages,
+        t4 - t3
+    );
 }
 
 #[no_mangle]
@@ -134,7 +176,7 @@ extern "C" fn main64(start_info: u32) -> ! {
     let (cpus, _) = acpi::count_cpus(info.rsdp);
     println!("CPUS {}", cpus);
     let source = clock::init();
-    let lapic_per_ms = interrupts::start_timer(TICK_US);
+    let lapic_per_ms = interrupts::start_timer(cfg.tick_us);
     println!("CLOCK {} lapic_per_ms={}", source, lapic_per_ms);
 
     let mut g = Guest {
@@ -151,6 +193,7 @@ extern "C" fn main64(start_info: u32) -> ! {
         max_gap_ns: 0,
         next_maxpause_ns: 0,
         next_memcheck_ns: 0,
+        next_console_ns: 0,
         line: [0; 160],
         line_len: 0,
     };
@@ -163,8 +206,16 @@ extern "C" fn main64(start_info: u32) -> ! {
     g.next_hb_ns = now + g.hb_period_ns;
     g.next_maxpause_ns = now + MAXPAUSE_EVERY_NS;
     g.next_memcheck_ns = now + g.cfg.memcheck_s * 1_000_000_000;
-    interrupts::enable();
     println!("READY");
+    let g = alloc::boxed::Box::leak(alloc::boxed::Box::new(g));
+    let stack = addr_of_mut!(USER_STACK) as u64 + USER_STACK_SIZE as u64;
+    interrupts::enter_user(user_main, g as *mut Guest as u64, stack)
+}
+
+/// The main loop, in ring 3.
+extern "C" fn user_main(guest: u64) -> ! {
+    // SAFETY: `guest` is the leaked Box passed by main64; nothing else uses it.
+    let g = unsafe { &mut *(guest as *mut Guest) };
     g.run()
 }
 
@@ -281,9 +332,7 @@ impl Guest {
             len: 0,
         };
         let _ = writeln!(l, "HB {} {}", self.hb, now);
-        for b in &l.buf[..l.len] {
-            serial::write_byte(*b);
-        }
+        serial::write_bytes(&l.buf[..l.len]);
         if let Some(n) = self.net.as_mut() {
             n.broadcast(&l.buf[..l.len]);
         }
@@ -401,6 +450,7 @@ impl Guest {
                 Some(w) if w.corrupt(args[0]) => println!("CORRUPT page={}", args[0]),
                 _ => println!("CORRUPT refused page={}", args[0]),
             },
+            ("bench", _) => bench(self.work.as_mut()),
             ("help", _) => println!(
                 "HELP status | memcheck | dirty MIB [RATE] | maxpause | blkwrite SECTOR COUNT SEED | blkverify SECTOR COUNT SEED | corrupt PAGE | help"
             ),
@@ -438,7 +488,11 @@ impl Guest {
                     self.start_memcheck();
                 }
             }
-            self.poll_console();
+            if now >= self.next_console_ns {
+                // A console read costs a trip through (emulated) ring 0.
+                self.next_console_ns = now + CONSOLE_POLL_NS;
+                self.poll_console();
+            }
             if let Some(n) = self.net.as_mut() {
                 n.poll(now);
             }

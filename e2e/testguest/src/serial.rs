@@ -1,7 +1,16 @@
 //! COM1 (16550 UART at I/O port 0x3F8), polled in both directions.
+//!
+//! Ring 3 cannot do port I/O here (this KVM ignores the guest's IOPL), so once
+//! the guest runs in ring 3 the console goes through UD2 calls (see `interrupts`): one writes a
+//! whole buffer with one `rep outsb` (one string-I/O exit per line, no LSR
+//! polling), another reads one byte if the line status register has one.
 
 use core::arch::asm;
 use core::fmt;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+/// Set once the guest has dropped to ring 3.
+pub static IN_USER_MODE: AtomicBool = AtomicBool::new(false);
 
 const COM1: u16 = 0x3f8;
 
@@ -42,6 +51,13 @@ pub fn write_byte(b: u8) {
 
 /// Returns a received byte if one is waiting.
 pub fn read_byte() -> Option<u8> {
+    if IN_USER_MODE.load(Ordering::Relaxed) {
+        let r: u64;
+        // SAFETY: this UD2 call only reads the UART's LSR and RBR.
+        unsafe { asm!("ud2", inout("rax") crate::interrupts::SYS_READ => r, options(nostack)) };
+        let r = r as u32;
+        return (r & 0x100 != 0).then_some(r as u8);
+    }
     if inb(COM1 + 5) & 1 != 0 {
         Some(inb(COM1))
     } else {
@@ -49,13 +65,55 @@ pub fn read_byte() -> Option<u8> {
     }
 }
 
-/// A `fmt::Write` sink for the console.
-pub struct Console;
+/// Writes `bytes` to the console.
+pub fn write_bytes(bytes: &[u8]) {
+    if bytes.is_empty() {
+        return;
+    }
+    if IN_USER_MODE.load(Ordering::Relaxed) {
+        // SAFETY: this UD2 call reads `bytes` with `rep outsb` to the UART; the
+        // slice is valid and mapped.
+        unsafe {
+            asm!("ud2", in("rax") crate::interrupts::SYS_WRITE, inout("rdi") bytes.as_ptr() => _,
+                 inout("rsi") bytes.len() => _, options(nostack, readonly))
+        };
+    } else {
+        for b in bytes {
+            write_byte(*b);
+        }
+    }
+}
+
+/// A `fmt::Write` sink that collects a line and writes it in one go.
+pub struct Console {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl Console {
+    /// An empty line buffer.
+    pub const fn new() -> Console {
+        Console {
+            buf: [0; 256],
+            len: 0,
+        }
+    }
+
+    /// Writes out what has been collected.
+    pub fn flush(&mut self) {
+        write_bytes(&self.buf[..self.len]);
+        self.len = 0;
+    }
+}
 
 impl fmt::Write for Console {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        for b in s.bytes() {
-            write_byte(b);
+        for &b in s.as_bytes() {
+            if self.len == self.buf.len() {
+                self.flush();
+            }
+            self.buf[self.len] = b;
+            self.len += 1;
         }
         Ok(())
     }
@@ -65,7 +123,9 @@ impl fmt::Write for Console {
 #[macro_export]
 macro_rules! print {
     ($($arg:tt)*) => {{
-        let _ = core::fmt::Write::write_fmt(&mut $crate::serial::Console, format_args!($($arg)*));
+        let mut c = $crate::serial::Console::new();
+        let _ = core::fmt::Write::write_fmt(&mut c, format_args!($($arg)*));
+        c.flush();
     }};
 }
 
@@ -73,7 +133,9 @@ macro_rules! print {
 #[macro_export]
 macro_rules! println {
     ($($arg:tt)*) => {{
-        $crate::print!($($arg)*);
-        $crate::serial::write_byte(b'\n');
+        let mut c = $crate::serial::Console::new();
+        let _ = core::fmt::Write::write_fmt(&mut c, format_args!($($arg)*));
+        let _ = core::fmt::Write::write_str(&mut c, "\n");
+        c.flush();
     }};
 }
