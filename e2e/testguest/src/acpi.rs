@@ -139,10 +139,12 @@ fn mp_cpus() -> Option<u32> {
     if cfg == 0 || !matches(cfg, b"PCMP") {
         return None;
     }
-    let count = rd16(cfg + 34);
+    // Walk by the base table length: some firmware (qboot) leaves the entry
+    // count at 0.
+    let end = cfg + rd16(cfg + 4) as u64;
     let mut off = cfg + 44;
     let mut n = 0;
-    for _ in 0..count {
+    while off < end {
         match rd8(off) {
             0 => {
                 if rd8(off + 3) & 1 != 0 {
@@ -150,7 +152,8 @@ fn mp_cpus() -> Option<u32> {
                 }
                 off += 20;
             }
-            _ => off += 8,
+            1..=4 => off += 8,
+            _ => break,
         }
     }
     Some(n)
