@@ -576,3 +576,36 @@ async fn recorder_publishes_events() {
         .iter()
         .any(|r| r.api_group == "events.k8s.io" && r.verb == "create" && r.code == 201));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_godwit_kinds_from_the_crds_crate() {
+    use godwit_crds::VirtualMachine;
+
+    let (_server, client) = start().await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for (_, crd) in godwit_crds::crds() {
+        crds.create(&PostParams::default(), &crd).await.unwrap();
+    }
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/vm.yaml");
+    let vm: VirtualMachine = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), "default");
+    let created = vms.create(&PostParams::default(), &vm).await.unwrap();
+    assert_eq!(created.metadata.generation, Some(1));
+    let patched = vms
+        .patch_status(
+            "demo",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Scheduled", "nodeName": "node-1"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::to_value(&patched).unwrap()["status"]["nodeName"],
+        "node-1"
+    );
+    let listed = vms
+        .list(&ListParams::default().labels("app=demo"))
+        .await
+        .unwrap();
+    assert_eq!(listed.items.len(), 1);
+}

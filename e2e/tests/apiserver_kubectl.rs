@@ -367,7 +367,7 @@ fn get_watch_streams_changes() {
         }
     });
     let mut seen = Vec::new();
-    let mut next_line = || {
+    let next_line = || {
         lines_rx
             .recv_timeout(Duration::from_secs(10))
             .expect("a watch line")
@@ -529,4 +529,62 @@ fn built_in_kinds_generate_name_and_cascading_delete() {
         .trim()
         .is_empty());
     let _ = &cluster.server;
+}
+
+#[test]
+fn godwit_crds_examples_and_invalid_manifests() {
+    let cluster = Cluster::start();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let crds = repo.join("crds");
+    let out = cluster.ok(&["apply", "-f", &crds.display().to_string()]);
+    assert_eq!(out.matches("created").count(), 3, "{out}");
+    let out = cluster.ok(&["apply", "-f", &repo.join("examples").display().to_string()]);
+    assert!(
+        out.contains("virtualmachine.godwit.dev/demo created"),
+        "{out}"
+    );
+
+    let table = cluster.ok(&["get", "vm"]);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["NAME", "PHASE", "NODE", "CPU", "MEMORY", "AGE"],
+        "{table}"
+    );
+    assert!(
+        table.lines().nth(1).unwrap().starts_with("demo "),
+        "{table}"
+    );
+    for short in ["vmt", "vmmig"] {
+        let listed = cluster.ok(&["get", short, "-o", "name"]);
+        assert_eq!(listed.lines().count(), 1, "{short}: {listed}");
+    }
+
+    // The migration spec is immutable (CEL transition rule).
+    let output = cluster.run(&[
+        "patch",
+        "vmmig",
+        "demo-move",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"vmName":"other"}}"#,
+    ]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("is invalid: spec"));
+
+    let mut rejected = 0;
+    for entry in std::fs::read_dir(crds.join("tests/invalid")).unwrap() {
+        let path = entry.unwrap().path();
+        let output = cluster.run(&["apply", "-f", &path.display().to_string()]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{} was accepted", path.display());
+        assert!(
+            stderr.contains("is invalid: spec") || stderr.contains("unknown field \"spec."),
+            "{}: {stderr}",
+            path.display()
+        );
+        rejected += 1;
+    }
+    assert!(rejected >= 5);
 }

@@ -656,6 +656,9 @@ fn admit(
             )));
         }
         errors.extend(schema::validate(schema_doc, object, old));
+        if errors.is_empty() {
+            errors.extend(schema::validate_cel(schema_doc, object, old));
+        }
     }
     if errors.is_empty() {
         Ok(())
@@ -845,9 +848,6 @@ fn create_object_with(
         })?;
     if def.group == "apiextensions.k8s.io" {
         state.refresh_crds();
-        for rule in schema::unevaluated_rules(&stored) {
-            tracing::info!(%rule, "CEL rule not evaluated by the test API server");
-        }
     }
     Ok(stored)
 }

@@ -11,9 +11,9 @@
 //! `x-kubernetes-embedded-resource`, `x-kubernetes-list-type: set|map`
 //! duplicates.
 //!
-//! CEL (`x-kubernetes-validations`): only the transition rule
-//! `self == oldSelf` (an immutable field or object) is evaluated, on update;
-//! every other rule is accepted without evaluation. `format` is not checked.
+//! CEL (`x-kubernetes-validations`) rules, transition rules included, are
+//! evaluated with kube's CEL validator ([`validate_cel`]) once the structural
+//! checks pass; rules it cannot compile are skipped. `format` is not checked.
 
 use std::collections::HashSet;
 
@@ -227,7 +227,6 @@ fn validate_value(
         }
         return;
     }
-    let before = errors.len();
     if flag(schema, "x-kubernetes-int-or-string") {
         if !matches!(type_name(value), "integer" | "string") {
             errors.push(FieldError::invalid(
@@ -274,9 +273,6 @@ fn validate_value(
         _ => {}
     }
     validate_combinators(schema, value, old, path, errors);
-    if errors.len() == before {
-        validate_transition_rules(schema, value, old, path, errors);
-    }
 }
 
 fn number_text(schema: &Value, key: &str) -> String {
@@ -533,71 +529,62 @@ fn validate_combinators(
     }
 }
 
-/// Whether a CEL rule is the immutability transition rule.
-fn is_immutability_rule(rule: &str) -> bool {
-    let compact: String = rule.chars().filter(|c| !c.is_whitespace()).collect();
-    compact == "self==oldSelf" || compact == "oldSelf==self"
-}
+/// Evaluates the schema's `x-kubernetes-validations` CEL rules (with
+/// `oldSelf` on update) through kube's CEL validator.
+///
+/// Rules the validator cannot compile or evaluate are skipped with a log
+/// line (a real server would have refused such a CRD).
+pub fn validate_cel(schema: &Value, object: &Value, old: Option<&Value>) -> Vec<FieldError> {
+    use kube::core::cel::{ErrorKind, Validator};
 
-fn validate_transition_rules(
-    schema: &Value,
-    value: &Value,
-    old: Option<&Value>,
-    path: &str,
-    errors: &mut Vec<FieldError>,
-) {
-    let (Some(rules), Some(old)) = (
-        schema
-            .get("x-kubernetes-validations")
-            .and_then(Value::as_array),
-        old,
-    ) else {
-        return;
+    let Err(failures) = Validator::new().validate(schema, object, old) else {
+        return Vec::new();
     };
-    for rule in rules {
-        let text = rule.get("rule").and_then(Value::as_str).unwrap_or("");
-        if is_immutability_rule(text) && value != old {
-            let message = rule
-                .get("message")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .unwrap_or_else(|| format!("failed rule: {text}"));
-            let shown = Value::String(type_name(value).to_string());
-            errors.push(FieldError::invalid(path, &shown, &message));
-        }
-    }
-}
-
-/// Rules of the schema tree that this server does not evaluate (for logs).
-pub fn unevaluated_rules(schema: &Value) -> Vec<String> {
-    let mut found = Vec::new();
-    collect_rules(schema, &mut found);
-    found
-}
-
-fn collect_rules(schema: &Value, found: &mut Vec<String>) {
-    match schema {
-        Value::Object(map) => {
-            if let Some(rules) = map
-                .get("x-kubernetes-validations")
-                .and_then(Value::as_array)
-            {
-                for rule in rules
-                    .iter()
-                    .filter_map(|r| r.get("rule").and_then(Value::as_str))
-                {
-                    if !is_immutability_rule(rule) {
-                        found.push(rule.to_string());
-                    }
+    let mut errors = Vec::new();
+    for failure in failures.into_vec() {
+        match failure.kind {
+            ErrorKind::ValidationFailure | ErrorKind::InvalidResult => {
+                let path = failure.field_path.trim_start_matches('.');
+                let value = value_at(object, path);
+                let shown = Value::String(type_name(value.unwrap_or(&Value::Null)).to_string());
+                let mut error = FieldError::invalid(path, &shown, &failure.message);
+                if let Some(reason) = failure.reason.as_deref() {
+                    error.reason = match reason {
+                        "FieldValueForbidden" => "FieldValueForbidden",
+                        "FieldValueRequired" => "FieldValueRequired",
+                        "FieldValueDuplicate" => "FieldValueDuplicate",
+                        _ => "FieldValueInvalid",
+                    };
                 }
+                errors.push(error);
             }
-            for value in map.values() {
-                collect_rules(value, found);
+            _ => {
+                tracing::warn!(rule = %failure.rule, message = %failure.message, "CEL rule skipped")
             }
         }
-        Value::Array(items) => items.iter().for_each(|item| collect_rules(item, found)),
-        _ => {}
     }
+    errors
+}
+
+/// The value at a dotted path with `[index]` steps, e.g. `spec.disks[0]`.
+fn value_at<'a>(object: &'a Value, path: &str) -> Option<&'a Value> {
+    let mut current = object;
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        let (field, indexes) = match part.find('[') {
+            Some(at) => (&part[..at], &part[at..]),
+            None => (part, ""),
+        };
+        if !field.is_empty() {
+            current = current.get(field)?;
+        }
+        for index in indexes.split(['[', ']']).filter(|i| !i.is_empty()) {
+            current = match index.parse::<usize>() {
+                Ok(i) => current.get(i)?,
+                Err(_) => current.get(index)?,
+            };
+        }
+    }
+    Some(current)
 }
 
 #[cfg(test)]
@@ -629,10 +616,11 @@ mod tests {
     }
 
     fn messages(object: &Value, old: Option<&Value>) -> Vec<String> {
-        validate(&schema(), object, old)
-            .into_iter()
-            .map(|e| e.message)
-            .collect()
+        let mut errors = validate(&schema(), object, old);
+        if errors.is_empty() {
+            errors = validate_cel(&schema(), object, old);
+        }
+        errors.into_iter().map(|e| e.message).collect()
     }
 
     #[test]
