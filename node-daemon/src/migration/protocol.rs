@@ -41,11 +41,30 @@
 //!     Note over S: discard its copy and exit
 //! ```
 //!
-//! With post-copy the source sends `State` and `PostCopy` instead of the last
-//! `Pages`; the target resumes at once and asks for missing pages with
-//! `PageRequest` while the source pushes the rest, then `Complete`/`Ready`/`Commit`
-//! close as above. Either side may send `Abort` before `Commit`; the source then
-//! resumes the guest, and nothing is lost.
+//! Post-copy replaces stop-and-copy when pre-copy does not converge:
+//!
+//! ```mermaid
+//! sequenceDiagram
+//!     participant S as Source VMM
+//!     participant T as Target VMM
+//!     Note over S: pause vCPUs (downtime starts)
+//!     S->>T: State
+//!     S->>T: PostCopy (runs of pages still to fetch)
+//!     Note over T: drop stale pages, register userfaultfd, restore, resume
+//!     T->>S: Activated (downtime ends)
+//!     par background push
+//!         S->>T: Pages (the rest, in order)
+//!     and demand paging
+//!         T->>S: PageRequest (faulting pages)
+//!         S->>T: Pages (those first)
+//!     end
+//!     S->>T: Complete
+//!     T->>S: Ready (all memory local, userfaultfd released)
+//! ```
+//!
+//! Either side may send `Abort` before `Commit` (pre-copy) or before
+//! `Activated` (post-copy); the source then resumes the guest, and nothing is
+//! lost. After that point the guest belongs to the target.
 
 use std::io::{Read, Write};
 
@@ -418,6 +437,45 @@ pub fn parse_page_request(payload: &[u8]) -> Result<Vec<u64>, ProtocolError> {
     Ok(gpas)
 }
 
+/// Encodes page runs as `(gpa u64, pages u32, 4 zero bytes)`: the pages a
+/// [`Command::PostCopy`] tells the target it must still fetch.
+pub fn encode_page_runs(runs: &[(u64, u32)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(runs.len() * 16);
+    for (gpa, pages) in runs {
+        out.extend_from_slice(&gpa.to_le_bytes());
+        out.extend_from_slice(&pages.to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+    }
+    out
+}
+
+/// Decodes [`encode_page_runs`], checking alignment and overflow.
+pub fn parse_page_runs(payload: &[u8]) -> Result<Vec<(u64, u32)>, ProtocolError> {
+    let bad = |reason| ProtocolError::Malformed {
+        command: Command::PostCopy,
+        reason,
+    };
+    if !payload.len().is_multiple_of(16) {
+        return Err(bad("length is not a multiple of 16"));
+    }
+    payload
+        .chunks_exact(16)
+        .map(|c| {
+            let gpa = u64::from_le_bytes(c[0..8].try_into().unwrap());
+            let pages = u32::from_le_bytes(c[8..12].try_into().unwrap());
+            if c[12..16] != [0; 4] {
+                return Err(bad("reserved run bytes set"));
+            }
+            if !gpa.is_multiple_of(PAGE_SIZE as u64) || pages == 0 {
+                return Err(bad("unaligned or empty run"));
+            }
+            gpa.checked_add(u64::from(pages) * PAGE_SIZE as u64)
+                .ok_or(bad("run wraps the address space"))?;
+            Ok((gpa, pages))
+        })
+        .collect()
+}
+
 /// Encodes a [`Command::RoundEnd`]: the round number and the pages it sent.
 pub fn encode_round_end(round: u32, pages: u64) -> [u8; 12] {
     let mut out = [0u8; 12];
@@ -602,6 +660,10 @@ mod tests {
             (7, 1234)
         );
         assert!(parse_round_end(&[0; 11]).is_err());
+        let runs = vec![(0x1000, 3), (0x10_0000, 1)];
+        assert_eq!(parse_page_runs(&encode_page_runs(&runs)).unwrap(), runs);
+        assert!(parse_page_runs(&[0; 15]).is_err());
+        assert!(parse_page_runs(&encode_page_runs(&[(0x1001, 1)])).is_err());
         let gpas = vec![0, 0x1000, 0x7fff_f000];
         assert_eq!(
             parse_page_request(&encode_page_request(&gpas)).unwrap(),

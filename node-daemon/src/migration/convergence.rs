@@ -1,0 +1,224 @@
+//! When to stop pre-copying: the pure decision the source takes after every
+//! round, from the round's figures and the policy. No I/O, so every branch is
+//! unit-tested with plain numbers.
+//!
+//! - Stop-and-copy as soon as the expected downtime (dirty bytes left over the
+//!   measured bandwidth, plus a fixed cost for device state) fits the policy.
+//! - When rounds stop shrinking (the dirty set left after a round is not at
+//!   least [`SHRINK_FACTOR`] smaller than after the round before) or too many
+//!   rounds have passed: throttle the vCPUs, stepping the throttle up each round
+//!   (auto-converge, as vMotion's SDPS and QEMU do), then switch to post-copy if
+//!   the policy allows it and throttling at its maximum did not help.
+//! - With neither allowed, keep going until the completion timeout fails the
+//!   migration (the guest stays on the source).
+
+use std::time::Duration;
+
+/// A round must leave at most this fraction of the previous round's dirty set
+/// to count as progress.
+pub const SHRINK_FACTOR: f64 = 0.9;
+/// First throttle step, in percent of vCPU time taken away.
+pub const THROTTLE_INITIAL: u8 = 30;
+/// Throttle increment per non-converging round.
+pub const THROTTLE_STEP: u8 = 20;
+/// Highest throttle.
+pub const THROTTLE_MAX: u8 = 99;
+/// What stop-and-copy costs beyond the pages (vCPU and device state, the
+/// commit round trip, resuming on the target).
+pub const FIXED_DOWNTIME: Duration = Duration::from_millis(2);
+
+/// How the migration may converge.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    /// Longest pause the guest may see.
+    pub max_downtime: Duration,
+    /// Throttling the vCPUs is allowed.
+    pub allow_auto_converge: bool,
+    /// Switching to post-copy is allowed.
+    pub allow_post_copy: bool,
+    /// After this many rounds, treat pre-copy as not converging.
+    pub max_rounds: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            max_downtime: Duration::from_millis(50),
+            allow_auto_converge: true,
+            allow_post_copy: true,
+            max_rounds: 30,
+        }
+    }
+}
+
+/// Figures of one finished pre-copy round.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Round {
+    /// Round number (0 is the full copy).
+    pub round: u32,
+    /// Bytes put on the wire in the round.
+    pub bytes_sent: u64,
+    /// How long the round took.
+    pub duration: Duration,
+    /// Pages dirtied while the round ran: what the next round must send.
+    pub dirty_pages: u64,
+}
+
+/// What the source does next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Another pre-copy round at the current throttle.
+    NextRound,
+    /// Another round with the vCPUs throttled by this many percent.
+    Throttle(u8),
+    /// Pause and send the rest.
+    StopAndCopy,
+    /// Resume on the target now and fault in the rest.
+    PostCopy,
+}
+
+/// Bytes per second the stream carried in `round`.
+pub fn bandwidth(round: &Round) -> f64 {
+    let secs = round.duration.as_secs_f64().max(1e-6);
+    round.bytes_sent as f64 / secs
+}
+
+/// Pause the guest would see if stopped after `round`.
+pub fn expected_downtime(round: &Round, page_size: u64) -> Duration {
+    let bw = bandwidth(round).max(1.0);
+    FIXED_DOWNTIME + Duration::from_secs_f64((round.dirty_pages * page_size) as f64 / bw)
+}
+
+/// Bytes per second the guest dirtied memory during `round`.
+pub fn dirty_rate(round: &Round, page_size: u64) -> f64 {
+    (round.dirty_pages * page_size) as f64 / round.duration.as_secs_f64().max(1e-6)
+}
+
+/// The decision after the last round in `history`, with the vCPUs currently
+/// throttled by `throttle` percent.
+pub fn decide(history: &[Round], throttle: u8, policy: &Policy, page_size: u64) -> Decision {
+    let Some(last) = history.last() else {
+        return Decision::NextRound;
+    };
+    if expected_downtime(last, page_size) <= policy.max_downtime {
+        return Decision::StopAndCopy;
+    }
+    // Round 0 sends all memory: the first comparison is round 1 against round 0.
+    let stalled = match history {
+        [.., prev, last] if last.round >= 1 => {
+            last.dirty_pages as f64 > prev.dirty_pages as f64 * SHRINK_FACTOR
+        }
+        _ => false,
+    };
+    if !stalled && last.round + 1 < policy.max_rounds {
+        return Decision::NextRound;
+    }
+    if policy.allow_auto_converge && throttle < THROTTLE_MAX {
+        let next = if throttle == 0 {
+            THROTTLE_INITIAL
+        } else {
+            throttle.saturating_add(THROTTLE_STEP).min(THROTTLE_MAX)
+        };
+        return Decision::Throttle(next);
+    }
+    if policy.allow_post_copy {
+        return Decision::PostCopy;
+    }
+    Decision::NextRound
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: u64 = 4096;
+
+    fn round(round: u32, mib_sent: u64, ms: u64, dirty_pages: u64) -> Round {
+        Round {
+            round,
+            bytes_sent: mib_sent << 20,
+            duration: Duration::from_millis(ms),
+            dirty_pages,
+        }
+    }
+
+    #[test]
+    fn small_dirty_set_stops_and_copies() {
+        // 1 GiB/s, 100 dirty pages: 0.4 ms of pages plus the fixed cost.
+        let h = [round(0, 1024, 1000, 100)];
+        assert_eq!(
+            decide(&h, 0, &Policy::default(), PAGE),
+            Decision::StopAndCopy
+        );
+    }
+
+    #[test]
+    fn shrinking_rounds_continue() {
+        let h = [round(0, 1024, 1000, 100_000), round(1, 400, 400, 50_000)];
+        assert_eq!(decide(&h, 0, &Policy::default(), PAGE), Decision::NextRound);
+    }
+
+    #[test]
+    fn stalled_rounds_throttle_then_step_up_then_post_copy() {
+        let h = [round(0, 1024, 1000, 100_000), round(1, 400, 400, 99_000)];
+        let p = Policy::default();
+        assert_eq!(
+            decide(&h, 0, &p, PAGE),
+            Decision::Throttle(THROTTLE_INITIAL)
+        );
+        assert_eq!(
+            decide(&h, THROTTLE_INITIAL, &p, PAGE),
+            Decision::Throttle(THROTTLE_INITIAL + THROTTLE_STEP)
+        );
+        assert_eq!(decide(&h, 90, &p, PAGE), Decision::Throttle(THROTTLE_MAX));
+        assert_eq!(decide(&h, THROTTLE_MAX, &p, PAGE), Decision::PostCopy);
+    }
+
+    #[test]
+    fn post_copy_only_policy_switches_at_once() {
+        let h = [round(0, 1024, 1000, 100_000), round(1, 400, 400, 120_000)];
+        let p = Policy {
+            allow_auto_converge: false,
+            ..Policy::default()
+        };
+        assert_eq!(decide(&h, 0, &p, PAGE), Decision::PostCopy);
+    }
+
+    #[test]
+    fn nothing_allowed_keeps_copying() {
+        let h = [round(0, 1024, 1000, 100_000), round(1, 400, 400, 120_000)];
+        let p = Policy {
+            allow_auto_converge: false,
+            allow_post_copy: false,
+            ..Policy::default()
+        };
+        assert_eq!(decide(&h, 0, &p, PAGE), Decision::NextRound);
+    }
+
+    #[test]
+    fn too_many_rounds_counts_as_stalled() {
+        let p = Policy {
+            max_rounds: 3,
+            allow_auto_converge: false,
+            ..Policy::default()
+        };
+        let h = [
+            round(0, 1024, 1000, 100_000),
+            round(1, 400, 400, 50_000),
+            round(2, 200, 200, 25_000),
+        ];
+        assert_eq!(decide(&h, 0, &p, PAGE), Decision::PostCopy);
+    }
+
+    #[test]
+    fn figures() {
+        let r = round(1, 100, 1000, 25_600);
+        assert!((bandwidth(&r) - (100u64 << 20) as f64).abs() < 1.0);
+        // 100 MiB of dirty pages at 100 MiB/s: one second, plus the fixed cost.
+        assert_eq!(
+            expected_downtime(&r, PAGE),
+            Duration::from_secs(1) + FIXED_DOWNTIME
+        );
+        assert!((dirty_rate(&r, PAGE) - (100u64 << 20) as f64).abs() < 1.0);
+    }
+}

@@ -1,0 +1,586 @@
+//! Post-copy: the guest resumes on the target before all of its memory has
+//! arrived. The target registers guest RAM with userfaultfd; a page the guest
+//! (or a device) touches that is still on the source faults, the fault thread
+//! asks the source for it (`PageRequest`), and the receiving thread installs it
+//! with `UFFDIO_COPY`, which wakes the faulting vCPU. Meanwhile the source
+//! pushes the remaining pages in order, serving requested pages first.
+//!
+//! Pages the target never received as data were zero on the source (round 0
+//! sends zero pages as run headers only) and are filled with `UFFDIO_ZEROPAGE`
+//! without asking. A page's "still needed" bit is cleared only after its data
+//! is installed, so the fault thread can never zero-fill a page whose data is
+//! on its way.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+use super::convergence::Round;
+use super::precopy::Source;
+use super::progress::{MigrationResult, ModeUsed, ProgressHandle, Stage};
+use super::protocol::{self, Command, PAGE_SIZE};
+use super::receiver::TargetMemory;
+use super::vm::{DirtyPages, GuestRegion, SourceVm, TargetVm};
+use super::MigrationError;
+
+/// Pages pushed between two looks at the target's requests.
+const PUSH_PAGES: u64 = 32;
+
+// userfaultfd ABI (linux/userfaultfd.h).
+const UFFD_API: u64 = 0xAA;
+const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
+const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
+const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_AA01;
+const UFFDIO_COPY: libc::c_ulong = 0xC028_AA03;
+const UFFDIO_ZEROPAGE: libc::c_ulong = 0xC020_AA04;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+
+/// `struct uffd_msg`: 32 bytes; for a page fault, the address is at offset 16.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UffdMsg {
+    event: u8,
+    _reserved: [u8; 7],
+    flags: u64,
+    address: u64,
+    _feat: u64,
+}
+
+/// A userfaultfd handling missing-page faults of guest RAM.
+pub struct Userfault {
+    fd: OwnedFd,
+}
+
+fn ioctl<T>(fd: &OwnedFd, request: libc::c_ulong, arg: &mut T) -> std::io::Result<()> {
+    // SAFETY: `arg` is a live, correctly laid-out struct for `request` (the
+    // constants above encode its size); the kernel reads and writes only it.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), request, arg as *mut T) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl Userfault {
+    /// Opens a non-blocking userfaultfd and negotiates the API.
+    pub fn new() -> Result<Userfault, MigrationError> {
+        // SAFETY: the syscall takes only flags and returns a new fd or -1.
+        let raw =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if raw < 0 {
+            return Err(MigrationError::Userfault(
+                "open",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: `raw` is a new fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: 0,
+            ioctls: 0,
+        };
+        ioctl(&fd, UFFDIO_API, &mut api).map_err(|e| MigrationError::Userfault("UFFDIO_API", e))?;
+        Ok(Userfault { fd })
+    }
+
+    /// Routes missing-page faults in `host .. host + len` to this fd.
+    pub fn register(&self, host: *mut u8, len: u64) -> Result<(), MigrationError> {
+        let mut reg = UffdioRegister {
+            range: UffdioRange {
+                start: host as u64,
+                len,
+            },
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        ioctl(&self.fd, UFFDIO_REGISTER, &mut reg)
+            .map_err(|e| MigrationError::Userfault("UFFDIO_REGISTER", e))
+    }
+
+    /// Stops routing faults of the range (waking anyone blocked in it).
+    pub fn unregister(&self, host: *mut u8, len: u64) -> Result<(), MigrationError> {
+        let mut range = UffdioRange {
+            start: host as u64,
+            len,
+        };
+        ioctl(&self.fd, UFFDIO_UNREGISTER, &mut range)
+            .map_err(|e| MigrationError::Userfault("UFFDIO_UNREGISTER", e))
+    }
+
+    /// Installs `data` at `dst` page by page where a bulk copy meets pages
+    /// that are already present (which keep their contents).
+    pub fn copy(&self, dst: *mut u8, data: &[u8]) -> Result<(), MigrationError> {
+        let mut done = 0usize;
+        while done < data.len() {
+            let mut c = UffdioCopy {
+                dst: dst as u64 + done as u64,
+                src: data[done..].as_ptr() as u64,
+                len: (data.len() - done) as u64,
+                mode: 0,
+                copy: 0,
+            };
+            match ioctl(&self.fd, UFFDIO_COPY, &mut c) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    // Bytes copied before the present page, then skip it.
+                    done += c.copy.max(0) as usize + PAGE_SIZE;
+                    done -= done % PAGE_SIZE;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    done += c.copy.max(0) as usize;
+                }
+                Err(e) => return Err(MigrationError::Userfault("UFFDIO_COPY", e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Maps zero pages at `dst .. dst + len` where nothing is present.
+    pub fn zero(&self, dst: *mut u8, len: u64) -> Result<(), MigrationError> {
+        let mut done = 0u64;
+        while done < len {
+            let mut z = UffdioZeropage {
+                range: UffdioRange {
+                    start: dst as u64 + done,
+                    len: len - done,
+                },
+                mode: 0,
+                zeropage: 0,
+            };
+            match ioctl(&self.fd, UFFDIO_ZEROPAGE, &mut z) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    done += z.zeropage.max(0) as u64 + PAGE_SIZE as u64;
+                    done -= done % PAGE_SIZE as u64;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    done += z.zeropage.max(0) as u64
+                }
+                Err(e) => return Err(MigrationError::Userfault("UFFDIO_ZEROPAGE", e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout_ms` for faults and returns their page addresses.
+    pub fn faults(&self, timeout_ms: i32) -> Result<Vec<u64>, MigrationError> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if n <= 0 {
+            return Ok(Vec::new());
+        }
+        let mut msgs = [UffdMsg {
+            event: 0,
+            _reserved: [0; 7],
+            flags: 0,
+            address: 0,
+            _feat: 0,
+        }; 16];
+        // SAFETY: reading into a buffer of 16 uffd_msg-sized, plain-data structs.
+        let r = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                msgs.as_mut_ptr().cast(),
+                std::mem::size_of_val(&msgs),
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                return Ok(Vec::new());
+            }
+            return Err(MigrationError::Userfault("read", e));
+        }
+        let count = r as usize / std::mem::size_of::<UffdMsg>();
+        Ok(msgs[..count]
+            .iter()
+            .filter(|m| m.event == UFFD_EVENT_PAGEFAULT)
+            .map(|m| m.address & !(PAGE_SIZE as u64 - 1))
+            .collect())
+    }
+}
+
+/// Whether this host lets us use userfaultfd (checked once).
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| Userfault::new().is_ok())
+}
+
+/// The source after the switch: sends the state, waits for the target to run
+/// the guest, then pushes the pages it still needs, requested ones first.
+pub(super) fn source_serve<V: SourceVm>(
+    src: &mut Source<'_, V>,
+    pending: &[DirtyPages],
+    vm_state: &[u8],
+    pause_start: Instant,
+    history: &[Round],
+    committed: &mut bool,
+) -> Result<MigrationResult, MigrationError> {
+    let mut needed: Vec<DirtyPages> = pending.to_vec();
+    let runs: Vec<(u64, u32)> = needed
+        .iter()
+        .flat_map(|d| {
+            d.runs()
+                .map(move |(first, n)| (d.gpa + first * PAGE_SIZE as u64, n as u32))
+        })
+        .collect();
+    src.writer.send(Command::State, vm_state)?;
+    src.writer
+        .send(Command::PostCopy, &protocol::encode_page_runs(&runs))?;
+    src.progress.update(|p| p.stage = Stage::PostCopy);
+    // Until the target says it runs the guest, an explicit abort still leaves
+    // the guest to us; silence does not (the target may have resumed).
+    match src.expect(Command::Activated, src.opts.stall_timeout) {
+        Ok(_) => {}
+        Err(e @ MigrationError::PeerAbort(_)) => return Err(e),
+        Err(e) => {
+            *committed = true;
+            return Err(MigrationError::CommitUnknown(Box::new(e)));
+        }
+    }
+    *committed = true;
+    let downtime = pause_start.elapsed();
+    src.in_postcopy = true;
+    let lost = |e: MigrationError| MigrationError::PostCopyLost(Box::new(e));
+
+    let mut remaining: u64 = needed.iter().map(DirtyPages::count).sum();
+    let mut cursor = (0usize, 0u64);
+    while remaining > 0 {
+        // Requested pages first.
+        loop {
+            match src.incoming.try_recv() {
+                Ok(Ok((Command::PageRequest, payload))) => {
+                    for gpa in protocol::parse_page_request(&payload).map_err(|e| lost(e.into()))? {
+                        if let Some((r, page)) = locate(&src.regions, gpa) {
+                            if take_bit(&mut needed[r], page) {
+                                src.send_run(r, page, 1).map_err(lost)?;
+                                remaining -= 1;
+                            }
+                        }
+                    }
+                    src.flush_batch().map_err(lost)?;
+                }
+                Ok(Ok((Command::Abort, reason))) => {
+                    return Err(lost(MigrationError::PeerAbort(
+                        String::from_utf8_lossy(&reason).into_owned(),
+                    )))
+                }
+                Ok(Ok((got, _))) => {
+                    return Err(lost(
+                        protocol::ProtocolError::Unexpected {
+                            got,
+                            expected: "PageRequest",
+                        }
+                        .into(),
+                    ))
+                }
+                Ok(Err(e)) => return Err(lost(e.into())),
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    return Err(lost(MigrationError::StreamClosed))
+                }
+            }
+        }
+        // Then a slice of the background push.
+        let mut pushed = 0;
+        while pushed < PUSH_PAGES && cursor.0 < needed.len() {
+            let (r, page) = cursor;
+            let pages = needed[r].bitmap.len() as u64 * 64;
+            if page >= pages {
+                cursor = (r + 1, 0);
+                continue;
+            }
+            if needed[r].bitmap[(page / 64) as usize] == 0 {
+                cursor.1 = (page / 64 + 1) * 64;
+                continue;
+            }
+            if take_bit(&mut needed[r], page) {
+                src.send_run(r, page, 1).map_err(lost)?;
+                remaining -= 1;
+                pushed += 1;
+            }
+            cursor.1 += 1;
+        }
+        src.flush_batch().map_err(lost)?;
+        src.progress.update(|p| {
+            p.memory_remaining_bytes = remaining * PAGE_SIZE as u64;
+            p.transferred_bytes = src.writer.bytes_sent;
+        });
+    }
+    src.writer
+        .send(Command::Complete, &[])
+        .map_err(|e| lost(e.into()))?;
+    src.progress.update(|p| p.stage = Stage::Committing);
+    // Requests the target sent for pages already on their way may still be
+    // in the stream ahead of Ready; they need no answer.
+    loop {
+        match super::transport::recv_timeout(&src.incoming, src.opts.stall_timeout) {
+            Ok((Command::Ready, _)) => break,
+            Ok((Command::PageRequest, _)) => continue,
+            Ok((Command::Abort, reason)) => {
+                return Err(lost(MigrationError::PeerAbort(
+                    String::from_utf8_lossy(&reason).into_owned(),
+                )))
+            }
+            Ok((got, _)) => {
+                return Err(lost(
+                    protocol::ProtocolError::Unexpected {
+                        got,
+                        expected: "Ready",
+                    }
+                    .into(),
+                ))
+            }
+            Err(e) => return Err(lost(e.into())),
+        }
+    }
+    Ok(MigrationResult {
+        total_ms: src.started.elapsed().as_millis() as u64,
+        downtime_ms: downtime.as_secs_f64() * 1000.0,
+        bytes_sent: src.writer.bytes_sent,
+        rounds: history.len() as u32,
+        mode: ModeUsed::PostCopy,
+        pages_sent: src.pages_sent,
+        zero_pages: src.zero_pages,
+    })
+}
+
+/// Region index and page index of `gpa`.
+fn locate(regions: &[GuestRegion], gpa: u64) -> Option<(usize, u64)> {
+    regions
+        .iter()
+        .position(|r| r.contains(gpa, PAGE_SIZE as u64))
+        .map(|i| (i, (gpa - regions[i].gpa) / PAGE_SIZE as u64))
+}
+
+/// Clears the bit of `page`, returning whether it was set.
+fn take_bit(d: &mut DirtyPages, page: u64) -> bool {
+    let (w, b) = ((page / 64) as usize, page % 64);
+    let was = d.bitmap[w] & (1 << b) != 0;
+    d.bitmap[w] &= !(1 << b);
+    was
+}
+
+/// Still-needed pages on the target, shared by the fault and receive threads.
+struct Needed {
+    regions: Vec<GuestRegion>,
+    bits: Vec<Vec<AtomicU64>>,
+}
+
+impl Needed {
+    fn locate_host(&self, host: u64) -> Option<(usize, u64)> {
+        self.regions.iter().enumerate().find_map(|(i, r)| {
+            let start = r.host as u64;
+            (host >= start && host < start + r.size).then(|| (i, (host - start) / PAGE_SIZE as u64))
+        })
+    }
+
+    fn is_needed(&self, r: usize, page: u64) -> bool {
+        self.bits[r][(page / 64) as usize].load(Ordering::Acquire) & (1 << (page % 64)) != 0
+    }
+
+    fn clear(&self, r: usize, page: u64) {
+        self.bits[r][(page / 64) as usize].fetch_and(!(1 << (page % 64)), Ordering::Release);
+    }
+}
+
+fn send_locked(
+    w: &Mutex<TcpStream>,
+    command: Command,
+    payload: &[u8],
+) -> Result<(), MigrationError> {
+    let mut s = w.lock().unwrap();
+    protocol::write_frame(&mut *s, command, payload)?;
+    s.flush()
+        .map_err(|e| MigrationError::Protocol(protocol::ProtocolError::Io(e)))
+}
+
+/// The target after `PostCopy`: fault in what is missing while the guest runs.
+pub(super) fn target_run<T: TargetVm>(
+    stream: &mut TcpStream,
+    vm: &T,
+    memory: TargetMemory,
+    state: &[u8],
+    needed_payload: &[u8],
+    progress: &ProgressHandle,
+    mut received: u64,
+) -> Result<(), MigrationError> {
+    let runs = protocol::parse_page_runs(needed_payload)?;
+    let needed = Needed {
+        bits: memory
+            .regions
+            .iter()
+            .map(|r| {
+                (0..(r.size / PAGE_SIZE as u64).div_ceil(64))
+                    .map(|_| AtomicU64::new(0))
+                    .collect()
+            })
+            .collect(),
+        regions: memory.regions.clone(),
+    };
+    for (gpa, pages) in &runs {
+        let len = u64::from(*pages) * PAGE_SIZE as u64;
+        let (r, region) = memory.find(*gpa, len)?;
+        let first = (gpa - region.gpa) / PAGE_SIZE as u64;
+        for p in first..first + u64::from(*pages) {
+            needed.bits[r][(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::Relaxed);
+        }
+        // Drop the stale copy so the next touch faults and fetches it.
+        // SAFETY: the range is inside guest RAM (checked by `find`); the guest
+        // is not running yet, and the pages are fetched again before use.
+        let r = unsafe {
+            libc::madvise(
+                region.host_ptr(*gpa).cast(),
+                len as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if r != 0 {
+            return Err(MigrationError::Userfault(
+                "madvise",
+                std::io::Error::last_os_error(),
+            ));
+        }
+    }
+    let uffd = Userfault::new()?;
+    for r in &memory.regions {
+        uffd.register(r.host, r.size)?;
+    }
+    let writer = Mutex::new(stream.try_clone().map_err(MigrationError::Socket)?);
+    let stop = AtomicBool::new(false);
+
+    let outcome = std::thread::scope(|s| {
+        let fault_thread = s.spawn(|| -> Result<(), MigrationError> {
+            while !stop.load(Ordering::Relaxed) {
+                let mut requests = Vec::new();
+                for host in uffd.faults(20)? {
+                    let Some((r, page)) = needed.locate_host(host) else {
+                        continue;
+                    };
+                    if needed.is_needed(r, page) {
+                        requests.push(needed.regions[r].gpa + page * PAGE_SIZE as u64);
+                    } else {
+                        // Never sent as data: it was zero on the source.
+                        uffd.zero(host as *mut u8, PAGE_SIZE as u64)?;
+                    }
+                }
+                if !requests.is_empty() {
+                    send_locked(
+                        &writer,
+                        Command::PageRequest,
+                        &protocol::encode_page_request(&requests),
+                    )?;
+                }
+            }
+            Ok(())
+        });
+
+        let result = (|| -> Result<(), MigrationError> {
+            vm.restore_state(state)
+                .map_err(MigrationError::RestoreState)?;
+            vm.resume().map_err(MigrationError::Resume)?;
+            send_locked(&writer, Command::Activated, &[])?;
+            vm.announce();
+            progress.update(|p| p.stage = Stage::PostCopy);
+            let mut payload = Vec::new();
+            loop {
+                let header = protocol::read_frame(stream, &mut payload)?;
+                received += (protocol::HEADER_LEN + payload.len()) as u64;
+                match header.command {
+                    Command::Pages => {
+                        for run in protocol::parse_pages(&payload)? {
+                            let len = u64::from(run.pages) * PAGE_SIZE as u64;
+                            let (r, region) = memory.find(run.gpa, len)?;
+                            let dst = region.host_ptr(run.gpa);
+                            match run.data {
+                                Some(data) => uffd.copy(dst, data)?,
+                                None => uffd.zero(dst, len)?,
+                            }
+                            let first = (run.gpa - region.gpa) / PAGE_SIZE as u64;
+                            for p in first..first + u64::from(run.pages) {
+                                needed.clear(r, p);
+                            }
+                        }
+                        progress.update(|p| p.transferred_bytes = received);
+                    }
+                    Command::Complete => return Ok(()),
+                    Command::Abort => {
+                        return Err(MigrationError::PeerAbort(
+                            String::from_utf8_lossy(&payload).into_owned(),
+                        ))
+                    }
+                    got => {
+                        return Err(protocol::ProtocolError::Unexpected {
+                            got,
+                            expected: "Pages or Complete",
+                        }
+                        .into())
+                    }
+                }
+            }
+        })();
+        // All memory is local (or the migration failed): stop routing faults,
+        // which also wakes anything still waiting, then stop the fault thread.
+        for r in &memory.regions {
+            let _ = uffd.unregister(r.host, r.size);
+        }
+        stop.store(true, Ordering::Relaxed);
+        let faults = fault_thread.join().unwrap_or(Ok(()));
+        result.and(faults)
+    });
+    outcome.map_err(|e| MigrationError::PostCopyLost(Box::new(e)))?;
+    send_locked(&writer, Command::Ready, &[])?;
+    progress.update(|p| {
+        p.stage = Stage::Completed;
+        p.transferred_bytes = received;
+    });
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! Figures a caller can poll while a migration runs, and the result at the end.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// Where a migration is, as the sender or receiver state machine sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stage {
+    /// Not started.
+    #[default]
+    Idle,
+    /// Connecting and exchanging Hello.
+    Handshake,
+    /// Copying memory while the guest runs.
+    PreCopy,
+    /// Guest paused; sending the rest.
+    StopAndCopy,
+    /// Guest runs on the target; the rest arrives on demand.
+    PostCopy,
+    /// Waiting for the target to confirm and resume.
+    Committing,
+    /// The guest runs on the target.
+    Completed,
+    /// The guest runs on the source (or, past commit, see the error).
+    Failed,
+}
+
+/// How the migration converged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ModeUsed {
+    /// Pre-copy rounds, then stop-and-copy.
+    #[default]
+    PreCopy,
+    /// Pre-copy with the vCPUs throttled.
+    AutoConverge,
+    /// The target ran before all memory arrived.
+    PostCopy,
+}
+
+/// A live view of a migration, as the control socket returns it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Stage.
+    pub stage: Stage,
+    /// Pre-copy round (0 is the full copy).
+    pub round: u32,
+    /// Guest RAM size.
+    pub memory_total_bytes: u64,
+    /// Dirty bytes known to be still unsent.
+    pub memory_remaining_bytes: u64,
+    /// Bytes written to the stream so far.
+    pub transferred_bytes: u64,
+    /// Rate at which the guest dirtied memory in the last round.
+    pub dirty_rate_bytes_per_second: u64,
+    /// Stream throughput in the last round.
+    pub bandwidth_bytes_per_second: u64,
+    /// Pause the guest would see if switched now.
+    pub expected_downtime_ms: u64,
+    /// Current vCPU throttle in percent.
+    pub throttle_percent: u8,
+    /// The result, once completed.
+    pub result: Option<MigrationResult>,
+    /// The error, once failed.
+    pub error: Option<String>,
+}
+
+/// Final figures of a migration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationResult {
+    /// From the start to the target's confirmation.
+    pub total_ms: u64,
+    /// From pausing the guest on the source to the source learning that the
+    /// target resumed it (an upper bound of the guest's pause).
+    pub downtime_ms: f64,
+    /// Bytes written to the stream.
+    pub bytes_sent: u64,
+    /// Pre-copy rounds, including round 0.
+    pub rounds: u32,
+    /// How it converged.
+    pub mode: ModeUsed,
+    /// Pages sent as data (not counting zero pages).
+    pub pages_sent: u64,
+    /// Pages found all-zero and sent as run headers only.
+    pub zero_pages: u64,
+}
+
+/// Shared, pollable progress.
+#[derive(Debug, Default)]
+pub struct ProgressHandle {
+    inner: Mutex<Progress>,
+    started: Mutex<Option<Instant>>,
+}
+
+impl ProgressHandle {
+    /// A copy of the current figures.
+    pub fn get(&self) -> Progress {
+        self.inner.lock().unwrap().clone()
+    }
+
+    /// Changes the figures.
+    pub fn update(&self, f: impl FnOnce(&mut Progress)) {
+        f(&mut self.inner.lock().unwrap());
+    }
+
+    /// Marks the start (for the elapsed time).
+    pub fn start(&self) {
+        *self.started.lock().unwrap() = Some(Instant::now());
+        self.update(|p| *p = Progress::default());
+    }
+
+    /// Time since [`ProgressHandle::start`].
+    pub fn elapsed(&self) -> Duration {
+        self.started
+            .lock()
+            .unwrap()
+            .map(|s| s.elapsed())
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,456 @@
+//! Engine tests over real TCP on loopback with VMs whose "guest" is a thread
+//! writing pages of an anonymous mapping, with software dirty tracking. The
+//! real-KVM migration tests are in `node-daemon/tests/`.
+
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::convergence::Policy;
+use super::precopy::{send, SendOptions};
+use super::progress::{ModeUsed, ProgressHandle};
+use super::protocol::{self, Command, PAGE_SIZE};
+use super::receiver::{receive, ReceiveOptions};
+use super::vm::{DirtyPages, GuestRegion, SourceVm, TargetVm, VmError};
+use super::MigrationError;
+
+/// Anonymous private memory, unmapped on drop.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory; tests share it between threads the way
+// a VMM shares guest RAM with its vCPU threads.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn new(len: usize) -> Mapping {
+        // SAFETY: a fresh anonymous mapping; checked for failure below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        Mapping {
+            ptr: ptr.cast(),
+            len,
+        }
+    }
+
+    fn page(&self, i: usize) -> *mut u64 {
+        // SAFETY: callers pass i < len / PAGE_SIZE.
+        unsafe { self.ptr.add(i * PAGE_SIZE).cast() }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// A VM whose guest writes `gen * 1_000_000 + page` into the first word of
+/// pages of its working set, as fast as it can, while not paused.
+struct TestVm {
+    mem: Mapping,
+    dirty: Vec<AtomicU64>,
+    logging: AtomicBool,
+    paused: AtomicBool,
+    running: Mutex<()>,
+    generation: AtomicU64,
+    restored: Mutex<Option<Vec<u8>>>,
+    /// On the target: a thread started on resume that reads the first word of
+    /// every page, last page first, racing the background push so that most
+    /// reads fault and are fetched on demand in post-copy.
+    toucher: Mutex<Option<std::thread::JoinHandle<Vec<u64>>>>,
+}
+
+impl TestVm {
+    fn new(mib: usize) -> Arc<TestVm> {
+        let pages = mib * 256;
+        Arc::new(TestVm {
+            mem: Mapping::new(mib << 20),
+            dirty: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            logging: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            running: Mutex::new(()),
+            generation: AtomicU64::new(0),
+            restored: Mutex::new(None),
+            toucher: Mutex::new(None),
+        })
+    }
+
+    fn pages(&self) -> usize {
+        self.mem.len / PAGE_SIZE
+    }
+
+    /// Writes every page of `0..working_set` once per generation until `stop`.
+    fn run_guest(
+        self: &Arc<Self>,
+        working_set: usize,
+        stop: Arc<AtomicBool>,
+    ) -> std::thread::JoinHandle<()> {
+        let vm = self.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if working_set == 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                let gen = vm.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                for chunk in (0..working_set).collect::<Vec<_>>().chunks(64) {
+                    // Check `paused` under the lock that `pause` takes, so no
+                    // chunk is written after `pause` returns.
+                    loop {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        let running = vm.running.lock().unwrap();
+                        if vm.paused.load(Ordering::SeqCst) {
+                            drop(running);
+                            std::thread::sleep(Duration::from_micros(200));
+                            continue;
+                        }
+                        for &p in chunk {
+                            // SAFETY: p < pages; word-aligned write into the mapping.
+                            unsafe {
+                                std::ptr::write_volatile(vm.mem.page(p), gen * 1_000_000 + p as u64)
+                            };
+                            vm.dirty[p / 64].fetch_or(1 << (p % 64), Ordering::Release);
+                        }
+                        break;
+                    }
+                }
+            }
+        })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the whole mapping, read while its writers are paused.
+        unsafe { std::slice::from_raw_parts(self.mem.ptr, self.mem.len) }
+    }
+}
+
+impl Drop for TestVm {
+    fn drop(&mut self) {
+        // The toucher reads the mapping: it must end before the unmap.
+        if let Some(t) = self.toucher.lock().unwrap().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl SourceVm for TestVm {
+    fn regions(&self) -> Vec<GuestRegion> {
+        vec![GuestRegion {
+            gpa: 0,
+            size: self.mem.len as u64,
+            host: self.mem.ptr,
+        }]
+    }
+    fn config(&self) -> serde_json::Value {
+        serde_json::json!({"mib": self.mem.len >> 20})
+    }
+    fn set_dirty_log(&self, on: bool) -> Result<(), VmError> {
+        for w in &self.dirty {
+            w.store(0, Ordering::Relaxed);
+        }
+        self.logging.store(on, Ordering::Relaxed);
+        Ok(())
+    }
+    fn take_dirty(&self) -> Result<Vec<DirtyPages>, VmError> {
+        Ok(vec![DirtyPages {
+            gpa: 0,
+            bitmap: self
+                .dirty
+                .iter()
+                .map(|w| w.swap(0, Ordering::AcqRel))
+                .collect(),
+        }])
+    }
+    fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+        drop(self.running.lock().unwrap());
+    }
+    fn resume(&self) {
+        self.paused.store(false, Ordering::Relaxed);
+    }
+    fn save_state(&self) -> Result<Vec<u8>, VmError> {
+        Ok(self
+            .generation
+            .load(Ordering::Relaxed)
+            .to_le_bytes()
+            .to_vec())
+    }
+}
+
+impl TargetVm for TestVm {
+    fn regions(&self) -> Vec<GuestRegion> {
+        SourceVm::regions(self)
+    }
+    fn restore_state(&self, state: &[u8]) -> Result<(), VmError> {
+        *self.restored.lock().unwrap() = Some(state.to_vec());
+        Ok(())
+    }
+    fn resume(&self) -> Result<(), VmError> {
+        let base = self.mem.ptr as usize;
+        let pages = self.pages();
+        *self.toucher.lock().unwrap() = Some(std::thread::spawn(move || {
+            (0..pages)
+                .rev()
+                // SAFETY: p < pages; the mapping outlives the thread (the test
+                // joins it before dropping the VM).
+                .map(|p| unsafe { std::ptr::read_volatile((base + p * PAGE_SIZE) as *const u64) })
+                .collect()
+        }));
+        Ok(())
+    }
+    fn announce(&self) {}
+}
+
+struct Pair {
+    source: Arc<TestVm>,
+    target: Arc<TestVm>,
+    result: Result<super::MigrationResult, MigrationError>,
+    received: Result<(), MigrationError>,
+}
+
+fn migrate(
+    mib: usize,
+    working_set: usize,
+    opts: SendOptions,
+    mangle: Option<fn(&mut TcpStream)>,
+) -> Pair {
+    let source = TestVm::new(mib);
+    // Content in every eighth page; the rest stays zero.
+    for p in (0..source.pages()).step_by(8) {
+        // SAFETY: p < pages.
+        unsafe { *source.mem.page(p) = 7 + p as u64 };
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let guest = source.run_guest(working_set, stop.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let target_slot: Arc<Mutex<Option<Arc<TestVm>>>> = Arc::default();
+    let slot = target_slot.clone();
+    let receiver = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let progress = ProgressHandle::default();
+        receive(
+            stream,
+            |hello| {
+                let mib = hello.config["mib"].as_u64().unwrap() as usize;
+                let vm = TestVm::new(mib);
+                *slot.lock().unwrap() = Some(vm.clone());
+                Ok(vm)
+            },
+            &ReceiveOptions::default(),
+            &progress,
+        )
+        .map(drop)
+    });
+    let mut stream = TcpStream::connect(addr).unwrap();
+    let result = match mangle {
+        Some(f) => {
+            f(&mut stream);
+            Err(MigrationError::StreamClosed)
+        }
+        None => send(
+            &*source,
+            stream,
+            &opts,
+            &ProgressHandle::default(),
+            &AtomicBool::new(false),
+        ),
+    };
+    let received = receiver.join().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    SourceVm::resume(&*source);
+    guest.join().unwrap();
+    let target = target_slot
+        .lock()
+        .unwrap()
+        .clone()
+        .unwrap_or_else(|| TestVm::new(1));
+    Pair {
+        source,
+        target,
+        result,
+        received,
+    }
+}
+
+fn opts(policy: Policy) -> SendOptions {
+    SendOptions {
+        vm_name: "test".into(),
+        policy,
+        ..SendOptions::default()
+    }
+}
+
+#[test]
+fn idle_memory_arrives_identical_with_zero_pages_elided() {
+    let pair = migrate(64, 0, opts(Policy::default()), None);
+    let result = pair.result.unwrap();
+    pair.received.unwrap();
+    assert!(
+        pair.source.bytes() == pair.target.bytes(),
+        "target memory differs"
+    );
+    assert_eq!(result.mode, ModeUsed::PreCopy);
+    // 1 page in 8 has content: about an eighth of 64 MiB on the wire.
+    let pages = 64 * 256;
+    assert_eq!(result.pages_sent + result.zero_pages, pages as u64);
+    assert!(
+        result.bytes_sent < (64 << 20) / 6,
+        "zero pages were sent: {result:?}"
+    );
+    assert_eq!(
+        pair.target.restored.lock().unwrap().as_deref(),
+        Some(&pair.source.generation.load(Ordering::Relaxed).to_le_bytes()[..])
+    );
+}
+
+#[test]
+fn busy_guest_converges_and_target_matches_source_at_pause() {
+    let pair = migrate(64, 2048, opts(Policy::default()), None);
+    let result = pair.result.unwrap();
+    pair.received.unwrap();
+    // The source stayed paused after the final copy, so both must be equal.
+    assert!(
+        pair.source.bytes() == pair.target.bytes(),
+        "target memory differs"
+    );
+    assert!(result.rounds >= 1);
+}
+
+#[test]
+fn post_copy_faults_pages_in_and_ends_identical() {
+    if !super::postcopy::available() {
+        panic!("userfaultfd is not available here; post-copy needs root or vm.unprivileged_userfaultfd=1");
+    }
+    let policy = Policy {
+        // Never stop-and-copy, no throttling: go to post-copy after round 1.
+        max_downtime: Duration::from_nanos(1),
+        allow_auto_converge: false,
+        allow_post_copy: true,
+        max_rounds: 2,
+    };
+    let pair = migrate(64, 8192, opts(policy), None);
+    let result = pair.result.unwrap();
+    pair.received.unwrap();
+    assert_eq!(result.mode, ModeUsed::PostCopy);
+    assert!(
+        pair.source.bytes() == pair.target.bytes(),
+        "target memory differs"
+    );
+    // What the running target read while pages were still arriving is what the
+    // source had when it paused.
+    let seen = pair
+        .target
+        .toucher
+        .lock()
+        .unwrap()
+        .take()
+        .unwrap()
+        .join()
+        .unwrap();
+    for (i, value) in seen.iter().enumerate() {
+        let page = pair.source.pages() - 1 - i;
+        // SAFETY: page < pages.
+        let expected = unsafe { *pair.source.mem.page(page) };
+        assert_eq!(
+            *value, expected,
+            "page {page} read wrong data on the target"
+        );
+    }
+}
+
+#[test]
+fn wrong_version_stream_is_refused_by_the_target() {
+    let pair = migrate(
+        4,
+        0,
+        opts(Policy::default()),
+        Some(|s| {
+            use std::io::Write;
+            let mut bytes = protocol::Header::new(Command::Hello, 0).encode();
+            bytes[4] = 9;
+            s.write_all(&bytes).unwrap();
+        }),
+    );
+    assert!(matches!(
+        pair.received,
+        Err(MigrationError::Protocol(protocol::ProtocolError::Version(
+            9
+        )))
+    ));
+}
+
+#[test]
+fn garbage_is_refused_by_the_target() {
+    let pair = migrate(
+        4,
+        0,
+        opts(Policy::default()),
+        Some(|s| {
+            use std::io::Write;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        }),
+    );
+    assert!(matches!(
+        pair.received,
+        Err(MigrationError::Protocol(protocol::ProtocolError::Magic(_)))
+    ));
+}
+
+#[test]
+fn target_abort_leaves_the_guest_running_on_the_source() {
+    let source = TestVm::new(16);
+    let stop = Arc::new(AtomicBool::new(false));
+    let guest = source.run_guest(1024, stop.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let target = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        // The target refuses to build the VM (say, its disk is full).
+        receive::<TestVm, _>(
+            stream,
+            |_| Err("no space left on the target".into()),
+            &ReceiveOptions::default(),
+            &ProgressHandle::default(),
+        )
+        .map(drop)
+    });
+    let err = send(
+        &*source,
+        TcpStream::connect(addr).unwrap(),
+        &opts(Policy::default()),
+        &ProgressHandle::default(),
+        &AtomicBool::new(false),
+    )
+    .unwrap_err();
+    assert!(target.join().unwrap().is_err());
+    assert!(
+        matches!(&err, MigrationError::PeerAbort(reason) if reason.contains("no space left")),
+        "{err:?}"
+    );
+    // The guest keeps running: its generation still advances.
+    assert!(!source.paused.load(Ordering::Relaxed));
+    let before = source.generation.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(source.generation.load(Ordering::Relaxed) > before);
+    stop.store(true, Ordering::Relaxed);
+    guest.join().unwrap();
+}
