@@ -1,3 +1,6 @@
 fn main() {
-    println!("godwit-node {}: node agent not built yet", env!("CARGO_PKG_VERSION"));
+    println!(
+        "godwit-node {}: node agent not built yet",
+        env!("CARGO_PKG_VERSION")
+    );
 }

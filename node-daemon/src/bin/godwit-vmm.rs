@@ -1,3 +1,238 @@
+//! `godwit-vmm`: runs one KVM virtual machine. See `godwit-vmm --help`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+use godwit_node::vmm::control;
+use godwit_node::vmm::devices::GuestExit;
+use godwit_node::vmm::state::VmmSnapshot;
+use godwit_node::vmm::vm::VmExit;
+use godwit_node::vmm::{DiskConfig, NetConfig, RuntimeConfig, VmConfig, Vmm};
+
+const AFTER_HELP: &str = "\
+Examples:
+  godwit-vmm --kernel guest.elf --memory-mib 256 --vcpus 2 --cmdline 'hb_ms=100' \\
+      --serial-log /tmp/vm.log --console-sock /tmp/vm.console --api-sock /tmp/vm.api \\
+      --disk path=/tmp/disk.img --disk path=/tmp/seed.img,ro=on \\
+      --net tap=tap0,bridge=br0,mac=52:54:00:12:34:56
+  godwit-vmm --restore /tmp/snap --serial-log /tmp/vm2.log --api-sock /tmp/vm2.api
+
+Kernels: a PVH ELF (Xen note type 18) or a Linux bzImage (with --initrd).
+Devices appear to the guest as virtio-mmio (virtio_mmio.device=4K@0xd0000000:5,
+then 0xd0001000:6, ... appended to the command line), disks first, then NICs.
+COM1 (0x3F8, IRQ 4) goes to --serial-log and to every client of --console-sock;
+what a client writes goes to the guest.
+
+Control socket (--api-sock): one JSON object per line, e.g.
+  {\"v\":1,\"cmd\":\"status\"}  pause  resume  stop  stats
+  dirty-log-start  dirty-log-stop  take-dirty
+  {\"v\":1,\"cmd\":\"save-state\",\"dir\":\"/tmp/snap\"}
+A snapshot directory holds state.json and memory.bin; --restore continues it.
+
+Exit: status 0 when the guest resets (i8042 0xFE to port 0x64, triple fault)
+or writes 0 to the debug-exit port 0xF4 (a non-zero byte N there exits with N);
+1 when KVM cannot run the guest (e.g. KVM_EXIT_INTERNAL_ERROR); 2 on bad input;
+124 when --timeout-s expired (forced stop); 0 on `stop` or SIGTERM.";
+
+/// Run one KVM virtual machine.
+#[derive(Parser, Debug)]
+#[command(name = "godwit-vmm", version, after_help = AFTER_HELP)]
+struct Args {
+    /// Kernel: PVH ELF or bzImage (not needed with --restore).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk (bzImage boot).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 128)]
+    memory_mib: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// File that receives the serial console output (appended).
+    #[arg(long)]
+    serial_log: Option<PathBuf>,
+    /// Unix socket for attaching to the serial console.
+    #[arg(long)]
+    console_sock: Option<PathBuf>,
+    /// Unix socket for the control API.
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// A disk: path=FILE[,ro=on|off] (repeatable).
+    #[arg(long, value_parser = parse_disk)]
+    disk: Vec<DiskConfig>,
+    /// A NIC: [tap=NAME][,bridge=BR][,mac=MAC] (repeatable).
+    #[arg(long, value_parser = parse_net)]
+    net: Vec<NetConfig>,
+    /// Restore the snapshot in this directory instead of booting.
+    #[arg(long)]
+    restore: Option<PathBuf>,
+    /// Start with the vCPUs paused (resume through the control socket).
+    #[arg(long)]
+    paused: bool,
+    /// Turn KVM dirty logging on from the start (otherwise: dirty-log-start).
+    #[arg(long)]
+    dirty_log: bool,
+    /// Force the VM to stop after this many seconds.
+    #[arg(long)]
+    timeout_s: Option<u64>,
+}
+
+fn kv(s: &str) -> impl Iterator<Item = (&str, &str)> {
+    s.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+}
+
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    let mut d = DiskConfig {
+        path: PathBuf::new(),
+        read_only: false,
+    };
+    for (k, v) in kv(s) {
+        match k {
+            "path" => d.path = v.into(),
+            "ro" | "readonly" => d.read_only = matches!(v, "on" | "true" | "1" | "yes" | ""),
+            _ => return Err(format!("unknown disk option {k}; use path=FILE[,ro=on]")),
+        }
+    }
+    if d.path.as_os_str().is_empty() {
+        return Err("missing path=; use path=FILE[,ro=on]".into());
+    }
+    Ok(d)
+}
+
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    let mut n = NetConfig::default();
+    for (k, v) in kv(s) {
+        match k {
+            "tap" => n.tap = v.into(),
+            "bridge" => n.bridge = Some(v.into()),
+            "mac" => n.mac = Some(v.into()),
+            _ => {
+                return Err(format!(
+                    "unknown net option {k}; use tap=NAME,bridge=BR,mac=MAC"
+                ))
+            }
+        }
+    }
+    Ok(n)
+}
+
+static TERM: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_term(_: libc::c_int) {
+    TERM.store(true, Ordering::Relaxed);
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+fn fail(msg: String) -> ! {
+    eprintln!("godwit-vmm: error: {msg}");
+    std::process::exit(2);
+}
+
 fn main() {
-    println!("godwit-vmm {}: VMM not built yet", env!("CARGO_PKG_VERSION"));
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GODWIT_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let runtime = RuntimeConfig {
+        serial_log: args.serial_log.clone(),
+        console_sock: args.console_sock.clone(),
+        api_sock: args.api_sock.clone(),
+    };
+    let snapshot = match &args.restore {
+        Some(dir) => Some(VmmSnapshot::load(dir).unwrap_or_else(|e| fail(error_chain(&e)))),
+        None => None,
+    };
+    let kernel = match (&args.kernel, &snapshot) {
+        (Some(k), _) => k.clone(),
+        (None, Some(s)) => s.config.kernel.clone(),
+        (None, None) => fail("--kernel is required (or --restore a snapshot)".into()),
+    };
+    let config = VmConfig {
+        kernel,
+        initrd: args.initrd.clone(),
+        cmdline: args.cmdline.clone(),
+        memory_mib: args.memory_mib,
+        vcpus: args.vcpus,
+        disks: args.disk.clone(),
+        nets: args.net.clone(),
+    };
+    let snap_ref = snapshot.as_ref().zip(args.restore.as_deref());
+    let (vmm, exits) =
+        Vmm::build(config, &runtime, snap_ref).unwrap_or_else(|e| fail(error_chain(&e)));
+    if args.dirty_log {
+        vmm.set_dirty_log(true)
+            .unwrap_or_else(|e| fail(error_chain(&e)));
+    }
+    let vmm = Arc::new(vmm);
+    if let Some(p) = &runtime.api_sock {
+        control::serve(vmm.clone(), p).unwrap_or_else(|e| fail(error_chain(&e)));
+    }
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_term as *const () as libc::sighandler_t);
+    }
+    vmm.start(&runtime, args.paused)
+        .unwrap_or_else(|e| fail(error_chain(&e)));
+
+    let deadline = args
+        .timeout_s
+        .map(|s| Instant::now() + Duration::from_secs(s));
+    let code = loop {
+        match exits.recv_timeout(Duration::from_millis(50)) {
+            Ok(VmExit::Guest(GuestExit::Poweroff(c))) => {
+                eprintln!("godwit-vmm: guest powered off (status {c})");
+                break i32::from(c);
+            }
+            Ok(VmExit::Guest(GuestExit::Reset)) => {
+                eprintln!("godwit-vmm: guest reset; exiting");
+                break 0;
+            }
+            Ok(VmExit::Failed(msg)) => {
+                eprintln!("godwit-vmm: error: {msg}");
+                break 1;
+            }
+            Err(_) => {}
+        }
+        if TERM.load(Ordering::Relaxed) {
+            break 0;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            eprintln!("godwit-vmm: timeout expired; forced stop");
+            break 124;
+        }
+    };
+    vmm.stop();
+    for p in [&runtime.api_sock, &runtime.console_sock]
+        .into_iter()
+        .flatten()
+    {
+        let _ = std::fs::remove_file(p);
+    }
+    std::process::exit(code);
 }

@@ -1,0 +1,200 @@
+//! The control socket: a unix socket speaking versioned JSON, one request
+//! object per line, one response object per line.
+//!
+//! ```text
+//! -> {"v":1,"cmd":"status"}
+//! <- {"v":1,"ok":true,"result":{"state":"running",...}}
+//! -> {"v":1,"cmd":"save-state","dir":"/tmp/snap"}
+//! <- {"v":1,"ok":true,"result":{"dir":"/tmp/snap"}}
+//! -> {"v":9,"cmd":"status"}
+//! <- {"v":1,"ok":false,"error":"Unsupported API version 9 (this VMM speaks 1); ..."}
+//! ```
+//! Commands: `status`, `pause`, `resume`, `stop`, `save-state {dir}`,
+//! `stats`, `dirty-log-start`, `dirty-log-stop`, `take-dirty` (returns and
+//! clears the dirty set; counts only).
+//! The migration engine adds `migrate-send` / `migrate-receive` as new
+//! [`Command`] variants; unknown commands get an error, not a hang up.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::{Vmm, VmmError};
+
+/// API version this VMM speaks.
+pub const API_VERSION: u32 = 1;
+
+/// A request: `{"v":1,"cmd":"...", ...arguments}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Request {
+    /// API version of the request.
+    pub v: u32,
+    /// The command.
+    #[serde(flatten)]
+    pub cmd: Command,
+}
+
+/// Control commands.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Command {
+    /// VM state, config and counters.
+    Status,
+    /// Pause all vCPUs.
+    Pause,
+    /// Resume the vCPUs.
+    Resume,
+    /// Stop the VM and exit the process.
+    Stop,
+    /// Pause and save a snapshot to `dir` (the VM stays paused).
+    SaveState {
+        /// Snapshot directory (created).
+        dir: PathBuf,
+    },
+    /// Counters.
+    Stats,
+    /// Take (and clear) the dirty set; returns page counts per region.
+    TakeDirty,
+    /// Turn dirty logging on (clears the dirty set).
+    DirtyLogStart,
+    /// Turn dirty logging off.
+    DirtyLogStop,
+}
+
+/// A response: `{"v":1,"ok":true,"result":...}` or `{"v":1,"ok":false,"error":"..."}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Response {
+    /// API version.
+    pub v: u32,
+    /// Success.
+    pub ok: bool,
+    /// Result on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// One-line error on failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// Handles one request line.
+pub fn handle(vmm: &Vmm, line: &str) -> Response {
+    let fail = |msg: String| Response {
+        v: API_VERSION,
+        ok: false,
+        result: None,
+        error: Some(msg),
+    };
+    let raw: Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => {
+            return fail(format!(
+                "Request is not JSON ({e}); send one JSON object per line"
+            ))
+        }
+    };
+    let v = raw.get("v").and_then(Value::as_u64).unwrap_or(0) as u32;
+    if v != API_VERSION {
+        return fail(format!(
+            "Unsupported API version {v} (this VMM speaks {API_VERSION}); send \"v\":{API_VERSION}"
+        ));
+    }
+    let req: Request = match serde_json::from_value(raw) {
+        Ok(r) => r,
+        Err(e) => return fail(format!("Bad request ({e}); commands: status, pause, resume, stop, save-state, stats, take-dirty, dirty-log-start, dirty-log-stop")),
+    };
+    let _guard = vmm.control_lock.lock().unwrap();
+    let result: Result<Value, VmmError> = match req.cmd {
+        Command::Status => Ok(json!({
+            "state": if vmm.vcpus.is_paused() { "paused" } else { "running" },
+            "config": vmm.config,
+            "pid": std::process::id(),
+        })),
+        Command::Pause => {
+            vmm.pause();
+            Ok(json!({"state": "paused"}))
+        }
+        Command::Resume => {
+            vmm.resume();
+            Ok(json!({"state": "running"}))
+        }
+        // The stop itself happens in serve_conn, after the reply is sent.
+        Command::Stop => Ok(json!({"state": "stopping"})),
+        Command::SaveState { dir } => vmm.save_snapshot(&dir).map(|_| json!({"dir": dir})),
+        Command::Stats => Ok(serde_json::to_value(vmm.stats()).expect("stats serialise")),
+        Command::DirtyLogStart => vmm.set_dirty_log(true).map(|_| json!({"dirty_log": true})),
+        Command::DirtyLogStop => vmm.set_dirty_log(false).map(|_| json!({"dirty_log": false})),
+        Command::TakeDirty => vmm.take_dirty().map(|d| {
+            json!({
+                "regions": d.iter().map(|b| json!({"gpa": b.gpa, "size": b.size, "dirty_pages": b.count()})).collect::<Vec<_>>(),
+                "dirty_pages": d.iter().map(|b| b.count()).sum::<u64>(),
+            })
+        }),
+    };
+    match result {
+        Ok(r) => Response {
+            v: API_VERSION,
+            ok: true,
+            result: Some(r),
+            error: None,
+        },
+        Err(e) => fail(error_chain(&e)),
+    }
+}
+
+/// Binds the control socket at `path` and serves it on a background thread.
+pub fn serve(vmm: Arc<Vmm>, path: &Path) -> Result<(), VmmError> {
+    let _ = std::fs::remove_file(path);
+    let listener =
+        UnixListener::bind(path).map_err(|e| VmmError::BindApi(path.display().to_string(), e))?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let vmm = vmm.clone();
+                let _ = std::thread::Builder::new()
+                    .name("control-conn".into())
+                    .spawn(move || serve_conn(&vmm, stream));
+            }
+        })
+        .map_err(|e| VmmError::BindApi(path.display().to_string(), e))?;
+    Ok(())
+}
+
+fn serve_conn(vmm: &Vmm, stream: UnixStream) {
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else { return };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let resp = handle(vmm, &line);
+        let mut text = serde_json::to_string(&resp).expect("response serialises");
+        text.push('\n');
+        let ok = out.write_all(text.as_bytes()).is_ok();
+        let is_stop = resp.ok
+            && serde_json::from_str::<Request>(&line).is_ok_and(|r| matches!(r.cmd, Command::Stop));
+        if is_stop {
+            vmm.request_stop();
+        }
+        if !ok {
+            return;
+        }
+    }
+}

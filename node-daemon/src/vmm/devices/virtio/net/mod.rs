@@ -1,0 +1,238 @@
+//! virtio-net over a tap device. TX is served on the notifying vCPU thread;
+//! RX runs on its own thread, which reads frames from the tap and places
+//! them in the guest's receive buffers (waking when the guest adds some).
+
+pub mod tap;
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::Bytes;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::mmio::MmioTransport;
+use super::{VirtioError, VIRTIO_F_VERSION_1};
+use crate::vmm::memory::GuestMemory;
+use tap::Tap;
+
+const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+/// virtio_net_hdr_v1 length (with num_buffers), used with VERSION_1.
+const NET_HDR_LEN: usize = 12;
+const RX_QUEUE: u16 = 0;
+const TX_QUEUE: u16 = 1;
+
+/// Saved net device config (snapshot version 1).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NetState {
+    /// Tap name.
+    pub tap: String,
+    /// MAC address.
+    pub mac: [u8; 6],
+}
+
+/// Parses `52:54:00:12:34:56`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], VirtioError> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(VirtioError::BadMac(s.to_string()));
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).map_err(|_| VirtioError::BadMac(s.to_string()))?;
+    }
+    Ok(mac)
+}
+
+/// A virtio-net device.
+pub struct Net {
+    tap: Tap,
+    mac: [u8; 6],
+    rx_kick: EventFd,
+}
+
+impl Net {
+    /// A device on an already set-up tap.
+    pub fn new(tap: Tap, mac: [u8; 6]) -> Result<Self, VirtioError> {
+        Ok(Net {
+            tap,
+            mac,
+            rx_kick: EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioError::EventFd)?,
+        })
+    }
+
+    pub(super) fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC
+    }
+
+    pub(super) fn config(&self) -> Vec<u8> {
+        self.mac.to_vec()
+    }
+
+    /// Saves the device config.
+    pub fn save(&self) -> NetState {
+        NetState {
+            tap: self.tap.name.clone(),
+            mac: self.mac,
+        }
+    }
+
+    /// Queue notification: TX sends, RX wakes the RX thread.
+    pub fn notify(&mut self, idx: u16, q: &mut Queue, mem: &GuestMemory) -> bool {
+        match idx {
+            TX_QUEUE => self.transmit(q, mem),
+            RX_QUEUE => {
+                let _ = self.rx_kick.write(1);
+                false
+            }
+            _ => false,
+        }
+    }
+
+    fn transmit(&mut self, q: &mut Queue, mem: &GuestMemory) -> bool {
+        let mut used = false;
+        while let Some(chain) = q.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let mut frame = Vec::new();
+            for d in chain {
+                if d.is_write_only() {
+                    continue;
+                }
+                let start = frame.len();
+                frame.resize(start + d.len() as usize, 0);
+                if mem.read_slice(&mut frame[start..], d.addr()).is_err() {
+                    frame.truncate(start);
+                }
+            }
+            if frame.len() > NET_HDR_LEN {
+                // A full tap queue drops the frame, as a NIC would.
+                let _ = self.tap.file.write(&frame[NET_HDR_LEN..]);
+            }
+            let _ = q.add_used(mem, head, 0);
+            used = true;
+        }
+        used
+    }
+
+    /// Places `frame` in the next receive buffer; false if the guest has
+    /// none.
+    fn receive(&mut self, q: &mut Queue, mem: &GuestMemory, frame: &[u8]) -> bool {
+        let Some(chain) = q.pop_descriptor_chain(mem) else {
+            return false;
+        };
+        let head = chain.head_index();
+        let mut hdr = [0u8; NET_HDR_LEN];
+        hdr[10] = 1; // num_buffers
+        let mut data = hdr.to_vec();
+        data.extend_from_slice(frame);
+        let mut off = 0;
+        for d in chain {
+            if off >= data.len() {
+                break;
+            }
+            if !d.is_write_only() {
+                continue;
+            }
+            let n = (d.len() as usize).min(data.len() - off);
+            if mem.write_slice(&data[off..off + n], d.addr()).is_err() {
+                break;
+            }
+            off += n;
+        }
+        let _ = q.add_used(mem, head, off as u32);
+        true
+    }
+}
+
+/// Starts the RX thread of the net device behind `transport`. It stops
+/// when `stop` is set.
+pub fn spawn_rx(
+    transport: Arc<Mutex<MmioTransport>>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<()> {
+    let (tap_fd, kick_fd, mut tap) = {
+        let t = transport.lock().unwrap();
+        let super::mmio::VirtioDevice::Net(n) = &t.device else {
+            return Ok(());
+        };
+        (
+            n.tap.file.as_raw_fd(),
+            n.rx_kick.as_raw_fd(),
+            n.tap.file.try_clone()?,
+        )
+    };
+    std::thread::Builder::new()
+        .name("net-rx".into())
+        .spawn(move || {
+            let mut pending: Option<Vec<u8>> = None;
+            let mut buf = vec![0u8; 65536];
+            while !stop.load(Ordering::Relaxed) {
+                let mut fds = [
+                    libc::pollfd {
+                        fd: if pending.is_none() { tap_fd } else { -1 },
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        fd: kick_fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                ];
+                // SAFETY: `fds` is a valid array of two pollfds for the call.
+                unsafe { libc::poll(fds.as_mut_ptr(), 2, 50) };
+                if fds[1].revents != 0 {
+                    let mut b = [0u8; 8];
+                    // SAFETY: reading 8 bytes from an eventfd into an 8-byte buffer.
+                    unsafe { libc::read(kick_fd, b.as_mut_ptr().cast(), 8) };
+                }
+                if pending.is_none() {
+                    match tap.read(&mut buf) {
+                        Ok(n) if n > 0 => pending = Some(buf[..n].to_vec()),
+                        _ => continue,
+                    }
+                }
+                let Some(frame) = pending.as_ref() else {
+                    continue;
+                };
+                let mut t = transport.lock().unwrap();
+                if !t.driver_ok() || !t.queues[RX_QUEUE as usize].ready() {
+                    pending = None; // no driver yet: drop, as a NIC link-down would
+                    continue;
+                }
+                let mem = t.mem().clone();
+                let t = &mut *t;
+                let delivered = {
+                    let (dev, queues) = (&mut t.device, &mut t.queues);
+                    match dev {
+                        super::mmio::VirtioDevice::Net(n) => {
+                            n.receive(&mut queues[RX_QUEUE as usize], &mem, frame)
+                        }
+                        _ => false,
+                    }
+                };
+                if delivered {
+                    pending = None;
+                    t.signal_used();
+                }
+            }
+        })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(
+            parse_mac("52:54:00:12:34:56").unwrap(),
+            [0x52, 0x54, 0, 0x12, 0x34, 0x56]
+        );
+        assert!(parse_mac("52:54").is_err());
+    }
+}

@@ -1,0 +1,468 @@
+//! `godwit-vmm`: one KVM virtual machine per process.
+//!
+//! [`Vmm::build`] turns a [`VmConfig`] into a running VM (or, with a
+//! snapshot, into the VM the snapshot was taken of); the control socket
+//! ([`control`]) and the migration engine drive it through the methods on
+//! [`Vmm`]: pause, resume, save a snapshot, take the dirty set, stop.
+//!
+//! Module map: [`memory`] owns guest RAM, [`dirty`] the dirty set, [`vcpu`]
+//! and [`vm`] are thin KVM wrappers plus the vCPU threads, [`boot`] loads
+//! kernels, [`devices`] holds every device, [`state`] the snapshot format.
+
+pub mod boot;
+pub mod control;
+pub mod devices;
+pub mod dirty;
+pub mod memory;
+pub mod state;
+pub mod vcpu;
+pub mod vm;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_ioctls::{Kvm, VmFd};
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
+
+use boot::{BootError, KernelKind};
+use devices::serial::{Console, SerialError, COM1_IRQ};
+use devices::virtio::block::Block;
+use devices::virtio::mmio::{MmioTransport, VirtioDevice};
+use devices::virtio::net::{parse_mac, tap::Tap, Net};
+use devices::virtio::{VirtioError, FIRST_IRQ, MMIO_BASE, MMIO_SIZE};
+use devices::Devices;
+use dirty::{DirtyBitmap, DirtyError};
+use memory::{GuestMemory, MemoryError};
+use state::{StateError, VmmSnapshot};
+use vcpu::{Vcpu, VcpuError};
+use vm::{VcpuSet, VmError, VmExit};
+
+/// One disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    /// Raw image file; must exist.
+    pub path: PathBuf,
+    /// Expose read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// One NIC.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    /// Tap name; created if missing (empty: the kernel picks one).
+    #[serde(default)]
+    pub tap: String,
+    /// Bridge to attach the tap to.
+    #[serde(default)]
+    pub bridge: Option<String>,
+    /// MAC address (default 52:54:00:00:00:<index+1>).
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+/// What the VM is: saved in snapshots so a restore rebuilds the same VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    /// PVH ELF or bzImage.
+    pub kernel: PathBuf,
+    /// Initial ramdisk (bzImage boot).
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (virtio-mmio entries are appended).
+    #[serde(default)]
+    pub cmdline: String,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// vCPU count.
+    pub vcpus: u8,
+    /// Disks, as virtio-blk devices.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// NICs, as virtio-net devices.
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
+}
+
+/// Where this process's console, log and control socket go (not part of
+/// the VM: a restored VM may get new ones).
+#[derive(Clone, Debug, Default)]
+pub struct RuntimeConfig {
+    /// Serial output log file.
+    pub serial_log: Option<PathBuf>,
+    /// Console unix socket.
+    pub console_sock: Option<PathBuf>,
+    /// Control unix socket.
+    pub api_sock: Option<PathBuf>,
+}
+
+/// Errors of building and running a VMM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// /dev/kvm missing.
+    #[error("/dev/kvm does not exist; load the kvm module (modprobe kvm_intel or kvm_amd) or run on a host with KVM")]
+    NoKvm,
+    /// /dev/kvm not accessible.
+    #[error("No permission to open /dev/kvm; run as root or add this user to the kvm group")]
+    KvmPermission,
+    /// Bad vCPU count.
+    #[error("--vcpus must be between 1 and 254")]
+    VcpuCount,
+    /// VM-level failure.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// vCPU failure.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Memory failure.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Boot failure.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Serial console failure.
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+    /// virtio device failure.
+    #[error(transparent)]
+    Virtio(#[from] VirtioError),
+    /// Dirty tracking failure.
+    #[error(transparent)]
+    Dirty(#[from] DirtyError),
+    /// Snapshot failure.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Control socket failure.
+    #[error("Cannot bind control socket {0}; check --api-sock")]
+    BindApi(String, #[source] std::io::Error),
+    /// An eventfd could not be created.
+    #[error("Failed to create an eventfd")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// Snapshot of the VMM's counters.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Stats {
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Per-vCPU exits: (all, port I/O, MMIO).
+    pub vcpu_exits: Vec<(u64, u64, u64)>,
+    /// Seconds since the process built the VM.
+    pub uptime_s: f64,
+    /// Pages in the last dirty set taken.
+    pub dirty_pages_last: u64,
+    /// Dirty sets taken so far.
+    pub dirty_takes: u64,
+    /// Whether the vCPUs are paused.
+    pub paused: bool,
+    /// Whether KVM dirty logging is on.
+    pub dirty_log: bool,
+}
+
+/// A running VM and everything it owns.
+pub struct Vmm {
+    /// /dev/kvm.
+    pub kvm: Kvm,
+    /// The VM fd.
+    pub vm: VmFd,
+    /// Guest RAM (owned by this process).
+    pub mem: GuestMemory,
+    /// The vCPUs and their threads.
+    pub vcpus: VcpuSet,
+    /// All devices.
+    pub devices: Arc<Devices>,
+    /// The VM's configuration (as saved in snapshots).
+    pub config: VmConfig,
+    console: Console,
+    irq_evts: Vec<EventFd>,
+    exit_tx: Sender<VmExit>,
+    stop_io: Arc<AtomicBool>,
+    started: Instant,
+    dirty_last: AtomicU64,
+    dirty_log: AtomicBool,
+    dirty_takes: AtomicU64,
+    /// Serialises pause/resume/save from several control clients.
+    pub control_lock: Mutex<()>,
+}
+
+fn check_kvm() -> Result<(), VmmError> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(VmmError::NoKvm),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(VmmError::KvmPermission),
+        Err(_) => Err(VmmError::NoKvm),
+    }
+}
+
+impl Vmm {
+    /// Builds the VM from `config` (booting its kernel) or, with `snapshot`,
+    /// restores the snapshot's VM, whose config then wins. Nothing runs
+    /// until [`Vmm::start`]. On error nothing is left behind: taps close
+    /// with their fds, and files are only created after every check passed.
+    pub fn build(
+        config: VmConfig,
+        runtime: &RuntimeConfig,
+        snapshot: Option<(&VmmSnapshot, &Path)>,
+    ) -> Result<(Vmm, Receiver<VmExit>), VmmError> {
+        let config = snapshot.map(|(s, _)| s.config.clone()).unwrap_or(config);
+        if config.vcpus == 0 || config.vcpus > 254 {
+            return Err(VmmError::VcpuCount);
+        }
+        check_kvm()?;
+        // Check inputs before creating anything visible outside the process.
+        let kernel_kind = if snapshot.is_none() {
+            Some(boot::detect_kernel(&config.kernel)?)
+        } else {
+            None
+        };
+        for d in &config.disks {
+            if !d.path.exists() {
+                return Err(VirtioError::OpenDisk(
+                    d.path.display().to_string(),
+                    std::io::Error::from(std::io::ErrorKind::NotFound),
+                )
+                .into());
+            }
+        }
+        for n in &config.nets {
+            if let Some(b) = &n.bridge {
+                if !devices::virtio::net::tap::bridge_exists(b) {
+                    return Err(VirtioError::NoBridge(b.clone()).into());
+                }
+            }
+        }
+        let mem = memory::create(config.memory_mib)?;
+        let (kvm, vm) = vm::create()?;
+        // Dirty logging starts off: on this KVM it slows the guest's 32-bit
+        // boot code many times over. The migration engine (or --dirty-log)
+        // turns it on with Vmm::set_dirty_log.
+        memory::register_slots(&vm, &mem, false)?;
+
+        let vcpus = (0..config.vcpus)
+            .map(|id| Vcpu::new(&kvm, &vm, id, config.vcpus))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        // Devices.
+        let mut config = config;
+        let mut virtio = Vec::new();
+        let mut irq_evts = Vec::new();
+        let mut index = 0usize;
+        for (i, d) in config.disks.iter().enumerate() {
+            let blk = Block::new(d.path.clone(), d.read_only, format!("godwit-disk{i}"))?;
+            virtio.push(VirtioDevice::Block(blk));
+        }
+        for (i, n) in config.nets.iter_mut().enumerate() {
+            let tap = Tap::open(&n.tap)?;
+            if let Some(b) = &n.bridge {
+                tap.attach(b)?;
+            }
+            tap.up()?;
+            n.tap = tap.name.clone();
+            let mac_s = n
+                .mac
+                .clone()
+                .unwrap_or_else(|| format!("52:54:00:00:00:{:02x}", i + 1));
+            let mac = parse_mac(&mac_s)?;
+            n.mac = Some(mac_s);
+            virtio.push(VirtioDevice::Net(Net::new(tap, mac)?));
+        }
+        let mut transports = Vec::new();
+        for dev in virtio {
+            let base = MMIO_BASE + index as u64 * MMIO_SIZE;
+            let gsi = FIRST_IRQ + index as u32;
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+            vm.register_irqfd(&evt, gsi)
+                .map_err(|e| VmError::RegisterIrqfd(gsi, e))?;
+            let irq = evt.try_clone().map_err(VmmError::EventFd)?;
+            irq_evts.push(evt);
+            transports.push(Arc::new(Mutex::new(MmioTransport::new(
+                dev,
+                mem.clone(),
+                irq,
+                base,
+                gsi,
+            ))));
+            index += 1;
+        }
+
+        let serial_state = snapshot.map(|(s, _)| &s.devices.serial);
+        let (console, serial_evt) = Console::new(runtime.serial_log.as_deref(), serial_state)?;
+        vm.register_irqfd(&serial_evt, COM1_IRQ)
+            .map_err(|e| VmError::RegisterIrqfd(COM1_IRQ, e))?;
+        irq_evts.push(serial_evt);
+        let devices = Arc::new(Devices {
+            serial: console.serial.clone(),
+            virtio: transports,
+        });
+
+        match snapshot {
+            None => {
+                let mut cmdline = config.cmdline.clone();
+                for i in 0..index {
+                    if !cmdline.is_empty() {
+                        cmdline.push(' ');
+                    }
+                    cmdline.push_str(&devices::virtio::cmdline_entry(i));
+                }
+                boot::write_cmdline(&mem, &cmdline)?;
+                boot::mptable::write(&mem, config.vcpus)?;
+                Vcpu::write_gdt(&mem)?;
+                match kernel_kind.expect("kernel detected when booting") {
+                    KernelKind::PvhElf => {
+                        let entry = boot::pvh::load(&mem, &config.kernel)?;
+                        for v in &vcpus {
+                            v.setup_pvh(entry, boot::PVH_INFO_ADDR)?;
+                        }
+                    }
+                    KernelKind::BzImage => {
+                        let entry = boot::bzimage::load(
+                            &mem,
+                            &config.kernel,
+                            config.initrd.as_deref(),
+                            cmdline.len(),
+                        )?;
+                        for v in &vcpus {
+                            v.setup_linux64(&mem, entry, boot::ZERO_PAGE_ADDR)?;
+                        }
+                    }
+                }
+            }
+            Some((snap, dir)) => {
+                state::restore(snap, dir, &vm, &mem, &vcpus, &devices)?;
+            }
+        }
+
+        let (exit_tx, exit_rx) = channel();
+        Ok((
+            Vmm {
+                kvm,
+                vm,
+                mem,
+                vcpus: VcpuSet::new(vcpus),
+                devices,
+                config,
+                console,
+                irq_evts,
+                exit_tx,
+                stop_io: Arc::new(AtomicBool::new(false)),
+                started: Instant::now(),
+                dirty_last: AtomicU64::new(0),
+                dirty_log: AtomicBool::new(false),
+                dirty_takes: AtomicU64::new(0),
+                control_lock: Mutex::new(()),
+            },
+            exit_rx,
+        ))
+    }
+
+    /// Starts the console socket, device threads and vCPUs.
+    pub fn start(&self, runtime: &RuntimeConfig, paused: bool) -> Result<(), VmmError> {
+        if let Some(p) = &runtime.console_sock {
+            self.console.serve(p)?;
+        }
+        for t in &self.devices.virtio {
+            if matches!(t.lock().unwrap().device, VirtioDevice::Net(_)) {
+                devices::virtio::net::spawn_rx(t.clone(), self.stop_io.clone())
+                    .map_err(|e| VmError::SpawnVcpu(e))?;
+            }
+        }
+        self.vcpus
+            .start(self.devices.clone(), self.exit_tx.clone(), paused)?;
+        let _ = &self.irq_evts;
+        Ok(())
+    }
+
+    /// Pauses all vCPUs (returns once none is in KVM_RUN).
+    pub fn pause(&self) {
+        self.vcpus.pause();
+    }
+
+    /// Resumes the vCPUs.
+    pub fn resume(&self) {
+        self.vcpus.resume();
+    }
+
+    /// Stops the vCPUs and device threads for good.
+    pub fn stop(&self) {
+        self.vcpus.stop();
+        self.stop_io.store(true, Ordering::Relaxed);
+    }
+
+    /// Asks the main loop to stop the VM (used by the control socket).
+    pub fn request_stop(&self) {
+        let _ = self
+            .exit_tx
+            .send(VmExit::Guest(devices::GuestExit::Poweroff(0)));
+    }
+
+    /// Turns KVM dirty logging on or off for every RAM slot. Turning it on
+    /// also clears the VMM's own bitmap, so the first [`Vmm::take_dirty`]
+    /// returns the pages written since this call.
+    pub fn set_dirty_log(&self, on: bool) -> Result<(), VmmError> {
+        memory::register_slots(&self.vm, &self.mem, on)?;
+        if on {
+            dirty::clear_vmm_bitmap(&self.mem);
+        }
+        self.dirty_log.store(on, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Whether KVM dirty logging is on.
+    pub fn dirty_log_enabled(&self) -> bool {
+        self.dirty_log.load(Ordering::SeqCst)
+    }
+
+    /// Returns the pages dirtied (by vCPUs or devices) since the last call
+    /// (or since [`Vmm::set_dirty_log`] turned logging on) and clears the
+    /// dirty set, one bitmap per RAM region.
+    pub fn take_dirty(&self) -> Result<Vec<DirtyBitmap>, VmmError> {
+        if !self.dirty_log_enabled() {
+            return Err(DirtyError::NotEnabled.into());
+        }
+        let d = dirty::take_dirty(&self.vm, &self.mem)?;
+        self.dirty_last
+            .store(d.iter().map(|b| b.count()).sum(), Ordering::Relaxed);
+        self.dirty_takes.fetch_add(1, Ordering::Relaxed);
+        Ok(d)
+    }
+
+    /// Saves a snapshot (state.json + memory.bin) into `dir`, pausing the
+    /// VM first; it stays paused.
+    pub fn save_snapshot(&self, dir: &Path) -> Result<(), VmmError> {
+        self.pause();
+        state::save(self, dir)?;
+        Ok(())
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            memory_mib: self.config.memory_mib,
+            vcpu_exits: self
+                .vcpus
+                .stats
+                .iter()
+                .map(|s| {
+                    (
+                        s.exits.load(Ordering::Relaxed),
+                        s.io_exits.load(Ordering::Relaxed),
+                        s.mmio_exits.load(Ordering::Relaxed),
+                    )
+                })
+                .collect(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            dirty_pages_last: self.dirty_last.load(Ordering::Relaxed),
+            dirty_takes: self.dirty_takes.load(Ordering::Relaxed),
+            paused: self.vcpus.is_paused(),
+            dirty_log: self.dirty_log_enabled(),
+        }
+    }
+}
