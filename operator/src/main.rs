@@ -2,5 +2,8 @@
 //! then the binary only says what it is.
 
 fn main() {
-    println!("godwit-operator {}: controllers not built yet", env!("CARGO_PKG_VERSION"));
+    println!(
+        "godwit-operator {}: controllers not built yet",
+        env!("CARGO_PKG_VERSION")
+    );
 }

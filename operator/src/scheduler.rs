@@ -1,0 +1,563 @@
+//! Placement: which node runs a VM. A pure function over plain data (nodes,
+//! the VMs already placed, the request), so every rule is unit-tested without
+//! an API server; the controllers only gather the data and write the answer.
+//!
+//! Filters, each with the reason a node was refused: the node is ready and
+//! schedulable (lease fresh, not cordoned, not in maintenance, not excluded);
+//! the VM fits in what is free after the failover reserve; `nodeSelector`
+//! matches; every `NoSchedule`/`NoExecute` taint is tolerated; no VM on the node
+//! matches the VM's anti-affinity (or has anti-affinity matching the VM); for
+//! each affinity term some VM on the node matches it (a term nothing in the
+//! cluster matches yet is ignored, so the first VM of a group can start).
+//! Scores: `Spread` prefers the node with the largest free share, `Pack` the
+//! smallest; ties go to the node name, so the answer is deterministic.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use godwit_crds::vm::VmAffinity;
+use k8s_openapi::api::core::v1::{Taint, Toleration};
+
+use crate::labels;
+
+/// CPU and memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resources {
+    /// vCPUs.
+    pub cpu: u64,
+    /// Bytes.
+    pub memory: u64,
+}
+
+impl Resources {
+    fn add(self, o: Resources) -> Resources {
+        Resources {
+            cpu: self.cpu + o.cpu,
+            memory: self.memory + o.memory,
+        }
+    }
+}
+
+/// A node as the scheduler sees it.
+#[derive(Clone, Debug, Default)]
+pub struct NodeInfo {
+    /// Node name.
+    pub name: String,
+    /// Node labels.
+    pub labels: BTreeMap<String, String>,
+    /// Node taints.
+    pub taints: Vec<Taint>,
+    /// Lease fresh and agent reporting.
+    pub ready: bool,
+    /// Not cordoned and not in maintenance.
+    pub schedulable: bool,
+    /// What the node offers VMs.
+    pub capacity: Resources,
+}
+
+/// A VM already placed on a node (running, starting or migrating there).
+#[derive(Clone, Debug, Default)]
+pub struct PlacedVm {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// The node it occupies.
+    pub node: String,
+    /// What it uses.
+    pub resources: Resources,
+    /// Its own anti-affinity, which binds VMs placed after it too.
+    pub affinity: Option<VmAffinity>,
+}
+
+/// What to place.
+#[derive(Clone, Debug, Default)]
+pub struct Request {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// What it needs.
+    pub resources: Resources,
+    /// Required node labels.
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerated taints.
+    pub tolerations: Vec<Toleration>,
+    /// VM affinity rules.
+    pub affinity: Option<VmAffinity>,
+    /// Nodes that must not be chosen (a migration's source).
+    pub exclude: Vec<String>,
+}
+
+/// Whether to spread VMs over nodes or pack them onto few.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Strategy {
+    /// Prefer the emptiest node.
+    #[default]
+    Spread,
+    /// Prefer the fullest node that fits.
+    Pack,
+}
+
+/// Why a node was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Lease expired or agent absent.
+    NotReady,
+    /// Cordoned or in maintenance.
+    Unschedulable,
+    /// Excluded by the request.
+    Excluded,
+    /// Not enough free CPU.
+    Cpu { need: u64, free: u64 },
+    /// Not enough free memory.
+    Memory { need: u64, free: u64 },
+    /// `nodeSelector` does not match.
+    Selector,
+    /// A taint is not tolerated.
+    Taint(String),
+    /// An anti-affinity rule forbids it.
+    AntiAffinity(String),
+    /// An affinity rule is not met.
+    Affinity,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::NotReady => write!(f, "node not ready"),
+            Refusal::Unschedulable => write!(f, "node cordoned or in maintenance"),
+            Refusal::Excluded => write!(f, "node excluded"),
+            Refusal::Cpu { need, free } => write!(f, "insufficient cpu (need {need}, free {free})"),
+            Refusal::Memory { need, free } => {
+                write!(
+                    f,
+                    "insufficient memory (need {}Mi, free {}Mi)",
+                    need >> 20,
+                    free >> 20
+                )
+            }
+            Refusal::Selector => write!(f, "nodeSelector does not match"),
+            Refusal::Taint(t) => write!(f, "untolerated taint {t}"),
+            Refusal::AntiAffinity(vm) => write!(f, "anti-affinity with VM {vm}"),
+            Refusal::Affinity => write!(f, "affinity rule not met"),
+        }
+    }
+}
+
+/// No node can take the VM; says why for each node.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("no node can run the VM: {}", .0.iter().map(|(n, r)| format!("{n}: {r}")).collect::<Vec<_>>().join("; "))]
+pub struct Unschedulable(pub Vec<(String, Refusal)>);
+
+/// Capacity held back on every node so the cluster can absorb a node failure.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reserve {
+    /// Percent of each node's CPU and memory kept free for HA restarts.
+    pub percent: u8,
+}
+
+fn tolerates(tolerations: &[Toleration], taint: &Taint) -> bool {
+    tolerations.iter().any(|t| {
+        let effect_ok = t
+            .effect
+            .as_deref()
+            .is_none_or(|e| e.is_empty() || e == taint.effect);
+        let key_ok = match t.operator.as_deref().unwrap_or("Equal") {
+            "Exists" => t
+                .key
+                .as_deref()
+                .is_none_or(|k| k.is_empty() || k == taint.key),
+            _ => {
+                t.key.as_deref() == Some(taint.key.as_str())
+                    && t.value.as_deref() == taint.value.as_deref()
+            }
+        };
+        effect_ok && key_ok
+    })
+}
+
+/// Resources in use on `node`.
+pub fn used(node: &str, placed: &[PlacedVm]) -> Resources {
+    placed
+        .iter()
+        .filter(|v| v.node == node)
+        .fold(Resources::default(), |acc, v| acc.add(v.resources))
+}
+
+fn same_vm(v: &PlacedVm, req: &Request) -> bool {
+    v.namespace == req.namespace && v.name == req.name
+}
+
+/// Checks one node; `Ok` with its score (higher is better) or the refusal.
+fn check(
+    node: &NodeInfo,
+    req: &Request,
+    placed: &[PlacedVm],
+    reserve: Reserve,
+    strategy: Strategy,
+) -> Result<i64, Refusal> {
+    if req.exclude.contains(&node.name) {
+        return Err(Refusal::Excluded);
+    }
+    if !node.ready {
+        return Err(Refusal::NotReady);
+    }
+    if !node.schedulable {
+        return Err(Refusal::Unschedulable);
+    }
+    if !req
+        .node_selector
+        .iter()
+        .all(|(k, v)| node.labels.get(k) == Some(v))
+    {
+        return Err(Refusal::Selector);
+    }
+    for taint in &node.taints {
+        if matches!(taint.effect.as_str(), "NoSchedule" | "NoExecute")
+            && !tolerates(&req.tolerations, taint)
+        {
+            return Err(Refusal::Taint(format!(
+                "{}={}:{}",
+                taint.key,
+                taint.value.as_deref().unwrap_or(""),
+                taint.effect
+            )));
+        }
+    }
+    // The VM itself may already count on this node (re-placement): do not
+    // count it twice.
+    let others: Vec<&PlacedVm> = placed.iter().filter(|v| !same_vm(v, req)).collect();
+    let on_node: Vec<&&PlacedVm> = others.iter().filter(|v| v.node == node.name).collect();
+    let in_use = on_node
+        .iter()
+        .fold(Resources::default(), |a, v| a.add(v.resources));
+    let keep = |total: u64| total * u64::from(reserve.percent) / 100;
+    let free_cpu = node
+        .capacity
+        .cpu
+        .saturating_sub(keep(node.capacity.cpu))
+        .saturating_sub(in_use.cpu);
+    let free_mem = node
+        .capacity
+        .memory
+        .saturating_sub(keep(node.capacity.memory))
+        .saturating_sub(in_use.memory);
+    if req.resources.cpu > free_cpu {
+        return Err(Refusal::Cpu {
+            need: req.resources.cpu,
+            free: free_cpu,
+        });
+    }
+    if req.resources.memory > free_mem {
+        return Err(Refusal::Memory {
+            need: req.resources.memory,
+            free: free_mem,
+        });
+    }
+    if let Some(aff) = &req.affinity {
+        for term in &aff.vm_anti_affinity {
+            if let Some(v) = on_node.iter().find(|v| {
+                v.namespace == req.namespace && labels::matches(&term.label_selector, &v.labels)
+            }) {
+                return Err(Refusal::AntiAffinity(v.name.clone()));
+            }
+        }
+        for term in &aff.vm_affinity {
+            let matching = |v: &&&PlacedVm| {
+                v.namespace == req.namespace && labels::matches(&term.label_selector, &v.labels)
+            };
+            let anywhere = others.iter().any(|v| matching(&v));
+            if anywhere && !on_node.iter().any(matching) {
+                return Err(Refusal::Affinity);
+            }
+        }
+    }
+    // Anti-affinity is symmetric: a VM already there may refuse us.
+    for v in &on_node {
+        let refuses = v.affinity.as_ref().is_some_and(|a| {
+            v.namespace == req.namespace
+                && a.vm_anti_affinity
+                    .iter()
+                    .any(|t| labels::matches(&t.label_selector, &req.labels))
+        });
+        if refuses {
+            return Err(Refusal::AntiAffinity(v.name.clone()));
+        }
+    }
+    let free_after = free_mem - req.resources.memory;
+    let share = (free_after as u128 * 1_000_000 / node.capacity.memory.max(1) as u128) as i64;
+    Ok(match strategy {
+        Strategy::Spread => share,
+        Strategy::Pack => -share,
+    })
+}
+
+/// The best node for `req`, or why none fits.
+pub fn place(
+    req: &Request,
+    nodes: &[NodeInfo],
+    placed: &[PlacedVm],
+    reserve: Reserve,
+    strategy: Strategy,
+) -> Result<String, Unschedulable> {
+    let mut best: Option<(i64, &str)> = None;
+    let mut refusals = Vec::new();
+    for node in nodes {
+        match check(node, req, placed, reserve, strategy) {
+            Ok(score) => {
+                let better = match best {
+                    None => true,
+                    Some((s, name)) => score > s || (score == s && node.name.as_str() < name),
+                };
+                if better {
+                    best = Some((score, &node.name));
+                }
+            }
+            Err(r) => refusals.push((node.name.clone(), r)),
+        }
+    }
+    best.map(|(_, n)| n.to_string())
+        .ok_or(Unschedulable(refusals))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use godwit_crds::vm::VmAffinityTerm;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+    const GI: u64 = 1 << 30;
+
+    fn node(name: &str, cpu: u64, mem_gi: u64) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            ready: true,
+            schedulable: true,
+            capacity: Resources {
+                cpu,
+                memory: mem_gi * GI,
+            },
+            ..Default::default()
+        }
+    }
+
+    fn vm(name: &str, node: &str, app: &str, mem_gi: u64) -> PlacedVm {
+        PlacedVm {
+            namespace: "default".into(),
+            name: name.into(),
+            labels: [("app".to_string(), app.to_string())].into(),
+            node: node.into(),
+            resources: Resources {
+                cpu: 1,
+                memory: mem_gi * GI,
+            },
+            affinity: None,
+        }
+    }
+
+    fn req(mem_gi: u64) -> Request {
+        Request {
+            namespace: "default".into(),
+            name: "new".into(),
+            labels: [("app".to_string(), "web".to_string())].into(),
+            resources: Resources {
+                cpu: 1,
+                memory: mem_gi * GI,
+            },
+            ..Default::default()
+        }
+    }
+
+    fn app_term(app: &str) -> VmAffinityTerm {
+        VmAffinityTerm {
+            label_selector: LabelSelector {
+                match_labels: Some([("app".to_string(), app.to_string())].into()),
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn spread_prefers_the_emptiest_node_and_pack_the_fullest() {
+        let nodes = [node("a", 8, 8), node("b", 8, 8)];
+        let placed = [vm("x", "a", "db", 4)];
+        assert_eq!(
+            place(
+                &req(1),
+                &nodes,
+                &placed,
+                Reserve::default(),
+                Strategy::Spread
+            ),
+            Ok("b".into())
+        );
+        assert_eq!(
+            place(&req(1), &nodes, &placed, Reserve::default(), Strategy::Pack),
+            Ok("a".into())
+        );
+    }
+
+    #[test]
+    fn ties_go_to_the_first_name() {
+        let nodes = [node("b", 8, 8), node("a", 8, 8)];
+        assert_eq!(
+            place(&req(1), &nodes, &[], Reserve::default(), Strategy::Spread),
+            Ok("a".into())
+        );
+    }
+
+    #[test]
+    fn capacity_and_reserve_are_honoured_with_reasons() {
+        let nodes = [node("a", 8, 4)];
+        let placed = [vm("x", "a", "db", 3)];
+        let err = place(
+            &req(2),
+            &nodes,
+            &placed,
+            Reserve::default(),
+            Strategy::Spread,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.0[0].1,
+            Refusal::Memory {
+                need: 2 * GI,
+                free: GI
+            }
+        );
+        assert!(err
+            .to_string()
+            .contains("insufficient memory (need 2048Mi, free 1024Mi)"));
+        // 50% held back for failover: 2 GiB usable, 1 GiB asked with nothing placed.
+        assert!(place(
+            &req(2),
+            &nodes,
+            &[],
+            Reserve { percent: 50 },
+            Strategy::Spread
+        )
+        .is_ok());
+        assert!(place(
+            &req(3),
+            &nodes,
+            &[],
+            Reserve { percent: 50 },
+            Strategy::Spread
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn a_vm_already_on_a_node_is_not_counted_twice() {
+        let nodes = [node("a", 8, 4)];
+        let placed = [vm("new", "a", "web", 3)];
+        assert_eq!(
+            place(
+                &req(3),
+                &nodes,
+                &placed,
+                Reserve::default(),
+                Strategy::Spread
+            ),
+            Ok("a".into())
+        );
+    }
+
+    #[test]
+    fn not_ready_cordoned_and_excluded_nodes_are_skipped() {
+        let mut down = node("a", 8, 8);
+        down.ready = false;
+        let mut cordoned = node("b", 8, 8);
+        cordoned.schedulable = false;
+        let nodes = [down, cordoned, node("c", 8, 8), node("d", 8, 8)];
+        let mut r = req(1);
+        r.exclude = vec!["c".into()];
+        assert_eq!(
+            place(&r, &nodes, &[], Reserve::default(), Strategy::Spread),
+            Ok("d".into())
+        );
+    }
+
+    #[test]
+    fn selectors_and_taints() {
+        let mut gpu = node("gpu", 8, 8);
+        gpu.labels.insert("hw".into(), "gpu".into());
+        gpu.taints.push(Taint {
+            key: "dedicated".into(),
+            value: Some("gpu".into()),
+            effect: "NoSchedule".into(),
+            time_added: None,
+        });
+        let nodes = [gpu, node("plain", 8, 8)];
+        let mut r = req(1);
+        r.node_selector.insert("hw".into(), "gpu".into());
+        let err = place(&r, &nodes, &[], Reserve::default(), Strategy::Spread).unwrap_err();
+        assert!(err
+            .0
+            .iter()
+            .any(|(n, why)| n == "gpu" && matches!(why, Refusal::Taint(_))));
+        r.tolerations.push(Toleration {
+            key: Some("dedicated".into()),
+            operator: Some("Equal".into()),
+            value: Some("gpu".into()),
+            effect: Some("NoSchedule".into()),
+            toleration_seconds: None,
+        });
+        assert_eq!(
+            place(&r, &nodes, &[], Reserve::default(), Strategy::Spread),
+            Ok("gpu".into())
+        );
+    }
+
+    #[test]
+    fn anti_affinity_both_ways_and_affinity() {
+        let nodes = [node("a", 8, 8), node("b", 8, 8)];
+        let placed = [vm("web-1", "a", "web", 1)];
+        let mut r = req(1);
+        r.affinity = Some(VmAffinity {
+            vm_anti_affinity: vec![app_term("web")],
+            ..Default::default()
+        });
+        // Pack would choose "a"; anti-affinity forbids it.
+        assert_eq!(
+            place(&r, &nodes, &placed, Reserve::default(), Strategy::Pack),
+            Ok("b".into())
+        );
+
+        // The placed VM's own anti-affinity refuses a newcomer that matches it.
+        let mut guarded = vm("db-1", "a", "db", 1);
+        guarded.affinity = Some(VmAffinity {
+            vm_anti_affinity: vec![app_term("web")],
+            ..Default::default()
+        });
+        assert_eq!(
+            place(
+                &req(1),
+                &nodes,
+                &[guarded],
+                Reserve::default(),
+                Strategy::Pack
+            ),
+            Ok("b".into())
+        );
+
+        // Affinity to "db": only the node with a db VM, even when spreading.
+        let mut r = req(1);
+        r.affinity = Some(VmAffinity {
+            vm_affinity: vec![app_term("db")],
+            ..Default::default()
+        });
+        let placed = [vm("db-1", "a", "db", 4)];
+        assert_eq!(
+            place(&r, &nodes, &placed, Reserve::default(), Strategy::Spread),
+            Ok("a".into())
+        );
+        // Nothing matches the term yet: any node will do.
+        assert!(place(&r, &nodes, &[], Reserve::default(), Strategy::Spread).is_ok());
+    }
+}
