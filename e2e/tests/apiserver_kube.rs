@@ -389,7 +389,6 @@ async fn controller_with_finalizer_sees_create_update_delete_across_expiry() {
     let seen = || ctx.seen.lock().unwrap().clone();
     let has = |entry: &str| {
         let entry = entry.to_string();
-        let seen = seen.clone();
         async move { seen().contains(&entry) }
     };
     api.create(&PostParams::default(), &configmap("x", "1"))

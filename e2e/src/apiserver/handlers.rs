@@ -438,12 +438,9 @@ fn route(
         _ => return Err(not_found()),
     };
     let (namespace, rest) = match rest {
-        ["namespaces", ns, rest @ ..]
-            if !rest.is_empty()
-                && !(rest.len() == 1 && matches!(rest[0], "status" | "finalize")) =>
-        {
-            (Some(ns.to_string()), rest)
-        }
+        // `/namespaces/<ns>/status` is the namespace's own subresource.
+        ["namespaces", _, "status" | "finalize"] => (None, rest),
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
         _ => (None, rest),
     };
     let (plural, name, subresource) = match rest {
@@ -488,7 +485,7 @@ fn route(
             return Err(ApiError::new(
                 405,
                 "MethodNotAllowed",
-                format!("the server does not allow this method on the requested resource"),
+                "the server does not allow this method on the requested resource".to_string(),
             ));
         }
     };
@@ -498,7 +495,7 @@ fn route(
         return Err(ApiError::new(
             415,
             "UnsupportedMediaType",
-            format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml"),
+            "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml".to_string(),
         ));
     }
     match verb {
