@@ -5,3 +5,4 @@
 
 pub mod labels;
 pub mod scheduler;
+pub mod template;
