@@ -588,3 +588,29 @@ fn godwit_crds_examples_and_invalid_manifests() {
     }
     assert!(rejected >= 5);
 }
+
+#[test]
+fn recorder_style_events_show_in_describe() {
+    let cluster = Cluster::start().with_widget();
+    let uid = cluster.ok(&["get", "wd", "w1", "-o", "jsonpath={.metadata.uid}"]);
+    let event = cluster.write(
+        "event.yaml",
+        &format!(
+            "apiVersion: events.k8s.io/v1\nkind: Event\nmetadata:\n  name: w1.provisioned\n  namespace: default\neventTime: \"2026-01-01T00:00:00.000000Z\"\nreportingController: godwit-operator\nreportingInstance: godwit-operator-0\naction: Provision\nreason: Provisioned\ntype: Normal\nnote: root disk ready\nregarding:\n  apiVersion: test.godwit.dev/v1\n  kind: Widget\n  name: w1\n  namespace: default\n  uid: {uid}\n"
+        ),
+    );
+    cluster.ok(&["create", "-f", &event]);
+    let described = cluster.ok(&["describe", "wd", "w1"]);
+    let events = described.split("Events:").nth(1).unwrap_or_default();
+    assert!(
+        events.contains("Provisioned") && events.contains("root disk ready"),
+        "{described}"
+    );
+    let core = cluster.ok(&[
+        "get",
+        "events.v1.",
+        "-o",
+        "jsonpath={.items[0].message} {.items[0].involvedObject.name}",
+    ]);
+    assert_eq!(core, "root disk ready w1");
+}

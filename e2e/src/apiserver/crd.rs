@@ -69,12 +69,15 @@ pub struct ResourceDef {
     pub custom: bool,
     /// Whether updates without `resourceVersion` are allowed.
     pub unconditional_update: bool,
+    /// Group whose storage holds the objects (differs from `group` only for
+    /// `events.k8s.io` Events, stored as core Events).
+    pub storage_group: String,
 }
 
 impl ResourceDef {
     /// Storage identity (group and plural).
     pub fn id(&self) -> ResourceId {
-        ResourceId::new(&self.group, &self.plural)
+        ResourceId::new(&self.storage_group, &self.plural)
     }
 
     /// `group/version`, or `version` for the core group.
@@ -119,11 +122,17 @@ impl ResourceDef {
             schema: None,
             custom: false,
             unconditional_update: true,
+            storage_group: group.to_string(),
         }
     }
 
     fn short(mut self, names: &[&str]) -> Self {
         self.short_names = names.iter().map(|n| n.to_string()).collect();
+        self
+    }
+
+    fn stored_in(mut self, group: &str) -> Self {
+        self.storage_group = group.to_string();
         self
     }
 
@@ -186,6 +195,7 @@ pub fn builtin_resources() -> Vec<ResourceDef> {
         ]),
         ResourceDef::builtin("events.k8s.io", "v1", "Event", "events", true)
             .short(&["ev"])
+            .stored_in("")
             .columns(vec![
                 PrinterColumn::new("Type", "string", ".type"),
                 PrinterColumn::new("Reason", "string", ".reason"),
@@ -267,6 +277,7 @@ pub fn resources_of_crd(crd: &Value) -> Vec<ResourceDef> {
                 schema: v.pointer("/schema/openAPIV3Schema").cloned(),
                 custom: true,
                 unconditional_update: false,
+                storage_group: group.to_string(),
             }
         })
         .collect()

@@ -11,7 +11,6 @@
 //! - deleting a namespace deletes its objects right away (no Terminating
 //!   phase); deleting a CRD deletes its custom resources;
 //! - `dryRun=All` is honored for create, update, patch and delete;
-//! - `v1` Events and `events.k8s.io/v1` Events are stored apart;
 //! - status in a create body is dropped for custom resources with a status
 //!   subresource, kept for built-ins (so test Nodes can be created whole).
 
@@ -30,6 +29,7 @@ use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc};
 
 use super::audit::{identity, AuditLog, AuditRecord};
+use super::convert;
 use super::crd::{builtin_resources, established_status, resources_of_crd, ResourceDef};
 use super::discovery;
 use super::patch::{self, PatchKind};
@@ -510,14 +510,9 @@ fn route(
     }
 }
 
-/// The object as served through `def`'s version.
+/// The object as served through `def`'s group and version.
 fn present(def: &ResourceDef, object: &Value) -> Value {
-    let mut object = object.clone();
-    if let Some(map) = object.as_object_mut() {
-        map.insert("apiVersion".into(), Value::String(def.api_version()));
-        map.insert("kind".into(), Value::String(def.kind.clone()));
-    }
-    object
+    convert::from_storage(def, object)
 }
 
 fn key_of(target: &Target, name: &str) -> ObjectKey {
@@ -571,8 +566,8 @@ fn list(
         .list(&target.def.id(), target.namespace.as_deref());
     let items: Vec<Value> = items
         .iter()
-        .filter(|o| labels.matches(o) && fields.matches(o))
         .map(|o| present(&target.def, o))
+        .filter(|o| labels.matches(o) && fields.matches(o))
         .collect();
     if table::wants_table(accept) {
         let include = IncludeObject::parse(query.get("includeObject"));
@@ -837,11 +832,12 @@ fn create_object_with(
         return Ok(object.clone());
     }
     let key = ObjectKey::new(&namespace, &name);
+    let stored_form = convert::to_storage(def, object);
     let stored = state
         .store
         .mutate(&def.id(), &key, |current, _| match current {
             Some(_) => Err(ApiError::already_exists(def, &name)),
-            None => Ok(Mutation::Put(object.clone())),
+            None => Ok(Mutation::Put(stored_form)),
         })?;
     if def.group == "apiextensions.k8s.io" {
         state.refresh_crds();
@@ -905,6 +901,7 @@ fn next_version(
     query: &Query,
     name: &str,
 ) -> Result<(Mutation, Value), ApiError> {
+    let desired = convert::to_storage(def, &desired);
     let mut next = if status_only {
         let mut next = old.clone();
         match desired.get("status") {
@@ -1342,10 +1339,10 @@ fn delete_collection(
         .store
         .list(&target.def.id(), target.namespace.as_deref());
     let mut deleted = Vec::new();
-    for item in items
-        .iter()
-        .filter(|o| labels.matches(o) && fields.matches(o))
-    {
+    for item in items.iter().filter(|o| {
+        let shown = present(&target.def, o);
+        labels.matches(&shown) && fields.matches(&shown)
+    }) {
         if let Ok((object, _)) = delete_object(
             state,
             &target.def.id(),
@@ -1394,10 +1391,11 @@ impl WatchFilter {
         if event.resource != self.res {
             return None;
         }
-        let now_matches = self.matches(&event.object);
+        let object = present(&self.def, &event.object);
+        let now_matches = self.matches(&object);
         let kind = match (event.kind, &event.previous) {
             (EventType::Modified, Some(previous)) => {
-                let before = self.matches(previous);
+                let before = self.matches(&present(&self.def, previous));
                 match (before, now_matches) {
                     (true, true) => EventType::Modified,
                     (false, true) => EventType::Added,
@@ -1408,11 +1406,10 @@ impl WatchFilter {
             (kind, _) if now_matches => kind,
             _ => return None,
         };
-        Some(self.encode(kind.as_str(), &event.object))
+        Some(self.encode(kind.as_str(), object))
     }
 
-    fn encode(&self, kind: &str, object: &Value) -> Bytes {
-        let object = present(&self.def, object);
+    fn encode(&self, kind: &str, object: Value) -> Bytes {
         let object = match self.table {
             Some(include) => {
                 let rv = object

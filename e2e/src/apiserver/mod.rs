@@ -9,8 +9,9 @@
 //! What it serves:
 //! - discovery (`/api`, `/apis`, group and group-version resource lists,
 //!   `/version`) and minimal OpenAPI v3 documents ([`discovery`]);
-//! - built-in kinds: Namespace, Node, Event (`v1` and `events.k8s.io/v1`),
-//!   Secret, ConfigMap, ServiceAccount, Lease, and CustomResourceDefinition;
+//! - built-in kinds: Namespace, Node, Event (`v1` and `events.k8s.io/v1`,
+//!   one storage, see [`convert`]), Secret, ConfigMap, ServiceAccount, Lease,
+//!   and CustomResourceDefinition;
 //!   a stored CRD makes its kinds live ([`crd`]), and custom resources are
 //!   pruned, defaulted and validated against the CRD schema ([`schema`]);
 //! - get, list, watch, create (with `generateName`), update, patch (merge,
@@ -32,6 +33,7 @@
 //! [`handlers`] lists the protocol-level ones.
 
 pub mod audit;
+pub mod convert;
 pub mod crd;
 pub mod discovery;
 pub mod handlers;
