@@ -2,3 +2,6 @@
 //! server, the local multi-node cluster and the benchmarks.
 
 pub mod apiserver;
+pub mod guest;
+pub mod netns;
+pub mod qemu;

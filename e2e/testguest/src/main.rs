@@ -362,7 +362,8 @@ impl Guest {
         loop {
             let now = clock::now_ns();
             if now >= self.next_hb_ns || now - start >= CHUNK_NS {
-                return self.check.is_some() || self.work.as_ref().is_some_and(|w| w.rate == 0);
+                return self.check.is_some()
+                    || self.work.as_ref().is_some_and(|w| w.rate == 0 && !w.paused);
             }
             let Some(w) = self.work.as_mut() else {
                 return false;
@@ -446,10 +447,13 @@ impl Guest {
             ("maxpause", _) => self.print_maxpause(),
             ("blkwrite", 3) => self.blk_write(args[0], args[1], args[2]),
             ("blkverify", 3) => self.blk_verify(args[0], args[1], args[2]),
-            ("corrupt", 1) => match &self.work {
-                Some(w) if w.corrupt(args[0]) => println!("CORRUPT page={}", args[0]),
-                _ => println!("CORRUPT refused page={}", args[0]),
-            },
+            ("corrupt", 1) => {
+                if self.work.as_mut().is_some_and(|w| w.corrupt(args[0])) {
+                    println!("CORRUPT page={}", args[0]);
+                } else {
+                    println!("CORRUPT refused page={}", args[0]);
+                }
+            }
             ("bench", _) => bench(self.work.as_mut()),
             ("help", _) => println!(
                 "HELP status | memcheck | dirty MIB [RATE] | maxpause | blkwrite SECTOR COUNT SEED | blkverify SECTOR COUNT SEED | corrupt PAGE | help"

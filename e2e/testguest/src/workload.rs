@@ -26,6 +26,8 @@ pub struct Workload {
     /// Write credit in page-nanoseconds (pages * 1e9).
     credit: u64,
     last_ns: u64,
+    /// Set by `corrupt`: no more writes.
+    pub paused: bool,
 }
 
 /// Result of a finished verification.
@@ -52,6 +54,7 @@ impl Workload {
             written: 0,
             credit: 0,
             last_ns: now_ns,
+            paused: false,
         }
     }
 
@@ -87,6 +90,9 @@ impl Workload {
 
     /// Pages the rate allows now (u64::MAX when unlimited).
     pub fn allowed(&mut self, now_ns: u64) -> u64 {
+        if self.paused {
+            return 0;
+        }
         if self.rate == 0 {
             return u64::MAX;
         }
@@ -108,11 +114,13 @@ impl Workload {
         }
     }
 
-    /// Flips one bit in the first word of page `i` (for testing the verifier).
-    pub fn corrupt(&self, i: u64) -> bool {
+    /// Flips bit 0 of the first word of page `i` and pauses the writer so the
+    /// damage stays until the next verification (for testing the verifier).
+    pub fn corrupt(&mut self, i: u64) -> bool {
         if i >= self.pages {
             return false;
         }
+        self.paused = true;
         let a = self.page_addr(i) as *mut u64;
         // SAFETY: page i is inside the working set (checked above).
         unsafe { core::ptr::write_volatile(a, core::ptr::read_volatile(a) ^ 1) };

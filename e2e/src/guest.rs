@@ -1,0 +1,309 @@
+//! The Godwit test guest seen from the host: building and locating its ELF
+//! (`e2e/testguest/build.sh`, run once per process), reading its serial console
+//! line by line with each line stamped by the host's monotonic clock as it
+//! arrives, waiting for lines, and the guest's line formats and patterns
+//! (documented in `e2e/testguest/README.md`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Errors of the guest harness.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    #[error("Failed to run e2e/testguest/build.sh")]
+    BuildSpawn(#[source] std::io::Error),
+    #[error("e2e/testguest/build.sh failed: {0}")]
+    Build(String),
+    #[error("Timed out after {timeout:?} waiting for {what}; last lines:\n{tail}")]
+    Timeout {
+        what: String,
+        timeout: Duration,
+        tail: String,
+    },
+    #[error("Console closed while waiting for {what}; last lines:\n{tail}")]
+    Closed { what: String, tail: String },
+    #[error("Failed to write to the guest console")]
+    Write(#[source] std::io::Error),
+}
+
+/// The test guest's crate directory.
+pub fn testguest_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("testguest")
+}
+
+/// Builds the guest (once per process; cargo caches across processes) and
+/// returns the ELF's path, the last line build.sh prints.
+pub fn guest_elf() -> Result<PathBuf, GuestError> {
+    static ELF: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let r = ELF.get_or_init(|| {
+        let script = testguest_dir().join("build.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .output()
+            .map_err(|e| format!("spawn {}: {e}", script.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let last = stdout.lines().last().unwrap_or("").trim().to_string();
+        if last.is_empty() || !Path::new(&last).is_file() {
+            return Err(format!("no ELF path on build.sh's last line: {last:?}"));
+        }
+        Ok(PathBuf::from(last))
+    });
+    r.clone().map_err(GuestError::Build)
+}
+
+/// A console line and when the host read it.
+#[derive(Clone, Debug)]
+pub struct Line {
+    /// The line without its `\n` (and without a trailing `\r`).
+    pub text: String,
+    /// Host monotonic time at which the line's last byte arrived.
+    pub at: Instant,
+}
+
+/// A `HB <counter> <guest_ns>` heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub counter: u64,
+    pub guest_ns: u64,
+}
+
+/// Parses a heartbeat line; `None` for any other line (or a fragment).
+pub fn parse_heartbeat(text: &str) -> Option<Heartbeat> {
+    let mut w = text.split(' ');
+    if w.next()? != "HB" {
+        return None;
+    }
+    let counter = w.next()?.parse().ok()?;
+    let guest_ns = w.next()?.parse().ok()?;
+    if w.next().is_some() {
+        return None;
+    }
+    Some(Heartbeat { counter, guest_ns })
+}
+
+/// Value of `key=value` in a line of space-separated fields.
+pub fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.split(' ')
+        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+/// The guest's mixing function (SplitMix64's finalizer of `x + golden`).
+pub fn mix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Little-endian u64 number `word` (0..64) of disk sector `sector` written by
+/// `blk_write=SECTOR:COUNT:SEED`.
+pub fn blk_word(seed: u64, sector: u64, word: u64) -> u64 {
+    mix64(seed.wrapping_mul(0x0000_0100_0000_01b3) ^ (sector << 6 | word))
+}
+
+/// The 512 bytes the guest writes to `sector` for `seed`.
+pub fn blk_sector(seed: u64, sector: u64) -> [u8; 512] {
+    let mut s = [0u8; 512];
+    for w in 0..64u64 {
+        let i = w as usize * 8;
+        s[i..i + 8].copy_from_slice(&blk_word(seed, sector, w).to_le_bytes());
+    }
+    s
+}
+
+/// First word of working-set page `page` in generation `gen`.
+pub fn mem_word(page: u64, gen: u64) -> u64 {
+    mix64(gen << 40 ^ page)
+}
+
+/// The guest's serial console: a reader thread turns bytes into timestamped
+/// lines; commands are written back on the same stream.
+pub struct Console {
+    rx: Receiver<Line>,
+    writer: Box<dyn Write + Send>,
+    seen: Vec<Line>,
+}
+
+impl Console {
+    /// Starts reading `reader`; commands go to `writer`.
+    pub fn new(reader: impl Read + Send + 'static, writer: impl Write + Send + 'static) -> Console {
+        let (tx, rx) = mpsc::channel();
+        thread::Builder::new()
+            .name("guest-console".into())
+            .spawn(move || {
+                let mut r = BufReader::new(reader);
+                let mut buf = Vec::new();
+                loop {
+                    buf.clear();
+                    match r.read_until(b'\n', &mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                    let at = Instant::now();
+                    while matches!(buf.last(), Some(b'\n' | b'\r')) {
+                        buf.pop();
+                    }
+                    let text = String::from_utf8_lossy(&buf).into_owned();
+                    if tx.send(Line { text, at }).is_err() {
+                        return;
+                    }
+                }
+            })
+            .expect("spawn console reader thread");
+        Console {
+            rx,
+            writer: Box::new(writer),
+            seen: Vec::new(),
+        }
+    }
+
+    /// Every line received so far (through the waits).
+    pub fn lines(&self) -> &[Line] {
+        &self.seen
+    }
+
+    fn tail(&self) -> String {
+        let n = self.seen.len().saturating_sub(15);
+        self.seen[n..]
+            .iter()
+            .map(|l| format!("  {}", l.text))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Waits up to `timeout` for the next line; `Ok(None)` on timeout.
+    pub fn next_line(&mut self, timeout: Duration) -> Result<Option<Line>, GuestError> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(l) => {
+                self.seen.push(l.clone());
+                Ok(Some(l))
+            }
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err(GuestError::Closed {
+                what: "the next line".into(),
+                tail: self.tail(),
+            }),
+        }
+    }
+
+    /// Waits for the first line (from now on) that satisfies `pred`.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut pred: impl FnMut(&str) -> bool,
+    ) -> Result<Line, GuestError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(GuestError::Timeout {
+                    what: what.into(),
+                    timeout,
+                    tail: self.tail(),
+                });
+            }
+            match self.rx.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if pred(&l.text) {
+                        return Ok(l);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(GuestError::Closed {
+                        what: what.into(),
+                        tail: self.tail(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Waits for a line starting with `prefix`.
+    pub fn wait_prefix(&mut self, prefix: &str, timeout: Duration) -> Result<Line, GuestError> {
+        self.wait_for(&format!("a line starting with {prefix:?}"), timeout, |t| {
+            t.starts_with(prefix)
+        })
+    }
+
+    /// Collects the next `n` heartbeats.
+    pub fn heartbeats(
+        &mut self,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<(Heartbeat, Instant)>, GuestError> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let l = self.wait_for(&format!("heartbeat {} of {n}", out.len() + 1), left, |t| {
+                parse_heartbeat(t).is_some()
+            })?;
+            out.push((parse_heartbeat(&l.text).expect("matched"), l.at));
+        }
+        Ok(out)
+    }
+
+    /// Sends one command line.
+    pub fn send(&mut self, command: &str) -> Result<(), GuestError> {
+        self.writer
+            .write_all(format!("{command}\n").as_bytes())
+            .and_then(|_| self.writer.flush())
+            .map_err(GuestError::Write)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_lines_parse_and_fragments_do_not() {
+        assert_eq!(
+            parse_heartbeat("HB 12 3456"),
+            Some(Heartbeat {
+                counter: 12,
+                guest_ns: 3456
+            })
+        );
+        assert_eq!(parse_heartbeat("HB 12"), None);
+        assert_eq!(parse_heartbeat("B 12 3456"), None);
+        assert_eq!(parse_heartbeat("HB 12 3456 7"), None);
+        assert_eq!(parse_heartbeat("MEMCHECK ok gen=1 pages=2"), None);
+    }
+
+    #[test]
+    fn fields_are_found_by_key() {
+        let l = "MEMCHECK ok gen=3 pages=16384";
+        assert_eq!(field(l, "gen"), Some("3"));
+        assert_eq!(field(l, "pages"), Some("16384"));
+        assert_eq!(field(l, "page"), None);
+    }
+
+    #[test]
+    fn patterns_differ_by_seed_sector_and_word() {
+        assert_ne!(blk_word(1, 0, 0), blk_word(2, 0, 0));
+        assert_ne!(blk_word(1, 0, 0), blk_word(1, 1, 0));
+        assert_ne!(blk_word(1, 0, 0), blk_word(1, 0, 1));
+        assert_ne!(mem_word(5, 1), mem_word(5, 2));
+        // SplitMix64 of 0 (first output of the reference generator seeded 0).
+        assert_eq!(mix64(0), 0xe220_a839_7b1d_cdaf);
+    }
+}

@@ -1,0 +1,257 @@
+//! Network namespaces as test hosts: uniquely named namespaces, veth pairs
+//! between them, bridges, taps for VMs, `tc tbf` shaping and link cuts. Every
+//! object is removed when its owner is dropped, also when a test panics, and
+//! names are unique per process and test so tests can run in parallel.
+//!
+//! Interfaces live inside namespaces this module creates, so deleting a
+//! namespace removes everything in it; veth pairs are created directly inside
+//! their namespaces and never appear in the host's.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
+
+/// Errors of namespace management.
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("Failed to run `{0}`")]
+    Spawn(String, #[source] std::io::Error),
+    #[error("`{command}` failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("Failed to open network namespace {0}")]
+    Open(String, #[source] std::io::Error),
+    #[error("setns into {0} failed")]
+    Setns(String, #[source] std::io::Error),
+    #[error("Thread in namespace {0} panicked")]
+    ThreadPanicked(String),
+}
+
+/// A short name unique within this process and among processes: `<tag><pid
+/// base36><counter>`, at most 15 characters (the kernel's interface name limit).
+pub fn unique_name(tag: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::SeqCst);
+    let pid = base36(std::process::id() as u64);
+    let mut name = format!("{}{}{}", &tag[..tag.len().min(4)], pid, base36(n));
+    name.truncate(15);
+    name
+}
+
+fn base36(mut v: u64) -> String {
+    const D: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut s = Vec::new();
+    loop {
+        s.push(D[(v % 36) as usize]);
+        v /= 36;
+        if v == 0 {
+            break;
+        }
+    }
+    s.reverse();
+    String::from_utf8(s).expect("ascii")
+}
+
+/// Runs a command; fails with its stderr when it exits non-zero.
+pub fn run(program: &str, args: &[&str]) -> Result<Output, NetnsError> {
+    let text = format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| NetnsError::Spawn(text.clone(), e))?;
+    if !out.status.success() {
+        return Err(NetnsError::Command {
+            command: text,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(out)
+}
+
+/// A network namespace, deleted on Drop (with every interface in it).
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates a namespace named `<tag>…` with its loopback up.
+    pub fn new(tag: &str) -> Result<Netns, NetnsError> {
+        let name = unique_name(tag);
+        run("ip", &["netns", "add", &name])?;
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The namespace's name (as `ip netns` knows it).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n <ns> <args>`.
+    pub fn ip(&self, args: &[&str]) -> Result<Output, NetnsError> {
+        let mut a = vec!["-n", self.name.as_str()];
+        a.extend_from_slice(args);
+        run("ip", &a)
+    }
+
+    /// Runs a program inside the namespace (`ip netns exec`).
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<Output, NetnsError> {
+        let mut a = vec!["netns", "exec", self.name.as_str(), program];
+        a.extend_from_slice(args);
+        run("ip", &a)
+    }
+
+    /// Runs `f` on a thread that has joined this namespace (sockets it opens
+    /// live there).
+    pub fn run_in<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, NetnsError> {
+        let path = Path::new("/var/run/netns").join(&self.name);
+        let file = File::open(&path).map_err(|e| NetnsError::Open(self.name.clone(), e))?;
+        let name = self.name.clone();
+        let h = thread::spawn(move || {
+            // SAFETY: setns on this thread only, with a valid namespace fd.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(NetnsError::Setns(name, std::io::Error::last_os_error()));
+            }
+            Ok(f())
+        });
+        h.join()
+            .map_err(|_| NetnsError::ThreadPanicked(self.name.clone()))?
+    }
+
+    /// Adds a bridge (up).
+    pub fn add_bridge(&self, name: &str) -> Result<(), NetnsError> {
+        self.ip(&["link", "add", name, "type", "bridge"])?;
+        self.set_up(name)
+    }
+
+    /// Adds a tap device for a VM, attached to `bridge` if given (up).
+    pub fn add_tap(&self, name: &str, bridge: Option<&str>) -> Result<(), NetnsError> {
+        self.ip(&["tuntap", "add", "dev", name, "mode", "tap"])?;
+        if let Some(b) = bridge {
+            self.ip(&["link", "set", name, "master", b])?;
+        }
+        self.set_up(name)
+    }
+
+    /// Attaches `dev` to `bridge`.
+    pub fn attach(&self, dev: &str, bridge: &str) -> Result<(), NetnsError> {
+        self.ip(&["link", "set", dev, "master", bridge])?;
+        Ok(())
+    }
+
+    /// Sets `dev` up.
+    pub fn set_up(&self, dev: &str) -> Result<(), NetnsError> {
+        self.ip(&["link", "set", dev, "up"])?;
+        Ok(())
+    }
+
+    /// Adds an address like `10.0.0.1/24` to `dev`.
+    pub fn add_addr(&self, dev: &str, cidr: &str) -> Result<(), NetnsError> {
+        self.ip(&["addr", "add", cidr, "dev", dev])?;
+        Ok(())
+    }
+
+    /// Shapes `dev`'s egress with a token bucket (`tc qdisc replace ... tbf`),
+    /// e.g. `rate = "100mbit"`, `burst = "64kb"`, `latency = "50ms"`.
+    pub fn shape(
+        &self,
+        dev: &str,
+        rate: &str,
+        burst: &str,
+        latency: &str,
+    ) -> Result<(), NetnsError> {
+        let ns = self.name.as_str();
+        run(
+            "tc",
+            &[
+                "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst",
+                burst, "latency", latency,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Removes shaping from `dev`.
+    pub fn unshape(&self, dev: &str) -> Result<(), NetnsError> {
+        run(
+            "tc",
+            &["-n", &self.name, "qdisc", "del", "dev", dev, "root"],
+        )?;
+        Ok(())
+    }
+
+    /// Cuts the link: `dev` goes down (no carrier on its peer either).
+    pub fn cut(&self, dev: &str) -> Result<(), NetnsError> {
+        self.ip(&["link", "set", dev, "down"])?;
+        Ok(())
+    }
+
+    /// Restores a cut link.
+    pub fn restore(&self, dev: &str) -> Result<(), NetnsError> {
+        self.set_up(dev)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// A veth pair between two namespaces: `a_dev` in `a`, `b_dev` in `b`, both up.
+/// Deleting either namespace removes the pair; Drop removes it explicitly too.
+pub struct Veth {
+    ns: String,
+    dev: String,
+}
+
+impl Veth {
+    /// Creates the pair directly inside the two namespaces.
+    pub fn new(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<Veth, NetnsError> {
+        a.ip(&[
+            "link",
+            "add",
+            a_dev,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b_dev,
+            "netns",
+            b.name(),
+        ])?;
+        let v = Veth {
+            ns: a.name().to_string(),
+            dev: a_dev.to_string(),
+        };
+        a.set_up(a_dev)?;
+        b.set_up(b_dev)?;
+        Ok(v)
+    }
+}
+
+impl Drop for Veth {
+    fn drop(&mut self) {
+        let _ = run("ip", &["-n", &self.ns, "link", "del", &self.dev]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unique_names_fit_interface_names_and_differ() {
+        let a = unique_name("vmnet");
+        let b = unique_name("vmnet");
+        assert_ne!(a, b);
+        assert!(a.len() <= 15, "{a}");
+        assert!(a.starts_with("vmne"));
+    }
+}
