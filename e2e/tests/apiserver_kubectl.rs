@@ -458,21 +458,22 @@ fn invalid_resources_are_rejected_with_the_field_named() {
 #[test]
 fn built_in_kinds_generate_name_and_cascading_delete() {
     let cluster = Cluster::start().with_widget();
-    let namespace = cluster.write(
-        "ns.yaml",
-        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: vms\n",
-    );
-    cluster.ok(&["apply", "-f", &namespace]);
+    // Typed kubectl commands send protobuf bodies.
+    cluster.ok(&["create", "namespace", "vms"]);
     let namespaces = cluster.ok(&["get", "ns"]);
     assert!(
         namespaces.contains("vms") && namespaces.contains("Active"),
         "{namespaces}"
     );
-    let configmap = cluster.write(
-        "cm.yaml",
-        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  namespace: vms\ndata:\n  a: \"1\"\n",
-    );
-    cluster.ok(&["apply", "-f", &configmap]);
+    cluster.ok(&[
+        "create",
+        "configmap",
+        "settings",
+        "-n",
+        "vms",
+        "--from-literal",
+        "a=1",
+    ]);
     assert_eq!(
         cluster.ok(&[
             "get",
@@ -485,13 +486,25 @@ fn built_in_kinds_generate_name_and_cascading_delete() {
         ]),
         "1"
     );
+    cluster.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "creds",
+        "--from-literal",
+        "user=admin",
+    ]);
+    assert_eq!(
+        cluster.ok(&["get", "secret", "creds", "-o", "jsonpath={.data.user}"]),
+        "YWRtaW4="
+    );
     let secret = cluster.write(
         "secret.yaml",
-        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: creds\nstringData:\n  user: admin\n",
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: plain\nstringData:\n  user: admin\n",
     );
     cluster.ok(&["apply", "-f", &secret]);
     assert_eq!(
-        cluster.ok(&["get", "secret", "creds", "-o", "jsonpath={.data.user}"]),
+        cluster.ok(&["get", "secret", "plain", "-o", "jsonpath={.data.user}"]),
         "YWRtaW4="
     );
     let nodes = cluster.run(&["get", "nodes"]);

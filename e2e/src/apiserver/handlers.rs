@@ -33,6 +33,7 @@ use super::convert;
 use super::crd::{builtin_resources, established_status, resources_of_crd, ResourceDef};
 use super::discovery;
 use super::patch::{self, PatchKind};
+use super::protobuf;
 use super::schema;
 use super::selector::{FieldSelector, LabelSelector};
 use super::store::{EventType, Mutation, ObjectKey, ResourceId, Store, StoreError, StoredEvent};
@@ -490,14 +491,26 @@ fn route(
         }
     };
     record.verb = verb.to_string();
-    if content_type.contains("protobuf") {
-        // client-go falls back to JSON for the rest of its life after a 415.
-        return Err(ApiError::new(
-            415,
-            "UnsupportedMediaType",
-            "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml".to_string(),
-        ));
-    }
+    let decoded;
+    let body = if content_type.contains("protobuf") {
+        decoded = match verb {
+            "create" | "update" => {
+                let object = protobuf::decode(body).map_err(|e| {
+                    ApiError::new(
+                        415,
+                        "UnsupportedMediaType",
+                        format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml ({e})"),
+                    )
+                })?;
+                Bytes::from(serde_json::to_vec(&object).unwrap_or_default())
+            }
+            // Delete options in protobuf are ignored (defaults apply).
+            _ => Bytes::new(),
+        };
+        &decoded
+    } else {
+        body
+    };
     match verb {
         "watch" => watch(state, &target, query, accept),
         "list" => list(state, &target, query, accept),
@@ -750,6 +763,7 @@ fn create_object_with(
         let body_ns = meta
             .get("namespace")
             .and_then(Value::as_str)
+            .filter(|ns| !ns.is_empty())
             .map(str::to_string);
         let ns = match (namespace, body_ns.as_deref()) {
             (Some(path), Some(body)) if path != body => {

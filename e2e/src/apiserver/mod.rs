@@ -38,6 +38,7 @@ pub mod crd;
 pub mod discovery;
 pub mod handlers;
 pub mod patch;
+pub mod protobuf;
 pub mod schema;
 pub mod selector;
 pub mod store;
