@@ -7,13 +7,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use godwit_e2e::apiserver::{serve, ApiServerHandle};
+use godwit_e2e::apiserver::{serve, serve_with, ApiServerHandle, ServerConfig};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, WatchEvent,
+    WatchParams,
+};
 use kube::core::{ApiResource, GroupVersionKind, ObjectMeta};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as RecordedEvent, EventType, Recorder, Reporter};
@@ -607,4 +610,65 @@ async fn typed_godwit_kinds_from_the_crds_crate() {
         .await
         .unwrap();
     assert_eq!(listed.items.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_watch_bookmarks_timeout_and_gone() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = ServerConfig {
+        bookmark_interval: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let server = serve_with(listener, config).await.unwrap();
+    let client = Client::try_from(Config::new(server.url().parse().unwrap())).unwrap();
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let created = api
+        .create(&PostParams::default(), &configmap("w", "1"))
+        .await
+        .unwrap();
+    let rv = created.metadata.resource_version.clone().unwrap();
+
+    // Bookmarks arrive, and the watch ends after timeoutSeconds.
+    let started = std::time::Instant::now();
+    let params = WatchParams::default().timeout(1);
+    let events: Vec<_> = api.watch(&params, &rv).await.unwrap().collect().await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let bookmarks = events
+        .iter()
+        .filter(|e| matches!(e, Ok(WatchEvent::Bookmark(b)) if b.metadata.resource_version == rv))
+        .count();
+    assert!(bookmarks >= 2, "{events:?}");
+
+    // Resuming from a version older than the history is 410 Gone.
+    server.expire_watches();
+    let mut stream = api
+        .watch(&WatchParams::default().timeout(5), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    match stream.try_next().await.unwrap() {
+        Some(WatchEvent::Error(status)) => {
+            assert_eq!(status.code, 410);
+            assert_eq!(status.reason, "Expired");
+        }
+        other => panic!("expected 410, got {other:?}"),
+    }
+
+    // A streaming list (sendInitialEvents) ends its initial events with a
+    // bookmark, and kube's watcher can use it.
+    let mut stream = watcher(api.clone(), watcher::Config::default().streaming_lists()).boxed();
+    let mut initial = Vec::new();
+    loop {
+        match stream.try_next().await.unwrap().unwrap() {
+            Event::InitApply(cm) => initial.push(cm.metadata.name.unwrap()),
+            Event::InitDone => break,
+            _ => {}
+        }
+    }
+    assert_eq!(initial, ["w"]);
 }

@@ -262,6 +262,25 @@ fn patches_spec_and_status_subresource_and_labels() {
         "widget.test.godwit.dev/w1"
     );
 
+    // Re-applying the same manifest server-side changes nothing.
+    cluster.ok(&["apply", "--server-side", "-f", &fixture("widget.yaml")]);
+    let before = cluster.ok(&[
+        "get",
+        "wd",
+        "w1",
+        "-o",
+        "jsonpath={.metadata.resourceVersion}",
+    ]);
+    cluster.ok(&["apply", "--server-side", "-f", &fixture("widget.yaml")]);
+    let after = cluster.ok(&[
+        "get",
+        "wd",
+        "w1",
+        "-o",
+        "jsonpath={.metadata.resourceVersion}",
+    ]);
+    assert_eq!(before, after);
+
     // Re-applying a changed manifest updates the object.
     let manifest = std::fs::read_to_string(fixture("widget.yaml"))
         .unwrap()

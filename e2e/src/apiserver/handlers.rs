@@ -967,11 +967,12 @@ fn next_version(
         map.insert("kind".into(), Value::String(def.kind.clone()));
     }
     fold_string_data(def, &mut next);
+    admit(def, &mut next, Some(old), query, name)?;
+    // After admission, so that defaults and pruning do not count as changes.
     if spec_part(&next) != spec_part(old) {
         let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
         next["metadata"]["generation"] = json!(generation + 1);
     }
-    admit(def, &mut next, Some(old), query, name)?;
     let finalizers_empty = next["metadata"]["finalizers"]
         .as_array()
         .is_none_or(Vec::is_empty);
