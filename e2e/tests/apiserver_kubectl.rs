@@ -529,6 +529,15 @@ fn built_in_kinds_generate_name_and_cascading_delete() {
     let nodes = cluster.run(&["get", "nodes"]);
     assert!(nodes.status.success());
     assert!(String::from_utf8_lossy(&nodes.stderr).contains("No resources found"));
+    let node = cluster.write(
+        "node.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-1\nstatus:\n  conditions:\n  - type: Ready\n    status: \"True\"\n",
+    );
+    cluster.ok(&["apply", "-f", &node]);
+    cluster.ok(&["cordon", "node-1"]);
+    let nodes = cluster.ok(&["get", "no"]);
+    let row: Vec<&str> = nodes.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(&row[..2], ["node-1", "Ready,SchedulingDisabled"], "{nodes}");
 
     let generated = cluster.write(
         "generated.yaml",

@@ -10,6 +10,10 @@ use serde_json::{json, Value};
 
 use super::store::ResourceId;
 
+/// Column format of the Node Status column: the Ready condition shown as
+/// `Ready`, `NotReady` or `Unknown`, plus `SchedulingDisabled` when cordoned.
+pub const NODE_STATUS: &str = "node-status";
+
 /// A printer column for table output.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PrinterColumn {
@@ -165,11 +169,14 @@ pub fn builtin_resources() -> Vec<ResourceDef> {
             .short(&["no"])
             .with_status()
             .columns(vec![
-                PrinterColumn::new(
-                    "Status",
-                    "string",
-                    ".status.conditions[?(@.type==\"Ready\")].status",
-                ),
+                PrinterColumn {
+                    format: NODE_STATUS.to_string(),
+                    ..PrinterColumn::new(
+                        "Status",
+                        "string",
+                        ".status.conditions[?(@.type==\"Ready\")].status",
+                    )
+                },
                 age(),
                 PrinterColumn::new("Version", "string", ".status.nodeInfo.kubeletVersion"),
             ]),

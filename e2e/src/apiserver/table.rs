@@ -8,7 +8,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
-use super::crd::ResourceDef;
+use super::crd::{ResourceDef, NODE_STATUS};
 
 /// Whether an Accept header asks for a Table.
 pub fn wants_table(accept: &str) -> bool {
@@ -140,6 +140,18 @@ fn cell(def_type: &str, found: &[&Value]) -> Value {
     }
 }
 
+fn node_status(node: &Value, ready: &[&Value]) -> Value {
+    let mut status = match ready.first().and_then(|v| v.as_str()) {
+        Some("True") => "Ready".to_string(),
+        Some("False") => "NotReady".to_string(),
+        _ => "Unknown".to_string(),
+    };
+    if node.pointer("/spec/unschedulable") == Some(&Value::Bool(true)) {
+        status.push_str(",SchedulingDisabled");
+    }
+    Value::String(status)
+}
+
 /// Column definitions of a resource's table.
 fn column_definitions(def: &ResourceDef) -> Vec<Value> {
     let mut columns = vec![json!({
@@ -182,11 +194,13 @@ fn row(def: &ResourceDef, object: &Value, include: IncludeObject) -> Value {
         .pointer("/metadata/name")
         .cloned()
         .unwrap_or(Value::Null)];
-    cells.extend(
-        def.columns
-            .iter()
-            .map(|c| cell(&c.type_, &evaluate(object, &c.json_path))),
-    );
+    cells.extend(def.columns.iter().map(|c| {
+        let found = evaluate(object, &c.json_path);
+        if c.format == NODE_STATUS {
+            return node_status(object, &found);
+        }
+        cell(&c.type_, &found)
+    }));
     let embedded = match include {
         IncludeObject::None => Value::Null,
         IncludeObject::Object => object.clone(),
@@ -235,6 +249,14 @@ mod tests {
         );
         assert_eq!(evaluate(&obj, ".spec.disks[*].name").len(), 2);
         assert!(evaluate(&obj, ".status.nodeName").is_empty());
+    }
+
+    #[test]
+    fn node_status_reads_like_kubectl() {
+        let node = json!({"spec": {"unschedulable": true}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}});
+        let ready = evaluate(&node, ".status.conditions[?(@.type==\"Ready\")].status");
+        assert_eq!(node_status(&node, &ready), "Ready,SchedulingDisabled");
+        assert_eq!(node_status(&json!({}), &[]), "Unknown");
     }
 
     #[test]
