@@ -596,6 +596,8 @@ fn godwit_crds_examples_and_invalid_manifests() {
         table.lines().nth(1).unwrap().starts_with("demo "),
         "{table}"
     );
+    let explained = cluster.ok(&["explain", "vm.spec.runStrategy"]);
+    assert!(explained.contains("RerunOnFailure"), "{explained}");
     for short in ["vmt", "vmmig"] {
         let listed = cluster.ok(&["get", short, "-o", "name"]);
         assert_eq!(listed.lines().count(), 1, "{short}: {listed}");

@@ -5,8 +5,9 @@
 //! back to it when the aggregated form is not returned. The OpenAPI v3
 //! documents list, for every resource, the write operations and the
 //! `fieldValidation` parameter, so kubectl leaves field validation to this
-//! server instead of validating against a downloaded schema; they carry no
-//! schemas (`kubectl explain` does not work).
+//! server instead of validating against a downloaded schema. They carry the
+//! schemas of custom resources (so `kubectl explain vm.spec` works) but not
+//! of built-in kinds. `/openapi/v2` is not served.
 
 use std::collections::BTreeMap;
 
@@ -175,6 +176,19 @@ pub fn openapi_v3_group_version(defs: &[ResourceDef], group: &str, version: &str
         "description": "Strict, Warn or Ignore"
     });
     let mut paths = serde_json::Map::new();
+    let mut schemas = serde_json::Map::new();
+    for def in &selected {
+        if let Some(schema) = def.custom.then_some(def.schema.as_ref()).flatten() {
+            let mut schema = schema.clone();
+            schema["x-kubernetes-group-version-kind"] =
+                json!([{"group": def.group, "version": def.version, "kind": def.kind}]);
+            let reversed: Vec<&str> = def.group.split('.').rev().collect();
+            schemas.insert(
+                format!("{}.{}.{}", reversed.join("."), def.version, def.kind),
+                schema,
+            );
+        }
+    }
     for def in selected {
         let gvk = json!({"group": def.group, "version": def.version, "kind": def.kind});
         let operation = |action: &str| {
@@ -201,7 +215,7 @@ pub fn openapi_v3_group_version(defs: &[ResourceDef], group: &str, version: &str
         "openapi": "3.0.0",
         "info": {"title": "godwit-apiserver", "version": "v1.33.0"},
         "paths": paths,
-        "components": {"schemas": {}},
+        "components": {"schemas": schemas},
     }))
 }
 
