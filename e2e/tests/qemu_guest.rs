@@ -26,8 +26,15 @@ fn spawn(cfg: &QemuConfig) -> Qemu {
 fn assert_consecutive(hbs: &[(Heartbeat, Instant)]) {
     for w in hbs.windows(2) {
         let (a, b) = (w[0].0, w[1].0);
-        assert_eq!(b.counter, a.counter + 1, "heartbeat counters {a:?} -> {b:?}");
-        assert!(b.guest_ns > a.guest_ns, "guest clock went back: {a:?} -> {b:?}");
+        assert_eq!(
+            b.counter,
+            a.counter + 1,
+            "heartbeat counters {a:?} -> {b:?}"
+        );
+        assert!(
+            b.guest_ns > a.guest_ns,
+            "guest clock went back: {a:?} -> {b:?}"
+        );
         assert!(w[1].1 >= w[0].1);
     }
 }
@@ -92,7 +99,8 @@ fn memcheck_passes_after_dirtying_64_mib_and_catches_a_corrupted_page() {
     let ok = q
         .console
         .wait_for("MEMCHECK ok over all 16384 pages", T, |t| {
-            t.starts_with("MEMCHECK ") && (t.starts_with("MEMCHECK bad") || field(t, "pages") == Some("16384"))
+            t.starts_with("MEMCHECK ")
+                && (t.starts_with("MEMCHECK bad") || field(t, "pages") == Some("16384"))
         })
         .unwrap();
     assert!(ok.text.starts_with("MEMCHECK ok"), "{}", ok.text);
@@ -163,10 +171,16 @@ fn virtio_net_streams_heartbeats_over_tcp_and_answers_ping() {
         .unwrap()
         .unwrap();
     for w in counters.windows(2) {
-        assert!(w[1] > w[0], "TCP heartbeat counters went back: {counters:?}");
+        assert!(
+            w[1] > w[0],
+            "TCP heartbeat counters went back: {counters:?}"
+        );
     }
     let gaps = counters.windows(2).filter(|w| w[1] != w[0] + 1).count();
-    assert!(gaps <= 2, "TCP stream skipped heartbeats {gaps} times: {counters:?}");
+    assert!(
+        gaps <= 2,
+        "TCP stream skipped heartbeats {gaps} times: {counters:?}"
+    );
 }
 
 #[test]
@@ -186,19 +200,35 @@ fn virtio_blk_pattern_is_on_the_image_file() {
         let virtio = q.console.wait_prefix("VIRTIO ", BOOT).unwrap();
         assert!(virtio.text.ends_with(" blk"), "{}", virtio.text);
         let w = q.console.wait_prefix("BLK write", T).unwrap();
-        assert_eq!(w.text, format!("BLK write ok sector={sector} count={count} seed={seed}"));
+        assert_eq!(
+            w.text,
+            format!("BLK write ok sector={sector} count={count} seed={seed}")
+        );
         let v = q.console.wait_prefix("BLK verify", T).unwrap();
-        assert_eq!(v.text, format!("BLK verify ok sector={sector} count={count} seed={seed}"));
+        assert_eq!(
+            v.text,
+            format!("BLK verify ok sector={sector} count={count} seed={seed}")
+        );
         // A different seed does not verify.
-        q.console.send(&format!("blkverify {sector} 1 {}", seed + 1)).unwrap();
+        q.console
+            .send(&format!("blkverify {sector} 1 {}", seed + 1))
+            .unwrap();
         let bad = q.console.wait_prefix("BLK verify", T).unwrap();
-        assert!(bad.text.starts_with("BLK verify bad sector=100 word=0"), "{}", bad.text);
+        assert!(
+            bad.text.starts_with("BLK verify bad sector=100 word=0"),
+            "{}",
+            bad.text
+        );
     }
     let data = fs::read(&image).unwrap();
     let _ = fs::remove_dir_all(&dir);
     for s in sector..sector + count {
         let at = s as usize * 512;
-        assert_eq!(&data[at..at + 512], &blk_sector(seed, s)[..], "sector {s} on the image");
+        assert_eq!(
+            &data[at..at + 512],
+            &blk_sector(seed, s)[..],
+            "sector {s} on the image"
+        );
     }
     assert!(data[..sector as usize * 512].iter().all(|b| *b == 0));
     let end = (sector + count) as usize * 512;
@@ -231,7 +261,12 @@ fn live_migration_keeps_heartbeats_and_memory() {
     eprintln!("migration: {done}");
 
     // Everything the source printed before it stopped.
-    while src.console.next_line(Duration::from_millis(300)).unwrap_or(None).is_some() {}
+    while src
+        .console
+        .next_line(Duration::from_millis(300))
+        .unwrap_or(None)
+        .is_some()
+    {}
     let last_src = src
         .console
         .lines()
@@ -244,7 +279,9 @@ fn live_migration_keeps_heartbeats_and_memory() {
     // follows the source's last one (a line cut by the switch-over is skipped).
     let first_dst = dst
         .console
-        .wait_for("a heartbeat on the destination", T, |t| parse_heartbeat(t).is_some())
+        .wait_for("a heartbeat on the destination", T, |t| {
+            parse_heartbeat(t).is_some()
+        })
         .unwrap();
     let first = parse_heartbeat(&first_dst.text).unwrap();
     assert!(

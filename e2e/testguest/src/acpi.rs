@@ -61,7 +61,7 @@ pub fn count_cpus(rsdp_hint: u64) -> (u32, CpuSource) {
         Some(rsdp_hint)
     } else {
         let e = ebda();
-        (if e >= 0x400 && e < 0xa0000 {
+        (if (0x400..0xa0000).contains(&e) {
             scan(e, e + 1024, b"RSD PTR ", 20)
         } else {
             None
@@ -128,7 +128,7 @@ fn count_madt(madt: u64) -> u32 {
 
 fn mp_cpus() -> Option<u32> {
     let e = ebda();
-    let fp = (if e >= 0x400 && e < 0xa0000 {
+    let fp = (if (0x400..0xa0000).contains(&e) {
         scan(e, e + 1024, b"_MP_", 16)
     } else {
         None

@@ -61,7 +61,7 @@ pub fn map_gib(gib: usize) -> bool {
         }
         let pd = &mut *core::ptr::addr_of_mut!(BOOT_PDS[gib]);
         for (i, e) in pd.0.iter_mut().enumerate() {
-            *e = ((gib as u64) << 30) + ((i as u64) << 21) | PD_FLAGS;
+            *e = (((gib as u64) << 30) + ((i as u64) << 21)) | PD_FLAGS;
         }
         pdpt.0[gib] = pd as *const PageTable as u64 | 7;
         // Reload CR3 to flush any cached non-present entries.

@@ -102,7 +102,6 @@ impl Config {
         }
         c
     }
-
 }
 
 /// Parses decimal or `0x` hexadecimal.

@@ -304,16 +304,20 @@ pub fn init_cpu_tables() {
             options(nostack)
         );
 
-        for v in 0..32usize {
+        for (v, stub) in exc_stub_table.iter().enumerate() {
             let ist = match v {
                 2 => 3,
                 8 => 4,
                 _ => 1,
             };
-            set_gate(v, exc_stub_table[v], ist);
+            set_gate(v, *stub, ist);
         }
         set_gate(TIMER_VECTOR as usize, timer_isr as *const () as u64, 2);
-        set_gate(SPURIOUS_VECTOR as usize, spurious_isr as *const () as u64, 2);
+        set_gate(
+            SPURIOUS_VECTOR as usize,
+            spurious_isr as *const () as u64,
+            2,
+        );
         // Ring 3 calls ring 0 with UD2: on this KVM `int n` from ring 3 becomes
         // #UD and SYSCALL lands in a context that cannot do port I/O, while
         // exceptions from ring 3 reach our (emulated) ring-0 handlers intact.
@@ -345,7 +349,7 @@ pub fn start_timer(period_us: u64) -> u64 {
     lapic_write(LAPIC_TPR, 0);
     lapic_write(LAPIC_SVR, 0x100 | SPURIOUS_VECTOR as u32);
     lapic_write(LAPIC_TIMER_DIV, 0xb); // divide by 1
-    // One-shot, masked, from the maximum count; measure over 10 ms.
+                                       // One-shot, masked, from the maximum count; measure over 10 ms.
     lapic_write(LAPIC_LVT_TIMER, 1 << 16 | TIMER_VECTOR as u32);
     lapic_write(LAPIC_TIMER_INIT, u32::MAX);
     let t0 = clock::now_ns();

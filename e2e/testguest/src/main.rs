@@ -157,7 +157,10 @@ extern "C" fn main64(start_info: u32) -> ! {
     println!("GODWIT-TESTGUEST {}", VERSION);
     interrupts::init_cpu_tables();
     // SAFETY: HEAP_MEM is used only by the allocator from here on.
-    unsafe { HEAP.lock().init(addr_of_mut!(HEAP_MEM) as *mut u8, HEAP_SIZE) };
+    unsafe {
+        HEAP.lock()
+            .init(addr_of_mut!(HEAP_MEM) as *mut u8, HEAP_SIZE)
+    };
 
     let Some(info) = StartInfo::read(start_info as u64) else {
         println!("PANIC no PVH start info at {:#x}", start_info);
@@ -237,7 +240,14 @@ impl Guest {
                         println!("WARN virtio-net at {:#x} unused: no ip= given", d.addr);
                         continue;
                     };
-                    match Net::new(t, ip, prefix, self.cfg.gw, self.cfg.tcp_port, clock::now_ns()) {
+                    match Net::new(
+                        t,
+                        ip,
+                        prefix,
+                        self.cfg.gw,
+                        self.cfg.tcp_port,
+                        clock::now_ns(),
+                    ) {
                         Ok(n) => {
                             let m = n.mac;
                             println!(
@@ -279,7 +289,12 @@ impl Guest {
             );
             return;
         }
-        self.work = Some(Workload::new(WORKSET_BASE, bytes / PAGE, rate, clock::now_ns()));
+        self.work = Some(Workload::new(
+            WORKSET_BASE,
+            bytes / PAGE,
+            rate,
+            clock::now_ns(),
+        ));
         println!(
             "DIRTY mib={} rate={} pages={} base={:#x}",
             mib,
@@ -295,7 +310,10 @@ impl Guest {
             return;
         };
         match virtio::blk_write(blk, sector, count, seed) {
-            BlkOutcome::Ok => println!("BLK write ok sector={} count={} seed={}", sector, count, seed),
+            BlkOutcome::Ok => println!(
+                "BLK write ok sector={} count={} seed={}",
+                sector, count, seed
+            ),
             BlkOutcome::Io { sector } => println!("BLK write bad sector={} error=io", sector),
             BlkOutcome::Mismatch { .. } => {}
         }
@@ -308,7 +326,10 @@ impl Guest {
             return;
         };
         match virtio::blk_verify(blk, sector, count, seed) {
-            BlkOutcome::Ok => println!("BLK verify ok sector={} count={} seed={}", sector, count, seed),
+            BlkOutcome::Ok => println!(
+                "BLK verify ok sector={} count={} seed={}",
+                sector, count, seed
+            ),
             BlkOutcome::Io { sector } => println!("BLK verify bad sector={} error=io", sector),
             BlkOutcome::Mismatch {
                 sector,

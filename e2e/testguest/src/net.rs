@@ -63,10 +63,7 @@ impl Device for NetDevice {
         let rx = self.nic.receive().ok()?;
         let pkt = rx.packet();
         let len = pkt.len().min(MTU);
-        let mut tok = Rx {
-            buf: [0; MTU],
-            len,
-        };
+        let mut tok = Rx { buf: [0; MTU], len };
         tok.buf[..len].copy_from_slice(&pkt[..len]);
         let _ = self.nic.recycle_rx_buffer(rx);
         Some((tok, Tx { nic: &mut self.nic }))

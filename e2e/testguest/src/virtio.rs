@@ -77,8 +77,15 @@ pub type Blk = VirtIOBlk<GuestHal, Mmio>;
 /// Outcome of a block pattern operation.
 pub enum BlkOutcome {
     Ok,
-    Io { sector: u64 },
-    Mismatch { sector: u64, word: u64, expected: u64, found: u64 },
+    Io {
+        sector: u64,
+    },
+    Mismatch {
+        sector: u64,
+        word: u64,
+        expected: u64,
+        found: u64,
+    },
 }
 
 fn fill(buf: &mut [u8; SECTOR_SIZE], seed: u64, sector: u64) {

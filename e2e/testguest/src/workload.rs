@@ -32,8 +32,15 @@ pub struct Workload {
 
 /// Result of a finished verification.
 pub enum CheckResult {
-    Ok { gen: u64, pages: u64 },
-    Bad { page: u64, expected: u64, found: u64 },
+    Ok {
+        gen: u64,
+        pages: u64,
+    },
+    Bad {
+        page: u64,
+        expected: u64,
+        found: u64,
+    },
 }
 
 /// An in-progress verification.
