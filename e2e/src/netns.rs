@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread;
+use std::thread::{self, JoinHandle};
 
 /// Errors of namespace management.
 #[derive(Debug, thiserror::Error)]
@@ -105,23 +105,31 @@ impl Netns {
     }
 
     /// Runs `f` on a thread that has joined this namespace (sockets it opens
-    /// live there).
+    /// live there) and waits for it.
     pub fn run_in<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, NetnsError> {
+        self.spawn_in(f)?
+            .join()
+            .map_err(|_| NetnsError::ThreadPanicked(self.name.clone()))?
+    }
+
+    /// Starts `f` on a thread that has joined this namespace.
+    pub fn spawn_in<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<JoinHandle<Result<T, NetnsError>>, NetnsError> {
         let path = Path::new("/var/run/netns").join(&self.name);
         let file = File::open(&path).map_err(|e| NetnsError::Open(self.name.clone(), e))?;
         let name = self.name.clone();
-        let h = thread::spawn(move || {
+        Ok(thread::spawn(move || {
             // SAFETY: setns on this thread only, with a valid namespace fd.
             if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(NetnsError::Setns(name, std::io::Error::last_os_error()));
             }
             Ok(f())
-        });
-        h.join()
-            .map_err(|_| NetnsError::ThreadPanicked(self.name.clone()))?
+        }))
     }
 
     /// Adds a bridge (up).
