@@ -1505,7 +1505,6 @@ fn watch(
     let bookmarks = query.flag("allowWatchBookmarks");
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     let start = state.store.watch(&filter.res, since);
-    let start_rv = since.unwrap_or_else(|| state.store.current_rv());
     let interval = state.bookmark_interval;
     tokio::spawn(async move {
         let mut start = match start {
@@ -1516,7 +1515,9 @@ fn watch(
             }
             Err(_) => return,
         };
-        let mut last_rv = start_rv;
+        // Everything up to the version at subscription is in the backlog (or
+        // the current state); the live channel carries only newer events.
+        let mut last_rv = since.unwrap_or(start.rv);
         for event in &start.backlog {
             last_rv = last_rv.max(event.rv);
             if let Some(line) = filter.line(event) {

@@ -134,6 +134,9 @@ pub struct WatchStart {
     pub live: broadcast::Receiver<Arc<StoredEvent>>,
     /// Changes when watches are force-expired.
     pub expiry: watch::Receiver<u64>,
+    /// The global resource version when the watch started; live events are
+    /// all newer.
+    pub rv: u64,
 }
 
 #[derive(Default)]
@@ -319,6 +322,7 @@ impl Store {
             backlog,
             live: self.events.subscribe(),
             expiry: self.expiry.subscribe(),
+            rv: inner.rv,
         })
     }
 
