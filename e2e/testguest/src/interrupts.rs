@@ -166,8 +166,8 @@ spurious_isr:
     iretq
 
     /* UD2 from ring 3 is a call into ring 0: rax = call number.
-       0: halt if GODWIT_TICKS == rdi; 1: write rdi..rdi+rsi to COM1 with one
-       rep outsb; 2: read a COM1 byte (rax = 0x100 | byte, or 0).
+       0: halt if GODWIT_TICKS == rdi; 1: write rdi..rdi+rsi to COM1 with rep outsb
+       in chunks of 16 bytes, each after LSR.THRE; 2: read a COM1 byte (rax = 0x100 | byte, or 0).
        A #UD in ring 0 is a real fault and is reported as such. */
     .global ud_entry
 ud_entry:
@@ -188,15 +188,43 @@ ud_entry:
 .Lsys_ret:
     iretq
 .Lsys_write:
+    /* In chunks of at most 16 bytes (the UART's FIFO), each after THRE says
+       the FIFO is empty (bounded wait): a backend that cannot take bytes at
+       once (QEMU's socket chardev when the reader lags) then slows the guest
+       down instead of dropping output. */
+    pushq %rax
+    pushq %rbx
     pushq %rcx
     pushq %rdx
-    movq %rsi, %rcx
+    movq %rsi, %rbx
     movq %rdi, %rsi
-    movw $0x3f8, %dx
     cld
+.Lw_chunk:
+    testq %rbx, %rbx
+    jz .Lw_done
+    movl $200000, %ecx
+    movw $0x3fd, %dx
+.Lw_wait:
+    inb %dx, %al
+    testb $0x20, %al
+    jnz .Lw_ready
+    decl %ecx
+    jnz .Lw_wait
+.Lw_ready:
+    movq %rbx, %rcx
+    cmpq $16, %rcx
+    jbe .Lw_len
+    movq $16, %rcx
+.Lw_len:
+    subq %rcx, %rbx
+    movw $0x3f8, %dx
     rep outsb
+    jmp .Lw_chunk
+.Lw_done:
     popq %rdx
     popq %rcx
+    popq %rbx
+    popq %rax
     iretq
 .Lsys_read:
     pushq %rdx
