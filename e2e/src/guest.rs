@@ -270,9 +270,66 @@ impl Console {
     }
 }
 
+/// The guest's own pattern and command-line code, compiled for the host so the
+/// tests below check the host's formulas and parsing against the guest's.
+#[cfg(test)]
+#[allow(dead_code)]
+#[path = "../testguest/src/pattern.rs"]
+mod guest_pattern;
+
+#[cfg(test)]
+#[allow(dead_code)]
+#[path = "../testguest/src/cmdline.rs"]
+mod guest_cmdline;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_patterns_match_the_guests() {
+        for (seed, sector, word) in [(0, 0, 0), (7, 100, 63), (u64::MAX, 1 << 30, 5)] {
+            assert_eq!(
+                blk_word(seed, sector, word),
+                guest_pattern::blk_word(seed, sector, word)
+            );
+        }
+        for (page, gen) in [(0, 1), (16383, 2), (1 << 20, 12345)] {
+            assert_eq!(mem_word(page, gen), guest_pattern::mem_word(page, gen));
+        }
+    }
+
+    #[test]
+    fn guest_parses_the_documented_command_line() {
+        let c = guest_cmdline::Config::parse(
+            "hb_ms=2 dirty_mib=64 dirty_rate=0x100 memcheck_s=1 junk hb_ms=x \
+             virtio_mmio.device=512@0xfeb00e00:12 virtio_mmio.device=4K@feb00c00:11 \
+             ip=10.0.0.2/24 gw=10.0.0.1 tcp_port=9000 blk_write=8:16:0x2a blk_verify=1:2:3",
+        );
+        assert_eq!(c.hb_ms, 2);
+        assert_eq!(c.dirty_mib, 64);
+        assert_eq!(c.dirty_rate, 256);
+        assert_eq!(c.memcheck_s, 1);
+        assert_eq!(c.nvirtio, 2);
+        assert_eq!(
+            (c.virtio[0].size, c.virtio[0].addr, c.virtio[0].irq),
+            (512, 0xfeb0_0e00, 12)
+        );
+        assert_eq!((c.virtio[1].size, c.virtio[1].addr), (4096, 0xfeb0_0c00));
+        assert_eq!(c.ip, Some(([10, 0, 0, 2], 24)));
+        assert_eq!(c.gw, Some([10, 0, 0, 1]));
+        assert_eq!(c.tcp_port, 9000);
+        let w = c.blk_write.unwrap();
+        assert_eq!((w.sector, w.count, w.seed), (8, 16, 42));
+        let v = c.blk_verify.unwrap();
+        assert_eq!((v.sector, v.count, v.seed), (1, 2, 3));
+        let d = guest_cmdline::Config::parse("");
+        assert_eq!(
+            (d.hb_ms, d.tcp_port, d.tick_us, d.nvirtio),
+            (100, 7777, 1000, 0)
+        );
+        assert!(d.ip.is_none() && d.blk_write.is_none());
+    }
 
     #[test]
     fn heartbeat_lines_parse_and_fragments_do_not() {

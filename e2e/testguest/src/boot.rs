@@ -5,7 +5,8 @@
 //! holding the physical address of `hvm_start_info`. We zero .bss, map the first
 //! 4 GiB with 2 MiB pages (the top GiB uncached: LAPIC, virtio-mmio, IOAPIC
 //! live there), enable PAE + EFER.LME + paging and far-jump into 64-bit code,
-//! which calls [`crate::main64`] with the start-info address.
+//! which calls [`crate::main64`] with the start-info address. CR4.TSD, SMEP
+//! and SMAP are cleared: ring 3 reads the TSC, and ring 0 reads ring-3 buffers.
 //!
 //! Every mapping has the user bit set: after setup the guest drops to ring 3
 //! (see `interrupts::enter_user`), because this KVM emulates ring-0 guest code
@@ -144,6 +145,7 @@ pvh_start32:
     movl $BOOT_PML4, %eax
     movl %eax, %cr3
     movl %cr4, %eax
+    andl $~0x300004, %eax
     orl $0x20, %eax
     movl %eax, %cr4
     movl $0xc0000080, %ecx
