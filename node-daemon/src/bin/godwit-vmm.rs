@@ -9,9 +9,8 @@ use clap::Parser;
 
 use godwit_node::vmm::control;
 use godwit_node::vmm::devices::GuestExit;
-use godwit_node::vmm::state::VmmSnapshot;
 use godwit_node::vmm::vm::VmExit;
-use godwit_node::vmm::{DiskConfig, NetConfig, RuntimeConfig, VmConfig, Vmm};
+use godwit_node::vmm::{BuildMode, DiskConfig, NetConfig, RuntimeConfig, VmConfig, Vmm};
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -163,27 +162,25 @@ fn main() {
         console_sock: args.console_sock.clone(),
         api_sock: args.api_sock.clone(),
     };
-    let snapshot = match &args.restore {
-        Some(dir) => Some(VmmSnapshot::load(dir).unwrap_or_else(|e| fail(error_chain(&e)))),
-        None => None,
+    let built = match &args.restore {
+        Some(dir) => Vmm::restore_snapshot(dir, &runtime),
+        None => {
+            let Some(kernel) = args.kernel.clone() else {
+                fail("--kernel is required (or --restore a snapshot directory)".into())
+            };
+            let config = VmConfig {
+                kernel,
+                initrd: args.initrd.clone(),
+                cmdline: args.cmdline.clone(),
+                memory_mib: args.memory_mib,
+                vcpus: args.vcpus,
+                disks: args.disk.clone(),
+                nets: args.net.clone(),
+            };
+            Vmm::build(config, &runtime, BuildMode::Boot)
+        }
     };
-    let kernel = match (&args.kernel, &snapshot) {
-        (Some(k), _) => k.clone(),
-        (None, Some(s)) => s.config.kernel.clone(),
-        (None, None) => fail("--kernel is required (or --restore a snapshot)".into()),
-    };
-    let config = VmConfig {
-        kernel,
-        initrd: args.initrd.clone(),
-        cmdline: args.cmdline.clone(),
-        memory_mib: args.memory_mib,
-        vcpus: args.vcpus,
-        disks: args.disk.clone(),
-        nets: args.net.clone(),
-    };
-    let snap_ref = snapshot.as_ref().zip(args.restore.as_deref());
-    let (vmm, exits) =
-        Vmm::build(config, &runtime, snap_ref).unwrap_or_else(|e| fail(error_chain(&e)));
+    let (vmm, exits) = built.unwrap_or_else(|e| fail(error_chain(&e)));
     if args.dirty_log {
         vmm.set_dirty_log(true)
             .unwrap_or_else(|e| fail(error_chain(&e)));
@@ -211,6 +208,10 @@ fn main() {
             }
             Ok(VmExit::Guest(GuestExit::Reset)) => {
                 eprintln!("godwit-vmm: guest reset; exiting");
+                break 0;
+            }
+            Ok(VmExit::Stopped) => {
+                eprintln!("godwit-vmm: stopped by control request");
                 break 0;
             }
             Ok(VmExit::Failed(msg)) => {

@@ -163,6 +163,15 @@ pub struct Stats {
     pub dirty_log: bool,
 }
 
+/// How [`Vmm::build`] prepares the VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BuildMode {
+    /// Load the kernel and boot it.
+    Boot,
+    /// Leave memory and vCPUs for a restore (snapshot or migration).
+    Incoming,
+}
+
 /// A running VM and everything it owns.
 pub struct Vmm {
     /// /dev/kvm.
@@ -203,25 +212,26 @@ fn check_kvm() -> Result<(), VmmError> {
 }
 
 impl Vmm {
-    /// Builds the VM from `config` (booting its kernel) or, with `snapshot`,
-    /// restores the snapshot's VM, whose config then wins. Nothing runs
-    /// until [`Vmm::start`]. On error nothing is left behind: taps close
-    /// with their fds, and files are only created after every check passed.
+    /// Builds the VM from `config`. With [`BuildMode::Boot`] the kernel is
+    /// loaded and the vCPUs set up to enter it; with
+    /// [`BuildMode::Incoming`] memory stays zero and the vCPUs unset, for
+    /// [`Vmm::restore_state`] (after the caller filled memory: a snapshot
+    /// file or a migration stream). Nothing runs until [`Vmm::start`]. On
+    /// error nothing is left behind: taps close with their fds, and files
+    /// are only created after every check passed.
     pub fn build(
         config: VmConfig,
         runtime: &RuntimeConfig,
-        snapshot: Option<(&VmmSnapshot, &Path)>,
+        mode: BuildMode,
     ) -> Result<(Vmm, Receiver<VmExit>), VmmError> {
-        let config = snapshot.map(|(s, _)| s.config.clone()).unwrap_or(config);
         if config.vcpus == 0 || config.vcpus > 254 {
             return Err(VmmError::VcpuCount);
         }
         check_kvm()?;
         // Check inputs before creating anything visible outside the process.
-        let kernel_kind = if snapshot.is_none() {
-            Some(boot::detect_kernel(&config.kernel)?)
-        } else {
-            None
+        let kernel_kind = match mode {
+            BuildMode::Boot => Some(boot::detect_kernel(&config.kernel)?),
+            BuildMode::Incoming => None,
         };
         for d in &config.disks {
             if !d.path.exists() {
@@ -293,8 +303,7 @@ impl Vmm {
             index += 1;
         }
 
-        let serial_state = snapshot.map(|(s, _)| &s.devices.serial);
-        let (console, serial_evt) = Console::new(runtime.serial_log.as_deref(), serial_state)?;
+        let (console, serial_evt) = Console::new(runtime.serial_log.as_deref(), None)?;
         vm.register_irqfd(&serial_evt, COM1_IRQ)
             .map_err(|e| VmError::RegisterIrqfd(COM1_IRQ, e))?;
         irq_evts.push(serial_evt);
@@ -303,8 +312,8 @@ impl Vmm {
             virtio: transports,
         });
 
-        match snapshot {
-            None => {
+        match mode {
+            BuildMode::Boot => {
                 let mut cmdline = config.cmdline.clone();
                 for i in 0..index {
                     if !cmdline.is_empty() {
@@ -335,9 +344,7 @@ impl Vmm {
                     }
                 }
             }
-            Some((snap, dir)) => {
-                state::restore(snap, dir, &vm, &mem, &vcpus, &devices)?;
-            }
+            BuildMode::Incoming => {}
         }
 
         let (exit_tx, exit_rx) = channel();
@@ -432,6 +439,50 @@ impl Vmm {
             .store(d.iter().map(|b| b.count()).sum(), Ordering::Relaxed);
         self.dirty_takes.fetch_add(1, Ordering::Relaxed);
         Ok(d)
+    }
+
+    /// Builds the VM saved in the snapshot directory `dir` and restores it
+    /// (memory, VM, vCPU and device state); it runs after [`Vmm::start`].
+    pub fn restore_snapshot(
+        dir: &Path,
+        runtime: &RuntimeConfig,
+    ) -> Result<(Vmm, Receiver<VmExit>), VmmError> {
+        let snap = VmmSnapshot::load(dir)?;
+        let (vmm, rx) = Vmm::build(snap.config.clone(), runtime, BuildMode::Incoming)?;
+        memory::load_from_file(&vmm.mem, &snap.memory, &dir.join(state::MEMORY_FILE))?;
+        vmm.restore_state(&snap)?;
+        Ok((vmm, rx))
+    }
+
+    /// Captures VM, vCPU and device state (no memory bytes; the snapshot's
+    /// memory layout is filled in). Pauses the VM first; it stays paused.
+    pub fn save_state(&self) -> Result<VmmSnapshot, VmmError> {
+        self.pause();
+        Ok(state::capture(self)?)
+    }
+
+    /// Restores state captured by [`Vmm::save_state`] into a VM built with
+    /// [`BuildMode::Incoming`] whose memory already holds the guest's pages
+    /// and whose vCPUs have not run (started paused, or not started).
+    pub fn restore_state(&self, snap: &VmmSnapshot) -> Result<(), VmmError> {
+        state::restore(self, snap)?;
+        Ok(())
+    }
+
+    /// Guest RAM regions: (guest-physical start, length, host address).
+    /// The host mappings live as long as the `Vmm`.
+    pub fn regions(&self) -> Vec<(u64, u64, *mut u8)> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        self.mem
+            .iter()
+            .map(|r| {
+                let host = self
+                    .mem
+                    .get_host_address(r.start_addr())
+                    .expect("region start is in guest memory");
+                (r.start_addr().0, r.len(), host)
+            })
+            .collect()
     }
 
     /// Saves a snapshot (state.json + memory.bin) into `dir`, pausing the

@@ -16,7 +16,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::devices::{Devices, DevicesState};
-use super::memory::{self, GuestMemory, MemoryError, MemoryState};
+use super::memory::{self, MemoryError, MemoryState};
 use super::vcpu::{Vcpu, VcpuError, VcpuState};
 use super::vm::{self, VmError, VmState};
 use super::{VirtioError, VmConfig, Vmm};
@@ -99,8 +99,7 @@ impl Persist for Devices {
         if s.virtio.len() != self.virtio.len() {
             return Err(StateError::Mismatch);
         }
-        // COM1 is rebuilt from `s.serial` when the console is created (see
-        // Vmm::build): vm-superio builds a serial device from state only.
+        crate::vmm::devices::serial::restore(&self.serial, &s.serial);
         for (t, st) in self.virtio.iter().zip(&s.virtio) {
             t.lock().unwrap().restore(st)?;
         }
@@ -139,8 +138,9 @@ impl VmmSnapshot {
     }
 }
 
-/// Captures the whole VM state (no memory).
-pub fn capture(vmm: &Vmm) -> Result<(VmState, Vec<VcpuState>, DevicesState), StateError> {
+/// Captures the whole VM state with the memory layout (no memory bytes).
+/// The VM must be paused.
+pub fn capture(vmm: &Vmm) -> Result<VmmSnapshot, StateError> {
     let vm_state = vm::save(&vmm.vm)?;
     let vcpus = vmm
         .vcpus
@@ -149,49 +149,56 @@ pub fn capture(vmm: &Vmm) -> Result<(VmState, Vec<VcpuState>, DevicesState), Sta
         .map(|v| Persist::save(&*v.lock().unwrap()))
         .collect::<Result<Vec<_>, _>>()?;
     let devices = Persist::save(&*vmm.devices)?;
-    Ok((vm_state, vcpus, devices))
+    Ok(VmmSnapshot {
+        version: SNAPSHOT_VERSION,
+        config: vmm.config.clone(),
+        memory: memory::layout(&vmm.mem),
+        vm: vm_state,
+        vcpus,
+        devices,
+    })
+}
+
+impl VmmSnapshot {
+    /// Serialises the state (what `state.json` holds; also the migration
+    /// engine's device/vCPU state message).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("snapshot state serialises")
+    }
+
+    /// Parses [`VmmSnapshot::to_bytes`] output, checking the version.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
+        let snap: VmmSnapshot = serde_json::from_slice(bytes).map_err(StateError::ParseState)?;
+        if !(SNAPSHOT_MIN_VERSION..=SNAPSHOT_VERSION).contains(&snap.version) {
+            return Err(StateError::Version(snap.version));
+        }
+        Ok(snap)
+    }
 }
 
 /// Writes a snapshot of the paused `vmm` into `dir`.
 pub fn save(vmm: &Vmm, dir: &Path) -> Result<(), StateError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| StateError::CreateDir(dir.display().to_string(), e))?;
-    let (vm_state, vcpus, devices) = capture(vmm)?;
-    let memory = memory::save_to_file(&vmm.mem, &dir.join(MEMORY_FILE))?;
-    let snap = VmmSnapshot {
-        version: SNAPSHOT_VERSION,
-        config: vmm.config.clone(),
-        memory,
-        vm: vm_state,
-        vcpus,
-        devices,
-    };
-    let json = serde_json::to_vec(&snap).expect("snapshot state serialises");
+    let snap = capture(vmm)?;
+    memory::save_to_file(&vmm.mem, &dir.join(MEMORY_FILE))?;
     let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-    std::fs::write(&tmp, json).map_err(StateError::WriteState)?;
+    std::fs::write(&tmp, snap.to_bytes()).map_err(StateError::WriteState)?;
     std::fs::rename(&tmp, dir.join(STATE_FILE)).map_err(StateError::WriteState)?;
     Ok(())
 }
 
-/// Restores `snap` (memory from `dir`) into a freshly built VM whose vCPUs
-/// have not run.
-pub fn restore(
-    snap: &VmmSnapshot,
-    dir: &Path,
-    vm_fd: &kvm_ioctls::VmFd,
-    mem: &GuestMemory,
-    vcpus: &[Vcpu],
-    devices: &Devices,
-) -> Result<(), StateError> {
-    if snap.vcpus.len() != vcpus.len() {
+/// Restores `snap` into a VM built for it whose memory is already filled
+/// and whose vCPUs have not run.
+pub fn restore(vmm: &Vmm, snap: &VmmSnapshot) -> Result<(), StateError> {
+    if snap.vcpus.len() != vmm.vcpus.vcpus.len() {
         return Err(StateError::Mismatch);
     }
-    memory::load_from_file(mem, &snap.memory, &dir.join(MEMORY_FILE))?;
-    vm::restore_chips(vm_fd, &snap.vm)?;
-    for (v, s) in vcpus.iter().zip(&snap.vcpus) {
-        Persist::restore(v, s)?;
+    vm::restore_chips(&vmm.vm, &snap.vm)?;
+    for (v, s) in vmm.vcpus.vcpus.iter().zip(&snap.vcpus) {
+        Persist::restore(&*v.lock().unwrap(), s)?;
     }
-    Persist::restore(devices, &snap.devices)?;
-    vm::restore_clock(vm_fd, &snap.vm)?;
+    Persist::restore(&*vmm.devices, &snap.devices)?;
+    vm::restore_clock(&vmm.vm, &snap.vm)?;
     Ok(())
 }

@@ -153,6 +153,8 @@ pub enum VmExit {
     Guest(GuestExit),
     /// KVM could not continue the guest.
     Failed(String),
+    /// Stopped through the control socket.
+    Stopped,
 }
 
 /// Per-vCPU exit counters.

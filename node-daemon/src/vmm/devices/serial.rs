@@ -44,6 +44,7 @@ impl Trigger for IrqEvt {
 }
 
 /// Where serial output goes: the log file and every attached client.
+#[derive(Debug)]
 pub struct ConsoleOut {
     log: Option<File>,
     clients: Arc<Mutex<Vec<UnixStream>>>,
@@ -203,6 +204,25 @@ impl Console {
     pub fn save(&self) -> SerialDeviceState {
         self.serial.lock().unwrap().state().into()
     }
+}
+
+/// Puts saved registers and pending input back into `serial` (vm-superio
+/// only builds a device from state, so the device is rebuilt around the same
+/// interrupt eventfd and output).
+pub fn restore(serial: &Mutex<SerialDevice>, state: &SerialDeviceState) {
+    let mut dev = serial.lock().unwrap();
+    let irq = IrqEvt(
+        dev.interrupt_evt()
+            .0
+            .try_clone()
+            .expect("clone serial eventfd"),
+    );
+    let out = ConsoleOut {
+        log: dev.writer().log.as_ref().and_then(|f| f.try_clone().ok()),
+        clients: dev.writer().clients.clone(),
+    };
+    *dev = Serial::from_state(&SerialState::from(state), irq, NoEvents, out)
+        .expect("serial state from a snapshot is within FIFO bounds");
 }
 
 fn feed_input(mut reader: UnixStream, serial: Arc<Mutex<SerialDevice>>) {
