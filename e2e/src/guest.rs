@@ -307,6 +307,7 @@ mod tests {
              ip=10.0.0.2/24 gw=10.0.0.1 tcp_port=9000 blk_write=8:16:0x2a blk_verify=1:2:3",
         );
         assert_eq!(c.hb_ms, 2);
+        assert_eq!(c.tick_us, 1000);
         assert_eq!(c.dirty_mib, 64);
         assert_eq!(c.dirty_rate, 256);
         assert_eq!(c.memcheck_s, 1);
@@ -326,7 +327,7 @@ mod tests {
         let d = guest_cmdline::Config::parse("");
         assert_eq!(
             (d.hb_ms, d.tcp_port, d.tick_us, d.nvirtio),
-            (100, 7777, 1000, 0)
+            (100, 7777, 10_000, 0)
         );
         assert!(d.ip.is_none() && d.blk_write.is_none());
     }

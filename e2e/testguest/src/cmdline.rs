@@ -24,6 +24,7 @@ pub struct BlkPattern {
 /// The parsed command line.
 pub struct Config {
     pub hb_ms: u64,
+    /// LAPIC timer period; 0 until parsed, then explicit or derived from hb_ms.
     pub tick_us: u64,
     pub dirty_mib: u64,
     pub dirty_rate: u64,
@@ -42,7 +43,7 @@ impl Config {
     pub fn parse(text: &str) -> Config {
         let mut c = Config {
             hb_ms: 100,
-            tick_us: 1000,
+            tick_us: 0,
             dirty_mib: 0,
             dirty_rate: 0,
             memcheck_s: 0,
@@ -99,6 +100,11 @@ impl Config {
                 "blk_verify" => c.blk_verify = parse_blk(value),
                 _ => {}
             }
+        }
+        if c.tick_us == 0 {
+            // A tenth of the heartbeat period, between 1 and 10 ms: heartbeats
+            // stay within 10% of their grid while an idle guest wakes rarely.
+            c.tick_us = (c.hb_ms * 100).clamp(1000, 10_000);
         }
         c
     }
