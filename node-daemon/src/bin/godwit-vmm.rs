@@ -186,9 +186,6 @@ fn main() {
             .unwrap_or_else(|e| fail(error_chain(&e)));
     }
     let vmm = Arc::new(vmm);
-    if let Some(p) = &runtime.api_sock {
-        control::serve(vmm.clone(), p).unwrap_or_else(|e| fail(error_chain(&e)));
-    }
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
@@ -196,6 +193,10 @@ fn main() {
     }
     vmm.start(&runtime, args.paused)
         .unwrap_or_else(|e| fail(error_chain(&e)));
+    // The control socket appears last: once it exists, so does the console.
+    if let Some(p) = &runtime.api_sock {
+        control::serve(vmm.clone(), p).unwrap_or_else(|e| fail(error_chain(&e)));
+    }
 
     let deadline = args
         .timeout_s

@@ -56,8 +56,8 @@ impl Write for ConsoleOut {
             log.write_all(buf)?;
         }
         let mut clients = self.clients.lock().unwrap();
-        // Clients are non-blocking; a client that cannot keep up or has gone
-        // is dropped rather than stalling the guest.
+        // A client that cannot keep up (write timeout) or has gone is
+        // dropped rather than stalling the guest.
         clients.retain_mut(|c| c.write_all(buf).is_ok());
         Ok(buf.len())
     }
@@ -188,7 +188,11 @@ impl Console {
                     let Ok(reader) = stream.try_clone() else {
                         continue;
                     };
-                    let _ = stream.set_nonblocking(true);
+                    // A client that stops reading must not stall the guest:
+                    // writes give up after a short timeout and the client is
+                    // dropped. (Not O_NONBLOCK: the reader shares the file
+                    // description and must block.)
+                    let _ = stream.set_write_timeout(Some(std::time::Duration::from_millis(100)));
                     clients.lock().unwrap().push(stream);
                     let serial = serial.clone();
                     let _ = std::thread::Builder::new()
