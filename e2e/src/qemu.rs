@@ -31,7 +31,7 @@ pub enum QemuError {
     NoQemu,
     #[error("Test guest unavailable")]
     Guest(#[source] GuestError),
-    #[error("Failed to create QEMU's run directory")]
+    #[error("Failed to create a scratch directory")]
     RunDir(#[source] std::io::Error),
     #[error("Failed to open the network namespace")]
     Netns(#[source] std::io::Error),
@@ -124,15 +124,45 @@ pub fn free_port() -> Result<u16, QemuError> {
 
 /// A unique directory for one QEMU process's sockets and logs.
 fn run_dir() -> Result<PathBuf, QemuError> {
+    unique_dir("qemu").map_err(QemuError::RunDir)
+}
+
+fn unique_dir(tag: &str) -> std::io::Result<PathBuf> {
     static N: AtomicU64 = AtomicU64::new(0);
     let d = std::env::temp_dir().join(format!(
-        "godwit-qemu-{}-{}",
+        "godwit-{tag}-{}-{}",
         std::process::id(),
         N.fetch_add(1, Ordering::SeqCst)
     ));
     let _ = fs::remove_dir_all(&d);
-    fs::create_dir_all(&d).map_err(QemuError::RunDir)?;
+    fs::create_dir_all(&d)?;
     Ok(d)
+}
+
+/// A uniquely named scratch directory (disk images and the like), removed
+/// with its contents on Drop, also when a test panics.
+pub struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    /// Creates `$TMPDIR/godwit-<tag>-<pid>-<n>`.
+    pub fn new(tag: &str) -> Result<ScratchDir, QemuError> {
+        Ok(ScratchDir {
+            path: unique_dir(tag).map_err(QemuError::RunDir)?,
+        })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
 }
 
 /// A running QEMU with the test guest; killed on Drop.

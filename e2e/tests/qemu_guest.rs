@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use godwit_e2e::guest::{blk_sector, field, parse_heartbeat, Heartbeat};
 use godwit_e2e::netns::{Netns, Veth};
-use godwit_e2e::qemu::{free_port, Qemu, QemuConfig};
+use godwit_e2e::qemu::{free_port, Qemu, QemuConfig, ScratchDir};
 use serde_json::json;
 
 const BOOT: Duration = Duration::from_secs(60);
@@ -186,9 +186,8 @@ fn virtio_net_streams_heartbeats_over_tcp_and_answers_ping() {
 
 #[test]
 fn virtio_blk_pattern_is_on_the_image_file() {
-    let dir = std::env::temp_dir().join(format!("godwit-blk-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    let image = dir.join("disk.raw");
+    let dir = ScratchDir::new("blk").unwrap();
+    let image = dir.path().join("disk.raw");
     fs::write(&image, vec![0u8; 4 << 20]).unwrap();
     let (sector, count, seed) = (100u64, 40u64, 0xfeed_beefu64);
     {
@@ -222,7 +221,6 @@ fn virtio_blk_pattern_is_on_the_image_file() {
         );
     }
     let data = fs::read(&image).unwrap();
-    let _ = fs::remove_dir_all(&dir);
     for s in sector..sector + count {
         let at = s as usize * 512;
         assert_eq!(
@@ -311,7 +309,7 @@ fn two_millisecond_heartbeats_keep_pace() {
     // falling behind shows as a longer span.
     let span = hbs[299].0.guest_ns - hbs[0].0.guest_ns;
     assert!(
-        (596_000_000..1_800_000_000).contains(&span),
+        (596_000_000..2_400_000_000).contains(&span),
         "299 heartbeat periods of 2 ms took {span} ns of guest time"
     );
 }

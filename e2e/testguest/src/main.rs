@@ -345,7 +345,7 @@ impl Guest {
 
     fn heartbeat(&mut self, now: u64) {
         self.hb += 1;
-        let gap = now - self.last_hb_ns;
+        let gap = now.saturating_sub(self.last_hb_ns);
         self.max_gap_ns = self.max_gap_ns.max(gap);
         self.last_hb_ns = now;
         let mut l = LineBuf {
@@ -382,7 +382,7 @@ impl Guest {
     fn do_work(&mut self, start: u64) -> bool {
         loop {
             let now = clock::now_ns();
-            if now >= self.next_hb_ns || now - start >= CHUNK_NS {
+            if now >= self.next_hb_ns || now.saturating_sub(start) >= CHUNK_NS {
                 return self.check.is_some()
                     || self.work.as_ref().is_some_and(|w| w.rate == 0 && !w.paused);
             }
