@@ -160,15 +160,10 @@ pub fn layout(mem: &GuestMemory) -> MemoryState {
     MemoryState { regions }
 }
 
-/// Host slice of a whole region.
-fn region_slice(mem: &GuestMemory, gpa: u64, size: u64) -> &mut [u8] {
-    let host = mem
-        .get_host_address(GuestAddress(gpa))
-        .expect("region is inside guest memory");
-    // SAFETY: `host..host+size` is one region's mapping, alive as long as
-    // `mem`. The guest is paused while snapshots are written or read, so no
-    // one else writes these bytes concurrently.
-    unsafe { std::slice::from_raw_parts_mut(host, size as usize) }
+/// Host address of a whole region.
+fn region_ptr(mem: &GuestMemory, gpa: u64) -> *mut u8 {
+    mem.get_host_address(GuestAddress(gpa))
+        .expect("region is inside guest memory")
 }
 
 /// Writes all guest memory to `path`, leaving all-zero pages as holes so
@@ -179,7 +174,9 @@ pub fn save_to_file(mem: &GuestMemory, path: &Path) -> Result<MemoryState, Memor
     let total: u64 = state.regions.iter().map(|r| r.size).sum();
     f.set_len(total).map_err(MemoryError::WriteFile)?;
     for r in &state.regions {
-        let bytes = region_slice(mem, r.gpa, r.size);
+        // SAFETY: the region's mapping is `r.size` bytes long and lives as
+        // long as `mem`; the VM is paused, so nothing writes it meanwhile.
+        let bytes = unsafe { std::slice::from_raw_parts(region_ptr(mem, r.gpa), r.size as usize) };
         for (i, page) in bytes.chunks(PAGE_SIZE as usize).enumerate() {
             if page.iter().all(|b| *b == 0) {
                 continue;
@@ -211,7 +208,10 @@ pub fn load_from_file(
     }
     let mut f = File::open(path).map_err(MemoryError::ReadFile)?;
     for r in &state.regions {
-        let bytes = region_slice(mem, r.gpa, r.size);
+        // SAFETY: the region's mapping is `r.size` bytes long and lives as
+        // long as `mem`; the vCPUs have not run yet, so no one else touches it.
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(region_ptr(mem, r.gpa), r.size as usize) };
         let mut pos = 0u64;
         while pos < r.size {
             let data = seek_data(&f, r.file_offset + pos).map_err(MemoryError::ReadFile)?;

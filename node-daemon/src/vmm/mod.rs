@@ -322,6 +322,7 @@ impl Vmm {
                     cmdline.push_str(&devices::virtio::cmdline_entry(i));
                 }
                 boot::write_cmdline(&mem, &cmdline)?;
+                vm::init_legacy_pic(&vm)?;
                 boot::mptable::write(&mem, config.vcpus)?;
                 Vcpu::write_gdt(&mem)?;
                 match kernel_kind.expect("kernel detected when booting") {
@@ -378,7 +379,7 @@ impl Vmm {
         for t in &self.devices.virtio {
             if matches!(t.lock().unwrap().device, VirtioDevice::Net(_)) {
                 devices::virtio::net::spawn_rx(t.clone(), self.stop_io.clone())
-                    .map_err(|e| VmError::SpawnVcpu(e))?;
+                    .map_err(VmError::SpawnVcpu)?;
             }
         }
         self.vcpus

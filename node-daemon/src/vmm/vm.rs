@@ -89,6 +89,29 @@ pub fn create() -> Result<(Kvm, VmFd), VmError> {
     Ok((kvm, vm))
 }
 
+/// Leaves the 8259 PICs as a BIOS does before handing over: vector bases
+/// 0x08/0x70 and every line masked. KVM resets them unmasked with vector
+/// base 0, so with LINT0 in ExtINT mode (KVM's default for the boot CPU) a
+/// device interrupt would arrive as an exception vector (IRQ 5 as #BR) in a
+/// guest that never programs the PIC. Guests that use the PIC (Linux)
+/// reprogram it.
+pub fn init_legacy_pic(vm: &VmFd) -> Result<(), VmError> {
+    for (id, base) in [
+        (KVM_IRQCHIP_PIC_MASTER, 0x08u8),
+        (KVM_IRQCHIP_PIC_SLAVE, 0x70u8),
+    ] {
+        let mut chip = get_chip(vm, id)?;
+        // SAFETY: chip_id names a PIC, so `pic` is the union member in use;
+        // all its fields are plain integers.
+        let pic = unsafe { &mut chip.chip.pic };
+        pic.imr = 0xff;
+        pic.irq_base = base;
+        vm.set_irqchip(&chip)
+            .map_err(|e| VmError::SetIrqchip(id, e))?;
+    }
+    Ok(())
+}
+
 /// VM-wide KVM state (snapshot version 1).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VmState {

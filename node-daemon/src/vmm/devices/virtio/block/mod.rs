@@ -143,10 +143,8 @@ impl Block {
                             break;
                         }
                         written += len as u32;
-                    } else if self.read_only {
-                        st = S_IOERR;
-                        break;
-                    } else if mem.read_slice(&mut buf, d.addr()).is_err()
+                    } else if self.read_only
+                        || mem.read_slice(&mut buf, d.addr()).is_err()
                         || self.file.write_all_at(&buf, off).is_err()
                     {
                         st = S_IOERR;
