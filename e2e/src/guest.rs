@@ -332,6 +332,58 @@ mod tests {
         assert!(d.ip.is_none() && d.blk_write.is_none());
     }
 
+    /// Assembles `body` and runs `build.sh --scan` on the object.
+    fn scan(name: &str, body: &str) -> std::process::Output {
+        let dir = std::env::temp_dir().join(format!("godwit-scan-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (src, obj) = (dir.join("t.s"), dir.join("t.o"));
+        std::fs::write(&src, format!(".text\nf:\n{body}\n")).unwrap();
+        let st = Command::new("as")
+            .arg(&src)
+            .arg("-o")
+            .arg(&obj)
+            .status()
+            .unwrap();
+        assert!(st.success(), "as failed on {body}");
+        let out = Command::new("bash")
+            .arg(testguest_dir().join("build.sh"))
+            .arg("--scan")
+            .arg(&obj)
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        out
+    }
+
+    #[test]
+    fn build_scan_rejects_what_this_kvm_cannot_run() {
+        for insn in [
+            "xorps %xmm0, %xmm0",
+            "movq %rax, %mm1",
+            "fld1",
+            "fnstcw (%rax)",
+            "int3",
+            "xsave (%rax)",
+            "xrstor (%rax)",
+            "fxsave (%rax)",
+            "ldmxcsr (%rax)",
+        ] {
+            let out = scan("bad", insn);
+            assert!(!out.status.success(), "build.sh --scan accepted {insn}");
+            let mnemonic = insn.split(' ').next().unwrap();
+            assert!(String::from_utf8_lossy(&out.stderr).contains(mnemonic));
+        }
+        let ok = scan(
+            "good",
+            "mov %fs:0x28, %rax\n lock incq (%rax)\n rep outsb\n ud2\n hlt\n ret",
+        );
+        assert!(
+            ok.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+    }
+
     #[test]
     fn heartbeat_lines_parse_and_fragments_do_not() {
         assert_eq!(

@@ -254,6 +254,52 @@ impl Drop for Veth {
 mod tests {
     use super::*;
 
+    fn ping(ns: &Netns, addr: &str) -> bool {
+        ns.exec("ping", &["-c", "1", "-W", "1", addr]).is_ok()
+    }
+
+    #[test]
+    fn veth_links_can_be_shaped_cut_and_restored_and_vanish_on_drop() {
+        let a = Netns::new("tna").unwrap();
+        let b = Netns::new("tnb").unwrap();
+        let (a_name, b_name) = (a.name().to_string(), b.name().to_string());
+        let veth = Veth::new(&a, "va", &b, "vb").unwrap();
+        a.add_addr("va", "10.78.0.1/24").unwrap();
+        b.add_addr("vb", "10.78.0.2/24").unwrap();
+        assert!(ping(&a, "10.78.0.2"), "no ping over a fresh veth");
+
+        a.shape("va", "10mbit", "32kb", "50ms").unwrap();
+        let qd = run("tc", &["-n", a.name(), "qdisc", "show", "dev", "va"]).unwrap();
+        let qd = String::from_utf8_lossy(&qd.stdout);
+        assert!(qd.contains("tbf") && qd.contains("10Mbit"), "{qd}");
+        assert!(ping(&a, "10.78.0.2"), "no ping over a shaped link");
+        a.unshape("va").unwrap();
+
+        a.cut("va").unwrap();
+        assert!(!ping(&a, "10.78.0.2"), "ping crossed a cut link");
+        a.restore("va").unwrap();
+        let back = (0..50).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            ping(&a, "10.78.0.2")
+        });
+        assert!(back, "no ping after restoring the link");
+
+        drop(veth);
+        assert!(b.ip(&["link", "show", "vb"]).is_err(), "peer survived");
+        drop(a);
+        drop(b);
+        let list = run("ip", &["netns", "list"]).unwrap();
+        let list = String::from_utf8_lossy(&list.stdout);
+        let names: Vec<&str> = list
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert!(
+            !names.contains(&a_name.as_str()) && !names.contains(&b_name.as_str()),
+            "{list}"
+        );
+    }
+
     #[test]
     fn unique_names_fit_interface_names_and_differ() {
         let a = unique_name("vmnet");
