@@ -20,6 +20,7 @@ pub mod protocol;
 pub mod receiver;
 pub mod transport;
 pub mod vm;
+pub mod vmm;
 
 use std::time::Duration;
 

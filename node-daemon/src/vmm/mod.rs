@@ -404,6 +404,23 @@ impl Vmm {
         self.stop_io.store(true, Ordering::Relaxed);
     }
 
+    /// Announces every NIC's MAC on its tap (after a migration), three times
+    /// a few milliseconds apart like QEMU, in case the first is lost.
+    pub fn announce(&self) {
+        for round in 0..3 {
+            if round > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            for t in &self.devices.virtio {
+                if let VirtioDevice::Net(net) = &t.lock().unwrap().device {
+                    if let Err(e) = net.announce() {
+                        tracing::warn!("Cannot announce the MAC after migration: {e}");
+                    }
+                }
+            }
+        }
+    }
+
     /// Asks the main loop to stop the VM (used by the control socket).
     pub fn request_stop(&self) {
         let _ = self

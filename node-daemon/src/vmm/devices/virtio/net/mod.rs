@@ -72,6 +72,23 @@ impl Net {
         self.mac.to_vec()
     }
 
+    /// Tells the network that the guest's MAC is behind this tap now: a RARP
+    /// broadcast from that MAC (what QEMU sends after a migration), so
+    /// bridges and switches move the MAC to this port before the guest sends
+    /// anything itself.
+    pub fn announce(&self) -> std::io::Result<()> {
+        let mut frame = [0u8; 60];
+        frame[0..6].copy_from_slice(&[0xff; 6]);
+        frame[6..12].copy_from_slice(&self.mac);
+        frame[12..14].copy_from_slice(&0x8035u16.to_be_bytes());
+        // Hardware Ethernet, protocol IPv4, lengths 6 and 4, opcode 3
+        // (reverse request), sender and target hardware address the MAC.
+        frame[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 3]);
+        frame[22..28].copy_from_slice(&self.mac);
+        frame[32..38].copy_from_slice(&self.mac);
+        (&self.tap.file).write_all(&frame)
+    }
+
     /// Saves the device config.
     pub fn save(&self) -> NetState {
         NetState {

@@ -1,0 +1,210 @@
+//! The migration engine on our VMM: [`SourceVm`] for a running [`Vmm`], and
+//! [`IncomingVm`], a VM built on the target from the source's configuration
+//! with its memory left for the stream to fill.
+
+use std::sync::mpsc::Receiver;
+
+use crate::vmm::state::VmmSnapshot;
+use crate::vmm::vm::VmExit;
+use crate::vmm::{BuildMode, RuntimeConfig, VmConfig, Vmm};
+
+use super::vm::{DirtyPages, GuestRegion, SourceVm, TargetVm, VmError};
+
+fn regions_of(vmm: &Vmm) -> Vec<GuestRegion> {
+    vmm.regions()
+        .into_iter()
+        .map(|(gpa, size, host)| GuestRegion { gpa, size, host })
+        .collect()
+}
+
+impl SourceVm for Vmm {
+    fn regions(&self) -> Vec<GuestRegion> {
+        regions_of(self)
+    }
+
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(&self.config).expect("VM config serializes")
+    }
+
+    fn set_dirty_log(&self, on: bool) -> Result<(), VmError> {
+        Vmm::set_dirty_log(self, on).map_err(Into::into)
+    }
+
+    fn take_dirty(&self) -> Result<Vec<DirtyPages>, VmError> {
+        Ok(Vmm::take_dirty(self)?
+            .into_iter()
+            .map(|d| DirtyPages {
+                gpa: d.gpa,
+                bitmap: d.bitmap,
+            })
+            .collect())
+    }
+
+    fn pause(&self) {
+        Vmm::pause(self)
+    }
+
+    fn resume(&self) {
+        Vmm::resume(self)
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, VmError> {
+        let snap = Vmm::save_state(self)?;
+        Ok(serde_json::to_vec(&snap)?)
+    }
+}
+
+/// Node-local settings the target applies to the source's VM config: the
+/// names of its taps and, where disks were copied, their paths here.
+#[derive(Clone, Debug, Default)]
+pub struct TargetOverrides {
+    /// Tap names per NIC (empty: the kernel picks a name).
+    pub taps: Vec<String>,
+    /// Bridges per NIC (`None`: keep the source's bridge name).
+    pub bridges: Vec<Option<String>>,
+    /// Disk paths per disk (`None`: the same path, shared storage).
+    pub disks: Vec<Option<std::path::PathBuf>>,
+}
+
+impl TargetOverrides {
+    /// The source's config with this node's taps, bridges and disk paths.
+    pub fn apply(&self, mut config: VmConfig) -> VmConfig {
+        for (i, net) in config.nets.iter_mut().enumerate() {
+            net.tap = self.taps.get(i).cloned().unwrap_or_default();
+            if let Some(Some(b)) = self.bridges.get(i) {
+                net.bridge = Some(b.clone());
+            }
+        }
+        for (i, disk) in config.disks.iter_mut().enumerate() {
+            if let Some(Some(p)) = self.disks.get(i) {
+                disk.path = p.clone();
+            }
+        }
+        config
+    }
+}
+
+/// A VM being received: built in incoming mode, started on commit.
+pub struct IncomingVm {
+    /// The VM.
+    pub vmm: Vmm,
+    /// Its exit channel (for the process's main loop once it runs).
+    pub exits: Receiver<VmExit>,
+    runtime: RuntimeConfig,
+}
+
+// SAFETY: `exits` is only used by the thread that owns the IncomingVm after
+// the migration; during the migration the engine calls only the `Vmm`
+// methods, which synchronise internally.
+unsafe impl Sync for IncomingVm {}
+
+impl IncomingVm {
+    /// Builds the VM described by the source's `config` (after `overrides`),
+    /// with zero memory and vCPUs waiting for state.
+    pub fn build(
+        config: &serde_json::Value,
+        overrides: &TargetOverrides,
+        runtime: RuntimeConfig,
+    ) -> Result<IncomingVm, VmError> {
+        let config: VmConfig = serde_json::from_value(config.clone())?;
+        let (vmm, exits) = Vmm::build(overrides.apply(config), &runtime, BuildMode::Incoming)?;
+        Ok(IncomingVm {
+            vmm,
+            exits,
+            runtime,
+        })
+    }
+}
+
+impl TargetVm for IncomingVm {
+    fn regions(&self) -> Vec<GuestRegion> {
+        regions_of(&self.vmm)
+    }
+
+    fn restore_state(&self, state: &[u8]) -> Result<(), VmError> {
+        let mut snap: VmmSnapshot = serde_json::from_slice(state)?;
+        // Taps and disk paths are this node's, not the source's.
+        snap.config = self.vmm.config.clone();
+        self.vmm.restore_state(&snap)?;
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), VmError> {
+        self.vmm.start(&self.runtime, false)?;
+        Ok(())
+    }
+
+    fn announce(&self) {
+        self.vmm.announce();
+    }
+}
+
+/// Waits on `listener` for one migration and receives it into a VM built
+/// with `overrides` and `runtime`. On success the guest runs here.
+pub fn receive_incoming(
+    listener: &std::net::TcpListener,
+    overrides: &TargetOverrides,
+    runtime: RuntimeConfig,
+    opts: &super::receiver::ReceiveOptions,
+    progress: &super::ProgressHandle,
+) -> Result<IncomingVm, super::MigrationError> {
+    let (stream, peer) = listener.accept().map_err(super::MigrationError::Socket)?;
+    tracing::info!(%peer, "incoming migration");
+    super::receiver::receive(
+        stream,
+        |hello| IncomingVm::build(&hello.config, overrides, runtime),
+        opts,
+        progress,
+    )
+}
+
+/// An outgoing migration running in its own thread.
+pub struct Outgoing {
+    /// Pollable figures.
+    pub progress: std::sync::Arc<super::ProgressHandle>,
+    /// Set to cancel (before commit the guest stays here).
+    pub cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The migration thread; its result once it ends.
+    pub handle: std::thread::JoinHandle<Result<super::MigrationResult, super::MigrationError>>,
+}
+
+/// Connects to the target at `addr` and migrates `vmm` there in a new thread.
+pub fn start_outgoing(
+    vmm: std::sync::Arc<Vmm>,
+    addr: &str,
+    opts: super::precopy::SendOptions,
+) -> Result<Outgoing, super::MigrationError> {
+    let stream = connect(addr, opts.stall_timeout)?;
+    let progress = std::sync::Arc::new(super::ProgressHandle::default());
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (p, c) = (progress.clone(), cancel.clone());
+    let handle = std::thread::Builder::new()
+        .name("migrate-send".into())
+        .spawn(move || super::precopy::send(&*vmm, stream, &opts, &p, &c))
+        .map_err(super::MigrationError::Socket)?;
+    Ok(Outgoing {
+        progress,
+        cancel,
+        handle,
+    })
+}
+
+/// Connects to `addr` (host:port), giving up after `timeout`.
+pub fn connect(
+    addr: &str,
+    timeout: std::time::Duration,
+) -> Result<std::net::TcpStream, super::MigrationError> {
+    use std::net::ToSocketAddrs;
+    let connect_err = |e| super::MigrationError::Connect(addr.to_string(), e);
+    let sockaddr = addr
+        .to_socket_addrs()
+        .map_err(connect_err)?
+        .next()
+        .ok_or_else(|| {
+            connect_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no address",
+            ))
+        })?;
+    std::net::TcpStream::connect_timeout(&sockaddr, timeout).map_err(connect_err)
+}
