@@ -22,6 +22,7 @@ const LAPIC_TIMER_INIT: u64 = 0x380;
 const LAPIC_TIMER_CUR: u64 = 0x390;
 const LAPIC_TIMER_DIV: u64 = 0x3e0;
 const LAPIC_TPR: u64 = 0x80;
+const LAPIC_LVT_LINT0: u64 = 0x350;
 const IA32_APIC_BASE: u32 = 0x1b;
 
 /// Timer ticks counted by the interrupt handler.
@@ -372,9 +373,15 @@ fn lapic_read(reg: u64) -> u32 {
 /// Enables the LAPIC, calibrates its timer against the guest clock, and starts
 /// it in periodic mode every `period_us`. Returns LAPIC timer counts per ms.
 pub fn start_timer(period_us: u64) -> u64 {
+    // Nothing but the LAPIC timer may interrupt us: mask both 8259s (their
+    // vectors would collide with exceptions if a VMM leaves them unprogrammed
+    // and unmasked) and LINT0, through which KVM's LAPIC passes them on.
+    crate::serial::outb(0x21, 0xff);
+    crate::serial::outb(0xa1, 0xff);
     let base = clock::rdmsr(IA32_APIC_BASE);
     clock::wrmsr(IA32_APIC_BASE, (base & 0xfff) | LAPIC_BASE | 0x800);
     lapic_write(LAPIC_TPR, 0);
+    lapic_write(LAPIC_LVT_LINT0, 1 << 16);
     lapic_write(LAPIC_SVR, 0x100 | SPURIOUS_VECTOR as u32);
     lapic_write(LAPIC_TIMER_DIV, 0xb); // divide by 1
                                        // One-shot, masked, from the maximum count; measure over 10 ms.
