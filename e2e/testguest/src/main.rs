@@ -2,6 +2,14 @@
 //! prints heartbeats, dirties and verifies memory, writes and verifies a disk
 //! pattern, and streams heartbeats over TCP. Its command line and output lines
 //! are documented in README.md; other tools parse them.
+//!
+//! Flow: `boot` (32-bit PVH entry, page tables, long mode) calls [`main64`] in
+//! ring 0, which reads the start info, counts CPUs, starts the clock and the
+//! LAPIC timer, brings up virtio devices and the workload, then drops to ring 3
+//! (`interrupts::enter_user`) where [`Guest::run`] loops forever: heartbeats,
+//! console commands, network polling, memory work in bounded chunks, and a
+//! halt until the next tick when idle. Ring 3 because this KVM emulates every
+//! ring-0 instruction but runs ring 3 natively.
 
 #![no_std]
 #![no_main]
