@@ -74,6 +74,11 @@ struct Args {
     /// Restore the snapshot in this directory instead of booting.
     #[arg(long)]
     restore: Option<PathBuf>,
+    /// Receive a live migration on this address (host:port) instead of
+    /// booting: the VM is built from the source's configuration, with this
+    /// node's --net tap/bridge and --disk paths (in order) where given.
+    #[arg(long, conflicts_with = "restore")]
+    incoming: Option<String>,
     /// Start with the vCPUs paused (resume through the control socket).
     #[arg(long)]
     paused: bool,
@@ -162,6 +167,9 @@ fn main() {
         console_sock: args.console_sock.clone(),
         api_sock: args.api_sock.clone(),
     };
+    if let Some(addr) = &args.incoming {
+        receive_and_run(&args, addr, runtime);
+    }
     let built = match &args.restore {
         Some(dir) => Vmm::restore_snapshot(dir, &runtime),
         None => {
@@ -186,21 +194,74 @@ fn main() {
             .unwrap_or_else(|e| fail(error_chain(&e)));
     }
     let vmm = Arc::new(vmm);
+    install_signal_handlers();
+    vmm.start(&runtime, args.paused)
+        .unwrap_or_else(|e| fail(error_chain(&e)));
+    run(vmm, exits, &runtime, args.timeout_s);
+}
+
+fn install_signal_handlers() {
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_term as *const () as libc::sighandler_t);
     }
-    vmm.start(&runtime, args.paused)
-        .unwrap_or_else(|e| fail(error_chain(&e)));
+}
+
+/// Waits for one incoming migration, then runs the received VM. Exits 3 when
+/// the migration fails (the guest keeps running on the source).
+fn receive_and_run(args: &Args, addr: &str, runtime: RuntimeConfig) -> ! {
+    use godwit_node::migration::{receiver::ReceiveOptions, vmm, ProgressHandle};
+    let listener = std::net::TcpListener::bind(addr).unwrap_or_else(|e| {
+        fail(format!(
+            "cannot listen for the migration on {addr}: {e}; check --incoming"
+        ))
+    });
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    install_signal_handlers();
+    println!("godwit-vmm: waiting for a migration on {local}");
+    let overrides = vmm::TargetOverrides {
+        taps: args.net.iter().map(|n| n.tap.clone()).collect(),
+        bridges: args.net.iter().map(|n| n.bridge.clone()).collect(),
+        disks: args.disk.iter().map(|d| Some(d.path.clone())).collect(),
+    };
+    let progress = ProgressHandle::default();
+    let incoming = vmm::receive_incoming(
+        &listener,
+        &overrides,
+        runtime.clone(),
+        &ReceiveOptions::default(),
+        &progress,
+    )
+    .unwrap_or_else(|e| {
+        eprintln!(
+            "godwit-vmm: error: incoming migration failed: {}",
+            error_chain(&e)
+        );
+        std::process::exit(3);
+    });
+    drop(listener);
+    eprintln!("godwit-vmm: migration received; the guest runs here");
+    let vmm::IncomingVm { vmm, exits, .. } = incoming;
+    run(Arc::new(vmm), exits, &runtime, args.timeout_s);
+}
+
+/// Serves the control socket and waits for the VM to end; exits the process.
+fn run(
+    vmm: Arc<Vmm>,
+    exits: std::sync::mpsc::Receiver<VmExit>,
+    runtime: &RuntimeConfig,
+    timeout_s: Option<u64>,
+) -> ! {
     // The control socket appears last: once it exists, so does the console.
     if let Some(p) = &runtime.api_sock {
         control::serve(vmm.clone(), p).unwrap_or_else(|e| fail(error_chain(&e)));
     }
 
-    let deadline = args
-        .timeout_s
-        .map(|s| Instant::now() + Duration::from_secs(s));
+    let deadline = timeout_s.map(|s| Instant::now() + Duration::from_secs(s));
     let code = loop {
         match exits.recv_timeout(Duration::from_millis(50)) {
             Ok(VmExit::Guest(GuestExit::Poweroff(c))) => {

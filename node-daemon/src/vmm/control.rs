@@ -12,8 +12,11 @@
 //! Commands: `status`, `pause`, `resume`, `stop`, `save-state {dir}`,
 //! `stats`, `dirty-log-start`, `dirty-log-stop`, `take-dirty` (returns and
 //! clears the dirty set; counts only).
-//! The migration engine adds `migrate-send` / `migrate-receive` as new
-//! [`Command`] variants; unknown commands get an error, not a hang up.
+//! Migration: `migrate-send {addr, ...policy}` starts an outgoing live
+//! migration to a target started with `godwit-vmm --incoming ADDR` and returns
+//! at once; `migrate-status` returns its progress (and, at the end, its result
+//! or error); `migrate-cancel` cancels it (before commit the guest stays here).
+//! Unknown commands get an error, not a hang up.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -63,6 +66,98 @@ pub enum Command {
     DirtyLogStart,
     /// Turn dirty logging off.
     DirtyLogStop,
+    /// Start a live migration to the target VMM listening at `addr`.
+    MigrateSend {
+        /// Target `host:port`.
+        addr: String,
+        /// The VM's name, checked by the target (optional).
+        #[serde(default)]
+        vm_name: Option<String>,
+        /// Longest acceptable pause in ms (default 50).
+        #[serde(default)]
+        max_downtime_ms: Option<u64>,
+        /// Bandwidth cap in Mbit/s (default none).
+        #[serde(default)]
+        bandwidth_mbps: Option<u64>,
+        /// Allow throttling the vCPUs (default true).
+        #[serde(default)]
+        allow_auto_converge: Option<bool>,
+        /// Allow post-copy (default true).
+        #[serde(default)]
+        allow_post_copy: Option<bool>,
+        /// Give up after this many seconds (default 600).
+        #[serde(default)]
+        timeout_s: Option<u64>,
+    },
+    /// Progress of the current (or last) outgoing migration.
+    MigrateStatus,
+    /// Cancel the outgoing migration.
+    MigrateCancel,
+}
+
+/// The outgoing migration of this process, if one was started.
+static OUTGOING: std::sync::Mutex<Option<crate::migration::vmm::Outgoing>> =
+    std::sync::Mutex::new(None);
+
+fn migrate_send(vmm: &Arc<Vmm>, cmd: Command) -> Result<Value, String> {
+    let Command::MigrateSend {
+        addr,
+        vm_name,
+        max_downtime_ms,
+        bandwidth_mbps,
+        allow_auto_converge,
+        allow_post_copy,
+        timeout_s,
+    } = cmd
+    else {
+        unreachable!("called with migrate-send only")
+    };
+    let mut slot = OUTGOING.lock().unwrap();
+    if slot.as_ref().is_some_and(|o| !o.handle.is_finished()) {
+        return Err("A migration is already running; see migrate-status".into());
+    }
+    let defaults = crate::migration::convergence::Policy::default();
+    let opts = crate::migration::precopy::SendOptions {
+        vm_name: vm_name.unwrap_or_default(),
+        policy: crate::migration::convergence::Policy {
+            max_downtime: max_downtime_ms
+                .map(std::time::Duration::from_millis)
+                .unwrap_or(defaults.max_downtime),
+            allow_auto_converge: allow_auto_converge.unwrap_or(true),
+            allow_post_copy: allow_post_copy.unwrap_or(true),
+            ..defaults
+        },
+        bandwidth_limit: bandwidth_mbps.map(|m| m * 1_000_000 / 8),
+        completion_timeout: std::time::Duration::from_secs(timeout_s.unwrap_or(600)),
+        ..Default::default()
+    };
+    let out = crate::migration::vmm::start_outgoing(vmm.clone(), &addr, opts)
+        .map_err(|e| error_chain(&e))?;
+    *slot = Some(out);
+    // When it ends well the guest runs on the target: this process exits.
+    let vmm = vmm.clone();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let slot = OUTGOING.lock().unwrap();
+        let Some(out) = slot.as_ref() else { return };
+        if out.handle.is_finished() {
+            if out.progress.get().stage == crate::migration::Stage::Completed {
+                eprintln!("godwit-vmm: migrated to {addr}; exiting");
+                vmm.stop();
+                vmm.request_stop();
+            }
+            return;
+        }
+    });
+    Ok(json!({"started": true}))
+}
+
+fn migrate_status() -> Result<Value, String> {
+    let slot = OUTGOING.lock().unwrap();
+    let out = slot
+        .as_ref()
+        .ok_or("No migration has been started; send migrate-send first")?;
+    Ok(serde_json::to_value(out.progress.get()).expect("progress serialises"))
 }
 
 /// A response: `{"v":1,"ok":true,"result":...}` or `{"v":1,"ok":false,"error":"..."}`.
@@ -92,7 +187,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Handles one request line.
-pub fn handle(vmm: &Vmm, line: &str) -> Response {
+pub fn handle(vmm: &Arc<Vmm>, line: &str) -> Response {
     let fail = |msg: String| Response {
         v: API_VERSION,
         ok: false,
@@ -115,8 +210,30 @@ pub fn handle(vmm: &Vmm, line: &str) -> Response {
     }
     let req: Request = match serde_json::from_value(raw) {
         Ok(r) => r,
-        Err(e) => return fail(format!("Bad request ({e}); commands: status, pause, resume, stop, save-state, stats, take-dirty, dirty-log-start, dirty-log-stop")),
+        Err(e) => return fail(format!("Bad request ({e}); commands: status, pause, resume, stop, save-state, stats, take-dirty, dirty-log-start, dirty-log-stop, migrate-send, migrate-status, migrate-cancel")),
     };
+    let migration = match &req.cmd {
+        Command::MigrateSend { .. } => Some(migrate_send(vmm, req.cmd.clone())),
+        Command::MigrateStatus => Some(migrate_status()),
+        Command::MigrateCancel => Some(migrate_status().map(|_| {
+            if let Some(out) = OUTGOING.lock().unwrap().as_ref() {
+                out.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            json!({"cancelling": true})
+        })),
+        _ => None,
+    };
+    if let Some(result) = migration {
+        return match result {
+            Ok(r) => Response {
+                v: API_VERSION,
+                ok: true,
+                result: Some(r),
+                error: None,
+            },
+            Err(e) => fail(e),
+        };
+    }
     let _guard = vmm.control_lock.lock().unwrap();
     let result: Result<Value, VmmError> = match req.cmd {
         Command::Status => Ok(json!({
@@ -138,6 +255,9 @@ pub fn handle(vmm: &Vmm, line: &str) -> Response {
         Command::Stats => Ok(serde_json::to_value(vmm.stats()).expect("stats serialise")),
         Command::DirtyLogStart => vmm.set_dirty_log(true).map(|_| json!({"dirty_log": true})),
         Command::DirtyLogStop => vmm.set_dirty_log(false).map(|_| json!({"dirty_log": false})),
+        Command::MigrateSend { .. } | Command::MigrateStatus | Command::MigrateCancel => {
+            unreachable!("handled above")
+        }
         Command::TakeDirty => vmm.take_dirty().map(|d| {
             json!({
                 "regions": d.iter().map(|b| json!({"gpa": b.gpa, "size": b.size, "dirty_pages": b.count()})).collect::<Vec<_>>(),
@@ -175,7 +295,7 @@ pub fn serve(vmm: Arc<Vmm>, path: &Path) -> Result<(), VmmError> {
     Ok(())
 }
 
-fn serve_conn(vmm: &Vmm, stream: UnixStream) {
+fn serve_conn(vmm: &Arc<Vmm>, stream: UnixStream) {
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
