@@ -6,6 +6,8 @@
 //! storage; reading through another version only rewrites `apiVersion`
 //! (the `None` conversion strategy; conversion webhooks are not supported).
 
+use std::sync::Arc;
+
 use serde_json::{json, Value};
 
 use super::store::ResourceId;
@@ -67,8 +69,9 @@ pub struct ResourceDef {
     pub status_subresource: bool,
     /// Printer columns (besides Name).
     pub columns: Vec<PrinterColumn>,
-    /// The version's `openAPIV3Schema`, for custom resources.
-    pub schema: Option<Value>,
+    /// The version's `openAPIV3Schema`, for custom resources (shared: defs
+    /// are cloned per request).
+    pub schema: Option<Arc<Value>>,
     /// Whether this is a custom resource.
     pub custom: bool,
     /// Whether updates without `resourceVersion` are allowed.
@@ -281,7 +284,7 @@ pub fn resources_of_crd(crd: &Value) -> Vec<ResourceDef> {
                 namespaced,
                 status_subresource: v.pointer("/subresources/status").is_some(),
                 columns,
-                schema: v.pointer("/schema/openAPIV3Schema").cloned(),
+                schema: v.pointer("/schema/openAPIV3Schema").cloned().map(Arc::new),
                 custom: true,
                 unconditional_update: false,
                 storage_group: group.to_string(),

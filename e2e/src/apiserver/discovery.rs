@@ -179,7 +179,7 @@ pub fn openapi_v3_group_version(defs: &[ResourceDef], group: &str, version: &str
     let mut schemas = serde_json::Map::new();
     for def in &selected {
         if let Some(schema) = def.custom.then_some(def.schema.as_ref()).flatten() {
-            let mut schema = schema.clone();
+            let mut schema = Value::clone(schema);
             schema["x-kubernetes-group-version-kind"] =
                 json!([{"group": def.group, "version": def.version, "kind": def.kind}]);
             let reversed: Vec<&str> = def.group.split('.').rev().collect();

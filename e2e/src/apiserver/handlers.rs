@@ -967,6 +967,10 @@ fn next_version(
         map.insert("kind".into(), Value::String(def.kind.clone()));
     }
     fold_string_data(def, &mut next);
+    if def.group == "apiextensions.k8s.io" && !status_only {
+        // The names a CRD is served under follow its spec at once.
+        next["status"]["acceptedNames"] = next["spec"]["names"].clone();
+    }
     admit(def, &mut next, Some(old), query, name)?;
     // After admission, so that defaults and pruning do not count as changes.
     if spec_part(&next) != spec_part(old) {
