@@ -672,3 +672,39 @@ async fn raw_watch_bookmarks_timeout_and_gone() {
     }
     assert_eq!(initial, ["w"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_only_get_list_and_watch() {
+    let (_server, client) = start().await;
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    api.create(&PostParams::default(), &configmap("m", "1"))
+        .await
+        .unwrap();
+    let meta = api.get_metadata("m").await.unwrap();
+    assert_eq!(meta.metadata.name.as_deref(), Some("m"));
+    let listed = api
+        .list_metadata(&ListParams::default().labels("app=test"))
+        .await
+        .unwrap();
+    assert_eq!(listed.items.len(), 1);
+    let mut stream =
+        kube::runtime::metadata_watcher(api.clone(), watcher::Config::default()).boxed();
+    let mut names = Vec::new();
+    loop {
+        match stream.try_next().await.unwrap().unwrap() {
+            Event::InitApply(m) => names.push(m.metadata.name.unwrap()),
+            Event::InitDone => break,
+            _ => {}
+        }
+    }
+    assert_eq!(names, ["m"]);
+    api.delete("m", &DeleteParams::default()).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), stream.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Some(Event::Delete(m)) => assert_eq!(m.metadata.name.as_deref(), Some("m")),
+        other => panic!("expected a delete, got {other:?}"),
+    }
+}

@@ -564,7 +564,27 @@ fn get(
             &table::table(&target.def, &[object], rv, include),
         ));
     }
+    if wants_metadata(accept) {
+        return Ok(json_response(200, &partial_metadata(&object)));
+    }
     Ok(json_response(200, &object))
+}
+
+/// Whether an Accept header asks for `PartialObjectMetadata` (kube-rs'
+/// `get_metadata`, `list_metadata` and `metadata_watcher`).
+fn wants_metadata(accept: &str) -> bool {
+    accept
+        .split(',')
+        .next()
+        .is_some_and(|first| first.contains("as=PartialObjectMetadata"))
+}
+
+fn partial_metadata(object: &Value) -> Value {
+    json!({
+        "apiVersion": "meta.k8s.io/v1",
+        "kind": "PartialObjectMetadata",
+        "metadata": object.get("metadata").cloned().unwrap_or_else(|| json!({})),
+    })
 }
 
 fn list(
@@ -587,6 +607,18 @@ fn list(
         return Ok(json_response(
             200,
             &table::table(&target.def, &items, rv, include),
+        ));
+    }
+    if wants_metadata(accept) {
+        let items: Vec<Value> = items.iter().map(partial_metadata).collect();
+        return Ok(json_response(
+            200,
+            &json!({
+                "apiVersion": "meta.k8s.io/v1",
+                "kind": "PartialObjectMetadataList",
+                "metadata": {"resourceVersion": rv.to_string()},
+                "items": items,
+            }),
         ));
     }
     Ok(json_response(
@@ -1392,6 +1424,7 @@ struct WatchFilter {
     labels: LabelSelector,
     fields: FieldSelector,
     table: Option<IncludeObject>,
+    metadata_only: bool,
 }
 
 impl WatchFilter {
@@ -1438,6 +1471,7 @@ impl WatchFilter {
                     .unwrap_or(0);
                 table::table(&self.def, &[object], rv, include)
             }
+            None if self.metadata_only => partial_metadata(&object),
             None => object,
         };
         watch_line(kind, &object)
@@ -1501,6 +1535,7 @@ fn watch(
         labels,
         fields,
         table: table::wants_table(accept).then(|| IncludeObject::parse(query.get("includeObject"))),
+        metadata_only: wants_metadata(accept),
     };
     let timeout = query
         .get("timeoutSeconds")
