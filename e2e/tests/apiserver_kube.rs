@@ -687,8 +687,9 @@ async fn metadata_only_get_list_and_watch() {
         .await
         .unwrap();
     assert_eq!(listed.items.len(), 1);
-    let mut stream =
-        kube::runtime::metadata_watcher(api.clone(), watcher::Config::default()).boxed();
+    let metadata: Api<kube::core::PartialObjectMeta<ConfigMap>> =
+        Api::namespaced(client.clone(), "default");
+    let mut stream = watcher(metadata, watcher::Config::default()).boxed();
     let mut names = Vec::new();
     loop {
         match stream.try_next().await.unwrap().unwrap() {
