@@ -12,7 +12,14 @@
 //!   phase); deleting a CRD deletes its custom resources;
 //! - `dryRun=All` is honored for create, update, patch and delete;
 //! - status in a create body is dropped for custom resources with a status
-//!   subresource, kept for built-ins (so test Nodes can be created whole).
+//!   subresource, kept for built-ins (so test Nodes can be created whole);
+//! - an update that changes nothing keeps the resource version and sends no
+//!   watch event (as the real server does); `metadata.generation` moves when
+//!   anything but metadata and status changes, for every kind;
+//! - responses are JSON only (Tables and `PartialObjectMetadata` on request);
+//!   protobuf request bodies are decoded for the kinds in [`super::protobuf`];
+//! - no `managedFields`; `resourceVersionMatch` and `fieldManager` are
+//!   accepted and ignored.
 
 use std::collections::HashMap;
 use std::convert::Infallible;

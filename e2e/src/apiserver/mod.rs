@@ -20,8 +20,16 @@
 //!   the `status` subresource, label and field selectors ([`selector`]);
 //! - watches with resource versions, bookmarks and `410 Gone` for versions
 //!   older than the retained history ([`store`]);
-//! - `meta.k8s.io/v1` Tables with printer columns ([`table`]);
+//! - `meta.k8s.io/v1` Tables with printer columns ([`table`]) and
+//!   `PartialObjectMetadata` responses;
 //! - a request log for RBAC checks ([`audit`]).
+//!
+//! Use it in-process with [`serve`] (on the caller's Tokio runtime) or
+//! [`ServerThread::start`] (own thread, for blocking callers), then point
+//! clients at the URL: `kube::Config::new(url.parse()?)` for kube-rs, or a
+//! kubeconfig from [`write_kubeconfig`] for kubectl. Give each kubectl run a
+//! fresh `--cache-dir` (or `HOME`): kubectl caches discovery per host and
+//! port, and a reused port would show stale kinds.
 //!
 //! Debug endpoints (not part of Kubernetes):
 //! - `GET /debug/requests`: the request log as a JSON array of
