@@ -113,6 +113,20 @@ async fn api_verbs_status_subresource_and_conflicts() {
     let widgets: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), "default", &widget_resource());
 
+    // A CRD must be named plural.group.
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/widget-crd.yaml"
+    );
+    let mut misnamed: CustomResourceDefinition =
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    misnamed.metadata.name = Some("widgets.example.com".into());
+    let error = Api::<CustomResourceDefinition>::all(client.clone())
+        .create(&PostParams::default(), &misnamed)
+        .await
+        .unwrap_err();
+    assert_eq!(api_code(error), 422);
+
     let created = widgets
         .create(&PostParams::default(), &widget("w1", 2))
         .await

@@ -874,6 +874,24 @@ fn create_object_with(
             object["spec"] = json!({"finalizers": ["kubernetes"]});
         }
         ("apiextensions.k8s.io", "customresourcedefinitions") => {
+            let plural = object
+                .pointer("/spec/names/plural")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let group = object
+                .pointer("/spec/group")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            if name != format!("{plural}.{group}") {
+                let error = schema::FieldError {
+                    field: "metadata.name".into(),
+                    reason: "FieldValueInvalid",
+                    message: format!(
+                        "metadata.name: Invalid value: {name:?}: must be spec.names.plural+\".\"+spec.group"
+                    ),
+                };
+                return Err(ApiError::invalid(def, &name, &[error]));
+            }
             let status = established_status(object, &now());
             object["status"] = status;
         }
