@@ -723,3 +723,84 @@ async fn metadata_only_get_list_and_watch() {
         other => panic!("expected a delete, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreground_and_background_cascading_deletion() {
+    let (_server, client) = start().await;
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let owned = |name: &str, owner: &ConfigMap, finalizer: bool| {
+        let mut cm = configmap(name, "1");
+        cm.metadata.owner_references = Some(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                api_version: "v1".into(),
+                kind: "ConfigMap".into(),
+                name: owner.metadata.name.clone().unwrap(),
+                uid: owner.metadata.uid.clone().unwrap(),
+                ..Default::default()
+            },
+        ]);
+        if finalizer {
+            cm.metadata.finalizers = Some(vec!["test.godwit.dev/hold".into()]);
+        }
+        cm
+    };
+
+    // Foreground: the owner waits for its dependents.
+    let parent = api
+        .create(&PostParams::default(), &configmap("parent", "1"))
+        .await
+        .unwrap();
+    api.create(&PostParams::default(), &owned("held", &parent, true))
+        .await
+        .unwrap();
+    api.create(&PostParams::default(), &owned("free", &parent, false))
+        .await
+        .unwrap();
+    api.delete("parent", &DeleteParams::foreground())
+        .await
+        .unwrap();
+    let waiting = api.get("parent").await.unwrap();
+    assert!(waiting.metadata.deletion_timestamp.is_some());
+    assert_eq!(
+        waiting.metadata.finalizers,
+        Some(vec!["foregroundDeletion".to_string()])
+    );
+    assert!(api.get_opt("free").await.unwrap().is_none());
+    assert!(api
+        .get("held")
+        .await
+        .unwrap()
+        .metadata
+        .deletion_timestamp
+        .is_some());
+    api.patch(
+        "held",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    assert!(api.get_opt("held").await.unwrap().is_none());
+    assert!(
+        api.get_opt("parent").await.unwrap().is_none(),
+        "the owner outlived its dependents"
+    );
+
+    // Background: the owner goes at once, dependents follow.
+    let parent = api
+        .create(&PostParams::default(), &configmap("parent2", "1"))
+        .await
+        .unwrap();
+    api.create(&PostParams::default(), &owned("child", &parent, false))
+        .await
+        .unwrap();
+    api.delete("parent2", &DeleteParams::background())
+        .await
+        .unwrap();
+    assert!(api.get_opt("parent2").await.unwrap().is_none());
+    eventually("dependent collected", || {
+        let api = api.clone();
+        async move { api.get_opt("child").await.unwrap().is_none() }
+    })
+    .await;
+}

@@ -5,9 +5,12 @@
 //! Simplifications versus a real API server:
 //! - no authentication, authorization or admission webhooks;
 //! - `limit`/`continue` are ignored: lists are returned whole;
-//! - Foreground deletion is treated as Background; garbage collection runs
-//!   right after the owner is removed and deletes every dependent that names
-//!   the owner's uid (other owners are not consulted);
+//! - garbage collection runs right after the owner is removed (Background)
+//!   and deletes every dependent that names the owner's uid, whatever its
+//!   other owners; Foreground deletion marks the owner with the
+//!   `foregroundDeletion` finalizer, deletes the dependents (in the
+//!   background) and removes the owner when none is left;
+//!   `blockOwnerDeletion` is not consulted;
 //! - deleting a namespace deletes its objects right away (no Terminating
 //!   phase); deleting a CRD deletes its custom resources;
 //! - `dryRun=All` is honored for create, update, patch and delete;
@@ -1267,6 +1270,7 @@ fn delete_object(
 /// Cleans up after an object is gone: dependents (owner references), the
 /// contents of a namespace, the custom resources of a CRD.
 fn after_delete(state: &ServerState, res: &ResourceId, object: &Value) {
+    release_foreground_owners(state, object);
     let uid = object
         .pointer("/metadata/uid")
         .and_then(Value::as_str)
@@ -1333,6 +1337,130 @@ fn object_key(object: &Value) -> ObjectKey {
     )
 }
 
+const FOREGROUND: &str = "foregroundDeletion";
+
+fn owned_by(item: &Value, uid: &str) -> bool {
+    item.pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .is_some_and(|refs| refs.iter().any(|r| r["uid"].as_str() == Some(uid)))
+}
+
+/// Every object (with its resource) whose owner references name `uid`.
+fn dependents_of(state: &ServerState, uid: &str) -> Vec<(ResourceId, Value)> {
+    let mut found = Vec::new();
+    for resource in state.store.resources() {
+        let (items, _) = state.store.list(&resource, None);
+        found.extend(
+            items
+                .into_iter()
+                .filter(|item| owned_by(item, uid))
+                .map(|item| (resource.clone(), item)),
+        );
+    }
+    found
+}
+
+/// Foreground deletion: marks the owner with the `foregroundDeletion`
+/// finalizer, deletes its dependents, and lets the owner go once none is
+/// left (see [`release_foreground_owners`]).
+fn delete_foreground(state: &ServerState, res: &ResourceId, key: &ObjectKey, uid: &str) {
+    let _ = state.store.mutate::<ApiError, _>(res, key, |current, _| {
+        let Some(current) = current else {
+            return Ok(Mutation::Keep(Value::Null));
+        };
+        let mut marked = current.clone();
+        let meta = &mut marked["metadata"];
+        if !meta["finalizers"].is_array() {
+            meta["finalizers"] = json!([]);
+        }
+        if let Some(finalizers) = meta["finalizers"].as_array_mut() {
+            if !finalizers.iter().any(|f| f == FOREGROUND) {
+                finalizers.push(json!(FOREGROUND));
+            }
+        }
+        if meta.get("deletionTimestamp").is_none() {
+            meta["deletionTimestamp"] = Value::String(now());
+            meta["deletionGracePeriodSeconds"] = json!(0);
+        }
+        Ok(Mutation::Put(marked))
+    });
+    for (resource, item) in dependents_of(state, uid) {
+        let _ = delete_object(
+            state,
+            &resource,
+            &object_key(&item),
+            &Value::Null,
+            false,
+            None,
+        );
+    }
+    release_foreground_owner(state, res, key, uid);
+}
+
+/// Drops the `foregroundDeletion` finalizer of an owner without dependents
+/// left, deleting it when no other finalizer remains.
+fn release_foreground_owner(state: &ServerState, res: &ResourceId, key: &ObjectKey, uid: &str) {
+    if !dependents_of(state, uid).is_empty() {
+        return;
+    }
+    let mut gone = false;
+    let result = state.store.mutate::<ApiError, _>(res, key, |current, _| {
+        let Some(current) = current else {
+            return Ok(Mutation::Keep(Value::Null));
+        };
+        let mut next = current.clone();
+        let Some(finalizers) = next["metadata"]["finalizers"].as_array_mut() else {
+            return Ok(Mutation::Keep(current.clone()));
+        };
+        if !finalizers.iter().any(|f| f == FOREGROUND) {
+            return Ok(Mutation::Keep(current.clone()));
+        }
+        finalizers.retain(|f| f != FOREGROUND);
+        if finalizers.is_empty() {
+            gone = true;
+            return Ok(Mutation::Delete);
+        }
+        Ok(Mutation::Put(next))
+    });
+    if let (Ok(object), true) = (result, gone) {
+        after_delete(state, res, &object);
+    }
+}
+
+/// After a dependent is gone, owners waiting in foreground deletion may go.
+fn release_foreground_owners(state: &ServerState, dependent: &Value) {
+    let Some(refs) = dependent
+        .pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+    else {
+        return;
+    };
+    let namespace = dependent
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    for owner_ref in refs {
+        let Some(uid) = owner_ref["uid"].as_str() else {
+            continue;
+        };
+        for resource in state.store.resources() {
+            let (items, _) = state.store.list(&resource, None);
+            let owner = items.into_iter().find(|o| {
+                o.pointer("/metadata/uid").and_then(Value::as_str) == Some(uid)
+                    && o.pointer("/metadata/finalizers")
+                        .and_then(Value::as_array)
+                        .is_some_and(|f| f.iter().any(|f| f == FOREGROUND))
+            });
+            if let Some(owner) = owner {
+                let key = object_key(&owner);
+                if key.namespace.is_empty() || key.namespace == namespace {
+                    release_foreground_owner(state, &resource, &key, uid);
+                }
+            }
+        }
+    }
+}
+
 fn orphan_dependents(state: &ServerState, uid: &str) {
     for resource in state.store.resources() {
         let (items, _) = state.store.list(&resource, None);
@@ -1391,6 +1519,23 @@ fn delete(
                     .and_then(Value::as_str)
                     .unwrap_or(""),
             );
+        }
+    }
+    if policy == "Foreground" && !dry_run {
+        if let Some(current) = state.store.get(&target.def.id(), &key_of(target, &name)) {
+            let uid = current
+                .pointer("/metadata/uid")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            if !dependents_of(state, &uid).is_empty() {
+                delete_foreground(state, &target.def.id(), &key_of(target, &name), &uid);
+                let code = match state.store.get(&target.def.id(), &key_of(target, &name)) {
+                    Some(object) => return Ok(json_response(202, &present(&target.def, &object))),
+                    None => 200,
+                };
+                return Ok(json_response(code, &present(&target.def, &current)));
+            }
         }
     }
     let (object, gone) = delete_object(
