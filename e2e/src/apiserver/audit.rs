@@ -6,6 +6,7 @@
 //! otherwise `system:anonymous`. No authentication or authorization is
 //! enforced.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
@@ -92,9 +93,13 @@ fn decode_basic_user(encoded: &str) -> Option<String> {
     text.split_once(':').map(|(user, _)| user.to_string())
 }
 
-/// The in-memory log, optionally mirrored to a JSON-lines file.
+/// How many records the in-memory log keeps (the file keeps all).
+const MEMORY_LIMIT: usize = 100_000;
+
+/// The in-memory log (the latest [`MEMORY_LIMIT`] records), optionally
+/// mirrored in full to a JSON-lines file.
 pub struct AuditLog {
-    records: Mutex<Vec<AuditRecord>>,
+    records: Mutex<VecDeque<AuditRecord>>,
     file: Option<Mutex<File>>,
 }
 
@@ -112,7 +117,7 @@ impl AuditLog {
             None => None,
         };
         Ok(Self {
-            records: Mutex::new(Vec::new()),
+            records: Mutex::new(VecDeque::new()),
             file,
         })
     }
@@ -125,13 +130,19 @@ impl AuditLog {
             }
         }
         if let Ok(mut records) = self.records.lock() {
-            records.push(record);
+            if records.len() == MEMORY_LIMIT {
+                records.pop_front();
+            }
+            records.push_back(record);
         }
     }
 
-    /// Every record so far.
+    /// The records kept in memory, oldest first.
     pub fn records(&self) -> Vec<AuditRecord> {
-        self.records.lock().map(|r| r.clone()).unwrap_or_default()
+        self.records
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default()
     }
 }
 
