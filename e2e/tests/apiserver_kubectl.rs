@@ -563,12 +563,18 @@ fn built_in_kinds_generate_name_and_cascading_delete() {
         !cluster.run(&["get", "cm", "owned"]).status.success()
     });
 
+    // kubectl's requests are in the request log under the kubeconfig's user.
+    let requests = cluster.server.requests();
+    assert!(requests.iter().any(|r| r.user == "tester"
+        && r.verb == "create"
+        && r.resource == "namespaces"
+        && r.code == 201));
+
     // Deleting the namespace deletes its contents.
     cluster.ok(&["delete", "ns", "vms"]);
     assert!(cluster
         .ok(&["get", "cm", "-A", "-o", "name"])
         .trim()
-        .is_empty());
     let _ = &cluster.server;
 }
 

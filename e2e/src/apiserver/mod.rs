@@ -218,6 +218,7 @@ pub async fn serve_with(
 pub struct ServerThread {
     url: String,
     addr: SocketAddr,
+    state: Arc<ServerState>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -243,7 +244,7 @@ impl ServerThread {
                 .await;
                 match started {
                     Ok(handle) => {
-                        let _ = ready_tx.send(Ok(handle.addr()));
+                        let _ = ready_tx.send(Ok((handle.addr(), handle.state.clone())));
                         let _ = stopped.await;
                         handle.shutdown().await;
                     }
@@ -253,10 +254,11 @@ impl ServerThread {
                 }
             });
         });
-        let addr = ready_rx.recv().map_err(|_| ApiServerError::ThreadStart)??;
+        let (addr, state) = ready_rx.recv().map_err(|_| ApiServerError::ThreadStart)??;
         Ok(Self {
             url: format!("http://{addr}"),
             addr,
+            state,
             stop: Some(stop),
             thread: Some(thread),
         })
@@ -275,6 +277,16 @@ impl ServerThread {
     /// Writes a kubeconfig for this server (see [`write_kubeconfig`]).
     pub fn write_kubeconfig(&self, path: &Path, user: &str) -> Result<(), ApiServerError> {
         write_kubeconfig(path, &self.url, user)
+    }
+
+    /// Closes every watch and compacts history (as `POST /debug/expire-watches`).
+    pub fn expire_watches(&self) -> u64 {
+        self.state.store.expire_watches()
+    }
+
+    /// The request log so far.
+    pub fn requests(&self) -> Vec<AuditRecord> {
+        self.state.audit.records()
     }
 }
 
