@@ -1,4 +1,247 @@
-fn main() {
-    eprintln!("bench: not built yet");
-    std::process::exit(2);
+//! Godwit benchmarks, one subcommand each. They print numbers (a table, or
+//! JSON lines with `--json`) and assert nothing about time.
+//!
+//! - `bench boot`: time from process start to the test guest's first
+//!   heartbeat, godwit-vmm vs `qemu-system-x86_64 -enable-kvm -M microvm`,
+//!   median over several runs, plus each engine's resident memory beyond
+//!   the guest's own RAM.
+//!
+//! Room is left for `migrate`, `storage` and `failover`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use godwit_e2e::guest::{guest_elf, parse_heartbeat};
+use serde_json::json;
+
+/// Godwit benchmarks.
+#[derive(Parser, Debug)]
+#[command(name = "bench")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Boot time to the first heartbeat and memory overhead, godwit-vmm vs QEMU microvm.
+    Boot(BootArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct BootArgs {
+    /// Runs per engine (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 128)]
+    memory_mib: u64,
+    /// One JSON object per engine instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// godwit-vmm binary (default: built with `cargo build --release -p godwit-node`).
+    #[arg(long)]
+    vmm: Option<PathBuf>,
+    /// Only this engine (godwit or qemu).
+    #[arg(long)]
+    engine: Option<String>,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Boot(a) => boot(a),
+    }
+}
+
+/// Builds godwit-vmm (release) next to this binary unless given.
+fn vmm_binary(given: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p);
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "godwit-node",
+            "--bin",
+            "godwit-vmm",
+        ])
+        .status()
+        .context("run cargo build for godwit-vmm")?;
+    if !st.success() {
+        bail!("building godwit-vmm failed");
+    }
+    let exe = std::env::current_exe()?;
+    let p = exe
+        .parent()
+        .context("bench has no directory")?
+        .join("godwit-vmm");
+    if !p.exists() {
+        bail!("{} not found; pass --vmm PATH", p.display());
+    }
+    Ok(p)
+}
+
+/// One boot: ms from spawn to the first heartbeat line, and RSS beyond the
+/// guest RAM mapping (KiB) sampled right after it.
+struct Sample {
+    boot_ms: f64,
+    rss_overhead_kib: u64,
+}
+
+/// Resident KiB of the whole process and of its largest mapping of at
+/// least `ram_kib` (the guest RAM).
+fn rss_split(pid: u32, ram_kib: u64) -> Result<(u64, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let mut total = 0;
+    let mut guest = 0;
+    let mut size = 0;
+    for line in smaps.lines() {
+        let mut w = line.split_whitespace();
+        match w.next() {
+            Some("Size:") => size = w.next().unwrap_or("0").parse().unwrap_or(0),
+            Some("Rss:") => {
+                let rss: u64 = w.next().unwrap_or("0").parse().unwrap_or(0);
+                total += rss;
+                if size >= ram_kib && size <= ram_kib + 16 * 1024 {
+                    guest += rss;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok((total, guest))
+}
+
+fn run_once(mut cmd: Command, ram_kib: u64) -> Result<Sample> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let start = Instant::now();
+    let mut child: Child = cmd.spawn().context("spawn engine")?;
+    let out = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { return };
+            if parse_heartbeat(line.trim_end()).is_some() {
+                let _ = tx.send(Instant::now());
+                return;
+            }
+        }
+    });
+    let first = rx.recv_timeout(Duration::from_secs(60));
+    let result = match first {
+        Ok(at) => {
+            // Let the process settle for a moment, then sample memory.
+            std::thread::sleep(Duration::from_millis(200));
+            let (total, guest) = rss_split(child.id(), ram_kib).unwrap_or((0, 0));
+            Ok(Sample {
+                boot_ms: (at - start).as_secs_f64() * 1000.0,
+                rss_overhead_kib: total.saturating_sub(guest),
+            })
+        }
+        Err(_) => Err(anyhow::anyhow!("no heartbeat within 60 s")),
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn engine_cmd(engine: &str, vmm: &Path, elf: &Path, mib: u64) -> Command {
+    // hb_ms=1: the first heartbeat comes 1 ms after the guest is ready.
+    let append = "hb_ms=1";
+    match engine {
+        "godwit" => {
+            let mut c = Command::new(vmm);
+            c.arg("--kernel")
+                .arg(elf)
+                .args(["--memory-mib", &mib.to_string(), "--cmdline", append])
+                .args(["--serial-log", "/dev/stdout"]);
+            c
+        }
+        _ => {
+            let mut c = Command::new("qemu-system-x86_64");
+            c.args(["-enable-kvm", "-M", "microvm", "-m", &mib.to_string()])
+                .args(["-nodefaults", "-no-user-config", "-display", "none"])
+                .args(["-serial", "stdio", "-kernel"])
+                .arg(elf)
+                .args(["-append", append]);
+            c
+        }
+    }
+}
+
+fn boot(a: BootArgs) -> Result<()> {
+    let elf = guest_elf().context("build the test guest")?;
+    let engines: Vec<&str> = match a.engine.as_deref() {
+        Some(e) => vec![if e == "qemu" { "qemu" } else { "godwit" }],
+        None => vec!["godwit", "qemu"],
+    };
+    let vmm = if engines.contains(&"godwit") {
+        vmm_binary(a.vmm.clone())?
+    } else {
+        PathBuf::new()
+    };
+    let ram_kib = a.memory_mib * 1024;
+    if !a.json {
+        println!(
+            "{:<8} {:>5} {:>15} {:>12} {:>12} {:>17}",
+            "engine", "runs", "boot_ms_median", "boot_ms_min", "boot_ms_max", "rss_overhead_kib"
+        );
+    }
+    for engine in engines {
+        let mut boots = Vec::new();
+        let mut rss = Vec::new();
+        for _ in 0..a.runs.max(1) {
+            let s = run_once(engine_cmd(engine, &vmm, &elf, a.memory_mib), ram_kib)
+                .with_context(|| format!("{engine} boot"))?;
+            boots.push(s.boot_ms);
+            rss.push(s.rss_overhead_kib as f64);
+        }
+        let min = boots.iter().cloned().fold(f64::INFINITY, f64::min);
+        let max = boots.iter().cloned().fold(0.0, f64::max);
+        let med = median(&mut boots);
+        let rss_med = median(&mut rss) as u64;
+        if a.json {
+            println!(
+                "{}",
+                json!({
+                    "bench": "boot",
+                    "engine": engine,
+                    "runs": a.runs.max(1),
+                    "boot_ms_median": (med * 10.0).round() / 10.0,
+                    "rss_overhead_kib": rss_med,
+                })
+            );
+        } else {
+            println!(
+                "{:<8} {:>5} {:>15.1} {:>12.1} {:>12.1} {:>17}",
+                engine,
+                a.runs.max(1),
+                med,
+                min,
+                max,
+                rss_med
+            );
+        }
+    }
+    Ok(())
 }

@@ -16,7 +16,8 @@ use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
-use std::time::Instant;
+use std::sync::mpsc::TryRecvError;
+use std::time::{Duration, Instant};
 
 use super::convergence::Round;
 use super::precopy::Source;
@@ -254,8 +255,15 @@ pub fn available() -> bool {
     *AVAILABLE.get_or_init(|| Userfault::new().is_ok())
 }
 
-/// The source after the switch: sends the state, waits for the target to run
-/// the guest, then pushes the pages it still needs, requested ones first.
+/// The source after the switch: sends the state and the list of pages the
+/// target still needs, then pushes them in order, serving requested pages
+/// first, until all are there.
+///
+/// Requests are served from the first moment, before the target says the
+/// guest runs: restoring the state may already touch a missing page (the
+/// kvmclock page). Until `Activated` arrives, an explicit `Abort` still leaves
+/// the guest to us; any other failure leaves it unknown (the target may have
+/// resumed), so the source stays paused.
 pub(super) fn source_serve<V: SourceVm>(
     src: &mut Source<'_, V>,
     pending: &[DirtyPages],
@@ -267,97 +275,106 @@ pub(super) fn source_serve<V: SourceVm>(
     let mut needed: Vec<DirtyPages> = pending.to_vec();
     let runs: Vec<(u64, u32)> = needed
         .iter()
-        .flat_map(|d| {
-            d.runs()
-                .map(move |(first, n)| (d.gpa + first * PAGE_SIZE as u64, n as u32))
-        })
+        .flat_map(|d| d.runs().map(move |(first, n)| (d.gpa + first * PAGE_SIZE as u64, n as u32)))
         .collect();
-    src.writer.send(Command::State, vm_state)?;
-    src.writer
-        .send(Command::PostCopy, &protocol::encode_page_runs(&runs))?;
-    src.progress.update(|p| p.stage = Stage::PostCopy);
-    // Until the target says it runs the guest, an explicit abort still leaves
-    // the guest to us; silence does not (the target may have resumed).
-    match src.expect(Command::Activated, src.opts.stall_timeout) {
-        Ok(_) => {}
-        Err(e @ MigrationError::PeerAbort(_)) => return Err(e),
-        Err(e) => {
-            *committed = true;
-            return Err(MigrationError::CommitUnknown(Box::new(e)));
-        }
-    }
-    *committed = true;
-    let downtime = pause_start.elapsed();
     src.in_postcopy = true;
-    let lost = |e: MigrationError| MigrationError::PostCopyLost(Box::new(e));
+    src.writer.send(Command::State, vm_state)?;
+    src.writer.send(Command::PostCopy, &protocol::encode_page_runs(&runs))?;
+    src.progress.update(|p| p.stage = Stage::PostCopy);
 
+    let mut activated: Option<Duration> = None;
     let mut remaining: u64 = needed.iter().map(DirtyPages::count).sum();
     let mut cursor = (0usize, 0u64);
-    while remaining > 0 {
-        // Requested pages first.
-        loop {
-            match src.incoming.try_recv() {
-                Ok(Ok((Command::PageRequest, payload))) => {
-                    for gpa in protocol::parse_page_request(&payload).map_err(|e| lost(e.into()))? {
-                        if let Some((r, page)) = locate(&src.regions, gpa) {
-                            if take_bit(&mut needed[r], page) {
-                                src.send_run(r, page, 1).map_err(lost)?;
-                                remaining -= 1;
+    let result = (|| -> Result<(), MigrationError> {
+        while remaining > 0 || activated.is_none() {
+            // Requests and Activated first; with nothing left to push, wait.
+            loop {
+                let next = if remaining == 0 {
+                    super::transport::recv_timeout(&src.incoming, src.opts.stall_timeout).map(Some)?
+                } else {
+                    match src.incoming.try_recv() {
+                        Ok(item) => Some(item?),
+                        Err(TryRecvError::Empty) => None,
+                        Err(TryRecvError::Disconnected) => return Err(MigrationError::StreamClosed),
+                    }
+                };
+                match next {
+                    None => break,
+                    Some((Command::PageRequest, payload)) => {
+                        for gpa in protocol::parse_page_request(&payload)? {
+                            if let Some((r, page)) = locate(&src.regions, gpa) {
+                                if take_bit(&mut needed[r], page) {
+                                    src.send_run(r, page, 1)?;
+                                    remaining -= 1;
+                                }
                             }
                         }
+                        src.flush_batch()?;
                     }
-                    src.flush_batch().map_err(lost)?;
-                }
-                Ok(Ok((Command::Abort, reason))) => {
-                    return Err(lost(MigrationError::PeerAbort(
-                        String::from_utf8_lossy(&reason).into_owned(),
-                    )))
-                }
-                Ok(Ok((got, _))) => {
-                    return Err(lost(
-                        protocol::ProtocolError::Unexpected {
-                            got,
-                            expected: "PageRequest",
+                    Some((Command::Activated, _)) => {
+                        activated = Some(pause_start.elapsed());
+                        *committed = true;
+                        if remaining == 0 {
+                            return Ok(());
                         }
-                        .into(),
-                    ))
+                    }
+                    Some((Command::Abort, reason)) => {
+                        return Err(MigrationError::PeerAbort(String::from_utf8_lossy(&reason).into_owned()))
+                    }
+                    Some((got, _)) => {
+                        return Err(protocol::ProtocolError::Unexpected {
+                            got,
+                            expected: "PageRequest or Activated",
+                        }
+                        .into())
+                    }
                 }
-                Ok(Err(e)) => return Err(lost(e.into())),
-                Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                    return Err(lost(MigrationError::StreamClosed))
+                if remaining == 0 && activated.is_some() {
+                    return Ok(());
                 }
             }
+            // Then a slice of the background push.
+            let mut pushed = 0;
+            while remaining > 0 && pushed < PUSH_PAGES && cursor.0 < needed.len() {
+                let (r, page) = cursor;
+                let pages = needed[r].bitmap.len() as u64 * 64;
+                if page >= pages {
+                    cursor = (r + 1, 0);
+                    continue;
+                }
+                if needed[r].bitmap[(page / 64) as usize] == 0 {
+                    cursor.1 = (page / 64 + 1) * 64;
+                    continue;
+                }
+                if take_bit(&mut needed[r], page) {
+                    src.send_run(r, page, 1)?;
+                    remaining -= 1;
+                    pushed += 1;
+                }
+                cursor.1 += 1;
+            }
+            src.flush_batch()?;
+            src.progress.update(|p| {
+                p.memory_remaining_bytes = remaining * PAGE_SIZE as u64;
+                p.transferred_bytes = src.writer.bytes_sent;
+            });
         }
-        // Then a slice of the background push.
-        let mut pushed = 0;
-        while pushed < PUSH_PAGES && cursor.0 < needed.len() {
-            let (r, page) = cursor;
-            let pages = needed[r].bitmap.len() as u64 * 64;
-            if page >= pages {
-                cursor = (r + 1, 0);
-                continue;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        return Err(match (&e, activated) {
+            // The target never ran the guest and said so: it is still ours.
+            (MigrationError::PeerAbort(_), None) => e,
+            (_, None) => {
+                *committed = true;
+                MigrationError::CommitUnknown(Box::new(e))
             }
-            if needed[r].bitmap[(page / 64) as usize] == 0 {
-                cursor.1 = (page / 64 + 1) * 64;
-                continue;
-            }
-            if take_bit(&mut needed[r], page) {
-                src.send_run(r, page, 1).map_err(lost)?;
-                remaining -= 1;
-                pushed += 1;
-            }
-            cursor.1 += 1;
-        }
-        src.flush_batch().map_err(lost)?;
-        src.progress.update(|p| {
-            p.memory_remaining_bytes = remaining * PAGE_SIZE as u64;
-            p.transferred_bytes = src.writer.bytes_sent;
+            (_, Some(_)) => MigrationError::PostCopyLost(Box::new(e)),
         });
     }
-    src.writer
-        .send(Command::Complete, &[])
-        .map_err(|e| lost(e.into()))?;
+    let downtime = activated.expect("the push ends only once the target runs the guest");
+    let lost = |e: MigrationError| MigrationError::PostCopyLost(Box::new(e));
+    src.writer.send(Command::Complete, &[]).map_err(|e| lost(e.into()))?;
     src.progress.update(|p| p.stage = Stage::Committing);
     // Requests the target sent for pages already on their way may still be
     // in the stream ahead of Ready; they need no answer.
@@ -366,9 +383,7 @@ pub(super) fn source_serve<V: SourceVm>(
             Ok((Command::Ready, _)) => break,
             Ok((Command::PageRequest, _)) => continue,
             Ok((Command::Abort, reason)) => {
-                return Err(lost(MigrationError::PeerAbort(
-                    String::from_utf8_lossy(&reason).into_owned(),
-                )))
+                return Err(lost(MigrationError::PeerAbort(String::from_utf8_lossy(&reason).into_owned())))
             }
             Ok((got, _)) => {
                 return Err(lost(
@@ -390,6 +405,7 @@ pub(super) fn source_serve<V: SourceVm>(
         mode: ModeUsed::PostCopy,
         pages_sent: src.pages_sent,
         zero_pages: src.zero_pages,
+        downtime_breakdown: None,
     })
 }
 
@@ -523,16 +539,17 @@ pub(super) fn target_run<T: TargetVm>(
             Ok(())
         });
 
-        let result = (|| -> Result<(), MigrationError> {
-            vm.restore_state(state)
-                .map_err(MigrationError::RestoreState)?;
-            vm.resume().map_err(MigrationError::Resume)?;
-            send_locked(&writer, Command::Activated, &[])?;
-            vm.announce();
-            progress.update(|p| p.stage = Stage::PostCopy);
+        // Pages are read and installed by their own thread from the start:
+        // restoring the state may itself fault on a missing page, whose data
+        // can only arrive if someone keeps reading the stream.
+        let mut reader = stream.try_clone().map_err(MigrationError::Socket)?;
+        let (memory, uffd, needed) = (&memory, &uffd, &needed);
+        let received_before = received;
+        let receive_thread = s.spawn(move || -> Result<u64, MigrationError> {
+            let mut received = received_before;
             let mut payload = Vec::new();
             loop {
-                let header = protocol::read_frame(stream, &mut payload)?;
+                let header = protocol::read_frame(&mut reader, &mut payload)?;
                 received += (protocol::HEADER_LEN + payload.len()) as u64;
                 match header.command {
                     Command::Pages => {
@@ -551,11 +568,9 @@ pub(super) fn target_run<T: TargetVm>(
                         }
                         progress.update(|p| p.transferred_bytes = received);
                     }
-                    Command::Complete => return Ok(()),
+                    Command::Complete => return Ok(received),
                     Command::Abort => {
-                        return Err(MigrationError::PeerAbort(
-                            String::from_utf8_lossy(&payload).into_owned(),
-                        ))
+                        return Err(MigrationError::PeerAbort(String::from_utf8_lossy(&payload).into_owned()))
                     }
                     got => {
                         return Err(protocol::ProtocolError::Unexpected {
@@ -566,7 +581,24 @@ pub(super) fn target_run<T: TargetVm>(
                     }
                 }
             }
+        });
+        let started = (|| -> Result<(), MigrationError> {
+            vm.restore_state(state).map_err(MigrationError::RestoreState)?;
+            vm.resume().map_err(MigrationError::Resume)?;
+            send_locked(&writer, Command::Activated, &[])?;
+            vm.announce();
+            progress.update(|p| p.stage = Stage::PostCopy);
+            Ok(())
         })();
+        if started.is_err() {
+            // Unblock the receive thread.
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        let joined = receive_thread.join();
+        let result = started.and_then(|()| match joined {
+            Ok(r) => r.map(|total| received = total),
+            Err(_) => Err(MigrationError::StreamClosed),
+        });
         // All memory is local (or the migration failed): stop routing faults,
         // which also wakes anything still waiting, then stop the fault thread.
         for r in &memory.regions {

@@ -20,7 +20,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::convergence::{self, Decision, Policy, Round};
-use super::progress::{MigrationResult, ModeUsed, ProgressHandle, Stage};
+use super::progress::{DowntimeBreakdown, MigrationResult, ModeUsed, ProgressHandle, Stage};
 use super::protocol::{self, Command, Hello, HelloAck, PageBatch, PAGE_SIZE};
 use super::transport::{self, FrameWriter, Incoming};
 use super::vm::{DirtyPages, GuestRegion, SourceVm};
@@ -422,9 +422,13 @@ fn run<V: SourceVm>(
         round_pages += pages;
     }
     src.flush_batch()?;
-    let mut pending = vm.take_dirty().map_err(MigrationError::TakeDirty)?;
+    let mut pending = empty_dirty(&src.regions);
     let mut mode = ModeUsed::PreCopy;
     loop {
+        // The round ends when the target has it all; what the guest dirtied
+        // until then is the next round.
+        src.writer.wait_drained(opts.stall_timeout);
+        merge(&mut pending, &vm.take_dirty().map_err(MigrationError::TakeDirty)?);
         src.writer.send(
             Command::RoundEnd,
             &protocol::encode_round_end(history.len() as u32, round_pages),
@@ -490,7 +494,6 @@ fn run<V: SourceVm>(
         bytes_before = src.writer.bytes_sent;
         let to_send = std::mem::replace(&mut pending, empty_dirty(&src.regions));
         round_pages = src.send_dirty(&to_send)?;
-        pending = vm.take_dirty().map_err(MigrationError::TakeDirty)?;
     }
 
     // Stop-and-copy.
@@ -504,25 +507,41 @@ fn run<V: SourceVm>(
         t
     };
     *paused = true;
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
+    let mut phases = DowntimeBreakdown {
+        pause_ms: ms(pause_start),
+        ..Default::default()
+    };
+    let t = Instant::now();
     let last = vm.take_dirty().map_err(MigrationError::TakeDirty)?;
     merge(&mut pending, &last);
+    let final_pages = count(&pending);
     src.send_dirty(&pending)?;
+    phases.last_pages_ms = ms(t);
+    let t = Instant::now();
     let vm_state = vm.save_state().map_err(MigrationError::SaveState)?;
+    phases.save_state_ms = ms(t);
+    let t = Instant::now();
     src.writer.send(Command::State, &vm_state)?;
     src.writer.send(Command::Complete, &[])?;
     state = state.advance(SenderState::Committing)?;
     src.progress.update(|p| p.stage = Stage::Committing);
     src.expect(Command::Ready, opts.stall_timeout)?;
+    phases.target_restore_ms = ms(t);
     // The point of no return: after Commit the source never resumes.
     *committed = true;
+    let t = Instant::now();
     src.writer.send(Command::Commit, &[])?;
     src.expect(Command::Activated, opts.stall_timeout)
         .map_err(|e| MigrationError::CommitUnknown(Box::new(e)))?;
+    phases.activate_ms = ms(t);
     let downtime = pause_start.elapsed();
+    tracing::info!(final_pages, ?phases, "stop-and-copy done");
     state.advance(SenderState::Completed)?;
     Ok(MigrationResult {
         total_ms: src.started.elapsed().as_millis() as u64,
         downtime_ms: downtime.as_secs_f64() * 1000.0,
+        downtime_breakdown: Some(phases),
         bytes_sent: src.writer.bytes_sent,
         rounds: history.len() as u32,
         mode,

@@ -84,6 +84,24 @@ pub struct MigrationResult {
     pub pages_sent: u64,
     /// Pages found all-zero and sent as run headers only.
     pub zero_pages: u64,
+    /// Where the downtime went (stop-and-copy only).
+    #[serde(default)]
+    pub downtime_breakdown: Option<DowntimeBreakdown>,
+}
+
+/// The parts of a stop-and-copy downtime, in milliseconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DowntimeBreakdown {
+    /// Stopping the vCPUs.
+    pub pause_ms: f64,
+    /// Reading the last dirty set and sending those pages.
+    pub last_pages_ms: f64,
+    /// Capturing vCPU, VM and device state.
+    pub save_state_ms: f64,
+    /// Sending the state until the target confirms it restored it.
+    pub target_restore_ms: f64,
+    /// From Commit until the target says the guest runs.
+    pub activate_ms: f64,
 }
 
 /// Shared, pollable progress.

@@ -112,6 +112,36 @@ impl FrameWriter {
         Ok(())
     }
 
+    /// Bytes written but not yet acknowledged by the peer (queued in this
+    /// host's socket and qdisc, or in flight).
+    pub fn unacked(&self) -> usize {
+        let mut n: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (= TIOCOUTQ) on a TCP socket writes one int.
+        let r = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&self.stream),
+                libc::TIOCOUTQ,
+                &mut n as *mut libc::c_int,
+            )
+        };
+        if r < 0 {
+            0
+        } else {
+            n.max(0) as usize
+        }
+    }
+
+    /// Waits until the peer has acknowledged everything written (or `max`
+    /// passed), so that the time a round takes and the bandwidth derived from
+    /// it count delivery, not just filling buffers, and so that a pause starts
+    /// with an empty pipe.
+    pub fn wait_drained(&self, max: Duration) {
+        let deadline = Instant::now() + max;
+        while self.unacked() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
     /// Flushes and shuts the stream down in both directions, ending the
     /// reader thread.
     pub fn close(&mut self) {

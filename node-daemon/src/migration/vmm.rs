@@ -108,6 +108,12 @@ impl IncomingVm {
     ) -> Result<IncomingVm, VmError> {
         let config: VmConfig = serde_json::from_value(config.clone())?;
         let (vmm, exits) = Vmm::build(overrides.apply(config), &runtime, BuildMode::Incoming)?;
+        let mut runtime = runtime;
+        // The console is there before the guest arrives, so a client attached
+        // early sees every line from the switch-over on.
+        if let Some(path) = runtime.console_sock.take() {
+            vmm.serve_console(&path)?;
+        }
         Ok(IncomingVm {
             vmm,
             exits,

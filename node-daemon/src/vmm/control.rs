@@ -88,12 +88,19 @@ pub enum Command {
         /// Give up after this many seconds (default 600).
         #[serde(default)]
         timeout_s: Option<u64>,
+        /// Fail when the target neither reads nor answers for this many
+        /// seconds (default 10).
+        #[serde(default)]
+        stall_timeout_s: Option<u64>,
     },
     /// Progress of the current (or last) outgoing migration.
     MigrateStatus,
     /// Cancel the outgoing migration.
     MigrateCancel,
 }
+
+/// How long a source whose guest moved keeps answering before it exits.
+pub const MIGRATED_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The outgoing migration of this process, if one was started.
 static OUTGOING: std::sync::Mutex<Option<crate::migration::vmm::Outgoing>> =
@@ -108,6 +115,7 @@ fn migrate_send(vmm: &Arc<Vmm>, cmd: Command) -> Result<Value, String> {
         allow_auto_converge,
         allow_post_copy,
         timeout_s,
+        stall_timeout_s,
     } = cmd
     else {
         unreachable!("called with migrate-send only")
@@ -129,12 +137,15 @@ fn migrate_send(vmm: &Arc<Vmm>, cmd: Command) -> Result<Value, String> {
         },
         bandwidth_limit: bandwidth_mbps.map(|m| m * 1_000_000 / 8),
         completion_timeout: std::time::Duration::from_secs(timeout_s.unwrap_or(600)),
+        stall_timeout: std::time::Duration::from_secs(stall_timeout_s.unwrap_or(10)),
         ..Default::default()
     };
     let out = crate::migration::vmm::start_outgoing(vmm.clone(), &addr, opts)
         .map_err(|e| error_chain(&e))?;
     *slot = Some(out);
-    // When it ends well the guest runs on the target: this process exits.
+    // When it ends well the guest runs on the target: stop the vCPUs for
+    // good, keep answering migrate-status so the caller can read the result,
+    // and exit on `stop` or after a grace period.
     let vmm = vmm.clone();
     std::thread::spawn(move || loop {
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -142,8 +153,10 @@ fn migrate_send(vmm: &Arc<Vmm>, cmd: Command) -> Result<Value, String> {
         let Some(out) = slot.as_ref() else { return };
         if out.handle.is_finished() {
             if out.progress.get().stage == crate::migration::Stage::Completed {
-                eprintln!("godwit-vmm: migrated to {addr}; exiting");
+                eprintln!("godwit-vmm: migrated to {addr}; exiting within {MIGRATED_GRACE:?}");
                 vmm.stop();
+                drop(slot);
+                std::thread::sleep(MIGRATED_GRACE);
                 vmm.request_stop();
             }
             return;

@@ -339,9 +339,9 @@ impl Vmm {
                             config.initrd.as_deref(),
                             cmdline.len(),
                         )?;
-                        for v in &vcpus {
-                            v.setup_linux64(&mem, entry, boot::ZERO_PAGE_ADDR)?;
-                        }
+                        // The boot CPU enters the kernel; the others wait for
+                        // INIT/SIPI (KVM's default MP state for APs).
+                        vcpus[0].setup_linux64(&mem, entry + 0x200, boot::ZERO_PAGE_ADDR)?;
                     }
                 }
             }
@@ -385,6 +385,15 @@ impl Vmm {
         self.vcpus
             .start(self.devices.clone(), self.exit_tx.clone(), paused)?;
         let _ = &self.irq_evts;
+        Ok(())
+    }
+
+    /// Serves the console socket at `path` before the vCPUs start (a VM
+    /// receiving a migration does, so a client can be attached when the
+    /// guest arrives); pass a runtime without `console_sock` to
+    /// [`Vmm::start`] afterwards.
+    pub fn serve_console(&self, path: &Path) -> Result<(), VmmError> {
+        self.console.serve(path)?;
         Ok(())
     }
 

@@ -11,12 +11,12 @@ use linux_loader::loader::{BzImage, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::{
-    e820_map, open_kernel, BootError, CMDLINE_ADDR, HIMEM_START, MPTABLE_ADDR, ZERO_PAGE_ADDR,
+    e820_map, open_kernel, BootError, CMDLINE_ADDR, HIMEM_START, ZERO_PAGE_ADDR,
 };
 use crate::vmm::memory::{GuestMemory, MMIO_HOLE_START, PAGE_SIZE};
 
-/// Loads the bzImage and initrd and writes the zero page; returns the 64-bit
-/// entry point.
+/// Loads the bzImage and initrd and writes the zero page; returns the load
+/// address (the 32-bit entry; the 64-bit entry is 0x200 above it).
 pub fn load(
     mem: &GuestMemory,
     path: &Path,
@@ -62,7 +62,6 @@ pub fn load(
         params.e820_table[i].r#type = e.kind;
     }
     params.e820_entries = map.len() as u8;
-    let _ = MPTABLE_ADDR;
     // SAFETY: boot_params is a plain repr(C) struct of integers and arrays;
     // viewing it as bytes for the length of the struct is sound.
     let bytes = unsafe {
@@ -73,5 +72,5 @@ pub fn load(
     };
     mem.write_slice(bytes, GuestAddress(ZERO_PAGE_ADDR))
         .map_err(BootError::WriteGuestMemory)?;
-    Ok(res.kernel_load.0 + 0x200)
+    Ok(res.kernel_load.0)
 }
