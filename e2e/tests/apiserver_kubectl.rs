@@ -663,3 +663,19 @@ fn recorder_style_events_show_in_describe() {
     ]);
     assert_eq!(core, "root disk ready w1");
 }
+
+#[test]
+fn deployment_kinds_apply_idempotently() {
+    let cluster = Cluster::start();
+    let out = cluster.apply_fixture("deploy-kinds.yaml");
+    assert_eq!(out.matches(" created").count(), 6, "{out}");
+    let out = cluster.apply_fixture("deploy-kinds.yaml");
+    assert_eq!(out.matches(" unchanged").count(), 6, "{out}");
+    let bindings = cluster.ok(&["get", "clusterrolebinding", "godwit-operator"]);
+    assert!(
+        bindings.lines().nth(1).unwrap().contains("godwit-operator"),
+        "{bindings}"
+    );
+    let deployments = cluster.ok(&["get", "deploy", "-n", "godwit-system", "-o", "name"]);
+    assert_eq!(deployments.trim(), "deployment.apps/godwit-operator");
+}

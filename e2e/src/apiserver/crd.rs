@@ -199,6 +199,55 @@ pub fn builtin_resources() -> Vec<ResourceDef> {
         ResourceDef::builtin("", "v1", "ServiceAccount", "serviceaccounts", true)
             .short(&["sa"])
             .columns(vec![age()]),
+        ResourceDef::builtin("", "v1", "Service", "services", true)
+            .short(&["svc"])
+            .with_status()
+            .columns(vec![
+                PrinterColumn::new("Type", "string", ".spec.type"),
+                age(),
+            ]),
+        // Stored only (no controllers act on them), so that the Helm chart's
+        // manifests apply.
+        ResourceDef::builtin("apps", "v1", "Deployment", "deployments", true)
+            .short(&["deploy"])
+            .with_status()
+            .columns(vec![age()]),
+        ResourceDef::builtin("apps", "v1", "DaemonSet", "daemonsets", true)
+            .short(&["ds"])
+            .with_status()
+            .columns(vec![age()]),
+        ResourceDef::builtin("rbac.authorization.k8s.io", "v1", "Role", "roles", true)
+            .columns(vec![age()]),
+        ResourceDef::builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "RoleBinding",
+            "rolebindings",
+            true,
+        )
+        .columns(vec![
+            PrinterColumn::new("Role", "string", ".roleRef.name"),
+            age(),
+        ]),
+        ResourceDef::builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "ClusterRole",
+            "clusterroles",
+            false,
+        )
+        .columns(vec![age()]),
+        ResourceDef::builtin(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "ClusterRoleBinding",
+            "clusterrolebindings",
+            false,
+        )
+        .columns(vec![
+            PrinterColumn::new("Role", "string", ".roleRef.name"),
+            age(),
+        ]),
         ResourceDef::builtin("coordination.k8s.io", "v1", "Lease", "leases", true).columns(vec![
             PrinterColumn::new("Holder", "string", ".spec.holderIdentity"),
             age(),

@@ -11,7 +11,9 @@
 //!   `/version`) and minimal OpenAPI v3 documents ([`discovery`]);
 //! - built-in kinds: Namespace, Node, Event (`v1` and `events.k8s.io/v1`,
 //!   one storage, see [`convert`]), Secret, ConfigMap, ServiceAccount, Lease,
-//!   and CustomResourceDefinition;
+//!   and CustomResourceDefinition; Service, Deployment, DaemonSet and the
+//!   RBAC kinds are stored so that the Helm chart applies, but nothing acts
+//!   on them (there are no Pods);
 //!   a stored CRD makes its kinds live ([`crd`]), and custom resources are
 //!   pruned, defaulted and validated against the CRD schema ([`schema`]);
 //! - get, list, watch, create (with `generateName`), update, patch (merge,
