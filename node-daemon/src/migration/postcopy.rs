@@ -15,8 +15,8 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
 use std::sync::mpsc::TryRecvError;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::convergence::Round;
@@ -275,11 +275,15 @@ pub(super) fn source_serve<V: SourceVm>(
     let mut needed: Vec<DirtyPages> = pending.to_vec();
     let runs: Vec<(u64, u32)> = needed
         .iter()
-        .flat_map(|d| d.runs().map(move |(first, n)| (d.gpa + first * PAGE_SIZE as u64, n as u32)))
+        .flat_map(|d| {
+            d.runs()
+                .map(move |(first, n)| (d.gpa + first * PAGE_SIZE as u64, n as u32))
+        })
         .collect();
     src.in_postcopy = true;
     src.writer.send(Command::State, vm_state)?;
-    src.writer.send(Command::PostCopy, &protocol::encode_page_runs(&runs))?;
+    src.writer
+        .send(Command::PostCopy, &protocol::encode_page_runs(&runs))?;
     src.progress.update(|p| p.stage = Stage::PostCopy);
 
     let mut activated: Option<Duration> = None;
@@ -290,12 +294,15 @@ pub(super) fn source_serve<V: SourceVm>(
             // Requests and Activated first; with nothing left to push, wait.
             loop {
                 let next = if remaining == 0 {
-                    super::transport::recv_timeout(&src.incoming, src.opts.stall_timeout).map(Some)?
+                    super::transport::recv_timeout(&src.incoming, src.opts.stall_timeout)
+                        .map(Some)?
                 } else {
                     match src.incoming.try_recv() {
                         Ok(item) => Some(item?),
                         Err(TryRecvError::Empty) => None,
-                        Err(TryRecvError::Disconnected) => return Err(MigrationError::StreamClosed),
+                        Err(TryRecvError::Disconnected) => {
+                            return Err(MigrationError::StreamClosed)
+                        }
                     }
                 };
                 match next {
@@ -319,7 +326,9 @@ pub(super) fn source_serve<V: SourceVm>(
                         }
                     }
                     Some((Command::Abort, reason)) => {
-                        return Err(MigrationError::PeerAbort(String::from_utf8_lossy(&reason).into_owned()))
+                        return Err(MigrationError::PeerAbort(
+                            String::from_utf8_lossy(&reason).into_owned(),
+                        ))
                     }
                     Some((got, _)) => {
                         return Err(protocol::ProtocolError::Unexpected {
@@ -374,7 +383,9 @@ pub(super) fn source_serve<V: SourceVm>(
     }
     let downtime = activated.expect("the push ends only once the target runs the guest");
     let lost = |e: MigrationError| MigrationError::PostCopyLost(Box::new(e));
-    src.writer.send(Command::Complete, &[]).map_err(|e| lost(e.into()))?;
+    src.writer
+        .send(Command::Complete, &[])
+        .map_err(|e| lost(e.into()))?;
     src.progress.update(|p| p.stage = Stage::Committing);
     // Requests the target sent for pages already on their way may still be
     // in the stream ahead of Ready; they need no answer.
@@ -383,7 +394,9 @@ pub(super) fn source_serve<V: SourceVm>(
             Ok((Command::Ready, _)) => break,
             Ok((Command::PageRequest, _)) => continue,
             Ok((Command::Abort, reason)) => {
-                return Err(lost(MigrationError::PeerAbort(String::from_utf8_lossy(&reason).into_owned())))
+                return Err(lost(MigrationError::PeerAbort(
+                    String::from_utf8_lossy(&reason).into_owned(),
+                )))
             }
             Ok((got, _)) => {
                 return Err(lost(
@@ -570,7 +583,9 @@ pub(super) fn target_run<T: TargetVm>(
                     }
                     Command::Complete => return Ok(received),
                     Command::Abort => {
-                        return Err(MigrationError::PeerAbort(String::from_utf8_lossy(&payload).into_owned()))
+                        return Err(MigrationError::PeerAbort(
+                            String::from_utf8_lossy(&payload).into_owned(),
+                        ))
                     }
                     got => {
                         return Err(protocol::ProtocolError::Unexpected {
@@ -583,7 +598,8 @@ pub(super) fn target_run<T: TargetVm>(
             }
         });
         let started = (|| -> Result<(), MigrationError> {
-            vm.restore_state(state).map_err(MigrationError::RestoreState)?;
+            vm.restore_state(state)
+                .map_err(MigrationError::RestoreState)?;
             vm.resume().map_err(MigrationError::Resume)?;
             send_locked(&writer, Command::Activated, &[])?;
             vm.announce();

@@ -428,7 +428,10 @@ fn run<V: SourceVm>(
         // The round ends when the target has it all; what the guest dirtied
         // until then is the next round.
         src.writer.wait_drained(opts.stall_timeout);
-        merge(&mut pending, &vm.take_dirty().map_err(MigrationError::TakeDirty)?);
+        merge(
+            &mut pending,
+            &vm.take_dirty().map_err(MigrationError::TakeDirty)?,
+        );
         src.writer.send(
             Command::RoundEnd,
             &protocol::encode_round_end(history.len() as u32, round_pages),

@@ -138,7 +138,6 @@ fn migrate_send(vmm: &Arc<Vmm>, cmd: Command) -> Result<Value, String> {
         bandwidth_limit: bandwidth_mbps.map(|m| m * 1_000_000 / 8),
         completion_timeout: std::time::Duration::from_secs(timeout_s.unwrap_or(600)),
         stall_timeout: std::time::Duration::from_secs(stall_timeout_s.unwrap_or(10)),
-        ..Default::default()
     };
     let out = crate::migration::vmm::start_outgoing(vmm.clone(), &addr, opts)
         .map_err(|e| error_chain(&e))?;
