@@ -7,7 +7,8 @@ apt_packages=(
   qemu-system-x86   # the oracle and benchmark peer for the test guest
   qemu-utils        # qemu-img: the checker of every image we write
   iproute2          # ip netns, veth, bridges, taps; tc tbf for link shaping
-  binutils          # objdump: the test guest build refuses SSE/x87 code
+  binutils          # objdump, as: the test guest build refuses SSE/x87 code
+  iputils-ping      # ping from a client namespace to the guest
   kmod              # modprobe tun/bridge where they are modules
 )
 
