@@ -6,7 +6,12 @@
 //!   median over several runs, plus each engine's resident memory beyond
 //!   the guest's own RAM.
 //!
-//! Room is left for `migrate`, `storage` and `failover`.
+//! - `bench migrate [--json] [--quick]`: live migration of the test guest,
+//!   godwit-vmm vs QEMU (default and best settings), idle and dirtying 1 GiB
+//!   guests over an unlimited and a 1 Gbit/s veth between two network
+//!   namespaces (see `godwit_e2e::bench_migrate`).
+//!
+//! Room is left for `storage` and `failover`.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -30,6 +35,52 @@ struct Cli {
 enum Cmd {
     /// Boot time to the first heartbeat and memory overhead, godwit-vmm vs QEMU microvm.
     Boot(BootArgs),
+    /// Live migration, godwit-vmm vs QEMU/KVM, side by side.
+    Migrate(MigrateArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct MigrateArgs {
+    /// One JSON line per engine, config, scenario and link instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Only the unlimited link.
+    #[arg(long)]
+    quick: bool,
+    /// godwit-vmm binary (default: target/release/godwit-vmm, built if missing).
+    #[arg(long)]
+    vmm: Option<PathBuf>,
+    /// Only scenarios whose name contains this.
+    #[arg(long)]
+    scenario: Option<String>,
+    /// Only this engine (godwit or qemu).
+    #[arg(long)]
+    engine: Option<String>,
+    /// Completion timeout of one migration, seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout_s: u64,
+}
+
+fn migrate(a: MigrateArgs) -> Result<()> {
+    use godwit_e2e::bench_migrate::{run, Options, RunResult};
+    let opts = Options {
+        quick: a.quick,
+        vmm: a.vmm,
+        scenario: a.scenario,
+        engine: a.engine,
+        timeout: Duration::from_secs(a.timeout_s),
+    };
+    if !a.json {
+        println!("{}", RunResult::header());
+    }
+    run(&opts, |r| {
+        if a.json {
+            println!("{}", r.to_json_line());
+        } else {
+            println!("{}", r.row());
+        }
+    })?;
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -54,6 +105,7 @@ struct BootArgs {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Boot(a) => boot(a),
+        Cmd::Migrate(a) => migrate(a),
     }
 }
 
