@@ -2,6 +2,7 @@
 //! server, the local multi-node cluster and the benchmarks.
 
 pub mod apiserver;
+pub mod bench_migrate;
 pub mod guest;
 pub mod netns;
 pub mod qemu;
