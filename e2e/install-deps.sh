@@ -12,6 +12,9 @@ apt_packages=(
   kmod              # modprobe tun/bridge where they are modules
 )
 
+# kubectl: the machine image may bring a newer one; Debian's is the fallback.
+command -v kubectl >/dev/null || apt_packages+=(kubernetes-client)
+
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

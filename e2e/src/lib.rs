@@ -3,6 +3,9 @@
 
 pub mod apiserver;
 pub mod bench_migrate;
+pub mod demo;
 pub mod guest;
 pub mod netns;
+pub mod nodes;
 pub mod qemu;
+pub mod vmmproc;
