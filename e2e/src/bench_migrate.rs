@@ -147,6 +147,8 @@ pub struct RunResult {
     pub rounds: u64,
     /// How it converged (engine's words), or the variant tried.
     pub mode: String,
+    /// Heartbeat counters never seen on either console during the run.
+    pub hb_missing: u64,
     /// Our engine's downtime breakdown, as reported.
     pub breakdown: Option<Value>,
     /// Why a run failed, if it did.
@@ -167,6 +169,7 @@ impl RunResult {
             bytes_sent: 0,
             rounds: 0,
             mode: String::new(),
+            hb_missing: 0,
             breakdown: None,
             error: None,
         }
@@ -189,6 +192,7 @@ impl RunResult {
             ("bytes_sent", json!(self.bytes_sent)),
             ("rounds", json!(self.rounds)),
             ("mode", json!(self.mode)),
+            ("hb_missing", json!(self.hb_missing)),
         ];
         if let Some(b) = &self.breakdown {
             fields.push(("downtime_breakdown", b.clone()));
@@ -228,7 +232,7 @@ impl RunResult {
             mode.push_str(&format!(" error: {e}"));
         }
         format!(
-            "{:<7} {:<8} {:<13} {:<9} {:>5} {:>9.1} {:>9} {:>9} {:>12} {:>6}  {}",
+            "{:<7} {:<8} {:<13} {:<9} {:>5} {:>9.1} {:>9} {:>9} {:>12} {:>6} {:>5}  {}",
             self.engine,
             self.config,
             self.scenario,
@@ -239,6 +243,7 @@ impl RunResult {
             opt(self.observed_pause_ms),
             self.bytes_sent,
             self.rounds,
+            self.hb_missing,
             mode
         )
     }
@@ -319,6 +324,21 @@ pub fn observed_pause(lines: &[&Line], since: Instant) -> Option<f64> {
         .map(|w| w[1].saturating_duration_since(w[0]))
         .max()?;
     Some((max.as_secs_f64() * 1000.0 - HB_MS as f64).max(0.0))
+}
+
+/// Heartbeat counters missing (holes between the first and the last
+/// counter seen from `since` on, across both consoles): a line lost, for
+/// instance before the target's console was attached, widens the gap.
+pub fn missing_heartbeats(lines: &[&Line], since: Instant) -> u64 {
+    let seen: std::collections::BTreeSet<u64> = lines
+        .iter()
+        .filter(|l| l.at >= since)
+        .filter_map(|l| parse_heartbeat(&l.text).map(|h| h.counter))
+        .collect();
+    match (seen.first(), seen.last()) {
+        (Some(a), Some(b)) => (b - a + 1) - seen.len() as u64,
+        _ => 0,
+    }
 }
 
 /// Reads the console until it has been quiet for `quiet` (or `limit` passed).
@@ -508,6 +528,21 @@ fn godwit_run(
             "--paused".into(),
         ],
     )?;
+    // The control socket is the last thing godwit-vmm creates before it
+    // waits: once it exists, the console is listening too.
+    let (mut src, api_end) = (src, Instant::now() + Duration::from_secs(30));
+    while !src.api.exists() {
+        if let Ok(Some(st)) = src.child.try_wait() {
+            return Err(BenchError::Vmm(format!(
+                "source exited ({st}): {}",
+                vmm_stderr(dir.path(), "src")
+            )));
+        }
+        if Instant::now() >= api_end {
+            return Err(BenchError::Vmm("source made no control socket".into()));
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
     let mut src_console = connect_console(&src_con, Duration::from_secs(30)).ok_or_else(|| {
         BenchError::Vmm(format!(
             "no source console: {}",
@@ -600,6 +635,7 @@ fn godwit_run(
         all.extend(c.lines().iter());
     }
     r.observed_pause_ms = observed_pause(&all, start);
+    r.hb_missing = missing_heartbeats(&all, start);
     let _ = src.api(json!({"cmd": "stop"}));
     drop(dst_console);
     drop(src);
@@ -724,6 +760,7 @@ fn qemu_run(
     let mut all: Vec<&Line> = src.console.lines().iter().collect();
     all.extend(dst.console.lines().iter());
     r.observed_pause_ms = observed_pause(&all, start);
+    r.hb_missing = missing_heartbeats(&all, start);
     Ok(r)
 }
 
