@@ -101,6 +101,8 @@ pub enum VcpuError {
 
 /// IA32_MISC_ENABLE.
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+/// IA32_MTRR_DEF_TYPE.
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 /// IA32_TSC_DEADLINE: must be restored after the LAPIC (see [`Vcpu::restore`]).
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
@@ -332,11 +334,20 @@ impl Vcpu {
     }
 
     fn boot_msrs(&self) -> Result<(), VcpuError> {
-        let msrs = Msrs::from_entries(&[kvm_msr_entry {
-            index: MSR_IA32_MISC_ENABLE,
-            data: 1, // fast strings
-            ..Default::default()
-        }])
+        let msrs = Msrs::from_entries(&[
+            kvm_msr_entry {
+                index: MSR_IA32_MISC_ENABLE,
+                data: 1, // fast strings
+                ..Default::default()
+            },
+            kvm_msr_entry {
+                // MTRRs enabled, default type write-back, as firmware leaves
+                // them (the reset value makes all memory uncacheable).
+                index: MSR_MTRR_DEF_TYPE,
+                data: 0x806,
+                ..Default::default()
+            },
+        ])
         .map_err(VcpuError::Fam)?;
         self.fd.set_msrs(&msrs).map_err(VcpuError::SetMsrs)?;
         Ok(())
