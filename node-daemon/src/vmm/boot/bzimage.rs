@@ -10,9 +10,7 @@ use linux_loader::loader::bootparam::boot_params;
 use linux_loader::loader::{BzImage, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::{
-    e820_map, open_kernel, BootError, CMDLINE_ADDR, HIMEM_START, ZERO_PAGE_ADDR,
-};
+use super::{e820_map, open_kernel, BootError, CMDLINE_ADDR, HIMEM_START, ZERO_PAGE_ADDR};
 use crate::vmm::memory::{GuestMemory, MMIO_HOLE_START, PAGE_SIZE};
 
 /// Loads the bzImage and initrd and writes the zero page; returns the load
