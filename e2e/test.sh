@@ -10,4 +10,6 @@ cargo clippy --workspace --all-targets -- -D warnings
 if [ -x e2e/testguest/build.sh ] || [ -f e2e/testguest/build.sh ]; then
   bash e2e/testguest/build.sh >/dev/null
 fi
+# The e2e tests and the demo drive the godwit-vmm binary.
+cargo build --release -p godwit-node --bin godwit-vmm
 cargo test --workspace --release
