@@ -22,5 +22,8 @@ fn demo_migrates_the_vm_and_keeps_its_connection() {
     assert!(report.tcp_connection_survived, "{report:?}");
     assert!(report.heartbeat_continued, "{report:?}");
     assert_ne!(report.source_node, report.target_node);
-    assert!(report.downtime_ms > 0.0 && report.total_ms > 0, "{report:?}");
+    assert!(
+        report.downtime_ms > 0.0 && report.total_ms > 0,
+        "{report:?}"
+    );
 }
