@@ -210,7 +210,7 @@ impl RunResult {
     /// The table header.
     pub fn header() -> String {
         format!(
-            "{:<7} {:<8} {:<13} {:<9} {:>5} {:>9} {:>9} {:>9} {:>12} {:>6}  mode",
+            "{:<7} {:<8} {:<13} {:<9} {:>5} {:>9} {:>9} {:>9} {:>12} {:>6} {:>5}  mode",
             "engine",
             "config",
             "scenario",
@@ -220,7 +220,8 @@ impl RunResult {
             "down_ms",
             "pause_ms",
             "bytes",
-            "rounds"
+            "rounds",
+            "hbmis"
         )
     }
 
