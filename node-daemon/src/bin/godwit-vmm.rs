@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
+use godwit_node::error_chain;
 use godwit_node::vmm::control;
 use godwit_node::vmm::devices::GuestExit;
 use godwit_node::vmm::vm::VmExit;
@@ -135,17 +136,6 @@ static TERM: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_term(_: libc::c_int) {
     TERM.store(true, Ordering::Relaxed);
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 fn fail(msg: String) -> ! {

@@ -25,6 +25,7 @@ use super::protocol::{self, Command, Hello, HelloAck, PageBatch, PAGE_SIZE};
 use super::transport::{self, FrameWriter, Incoming};
 use super::vm::{DirtyPages, GuestRegion, SourceVm};
 use super::{postcopy, MigrationError};
+use crate::error_chain;
 
 /// Payload size of a page batch.
 pub const BATCH_BYTES: usize = 1 << 20;
@@ -367,18 +368,6 @@ pub fn send<V: SourceVm>(
         }),
     }
     outcome
-}
-
-/// An error with its causes, for status reports.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 fn run<V: SourceVm>(

@@ -184,11 +184,11 @@ where
         let _ = send(
             &mut stream,
             Command::Abort,
-            super::precopy::error_chain(e).as_bytes(),
+            crate::error_chain(e).as_bytes(),
         );
         progress.update(|p| {
             p.stage = Stage::Failed;
-            p.error = Some(super::precopy::error_chain(e));
+            p.error = Some(crate::error_chain(e));
         });
     }
     result

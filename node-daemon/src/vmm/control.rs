@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{Vmm, VmmError};
+use crate::error_chain;
 
 /// API version this VMM speaks.
 pub const API_VERSION: u32 = 1;
@@ -185,17 +186,6 @@ pub struct Response {
     /// One-line error on failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 /// Handles one request line.
