@@ -3,6 +3,10 @@
 //! `godwit-local demo [--json]` boots the test guest on one simulated node,
 //! live-migrates it to another with a TCP client connected, and prints what
 //! happened; with `--json` it ends with one JSON line.
+//!
+//! `godwit-local up [--nodes N]` brings up a local cluster (API test server,
+//! Godwit's CRDs, N namespace nodes registered as Nodes), prints the
+//! kubeconfig to use, and tears everything down on Ctrl-C or SIGTERM.
 
 use clap::{Parser, Subcommand};
 
@@ -25,11 +29,70 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Bring up a local cluster and keep it until Ctrl-C.
+    Up {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// Directory for the kubeconfigs (removed on exit).
+        #[arg(long, default_value = "/tmp/godwit-local")]
+        dir: std::path::PathBuf,
+    },
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn up(nodes: usize, dir: &std::path::Path) -> anyhow::Result<()> {
+    let cluster = godwit_e2e::cluster::LocalCluster::up(nodes, 4, 4096, dir)?;
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    println!(
+        "Local cluster up: {} nodes, API {}",
+        nodes,
+        cluster.api.url()
+    );
+    for n in &cluster.fabric.nodes {
+        println!(
+            "  {}  namespace {}  address {}  bridge {}",
+            n.name,
+            n.ns.name(),
+            n.ip,
+            n.bridge
+        );
+    }
+    println!(
+        "  kubectl --kubeconfig {} get nodes",
+        cluster.kubeconfig.display()
+    );
+    println!(
+        "  inside a node: ip netns exec <namespace> kubectl --kubeconfig {} ...",
+        cluster.node_kubeconfig.display()
+    );
+    println!("Ctrl-C tears it down.");
+    while !STOP.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    cluster.down();
+    println!("Local cluster down.");
+    Ok(())
 }
 
 fn main() {
     let args = Args::parse();
     match args.command {
+        Cmd::Up { nodes, dir } => {
+            if let Err(e) = up(nodes, &dir) {
+                eprintln!("godwit-local: error: {e:#}");
+                std::process::exit(1);
+            }
+        }
         Cmd::Demo { json } => match godwit_e2e::demo::run(json) {
             Ok(report) => {
                 let ok = report.migration_phase == "Succeeded"
