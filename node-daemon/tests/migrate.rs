@@ -457,7 +457,7 @@ fn target_killed_during_precopy_leaves_the_guest_on_the_source() {
     let t = topology();
     t.a.shape(&t.link_a, "100mbit", "256kb", "100ms").unwrap();
     let dir = Scratch::new("mig-kill");
-    let mut src = start_source(&t, &dir, 256, "hb_ms=20 dirty_mib=96 dirty_rate=2000");
+    let mut src = start_source(&t, &dir, 256, "hb_ms=20 dirty_mib=96 dirty_rate=0");
     let mut target = start_target(&t, &dir);
     let r = src.api(json!({"cmd": "migrate-send", "addr": format!("{TARGET_IP}:{}", target.port), "allow_post_copy": false}));
     assert_eq!(r["ok"], true, "{r}");
@@ -482,7 +482,7 @@ fn link_cut_during_precopy_leaves_the_guest_on_the_source() {
     let t = topology();
     t.a.shape(&t.link_a, "100mbit", "256kb", "100ms").unwrap();
     let dir = Scratch::new("mig-cut");
-    let mut src = start_source(&t, &dir, 256, "hb_ms=20 dirty_mib=96 dirty_rate=2000");
+    let mut src = start_source(&t, &dir, 256, "hb_ms=20 dirty_mib=96 dirty_rate=0");
     let mut target = start_target(&t, &dir);
     let r = src.api(json!({
         "cmd": "migrate-send",
