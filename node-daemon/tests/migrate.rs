@@ -376,7 +376,11 @@ fn dirtying_guest_moves_over_a_1gbit_link() {
     let t = topology();
     t.a.shape(&t.link_a, "1gbit", "256kb", "50ms").unwrap();
     let dir = Scratch::new("mig-dirty");
-    let src = start_source(&t, &dir, 256, "hb_ms=20 dirty_mib=64 dirty_rate=5000");
+    let mut src = start_source(&t, &dir, 256, "hb_ms=20 dirty_mib=64 dirty_rate=5000");
+    // 16384 pages at 5000 pages/s: let the workload touch all of them first.
+    src.console
+        .heartbeats(200, Duration::from_secs(30))
+        .unwrap();
     let stream = watch_stream(&t);
     let target = start_target(&t, &dir);
     let result = migrate(&src, &target, json!({}));
