@@ -455,6 +455,19 @@ fn check_stayed(src: &mut Vm, t: &Topology, target: &mut Target, status: &Value)
     );
 }
 
+/// Waits until the running migration has sent more than `bytes`.
+fn wait_transferred(src: &Vm, bytes: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = src.api(json!({"cmd": "migrate-status"}));
+        if s["result"]["transferred_bytes"].as_u64().unwrap_or(0) > bytes {
+            return;
+        }
+        assert!(Instant::now() < deadline, "migration did not start: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn target_killed_during_precopy_leaves_the_guest_on_the_source() {
     common::require_kvm();
@@ -466,15 +479,7 @@ fn target_killed_during_precopy_leaves_the_guest_on_the_source() {
     let r = src.api(json!({"cmd": "migrate-send", "addr": format!("{TARGET_IP}:{}", target.port), "allow_post_copy": false}));
     assert_eq!(r["ok"], true, "{r}");
     // Wait until pages flow, then kill the target.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = src.api(json!({"cmd": "migrate-status"}));
-        if s["result"]["transferred_bytes"].as_u64().unwrap_or(0) > 8 << 20 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "migration did not start: {s}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_transferred(&src, 8 << 20);
     target.child.kill().unwrap();
     let status = wait_migration(&src, Duration::from_secs(30));
     check_stayed(&mut src, &t, &mut target, &status);
@@ -495,15 +500,7 @@ fn link_cut_during_precopy_leaves_the_guest_on_the_source() {
         "stall_timeout_s": 2
     }));
     assert_eq!(r["ok"], true, "{r}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = src.api(json!({"cmd": "migrate-status"}));
-        if s["result"]["transferred_bytes"].as_u64().unwrap_or(0) > 8 << 20 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "migration did not start: {s}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_transferred(&src, 8 << 20);
     t.a.cut(&t.link_a).unwrap();
     let status = wait_migration(&src, Duration::from_secs(30));
     assert!(
