@@ -735,7 +735,8 @@ fn fold_string_data(def: &ResourceDef, object: &mut Value) {
     }
 }
 
-fn base64(input: &[u8]) -> String {
+/// Standard base64 with padding (Secret data is base64 on the wire).
+pub(super) fn base64(input: &[u8]) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in input.chunks(3) {

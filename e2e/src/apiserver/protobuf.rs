@@ -11,6 +11,8 @@
 use chrono::{DateTime, SecondsFormat};
 use serde_json::{Map, Value};
 
+use super::handlers::base64;
+
 /// Errors decoding a protobuf body.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProtobufError {
@@ -161,27 +163,6 @@ fn decode_base64_field(value: &Value) -> Vec<u8> {
             count -= 8;
             out.push((bits >> count) as u8);
             bits &= (1 << count) - 1;
-        }
-    }
-    out
-}
-
-fn base64(input: &[u8]) -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
         }
     }
     out
