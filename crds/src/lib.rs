@@ -7,6 +7,7 @@
 //! so the API server rejects bad input before any controller sees it.
 
 pub mod common;
+pub mod contract;
 pub mod migration;
 pub mod template;
 pub mod vm;

@@ -110,6 +110,10 @@ pub struct VMMigrationStatus {
     /// Why the migration failed or was cancelled, and what happened to the VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_reason: Option<String>,
+    /// Where the target's VMM waits for the migration stream (`host:port`),
+    /// written by the target node's agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_address: Option<String>,
     /// Standard conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

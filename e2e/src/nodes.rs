@@ -19,6 +19,8 @@ use crate::netns::{unique_name, Netns, NetnsError, Veth};
 
 /// The /24 every fabric uses; namespaces keep separate fabrics apart.
 pub const SUBNET: &str = "10.88.0";
+/// The bridge VM taps attach to on every node (as in `examples/`).
+pub const NODE_BRIDGE: &str = "godwit0";
 /// The client's address.
 pub const CLIENT_IP: &str = "10.88.0.100";
 
@@ -73,7 +75,9 @@ impl Fabric {
         let mut peers = Vec::new();
         for i in 0..n {
             let node_ns = Netns::new("gwn")?;
-            let bridge = unique_name("gwbr");
+            // Every node has its own namespace, so every node can use the
+            // bridge name VM specs name by default.
+            let bridge = NODE_BRIDGE.to_string();
             node_ns.add_bridge(&bridge)?;
             let (up, down) = (unique_name("gwup"), unique_name("gwdn"));
             links.push(Veth::new(&node_ns, &up, &ns, &down)?);

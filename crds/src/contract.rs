@@ -1,0 +1,229 @@
+//! The contract between the operator and the node agents.
+//!
+//! They never call each other: the operator decides and writes its decisions
+//! into API objects, the agent on a node acts on the objects labelled for its
+//! node and reports what happened. This module names every label, annotation,
+//! finalizer and Lease both sides rely on, and the resolved machine the
+//! operator hands to a node.
+//!
+//! ## Who writes what
+//!
+//! | object / field | operator | node agent |
+//! | --- | --- | --- |
+//! | VM label [`NODE_LABEL`], `status.nodeName`, annotation [`RESOLVED_ANNOTATION`] | at scheduling and when a migration ends | never |
+//! | VM phase | `Pending→Scheduled`, `Stopped/Failed→Scheduled` (restart by `runStrategy`), `Running→Migrating` and back | `Scheduled→Provisioning→Starting→Running`, `→Stopping→Stopped`, `→Failed`, addresses, Ready condition |
+//! | VM finalizer [`AGENT_FINALIZER`] | only when the node is lost (HA) | added before anything is created on the node, removed after the VMM is stopped and the VM's node-local files are gone |
+//! | VMMigration finalizer [`MIGRATION_FINALIZER`] | added on admission, removed once the phase is final | never |
+//! | VMMigration `Pending→Scheduling→PreparingTarget`, `sourceNode`, `targetNode`, labels [`SOURCE_LABEL`]/[`TARGET_LABEL`], `startTime` | yes | |
+//! | VMMigration `targetAddress` | | target agent, once its incoming VMM listens |
+//! | VMMigration `PreCopy…Succeeded/Failed/Cancelled`, `progress`, `result`, `endTime` | `Cancelled`/`Failed` only before `PreparingTarget` (and on timeout of a target that never answers) | source agent, from the moment it sends |
+//!
+//! A migration is cancelled by deleting it or by the annotation
+//! [`CANCEL_ANNOTATION`]`: "true"`; from `PreparingTarget` on, the source
+//! agent carries the cancellation out (the VM stays on the source) and writes
+//! `Cancelled`; the operator then removes the finalizer.
+//!
+//! When a migration ends the operator moves the VM: on `Succeeded` the label
+//! and `status.nodeName` become the target, otherwise they stay on the source;
+//! the VM's phase goes back to `Running` and `status.migration` is cleared.
+//! The target agent keeps its incoming VMM while a migration naming it as the
+//! target is active or `Succeeded` within [`ADOPTION_GRACE_SECONDS`]; the
+//! source agent stops its VMM for a VM that is no longer labelled for it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::vm::{ImageFormat, StorageKind};
+
+/// On a VirtualMachine: the node that runs it. On a Node: marks a Godwit node.
+pub const NODE_LABEL: &str = "godwit.dev/node";
+/// On a VMMigration: the node the VM leaves.
+pub const SOURCE_LABEL: &str = "godwit.dev/source-node";
+/// On a VMMigration: the node the VM goes to.
+pub const TARGET_LABEL: &str = "godwit.dev/target-node";
+/// On a VirtualMachine: the [`Machine`] it runs as, JSON, written by the
+/// operator when it schedules the VM (so a later template change does not
+/// change a VM that already runs).
+pub const RESOLVED_ANNOTATION: &str = "godwit.dev/resolved";
+/// On a VMMigration: `"true"` asks for it to be cancelled.
+pub const CANCEL_ANNOTATION: &str = "godwit.dev/cancel";
+/// On a VirtualMachine: the node agent's cleanup (stop the VMM, remove disks).
+pub const AGENT_FINALIZER: &str = "godwit.dev/node-agent";
+/// On a VMMigration: the operator's bookkeeping (concurrency slots, the VM's
+/// phase) before it goes.
+pub const MIGRATION_FINALIZER: &str = "godwit.dev/migration";
+/// On a Node: vCPUs the agent offers to VMs.
+pub const CAPACITY_CPU_ANNOTATION: &str = "godwit.dev/vm-cpu";
+/// On a Node: bytes of memory the agent offers to VMs.
+pub const CAPACITY_MEMORY_ANNOTATION: &str = "godwit.dev/vm-memory";
+/// On a Node: comma-separated sha256 digests of the template images cached there.
+pub const CACHED_IMAGES_ANNOTATION: &str = "godwit.dev/cached-images";
+/// The namespace of the node Leases (and the operator's leader Lease).
+pub const DEFAULT_LEASE_NAMESPACE: &str = "godwit-system";
+/// The name of a node's Lease.
+pub fn node_lease_name(node: &str) -> String {
+    format!("godwit-node-{node}")
+}
+/// The operator's leader-election Lease.
+pub const OPERATOR_LEASE: &str = "godwit-operator";
+/// How long a node Lease lasts without renewal.
+pub const NODE_LEASE_SECONDS: i32 = 10;
+/// How long a target keeps a migrated VM that is not yet labelled for it.
+pub const ADOPTION_GRACE_SECONDS: i64 = 60;
+/// The field manager both sides use for server-side apply and patches.
+pub fn field_manager(component: &str) -> String {
+    format!("godwit-{component}")
+}
+
+/// A VM as it runs: the VM's spec with its template applied, every source
+/// made concrete. Written by the operator into [`RESOLVED_ANNOTATION`].
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Machine {
+    /// vCPUs.
+    pub cpu: u32,
+    /// Guest memory in bytes.
+    pub memory_bytes: u64,
+    /// Kernel (PVH ELF or bzImage) on the node.
+    pub kernel: String,
+    /// Initial ramdisk on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// The full command line, customization included.
+    #[serde(default)]
+    pub cmdline: String,
+    /// The guest's hostname.
+    #[serde(default)]
+    pub hostname: String,
+    /// Disks, in the order the guest sees them.
+    #[serde(default)]
+    pub disks: Vec<MachineDisk>,
+    /// NICs, in the order the guest sees them.
+    #[serde(default)]
+    pub networks: Vec<MachineNic>,
+    /// The template's image digest, when the root disk comes from a template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_digest: Option<String>,
+}
+
+/// One disk of a [`Machine`].
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MachineDisk {
+    /// The disk's name in the VM spec.
+    pub name: String,
+    /// Where its contents come from.
+    pub source: MachineDiskSource,
+    /// Node-local (moves with the VM) or shared (every node sees the path).
+    #[serde(default)]
+    pub storage: StorageKind,
+    /// Attached read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Where a disk's contents come from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub enum MachineDiskSource {
+    /// A copy of a template image, made on the node when the VM is provisioned.
+    Clone {
+        /// The template image (a path on the node).
+        path: String,
+        /// Its format.
+        #[serde(default)]
+        format: ImageFormat,
+    },
+    /// An existing image, used in place.
+    Image {
+        /// The image.
+        path: String,
+        /// Its format.
+        #[serde(default)]
+        format: ImageFormat,
+    },
+    /// A new empty disk.
+    Blank {
+        /// Its size in bytes.
+        size_bytes: u64,
+    },
+}
+
+impl Default for MachineDiskSource {
+    fn default() -> Self {
+        MachineDiskSource::Blank { size_bytes: 0 }
+    }
+}
+
+/// One NIC of a [`Machine`].
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MachineNic {
+    /// The network's name in the VM spec.
+    pub name: String,
+    /// The node bridge its tap joins.
+    pub bridge: String,
+    /// Its MAC (the operator makes a stable one when the spec has none).
+    pub mac: String,
+    /// The address the customization gives it (`10.0.0.5/24`), if static.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+}
+
+/// A stable, locally administered unicast MAC for a VM's `index`-th NIC,
+/// derived from the VM's uid so it survives rescheduling and migration.
+pub fn stable_mac(uid: &str, index: usize) -> String {
+    // FNV-1a: small, stable across releases and platforms.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in uid.bytes().chain([index as u8]) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let b = h.to_be_bytes();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_round_trips_through_json() {
+        let m = Machine {
+            cpu: 2,
+            memory_bytes: 256 << 20,
+            kernel: "/k".into(),
+            cmdline: "hb_ms=100".into(),
+            disks: vec![MachineDisk {
+                name: "root".into(),
+                source: MachineDiskSource::Clone {
+                    path: "/t.raw".into(),
+                    format: ImageFormat::Raw,
+                },
+                storage: StorageKind::Shared,
+                read_only: false,
+            }],
+            networks: vec![MachineNic {
+                name: "default".into(),
+                bridge: "godwit0".into(),
+                mac: stable_mac("u", 0),
+                ip: Some("10.0.0.5/24".into()),
+            }],
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(
+            json.contains(r#""clone":{"path":"/t.raw","format":"raw"}"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Machine>(&json).unwrap(), m);
+    }
+
+    #[test]
+    fn stable_macs_differ_per_nic_and_are_local_unicast() {
+        let a = stable_mac("0b5c-uid", 0);
+        assert_eq!(a, stable_mac("0b5c-uid", 0));
+        assert_ne!(a, stable_mac("0b5c-uid", 1));
+        assert!(a.starts_with("52:54:00:"), "{a}");
+        assert_eq!(a.len(), 17);
+    }
+}
