@@ -176,6 +176,9 @@ extern "C" fn main64(start_info: u32) -> ! {
     };
     println!("CMDLINE {}", info.cmdline);
     let cfg = Config::parse(info.cmdline);
+    if let Some(h) = cfg.hostname {
+        println!("HOSTNAME {}", h);
+    }
     let ram_end = info.ram_end();
     for gib in 4..ram_end.div_ceil(1 << 30) as usize {
         if !boot::map_gib(gib) {
