@@ -1,6 +1,149 @@
-fn main() {
-    println!(
-        "godwit-node {}: node agent not built yet",
-        env!("CARGO_PKG_VERSION")
-    );
+//! `godwit-node`: the node agent (one per node, privileged). See `godwit-node --help`.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use godwit_node::agent::{self, AgentConfig};
+use godwit_node::error_chain;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+const AFTER_HELP: &str = "\
+Example (what the DaemonSet runs):
+  godwit-node --node \"$NODE_NAME\" --node-ip \"$NODE_IP\" \\
+      --state-dir /var/lib/godwit --shared-dir /var/lib/godwit-shared
+
+The agent renews the Lease godwit-node-<node> in --lease-namespace, publishes
+the node's VM capacity as annotations on its Node, runs one godwit-vmm process
+per VM labelled godwit.dev/node=<node> (they keep running when the agent
+restarts, and it finds them again), drives migrations labelled
+godwit.dev/source-node or godwit.dev/target-node, and reports status and
+Events. When it cannot renew its Lease for the lease duration it stops every
+VM on the node (self-fencing).";
+
+/// Godwit's node agent.
+#[derive(Parser, Debug)]
+#[command(name = "godwit-node", version, after_help = AFTER_HELP)]
+struct Args {
+    /// This node's name (as the Node object is called).
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+    /// The address migration streams to this node use.
+    #[arg(long, env = "NODE_IP")]
+    node_ip: String,
+    /// Kubeconfig file (default: in-cluster config or ~/.kube/config).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Node-local state: VM directories, consoles, local disks.
+    #[arg(long, default_value = "/var/lib/godwit")]
+    state_dir: PathBuf,
+    /// A directory every node mounts at the same path, for shared disks.
+    #[arg(long, default_value = "/var/lib/godwit-shared")]
+    shared_dir: PathBuf,
+    /// The godwit-vmm binary (default: next to this one).
+    #[arg(long)]
+    vmm: Option<PathBuf>,
+    /// Namespace of the node Leases.
+    #[arg(long, default_value = godwit_crds::contract::DEFAULT_LEASE_NAMESPACE)]
+    lease_namespace: String,
+    /// Lease duration in seconds (renewed every quarter of it).
+    #[arg(long, default_value_t = godwit_crds::contract::NODE_LEASE_SECONDS)]
+    lease_seconds: i32,
+    /// vCPUs offered to VMs (default: the host's CPUs).
+    #[arg(long)]
+    cpu: Option<u64>,
+    /// Memory offered to VMs in MiB (default: the host's memory minus 1 GiB).
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// Ports incoming migrations listen on.
+    #[arg(long, default_value = "47000-47999", value_parser = parse_range)]
+    migration_ports: (u16, u16),
+}
+
+fn parse_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: use FIRST-LAST, e.g. 47000-47999"))?;
+    let a: u16 = a.parse().map_err(|e| format!("{a:?}: {e}"))?;
+    let b: u16 = b.parse().map_err(|e| format!("{b:?}: {e}"))?;
+    if a == 0 || b < a {
+        return Err(format!("{s:?}: need 0 < FIRST <= LAST"));
+    }
+    Ok((a, b))
+}
+
+fn host_memory_mib() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    (kib / 1024).saturating_sub(1024)
+}
+
+fn fail(msg: String) -> ! {
+    eprintln!("godwit-node: error: {msg}");
+    std::process::exit(2);
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path)
+                .unwrap_or_else(|e| fail(format!("{}: {}", path.display(), error_chain(&e))));
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| error_chain(&e))
+        }
+        None => kube::Config::infer().await.map_err(|e| error_chain(&e)),
+    }
+    .unwrap_or_else(|e| fail(format!("no Kubernetes configuration: {e}")));
+    let client = kube::Client::try_from(config)
+        .unwrap_or_else(|e| fail(format!("Kubernetes client: {}", error_chain(&e))));
+    let vmm_binary = args.vmm.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("godwit-vmm")))
+            .unwrap_or_else(|| PathBuf::from("godwit-vmm"))
+    });
+    if !vmm_binary.exists() {
+        fail(format!(
+            "{} not found; build it (cargo build --release -p godwit-node) or pass --vmm",
+            vmm_binary.display()
+        ));
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    let cfg = AgentConfig {
+        node: args.node,
+        node_ip: args.node_ip,
+        state_dir: args.state_dir,
+        shared_dir: args.shared_dir,
+        vmm_binary,
+        lease_namespace: args.lease_namespace,
+        lease_seconds: args.lease_seconds,
+        cpu: args.cpu.unwrap_or(cpus),
+        memory_bytes: args.memory_mib.unwrap_or_else(host_memory_mib) << 20,
+        migration_ports: args.migration_ports,
+    };
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down; VMs keep running");
+    };
+    if let Err(e) = agent::run(client, cfg, shutdown).await {
+        fail(error_chain(&e));
+    }
 }

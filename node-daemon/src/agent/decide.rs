@@ -1,0 +1,465 @@
+//! The agent's decisions, as pure functions of what the API says and what the
+//! node's VM directories say. The async loop in `agent` gathers both, calls
+//! these, and carries the answer out; running them again on the same input
+//! gives the same answer, so a lost update is simply redone on the next pass.
+
+use godwit_crds::{MigrationPhase, RunStrategy, VmPhase};
+
+use super::local::LocalState;
+
+/// What the API says about a VM labelled for this node.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct VmFacts {
+    /// `status.phase`.
+    pub phase: VmPhase,
+    /// `spec.runStrategy`.
+    pub run_strategy: RunStrategy,
+    /// The object is being deleted.
+    pub deleting: bool,
+    /// It carries the agent's finalizer.
+    pub has_finalizer: bool,
+    /// It has a resolved machine (the operator scheduled it).
+    pub has_machine: bool,
+    /// A migration is moving it (`status.migration`).
+    pub migrating: bool,
+}
+
+/// What to do about a VM labelled for this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmAction {
+    /// Nothing to do.
+    Nothing,
+    /// Add the agent's finalizer before creating anything.
+    AddFinalizer,
+    /// Provision its disks and start its VMM (phase Provisioning, Starting).
+    Start,
+    /// The VMM runs: report Running.
+    ReportRunning,
+    /// Stop the VMM (phase Stopping).
+    Stop,
+    /// The VMM ended: report Stopped (asked for, or the guest powered off) or Failed.
+    ReportExit {
+        /// Failed rather than Stopped.
+        failed: bool,
+        /// Why, for the status and the event.
+        reason: String,
+    },
+    /// Deleted and stopped: remove its files and the finalizer.
+    Cleanup,
+}
+
+/// Decides what to do about a VM labelled for this node.
+pub fn decide_vm(vm: &VmFacts, local: &LocalState) -> VmAction {
+    if vm.deleting {
+        if local.alive {
+            return VmAction::Stop;
+        }
+        return if vm.has_finalizer {
+            VmAction::Cleanup
+        } else {
+            VmAction::Nothing
+        };
+    }
+    // While a migration moves the VM, the migration driver owns the VMM.
+    if vm.migrating || vm.phase == VmPhase::Migrating {
+        return VmAction::Nothing;
+    }
+    if local.alive {
+        if vm.run_strategy == RunStrategy::Halted
+            || matches!(vm.phase, VmPhase::Stopping | VmPhase::Stopped)
+        {
+            return if local.stop_requested && vm.phase == VmPhase::Stopping {
+                VmAction::Nothing // already stopping
+            } else {
+                VmAction::Stop
+            };
+        }
+        return match vm.phase {
+            VmPhase::Scheduled | VmPhase::Provisioning | VmPhase::Starting => {
+                VmAction::ReportRunning
+            }
+            _ => VmAction::Nothing,
+        };
+    }
+    // No VMM runs.
+    match vm.phase {
+        VmPhase::Scheduled if vm.run_strategy != RunStrategy::Halted && vm.has_machine => {
+            if vm.has_finalizer {
+                VmAction::Start
+            } else {
+                VmAction::AddFinalizer
+            }
+        }
+        VmPhase::Provisioning | VmPhase::Starting | VmPhase::Running | VmPhase::Stopping => {
+            VmAction::ReportExit {
+                failed: failed_exit(vm.phase, local),
+                reason: exit_reason(local),
+            }
+        }
+        _ => VmAction::Nothing,
+    }
+}
+
+fn failed_exit(phase: VmPhase, local: &LocalState) -> bool {
+    if phase == VmPhase::Stopping || local.stop_requested {
+        return false;
+    }
+    // Exit status 0: the guest powered off or reset by itself.
+    local.exit != Some(0)
+}
+
+fn exit_reason(local: &LocalState) -> String {
+    match (local.exit, local.stop_requested) {
+        (_, true) => "stopped".into(),
+        (Some(0), false) => "the guest powered off".into(),
+        (Some(code), false) => format!("the VMM exited with status {code}"),
+        (None, false) if local.exists => "the VMM process is gone".into(),
+        (None, false) => "the VM's files are gone from this node".into(),
+    }
+}
+
+/// This node's part in a migration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The VM leaves this node.
+    Source,
+    /// The VM comes to this node.
+    Target,
+}
+
+/// What the API says about a migration this node takes part in.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MigrationFacts {
+    /// Its name.
+    pub name: String,
+    /// `status.phase`.
+    pub phase: MigrationPhase,
+    /// `status.targetAddress`.
+    pub target_address: Option<String>,
+    /// Deleted, or annotated `godwit.dev/cancel: "true"`.
+    pub cancel_requested: bool,
+}
+
+/// What the source VMM says about its outgoing migration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outgoing {
+    /// No migration has been started in the VMM.
+    NotStarted,
+    /// It runs.
+    Running,
+    /// It ended (completed or failed).
+    Ended,
+    /// The VMM is not running.
+    NoVmm,
+}
+
+/// What to do about a migration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MigrationAction {
+    /// Nothing to do.
+    Nothing,
+    /// Target: start the incoming VMM and publish its address.
+    PrepareTarget,
+    /// Target: the migration ended without the VM moving here: stop and remove
+    /// the incoming VMM.
+    DiscardIncoming,
+    /// Source: send the VM (`migrate-send`), phase PreCopy.
+    Send,
+    /// Source: follow the VMM's progress and report it (and cancel it in the
+    /// VMM first when `cancel` is set).
+    Follow {
+        /// Ask the VMM to cancel.
+        cancel: bool,
+    },
+    /// Source: end the migration with this phase and reason, without touching a VMM.
+    End(MigrationPhase, String),
+}
+
+/// Decides what to do about a migration this node takes part in.
+pub fn decide_migration(
+    role: Role,
+    m: &MigrationFacts,
+    local: &LocalState,
+    outgoing: &Outgoing,
+) -> MigrationAction {
+    use MigrationPhase::*;
+    match role {
+        Role::Target => {
+            if m.phase.is_final() {
+                let ours = local.incoming.as_deref() == Some(m.name.as_str());
+                return if m.phase != Succeeded && ours && (local.alive || local.exists) {
+                    MigrationAction::DiscardIncoming
+                } else {
+                    MigrationAction::Nothing
+                };
+            }
+            if m.phase == PreparingTarget
+                && m.target_address.is_none()
+                && !m.cancel_requested
+                && !local.alive
+            {
+                return MigrationAction::PrepareTarget;
+            }
+            MigrationAction::Nothing
+        }
+        Role::Source => {
+            if m.phase.is_final() || matches!(m.phase, Pending | Scheduling) {
+                return MigrationAction::Nothing;
+            }
+            match outgoing {
+                Outgoing::NoVmm => MigrationAction::End(
+                    Failed,
+                    "the VM's VMM is not running on the source node".into(),
+                ),
+                Outgoing::NotStarted => {
+                    if m.cancel_requested {
+                        MigrationAction::End(
+                            Cancelled,
+                            "cancelled before any memory was sent; the VM stays on the source"
+                                .into(),
+                        )
+                    } else if m.phase == PreparingTarget && m.target_address.is_some() {
+                        MigrationAction::Send
+                    } else if m.phase == PreparingTarget {
+                        MigrationAction::Nothing // waiting for the target
+                    } else {
+                        MigrationAction::End(
+                            Failed,
+                            "the source VMM has no record of this migration (it restarted?)".into(),
+                        )
+                    }
+                }
+                Outgoing::Running => MigrationAction::Follow {
+                    cancel: m.cancel_requested && !matches!(m.phase, PostCopy | Committing),
+                },
+                Outgoing::Ended => MigrationAction::Follow { cancel: false },
+            }
+        }
+    }
+}
+
+/// The phase that follows `from` on the way to `to`, so that the reported
+/// phases walk the documented path (`PreCopy → StopAndCopy → Committing →
+/// Succeeded`) even when one poll sees several steps at once.
+pub fn next_phase(from: MigrationPhase, to: MigrationPhase) -> MigrationPhase {
+    use MigrationPhase::*;
+    if from.can_transition_to(to) {
+        return to;
+    }
+    match (from, to) {
+        (PreparingTarget, _) => PreCopy,
+        (PreCopy, Committing | Succeeded) => StopAndCopy,
+        (StopAndCopy | PostCopy, Succeeded) => Committing,
+        _ => to,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running() -> LocalState {
+        LocalState {
+            exists: true,
+            pid: Some(1),
+            alive: true,
+            ..Default::default()
+        }
+    }
+
+    fn exited(code: i32) -> LocalState {
+        LocalState {
+            exists: true,
+            pid: Some(1),
+            exit: Some(code),
+            ..Default::default()
+        }
+    }
+
+    fn vm(phase: VmPhase) -> VmFacts {
+        VmFacts {
+            phase,
+            has_finalizer: true,
+            has_machine: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_scheduled_vm_gets_a_finalizer_then_starts_then_runs() {
+        let mut v = vm(VmPhase::Scheduled);
+        v.has_finalizer = false;
+        let absent = LocalState::default();
+        assert_eq!(decide_vm(&v, &absent), VmAction::AddFinalizer);
+        v.has_finalizer = true;
+        assert_eq!(decide_vm(&v, &absent), VmAction::Start);
+        v.phase = VmPhase::Starting;
+        assert_eq!(decide_vm(&v, &running()), VmAction::ReportRunning);
+        v.phase = VmPhase::Running;
+        assert_eq!(decide_vm(&v, &running()), VmAction::Nothing);
+        // Without a resolved machine there is nothing to start yet.
+        v.phase = VmPhase::Scheduled;
+        v.has_machine = false;
+        assert_eq!(decide_vm(&v, &absent), VmAction::Nothing);
+    }
+
+    #[test]
+    fn exits_are_stopped_or_failed() {
+        let v = vm(VmPhase::Running);
+        assert_eq!(
+            decide_vm(&v, &exited(0)),
+            VmAction::ReportExit {
+                failed: false,
+                reason: "the guest powered off".into()
+            }
+        );
+        assert_eq!(
+            decide_vm(&v, &exited(1)),
+            VmAction::ReportExit {
+                failed: true,
+                reason: "the VMM exited with status 1".into()
+            }
+        );
+        let mut asked = exited(0);
+        asked.stop_requested = true;
+        assert!(matches!(
+            decide_vm(&vm(VmPhase::Stopping), &asked),
+            VmAction::ReportExit { failed: false, .. }
+        ));
+        // A Running VM whose directory vanished failed.
+        assert!(matches!(
+            decide_vm(&v, &LocalState::default()),
+            VmAction::ReportExit { failed: true, .. }
+        ));
+        // Stopped and Failed VMs are the operator's to restart.
+        assert_eq!(
+            decide_vm(&vm(VmPhase::Stopped), &exited(0)),
+            VmAction::Nothing
+        );
+        assert_eq!(
+            decide_vm(&vm(VmPhase::Failed), &exited(1)),
+            VmAction::Nothing
+        );
+    }
+
+    #[test]
+    fn halted_and_deleted_vms_stop_and_deleted_ones_are_cleaned() {
+        let mut v = vm(VmPhase::Running);
+        v.run_strategy = RunStrategy::Halted;
+        assert_eq!(decide_vm(&v, &running()), VmAction::Stop);
+        let mut v = vm(VmPhase::Running);
+        v.deleting = true;
+        assert_eq!(decide_vm(&v, &running()), VmAction::Stop);
+        assert_eq!(decide_vm(&v, &exited(0)), VmAction::Cleanup);
+        v.has_finalizer = false;
+        assert_eq!(decide_vm(&v, &exited(0)), VmAction::Nothing);
+    }
+
+    #[test]
+    fn a_migrating_vm_is_left_to_the_migration() {
+        let mut v = vm(VmPhase::Migrating);
+        v.migrating = true;
+        assert_eq!(decide_vm(&v, &exited(0)), VmAction::Nothing);
+        assert_eq!(decide_vm(&v, &running()), VmAction::Nothing);
+    }
+
+    fn mig(phase: MigrationPhase) -> MigrationFacts {
+        MigrationFacts {
+            phase,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_target_prepares_once_and_discards_what_did_not_move() {
+        use MigrationPhase::*;
+        let absent = LocalState::default();
+        let none = Outgoing::NoVmm;
+        assert_eq!(
+            decide_migration(Role::Target, &mig(PreparingTarget), &absent, &none),
+            MigrationAction::PrepareTarget
+        );
+        let mut m = mig(PreparingTarget);
+        m.target_address = Some("10.0.0.2:47000".into());
+        assert_eq!(
+            decide_migration(Role::Target, &m, &absent, &none),
+            MigrationAction::Nothing
+        );
+        let mut incoming = running();
+        incoming.incoming = Some("m1".into());
+        for end in [Failed, Cancelled] {
+            let mut m = mig(end);
+            m.name = "m1".into();
+            assert_eq!(
+                decide_migration(Role::Target, &m, &incoming, &none),
+                MigrationAction::DiscardIncoming
+            );
+            // An older migration's end does not discard a VM a later one brought.
+            m.name = "m0".into();
+            assert_eq!(
+                decide_migration(Role::Target, &m, &incoming, &none),
+                MigrationAction::Nothing
+            );
+        }
+        assert_eq!(
+            decide_migration(Role::Target, &mig(Succeeded), &incoming, &none),
+            MigrationAction::Nothing
+        );
+    }
+
+    #[test]
+    fn the_source_sends_follows_and_cancels() {
+        use MigrationPhase::*;
+        let vmm = running();
+        let mut m = mig(PreparingTarget);
+        assert_eq!(
+            decide_migration(Role::Source, &m, &vmm, &Outgoing::NotStarted),
+            MigrationAction::Nothing
+        );
+        m.target_address = Some("10.0.0.2:47000".into());
+        assert_eq!(
+            decide_migration(Role::Source, &m, &vmm, &Outgoing::NotStarted),
+            MigrationAction::Send
+        );
+        m.cancel_requested = true;
+        assert!(matches!(
+            decide_migration(Role::Source, &m, &vmm, &Outgoing::NotStarted),
+            MigrationAction::End(Cancelled, _)
+        ));
+        let mut m = mig(PreCopy);
+        m.cancel_requested = true;
+        assert_eq!(
+            decide_migration(Role::Source, &m, &vmm, &Outgoing::Running),
+            MigrationAction::Follow { cancel: true }
+        );
+        // Past the point of no return a cancel is not passed on.
+        m.phase = PostCopy;
+        assert_eq!(
+            decide_migration(Role::Source, &m, &vmm, &Outgoing::Running),
+            MigrationAction::Follow { cancel: false }
+        );
+        assert!(matches!(
+            decide_migration(Role::Source, &mig(PreCopy), &vmm, &Outgoing::NoVmm),
+            MigrationAction::End(Failed, _)
+        ));
+        assert_eq!(
+            decide_migration(Role::Source, &mig(Succeeded), &vmm, &Outgoing::Ended),
+            MigrationAction::Nothing
+        );
+    }
+
+    #[test]
+    fn reported_phases_walk_the_documented_path() {
+        use MigrationPhase::*;
+        let mut at = PreparingTarget;
+        let mut seen = vec![];
+        while at != Succeeded {
+            at = next_phase(at, Succeeded);
+            seen.push(at);
+        }
+        assert_eq!(seen, [PreCopy, StopAndCopy, Committing, Succeeded]);
+        assert_eq!(next_phase(PreCopy, PostCopy), PostCopy);
+        assert_eq!(next_phase(PostCopy, Succeeded), Committing);
+        assert_eq!(next_phase(PreCopy, Failed), Failed);
+    }
+}

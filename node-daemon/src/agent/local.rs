@@ -1,0 +1,583 @@
+//! What runs on this node: one directory per VM, one VMM process per VM.
+//!
+//! A VM's directory (`<state-dir>/vms/<namespace>/<name>/`) holds everything
+//! the node knows about it, so a restarted agent finds its VMs again without
+//! asking anyone:
+//!
+//! | file | what |
+//! | --- | --- |
+//! | `machine.json` | the [`Machine`] the VMM was started with |
+//! | `pid` | the process group of the VMM (a small `sh` that records the exit status, and the VMM itself) |
+//! | `exit` | the VMM's exit status, written when it ends |
+//! | `stop-requested` | the agent asked it to stop (an exit then means Stopped, not Failed) |
+//! | `incoming` | the VMM waits for or received a migration (the migration's name) |
+//! | `vmm.log` | the VMM's stdout and stderr |
+//! | `console.log`, `console.sock` | the serial console (file, and a socket to attach to) |
+//! | `api.sock` | the VMM's control socket |
+//! | `disks/` | node-local disks |
+//!
+//! Shared disks live under the shared directory (`<shared-dir>/<namespace>/<name>/`),
+//! which every node sees; only deleting the VM removes them.
+//!
+//! VMM processes run in their own session (`setsid`), so they outlive the
+//! agent: a daemon restart or upgrade leaves the guests running.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use godwit_crds::contract::{Machine, MachineDiskSource};
+use godwit_crds::vm::{ImageFormat, StorageKind};
+use serde_json::{json, Value};
+
+/// Errors of local VM management.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// A file operation failed.
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    /// The VMM's control socket answered with an error or not at all.
+    #[error("VMM control: {0}")]
+    Control(String),
+    /// The VMM did not come up.
+    #[error("VMM did not start: {0}")]
+    Start(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LocalError {
+    let what = what.into();
+    move |e| LocalError::Io(what, e)
+}
+
+/// Where a VM's files live on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmDir {
+    /// `<state-dir>/vms/<namespace>/<name>`.
+    pub path: PathBuf,
+    /// `<shared-dir>/<namespace>/<name>`.
+    pub shared: PathBuf,
+    /// Namespace of the VM.
+    pub namespace: String,
+    /// Name of the VM.
+    pub name: String,
+}
+
+impl VmDir {
+    /// The directories of VM `namespace/name`.
+    pub fn new(state_dir: &Path, shared_dir: &Path, namespace: &str, name: &str) -> VmDir {
+        VmDir {
+            path: state_dir.join("vms").join(namespace).join(name),
+            shared: shared_dir.join(namespace).join(name),
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// Every VM directory under `state_dir`.
+    pub fn scan(state_dir: &Path, shared_dir: &Path) -> Vec<VmDir> {
+        let mut out = Vec::new();
+        let Ok(namespaces) = fs::read_dir(state_dir.join("vms")) else {
+            return out;
+        };
+        for ns in namespaces.flatten() {
+            let Ok(vms) = fs::read_dir(ns.path()) else {
+                continue;
+            };
+            for vm in vms.flatten() {
+                if vm.path().is_dir() {
+                    out.push(VmDir::new(
+                        state_dir,
+                        shared_dir,
+                        &ns.file_name().to_string_lossy(),
+                        &vm.file_name().to_string_lossy(),
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// A file in the VM's directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// The control socket.
+    pub fn api_sock(&self) -> PathBuf {
+        self.file("api.sock")
+    }
+
+    /// Where disk `disk` of this VM lives.
+    pub fn disk_path(&self, disk: &str, storage: StorageKind, format: ImageFormat) -> PathBuf {
+        let ext = match format {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        };
+        let dir = match storage {
+            StorageKind::Local => self.path.join("disks"),
+            StorageKind::Shared => self.shared.clone(),
+        };
+        dir.join(format!("{disk}.{ext}"))
+    }
+
+    /// What the directory says about the VMM.
+    pub fn state(&self) -> LocalState {
+        let read = |f: &str| fs::read_to_string(self.file(f)).ok();
+        let exit = read("exit").and_then(|s| s.trim().parse::<i32>().ok());
+        let pid = read("pid").and_then(|s| s.trim().parse::<i32>().ok());
+        let alive = exit.is_none() && pid.is_some_and(process_alive);
+        LocalState {
+            exists: self.path.is_dir(),
+            pid,
+            alive,
+            exit,
+            stop_requested: self.file("stop-requested").exists(),
+            incoming: read("incoming").map(|s| s.trim().to_string()),
+        }
+    }
+
+    /// The machine this VM was started with.
+    pub fn machine(&self) -> Option<Machine> {
+        serde_json::from_str(&fs::read_to_string(self.file("machine.json")).ok()?).ok()
+    }
+}
+
+/// The state of a VM's VMM on this node, as its directory records it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalState {
+    /// The VM has a directory here.
+    pub exists: bool,
+    /// The VMM's process group.
+    pub pid: Option<i32>,
+    /// The VMM process is running.
+    pub alive: bool,
+    /// Its exit status, once it ended.
+    pub exit: Option<i32>,
+    /// The agent asked it to stop.
+    pub stop_requested: bool,
+    /// It was started to receive this migration.
+    pub incoming: Option<String>,
+}
+
+fn process_alive(pid: i32) -> bool {
+    // A zombie has exited; `/proc/<pid>/stat` shows state `Z`.
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// How this node runs VMMs.
+#[derive(Clone, Debug)]
+pub struct Runner {
+    /// The `godwit-vmm` binary.
+    pub vmm_binary: PathBuf,
+}
+
+/// The VMM's exit status is written by the `sh` that runs it, so it is known
+/// even when the agent was not running at the time.
+const WRAPPER: &str = r#""$0" "$@"; echo $? > "$GODWIT_EXIT_FILE""#;
+
+impl Runner {
+    fn spawn(&self, dir: &VmDir, args: &[String]) -> Result<Child, LocalError> {
+        for f in ["exit", "stop-requested", "api.sock", "console.sock"] {
+            let _ = fs::remove_file(dir.file(f));
+        }
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.file("vmm.log"))
+            .map_err(io(format!("open {}", dir.file("vmm.log").display())))?;
+        let err = log.try_clone().map_err(io("dup vmm.log"))?;
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(WRAPPER)
+            .arg(&self.vmm_binary)
+            .args(args)
+            .env("GODWIT_EXIT_FILE", dir.file("exit"))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err);
+        // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(io(format!("run {}", self.vmm_binary.display())))?;
+        fs::write(dir.file("pid"), child.id().to_string()).map_err(io("write pid"))?;
+        Ok(child)
+    }
+
+    /// Creates the VM's disks (when missing) and boots it.
+    pub fn boot(&self, dir: &VmDir, machine: &Machine) -> Result<Child, LocalError> {
+        fs::create_dir_all(&dir.path).map_err(io(format!("create {}", dir.path.display())))?;
+        let _ = fs::remove_file(dir.file("incoming"));
+        write_machine(dir, machine)?;
+        let mut args = vec![
+            "--kernel".to_string(),
+            machine.kernel.clone(),
+            "--memory-mib".into(),
+            (machine.memory_bytes >> 20).to_string(),
+            "--vcpus".into(),
+            machine.cpu.to_string(),
+            "--cmdline".into(),
+            machine.cmdline.clone(),
+        ];
+        if let Some(initrd) = &machine.initrd {
+            args.extend(["--initrd".into(), initrd.clone()]);
+        }
+        for disk in &machine.disks {
+            let path = provision_disk(dir, disk)?;
+            args.extend(["--disk".into(), disk_arg(&path, disk.read_only)]);
+        }
+        args.extend(self.common_args(dir, machine));
+        self.spawn(dir, &args)
+    }
+
+    /// Starts a VMM that waits for `machine`'s migration on `addr`.
+    pub fn incoming(
+        &self,
+        dir: &VmDir,
+        machine: &Machine,
+        migration: &str,
+        addr: &str,
+    ) -> Result<Child, LocalError> {
+        fs::create_dir_all(&dir.path).map_err(io(format!("create {}", dir.path.display())))?;
+        fs::write(dir.file("incoming"), migration).map_err(io("write incoming"))?;
+        write_machine(dir, machine)?;
+        let mut args = vec!["--incoming".to_string(), addr.to_string()];
+        for disk in &machine.disks {
+            let path = match &disk.source {
+                MachineDiskSource::Image { path, .. } => PathBuf::from(path),
+                MachineDiskSource::Clone { format, .. } => {
+                    dir.disk_path(&disk.name, disk.storage, *format)
+                }
+                MachineDiskSource::Blank { .. } => {
+                    dir.disk_path(&disk.name, disk.storage, ImageFormat::Raw)
+                }
+            };
+            args.extend(["--disk".into(), disk_arg(&path, disk.read_only)]);
+        }
+        args.extend(self.common_args(dir, machine));
+        self.spawn(dir, &args)
+    }
+
+    fn common_args(&self, dir: &VmDir, machine: &Machine) -> Vec<String> {
+        let mut args = vec![
+            "--serial-log".to_string(),
+            dir.file("console.log").display().to_string(),
+            "--console-sock".into(),
+            dir.file("console.sock").display().to_string(),
+            "--api-sock".into(),
+            dir.api_sock().display().to_string(),
+        ];
+        for (i, nic) in machine.networks.iter().enumerate() {
+            args.extend([
+                "--net".into(),
+                format!(
+                    "tap={},bridge={},mac={}",
+                    tap_name(&dir.namespace, &dir.name, i),
+                    nic.bridge,
+                    nic.mac
+                ),
+            ]);
+        }
+        args
+    }
+}
+
+fn write_machine(dir: &VmDir, machine: &Machine) -> Result<(), LocalError> {
+    let json = serde_json::to_string_pretty(machine).expect("a Machine serialises");
+    fs::write(dir.file("machine.json"), json).map_err(io("write machine.json"))
+}
+
+fn disk_arg(path: &Path, read_only: bool) -> String {
+    let ro = if read_only { ",ro=on" } else { "" };
+    format!("path={}{ro}", path.display())
+}
+
+/// A tap name for NIC `index` of VM `namespace/name`: unique on the node,
+/// stable across restarts, within the kernel's 15 characters.
+pub fn tap_name(namespace: &str, name: &str, index: usize) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in namespace.bytes().chain([b'/']).chain(name.bytes()) {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("gwt{h:08x}n{index}")
+}
+
+/// Makes disk `disk` exist, and returns its path. A disk that exists is kept
+/// (a restarted VM keeps what it wrote).
+pub fn provision_disk(
+    dir: &VmDir,
+    disk: &godwit_crds::contract::MachineDisk,
+) -> Result<PathBuf, LocalError> {
+    let path = match &disk.source {
+        MachineDiskSource::Image { path, .. } => return Ok(PathBuf::from(path)),
+        MachineDiskSource::Clone { format, .. } => dir.disk_path(&disk.name, disk.storage, *format),
+        MachineDiskSource::Blank { .. } => {
+            dir.disk_path(&disk.name, disk.storage, ImageFormat::Raw)
+        }
+    };
+    if path.exists() {
+        return Ok(path);
+    }
+    let parent = path.parent().expect("disk paths have a parent");
+    fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
+    // Build under a temporary name: a crash never leaves a half disk that
+    // looks finished.
+    let partial = path.with_extension("partial");
+    let made = match &disk.source {
+        MachineDiskSource::Clone { path: base, .. } => sparse_copy(Path::new(base), &partial),
+        MachineDiskSource::Blank { size_bytes } => fs::File::create(&partial)
+            .and_then(|f| f.set_len(*size_bytes))
+            .map_err(io(format!("create {}", partial.display()))),
+        MachineDiskSource::Image { .. } => unreachable!("returned above"),
+    };
+    if let Err(e) = made {
+        let _ = fs::remove_file(&partial);
+        return Err(e);
+    }
+    fs::rename(&partial, &path).map_err(io(format!("rename to {}", path.display())))?;
+    Ok(path)
+}
+
+/// Copies `src` to `dst` keeping holes: only the data extents are read and written.
+pub fn sparse_copy(src: &Path, dst: &Path) -> Result<(), LocalError> {
+    let from = fs::File::open(src).map_err(io(format!("open {}", src.display())))?;
+    let len = from
+        .metadata()
+        .map_err(io(format!("stat {}", src.display())))?
+        .len();
+    let to = fs::File::create(dst).map_err(io(format!("create {}", dst.display())))?;
+    to.set_len(len)
+        .map_err(io(format!("size {}", dst.display())))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&from);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos: i64 = 0;
+    while (pos as u64) < len {
+        // SAFETY: lseek on a descriptor we own.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: only a hole is left.
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { len as i64 } else { hole };
+        let mut off = data;
+        while off < end {
+            let n = ((end - off) as usize).min(buf.len());
+            from.read_exact_at(&mut buf[..n], off as u64)
+                .map_err(io(format!("read {}", src.display())))?;
+            // Zero blocks inside data extents stay holes too.
+            if buf[..n].iter().any(|&b| b != 0) {
+                to.write_all_at(&buf[..n], off as u64)
+                    .map_err(io(format!("write {}", dst.display())))?;
+            }
+            off += n as i64;
+        }
+        pos = end;
+    }
+    to.sync_all().map_err(io(format!("sync {}", dst.display())))
+}
+
+/// One request to a VMM's control socket.
+pub fn control(sock: &Path, cmd: &str, args: Value) -> Result<Value, LocalError> {
+    let mut request = json!({"v": 1, "cmd": cmd});
+    if let (Value::Object(r), Value::Object(a)) = (&mut request, args) {
+        r.extend(a);
+    }
+    let stream = UnixStream::connect(sock)
+        .map_err(|e| LocalError::Control(format!("connect {}: {e}", sock.display())))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| LocalError::Control(e.to_string()))?;
+    let mut line = request.to_string();
+    line.push('\n');
+    (&stream)
+        .write_all(line.as_bytes())
+        .map_err(|e| LocalError::Control(format!("send {cmd}: {e}")))?;
+    let mut answer = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut answer)
+        .map_err(|e| LocalError::Control(format!("read the answer to {cmd}: {e}")))?;
+    let answer: Value = serde_json::from_str(&answer)
+        .map_err(|e| LocalError::Control(format!("answer to {cmd} is not JSON: {e}")))?;
+    if answer["ok"].as_bool() == Some(true) {
+        Ok(answer["result"].clone())
+    } else {
+        Err(LocalError::Control(
+            answer["error"]
+                .as_str()
+                .unwrap_or("no error text")
+                .to_string(),
+        ))
+    }
+}
+
+/// Stops the VM: a clean `stop`, then SIGTERM, then SIGKILL to its process
+/// group, each after `grace`. Records that the stop was asked for.
+pub fn stop(dir: &VmDir, grace: Duration) {
+    let _ = fs::write(dir.file("stop-requested"), "");
+    let st = dir.state();
+    let Some(pid) = st.pid.filter(|_| st.alive) else {
+        return;
+    };
+    let _ = control(&dir.api_sock(), "stop", json!({}));
+    for signal in [0, libc::SIGTERM, libc::SIGKILL] {
+        if signal != 0 {
+            // SAFETY: signalling a process group we started.
+            unsafe { libc::kill(-pid, signal) };
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if !process_alive(pid) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Removes the VM's node-local files; with `shared`, its shared disks too.
+pub fn remove(dir: &VmDir, shared: bool) -> Result<(), LocalError> {
+    if dir.path.exists() {
+        fs::remove_dir_all(&dir.path).map_err(io(format!("remove {}", dir.path.display())))?;
+    }
+    if shared && dir.shared.exists() {
+        fs::remove_dir_all(&dir.shared).map_err(io(format!("remove {}", dir.shared.display())))?;
+    }
+    Ok(())
+}
+
+/// Waits until the incoming VMM says where it listens; returns that address.
+pub fn wait_listening(dir: &VmDir, timeout: Duration) -> Result<String, LocalError> {
+    const MARK: &str = "godwit-vmm: waiting for a migration on ";
+    let deadline = Instant::now() + timeout;
+    loop {
+        let log = fs::read_to_string(dir.file("vmm.log")).unwrap_or_default();
+        if let Some(addr) = log
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix(MARK))
+            .map(|a| a.trim().to_string())
+        {
+            return Ok(addr);
+        }
+        let st = dir.state();
+        if !st.alive && (st.exit.is_some() || Instant::now() > deadline) {
+            let tail: Vec<&str> = log.lines().rev().take(3).collect();
+            return Err(LocalError::Start(format!(
+                "incoming VMM exited (status {:?}): {}",
+                st.exit,
+                tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(LocalError::Start(format!(
+                "incoming VMM did not listen within {timeout:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The last `n` lines of a file (for error messages and events).
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join(" / ")
+}
+
+/// Child processes this agent started and must reap; adopted VMMs (started
+/// by an earlier agent) are watched through their directory only.
+#[derive(Default)]
+pub struct Children(BTreeMap<PathBuf, Child>);
+
+impl Children {
+    /// Remembers a VMM this agent started.
+    pub fn insert(&mut self, dir: &VmDir, child: Child) {
+        self.0.insert(dir.path.clone(), child);
+    }
+
+    /// Reaps the VMMs that ended (their `exit` file says how).
+    pub fn reap(&mut self) {
+        self.0
+            .retain(|_, child| matches!(child.try_wait(), Ok(None)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(tag: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("godwit-local-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    #[test]
+    fn sparse_copy_keeps_holes_and_data() {
+        let d = tmp("sparse");
+        let src = d.join("src");
+        let f = fs::File::create(&src).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(b"head", 0).unwrap();
+        f.write_all_at(&[7u8; 8192], 40 << 20).unwrap();
+        drop(f);
+        let dst = d.join("dst");
+        sparse_copy(&src, &dst).unwrap();
+        assert_eq!(fs::read(&src).unwrap(), fs::read(&dst).unwrap());
+        let blocks = |p: &Path| std::os::unix::fs::MetadataExt::blocks(&fs::metadata(p).unwrap());
+        assert!(
+            blocks(&dst) * 512 < 4 << 20,
+            "copy is not sparse: {} blocks",
+            blocks(&dst)
+        );
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn tap_names_are_short_stable_and_distinct() {
+        let a = tap_name("default", "web-1", 0);
+        assert!(a.len() <= 15, "{a}");
+        assert_eq!(a, tap_name("default", "web-1", 0));
+        assert_ne!(a, tap_name("default", "web-2", 0));
+        assert_ne!(a, tap_name("default", "web-1", 1));
+    }
+
+    #[test]
+    fn a_directory_tells_the_vmm_state() {
+        let d = tmp("state");
+        let dir = VmDir::new(&d, &d.join("shared"), "ns", "vm");
+        assert!(!dir.state().exists);
+        fs::create_dir_all(&dir.path).unwrap();
+        fs::write(dir.file("pid"), std::process::id().to_string()).unwrap();
+        let st = dir.state();
+        assert!(st.exists && st.alive && st.exit.is_none(), "{st:?}");
+        fs::write(dir.file("exit"), "3\n").unwrap();
+        let st = dir.state();
+        assert!(!st.alive && st.exit == Some(3), "{st:?}");
+        assert_eq!(VmDir::scan(&d, &d.join("shared")), vec![dir.clone()]);
+        remove(&dir, true).unwrap();
+        assert!(!dir.path.exists());
+        fs::remove_dir_all(&d).unwrap();
+    }
+}
