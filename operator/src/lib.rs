@@ -1,8 +1,121 @@
 //! The Godwit operator: the control plane that places VMs on nodes, provisions
 //! them from templates, orchestrates migrations, restarts VMs of lost nodes and
-//! balances load. Decisions are pure functions over plain data ([`scheduler`]);
+//! balances load. Decisions are pure functions over plain data ([`scheduler`],
+//! [`vm_controller::decide_vm`], [`migration_controller::decide_migration`]);
 //! the controllers only read, decide and write.
+//!
+//! - [`vm_controller`]: scheduling, the resolved machine, restarts by
+//!   `runStrategy`;
+//! - [`migration_controller`]: admission, target choice, concurrency limits,
+//!   timeouts, cancellation, moving the VM when a migration ends;
+//! - [`leader`]: only one operator instance decides at a time;
+//! - [`metrics`]: `/metrics` and `/healthz`.
+//!
+//! Start it in-process with [`run`] (leader election, metrics, controllers)
+//! or, under a leadership of your own, [`run_controllers`].
 
+pub mod conditions;
+pub mod config;
+pub mod context;
 pub mod labels;
+pub mod leader;
+pub mod machine;
+pub mod metrics;
+pub mod migration_controller;
+pub mod nodes;
 pub mod scheduler;
 pub mod template;
+pub mod view;
+pub mod vm_controller;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use kube::Client;
+use tokio::net::TcpListener;
+use tracing::info;
+
+pub use config::{MigrationLimits, OperatorConfig};
+pub use context::Context;
+pub use metrics::Metrics;
+
+/// Why the operator stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    /// The metrics address could not be bound.
+    #[error("Cannot listen on the metrics address {0}")]
+    MetricsBind(std::net::SocketAddr, #[source] std::io::Error),
+    /// Leadership was lost; the process must restart as a follower.
+    #[error("Leadership lost")]
+    Leadership(#[source] leader::LeaderError),
+}
+
+/// Runs the operator: serves metrics (if configured), waits to lead, then
+/// runs both controllers until leadership is lost (an error: exit non-zero).
+pub async fn run(client: Client, config: OperatorConfig) -> Result<(), OperatorError> {
+    run_until(client, config, std::future::pending()).await
+}
+
+/// [`run`] until `shutdown` completes, then gives the leader Lease up.
+pub async fn run_until(
+    client: Client,
+    config: OperatorConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), OperatorError> {
+    let metrics = Arc::new(Metrics::default());
+    let _server = match config.metrics_addr {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| OperatorError::MetricsBind(addr, e))?;
+            info!(%addr, "serving /metrics and /healthz");
+            Some(AbortOnDrop(tokio::spawn(metrics::serve(
+                listener,
+                metrics.clone(),
+            ))))
+        }
+        None => None,
+    };
+    let elector = leader::Elector::new(client.clone(), &config);
+    tokio::pin!(shutdown);
+    tokio::select! {
+        () = elector.acquire() => {}
+        () = &mut shutdown => return Ok(()),
+    }
+    metrics.set_leader(true);
+    let result = tokio::select! {
+        lost = elector.hold() => Err(OperatorError::Leadership(lost)),
+        () = run_controllers(client, config, metrics.clone()) => Ok(()),
+        () = &mut shutdown => {
+            elector.release().await;
+            Ok(())
+        }
+    };
+    metrics.set_leader(false);
+    result
+}
+
+/// Runs the VM and migration controllers (no leader election) until their
+/// watches end.
+pub async fn run_controllers(client: Client, config: OperatorConfig, metrics: Arc<Metrics>) {
+    info!(
+        placement = %config.placement,
+        reserve_percent = config.reserve.percent,
+        per_node = config.migrations.per_node,
+        per_cluster = config.migrations.per_cluster,
+        "controllers starting"
+    );
+    let ctx = Arc::new(Context::new(client, config, metrics));
+    tokio::join!(
+        vm_controller::run(ctx.clone()),
+        migration_controller::run(ctx)
+    );
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

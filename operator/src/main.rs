@@ -1,9 +1,106 @@
-//! The Godwit operator. The controllers arrive with the control-plane issue; until
-//! then the binary only says what it is.
+//! `godwit-operator`: the Godwit control plane (see the library docs).
 
-fn main() {
-    println!(
-        "godwit-operator {}: controllers not built yet",
-        env!("CARGO_PKG_VERSION")
-    );
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use godwit_crds::contract::DEFAULT_LEASE_NAMESPACE;
+use godwit_operator::scheduler::{Reserve, Strategy};
+use godwit_operator::{config, MigrationLimits, OperatorConfig};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use tracing::error;
+
+/// Places VMs on nodes and moves them between nodes.
+#[derive(Parser, Debug)]
+#[command(name = "godwit-operator", version)]
+struct Args {
+    /// kubeconfig to use; in-cluster or $KUBECONFIG when absent.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Namespace of the node Leases and the leader Lease.
+    #[arg(long, default_value = DEFAULT_LEASE_NAMESPACE)]
+    lease_namespace: String,
+    /// Where /metrics and /healthz are served.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// spread: prefer the emptiest node; pack: the fullest that fits.
+    #[arg(long, default_value = "spread")]
+    placement: Strategy,
+    /// Percent of every node's CPU and memory kept free for HA restarts.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=90))]
+    reserve_percent: u8,
+    /// Migrations in flight on one node (as source or target).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    max_migrations_per_node: u64,
+    /// Migrations in flight in the cluster.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    max_migrations_per_cluster: u64,
+    /// Identity in the leader Lease (default: hostname-pid).
+    #[arg(long)]
+    id: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut text = e.to_string();
+            let mut cause = e.source();
+            while let Some(c) = cause {
+                text.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            error!("{text}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let kube_config = match &args.kubeconfig {
+        Some(path) => {
+            kube::Config::from_custom_kubeconfig(
+                Kubeconfig::read_from(path)?,
+                &KubeConfigOptions::default(),
+            )
+            .await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    let client = kube::Client::try_from(kube_config)?;
+    let config = OperatorConfig {
+        lease_namespace: args.lease_namespace,
+        metrics_addr: Some(args.metrics_addr),
+        placement: args.placement,
+        reserve: Reserve {
+            percent: args.reserve_percent,
+        },
+        migrations: MigrationLimits {
+            per_node: args.max_migrations_per_node as usize,
+            per_cluster: args.max_migrations_per_cluster as usize,
+        },
+        id: args.id.unwrap_or_else(config::default_id),
+        ..OperatorConfig::default()
+    };
+    godwit_operator::run_until(client, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }

@@ -103,6 +103,39 @@ pub enum Strategy {
     Pack,
 }
 
+impl Strategy {
+    /// The flag and log spelling: `spread` or `pack`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Spread => "spread",
+            Strategy::Pack => "pack",
+        }
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A placement strategy other than `spread` or `pack`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown placement strategy {0:?}: use spread or pack")]
+pub struct UnknownStrategy(pub String);
+
+impl std::str::FromStr for Strategy {
+    type Err = UnknownStrategy;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "spread" => Ok(Strategy::Spread),
+            "pack" => Ok(Strategy::Pack),
+            other => Err(UnknownStrategy(other.to_string())),
+        }
+    }
+}
+
 /// Why a node was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Refusal {
@@ -297,6 +330,21 @@ fn check(
     })
 }
 
+/// Every node's verdict for `req`: its score (higher is better) or why it
+/// was refused, in the order of `nodes`.
+pub fn evaluate(
+    req: &Request,
+    nodes: &[NodeInfo],
+    placed: &[PlacedVm],
+    reserve: Reserve,
+    strategy: Strategy,
+) -> Vec<(String, Result<i64, Refusal>)> {
+    nodes
+        .iter()
+        .map(|n| (n.name.clone(), check(n, req, placed, reserve, strategy)))
+        .collect()
+}
+
 /// The best node for `req`, or why none fits.
 pub fn place(
     req: &Request,
@@ -305,24 +353,29 @@ pub fn place(
     reserve: Reserve,
     strategy: Strategy,
 ) -> Result<String, Unschedulable> {
-    let mut best: Option<(i64, &str)> = None;
+    best(evaluate(req, nodes, placed, reserve, strategy))
+}
+
+/// The best-scoring node of an [`evaluate`] result (ties to the first name),
+/// or every refusal.
+pub fn best(verdicts: Vec<(String, Result<i64, Refusal>)>) -> Result<String, Unschedulable> {
+    let mut best: Option<(i64, String)> = None;
     let mut refusals = Vec::new();
-    for node in nodes {
-        match check(node, req, placed, reserve, strategy) {
+    for (name, verdict) in verdicts {
+        match verdict {
             Ok(score) => {
-                let better = match best {
+                let better = match &best {
                     None => true,
-                    Some((s, name)) => score > s || (score == s && node.name.as_str() < name),
+                    Some((s, n)) => score > *s || (score == *s && name < *n),
                 };
                 if better {
-                    best = Some((score, &node.name));
+                    best = Some((score, name));
                 }
             }
-            Err(r) => refusals.push((node.name.clone(), r)),
+            Err(r) => refusals.push((name, r)),
         }
     }
-    best.map(|(_, n)| n.to_string())
-        .ok_or(Unschedulable(refusals))
+    best.map(|(_, n)| n).ok_or(Unschedulable(refusals))
 }
 
 #[cfg(test)]

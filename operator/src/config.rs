@@ -1,0 +1,75 @@
+//! The operator's settings, from the command line or a test.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use godwit_crds::contract::DEFAULT_LEASE_NAMESPACE;
+
+use crate::scheduler::{Reserve, Strategy};
+
+/// Limits on migrations in flight (past `Pending`, not yet final).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MigrationLimits {
+    /// On one node, counting it as source and as target.
+    pub per_node: usize,
+    /// In the whole cluster.
+    pub per_cluster: usize,
+}
+
+impl Default for MigrationLimits {
+    fn default() -> Self {
+        MigrationLimits {
+            per_node: 2,
+            per_cluster: 5,
+        }
+    }
+}
+
+/// Everything [`crate::run`] needs besides a client.
+#[derive(Clone, Debug)]
+pub struct OperatorConfig {
+    /// Namespace of the node Leases and of the operator's leader Lease.
+    pub lease_namespace: String,
+    /// Where `/metrics` and `/healthz` are served; `None` serves nothing.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Spread VMs over nodes or pack them.
+    pub placement: Strategy,
+    /// Share of every node kept free for HA restarts.
+    pub reserve: Reserve,
+    /// Migrations in flight.
+    pub migrations: MigrationLimits,
+    /// This instance's identity in the leader Lease.
+    pub id: String,
+    /// How long the leader Lease lasts without renewal.
+    pub lease_duration: Duration,
+    /// How often the leader renews it (and others try to take it).
+    pub renew_period: Duration,
+    /// How often an object is looked at again without any change.
+    pub requeue: Duration,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        OperatorConfig {
+            lease_namespace: DEFAULT_LEASE_NAMESPACE.to_string(),
+            metrics_addr: None,
+            placement: Strategy::Spread,
+            reserve: Reserve::default(),
+            migrations: MigrationLimits::default(),
+            id: default_id(),
+            lease_duration: Duration::from_secs(15),
+            renew_period: Duration::from_secs(5),
+            requeue: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `<hostname>-<pid>`: unique per process, readable in `kubectl get lease`.
+pub fn default_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "godwit-operator".to_string());
+    format!("{host}-{}", std::process::id())
+}

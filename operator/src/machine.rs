@@ -1,0 +1,253 @@
+//! The [`Machine`] the operator hands to a node: a VM resolved against its
+//! template ([`crate::template::resolve`]) with every source made concrete, so
+//! the agent needs neither the template nor any defaulting rule.
+//!
+//! - a `template` disk becomes a clone of the template image (the node makes
+//!   a copy-on-write overlay on its cached copy);
+//! - an `image` disk is used in place; a `blank` disk gets its size in bytes;
+//! - each NIC gets its MAC (the spec's, else [`stable_mac`] of the VM's uid)
+//!   and the first NIC the customization's static address.
+
+use godwit_crds::contract::{stable_mac, Machine, MachineDisk, MachineDiskSource, MachineNic};
+use godwit_crds::{parse_quantity, VMTemplate};
+
+use crate::template::Resolved;
+
+/// Why a resolved VM cannot become a machine.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MachineError {
+    /// A blank disk's size is not a quantity.
+    #[error("disk {0:?}: source.blank.size: {1}")]
+    BlankSize(String, String),
+    /// A disk has no source (the API server's schema normally refuses it).
+    #[error("disk {0:?} sets none of source.template, source.image, source.blank")]
+    NoSource(String),
+    /// A disk uses the template image but there is no template.
+    #[error("disk {0:?} uses source.template but the VM has no template")]
+    NoTemplate(String),
+}
+
+/// The machine for the VM with uid `uid`, resolved as `resolved` from
+/// `template` (the one its `templateRef` names, if any).
+pub fn build(
+    uid: &str,
+    resolved: &Resolved,
+    template: Option<&VMTemplate>,
+) -> Result<Machine, MachineError> {
+    let mut uses_template = false;
+    let mut disks = Vec::with_capacity(resolved.disks.len());
+    for d in &resolved.disks {
+        let source = if d.source.template.is_some() {
+            let t = template.ok_or_else(|| MachineError::NoTemplate(d.name.clone()))?;
+            uses_template = true;
+            MachineDiskSource::Clone {
+                path: t.spec.image.source.clone(),
+                format: t.spec.image.format,
+            }
+        } else if let Some(image) = &d.source.image {
+            MachineDiskSource::Image {
+                path: image.path.clone(),
+                format: image.format,
+            }
+        } else if let Some(blank) = &d.source.blank {
+            let size_bytes = parse_quantity(&blank.size)
+                .map_err(|e| MachineError::BlankSize(d.name.clone(), e.to_string()))?;
+            MachineDiskSource::Blank { size_bytes }
+        } else {
+            return Err(MachineError::NoSource(d.name.clone()));
+        };
+        disks.push(MachineDisk {
+            name: d.name.clone(),
+            source,
+            storage: d.storage,
+            read_only: d.read_only,
+        });
+    }
+    let static_ip = resolved
+        .customization
+        .as_ref()
+        .and_then(|c| c.network.as_ref())
+        .and_then(|n| n.address.clone());
+    let networks = resolved
+        .networks
+        .iter()
+        .enumerate()
+        .map(|(i, n)| MachineNic {
+            name: n.name.clone(),
+            bridge: n.bridge.clone(),
+            mac: n.mac.clone().unwrap_or_else(|| stable_mac(uid, i)),
+            ip: if i == 0 { static_ip.clone() } else { None },
+        })
+        .collect();
+    Ok(Machine {
+        cpu: resolved.cpu,
+        memory_bytes: resolved.memory,
+        kernel: resolved.boot.kernel.clone(),
+        initrd: resolved.boot.initrd.clone(),
+        cmdline: resolved.boot.cmdline.clone().unwrap_or_default(),
+        hostname: resolved.hostname.clone(),
+        disks,
+        networks,
+        template_digest: if uses_template {
+            template
+                .and_then(|t| t.status.as_ref())
+                .and_then(|s| s.image_digest.clone())
+        } else {
+            None
+        },
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use godwit_crds::template::{Customization, ImageSource, NetworkConfig};
+    use godwit_crds::vm::Network;
+    use godwit_crds::{BootSpec, ImageFormat, VMTemplateSpec, VMTemplateStatus};
+    use kube::api::ObjectMeta;
+
+    use super::*;
+
+    /// Template `base` in `default`: 1 vCPU, 1 GiB, a qcow2 image, one NIC
+    /// with a static address.
+    pub fn template() -> VMTemplate {
+        VMTemplate {
+            metadata: ObjectMeta {
+                name: Some("base".into()),
+                namespace: Some("default".into()),
+                ..Default::default()
+            },
+            spec: VMTemplateSpec {
+                image: ImageSource {
+                    source: "/images/base.qcow2".into(),
+                    sha256: None,
+                    format: ImageFormat::Qcow2,
+                },
+                boot: Some(BootSpec {
+                    kernel: "/k/guest.elf".into(),
+                    initrd: None,
+                    cmdline: Some("hb_ms=100".into()),
+                }),
+                cpu: Some(1),
+                memory: Some("1Gi".into()),
+                networks: vec![Network {
+                    name: "net0".into(),
+                    bridge: "godwit0".into(),
+                    mac: None,
+                }],
+                customization: Some(Customization {
+                    network: Some(NetworkConfig {
+                        address: Some("10.0.0.5/24".into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            },
+            status: Some(VMTemplateStatus {
+                image_digest: Some("sha256:abc".into()),
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use godwit_crds::vm::{BlankDiskSource, Disk, DiskSource, ImageDiskSource, TemplateDiskSource};
+    use godwit_crds::{ImageFormat, StorageKind};
+
+    use super::fixtures::template;
+    use super::*;
+    use crate::template::resolve;
+    use crate::view::fixtures::vm;
+
+    fn disk(name: &str, source: DiskSource) -> Disk {
+        Disk {
+            name: name.into(),
+            source,
+            storage: StorageKind::Local,
+            read_only: false,
+        }
+    }
+
+    #[test]
+    fn every_source_becomes_concrete() {
+        let t = template();
+        let mut v = vm("demo");
+        v.spec.disks = vec![
+            disk(
+                "root",
+                DiskSource {
+                    template: Some(TemplateDiskSource {}),
+                    ..Default::default()
+                },
+            ),
+            Disk {
+                read_only: true,
+                storage: StorageKind::Shared,
+                ..disk(
+                    "data",
+                    DiskSource {
+                        image: Some(ImageDiskSource {
+                            path: "/shared/data.raw".into(),
+                            format: ImageFormat::Raw,
+                        }),
+                        ..Default::default()
+                    },
+                )
+            },
+            disk(
+                "scratch",
+                DiskSource {
+                    blank: Some(BlankDiskSource { size: "1Gi".into() }),
+                    ..Default::default()
+                },
+            ),
+        ];
+        let r = resolve("demo", &v.spec, Some(&t.spec)).unwrap();
+        let m = build("uid-demo", &r, Some(&t)).unwrap();
+        assert_eq!(m.cpu, 1);
+        assert_eq!(m.memory_bytes, 1 << 30);
+        assert_eq!(m.kernel, "/k/guest.elf");
+        assert!(m.cmdline.contains("godwit.hostname=demo"), "{}", m.cmdline);
+        assert_eq!(m.template_digest.as_deref(), Some("sha256:abc"));
+        assert_eq!(
+            m.disks[0].source,
+            MachineDiskSource::Clone {
+                path: "/images/base.qcow2".into(),
+                format: ImageFormat::Qcow2
+            }
+        );
+        assert!(m.disks[1].read_only);
+        assert_eq!(m.disks[1].storage, StorageKind::Shared);
+        assert_eq!(
+            m.disks[2].source,
+            MachineDiskSource::Blank {
+                size_bytes: 1 << 30
+            }
+        );
+        assert_eq!(m.networks[0].mac, stable_mac("uid-demo", 0));
+        assert_eq!(m.networks[0].ip.as_deref(), Some("10.0.0.5/24"));
+    }
+
+    #[test]
+    fn a_spec_mac_is_kept_and_no_template_no_digest() {
+        let mut v = vm("demo");
+        v.spec.template_ref = None;
+        v.spec.cpu = Some(1);
+        v.spec.memory = Some("64Mi".into());
+        v.spec.boot = Some(godwit_crds::BootSpec {
+            kernel: "/k".into(),
+            ..Default::default()
+        });
+        v.spec.networks = vec![godwit_crds::vm::Network {
+            name: "n".into(),
+            bridge: "br".into(),
+            mac: Some("52:54:00:00:00:01".into()),
+        }];
+        let r = resolve("demo", &v.spec, None).unwrap();
+        let m = build("uid", &r, None).unwrap();
+        assert_eq!(m.networks[0].mac, "52:54:00:00:00:01");
+        assert_eq!(m.networks[0].ip, None);
+        assert_eq!(m.template_digest, None);
+    }
+}

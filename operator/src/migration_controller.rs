@@ -1,0 +1,985 @@
+//! The VMMigration controller: admits migrations, picks their target, keeps
+//! them within the concurrency limits and the completion timeout, and moves
+//! the VM when they end. The node agents do the moving itself.
+//!
+//! ```mermaid
+//! stateDiagram-v2
+//!     [*] --> Pending
+//!     Pending --> Failed: invalid (operator)
+//!     Pending --> Pending: no slot (Admitted=False WaitingForSlot)
+//!     Pending --> Cancelled: deleted or cancel annotation (operator)
+//!     Pending --> PreparingTarget: admitted, target chosen (operator)
+//!     PreparingTarget --> Failed: no targetAddress in 60 s (operator)
+//!     PreparingTarget --> PreCopy: source agent
+//!     PreCopy --> Succeeded: source agent, via StopAndCopy/PostCopy, Committing
+//!     PreCopy --> Failed: source agent
+//!     PreCopy --> Cancelled: source agent (cancel asked or timeout)
+//!     Succeeded --> [*]: VM moved to target (operator)
+//!     Failed --> [*]: VM stays on source (operator)
+//!     Cancelled --> [*]: VM stays on source (operator)
+//! ```
+//!
+//! What the operator writes (see [`godwit_crds::contract`]):
+//! - on a new migration: the finalizer [`MIGRATION_FINALIZER`]; then either
+//!   `Failed` with `failureReason` (VM missing, not running, not migratable,
+//!   already migrating, `Cold` mode, no target), or `Pending` with
+//!   `Admitted=False WaitingForSlot` (over `--max-migrations-per-node` or
+//!   `--max-migrations-per-cluster`), or the admission: the VM's status
+//!   `Migrating` + `migration`, then `PreparingTarget` with `sourceNode`,
+//!   `targetNode`, `startTime`, then the labels [`SOURCE_LABEL`] and
+//!   [`TARGET_LABEL`] that hand it to the agents;
+//! - while it runs: the annotation [`CANCEL_ANNOTATION`] once the completion
+//!   timeout (plus 30 s grace) has passed, and `Failed` when the target has
+//!   not published `targetAddress` 60 s after the start;
+//! - when it is final: the VM's label and `nodeName` (the target on
+//!   `Succeeded`, the source otherwise), its phase back to `Running`, its
+//!   `migration` cleared; then the finalizer goes.
+//!
+//! Cancelling (delete, or the annotation): before `PreparingTarget` the
+//! operator writes `Cancelled`; from then on the source agent cancels and
+//! writes the final phase. A deleted migration whose source node has been
+//! gone for a lease duration more is failed by the operator so that its
+//! finalizer can go.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use godwit_crds::contract::{
+    CANCEL_ANNOTATION, MIGRATION_FINALIZER, NODE_LABEL, NODE_LEASE_SECONDS, SOURCE_LABEL,
+    TARGET_LABEL,
+};
+use godwit_crds::{
+    MigrationMode, MigrationPhase, MigrationPolicy, StorageKind, StorageMode, VMMigration,
+    VirtualMachine, VmPhase,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::{debug, info, warn};
+
+use crate::conditions::{self, Wanted};
+use crate::config::MigrationLimits;
+use crate::context::{Context, Note};
+use crate::scheduler::{self, Reserve, Strategy};
+use crate::view::{self, migration_phase, ClusterView, Snapshot};
+use crate::vm_controller::error_chain;
+
+/// The condition type that says whether a migration was let in.
+pub const ADMITTED: &str = "Admitted";
+/// How long the target agent has to publish `targetAddress`.
+pub const TARGET_PREPARE_SECONDS: i64 = 60;
+/// Grace after the completion timeout before the operator asks to cancel
+/// (the source agent enforces the timeout itself; this catches an agent
+/// that does not).
+pub const COMPLETION_GRACE_SECONDS: i64 = 30;
+
+/// Why a migration reconcile failed (it is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationReconcileError {
+    /// The VM could not be read.
+    #[error("Cannot read the VM")]
+    GetVm(#[source] kube::Error),
+    /// Nodes, Leases, VMs or migrations could not be listed.
+    #[error("Cannot list the cluster")]
+    ListCluster(#[source] kube::Error),
+    /// The migration's finalizers, labels or annotations could not be written.
+    #[error("Cannot patch VMMigration metadata")]
+    PatchMetadata(#[source] kube::Error),
+    /// The migration's status could not be written.
+    #[error("Cannot patch VMMigration status")]
+    PatchStatus(#[source] kube::Error),
+    /// The VM's label could not be written.
+    #[error("Cannot patch VM metadata")]
+    PatchVm(#[source] kube::Error),
+    /// The VM's status could not be written.
+    #[error("Cannot patch VM status")]
+    PatchVmStatus(#[source] kube::Error),
+    /// A decision asked for a migration phase change the life cycle forbids.
+    #[error("Migration phase {from:?} cannot become {to:?}")]
+    Transition {
+        /// Current phase.
+        from: MigrationPhase,
+        /// Refused phase.
+        to: MigrationPhase,
+    },
+    /// A decision asked for a VM phase change the life cycle forbids.
+    #[error("VM phase {from:?} cannot become {to:?}")]
+    VmTransition {
+        /// Current phase.
+        from: VmPhase,
+        /// Refused phase.
+        to: VmPhase,
+    },
+}
+
+/// What [`decide_migration`] reads besides the migration.
+pub struct MigrationInputs<'a> {
+    /// The VM it moves, if it exists.
+    pub vm: Option<&'a VirtualMachine>,
+    /// The cluster, when the decision may need it (admission, or a deleted
+    /// migration in flight); `None` otherwise.
+    pub cluster: Option<&'a ClusterView>,
+    /// Spread or pack, for choosing a target.
+    pub strategy: Strategy,
+    /// Room kept free on every node.
+    pub reserve: Reserve,
+    /// Migrations in flight allowed.
+    pub limits: MigrationLimits,
+    /// The time now.
+    pub now: Timestamp,
+}
+
+/// How the VM moves when its migration has ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VmMove {
+    /// The node the VM is labelled for afterwards.
+    pub node: String,
+    /// The phase the migration ended in.
+    pub result: MigrationPhase,
+    /// Event on the VM.
+    pub vm_note: Note,
+    /// Event on the migration.
+    pub migration_note: Note,
+}
+
+/// What to write for a migration.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MigrationAction {
+    /// Nothing to write now; look again after `requeue` if set.
+    Nothing {
+        /// When to look again without a change.
+        requeue: Option<Duration>,
+    },
+    /// Add [`MIGRATION_FINALIZER`].
+    AddFinalizer,
+    /// The operator ends the migration as `Failed`.
+    Fail {
+        /// `failureReason`.
+        reason: String,
+    },
+    /// The operator ends a migration that had not started as `Cancelled`.
+    Cancel {
+        /// `failureReason`.
+        reason: String,
+    },
+    /// No slot: stay `Pending` with `Admitted=False WaitingForSlot`.
+    WaitForSlot {
+        /// Which limit holds it back.
+        message: String,
+    },
+    /// Let it in: VM `Migrating`, migration `PreparingTarget`, labels.
+    Admit {
+        /// Where the VM runs.
+        source: String,
+        /// Where it goes.
+        target: String,
+    },
+    /// Put back the source/target labels a cut-short admission missed.
+    Label {
+        /// Source node.
+        source: String,
+        /// Target node.
+        target: String,
+    },
+    /// Ask the source agent to cancel (annotation).
+    RequestCancel {
+        /// Why.
+        message: String,
+    },
+    /// Move the VM as the final phase says.
+    MoveVm(VmMove),
+    /// Remove [`MIGRATION_FINALIZER`].
+    ReleaseFinalizer,
+}
+
+fn has_finalizer(m: &VMMigration) -> bool {
+    m.finalizers().iter().any(|f| f == MIGRATION_FINALIZER)
+}
+
+fn cancel_requested(m: &VMMigration) -> bool {
+    m.metadata.deletion_timestamp.is_some()
+        || m.annotations().get(CANCEL_ANNOTATION).map(String::as_str) == Some("true")
+}
+
+/// Whether the migration holds a slot: admitted and not yet final.
+pub fn in_flight(m: &VMMigration) -> bool {
+    let phase = migration_phase(m);
+    !phase.is_final() && !matches!(phase, MigrationPhase::Pending | MigrationPhase::Scheduling)
+}
+
+/// Whether deciding for `m` needs the cluster view.
+pub fn needs_cluster(m: &VMMigration) -> bool {
+    let phase = migration_phase(m);
+    !phase.is_final()
+        && (matches!(phase, MigrationPhase::Pending | MigrationPhase::Scheduling)
+            || m.metadata.deletion_timestamp.is_some())
+}
+
+/// Whether `vm` is moved by `m` right now (its status names it).
+fn vm_names(vm: &VirtualMachine, m: &VMMigration) -> bool {
+    vm.status.as_ref().and_then(|s| s.migration.as_deref()) == Some(m.name_any().as_str())
+}
+
+/// Decides what the operator writes for `m`.
+pub fn decide_migration(m: &VMMigration, inputs: &MigrationInputs<'_>) -> MigrationAction {
+    let phase = migration_phase(m);
+    if phase.is_final() {
+        if let Some(vm) = inputs.vm.filter(|vm| vm_names(vm, m)) {
+            return MigrationAction::MoveVm(vm_move(m, vm));
+        }
+        if has_finalizer(m) {
+            return MigrationAction::ReleaseFinalizer;
+        }
+        return MigrationAction::Nothing { requeue: None };
+    }
+    if !has_finalizer(m) {
+        if m.metadata.deletion_timestamp.is_some() {
+            // Never admitted: nothing of ours to clean up.
+            return MigrationAction::Nothing { requeue: None };
+        }
+        return MigrationAction::AddFinalizer;
+    }
+    match phase {
+        MigrationPhase::Pending | MigrationPhase::Scheduling => {
+            if cancel_requested(m) {
+                let on = inputs
+                    .vm
+                    .and_then(view::vm_node)
+                    .map(|n| format!(" on {n}"))
+                    .unwrap_or_default();
+                return MigrationAction::Cancel {
+                    reason: format!("cancelled before it started; the VM stays{on}"),
+                };
+            }
+            admit(m, inputs)
+        }
+        _ => in_progress(m, phase, inputs),
+    }
+}
+
+fn admit(m: &VMMigration, inputs: &MigrationInputs<'_>) -> MigrationAction {
+    let fail = |reason: String| MigrationAction::Fail { reason };
+    if m.spec.mode == MigrationMode::Cold {
+        return fail(
+            "cold migration is not implemented yet; use mode: Live on a running VM".into(),
+        );
+    }
+    let vm_name = &m.spec.vm_name;
+    let Some(vm) = inputs.vm else {
+        return fail(format!(
+            "VirtualMachine {vm_name:?} not found in namespace {:?}",
+            m.namespace().unwrap_or_default()
+        ));
+    };
+    let Some(cluster) = inputs.cluster else {
+        return MigrationAction::Nothing {
+            requeue: Some(Duration::from_secs(1)),
+        };
+    };
+    let ours = vm_names(vm, m);
+    if let Some(other) = competing(m, &cluster.migrations) {
+        return fail(format!(
+            "VM {vm_name:?} is already being migrated by VMMigration {other:?}"
+        ));
+    }
+    let phase = view::vm_phase(vm);
+    // `Migrating` and naming us: an admission cut short, carry on.
+    if phase != VmPhase::Running && !ours {
+        return fail(format!(
+            "VM {vm_name:?} is {phase:?}, not Running: only a running VM can be live-migrated"
+        ));
+    }
+    let Some(source) = view::vm_node(vm).map(str::to_string) else {
+        return fail(format!("VM {vm_name:?} has no node"));
+    };
+    if m.spec.storage != Some(StorageMode::Copy) {
+        if let Some(disk) = local_writable_disk(vm) {
+            return fail(format!(
+                "disk {disk:?} is on node-local storage and writable; set spec.storage: Copy to copy it with the migration"
+            ));
+        }
+    }
+
+    let limits = inputs.limits;
+    let flying: Vec<&VMMigration> = cluster
+        .migrations
+        .iter()
+        .filter(|o| o.uid() != m.uid() && in_flight(o))
+        .collect();
+    if flying.len() >= limits.per_cluster {
+        return MigrationAction::WaitForSlot {
+            message: format!(
+                "{} migrations in flight; the cluster allows {}",
+                flying.len(),
+                limits.per_cluster
+            ),
+        };
+    }
+    let busy = |node: &str| {
+        flying
+            .iter()
+            .filter(|o| {
+                let s = o.status.as_ref();
+                s.and_then(|s| s.source_node.as_deref()) == Some(node)
+                    || s.and_then(|s| s.target_node.as_deref()) == Some(node)
+            })
+            .count()
+    };
+    let full = |node: &str| busy(node) >= limits.per_node;
+    let slot_message = |node: &str| {
+        format!(
+            "{node} has {} migrations in flight; a node allows {}",
+            busy(node),
+            limits.per_node
+        )
+    };
+    if full(&source) {
+        return MigrationAction::WaitForSlot {
+            message: slot_message(&source),
+        };
+    }
+
+    let mut request = view::request_for(vm, view::vm_resources(vm));
+    request.exclude.push(source.clone());
+    let place = |request: &scheduler::Request, nodes: &[scheduler::NodeInfo]| {
+        scheduler::place(
+            request,
+            nodes,
+            &cluster.placed,
+            inputs.reserve,
+            inputs.strategy,
+        )
+    };
+    let target = match &m.spec.target_node {
+        Some(target) => {
+            if *target == source {
+                return fail(format!("targetNode {target} is the node the VM runs on"));
+            }
+            let Some(node) = cluster.node(target) else {
+                return fail(format!(
+                    "targetNode {target} is not a Godwit node (no Node {target} labelled {NODE_LABEL})"
+                ));
+            };
+            if let Err(why) = place(&request, std::slice::from_ref(node)) {
+                let refusal = why
+                    .0
+                    .first()
+                    .map(|(_, r)| r.to_string())
+                    .unwrap_or_default();
+                return fail(format!("targetNode {target} cannot take the VM: {refusal}"));
+            }
+            if full(target) {
+                return MigrationAction::WaitForSlot {
+                    message: slot_message(target),
+                };
+            }
+            target.clone()
+        }
+        None => {
+            let crowded: Vec<String> = cluster
+                .nodes
+                .iter()
+                .map(|n| n.name.clone())
+                .filter(|n| full(n))
+                .collect();
+            let mut free_slots = request.clone();
+            free_slots.exclude.extend(crowded.iter().cloned());
+            match place(&free_slots, &cluster.nodes) {
+                Ok(target) => target,
+                Err(_) if !crowded.is_empty() && place(&request, &cluster.nodes).is_ok() => {
+                    return MigrationAction::WaitForSlot {
+                        message: format!(
+                            "every node that can take the VM has {} migrations in flight",
+                            limits.per_node
+                        ),
+                    };
+                }
+                Err(why) => return fail(why.to_string()),
+            }
+        }
+    };
+    MigrationAction::Admit { source, target }
+}
+
+/// Another unfinished migration of the same VM that goes first: one in
+/// flight, or a pending one created earlier (ties by name).
+fn competing(m: &VMMigration, all: &[VMMigration]) -> Option<String> {
+    let key = |o: &VMMigration| {
+        (
+            o.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            o.name_any(),
+        )
+    };
+    all.iter()
+        .filter(|o| {
+            o.uid() != m.uid()
+                && o.namespace() == m.namespace()
+                && o.spec.vm_name == m.spec.vm_name
+                && !migration_phase(o).is_final()
+        })
+        .find(|o| in_flight(o) || key(o) < key(m))
+        .map(|o| o.name_any())
+}
+
+/// A disk that only a storage copy can move: node-local and writable (a
+/// read-only image is expected on every node).
+fn local_writable_disk(vm: &VirtualMachine) -> Option<String> {
+    if let Some(machine) = view::resolved_machine(vm) {
+        return machine
+            .disks
+            .iter()
+            .find(|d| {
+                let image = matches!(
+                    d.source,
+                    godwit_crds::contract::MachineDiskSource::Image { .. }
+                );
+                d.storage == StorageKind::Local && !(d.read_only && image)
+            })
+            .map(|d| d.name.clone());
+    }
+    vm.spec
+        .disks
+        .iter()
+        .find(|d| d.storage == StorageKind::Local && !(d.read_only && d.source.image.is_some()))
+        .map(|d| d.name.clone())
+}
+
+fn in_progress(
+    m: &VMMigration,
+    phase: MigrationPhase,
+    inputs: &MigrationInputs<'_>,
+) -> MigrationAction {
+    let status = m.status.clone().unwrap_or_default();
+    let (Some(source), Some(target)) = (status.source_node.clone(), status.target_node.clone())
+    else {
+        return MigrationAction::Fail {
+            reason: "status lost its sourceNode or targetNode; start a new migration".into(),
+        };
+    };
+    let labels = m.labels();
+    if labels.get(SOURCE_LABEL) != Some(&source) || labels.get(TARGET_LABEL) != Some(&target) {
+        return MigrationAction::Label { source, target };
+    }
+    let deleting = m.metadata.deletion_timestamp.is_some();
+    if let (true, Some(cluster)) = (deleting, inputs.cluster) {
+        if let Some(gone) = lost_for(cluster, &source, inputs.now) {
+            return MigrationAction::Fail {
+                reason: format!(
+                    "source node {source} has not renewed its lease for {gone} s; the migration is abandoned"
+                ),
+            };
+        }
+    }
+    let Some(start) = status.start_time.as_ref().map(|t| t.0) else {
+        return MigrationAction::Nothing {
+            requeue: Some(Duration::from_secs(5)),
+        };
+    };
+    let elapsed = inputs.now.as_second() - start.as_second();
+    if phase == MigrationPhase::PreparingTarget
+        && status.target_address.is_none()
+        && elapsed > TARGET_PREPARE_SECONDS
+    {
+        return MigrationAction::Fail {
+            reason: format!("target node {target} did not prepare in {TARGET_PREPARE_SECONDS} s"),
+        };
+    }
+    let timeout = i64::from(completion_timeout(m, inputs.vm));
+    if elapsed > timeout + COMPLETION_GRACE_SECONDS
+        && m.annotations().get(CANCEL_ANNOTATION).map(String::as_str) != Some("true")
+        && phase.can_transition_to(MigrationPhase::Cancelled)
+    {
+        return MigrationAction::RequestCancel {
+            message: format!(
+                "not finished after the completion timeout of {timeout} s; asked the source agent to cancel"
+            ),
+        };
+    }
+    MigrationAction::Nothing {
+        requeue: Some(Duration::from_secs(5)),
+    }
+}
+
+/// Seconds the source's lease has been expired beyond one more lease
+/// duration, if so (a node with no lease, or no Node, counts as long gone).
+fn lost_for(cluster: &ClusterView, node: &str, now: Timestamp) -> Option<i64> {
+    let grace = i64::from(NODE_LEASE_SECONDS);
+    match cluster.lease_expiry.get(node) {
+        Some(expiry) => {
+            let gone = now.as_second() - expiry.as_second();
+            (gone > grace).then_some(gone)
+        }
+        None => Some(grace),
+    }
+}
+
+/// The completion timeout: the migration's policy, else the VM's, else the
+/// default.
+pub fn completion_timeout(m: &VMMigration, vm: Option<&VirtualMachine>) -> u32 {
+    let vm_policy = vm
+        .and_then(|v| v.spec.migration_policy.clone())
+        .unwrap_or_default();
+    m.spec
+        .policy
+        .clone()
+        .unwrap_or_default()
+        .or(&vm_policy)
+        .completion_timeout_seconds
+        .unwrap_or(MigrationPolicy::DEFAULT_COMPLETION_TIMEOUT_SECONDS)
+}
+
+fn vm_move(m: &VMMigration, vm: &VirtualMachine) -> VmMove {
+    let status = m.status.clone().unwrap_or_default();
+    let name = m.name_any();
+    let current = view::vm_node(vm).unwrap_or_default().to_string();
+    let source = status
+        .source_node
+        .clone()
+        .unwrap_or_else(|| current.clone());
+    let why = status
+        .failure_reason
+        .clone()
+        .map(|r| format!(": {r}"))
+        .unwrap_or_default();
+    match (status.phase, status.target_node.clone()) {
+        (MigrationPhase::Succeeded, Some(target)) => {
+            let figures = status
+                .result
+                .as_ref()
+                .map(|r| format!(" in {} ms, downtime {} ms", r.total_time_ms, r.downtime_ms))
+                .unwrap_or_default();
+            VmMove {
+                vm_note: Note::normal(
+                    "Migrated",
+                    format!(
+                        "Live-migrated from {source} to {target}{figures} (VMMigration {name})"
+                    ),
+                ),
+                migration_note: Note::normal(
+                    "Migrated",
+                    format!("Live-migrated VM {} to {target}{figures}", m.spec.vm_name),
+                ),
+                node: target,
+                result: MigrationPhase::Succeeded,
+            }
+        }
+        (MigrationPhase::Cancelled, _) => VmMove {
+            vm_note: Note::normal(
+                "MigrationCancelled",
+                format!("VMMigration {name} was cancelled; the VM stays on {source}"),
+            ),
+            migration_note: Note::normal(
+                "Cancelled",
+                format!("Cancelled; VM {} stays on {source}", m.spec.vm_name),
+            ),
+            node: source,
+            result: MigrationPhase::Cancelled,
+        },
+        // Failed, or Succeeded without a target (nothing to move to).
+        (phase, _) => VmMove {
+            vm_note: Note::warning(
+                "MigrationFailed",
+                format!("VMMigration {name} failed; the VM stays on {source}{why}"),
+            ),
+            migration_note: Note::warning(
+                "Failed",
+                format!("VM {} stays on {source}{why}", m.spec.vm_name),
+            ),
+            node: source,
+            result: if phase == MigrationPhase::Succeeded {
+                MigrationPhase::Failed
+            } else {
+                phase
+            },
+        },
+    }
+}
+
+/// Runs the migration controller until its watches end.
+pub async fn run(ctx: Arc<Context>) {
+    let client = ctx.client.clone();
+    let controller = Controller::new(
+        Api::<VMMigration>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let store = controller.store();
+    ctx.metrics.watch_migrations(store.clone());
+    // A VM's change may settle or unblock the migrations that name it.
+    let by_vm = move |vm: VirtualMachine| {
+        let ns = vm.namespace();
+        let name = vm.name_any();
+        store
+            .state()
+            .iter()
+            .filter(|m| m.namespace() == ns && m.spec.vm_name == name)
+            .map(|m| ObjectRef::from_obj(m.as_ref()))
+            .collect::<Vec<_>>()
+    };
+    controller
+        .watches(
+            Api::<VirtualMachine>::all(client),
+            watcher::Config::default(),
+            by_vm,
+        )
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                debug!("migration controller: {e}");
+            }
+        })
+        .await;
+}
+
+fn error_policy(m: Arc<VMMigration>, error: &MigrationReconcileError, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconciled("migration", false);
+    warn!(migration = %m.name_any(), "reconcile failed: {error}: {}", error_chain(error));
+    Action::requeue(Duration::from_secs(2))
+}
+
+/// Reads what the decision needs, decides, writes.
+pub async fn reconcile(
+    m: Arc<VMMigration>,
+    ctx: Arc<Context>,
+) -> Result<Action, MigrationReconcileError> {
+    let result = reconcile_inner(m, &ctx).await;
+    if result.is_ok() {
+        ctx.metrics.reconciled("migration", true);
+    }
+    result
+}
+
+async fn reconcile_inner(
+    m: Arc<VMMigration>,
+    ctx: &Context,
+) -> Result<Action, MigrationReconcileError> {
+    let ns = m.namespace().unwrap_or_default();
+    let inputs = |vm, cluster| MigrationInputs {
+        vm,
+        cluster,
+        strategy: ctx.config.placement,
+        reserve: ctx.config.reserve,
+        limits: ctx.config.migrations,
+        now: Timestamp::now(),
+    };
+    if needs_cluster(&m) && has_finalizer(&m) {
+        // Slots and room are counted from the lists to the writes under the
+        // lock the VM controller also takes.
+        let _placement = ctx.placement.lock().await;
+        let snapshot = Snapshot::fetch(&ctx.client, &ctx.config.lease_namespace)
+            .await
+            .map_err(MigrationReconcileError::ListCluster)?;
+        let Some(fresh) = snapshot.migrations.iter().find(|o| o.uid() == m.uid()) else {
+            return Ok(Action::await_change());
+        };
+        let vm = snapshot.vms.iter().find(|v| {
+            v.namespace().as_deref() == Some(ns.as_str()) && v.name_any() == fresh.spec.vm_name
+        });
+        let cluster = ClusterView::build(&snapshot, Timestamp::now());
+        let action = decide_migration(fresh, &inputs(vm, Some(&cluster)));
+        return apply(fresh, vm, action, ctx).await;
+    }
+    let vm = Api::<VirtualMachine>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(&m.spec.vm_name)
+        .await
+        .map_err(MigrationReconcileError::GetVm)?;
+    let action = decide_migration(&m, &inputs(vm.as_ref(), None));
+    apply(&m, vm.as_ref(), action, ctx).await
+}
+
+/// Writes what [`decide_migration`] decided.
+async fn apply(
+    m: &VMMigration,
+    vm: Option<&VirtualMachine>,
+    action: MigrationAction,
+    ctx: &Context,
+) -> Result<Action, MigrationReconcileError> {
+    let ns = m.namespace().unwrap_or_default();
+    let api = Api::<VMMigration>::namespaced(ctx.client.clone(), &ns);
+    let vms = Api::<VirtualMachine>::namespaced(ctx.client.clone(), &ns);
+    let name = m.name_any();
+    let reference = m.object_ref(&());
+    let now = Timestamp::now();
+    let soon = Action::requeue(Duration::from_millis(200));
+    let phase = migration_phase(m);
+    match action {
+        MigrationAction::Nothing { requeue } => Ok(requeue
+            .map(|r| Action::requeue(r.min(ctx.config.requeue)))
+            .unwrap_or_else(Action::await_change)),
+        MigrationAction::AddFinalizer => {
+            let mut finalizers = m.finalizers().to_vec();
+            finalizers.push(MIGRATION_FINALIZER.to_string());
+            patch_metadata(&api, m, json!({"finalizers": finalizers}), ctx).await?;
+            Ok(soon)
+        }
+        MigrationAction::ReleaseFinalizer => {
+            let finalizers: Vec<&String> = m
+                .finalizers()
+                .iter()
+                .filter(|f| *f != MIGRATION_FINALIZER)
+                .collect();
+            patch_metadata(&api, m, json!({"finalizers": finalizers}), ctx).await?;
+            debug!(migration = %name, "finalizer released");
+            Ok(Action::await_change())
+        }
+        MigrationAction::Fail { reason } => {
+            end(&api, m, MigrationPhase::Failed, &reason, ctx).await?;
+            warn!(migration = %name, "failed: {reason}");
+            if !vm.is_some_and(|vm| vm_names(vm, m)) {
+                ctx.metrics.migration_ended(MigrationPhase::Failed);
+            }
+            ctx.publish(&reference, "Migrate", &Note::warning("Failed", reason))
+                .await;
+            Ok(soon)
+        }
+        MigrationAction::Cancel { reason } => {
+            end(&api, m, MigrationPhase::Cancelled, &reason, ctx).await?;
+            info!(migration = %name, "cancelled: {reason}");
+            if !vm.is_some_and(|vm| vm_names(vm, m)) {
+                ctx.metrics.migration_ended(MigrationPhase::Cancelled);
+            }
+            ctx.publish(&reference, "Cancel", &Note::normal("Cancelled", reason))
+                .await;
+            Ok(soon)
+        }
+        MigrationAction::WaitForSlot { message } => {
+            let waiting = Wanted::no(ADMITTED, "WaitingForSlot", message.clone());
+            if !waiting.is_shown_in(migration_conditions(m)) {
+                patch_status(
+                    &api,
+                    m,
+                    json!({
+                        "phase": MigrationPhase::Pending,
+                        "conditions": conditions::merge(migration_conditions(m), &waiting, m.metadata.generation, now),
+                    }),
+                    ctx,
+                )
+                .await?;
+                ctx.publish(
+                    &reference,
+                    "Admit",
+                    &Note::normal("WaitingForSlot", message),
+                )
+                .await;
+            }
+            Ok(Action::requeue(
+                Duration::from_secs(2).min(ctx.config.requeue),
+            ))
+        }
+        MigrationAction::Admit { source, target } => {
+            let Some(vm) = vm else {
+                return Ok(soon);
+            };
+            check(phase, MigrationPhase::PreparingTarget)?;
+            // The VM first: a migration in `PreparingTarget` always has its
+            // VM marked, and a VM marked for a `Pending` migration is
+            // recognised as ours by the next admission.
+            if !vm_names(vm, m) {
+                let from = view::vm_phase(vm);
+                if !from.can_transition_to(VmPhase::Migrating) {
+                    return Err(MigrationReconcileError::VmTransition {
+                        from,
+                        to: VmPhase::Migrating,
+                    });
+                }
+                vms.patch_status(
+                    &vm.name_any(),
+                    &ctx.patch_params(),
+                    &Patch::Merge(json!({
+                        "metadata": {"resourceVersion": vm.resource_version()},
+                        "status": {"phase": VmPhase::Migrating, "migration": name},
+                    })),
+                )
+                .await
+                .map_err(MigrationReconcileError::PatchVmStatus)?;
+            }
+            let message = format!("Moving VM {} from {source} to {target}", m.spec.vm_name);
+            let admitted = Wanted::yes(ADMITTED, "Admitted", message.clone());
+            let patched = patch_status(
+                &api,
+                m,
+                json!({
+                    "phase": MigrationPhase::PreparingTarget,
+                    "sourceNode": source,
+                    "targetNode": target,
+                    "startTime": Time(now),
+                    "conditions": conditions::merge(migration_conditions(m), &admitted, m.metadata.generation, now),
+                }),
+                ctx,
+            )
+            .await?;
+            patch_metadata(
+                &api,
+                &patched,
+                json!({"labels": {SOURCE_LABEL: source, TARGET_LABEL: target}}),
+                ctx,
+            )
+            .await?;
+            info!(migration = %name, vm = %m.spec.vm_name, %source, %target, "admitted");
+            ctx.publish(&reference, "Admit", &Note::normal("Admitted", message))
+                .await;
+            ctx.publish(
+                &vm.object_ref(&()),
+                "Migrate",
+                &Note::normal(
+                    "Migrating",
+                    format!("Live-migrating to {target} (VMMigration {name})"),
+                ),
+            )
+            .await;
+            Ok(Action::requeue(ctx.config.requeue))
+        }
+        MigrationAction::Label { source, target } => {
+            patch_metadata(
+                &api,
+                m,
+                json!({"labels": {SOURCE_LABEL: source, TARGET_LABEL: target}}),
+                ctx,
+            )
+            .await?;
+            Ok(soon)
+        }
+        MigrationAction::RequestCancel { message } => {
+            patch_metadata(
+                &api,
+                m,
+                json!({"annotations": {CANCEL_ANNOTATION: "true"}}),
+                ctx,
+            )
+            .await?;
+            warn!(migration = %name, "{message}");
+            ctx.publish(&reference, "Cancel", &Note::warning("TimedOut", message))
+                .await;
+            Ok(Action::requeue(ctx.config.requeue))
+        }
+        MigrationAction::MoveVm(moved) => {
+            let Some(vm) = vm else {
+                return Ok(soon);
+            };
+            let from = view::vm_phase(vm);
+            // The label first, `migration` cleared last: until it is
+            // cleared, the move is still owed and is done again.
+            let relabelled;
+            let vm = if view::vm_node(vm) != Some(moved.node.as_str()) {
+                relabelled = vms
+                    .patch(
+                        &vm.name_any(),
+                        &ctx.patch_params(),
+                        &Patch::Merge(json!({
+                            "metadata": {
+                                "resourceVersion": vm.resource_version(),
+                                "labels": {NODE_LABEL: moved.node},
+                            },
+                        })),
+                    )
+                    .await
+                    .map_err(MigrationReconcileError::PatchVm)?;
+                &relabelled
+            } else {
+                vm
+            };
+            let mut status = json!({"nodeName": moved.node, "migration": null});
+            if from == VmPhase::Migrating {
+                status["phase"] = json!(VmPhase::Running);
+            }
+            vms.patch_status(
+                &vm.name_any(),
+                &ctx.patch_params(),
+                &Patch::Merge(json!({
+                    "metadata": {"resourceVersion": vm.resource_version()},
+                    "status": status,
+                })),
+            )
+            .await
+            .map_err(MigrationReconcileError::PatchVmStatus)?;
+            info!(migration = %name, vm = %vm.name_any(), node = %moved.node, result = ?moved.result, "VM settled");
+            ctx.metrics.migration_ended(moved.result);
+            ctx.publish(&vm.object_ref(&()), "Migrate", &moved.vm_note)
+                .await;
+            ctx.publish(&reference, "Migrate", &moved.migration_note)
+                .await;
+            Ok(soon)
+        }
+    }
+}
+
+fn migration_conditions(
+    m: &VMMigration,
+) -> &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition] {
+    m.status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default()
+}
+
+fn check(from: MigrationPhase, to: MigrationPhase) -> Result<(), MigrationReconcileError> {
+    if from.can_transition_to(to) {
+        Ok(())
+    } else {
+        Err(MigrationReconcileError::Transition { from, to })
+    }
+}
+
+/// Writes a final phase the operator decided, with its reason and end time.
+async fn end(
+    api: &Api<VMMigration>,
+    m: &VMMigration,
+    to: MigrationPhase,
+    reason: &str,
+    ctx: &Context,
+) -> Result<VMMigration, MigrationReconcileError> {
+    check(migration_phase(m), to)?;
+    patch_status(
+        api,
+        m,
+        json!({
+            "phase": to,
+            "failureReason": reason,
+            "endTime": Time(Timestamp::now()),
+        }),
+        ctx,
+    )
+    .await
+}
+
+/// Merge-patches `metadata` with `m`'s resourceVersion as precondition.
+async fn patch_metadata(
+    api: &Api<VMMigration>,
+    m: &VMMigration,
+    mut metadata: serde_json::Value,
+    ctx: &Context,
+) -> Result<VMMigration, MigrationReconcileError> {
+    metadata["resourceVersion"] = json!(m.resource_version());
+    api.patch(
+        &m.name_any(),
+        &ctx.patch_params(),
+        &Patch::Merge(json!({ "metadata": metadata })),
+    )
+    .await
+    .map_err(MigrationReconcileError::PatchMetadata)
+}
+
+/// Merge-patches the status with `m`'s resourceVersion as precondition, so
+/// the operator never overwrites a phase the source agent wrote meanwhile.
+async fn patch_status(
+    api: &Api<VMMigration>,
+    m: &VMMigration,
+    status: serde_json::Value,
+    ctx: &Context,
+) -> Result<VMMigration, MigrationReconcileError> {
+    api.patch_status(
+        &m.name_any(),
+        &ctx.patch_params(),
+        &Patch::Merge(json!({
+            "metadata": {"resourceVersion": m.resource_version()},
+            "status": status,
+        })),
+    )
+    .await
+    .map_err(MigrationReconcileError::PatchStatus)
+}

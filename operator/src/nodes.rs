@@ -1,0 +1,244 @@
+//! What the operator knows of a node: whether it is Godwit's, whether it is
+//! ready (its `Ready` condition and its agent's Lease), whether VMs may be
+//! placed on it, and what it offers them. Pure functions over the Node and
+//! Lease objects; [`crate::view`] gathers them.
+//!
+//! - A node is Godwit's when it carries the label [`NODE_LABEL`] (any value).
+//! - Ready: the Node's `Ready` condition is `True` and the agent's Lease
+//!   (`godwit-node-<node>`) was renewed within its duration. No Lease means
+//!   no agent, so not ready.
+//! - Schedulable: not cordoned (`spec.unschedulable`) and not annotated
+//!   [`MAINTENANCE_ANNOTATION`]`: "true"`.
+//! - Capacity: the agent's [`CAPACITY_CPU_ANNOTATION`] and
+//!   [`CAPACITY_MEMORY_ANNOTATION`] once published, else `status.allocatable`.
+
+use godwit_crds::contract::{CAPACITY_CPU_ANNOTATION, CAPACITY_MEMORY_ANNOTATION, NODE_LABEL};
+use godwit_crds::parse_quantity;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use crate::scheduler::{NodeInfo, Resources};
+
+/// On a Node: `"true"` keeps new VMs and migrations away (drain comes later).
+pub const MAINTENANCE_ANNOTATION: &str = "godwit.dev/maintenance";
+
+/// Whether the Node is one Godwit runs VMs on.
+pub fn is_godwit_node(node: &Node) -> bool {
+    node.metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(NODE_LABEL))
+}
+
+/// Whether the Node's `Ready` condition is `True`.
+pub fn kubelet_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// When the Lease runs out unless renewed: `renewTime + leaseDurationSeconds`.
+/// `None` when it was never renewed.
+pub fn lease_expiry(lease: &Lease) -> Option<Timestamp> {
+    let spec = lease.spec.as_ref()?;
+    let renewed = spec.renew_time.as_ref()?.0;
+    let seconds = i64::from(spec.lease_duration_seconds.unwrap_or(0));
+    renewed.checked_add(SignedDuration::from_secs(seconds)).ok()
+}
+
+/// Whether the Node may take new VMs: not cordoned, not in maintenance.
+pub fn schedulable(node: &Node) -> bool {
+    let cordoned = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false);
+    let maintenance = node
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(MAINTENANCE_ANNOTATION))
+        .is_some_and(|v| v == "true");
+    !cordoned && !maintenance
+}
+
+/// A CPU quantity as whole CPUs (`4`, `3500m` is 3).
+pub fn parse_cpu(text: &str) -> Option<u64> {
+    match text.strip_suffix('m') {
+        Some(milli) => milli.parse::<u64>().ok().map(|m| m / 1000),
+        None => parse_quantity(text).ok(),
+    }
+}
+
+/// What the node offers VMs: the agent's published figures, else what the
+/// kubelet reports allocatable. Unreadable figures count as nothing.
+pub fn capacity(node: &Node) -> Resources {
+    let annotation = |key: &str| {
+        node.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .cloned()
+    };
+    let allocatable = |key: &str| {
+        node.status
+            .as_ref()
+            .and_then(|s| s.allocatable.as_ref())
+            .and_then(|a| a.get(key))
+            .map(|q| q.0.clone())
+    };
+    let cpu = annotation(CAPACITY_CPU_ANNOTATION)
+        .or_else(|| allocatable("cpu"))
+        .and_then(|t| parse_cpu(&t))
+        .unwrap_or(0);
+    let memory = annotation(CAPACITY_MEMORY_ANNOTATION)
+        .or_else(|| allocatable("memory"))
+        .and_then(|t| parse_quantity(&t).ok())
+        .unwrap_or(0);
+    Resources { cpu, memory }
+}
+
+/// The scheduler's view of a Godwit node, given its agent's Lease.
+pub fn node_info(node: &Node, lease: Option<&Lease>, now: Timestamp) -> NodeInfo {
+    let lease_fresh = lease.and_then(lease_expiry).is_some_and(|t| t > now);
+    NodeInfo {
+        name: node.metadata.name.clone().unwrap_or_default(),
+        labels: node.metadata.labels.clone().unwrap_or_default(),
+        taints: node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.clone())
+            .unwrap_or_default(),
+        ready: kubelet_ready(node) && lease_fresh,
+        schedulable: schedulable(node),
+        capacity: capacity(node),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::api::core::v1::{NodeCondition, NodeStatus};
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    use kube::api::ObjectMeta;
+
+    use super::*;
+
+    /// A Ready Godwit Node with `cpu` CPUs and `mem_gi` GiB allocatable.
+    pub fn node(name: &str, cpu: u32, mem_gi: u64) -> Node {
+        let alloc: BTreeMap<String, Quantity> = [
+            ("cpu".to_string(), Quantity(cpu.to_string())),
+            ("memory".to_string(), Quantity(format!("{mem_gi}Gi"))),
+        ]
+        .into();
+        Node {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some([(NODE_LABEL.to_string(), name.to_string())].into()),
+                ..Default::default()
+            },
+            status: Some(NodeStatus {
+                allocatable: Some(alloc),
+                conditions: Some(vec![NodeCondition {
+                    type_: "Ready".into(),
+                    status: "True".into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A node Lease renewed at `renewed`, lasting `seconds`.
+    pub fn lease(node: &str, renewed: Timestamp, seconds: i32) -> Lease {
+        Lease {
+            metadata: ObjectMeta {
+                name: Some(godwit_crds::contract::node_lease_name(node)),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(node.into()),
+                renew_time: Some(MicroTime(renewed)),
+                lease_duration_seconds: Some(seconds),
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{lease, node};
+    use super::*;
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + seconds).unwrap()
+    }
+
+    #[test]
+    fn ready_needs_the_condition_and_a_fresh_lease() {
+        let n = node("a", 4, 8);
+        assert!(node_info(&n, Some(&lease("a", at(0), 10)), at(9)).ready);
+        assert!(!node_info(&n, Some(&lease("a", at(0), 10)), at(10)).ready);
+        assert!(!node_info(&n, None, at(0)).ready, "no lease, no agent");
+        let mut sick = n.clone();
+        sick.status.as_mut().unwrap().conditions.as_mut().unwrap()[0].status = "False".into();
+        assert!(!node_info(&sick, Some(&lease("a", at(0), 10)), at(1)).ready);
+    }
+
+    #[test]
+    fn cordon_and_maintenance_make_a_node_unschedulable() {
+        let mut n = node("a", 4, 8);
+        assert!(schedulable(&n));
+        n.metadata.annotations = Some([(MAINTENANCE_ANNOTATION.into(), "true".into())].into());
+        assert!(!schedulable(&n));
+        n.metadata.annotations = None;
+        n.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            unschedulable: Some(true),
+            ..Default::default()
+        });
+        assert!(!schedulable(&n));
+    }
+
+    #[test]
+    fn published_capacity_wins_over_allocatable() {
+        let mut n = node("a", 4, 8);
+        assert_eq!(
+            capacity(&n),
+            Resources {
+                cpu: 4,
+                memory: 8 << 30
+            }
+        );
+        n.metadata.annotations = Some(
+            [
+                (CAPACITY_CPU_ANNOTATION.into(), "3".into()),
+                (CAPACITY_MEMORY_ANNOTATION.into(), "1073741824".into()),
+            ]
+            .into(),
+        );
+        assert_eq!(
+            capacity(&n),
+            Resources {
+                cpu: 3,
+                memory: 1 << 30
+            }
+        );
+        assert_eq!(parse_cpu("3500m"), Some(3));
+        assert_eq!(parse_cpu("x"), None);
+    }
+
+    #[test]
+    fn only_labelled_nodes_are_godwit_nodes() {
+        let mut n = node("a", 1, 1);
+        assert!(is_godwit_node(&n));
+        n.metadata.labels = None;
+        assert!(!is_godwit_node(&n));
+    }
+}
