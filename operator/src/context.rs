@@ -1,8 +1,9 @@
 //! What both controllers share: the client, the settings, the event recorder,
 //! the metrics, and the placement lock.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use godwit_crds::contract::field_manager;
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -13,6 +14,7 @@ use tracing::warn;
 
 use crate::config::OperatorConfig;
 use crate::metrics::Metrics;
+use crate::vm_controller::{restart_delay, RESTART_RESET};
 
 /// The reporting controller on every Event the operator writes.
 pub const REPORTER: &str = "godwit-operator";
@@ -32,6 +34,7 @@ pub struct Context {
     /// migration slot) to two VMs.
     pub placement: tokio::sync::Mutex<()>,
     announced: Mutex<HashSet<String>>,
+    restarts: Mutex<HashMap<String, (u32, Instant)>>,
 }
 
 /// A Normal or Warning Event the operator wants a human to see.
@@ -82,6 +85,7 @@ impl Context {
             metrics,
             placement: tokio::sync::Mutex::new(()),
             announced: Mutex::new(HashSet::new()),
+            restarts: Mutex::new(HashMap::new()),
         }
     }
 
@@ -114,6 +118,26 @@ impl Context {
                 "cannot publish event: {e}"
             );
         }
+    }
+
+    /// How long the VM with `uid` must wait before its next restart.
+    pub fn restart_wait(&self, uid: &str) -> Duration {
+        match self.restarts.lock().expect("restarts poisoned").get(uid) {
+            Some((count, last)) => restart_delay(*count, last.elapsed()),
+            None => Duration::ZERO,
+        }
+    }
+
+    /// Records a restart of the VM with `uid`.
+    pub fn restarted(&self, uid: &str) {
+        let mut restarts = self.restarts.lock().expect("restarts poisoned");
+        // VMs that have not restarted for a while (or are gone) are forgotten.
+        restarts.retain(|_, (_, last)| last.elapsed() < RESTART_RESET);
+        let entry = restarts
+            .entry(uid.to_string())
+            .or_insert((0, Instant::now()));
+        entry.0 += 1;
+        entry.1 = Instant::now();
     }
 
     /// True the first time `key` is seen by this process (for Events that

@@ -983,3 +983,600 @@ async fn patch_status(
     .await
     .map_err(MigrationReconcileError::PatchStatus)
 }
+
+#[cfg(test)]
+mod tests {
+    use godwit_crds::contract::{Machine, MachineDisk, MachineDiskSource, RESOLVED_ANNOTATION};
+    use godwit_crds::{ImageFormat, MigrationResult, VMMigrationStatus};
+
+    use super::*;
+    use crate::nodes::fixtures::{lease, node};
+    use crate::view::fixtures::{migration, placed_vm};
+
+    const PER_NODE: usize = 2;
+
+    fn t0() -> Timestamp {
+        Timestamp::from_second(1_700_000_000).unwrap()
+    }
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + seconds).unwrap()
+    }
+
+    /// Three ready 4-CPU 4-GiB nodes with `vms`, `migrations` in flight.
+    fn cluster(vms: Vec<VirtualMachine>, migrations: Vec<VMMigration>) -> ClusterView {
+        let names = ["node-1", "node-2", "node-3"];
+        let snapshot = Snapshot {
+            nodes: names.iter().map(|n| node(n, 4, 4)).collect(),
+            leases: names.iter().map(|n| lease(n, t0(), 10)).collect(),
+            vms,
+            migrations,
+        };
+        ClusterView::build(&snapshot, t0())
+    }
+
+    fn running() -> VirtualMachine {
+        placed_vm("demo", "node-1", VmPhase::Running, 1, 1)
+    }
+
+    /// A new migration of `demo` that already carries the finalizer.
+    fn new_migration(name: &str) -> VMMigration {
+        let mut m = migration(name, "demo", None);
+        m.metadata.finalizers = Some(vec![MIGRATION_FINALIZER.into()]);
+        m
+    }
+
+    /// `m` of `vm` as admitted from `source` to `target` at t0.
+    fn admitted(m: &VMMigration, phase: MigrationPhase, source: &str, target: &str) -> VMMigration {
+        let mut m = m.clone();
+        m.status = Some(VMMigrationStatus {
+            phase,
+            source_node: Some(source.into()),
+            target_node: Some(target.into()),
+            start_time: Some(Time(t0())),
+            ..Default::default()
+        });
+        m.metadata.labels = Some(
+            [
+                (SOURCE_LABEL.to_string(), source.to_string()),
+                (TARGET_LABEL.to_string(), target.to_string()),
+            ]
+            .into(),
+        );
+        m
+    }
+
+    fn marked(vm: &VirtualMachine, migration: &str) -> VirtualMachine {
+        let mut vm = vm.clone();
+        let status = vm.status.as_mut().unwrap();
+        status.phase = VmPhase::Migrating;
+        status.migration = Some(migration.into());
+        vm
+    }
+
+    fn decide_with(
+        m: &VMMigration,
+        vm: Option<&VirtualMachine>,
+        cluster: Option<&ClusterView>,
+        now: Timestamp,
+        limits: MigrationLimits,
+    ) -> MigrationAction {
+        decide_migration(
+            m,
+            &MigrationInputs {
+                vm,
+                cluster,
+                strategy: Strategy::Spread,
+                reserve: Reserve::default(),
+                limits,
+                now,
+            },
+        )
+    }
+
+    fn decide_at(
+        m: &VMMigration,
+        vm: Option<&VirtualMachine>,
+        cluster: Option<&ClusterView>,
+        now: Timestamp,
+    ) -> MigrationAction {
+        let limits = MigrationLimits {
+            per_node: PER_NODE,
+            per_cluster: 3,
+        };
+        decide_with(m, vm, cluster, now, limits)
+    }
+
+    fn decide(
+        m: &VMMigration,
+        vm: Option<&VirtualMachine>,
+        cluster: &ClusterView,
+    ) -> MigrationAction {
+        decide_at(m, vm, Some(cluster), t0())
+    }
+
+    fn failure(action: MigrationAction) -> String {
+        match action {
+            MigrationAction::Fail { reason } => reason,
+            other => panic!("expected Fail, got {other:?}"),
+        }
+    }
+
+    fn with_disk(
+        vm: &VirtualMachine,
+        storage: StorageKind,
+        read_only: bool,
+        image: bool,
+    ) -> VirtualMachine {
+        let mut vm = vm.clone();
+        let machine = Machine {
+            cpu: 1,
+            memory_bytes: 1 << 30,
+            disks: vec![MachineDisk {
+                name: "root".into(),
+                source: if image {
+                    MachineDiskSource::Image {
+                        path: "/img".into(),
+                        format: ImageFormat::Raw,
+                    }
+                } else {
+                    MachineDiskSource::Clone {
+                        path: "/base".into(),
+                        format: ImageFormat::Raw,
+                    }
+                },
+                storage,
+                read_only,
+            }],
+            ..Default::default()
+        };
+        vm.metadata.annotations = Some(
+            [(
+                RESOLVED_ANNOTATION.to_string(),
+                serde_json::to_string(&machine).unwrap(),
+            )]
+            .into(),
+        );
+        vm
+    }
+
+    #[test]
+    fn a_new_migration_gets_the_finalizer_first() {
+        let m = migration("m1", "demo", None);
+        let c = cluster(vec![running()], vec![]);
+        assert_eq!(
+            decide(&m, Some(&running()), &c),
+            MigrationAction::AddFinalizer
+        );
+        let mut gone = m.clone();
+        gone.metadata.deletion_timestamp = Some(Time(t0()));
+        assert_eq!(
+            decide(&gone, Some(&running()), &c),
+            MigrationAction::Nothing { requeue: None },
+            "deleted before admission: nothing to hold it for"
+        );
+    }
+
+    #[test]
+    fn a_valid_migration_is_admitted_to_the_best_other_node() {
+        let vm = running();
+        let c = cluster(vec![vm.clone()], vec![]);
+        assert_eq!(
+            decide(&new_migration("m1"), Some(&vm), &c),
+            MigrationAction::Admit {
+                source: "node-1".into(),
+                target: "node-2".into()
+            }
+        );
+        let mut to3 = new_migration("m1");
+        to3.spec.target_node = Some("node-3".into());
+        assert_eq!(
+            decide(&to3, Some(&vm), &c),
+            MigrationAction::Admit {
+                source: "node-1".into(),
+                target: "node-3".into()
+            }
+        );
+    }
+
+    #[test]
+    fn invalid_migrations_fail_with_a_reason() {
+        let vm = running();
+        let c = cluster(vec![vm.clone()], vec![]);
+        let m = new_migration("m1");
+
+        assert!(failure(decide(&m, None, &c)).contains("\"demo\" not found"));
+
+        let stopped = placed_vm("demo", "node-1", VmPhase::Stopped, 1, 1);
+        assert!(failure(decide(&m, Some(&stopped), &c)).contains("is Stopped, not Running"));
+
+        let mut nowhere = vm.clone();
+        nowhere.metadata.labels = None;
+        assert!(failure(decide(&m, Some(&nowhere), &c)).contains("has no node"));
+
+        let mut cold = m.clone();
+        cold.spec.mode = MigrationMode::Cold;
+        assert!(failure(decide(&cold, Some(&vm), &c)).contains("cold migration is not implemented"));
+
+        let mut same = m.clone();
+        same.spec.target_node = Some("node-1".into());
+        assert!(failure(decide(&same, Some(&vm), &c)).contains("is the node the VM runs on"));
+
+        let mut unknown = m.clone();
+        unknown.spec.target_node = Some("elsewhere".into());
+        assert!(failure(decide(&unknown, Some(&vm), &c)).contains("not a Godwit node"));
+
+        let full = cluster(
+            vec![
+                vm.clone(),
+                placed_vm("hog", "node-2", VmPhase::Running, 4, 4),
+            ],
+            vec![],
+        );
+        let mut to2 = m.clone();
+        to2.spec.target_node = Some("node-2".into());
+        assert!(failure(decide(&to2, Some(&vm), &full))
+            .contains("cannot take the VM: insufficient cpu"));
+
+        let mut down = cluster(vec![vm.clone()], vec![]);
+        down.nodes[1].ready = false;
+        assert!(failure(decide(&to2, Some(&vm), &down)).contains("node not ready"));
+        down.nodes[2].ready = false;
+        assert!(failure(decide(&m, Some(&vm), &down)).contains("no node can run the VM"));
+    }
+
+    #[test]
+    fn local_writable_disks_need_a_storage_copy() {
+        let c = cluster(vec![running()], vec![]);
+        let m = new_migration("m1");
+        let local = with_disk(&running(), StorageKind::Local, false, false);
+        assert!(failure(decide(&m, Some(&local), &c)).contains("set spec.storage: Copy"));
+        let mut copy = m.clone();
+        copy.spec.storage = Some(StorageMode::Copy);
+        assert!(matches!(
+            decide(&copy, Some(&local), &c),
+            MigrationAction::Admit { .. }
+        ));
+        let shared = with_disk(&running(), StorageKind::Shared, false, false);
+        assert!(matches!(
+            decide(&m, Some(&shared), &c),
+            MigrationAction::Admit { .. }
+        ));
+        let read_only_image = with_disk(&running(), StorageKind::Local, true, true);
+        assert!(matches!(
+            decide(&m, Some(&read_only_image), &c),
+            MigrationAction::Admit { .. }
+        ));
+    }
+
+    #[test]
+    fn one_migration_per_vm_at_a_time() {
+        let vm = running();
+        let older = new_migration("a-first");
+        let newer = new_migration("b-second");
+        let c = cluster(vec![vm.clone()], vec![older.clone(), newer.clone()]);
+        assert!(failure(decide(&newer, Some(&vm), &c))
+            .contains("already being migrated by VMMigration \"a-first\""));
+        assert!(matches!(
+            decide(&older, Some(&vm), &c),
+            MigrationAction::Admit { .. }
+        ));
+        // A finished one does not count.
+        let mut done = older.clone();
+        done.status = Some(VMMigrationStatus {
+            phase: MigrationPhase::Succeeded,
+            ..Default::default()
+        });
+        let c = cluster(vec![vm.clone()], vec![done, newer.clone()]);
+        assert!(matches!(
+            decide(&newer, Some(&vm), &c),
+            MigrationAction::Admit { .. }
+        ));
+    }
+
+    /// A migration of another VM in flight between `source` and `target`.
+    fn flying(name: &str, source: &str, target: &str) -> VMMigration {
+        let mut m = migration(name, &format!("vm-{name}"), None);
+        m = admitted(&m, MigrationPhase::PreCopy, source, target);
+        m
+    }
+
+    #[test]
+    fn slots_per_node_and_per_cluster_hold_migrations_back() {
+        let vm = running();
+        let m = new_migration("m1");
+        let wait = |a: MigrationAction| match a {
+            MigrationAction::WaitForSlot { message } => message,
+            other => panic!("expected WaitForSlot, got {other:?}"),
+        };
+
+        // The source (node-1) is in two migrations already.
+        let c = cluster(
+            vec![vm.clone()],
+            vec![
+                flying("x", "node-1", "node-2"),
+                flying("y", "node-3", "node-1"),
+            ],
+        );
+        assert!(wait(decide(&m, Some(&vm), &c)).contains("node-1 has 2 migrations in flight"));
+
+        // node-2 is busy: the target is node-3 even though spread would
+        // prefer node-2 by name.
+        let c = cluster(
+            vec![vm.clone()],
+            vec![
+                flying("x", "node-2", "node-9"),
+                flying("y", "node-8", "node-2"),
+            ],
+        );
+        assert_eq!(
+            decide(&m, Some(&vm), &c),
+            MigrationAction::Admit {
+                source: "node-1".into(),
+                target: "node-3".into()
+            }
+        );
+        // Asked for node-2 explicitly: wait for it.
+        let mut to2 = m.clone();
+        to2.spec.target_node = Some("node-2".into());
+        assert!(wait(decide(&to2, Some(&vm), &c)).contains("node-2 has 2"));
+
+        // Every possible target is busy: wait rather than fail.
+        let all_busy = cluster(
+            vec![vm.clone()],
+            vec![
+                flying("x", "node-2", "node-9"),
+                flying("y", "node-8", "node-2"),
+                flying("z", "node-3", "node-7"),
+                flying("w", "node-6", "node-3"),
+            ],
+        );
+        let roomy = MigrationLimits {
+            per_node: PER_NODE,
+            per_cluster: 10,
+        };
+        assert!(
+            wait(decide_with(&m, Some(&vm), Some(&all_busy), t0(), roomy))
+                .contains("every node that can take the VM has 2 migrations in flight")
+        );
+        // With the default test limit of 3, the cluster limit speaks first.
+        assert!(wait(decide(&m, Some(&vm), &all_busy))
+            .contains("4 migrations in flight; the cluster allows 3"));
+
+        // Pending and final migrations hold no slot.
+        let mut pending = flying("p", "node-1", "node-2");
+        pending.status.as_mut().unwrap().phase = MigrationPhase::Pending;
+        let mut done = flying("d", "node-1", "node-2");
+        done.status.as_mut().unwrap().phase = MigrationPhase::Failed;
+        let c = cluster(
+            vec![vm.clone()],
+            vec![pending.clone(), pending, done.clone(), done],
+        );
+        assert!(matches!(
+            decide(&m, Some(&vm), &c),
+            MigrationAction::Admit { .. }
+        ));
+    }
+
+    #[test]
+    fn timeouts_fail_a_silent_target_and_ask_to_cancel_a_slow_migration() {
+        let vm = marked(&running(), "m1");
+        let m = new_migration("m1");
+        let preparing = admitted(&m, MigrationPhase::PreparingTarget, "node-1", "node-2");
+        let quiet = MigrationAction::Nothing {
+            requeue: Some(Duration::from_secs(5)),
+        };
+        assert_eq!(decide_at(&preparing, Some(&vm), None, at(60)), quiet);
+        assert_eq!(
+            failure(decide_at(&preparing, Some(&vm), None, at(61))),
+            "target node node-2 did not prepare in 60 s"
+        );
+        let mut answered = preparing.clone();
+        answered.status.as_mut().unwrap().target_address = Some("10.0.0.2:4444".into());
+        assert_eq!(decide_at(&answered, Some(&vm), None, at(61)), quiet);
+
+        // Default completion timeout 600 s, plus 30 s grace.
+        let copying = admitted(&m, MigrationPhase::PreCopy, "node-1", "node-2");
+        assert_eq!(decide_at(&copying, Some(&vm), None, at(630)), quiet);
+        assert!(matches!(
+            decide_at(&copying, Some(&vm), None, at(631)),
+            MigrationAction::RequestCancel { message } if message.contains("600 s")
+        ));
+        let mut asked = copying.clone();
+        asked.metadata.annotations = Some([(CANCEL_ANNOTATION.into(), "true".into())].into());
+        assert_eq!(
+            decide_at(&asked, Some(&vm), None, at(631)),
+            quiet,
+            "asked once"
+        );
+        // Past the point of no return, cancelling is not possible.
+        let post = admitted(&m, MigrationPhase::PostCopy, "node-1", "node-2");
+        assert_eq!(decide_at(&post, Some(&vm), None, at(10_000)), quiet);
+
+        // The VM's policy, and the migration's over it.
+        let mut strict_vm = vm.clone();
+        strict_vm.spec.migration_policy = Some(MigrationPolicy {
+            completion_timeout_seconds: Some(10),
+            ..Default::default()
+        });
+        assert_eq!(completion_timeout(&copying, Some(&strict_vm)), 10);
+        assert!(matches!(
+            decide_at(&copying, Some(&strict_vm), None, at(41)),
+            MigrationAction::RequestCancel { .. }
+        ));
+        let mut lenient = copying.clone();
+        lenient.spec.policy = Some(MigrationPolicy {
+            completion_timeout_seconds: Some(3600),
+            ..Default::default()
+        });
+        assert_eq!(completion_timeout(&lenient, Some(&strict_vm)), 3600);
+    }
+
+    #[test]
+    fn cancelling_in_each_phase() {
+        let vm = running();
+        let c = cluster(vec![vm.clone()], vec![]);
+        let mut m = new_migration("m1");
+        m.metadata.annotations = Some([(CANCEL_ANNOTATION.into(), "true".into())].into());
+        assert_eq!(
+            decide(&m, Some(&vm), &c),
+            MigrationAction::Cancel {
+                reason: "cancelled before it started; the VM stays on node-1".into()
+            }
+        );
+        let mut deleted = new_migration("m1");
+        deleted.metadata.deletion_timestamp = Some(Time(t0()));
+        assert!(matches!(
+            decide(&deleted, Some(&vm), &c),
+            MigrationAction::Cancel { .. }
+        ));
+        let mut scheduling = deleted.clone();
+        scheduling.status = Some(VMMigrationStatus {
+            phase: MigrationPhase::Scheduling,
+            ..Default::default()
+        });
+        assert!(matches!(
+            decide(&scheduling, Some(&vm), &c),
+            MigrationAction::Cancel { .. }
+        ));
+
+        // From PreparingTarget on, the source agent cancels: the operator waits.
+        let vm = marked(&vm, "m1");
+        for phase in [
+            MigrationPhase::PreparingTarget,
+            MigrationPhase::PreCopy,
+            MigrationPhase::StopAndCopy,
+            MigrationPhase::PostCopy,
+            MigrationPhase::Committing,
+        ] {
+            let mut flying = admitted(&deleted, phase, "node-1", "node-2");
+            flying.status.as_mut().unwrap().target_address = Some("x:1".into());
+            assert!(
+                matches!(
+                    decide(&flying, Some(&vm), &c),
+                    MigrationAction::Nothing { .. }
+                ),
+                "{phase:?}"
+            );
+        }
+
+        // ... unless the source has been gone for more than a lease duration.
+        let flying = admitted(&deleted, MigrationPhase::PreCopy, "node-1", "node-2");
+        assert!(matches!(
+            decide_at(&flying, Some(&vm), Some(&c), at(20)),
+            MigrationAction::Nothing { .. }
+        ));
+        assert!(failure(decide_at(&flying, Some(&vm), Some(&c), at(21)))
+            .contains("source node node-1 has not renewed its lease"));
+    }
+
+    fn ended(m: &VMMigration, phase: MigrationPhase) -> VMMigration {
+        let mut m = admitted(m, phase, "node-1", "node-2");
+        if phase == MigrationPhase::Succeeded {
+            m.status.as_mut().unwrap().result = Some(MigrationResult {
+                total_time_ms: 812,
+                downtime_ms: 9,
+                ..Default::default()
+            });
+        } else {
+            m.status.as_mut().unwrap().failure_reason = Some("link cut".into());
+        }
+        m
+    }
+
+    fn moved(action: MigrationAction) -> VmMove {
+        match action {
+            MigrationAction::MoveVm(v) => v,
+            other => panic!("expected MoveVm, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_vm_moves_as_the_final_phase_says() {
+        let vm = marked(&running(), "m1");
+        let c = cluster(vec![vm.clone()], vec![]);
+        let m = new_migration("m1");
+
+        let ok = moved(decide(&ended(&m, MigrationPhase::Succeeded), Some(&vm), &c));
+        assert_eq!(ok.node, "node-2");
+        assert_eq!(ok.result, MigrationPhase::Succeeded);
+        assert_eq!(
+            ok.vm_note,
+            Note::normal(
+                "Migrated",
+                "Live-migrated from node-1 to node-2 in 812 ms, downtime 9 ms (VMMigration m1)"
+            )
+        );
+        assert_eq!(
+            ok.migration_note.message,
+            "Live-migrated VM demo to node-2 in 812 ms, downtime 9 ms"
+        );
+
+        let failed = moved(decide(&ended(&m, MigrationPhase::Failed), Some(&vm), &c));
+        assert_eq!(failed.node, "node-1");
+        assert!(failed.vm_note.warning);
+        assert!(failed
+            .vm_note
+            .message
+            .ends_with("stays on node-1: link cut"));
+
+        let cancelled = moved(decide(&ended(&m, MigrationPhase::Cancelled), Some(&vm), &c));
+        assert_eq!(cancelled.node, "node-1");
+        assert_eq!(cancelled.result, MigrationPhase::Cancelled);
+        assert!(!cancelled.vm_note.warning);
+    }
+
+    #[test]
+    fn ending_is_idempotent() {
+        let m = ended(&new_migration("m1"), MigrationPhase::Succeeded);
+        // After the move: the VM is on node-2 and names no migration.
+        let settled = placed_vm("demo", "node-2", VmPhase::Running, 1, 1);
+        let c = cluster(vec![settled.clone()], vec![]);
+        assert_eq!(
+            decide(&m, Some(&settled), &c),
+            MigrationAction::ReleaseFinalizer
+        );
+        let mut released = m.clone();
+        released.metadata.finalizers = None;
+        assert_eq!(
+            decide(&released, Some(&settled), &c),
+            MigrationAction::Nothing { requeue: None }
+        );
+        // The VM was deleted meanwhile: just release.
+        assert_eq!(decide(&m, None, &c), MigrationAction::ReleaseFinalizer);
+        // A later migration of the same VM is not disturbed by an old one.
+        let later = marked(&settled, "m2");
+        assert_eq!(
+            decide(&released, Some(&later), &c),
+            MigrationAction::Nothing { requeue: None }
+        );
+    }
+
+    #[test]
+    fn an_admission_cut_short_is_finished() {
+        // The VM was marked, then the operator stopped before the status.
+        let vm = marked(&running(), "m1");
+        let m = new_migration("m1");
+        let c = cluster(vec![vm.clone()], vec![]);
+        assert!(matches!(
+            decide(&m, Some(&vm), &c),
+            MigrationAction::Admit { .. }
+        ));
+        // The status was written but not the labels.
+        let mut unlabelled = admitted(&m, MigrationPhase::PreparingTarget, "node-1", "node-2");
+        unlabelled.metadata.labels = None;
+        assert_eq!(
+            decide_at(&unlabelled, Some(&vm), None, t0()),
+            MigrationAction::Label {
+                source: "node-1".into(),
+                target: "node-2".into()
+            }
+        );
+        // All written: nothing more to do while the agents work.
+        let done = admitted(&m, MigrationPhase::PreparingTarget, "node-1", "node-2");
+        assert!(matches!(
+            decide_at(&done, Some(&vm), None, at(1)),
+            MigrationAction::Nothing { .. }
+        ));
+    }
+}

@@ -42,6 +42,7 @@ use tracing::{debug, info, warn};
 use crate::conditions::{self, Wanted};
 use crate::context::{Context, Note};
 use crate::machine;
+use crate::nodes;
 use crate::scheduler::{self, Reserve, Resources, Strategy};
 use crate::template::{self, ResolveError};
 use crate::view::{self, ClusterView, Snapshot};
@@ -136,6 +137,28 @@ pub struct VmInputs<'a> {
     pub reserve: Reserve,
     /// For a `Migrating` VM: whether the VMMigration it names exists.
     pub migration_exists: bool,
+    /// How long a restart must still wait (see [`restart_delay`]).
+    pub restart_wait: Duration,
+}
+
+/// First wait between restarts of a VM that keeps stopping.
+pub const RESTART_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest wait between restarts.
+pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Restarts further apart than this do not count as a crash loop.
+pub const RESTART_RESET: Duration = Duration::from_secs(600);
+
+/// How long a VM restarted `count` times in a row, the last `since` ago,
+/// must still wait before the next restart: none for the first, then 5 s,
+/// 10 s, 20 s ... up to 5 min; a VM that ran for 10 min starts afresh.
+pub fn restart_delay(count: u32, since: Duration) -> Duration {
+    if count == 0 || since >= RESTART_RESET {
+        return Duration::ZERO;
+    }
+    let backoff = RESTART_BACKOFF
+        .saturating_mul(1 << (count - 1).min(16))
+        .min(RESTART_BACKOFF_MAX);
+    backoff.saturating_sub(since)
 }
 
 /// What to write for a VM.
@@ -159,6 +182,11 @@ pub enum VmAction {
         node: String,
         /// Event text.
         message: String,
+    },
+    /// A restart is due but the VM keeps stopping: wait before it.
+    Backoff {
+        /// How long.
+        wait: Duration,
     },
     /// Take the VM off its node and schedule it again (label cleared, status
     /// `Pending`).
@@ -197,15 +225,11 @@ pub fn decide_vm(vm: &VirtualMachine, inputs: &VmInputs<'_>) -> VmAction {
                 return VmAction::Nothing;
             }
             let node = view::vm_node(vm).unwrap_or("its node");
-            let mut message = format!(
-                "Deleting: the node agent on {node} stops the VM and removes its disks, then releases it"
-            );
-            if inputs.cluster.node(node).is_some_and(|n| !n.ready) {
-                message.push_str(&format!(
-                    "; {node} is not ready, so the VM stays until its agent returns"
-                ));
+            VmAction::AnnounceDeletion {
+                message: format!(
+                    "Deleting: the node agent on {node} stops the VM and removes its disks, then releases it"
+                ),
             }
-            VmAction::AnnounceDeletion { message }
         }
         Need::Halted => VmAction::Hold {
             reason: "Halted",
@@ -214,6 +238,9 @@ pub fn decide_vm(vm: &VirtualMachine, inputs: &VmInputs<'_>) -> VmAction {
             retry: None,
         },
         Need::Placement => place(vm, inputs),
+        Need::Restart if !inputs.restart_wait.is_zero() => VmAction::Backoff {
+            wait: inputs.restart_wait,
+        },
         Need::Restart => restart(vm, inputs),
         Need::MigrationCheck if !inputs.migration_exists => {
             match vm.status.as_ref().and_then(|s| s.migration.clone()) {
@@ -371,7 +398,21 @@ pub async fn run(ctx: Arc<Context>) {
         let store = store.clone();
         move |_: Node| waiting(&store, |_| true)
     };
-    let by_lease = move |_: Lease| waiting(&store, |_| true);
+    // Agents renew their Lease every few seconds; only a Lease that turns
+    // fresh (a node back or new) can unblock a waiting VM.
+    let fresh_leases = std::sync::Mutex::new(std::collections::HashMap::<String, bool>::new());
+    let by_lease = move |lease: Lease| {
+        let fresh = nodes::lease_expiry(&lease).is_some_and(|t| t > Timestamp::now());
+        let was = fresh_leases
+            .lock()
+            .expect("lease map poisoned")
+            .insert(lease.name_any(), fresh);
+        if fresh && was != Some(true) {
+            waiting(&store, |_| true)
+        } else {
+            Vec::new()
+        }
+    };
     controller
         .watches(
             Api::<VMTemplate>::all(client.clone()),
@@ -469,6 +510,7 @@ async fn reconcile_inner(
             strategy: ctx.config.placement,
             reserve: ctx.config.reserve,
             migration_exists: true,
+            restart_wait: ctx.restart_wait(&fresh.uid().unwrap_or_default()),
         };
         let action = decide_vm(fresh, &inputs);
         return apply(fresh, action, ctx).await;
@@ -490,6 +532,7 @@ async fn reconcile_inner(
         strategy: ctx.config.placement,
         reserve: ctx.config.reserve,
         migration_exists,
+        restart_wait: Duration::ZERO,
     };
     let action = decide_vm(&vm, &inputs);
     if action == VmAction::Nothing {
@@ -560,6 +603,7 @@ async fn apply(
                 ctx,
             )
             .await?;
+            ctx.restarted(&vm.uid().unwrap_or_default());
             info!(vm = %name, %node, "restarting");
             ctx.publish(&reference, "Restart", &Note::normal("Restarting", message))
                 .await;
@@ -586,6 +630,9 @@ async fn apply(
                 ctx,
             )
             .await?;
+            if view::vm_phase(vm) != VmPhase::Pending {
+                ctx.restarted(&vm.uid().unwrap_or_default());
+            }
             info!(vm = %name, "rescheduling");
             ctx.publish(
                 &reference,
@@ -623,6 +670,10 @@ async fn apply(
                 ctx.publish(&reference, "Schedule", &note).await;
             }
             Ok(retry.map(Action::requeue).unwrap_or(requeue))
+        }
+        VmAction::Backoff { wait } => {
+            debug!(vm = %name, "restart in {wait:?}: it keeps stopping");
+            Ok(Action::requeue(wait))
         }
         VmAction::ForgetMigration { migration } => {
             check(vm, VmPhase::Running)?;
@@ -769,6 +820,7 @@ mod tests {
                 strategy: Strategy::Spread,
                 reserve: Reserve::default(),
                 migration_exists: true,
+                restart_wait: Duration::ZERO,
             },
         )
     }
@@ -922,6 +974,34 @@ mod tests {
     }
 
     #[test]
+    fn a_vm_that_keeps_stopping_is_restarted_with_backoff() {
+        assert_eq!(restart_delay(0, Duration::ZERO), Duration::ZERO);
+        assert_eq!(
+            restart_delay(1, Duration::from_secs(1)),
+            Duration::from_secs(4)
+        );
+        assert_eq!(restart_delay(3, Duration::ZERO), Duration::from_secs(20));
+        assert_eq!(restart_delay(30, Duration::ZERO), RESTART_BACKOFF_MAX);
+        assert_eq!(restart_delay(30, RESTART_RESET), Duration::ZERO);
+        let c = cluster(vec![]);
+        let v = stopped(VmPhase::Failed, RunStrategy::Always);
+        let inputs = VmInputs {
+            template: None,
+            cluster: &c,
+            strategy: Strategy::Spread,
+            reserve: Reserve::default(),
+            migration_exists: true,
+            restart_wait: Duration::from_secs(4),
+        };
+        assert_eq!(
+            decide_vm(&v, &inputs),
+            VmAction::Backoff {
+                wait: Duration::from_secs(4)
+            }
+        );
+    }
+
+    #[test]
     fn a_restart_moves_away_from_a_node_that_cannot_run_it() {
         let v = stopped(VmPhase::Failed, RunStrategy::Always);
         let mut c = cluster(vec![placed_vm("hog", "node-1", VmPhase::Running, 4, 4)]);
@@ -975,6 +1055,7 @@ mod tests {
             strategy: Strategy::Spread,
             reserve: Reserve::default(),
             migration_exists: true,
+            restart_wait: Duration::ZERO,
         };
         assert_eq!(decide_vm(&v, &inputs), VmAction::Nothing);
         inputs.migration_exists = false;

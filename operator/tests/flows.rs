@@ -1,0 +1,517 @@
+//! The operator against the in-process API test server, with the node agents
+//! simulated by the test (they renew their Leases and write what an agent
+//! would): scheduling, a live migration from admission to the VM's move, a
+//! migration held back by the per-node slot limit and cancelled by deleting
+//! it, a failed migration, a restart by runStrategy, a missing template,
+//! and leader election.
+
+use std::time::Duration;
+
+use godwit_crds::contract::{
+    node_lease_name, Machine, MIGRATION_FINALIZER, NODE_LABEL, RESOLVED_ANNOTATION, SOURCE_LABEL,
+    TARGET_LABEL,
+};
+use godwit_crds::{MigrationPhase, VMMigration, VMTemplate, VirtualMachine, VmPhase};
+use godwit_e2e::apiserver::{serve, ApiServerHandle};
+use godwit_operator::{MigrationLimits, OperatorConfig};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::{Namespace, Node, NodeCondition, NodeStatus};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Client, Config, ResourceExt};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+const NS: &str = "default";
+const LEASE_NS: &str = "godwit-system";
+
+async fn start() -> (ApiServerHandle, Client) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = serve(listener).await.unwrap();
+    let client = Client::try_from(Config::new(server.url().parse().unwrap())).unwrap();
+    (server, client)
+}
+
+/// CRDs, the lease namespace, and Ready Godwit nodes (4 CPUs, 4 GiB each).
+async fn cluster(client: &Client, nodes: &[&str]) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for (_, crd) in godwit_crds::crds() {
+        crds.create(&PostParams::default(), &crd).await.unwrap();
+    }
+    let namespace = Namespace {
+        metadata: ObjectMeta {
+            name: Some(LEASE_NS.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await
+        .unwrap();
+    for name in nodes {
+        let allocatable = [
+            ("cpu".to_string(), Quantity("4".into())),
+            ("memory".to_string(), Quantity("4Gi".into())),
+        ]
+        .into();
+        let node = Node {
+            metadata: ObjectMeta {
+                name: Some(name.to_string()),
+                labels: Some([(NODE_LABEL.to_string(), name.to_string())].into()),
+                ..Default::default()
+            },
+            status: Some(NodeStatus {
+                allocatable: Some(allocatable),
+                conditions: Some(vec![NodeCondition {
+                    type_: "Ready".into(),
+                    status: "True".into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        Api::<Node>::all(client.clone())
+            .create(&PostParams::default(), &node)
+            .await
+            .unwrap();
+    }
+}
+
+/// Renews every node's Lease each second, as the agents do.
+fn agents_renew(client: &Client, nodes: &[&str]) -> tokio::task::JoinHandle<()> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), LEASE_NS);
+    let nodes: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
+    tokio::spawn(async move {
+        loop {
+            for node in &nodes {
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(node_lease_name(node)),
+                        ..Default::default()
+                    },
+                    spec: Some(LeaseSpec {
+                        holder_identity: Some(node.clone()),
+                        lease_duration_seconds: Some(10),
+                        renew_time: Some(MicroTime(Timestamp::now())),
+                        ..Default::default()
+                    }),
+                };
+                let params = PatchParams::apply("godwit-node").force();
+                let _ = leases
+                    .patch(&node_lease_name(node), &params, &Patch::Apply(&lease))
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
+}
+
+fn config(id: &str) -> OperatorConfig {
+    OperatorConfig {
+        lease_namespace: LEASE_NS.into(),
+        id: id.into(),
+        migrations: MigrationLimits {
+            per_node: 1,
+            per_cluster: 5,
+        },
+        lease_duration: Duration::from_secs(3),
+        renew_period: Duration::from_secs(1),
+        requeue: Duration::from_secs(1),
+        ..OperatorConfig::default()
+    }
+}
+
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    for _ in 0..300 {
+        if let Some(v) = check().await {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn template(client: &Client) {
+    let t: VMTemplate = serde_json::from_value(json!({
+        "apiVersion": "godwit.dev/v1alpha1",
+        "kind": "VMTemplate",
+        "metadata": {"name": "base"},
+        "spec": {
+            "image": {"source": "/images/base.raw"},
+            "boot": {"kernel": "/k/guest.elf", "cmdline": "hb_ms=100"},
+            "cpu": 1,
+            "memory": "512Mi",
+            "networks": [{"name": "net0", "bridge": "godwit0"}],
+        },
+    }))
+    .unwrap();
+    Api::<VMTemplate>::namespaced(client.clone(), NS)
+        .create(&PostParams::default(), &t)
+        .await
+        .unwrap();
+}
+
+async fn create_vm(client: &Client, name: &str, template: &str) {
+    let vm: VirtualMachine = serde_json::from_value(json!({
+        "apiVersion": "godwit.dev/v1alpha1",
+        "kind": "VirtualMachine",
+        "metadata": {"name": name},
+        "spec": {
+            "templateRef": {"name": template},
+            "disks": [{"name": "root", "source": {"template": {}}, "storage": "Shared"}],
+        },
+    }))
+    .unwrap();
+    Api::<VirtualMachine>::namespaced(client.clone(), NS)
+        .create(&PostParams::default(), &vm)
+        .await
+        .unwrap();
+}
+
+async fn create_migration(client: &Client, name: &str, vm: &str, target: Option<&str>) {
+    let mut spec = json!({"vmName": vm});
+    if let Some(t) = target {
+        spec["targetNode"] = json!(t);
+    }
+    let m: VMMigration = serde_json::from_value(json!({
+        "apiVersion": "godwit.dev/v1alpha1",
+        "kind": "VMMigration",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .unwrap();
+    Api::<VMMigration>::namespaced(client.clone(), NS)
+        .create(&PostParams::default(), &m)
+        .await
+        .unwrap();
+}
+
+/// What a node agent writes into a VM's status.
+async fn agent_sets_vm(client: &Client, name: &str, phase: VmPhase) {
+    Api::<VirtualMachine>::namespaced(client.clone(), NS)
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": phase}})),
+        )
+        .await
+        .unwrap();
+}
+
+/// What the source agent writes into a migration's status.
+async fn agent_sets_migration(client: &Client, name: &str, status: serde_json::Value) {
+    Api::<VMMigration>::namespaced(client.clone(), NS)
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": status })),
+        )
+        .await
+        .unwrap();
+}
+
+async fn vm(client: &Client, name: &str) -> VirtualMachine {
+    Api::<VirtualMachine>::namespaced(client.clone(), NS)
+        .get(name)
+        .await
+        .unwrap()
+}
+
+async fn migration(client: &Client, name: &str) -> Option<VMMigration> {
+    Api::<VMMigration>::namespaced(client.clone(), NS)
+        .get_opt(name)
+        .await
+        .unwrap()
+}
+
+fn node_of(vm: &VirtualMachine) -> Option<String> {
+    vm.labels().get(NODE_LABEL).cloned()
+}
+
+fn phase_of(vm: &VirtualMachine) -> VmPhase {
+    vm.status.as_ref().map(|s| s.phase).unwrap_or_default()
+}
+
+/// Waits until the VM is on a node in `phase` with no migration; its node.
+async fn settled(client: &Client, name: &str, phase: VmPhase) -> String {
+    eventually(&format!("VM {name} {phase:?} on a node"), || async {
+        let v = vm(client, name).await;
+        let status = v.status.clone()?;
+        let node = node_of(&v)?;
+        (status.phase == phase
+            && status.node_name.as_deref() == Some(node.as_str())
+            && status.migration.is_none())
+        .then_some(node)
+    })
+    .await
+}
+
+/// Event reasons and notes about the object called `name`.
+async fn events_about(client: &Client, name: &str) -> Vec<(String, String)> {
+    Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), NS)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedule_migrate_cancel_fail_and_restart() {
+    let (_server, client) = start().await;
+    let nodes = ["node-1", "node-2"];
+    cluster(&client, &nodes).await;
+    let _agents = agents_renew(&client, &nodes);
+    let operator = tokio::spawn(godwit_operator::run(client.clone(), config("op-test")));
+
+    // Scheduling: spread puts the two VMs on different nodes.
+    template(&client).await;
+    create_vm(&client, "a", "base").await;
+    let node_a = settled(&client, "a", VmPhase::Scheduled).await;
+    create_vm(&client, "b", "base").await;
+    let node_b = settled(&client, "b", VmPhase::Scheduled).await;
+    assert_ne!(node_a, node_b, "spread");
+    let a = vm(&client, "a").await;
+    let machine: Machine =
+        serde_json::from_str(a.annotations().get(RESOLVED_ANNOTATION).unwrap()).unwrap();
+    assert_eq!(machine.memory_bytes, 512 << 20);
+    assert_eq!(machine.networks[0].bridge, "godwit0");
+    let scheduled = a.status.unwrap().conditions;
+    assert!(scheduled
+        .iter()
+        .any(|c| c.type_ == "Scheduled" && c.status == "True"));
+    assert!(
+        events_about(&client, "a")
+            .await
+            .iter()
+            .any(|(r, n)| r == "Scheduled"
+                && n.starts_with(&format!("Scheduled on {node_a} (spread")))
+    );
+    assert_eq!(
+        Api::<Lease>::namespaced(client.clone(), LEASE_NS)
+            .get("godwit-operator")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .holder_identity
+            .as_deref(),
+        Some("op-test")
+    );
+
+    // The agents start them.
+    agent_sets_vm(&client, "a", VmPhase::Running).await;
+    agent_sets_vm(&client, "b", VmPhase::Running).await;
+
+    // m1 moves a: admitted to the only other node.
+    create_migration(&client, "m1", "a", None).await;
+    let m1 = eventually("m1 PreparingTarget", || async {
+        let m = migration(&client, "m1").await?;
+        (m.status.as_ref()?.phase == MigrationPhase::PreparingTarget
+            && m.labels().contains_key(TARGET_LABEL))
+        .then_some(m)
+    })
+    .await;
+    let status = m1.status.clone().unwrap();
+    assert_eq!(status.source_node.as_deref(), Some(node_a.as_str()));
+    assert_eq!(status.target_node.as_deref(), Some(node_b.as_str()));
+    assert!(status.start_time.is_some());
+    assert_eq!(m1.labels().get(SOURCE_LABEL), Some(&node_a));
+    assert_eq!(m1.labels().get(TARGET_LABEL), Some(&node_b));
+    assert!(m1.finalizers().iter().any(|f| f == MIGRATION_FINALIZER));
+    let a = vm(&client, "a").await;
+    assert_eq!(phase_of(&a), VmPhase::Migrating);
+    assert_eq!(a.status.unwrap().migration.as_deref(), Some("m1"));
+
+    // m2 for b: node_b is m1's target and a node allows one migration.
+    create_migration(&client, "m2", "b", None).await;
+    eventually("m2 waiting for a slot", || async {
+        let m = migration(&client, "m2").await?;
+        let s = m.status?;
+        (s.phase == MigrationPhase::Pending
+            && s.conditions.iter().any(|c| {
+                c.type_ == "Admitted" && c.status == "False" && c.reason == "WaitingForSlot"
+            }))
+        .then_some(())
+    })
+    .await;
+    // Deleted while Pending: Cancelled, then gone; b untouched.
+    Api::<VMMigration>::namespaced(client.clone(), NS)
+        .delete("m2", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("m2 gone", || async {
+        migration(&client, "m2").await.is_none().then_some(())
+    })
+    .await;
+    let b = vm(&client, "b").await;
+    assert_eq!(phase_of(&b), VmPhase::Running);
+    assert_eq!(node_of(&b), Some(node_b.clone()));
+    assert!(events_about(&client, "m2")
+        .await
+        .iter()
+        .any(|(r, _)| r == "Cancelled"));
+
+    // The source agent migrates a and reports success.
+    agent_sets_migration(
+        &client,
+        "m1",
+        json!({"phase": "PreCopy", "targetAddress": "10.88.0.2:7000"}),
+    )
+    .await;
+    agent_sets_migration(
+        &client,
+        "m1",
+        json!({
+            "phase": "Succeeded",
+            "endTime": "2030-01-01T00:00:00Z",
+            "result": {"totalTimeMs": 812, "downtimeMs": 9, "transferredBytes": 1, "rounds": 3, "modeUsed": "PreCopy"},
+        }),
+    )
+    .await;
+    let moved_to = settled(&client, "a", VmPhase::Running).await;
+    assert_eq!(moved_to, node_b, "a runs on m1's target");
+    eventually("m1's finalizer released", || async {
+        migration(&client, "m1")
+            .await?
+            .finalizers()
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    assert!(events_about(&client, "a")
+        .await
+        .iter()
+        .any(|(r, n)| r == "Migrated"
+            && n == &format!(
+                "Live-migrated from {node_a} to {node_b} in 812 ms, downtime 9 ms (VMMigration m1)"
+            )));
+
+    // m3 moves b to node_a (slots are free again); the agent reports failure.
+    create_migration(&client, "m3", "b", Some(&node_a)).await;
+    eventually("m3 admitted", || async {
+        let m = migration(&client, "m3").await?;
+        (m.status?.phase == MigrationPhase::PreparingTarget).then_some(())
+    })
+    .await;
+    agent_sets_migration(
+        &client,
+        "m3",
+        json!({"phase": "Failed", "failureReason": "target closed the connection"}),
+    )
+    .await;
+    let stayed = settled(&client, "b", VmPhase::Running).await;
+    assert_eq!(
+        stayed, node_b,
+        "a failed migration leaves the VM on its source"
+    );
+    assert!(events_about(&client, "b")
+        .await
+        .iter()
+        .any(|(r, n)| r == "MigrationFailed" && n.ends_with("target closed the connection")));
+
+    // runStrategy Always: a failed VM is started again on its node.
+    agent_sets_vm(&client, "b", VmPhase::Failed).await;
+    let restarted_on = settled(&client, "b", VmPhase::Scheduled).await;
+    assert_eq!(restarted_on, node_b);
+    assert!(events_about(&client, "b")
+        .await
+        .iter()
+        .any(|(r, _)| r == "Restarting"));
+
+    // A VM whose template does not exist waits and says why.
+    create_vm(&client, "c", "missing").await;
+    eventually("c held for its template", || async {
+        let v = vm(&client, "c").await;
+        let s = v.status?;
+        (s.phase == VmPhase::Pending
+            && node_of(&vm(&client, "c").await).is_none()
+            && s.conditions
+                .iter()
+                .any(|c| c.type_ == "Scheduled" && c.reason == "TemplateMissing"))
+        .then_some(())
+    })
+    .await;
+
+    operator.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_leader_at_a_time() {
+    let (_server, client) = start().await;
+    let nodes = ["node-1"];
+    cluster(&client, &nodes).await;
+    let _agents = agents_renew(&client, &nodes);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), LEASE_NS);
+    let holder = || async {
+        leases
+            .get_opt("godwit-operator")
+            .await
+            .unwrap()
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity)
+    };
+
+    let first = tokio::spawn(godwit_operator::run(client.clone(), config("first")));
+    eventually("first leads", || async {
+        (holder().await.as_deref() == Some("first")).then_some(())
+    })
+    .await;
+    let second = tokio::spawn(godwit_operator::run(client.clone(), config("second")));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        holder().await.as_deref(),
+        Some("first"),
+        "no takeover of a live lease"
+    );
+
+    // The first dies without releasing: the second takes over once the
+    // lease runs out, and its controllers work.
+    first.abort();
+    eventually("second leads", || async {
+        (holder().await.as_deref() == Some("second")).then_some(())
+    })
+    .await;
+    template(&client).await;
+    create_vm(&client, "a", "base").await;
+    assert_eq!(settled(&client, "a", VmPhase::Scheduled).await, "node-1");
+
+    // Someone else writes the Lease: the second stops with an error.
+    let mut lease = leases.get("godwit-operator").await.unwrap();
+    lease.spec.as_mut().unwrap().holder_identity = Some("intruder".into());
+    lease.spec.as_mut().unwrap().renew_time = Some(MicroTime(Timestamp::now()));
+    leases
+        .replace("godwit-operator", &PostParams::default(), &lease)
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("the second stops")
+        .unwrap();
+    let error = ended.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            godwit_operator::OperatorError::Leadership(godwit_operator::leader::LeaderError::Lost(ref h)) if h == "intruder"
+        ),
+        "{error:?}"
+    );
+}
