@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use godwit_crds::contract::field_manager;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::PatchParams;
+use kube::runtime::controller;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::Client;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::config::OperatorConfig;
 use crate::metrics::Metrics;
@@ -147,5 +148,62 @@ impl Context {
             .lock()
             .expect("announced set poisoned")
             .insert(key)
+    }
+}
+
+/// Logs what a controller's run stream reports besides successes: watch
+/// errors (the API server is unreachable, a CRD is not installed) loudly,
+/// the rest (failed reconciles are logged by the error policy) quietly.
+pub fn log_outcome<R, Q>(controller_name: &str, error: Option<controller::Error<R, Q>>)
+where
+    R: std::error::Error + 'static,
+    Q: std::error::Error + 'static,
+{
+    match error {
+        None => {}
+        Some(controller::Error::QueueError(e)) => {
+            warn!(controller = controller_name, "watch failed (retrying): {e}");
+        }
+        Some(other) => debug!(controller = controller_name, "{other}"),
+    }
+}
+
+/// Whether `error` (or a cause of it) is the API server's `409 Conflict`:
+/// the object changed since it was read, so the decision is made again on
+/// the new version. Expected when an agent writes at the same moment.
+pub fn is_conflict(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(kube::Error::Api(status)) = e.downcast_ref::<kube::Error>() {
+            if status.code == 409 {
+                return true;
+            }
+        }
+        cause = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflicts_are_found_through_the_cause_chain() {
+        let conflict = kube::Error::Api(
+            kube::core::Status::failure("changed", "Conflict")
+                .with_code(409)
+                .boxed(),
+        );
+        let wrapped = crate::vm_controller::VmReconcileError::PatchStatus(conflict);
+        assert!(is_conflict(&wrapped));
+        let gone = kube::Error::Api(
+            kube::core::Status::failure("gone", "NotFound")
+                .with_code(404)
+                .boxed(),
+        );
+        assert!(!is_conflict(
+            &crate::vm_controller::VmReconcileError::PatchStatus(gone)
+        ));
     }
 }

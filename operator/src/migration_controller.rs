@@ -65,7 +65,7 @@ use tracing::{debug, info, warn};
 
 use crate::conditions::{self, Wanted};
 use crate::config::MigrationLimits;
-use crate::context::{Context, Note};
+use crate::context::{is_conflict, log_outcome, Context, Note};
 use crate::scheduler::{self, Reserve, Strategy};
 use crate::view::{self, migration_phase, ClusterView, Snapshot};
 use crate::vm_controller::error_chain;
@@ -618,6 +618,7 @@ pub async fn run(ctx: Arc<Context>) {
             .state()
             .iter()
             .filter(|m| m.namespace() == ns && m.spec.vm_name == name)
+            .filter(|m| !migration_phase(m).is_final() || has_finalizer(m))
             .map(|m| ObjectRef::from_obj(m.as_ref()))
             .collect::<Vec<_>>()
     };
@@ -629,15 +630,17 @@ pub async fn run(ctx: Arc<Context>) {
         )
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {
-            if let Err(e) = result {
-                debug!("migration controller: {e}");
-            }
+            log_outcome("migration", result.err());
         })
         .await;
 }
 
 fn error_policy(m: Arc<VMMigration>, error: &MigrationReconcileError, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconciled("migration", false);
+    if is_conflict(error) {
+        debug!(migration = %m.name_any(), "changed meanwhile; deciding again");
+        return Action::requeue(Duration::from_millis(200));
+    }
     warn!(migration = %m.name_any(), "reconcile failed: {error}: {}", error_chain(error));
     Action::requeue(Duration::from_secs(2))
 }

@@ -40,7 +40,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::conditions::{self, Wanted};
-use crate::context::{Context, Note};
+use crate::context::{is_conflict, log_outcome, Context, Note};
 use crate::machine;
 use crate::nodes;
 use crate::scheduler::{self, Reserve, Resources, Strategy};
@@ -431,9 +431,7 @@ pub async fn run(ctx: Arc<Context>) {
         )
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {
-            if let Err(e) = result {
-                debug!("vm controller: {e}");
-            }
+            log_outcome("vm", result.err());
         })
         .await;
 }
@@ -453,6 +451,10 @@ fn waiting(
 
 fn error_policy(vm: Arc<VirtualMachine>, error: &VmReconcileError, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconciled("vm", false);
+    if is_conflict(error) {
+        debug!(vm = %vm.name_any(), "changed meanwhile; deciding again");
+        return Action::requeue(Duration::from_millis(200));
+    }
     warn!(vm = %vm.name_any(), "reconcile failed: {error}: {}", error_chain(error));
     Action::requeue(Duration::from_secs(2))
 }
