@@ -10,7 +10,9 @@
 //!   `RerunOnFailure` only a `Failed` one, `Manual` and `Halted` leave it.
 //!   A restart goes to `Scheduled` on the same node while that node is ready
 //!   and the VM still fits, else the label is cleared and the VM is scheduled
-//!   again from `Pending` (re-resolved; the old node's disks are HA's concern);
+//!   again from `Pending` (re-resolved; the old node's disks are HA's concern).
+//!   A VM that keeps stopping is restarted after 5 s, 10 s, 20 s ... up to
+//!   5 min ([`restart_delay`]; the count lives in this process);
 //! - a `Migrating` VM whose VMMigration is gone returns to `Running`.
 //!
 //! Everything from `Scheduled` to `Running`, stopping and failing belongs to
