@@ -62,13 +62,8 @@ async fn schedule_migrate_cancel_fail_and_restart() {
     assert!(scheduled
         .iter()
         .any(|c| c.type_ == "Scheduled" && c.status == "True"));
-    assert!(
-        events_about(&client, "a")
-            .await
-            .iter()
-            .any(|(r, n)| r == "Scheduled"
-                && n.starts_with(&format!("Scheduled on {node_a} (spread")))
-    );
+    let spread = format!("Scheduled on {node_a} (spread");
+    event(&client, "a", "Scheduled", |n| n.starts_with(&spread)).await;
     assert_eq!(
         Api::<Lease>::namespaced(client.clone(), LEASE_NS)
             .get("godwit-operator")
@@ -129,10 +124,7 @@ async fn schedule_migrate_cancel_fail_and_restart() {
     let b = vm(&client, "b").await;
     assert_eq!(phase_of(&b), VmPhase::Running);
     assert_eq!(node_of(&b), Some(node_b.clone()));
-    assert!(events_about(&client, "m2")
-        .await
-        .iter()
-        .any(|(r, _)| r == "Cancelled"));
+    event(&client, "m2", "Cancelled", |_| true).await;
 
     // The source agent migrates a and reports success.
     agent_sets_migration(
@@ -161,13 +153,10 @@ async fn schedule_migrate_cancel_fail_and_restart() {
             .then_some(())
     })
     .await;
-    assert!(events_about(&client, "a")
-        .await
-        .iter()
-        .any(|(r, n)| r == "Migrated"
-            && n == &format!(
-                "Live-migrated from {node_a} to {node_b} in 812 ms, downtime 9 ms (VMMigration m1)"
-            )));
+    let migrated = format!(
+        "Live-migrated from {node_a} to {node_b} in 812 ms, downtime 9 ms (VMMigration m1)"
+    );
+    event(&client, "a", "Migrated", |n| n == migrated).await;
 
     // m3 moves b to node_a (slots are free again); the agent reports failure.
     create_migration(&client, "m3", "b", Some(&node_a)).await;
@@ -187,19 +176,16 @@ async fn schedule_migrate_cancel_fail_and_restart() {
         stayed, node_b,
         "a failed migration leaves the VM on its source"
     );
-    assert!(events_about(&client, "b")
-        .await
-        .iter()
-        .any(|(r, n)| r == "MigrationFailed" && n.ends_with("target closed the connection")));
+    event(&client, "b", "MigrationFailed", |n| {
+        n.ends_with("target closed the connection")
+    })
+    .await;
 
     // runStrategy Always: a failed VM is started again on its node.
     agent_sets_vm(&client, "b", VmPhase::Failed).await;
     let restarted_on = settled(&client, "b", VmPhase::Scheduled).await;
     assert_eq!(restarted_on, node_b);
-    assert!(events_about(&client, "b")
-        .await
-        .iter()
-        .any(|(r, _)| r == "Restarting"));
+    event(&client, "b", "Restarting", |_| true).await;
 
     // A VM whose template does not exist waits and says why.
     create_vm(&client, "c", "missing").await;

@@ -253,3 +253,15 @@ pub async fn events_about(client: &Client, name: &str) -> Vec<(String, String)> 
         .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
         .collect()
 }
+
+/// Waits for an Event about `name` with `reason` whose note satisfies `note`.
+pub async fn event(client: &Client, name: &str, reason: &str, note: impl Fn(&str) -> bool) {
+    eventually(&format!("event {reason} about {name}"), || async {
+        events_about(client, name)
+            .await
+            .iter()
+            .any(|(r, n)| r == reason && note(n))
+            .then_some(())
+    })
+    .await
+}
