@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 
 use godwit_node::error_chain;
+use godwit_node::migration::tls::{TlsFiles, TlsIdentity};
 use godwit_node::vmm::control;
 use godwit_node::vmm::devices::GuestExit;
 use godwit_node::vmm::vm::VmExit;
@@ -33,10 +34,28 @@ Control socket (--api-sock): one JSON object per line, e.g.
   {\"v\":1,\"cmd\":\"save-state\",\"dir\":\"/tmp/snap\"}
 A snapshot directory holds state.json and memory.bin; --restore continues it.
 
+Live migration: start the target with --incoming HOST:PORT (plus this node's
+--net tap/bridge and --disk paths), then tell the source
+  {\"v\":1,\"cmd\":\"migrate-send\",\"addr\":\"HOST:PORT\"}
+and poll migrate-status (migrate-cancel gives up; the guest stays).
+
+Migration TLS: started with --tls-cert, --tls-key and --tls-ca (PEM files: the
+node's certificate and chain, its key, the CA of all nodes), a VMM migrates
+only over mutual TLS, in both roles. As the target it requires the source's
+certificate to chain to the CA; a source without one, with one from another
+CA, or speaking plain TCP is refused (exit 3, nothing built). As the source it
+presents its certificate and checks the target's against the CA and, by
+default, the host part of addr (an IP address must be an IP SAN of the
+target's certificate); migrate-send's \"tls_server_name\" names another.
+Start every VMM of a node with the node's identity; without the flags the
+stream is plain TCP, as before.
+
 Exit: status 0 when the guest resets (i8042 0xFE to port 0x64, triple fault)
 or writes 0 to the debug-exit port 0xF4 (a non-zero byte N there exits with N);
 1 when KVM cannot run the guest (e.g. KVM_EXIT_INTERNAL_ERROR); 2 on bad input;
-124 when --timeout-s expired (forced stop); 0 on `stop` or SIGTERM.";
+3 when an incoming migration fails (malformed stream, refused peer, source
+gone: the guest keeps running on the source); 124 when --timeout-s expired
+(forced stop); 0 on `stop` or SIGTERM.";
 
 /// Run one KVM virtual machine.
 #[derive(Parser, Debug)]
@@ -89,6 +108,26 @@ struct Args {
     /// Force the VM to stop after this many seconds.
     #[arg(long)]
     timeout_s: Option<u64>,
+    /// Migration TLS: this node's certificate (PEM, with its chain).
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// Migration TLS: this node's private key (PEM).
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// Migration TLS: the CA that signs every node's certificate (PEM).
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+}
+
+impl Args {
+    /// The migration identity, when the TLS flags were given.
+    fn tls_files(&self) -> Option<TlsFiles> {
+        Some(TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            ca: self.tls_ca.clone()?,
+        })
+    }
 }
 
 fn kv(s: &str) -> impl Iterator<Item = (&str, &str)> {
@@ -160,6 +199,9 @@ fn main() {
     if let Some(addr) = &args.incoming {
         receive_and_run(&args, addr, runtime);
     }
+    if let Some(files) = args.tls_files() {
+        control::use_migration_tls(files).unwrap_or_else(|e| fail(error_chain(&e)));
+    }
     let built = match &args.restore {
         Some(dir) => Vmm::restore_snapshot(dir, &runtime),
         None => {
@@ -202,6 +244,10 @@ fn install_signal_handlers() {
 /// the migration fails (the guest keeps running on the source).
 fn receive_and_run(args: &Args, addr: &str, runtime: RuntimeConfig) -> ! {
     use godwit_node::migration::{receiver::ReceiveOptions, vmm, ProgressHandle};
+    // Check the identity before listening, so a bad file is exit 2 at once.
+    let tls = args
+        .tls_files()
+        .map(|files| TlsIdentity::load(&files).unwrap_or_else(|e| fail(error_chain(&e))));
     let listener = std::net::TcpListener::bind(addr).unwrap_or_else(|e| {
         fail(format!(
             "cannot listen for the migration on {addr}: {e}; check --incoming"
@@ -212,6 +258,10 @@ fn receive_and_run(args: &Args, addr: &str, runtime: RuntimeConfig) -> ! {
         .map(|a| a.to_string())
         .unwrap_or_default();
     install_signal_handlers();
+    if tls.is_some() {
+        eprintln!("godwit-vmm: the incoming migration must use mutual TLS");
+    }
+    // Callers read the address from this line: keep its form.
     println!("godwit-vmm: waiting for a migration on {local}");
     let overrides = vmm::TargetOverrides {
         taps: args.net.iter().map(|n| n.tap.clone()).collect(),
@@ -224,6 +274,7 @@ fn receive_and_run(args: &Args, addr: &str, runtime: RuntimeConfig) -> ! {
         &overrides,
         runtime.clone(),
         &ReceiveOptions::default(),
+        tls.as_ref(),
         &progress,
     )
     .unwrap_or_else(|e| {

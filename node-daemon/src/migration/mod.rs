@@ -18,6 +18,7 @@ pub mod precopy;
 pub mod progress;
 pub mod protocol;
 pub mod receiver;
+pub mod tls;
 pub mod transport;
 pub mod vm;
 pub mod vmm;
@@ -93,6 +94,9 @@ pub enum MigrationError {
     /// The connection failed during post-copy, after the guest moved.
     #[error("Post-copy failed after the guest moved to the target; the guest cannot continue")]
     PostCopyLost(#[source] Box<MigrationError>),
+    /// TLS could not be set up, or the peer was refused.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// userfaultfd could not be set up or used.
     #[error("userfaultfd {0} failed; post-copy needs it (root, or vm.unprivileged_userfaultfd=1)")]
     Userfault(&'static str, #[source] std::io::Error),

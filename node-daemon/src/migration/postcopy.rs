@@ -12,7 +12,6 @@
 //! on its way.
 
 use std::io::Write;
-use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::TryRecvError;
@@ -24,6 +23,7 @@ use super::precopy::Source;
 use super::progress::{MigrationResult, ModeUsed, ProgressHandle, Stage};
 use super::protocol::{self, Command, PAGE_SIZE};
 use super::receiver::TargetMemory;
+use super::transport::Conn;
 use super::vm::{DirtyPages, GuestRegion, SourceVm, TargetVm};
 use super::MigrationError;
 
@@ -461,11 +461,7 @@ impl Needed {
     }
 }
 
-fn send_locked(
-    w: &Mutex<TcpStream>,
-    command: Command,
-    payload: &[u8],
-) -> Result<(), MigrationError> {
+fn send_locked(w: &Mutex<Conn>, command: Command, payload: &[u8]) -> Result<(), MigrationError> {
     let mut s = w.lock().unwrap();
     protocol::write_frame(&mut *s, command, payload)?;
     s.flush()
@@ -474,7 +470,7 @@ fn send_locked(
 
 /// The target after `PostCopy`: fault in what is missing while the guest runs.
 pub(super) fn target_run<T: TargetVm>(
-    stream: &mut TcpStream,
+    stream: &mut Conn,
     vm: &T,
     memory: TargetMemory,
     state: &[u8],
@@ -608,7 +604,7 @@ pub(super) fn target_run<T: TargetVm>(
         })();
         if started.is_err() {
             // Unblock the receive thread.
-            let _ = stream.shutdown(std::net::Shutdown::Both);
+            stream.shutdown();
         }
         let joined = receive_thread.join();
         let result = started.and_then(|()| match joined {

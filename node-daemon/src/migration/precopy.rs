@@ -13,7 +13,6 @@
 //! logging off. After `Commit` (or after the switch to post-copy) the guest
 //! belongs to the target; a failure then leaves the source paused and says so.
 
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::{channel, Receiver, TryRecvError};
 use std::sync::Mutex;
@@ -22,7 +21,7 @@ use std::time::{Duration, Instant};
 use super::convergence::{self, Decision, Policy, Round};
 use super::progress::{DowntimeBreakdown, MigrationResult, ModeUsed, ProgressHandle, Stage};
 use super::protocol::{self, Command, Hello, HelloAck, PageBatch, PAGE_SIZE};
-use super::transport::{self, FrameWriter, Incoming};
+use super::transport::{self, Conn, FrameWriter, Incoming};
 use super::vm::{DirtyPages, GuestRegion, SourceVm};
 use super::{postcopy, MigrationError};
 use crate::error_chain;
@@ -228,6 +227,32 @@ impl<V: SourceVm> Source<'_, V> {
     }
 }
 
+/// A write that failed because the target hung up says less than the reason
+/// it hung up: when the target's own word (its Abort, or the TLS alert that
+/// refused us) arrives promptly behind the failed write, report that instead.
+fn explain(incoming: &Receiver<Incoming>, e: MigrationError) -> MigrationError {
+    if !matches!(&e, MigrationError::Protocol(protocol::ProtocolError::Io(_))) {
+        return e;
+    }
+    let deadline = Instant::now() + Duration::from_millis(500);
+    loop {
+        match incoming.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Ok((Command::Abort, reason))) => {
+                return MigrationError::PeerAbort(String::from_utf8_lossy(&reason).into_owned())
+            }
+            Ok(Ok(_)) => continue,
+            Ok(Err(protocol::ProtocolError::Io(io)))
+                if io
+                    .get_ref()
+                    .is_some_and(|i| i.is::<super::tls::SessionError>()) =>
+            {
+                return protocol::ProtocolError::Io(io).into()
+            }
+            _ => return e,
+        }
+    }
+}
+
 /// Whether the page at `ptr` is all zero.
 fn is_zero_page(ptr: *const u8) -> bool {
     // SAFETY: `ptr` is the page-aligned start of a guest page inside a live
@@ -292,19 +317,19 @@ fn throttle_loop<V: SourceVm>(vm: &V, throttle: &AtomicU8, stop: &AtomicBool, lo
 }
 
 /// Migrates the running `vm` over `stream` (connected to a target VMM that
-/// called [`super::receiver::receive`]). On success the guest runs on the
+/// called [`super::receiver::receive`]; plain or TLS, handshake done). On success the guest runs on the
 /// target and this VM is paused for good; on failure before commit the guest
 /// keeps running here.
 pub fn send<V: SourceVm>(
     vm: &V,
-    stream: TcpStream,
+    stream: Conn,
     opts: &SendOptions,
     progress: &ProgressHandle,
     cancel: &AtomicBool,
 ) -> Result<MigrationResult, MigrationError> {
     progress.start();
     progress.update(|p| p.stage = Stage::Handshake);
-    transport::tune(&stream, opts.stall_timeout).map_err(MigrationError::Socket)?;
+    transport::tune(stream.socket(), opts.stall_timeout).map_err(MigrationError::Socket)?;
     let read_half = stream.try_clone().map_err(MigrationError::Socket)?;
     let (tx, rx) = channel();
     let throttle = AtomicU8::new(0);
@@ -340,7 +365,8 @@ pub fn send<V: SourceVm>(
             &pause_lock,
             &mut paused,
             &mut committed,
-        );
+        )
+        .map_err(|e| explain(&src.incoming, e));
         stop_throttle.store(true, Ordering::Relaxed);
         let _ = throttler.join();
         if result.is_err() && !committed {

@@ -90,6 +90,9 @@ pub enum ProtocolError {
     /// The peer is not speaking this protocol.
     #[error("Not a Godwit migration stream (bad magic {0:#010x})")]
     Magic(u32),
+    /// The peer opened with a TLS handshake, and this side runs without TLS.
+    #[error("The peer started a TLS handshake, but this VMM runs without migration TLS: give both VMMs --tls-cert, --tls-key and --tls-ca, or neither")]
+    TlsPeer,
     /// The peer speaks a version this build does not accept.
     #[error("Peer speaks migration protocol version {0}; this node accepts {MIN_VERSION}..={VERSION}: run the same Godwit release on both nodes")]
     Version(u16),
@@ -214,6 +217,10 @@ impl Header {
         let u16_at = |i: usize| u16::from_le_bytes(bytes[i..i + 2].try_into().unwrap());
         let magic = u32_at(0);
         if magic != MAGIC {
+            // A TLS record: handshake (22) or alert (21), version 3.x.
+            if matches!(bytes[..2], [0x16 | 0x15, 0x03]) {
+                return Err(ProtocolError::TlsPeer);
+            }
             return Err(ProtocolError::Magic(magic));
         }
         let version = u16_at(4);
@@ -579,6 +586,12 @@ mod tests {
         assert!(matches!(
             read_frame(&mut huge.as_slice(), &mut Vec::new()),
             Err(ProtocolError::TooLarge(_))
+        ));
+        let mut tls_hello = good.clone();
+        tls_hello[..3].copy_from_slice(&[0x16, 0x03, 0x01]);
+        assert!(matches!(
+            read_frame(&mut tls_hello.as_slice(), &mut Vec::new()),
+            Err(ProtocolError::TlsPeer)
         ));
         let mut reserved = good.clone();
         reserved[12] = 1;

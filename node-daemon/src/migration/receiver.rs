@@ -12,12 +12,12 @@
 //! ends the receive with an error, and the caller drops the half-built VM.
 
 use std::io::Write;
-use std::net::TcpStream;
 use std::time::Duration;
 
 use super::postcopy;
 use super::progress::{ProgressHandle, Stage};
 use super::protocol::{self, Command, Hello, HelloAck, PAGE_SIZE};
+use super::transport::Conn;
 use super::vm::{GuestRegion, TargetVm, VmError};
 use super::MigrationError;
 
@@ -152,17 +152,18 @@ impl TargetMemory {
     }
 }
 
-fn send(stream: &mut TcpStream, command: Command, payload: &[u8]) -> Result<(), MigrationError> {
+fn send(stream: &mut Conn, command: Command, payload: &[u8]) -> Result<(), MigrationError> {
     protocol::write_frame(stream, command, payload)?;
     stream
         .flush()
         .map_err(|e| MigrationError::Protocol(protocol::ProtocolError::Io(e)))
 }
 
-/// Receives a migration on `stream`, building the VM with `build` from the
-/// source's Hello. Returns the VM running the guest.
+/// Receives a migration on `stream` (plain, or TLS with the handshake done),
+/// building the VM with `build` from the source's Hello. Returns the VM
+/// running the guest.
 pub fn receive<T, F>(
-    mut stream: TcpStream,
+    mut stream: Conn,
     build: F,
     opts: &ReceiveOptions,
     progress: &ProgressHandle,
@@ -174,8 +175,9 @@ where
     progress.start();
     progress.update(|p| p.stage = Stage::Handshake);
     stream
+        .socket()
         .set_read_timeout(Some(opts.stall_timeout))
-        .and_then(|()| stream.set_nodelay(true))
+        .and_then(|()| stream.socket().set_nodelay(true))
         .map_err(MigrationError::Socket)?;
     let result = receive_inner(&mut stream, build, opts, progress);
     if let Err(e) = &result {
@@ -195,7 +197,7 @@ where
 }
 
 fn receive_inner<T, F>(
-    stream: &mut TcpStream,
+    stream: &mut Conn,
     build: F,
     opts: &ReceiveOptions,
     progress: &ProgressHandle,

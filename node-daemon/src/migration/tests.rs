@@ -7,11 +7,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rustls::pki_types::pem::PemObject;
+
 use super::convergence::Policy;
 use super::precopy::{send, SendOptions};
 use super::progress::{ModeUsed, ProgressHandle};
 use super::protocol::{self, Command, PAGE_SIZE};
 use super::receiver::{receive, ReceiveOptions};
+use super::tls::{self, TlsFiles, TlsIdentity};
+use super::transport::Conn;
 use super::vm::{DirtyPages, GuestRegion, SourceVm, TargetVm, VmError};
 use super::MigrationError;
 
@@ -232,6 +236,25 @@ fn migrate(
     opts: SendOptions,
     mangle: Option<fn(&mut TcpStream)>,
 ) -> Pair {
+    migrate_over(mib, working_set, opts, mangle, Wire::default())
+}
+
+/// How the two ends connect: each side with or without a TLS identity.
+#[derive(Clone, Default)]
+struct Wire {
+    source: Option<TlsIdentity>,
+    target: Option<TlsIdentity>,
+    /// The name the source checks the target's certificate against.
+    server_name: &'static str,
+}
+
+fn migrate_over(
+    mib: usize,
+    working_set: usize,
+    opts: SendOptions,
+    mangle: Option<fn(&mut TcpStream)>,
+    wire: Wire,
+) -> Pair {
     let source = TestVm::new(mib);
     // Content in every eighth page; the rest stays zero.
     for p in (0..source.pages()).step_by(8) {
@@ -244,11 +267,22 @@ fn migrate(
     let addr = listener.local_addr().unwrap();
     let target_slot: Arc<Mutex<Option<Arc<TestVm>>>> = Arc::default();
     let slot = target_slot.clone();
+    let target_tls = wire.target.clone();
     let receiver = std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
         let progress = ProgressHandle::default();
+        let conn = match &target_tls {
+            None => Conn::plain(stream),
+            Some(identity) => {
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                let session = tls::accept(&stream, identity)?;
+                Conn::tls(stream, session)
+            }
+        };
         receive(
-            stream,
+            conn,
             |hello| {
                 let mib = hello.config["mib"].as_u64().unwrap() as usize;
                 let vm = TestVm::new(mib);
@@ -266,13 +300,23 @@ fn migrate(
             f(&mut stream);
             Err(MigrationError::StreamClosed)
         }
-        None => send(
-            &*source,
-            stream,
-            &opts,
-            &ProgressHandle::default(),
-            &AtomicBool::new(false),
-        ),
+        None => match &wire.source {
+            None => Ok(Conn::plain(stream)),
+            Some(identity) => {
+                tls::connect(&stream, identity, wire.server_name, Duration::from_secs(10))
+                    .map(|session| Conn::tls(stream, session))
+                    .map_err(MigrationError::from)
+            }
+        }
+        .and_then(|conn| {
+            send(
+                &*source,
+                conn,
+                &opts,
+                &ProgressHandle::default(),
+                &AtomicBool::new(false),
+            )
+        }),
     };
     let received = receiver.join().unwrap();
     stop.store(true, Ordering::Relaxed);
@@ -426,7 +470,7 @@ fn target_abort_leaves_the_guest_running_on_the_source() {
         let (stream, _) = listener.accept().unwrap();
         // The target refuses to build the VM (say, its disk is full).
         receive::<TestVm, _>(
-            stream,
+            Conn::plain(stream),
             |_| Err("no space left on the target".into()),
             &ReceiveOptions::default(),
             &ProgressHandle::default(),
@@ -435,7 +479,7 @@ fn target_abort_leaves_the_guest_running_on_the_source() {
     });
     let err = send(
         &*source,
-        TcpStream::connect(addr).unwrap(),
+        Conn::plain(TcpStream::connect(addr).unwrap()),
         &opts(Policy::default()),
         &ProgressHandle::default(),
         &AtomicBool::new(false),
@@ -453,4 +497,263 @@ fn target_abort_leaves_the_guest_running_on_the_source() {
     assert!(source.generation.load(Ordering::Relaxed) > before);
     stop.store(true, Ordering::Relaxed);
     guest.join().unwrap();
+}
+
+/// A test CA writing PEM files for node identities into a scratch directory
+/// (made at test time, removed on drop).
+struct Pki {
+    dir: std::path::PathBuf,
+    ca_path: std::path::PathBuf,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new(tag: &str) -> Pki {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "godwit-pki-{tag}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("godwit test CA {tag}"));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let ca_path = dir.join("ca.pem");
+        std::fs::write(&ca_path, cert.pem()).unwrap();
+        Pki {
+            dir,
+            ca_path,
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A node identity with these subject alternative names (IP addresses
+    /// become IP SANs), trusting this CA.
+    fn node(&self, name: &str, sans: &[&str]) -> TlsFiles {
+        let mut params =
+            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let files = TlsFiles {
+            cert: self.dir.join(format!("{name}.pem")),
+            key: self.dir.join(format!("{name}.key")),
+            ca: self.ca_path.clone(),
+        };
+        std::fs::write(&files.cert, cert.pem()).unwrap();
+        std::fs::write(&files.key, key.serialize_pem()).unwrap();
+        files
+    }
+
+    fn identity(&self, name: &str, sans: &[&str]) -> TlsIdentity {
+        TlsIdentity::load(&self.node(name, sans)).unwrap()
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn tls_wire(pki: &Pki) -> Wire {
+    Wire {
+        source: Some(pki.identity("node-a", &["127.0.0.1", "node-a"])),
+        target: Some(pki.identity("node-b", &["127.0.0.1", "node-b"])),
+        server_name: "127.0.0.1",
+    }
+}
+
+/// After a refused connection: the source's guest still runs.
+fn assert_source_runs(pair: &Pair) {
+    assert!(!pair.source.paused.load(Ordering::Relaxed));
+    let before = pair.source.generation.load(Ordering::Relaxed);
+    let stop = Arc::new(AtomicBool::new(false));
+    let guest = pair.source.run_guest(64, stop.clone());
+    std::thread::sleep(Duration::from_millis(20));
+    stop.store(true, Ordering::Relaxed);
+    guest.join().unwrap();
+    assert!(pair.source.generation.load(Ordering::Relaxed) > before);
+}
+
+#[test]
+fn tls_busy_guest_converges_and_target_matches_source() {
+    let pki = Pki::new("ok");
+    let pair = migrate_over(64, 2048, opts(Policy::default()), None, tls_wire(&pki));
+    let result = pair.result.unwrap();
+    pair.received.unwrap();
+    assert!(
+        pair.source.bytes() == pair.target.bytes(),
+        "target memory differs"
+    );
+    assert!(result.rounds >= 1);
+}
+
+#[test]
+fn tls_post_copy_reads_and_writes_one_session_from_two_threads() {
+    assert!(super::postcopy::available(), "post-copy needs userfaultfd");
+    let pki = Pki::new("postcopy");
+    let policy = Policy {
+        max_downtime: Duration::from_nanos(1),
+        allow_auto_converge: false,
+        allow_post_copy: true,
+        max_rounds: 2,
+    };
+    let pair = migrate_over(64, 8192, opts(policy), None, tls_wire(&pki));
+    let result = pair.result.unwrap();
+    pair.received.unwrap();
+    assert_eq!(result.mode, ModeUsed::PostCopy);
+    assert!(
+        pair.source.bytes() == pair.target.bytes(),
+        "target memory differs"
+    );
+}
+
+#[test]
+fn tls_target_refuses_a_source_certificate_from_another_ca() {
+    let pki = Pki::new("ca");
+    let rogue = Pki::new("rogue");
+    let mut wire = tls_wire(&pki);
+    // The rogue node trusts the real CA, so it would accept the target.
+    let mut files = rogue.node("intruder", &["127.0.0.1"]);
+    files.ca = pki.ca_path.clone();
+    wire.source = Some(TlsIdentity::load(&files).unwrap());
+    let pair = migrate_over(8, 64, opts(Policy::default()), None, wire);
+    let received = crate::error_chain(&pair.received.as_ref().unwrap_err());
+    assert!(
+        received.contains("certificate is not trusted"),
+        "target: {received}"
+    );
+    let sent = crate::error_chain(&pair.result.as_ref().unwrap_err());
+    assert!(
+        sent.contains("refused this node's certificate"),
+        "source: {sent}"
+    );
+    assert_source_runs(&pair);
+}
+
+#[test]
+fn tls_source_refuses_a_target_it_cannot_verify() {
+    let pki = Pki::new("src");
+    let rogue = Pki::new("rogue-target");
+    let mut wire = tls_wire(&pki);
+    let mut files = rogue.node("fake-b", &["127.0.0.1"]);
+    files.ca = pki.ca_path.clone();
+    wire.target = Some(TlsIdentity::load(&files).unwrap());
+    let pair = migrate_over(8, 64, opts(Policy::default()), None, wire.clone());
+    let sent = crate::error_chain(&pair.result.as_ref().unwrap_err());
+    assert!(
+        sent.contains("handshake with the migration target failed") && sent.contains("not trusted"),
+        "source: {sent}"
+    );
+    assert!(pair.received.is_err());
+    assert_source_runs(&pair);
+
+    // A certificate from the right CA, but for another name.
+    let mut wire = tls_wire(&pki);
+    wire.server_name = "node-c";
+    let pair = migrate_over(8, 64, opts(Policy::default()), None, wire);
+    let sent = crate::error_chain(&pair.result.as_ref().unwrap_err());
+    assert!(sent.contains("not trusted"), "source: {sent}");
+    assert_source_runs(&pair);
+}
+
+#[test]
+fn tls_target_refuses_a_plain_source_and_tells_it_why() {
+    let pki = Pki::new("plain");
+    let mut wire = tls_wire(&pki);
+    wire.source = None;
+    let pair = migrate_over(8, 64, opts(Policy::default()), None, wire);
+    assert!(
+        matches!(
+            pair.received,
+            Err(MigrationError::Tls(tls::TlsError::PlainPeer))
+        ),
+        "{:?}",
+        pair.received.err()
+    );
+    assert!(
+        matches!(&pair.result, Err(MigrationError::PeerAbort(r)) if r.contains("requires TLS")),
+        "{:?}",
+        pair.result.as_ref().err()
+    );
+    assert_source_runs(&pair);
+}
+
+#[test]
+fn plain_target_refuses_a_tls_source_with_a_hint() {
+    let pki = Pki::new("tls-to-plain");
+    let mut wire = tls_wire(&pki);
+    wire.target = None;
+    let pair = migrate_over(8, 64, opts(Policy::default()), None, wire);
+    assert!(
+        matches!(
+            pair.received,
+            Err(MigrationError::Protocol(protocol::ProtocolError::TlsPeer))
+        ),
+        "{:?}",
+        pair.received.err()
+    );
+    let sent = crate::error_chain(&pair.result.as_ref().unwrap_err());
+    assert!(sent.contains("not speaking TLS"), "source: {sent}");
+    assert_source_runs(&pair);
+}
+
+#[test]
+fn tls_target_refuses_a_client_without_a_certificate() {
+    let pki = Pki::new("anon");
+    let target = pki.identity("node-b", &["127.0.0.1"]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        tls::accept(&stream, &target).map(drop)
+    });
+    // A client that trusts the CA but has no certificate of its own.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(
+        rustls::pki_types::CertificateDer::pem_file_iter(&pki.ca_path)
+            .unwrap()
+            .map(Result::unwrap),
+    );
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut client =
+        rustls::ClientConnection::new(Arc::new(config), "127.0.0.1".try_into().unwrap()).unwrap();
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // TLS 1.3: the client finishes its side before the server has judged it.
+    let _ = client.complete_io(&mut tcp);
+    let err = server.join().unwrap().unwrap_err();
+    let chain = crate::error_chain(&err);
+    assert!(
+        chain.contains("presented no certificate"),
+        "target: {chain}"
+    );
+    let mut buf = [0u8; 16];
+    let refused = client.complete_io(&mut tcp).and_then(|_| {
+        use std::io::Read;
+        client.reader().read(&mut buf)
+    });
+    assert!(refused.is_err(), "client was not told: {refused:?}");
 }

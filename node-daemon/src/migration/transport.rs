@@ -1,13 +1,89 @@
-//! The byte stream under the protocol: TCP set up for bulk transfer, a
-//! bandwidth cap, and a reader thread so the sender hears the target (an abort,
-//! a post-copy page request) while it writes.
+//! The byte stream under the protocol: a TCP connection, plain or with TLS
+//! ([`Conn`]), set up for bulk transfer, a bandwidth cap, and a reader thread
+//! so the sender hears the target (an abort, a post-copy page request) while
+//! it writes.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::protocol::{read_frame, write_frame, Command, ProtocolError};
+use super::tls::Session;
+
+/// A migration connection: TCP, with or without TLS. Clones share the socket
+/// and the TLS session, so one thread may read while another writes (see
+/// [`super::tls`] for how a TLS session allows that).
+pub struct Conn {
+    tcp: TcpStream,
+    tls: Option<Arc<Session>>,
+}
+
+impl Conn {
+    /// Plain TCP.
+    pub fn plain(tcp: TcpStream) -> Conn {
+        Conn { tcp, tls: None }
+    }
+
+    /// TLS over `tcp`, once `session`'s handshake is done.
+    pub fn tls(tcp: TcpStream, session: Session) -> Conn {
+        Conn {
+            tcp,
+            tls: Some(Arc::new(session)),
+        }
+    }
+
+    /// Another handle on the same connection.
+    pub fn try_clone(&self) -> std::io::Result<Conn> {
+        Ok(Conn {
+            tcp: self.tcp.try_clone()?,
+            tls: self.tls.clone(),
+        })
+    }
+
+    /// The socket underneath (options, timeouts, queue sizes).
+    pub fn socket(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// Whether the stream is encrypted.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Ends the connection in both directions (after close_notify with TLS),
+    /// which also ends a reader blocked on it.
+    pub fn shutdown(&self) {
+        if let Some(tls) = &self.tls {
+            tls.close(&self.tcp);
+        }
+        let _ = self.tcp.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match &self.tls {
+            Some(tls) => tls.read(&self.tcp, buf),
+            None => self.tcp.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &self.tls {
+            Some(tls) => tls.write(&self.tcp, buf),
+            None => self.tcp.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        // A TLS write puts its records on the socket before it returns.
+        self.tcp.flush()
+    }
+}
 
 /// A frame that arrived, or why the stream ended.
 pub type Incoming = Result<(Command, Vec<u8>), ProtocolError>;
@@ -37,7 +113,7 @@ pub fn tune(stream: &TcpStream, stall_timeout: Duration) -> std::io::Result<()> 
 
 /// Reads frames from `stream` into `tx` until the stream ends or fails; the
 /// error that ended it is the last item.
-pub fn reader_loop(mut stream: TcpStream, tx: Sender<Incoming>) {
+pub fn reader_loop(mut stream: Conn, tx: Sender<Incoming>) {
     let mut payload = Vec::new();
     loop {
         match read_frame(&mut stream, &mut payload) {
@@ -70,7 +146,7 @@ pub fn recv_timeout(rx: &Receiver<Incoming>, timeout: Duration) -> Incoming {
 
 /// The sending half: frames out, with bytes counted and the bandwidth capped.
 pub struct FrameWriter {
-    stream: TcpStream,
+    stream: Conn,
     limit: Option<u64>,
     window_start: Instant,
     window_bytes: u64,
@@ -80,7 +156,7 @@ pub struct FrameWriter {
 
 impl FrameWriter {
     /// Writes to `stream`, at most `limit` bytes per second when set.
-    pub fn new(stream: TcpStream, limit: Option<u64>) -> FrameWriter {
+    pub fn new(stream: Conn, limit: Option<u64>) -> FrameWriter {
         FrameWriter {
             stream,
             limit,
@@ -113,13 +189,16 @@ impl FrameWriter {
     }
 
     /// Bytes written but not yet acknowledged by the peer (queued in this
-    /// host's socket and qdisc, or in flight).
+    /// host's socket and qdisc, or in flight). With TLS these are sealed
+    /// records: a TLS write has handed all its records to the socket before
+    /// it returns, so nothing waits in the session and the count is as
+    /// complete as without TLS.
     pub fn unacked(&self) -> usize {
         let mut n: libc::c_int = 0;
         // SAFETY: SIOCOUTQ (= TIOCOUTQ) on a TCP socket writes one int.
         let r = unsafe {
             libc::ioctl(
-                std::os::fd::AsRawFd::as_raw_fd(&self.stream),
+                std::os::fd::AsRawFd::as_raw_fd(self.stream.socket()),
                 libc::TIOCOUTQ,
                 &mut n as *mut libc::c_int,
             )
@@ -146,7 +225,7 @@ impl FrameWriter {
     /// reader thread.
     pub fn close(&mut self) {
         let _ = self.stream.flush();
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        self.stream.shutdown();
     }
 }
 
@@ -166,7 +245,7 @@ mod tests {
         let stream = TcpStream::connect(addr).unwrap();
         // 4 MiB/s cap, 6 MiB sent: the last frame may leave about 1.44 s after
         // the first.
-        let mut w = FrameWriter::new(stream, Some(4 << 20));
+        let mut w = FrameWriter::new(Conn::plain(stream), Some(4 << 20));
         let chunk = vec![0u8; 256 << 10];
         let start = Instant::now();
         for _ in 0..24 {

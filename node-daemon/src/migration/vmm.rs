@@ -8,6 +8,8 @@ use crate::vmm::state::VmmSnapshot;
 use crate::vmm::vm::VmExit;
 use crate::vmm::{BuildMode, RuntimeConfig, VmConfig, Vmm};
 
+use super::tls::{self, TlsIdentity};
+use super::transport::Conn;
 use super::vm::{DirtyPages, GuestRegion, SourceVm, TargetVm, VmError};
 
 fn regions_of(vmm: &Vmm) -> Vec<GuestRegion> {
@@ -146,18 +148,32 @@ impl TargetVm for IncomingVm {
 }
 
 /// Waits on `listener` for one migration and receives it into a VM built
-/// with `overrides` and `runtime`. On success the guest runs here.
+/// with `overrides` and `runtime`. With `tls`, the source must complete a
+/// mutually authenticated handshake first; a source that does not is refused
+/// before anything is built. On success the guest runs here.
 pub fn receive_incoming(
     listener: &std::net::TcpListener,
     overrides: &TargetOverrides,
     runtime: RuntimeConfig,
     opts: &super::receiver::ReceiveOptions,
+    tls: Option<&TlsIdentity>,
     progress: &super::ProgressHandle,
 ) -> Result<IncomingVm, super::MigrationError> {
     let (stream, peer) = listener.accept().map_err(super::MigrationError::Socket)?;
-    tracing::info!(%peer, "incoming migration");
+    tracing::info!(%peer, tls = tls.is_some(), "incoming migration");
+    let conn = match tls {
+        None => Conn::plain(stream),
+        Some(identity) => {
+            // A silent peer must not hold the handshake forever.
+            stream
+                .set_read_timeout(Some(opts.stall_timeout))
+                .map_err(super::MigrationError::Socket)?;
+            let session = tls::accept(&stream, identity)?;
+            Conn::tls(stream, session)
+        }
+    };
     super::receiver::receive(
-        stream,
+        conn,
         |hello| IncomingVm::build(&hello.config, overrides, runtime),
         opts,
         progress,
@@ -174,13 +190,25 @@ pub struct Outgoing {
     pub handle: std::thread::JoinHandle<Result<super::MigrationResult, super::MigrationError>>,
 }
 
-/// Connects to the target at `addr` and migrates `vmm` there in a new thread.
+/// How the source secures an outgoing migration.
+#[derive(Clone, Debug)]
+pub struct OutgoingTls {
+    /// This node's identity.
+    pub identity: TlsIdentity,
+    /// The name the target's certificate must carry (`None`: the host part
+    /// of the target address, see [`tls::default_server_name`]).
+    pub server_name: Option<String>,
+}
+
+/// Connects to the target at `addr` and migrates `vmm` there in a new
+/// thread; with `tls`, after a mutually authenticated handshake.
 pub fn start_outgoing(
     vmm: std::sync::Arc<Vmm>,
     addr: &str,
     opts: super::precopy::SendOptions,
+    tls: Option<&OutgoingTls>,
 ) -> Result<Outgoing, super::MigrationError> {
-    let stream = connect(addr, opts.stall_timeout)?;
+    let stream = dial(addr, opts.stall_timeout, tls)?;
     let progress = std::sync::Arc::new(super::ProgressHandle::default());
     let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (p, c) = (progress.clone(), cancel.clone());
@@ -192,6 +220,27 @@ pub fn start_outgoing(
         progress,
         cancel,
         handle,
+    })
+}
+
+/// Connects to `addr` and, with `tls`, runs the handshake (both bounded by
+/// `timeout`).
+pub fn dial(
+    addr: &str,
+    timeout: std::time::Duration,
+    tls: Option<&OutgoingTls>,
+) -> Result<Conn, super::MigrationError> {
+    let tcp = connect(addr, timeout)?;
+    Ok(match tls {
+        None => Conn::plain(tcp),
+        Some(t) => {
+            let name = t
+                .server_name
+                .as_deref()
+                .unwrap_or_else(|| tls::default_server_name(addr));
+            let session = tls::connect(&tcp, &t.identity, name, timeout)?;
+            Conn::tls(tcp, session)
+        }
     })
 }
 

@@ -16,6 +16,9 @@
 //! migration to a target started with `godwit-vmm --incoming ADDR` and returns
 //! at once; `migrate-status` returns its progress (and, at the end, its result
 //! or error); `migrate-cancel` cancels it (before commit the guest stays here).
+//! A VMM started with `--tls-cert/--tls-key/--tls-ca` migrates over mutual
+//! TLS only (see [`crate::migration::tls`]); `tls_server_name` then names what
+//! the target's certificate must carry (default: the host part of `addr`).
 //! Unknown commands get an error, not a hang up.
 
 use std::io::{BufRead, BufReader, Write};
@@ -28,6 +31,8 @@ use serde_json::{json, Value};
 
 use super::{Vmm, VmmError};
 use crate::error_chain;
+use crate::migration::tls::{TlsError, TlsFiles, TlsIdentity};
+use crate::migration::vmm::OutgoingTls;
 
 /// API version this VMM speaks.
 pub const API_VERSION: u32 = 1;
@@ -93,6 +98,10 @@ pub enum Command {
         /// seconds (default 10).
         #[serde(default)]
         stall_timeout_s: Option<u64>,
+        /// With TLS: the name the target's certificate must carry (default:
+        /// the host part of `addr`, an IP address as an IP SAN).
+        #[serde(default)]
+        tls_server_name: Option<String>,
     },
     /// Progress of the current (or last) outgoing migration.
     MigrateStatus,
@@ -107,6 +116,18 @@ pub const MIGRATED_GRACE: std::time::Duration = std::time::Duration::from_secs(3
 static OUTGOING: std::sync::Mutex<Option<crate::migration::vmm::Outgoing>> =
     std::sync::Mutex::new(None);
 
+/// This VMM's migration identity, when it was started with one.
+static MIGRATION_TLS: std::sync::OnceLock<TlsFiles> = std::sync::OnceLock::new();
+
+/// Makes every outgoing migration of this process use mutual TLS with the
+/// identity in `files` (checked now; read again at each migration, so that
+/// renewed certificates are used). Call once, before serving the socket.
+pub fn use_migration_tls(files: TlsFiles) -> Result<(), TlsError> {
+    TlsIdentity::load(&files)?;
+    let _ = MIGRATION_TLS.set(files);
+    Ok(())
+}
+
 fn migrate_send(vmm: &Arc<Vmm>, cmd: Command) -> Result<Value, String> {
     let Command::MigrateSend {
         addr,
@@ -117,9 +138,20 @@ fn migrate_send(vmm: &Arc<Vmm>, cmd: Command) -> Result<Value, String> {
         allow_post_copy,
         timeout_s,
         stall_timeout_s,
+        tls_server_name,
     } = cmd
     else {
         unreachable!("called with migrate-send only")
+    };
+    let tls = match (MIGRATION_TLS.get(), tls_server_name) {
+        (Some(files), server_name) => Some(OutgoingTls {
+            identity: TlsIdentity::load(files).map_err(|e| error_chain(&e))?,
+            server_name,
+        }),
+        (None, Some(_)) => {
+            return Err("tls_server_name given, but this VMM was started without TLS (--tls-cert, --tls-key, --tls-ca)".into())
+        }
+        (None, None) => None,
     };
     let mut slot = OUTGOING.lock().unwrap();
     if slot.as_ref().is_some_and(|o| !o.handle.is_finished()) {
@@ -140,7 +172,7 @@ fn migrate_send(vmm: &Arc<Vmm>, cmd: Command) -> Result<Value, String> {
         completion_timeout: std::time::Duration::from_secs(timeout_s.unwrap_or(600)),
         stall_timeout: std::time::Duration::from_secs(stall_timeout_s.unwrap_or(10)),
     };
-    let out = crate::migration::vmm::start_outgoing(vmm.clone(), &addr, opts)
+    let out = crate::migration::vmm::start_outgoing(vmm.clone(), &addr, opts, tls.as_ref())
         .map_err(|e| error_chain(&e))?;
     *slot = Some(out);
     // When it ends well the guest runs on the target: stop the vCPUs for
