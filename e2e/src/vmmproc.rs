@@ -146,12 +146,25 @@ impl VmmProc {
         addr: &str,
         net: &[String],
     ) -> Result<VmmProc, VmmProcError> {
+        let args: Vec<String> = net
+            .iter()
+            .flat_map(|n| ["--net".to_string(), n.clone()])
+            .collect();
+        VmmProc::incoming_with(ns, dir, tag, addr, &args)
+    }
+
+    /// As [`VmmProc::incoming`], with any further `args` (`--net`, `--disk`,
+    /// `--tls-cert`, ...).
+    pub fn incoming_with(
+        ns: Option<&Netns>,
+        dir: &Path,
+        tag: &str,
+        addr: &str,
+        args: &[String],
+    ) -> Result<VmmProc, VmmProcError> {
         let (api, console_sock, serial_log) = files(dir, tag);
         let mut cmd = command(ns);
-        cmd.args(["--incoming", addr]);
-        for n in net {
-            cmd.args(["--net", n]);
-        }
+        cmd.args(["--incoming", addr]).args(args);
         let mut child = cmd
             .arg("--api-sock")
             .arg(&api)

@@ -123,7 +123,7 @@ fn describe(e: &rustls::Error) -> &'static str {
         }
         E::AlertReceived(_) => "The migration peer ended the TLS session",
         E::InvalidCertificate(_) => {
-            "The migration peer's certificate is not trusted: it must chain to --tls-ca and, on the target, name the address dialled (or tls_server_name)"
+            "The migration peer's certificate is not trusted: it must chain to this node's --tls-ca, and a target's must also carry the name dialled (its address, or tls_server_name)"
         }
         E::NoCertificatesPresented => {
             "The migration peer presented no certificate; this node requires one from its --tls-ca"
