@@ -18,6 +18,11 @@
 //! the one with the lower observed pause kept). A migration that does not
 //! finish within the timeout reports `converged: false` and is cancelled.
 //!
+//! `--engine godwit-tls` runs our engine alone over mutual TLS instead of
+//! plain TCP (both VMMs started with `--tls-cert/--tls-key/--tls-ca`, ECDSA
+//! P-256 certificates made with `openssl` for the run), reported as engine
+//! `godwit`, config `tls`, to measure what the encryption costs.
+//!
 //! A benchmark prints numbers; nothing here asserts on time.
 
 use std::collections::BTreeMap;
@@ -70,7 +75,7 @@ pub struct Options {
     pub vmm: Option<PathBuf>,
     /// Only scenarios whose name contains this.
     pub scenario: Option<String>,
-    /// Only this engine (`godwit` or `qemu`).
+    /// Only this engine (`godwit` or `qemu`; `godwit-tls`: ours over mutual TLS).
     pub engine: Option<String>,
     /// Completion timeout of one migration.
     pub timeout: Duration,
@@ -485,15 +490,112 @@ fn connect_console(path: &Path, timeout: Duration) -> Option<Console> {
     None
 }
 
+/// Makes a CA and a certificate for each end (IP SANs of the two
+/// addresses) under `dir` with `openssl`; returns the godwit-vmm flags of
+/// the source and of the target.
+fn make_certs(dir: &Path) -> Result<(Vec<String>, Vec<String>), BenchError> {
+    let openssl = |args: &[&str]| -> Result<(), BenchError> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .map_err(|e| BenchError::Io("run openssl".into(), e))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(BenchError::Vmm(format!(
+                "openssl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            )))
+        }
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+    openssl(
+        &[
+            &["req", "-x509", "-nodes", "-days", "2"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.pem"],
+            &["-subj", "/CN=godwit bench CA"],
+        ]
+        .concat(),
+    )?;
+    let mut flags = Vec::new();
+    for (name, ip) in [("src", SRC_IP), ("dst", DST_IP)] {
+        let ext = format!(
+            "subjectAltName=IP:{ip}\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n"
+        );
+        std::fs::write(dir.join(format!("{name}.ext")), ext)
+            .map_err(|e| BenchError::Io("write openssl extensions".into(), e))?;
+        let (key, csr, pem, extfile) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+        );
+        openssl(
+            &[
+                &["req", "-nodes"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    &key,
+                    "-out",
+                    &csr,
+                    "-subj",
+                    &format!("/CN={name}"),
+                ],
+            ]
+            .concat(),
+        )?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            &pem,
+            "-extfile",
+            &extfile,
+        ])?;
+        let path = |f: &str| dir.join(f).display().to_string();
+        flags.push(vec![
+            "--tls-cert".into(),
+            path(&pem),
+            "--tls-key".into(),
+            path(&key),
+            "--tls-ca".into(),
+            path("ca.pem"),
+        ]);
+    }
+    let dst = flags.pop().expect("two identities");
+    let src = flags.pop().expect("two identities");
+    Ok((src, dst))
+}
+
 fn godwit_run(
     t: &Topology,
     vmm: &Path,
     s: &Scenario,
     link: Link,
     timeout: Duration,
+    tls: bool,
 ) -> Result<RunResult, BenchError> {
-    let mut r = RunResult::new("godwit", "default", s, link);
+    let config = if tls { "tls" } else { "default" };
+    let mut r = RunResult::new("godwit", config, s, link);
     let dir = ScratchDir::new("bench-mig")?;
+    let (src_tls, dst_tls) = if tls {
+        make_certs(dir.path())?
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let port = free_port()?;
     // Target first: it must listen before the source connects.
     let (mut dst, dst_con) = spawn_vmm(
@@ -501,7 +603,11 @@ fn godwit_run(
         vmm,
         dir.path(),
         "dst",
-        &["--incoming".into(), format!("{DST_IP}:{port}")],
+        &[
+            &["--incoming".into(), format!("{DST_IP}:{port}")][..],
+            &dst_tls,
+        ]
+        .concat(),
     )?;
     let mut line = String::new();
     if let Some(out) = dst.child.stdout.take() {
@@ -527,7 +633,10 @@ fn godwit_run(
             "--cmdline".into(),
             cmdline(s),
             "--paused".into(),
-        ],
+        ]
+        .into_iter()
+        .chain(src_tls)
+        .collect::<Vec<_>>(),
     )?;
     // The control socket is the last thing godwit-vmm creates before it
     // waits: once it exists, the console is listening too.
@@ -822,7 +931,9 @@ pub fn run(
 ) -> Result<Vec<RunResult>, BenchError> {
     crate::qemu::check_host()?;
     let want = |e: &str| opts.engine.as_deref().is_none_or(|x| x == e);
-    let vmm = if want("godwit") {
+    // Only on request: our engine over mutual TLS.
+    let tls = opts.engine.as_deref() == Some("godwit-tls");
+    let vmm = if want("godwit") || tls {
         Some(vmm_binary(opts.vmm.clone())?)
     } else {
         None
@@ -843,10 +954,11 @@ pub fn run(
             let mut runs: Vec<(&'static str, &'static str, Result<RunResult, BenchError>)> =
                 Vec::new();
             if let Some(vmm) = &vmm {
+                let config = if tls { "tls" } else { "default" };
                 runs.push((
                     "godwit",
-                    "default",
-                    godwit_run(&t, vmm, s, link, opts.timeout),
+                    config,
+                    godwit_run(&t, vmm, s, link, opts.timeout, tls),
                 ));
                 report_last(&mut runs, s, link, &mut out, &mut report);
             }
