@@ -10,6 +10,6 @@ cargo clippy --workspace --all-targets -- -D warnings
 if [ -x e2e/testguest/build.sh ] || [ -f e2e/testguest/build.sh ]; then
   bash e2e/testguest/build.sh >/dev/null
 fi
-# The e2e tests and the demo drive the godwit-vmm binary.
-cargo build --release -p godwit-node --bin godwit-vmm
+# The e2e tests and the demo run the Godwit binaries (VMM, node agent, operator).
+cargo build --release -p godwit-node -p godwit-operator --bins
 cargo test --workspace --release

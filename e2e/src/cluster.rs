@@ -11,18 +11,22 @@
 //! namespace, the upstream sockets from a thread on the host, and no interface
 //! is added to the host.
 //!
-//! Node agents and the operator are started by the control-plane issue; until
-//! then the cluster holds the API, the CRDs, the nodes and their network.
+//! [`LocalCluster::start_godwit`] then runs Godwit on it as a user's cluster
+//! would: `godwit-operator` on the host, one `godwit-node` agent inside each
+//! node namespace (with a state directory per node and one shared directory
+//! all nodes see), each logging to `<dir>/logs/`. VMM processes outlive their
+//! agent, as on a real node; taking the cluster down kills them too.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeCondition, NodeStatus};
+use k8s_openapi::api::core::v1::{Namespace, Node, NodeAddress, NodeCondition, NodeStatus};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, PostParams};
@@ -55,6 +59,26 @@ pub enum ClusterError {
     /// A file could not be written.
     #[error("Cannot write {0}")]
     Write(String, #[source] std::io::Error),
+    /// A Godwit binary could not be started.
+    #[error("Cannot start {0} (build it with `cargo build --release -p godwit-node -p godwit-operator`)")]
+    Start(String, #[source] std::io::Error),
+}
+
+/// Where Godwit's binaries are: `$GODWIT_BIN_DIR`, else next to the running
+/// executable (or its parent, for test binaries in `deps/`).
+pub fn godwit_binary(name: &str) -> PathBuf {
+    if let Some(d) = std::env::var_os("GODWIT_BIN_DIR") {
+        return PathBuf::from(d).join(name);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    for d in [dir, dir.parent().unwrap_or(dir)] {
+        let p = d.join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    PathBuf::from(name)
 }
 
 /// A running local cluster.
@@ -69,6 +93,11 @@ pub struct LocalCluster {
     pub node_kubeconfig: PathBuf,
     dir: PathBuf,
     forwarder: Option<Forwarder>,
+    cpu: u32,
+    memory_mib: u64,
+    operator: Option<Child>,
+    metrics: Option<std::net::SocketAddr>,
+    agents: Vec<Option<Child>>,
 }
 
 impl LocalCluster {
@@ -105,6 +134,11 @@ impl LocalCluster {
             node_kubeconfig,
             dir: dir.to_path_buf(),
             forwarder: Some(forwarder),
+            cpu,
+            memory_mib,
+            operator: None,
+            metrics: None,
+            agents: Vec::new(),
         };
         cluster.register(cpu, memory_mib)?;
         Ok(cluster)
@@ -127,6 +161,18 @@ impl LocalCluster {
             let config = kube::Config::new(url.parse().expect("server URL"));
             let client = kube::Client::try_from(config)
                 .map_err(|e| ClusterError::Api("client".into(), e))?;
+            let namespaces: Api<Namespace> = Api::all(client.clone());
+            let ns = Namespace {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(godwit_crds::contract::DEFAULT_LEASE_NAMESPACE.into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            namespaces
+                .create(&PostParams::default(), &ns)
+                .await
+                .map_err(|e| ClusterError::Api("create namespace godwit-system".into(), e))?;
             let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
             for (_, crd) in godwit_crds::crds() {
                 crds.create(&PostParams::default(), &crd)
@@ -157,12 +203,99 @@ impl LocalCluster {
             .output()
     }
 
+    /// The cluster's directory (kubeconfigs, logs, node state).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Node `i`'s state directory (its VM directories and local disks).
+    pub fn node_state_dir(&self, i: usize) -> PathBuf {
+        self.dir.join("nodes").join(&self.fabric.nodes[i].name)
+    }
+
+    /// The directory every node sees (shared disks).
+    pub fn shared_dir(&self) -> PathBuf {
+        self.dir.join("shared")
+    }
+
+    /// Where the Godwit processes log.
+    pub fn log_dir(&self) -> PathBuf {
+        self.dir.join("logs")
+    }
+
+    /// Starts the operator and one node agent per node.
+    pub fn start_godwit(&mut self) -> Result<(), ClusterError> {
+        let logs = self.log_dir();
+        std::fs::create_dir_all(&logs)
+            .map_err(|e| ClusterError::Write(logs.display().to_string(), e))?;
+        let metrics = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| ClusterError::Start("a metrics port".into(), e))?;
+        let operator = godwit_binary("godwit-operator");
+        let mut cmd = Command::new(&operator);
+        cmd.arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(["--metrics-addr", &metrics.to_string()]);
+        self.operator = Some(spawn_logged(cmd, &logs.join("operator.log"), &operator)?);
+        self.metrics = Some(metrics);
+        self.agents = (0..self.fabric.nodes.len()).map(|_| None).collect();
+        for i in 0..self.fabric.nodes.len() {
+            self.start_agent(i)?;
+        }
+        Ok(())
+    }
+
+    /// The operator's `/metrics` and `/healthz` address, once started.
+    pub fn operator_metrics(&self) -> Option<std::net::SocketAddr> {
+        self.metrics
+    }
+
+    /// Starts the agent of node `i` (again).
+    pub fn start_agent(&mut self, i: usize) -> Result<(), ClusterError> {
+        let node = &self.fabric.nodes[i];
+        let agent = godwit_binary("godwit-node");
+        let state = self.node_state_dir(i);
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", node.ns.name()])
+            .arg(&agent)
+            .arg("--kubeconfig")
+            .arg(&self.node_kubeconfig)
+            .args(["--node", &node.name, "--node-ip", &node.ip])
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--shared-dir")
+            .arg(self.shared_dir())
+            .arg("--vmm")
+            .arg(godwit_binary("godwit-vmm"))
+            .args(["--cpu", &self.cpu.to_string()])
+            .args(["--memory-mib", &self.memory_mib.to_string()]);
+        let log = self.log_dir().join(format!("agent-{}.log", node.name));
+        self.agents[i] = Some(spawn_logged(cmd, &log, &agent)?);
+        Ok(())
+    }
+
+    /// Kills node `i`'s agent at once (its VMs keep running, as on a real node).
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut a) = self.agents.get_mut(i).and_then(Option::take) {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+
     /// Stops everything and removes what the cluster made.
     pub fn down(mut self) {
         self.stop();
     }
 
     fn stop(&mut self) {
+        if let Some(mut op) = self.operator.take() {
+            let _ = op.kill();
+            let _ = op.wait();
+        }
+        for i in 0..self.agents.len() {
+            self.kill_agent(i);
+        }
+        kill_vmms(&self.dir.join("nodes"));
         if let Some(f) = self.forwarder.take() {
             f.stop();
         }
@@ -173,6 +306,57 @@ impl LocalCluster {
 impl Drop for LocalCluster {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+fn spawn_logged(mut cmd: Command, log: &Path, what: &Path) -> Result<Child, ClusterError> {
+    let out = std::fs::File::create(log)
+        .map_err(|e| ClusterError::Write(log.display().to_string(), e))?;
+    let err = out
+        .try_clone()
+        .map_err(|e| ClusterError::Write(log.display().to_string(), e))?;
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .env("RUST_LOG", "info,kube=warn")
+        .spawn()
+        .map_err(|e| ClusterError::Start(what.display().to_string(), e))
+}
+
+/// Kills every VMM a node agent started under `nodes` (their process
+/// groups are recorded in `<node>/vms/<ns>/<vm>/pid`) and waits for them.
+fn kill_vmms(nodes: &Path) {
+    let mut pids = Vec::new();
+    let dirs = |p: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(p)
+            .map(|r| r.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    for node in dirs(nodes) {
+        for ns in dirs(&node.join("vms")) {
+            for vm in dirs(&ns) {
+                if let Some(pid) = std::fs::read_to_string(vm.join("pid"))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i32>().ok())
+                {
+                    // SAFETY: signalling a process group the agent started.
+                    unsafe { libc::kill(-pid, libc::SIGKILL) };
+                    pids.push(pid);
+                }
+            }
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline
+        && pids.iter().any(|p| {
+            // Gone, or a zombie waiting for init to reap it.
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                s.rsplit_once(") ")
+                    .is_some_and(|(_, r)| !r.starts_with('Z'))
+            })
+        })
+    {
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

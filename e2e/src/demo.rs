@@ -1,39 +1,179 @@
-//! The local demo: a live migration you can watch, on this machine.
+//! The local demo: Godwit on a local cluster, driven with `kubectl` as a user
+//! drives it, and a live migration you can watch.
 //!
-//! Two nodes (network namespaces on one L2 segment, see [`crate::nodes`]) and a
-//! client namespace. The Godwit test guest boots under `godwit-vmm` on node-0
-//! with a memory workload and a TCP heartbeat server; a client in the client
-//! namespace holds a TCP connection to it; the VM live-migrates to node-1 while
-//! the demo prints the migration's progress; then it checks what a user would
-//! check: the guest runs on node-1, its heartbeat counter continued, its memory
-//! verifies, and the TCP connection survived. Everything is torn down at the
-//! end, also on failure.
-//!
-//! This drives the VMMs directly; once the operator and node agents exist the
-//! same demo goes through `kubectl apply` of the example manifests.
+//! [`Godwit::up`] brings up a [`LocalCluster`] (API test server, namespace
+//! nodes) with the operator and a node agent per node, and installs the test
+//! guest and a root image where the examples expect them. [`run`] then applies
+//! `examples/template.yaml` and `examples/vm.yaml`, waits for the VM to run,
+//! connects a TCP client from the client namespace to the guest's heartbeat
+//! server, applies `examples/migration.yaml`, prints the migration's progress
+//! from its status while it runs, and checks what a user would check: the VM
+//! runs on the other node, its heartbeat counter continued, the client's
+//! connection survived. Everything is torn down at the end, also on failure.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use anyhow::{bail, Context};
+use serde_json::Value;
 
+use crate::cluster::LocalCluster;
 use crate::guest::{guest_elf, parse_heartbeat};
-use crate::nodes::{Fabric, CLIENT_IP};
-use crate::vmmproc::VmmProc;
+use crate::nodes::CLIENT_IP;
 
-const PORT: u16 = 7000;
+/// The example manifests, compiled in.
+pub const EXAMPLE_TEMPLATE: &str = include_str!("../../examples/template.yaml");
+/// See [`EXAMPLE_TEMPLATE`].
+pub const EXAMPLE_VM: &str = include_str!("../../examples/vm.yaml");
+/// See [`EXAMPLE_TEMPLATE`].
+pub const EXAMPLE_MIGRATION: &str = include_str!("../../examples/migration.yaml");
+/// Where the examples expect the kernel and images on a node.
+pub const EXAMPLE_ROOT: &str = "/var/lib/godwit";
+/// The example VM's address and heartbeat port.
+pub const EXAMPLE_VM_ADDR: &str = "10.88.0.10:7777";
+
+/// A local cluster running Godwit, with the test guest installed.
+pub struct Godwit {
+    /// The cluster (dropped last: it kills every process and removes its directory).
+    pub cluster: LocalCluster,
+    root: PathBuf,
+}
+
+impl Godwit {
+    /// Brings up `nodes` nodes (4 vCPUs and 2 GiB for VMs each) with the
+    /// operator and the agents, in `dir`.
+    pub fn up(nodes: usize, dir: &Path) -> anyhow::Result<Godwit> {
+        if !Path::new("/dev/kvm").exists() {
+            bail!("/dev/kvm does not exist: Godwit boots real VMs under KVM");
+        }
+        let elf = guest_elf()?;
+        let mut cluster = LocalCluster::up(nodes, 4, 2048, dir)?;
+        let root = dir.join("images-root");
+        std::fs::create_dir_all(root.join("kernels"))?;
+        std::fs::create_dir_all(root.join("images"))?;
+        std::fs::copy(&elf, root.join("kernels/godwit-testguest.elf"))?;
+        std::fs::File::create(root.join("images/testguest-root.raw"))?.set_len(64 << 20)?;
+        cluster.start_godwit()?;
+        Ok(Godwit { cluster, root })
+    }
+
+    /// An example manifest with the example paths moved under this cluster.
+    pub fn example(&self, text: &str) -> String {
+        text.replace(EXAMPLE_ROOT, &self.root.display().to_string())
+    }
+
+    /// `kubectl` with `stdin`; its stdout, or an error with its stderr.
+    pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.cluster.kubeconfig)
+            .arg("--cache-dir")
+            .arg(self.cluster.dir().join("kube-cache"))
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("run kubectl")?;
+        if let Some(text) = stdin {
+            child
+                .stdin
+                .take()
+                .expect("piped")
+                .write_all(text.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `kubectl apply -f -`.
+    pub fn apply(&self, manifest: &str) -> anyhow::Result<String> {
+        self.kubectl(&["apply", "-f", "-"], Some(manifest))
+    }
+
+    /// `kubectl get <kind> <name> -o json`; `None` when it does not exist.
+    pub fn get(&self, kind: &str, name: &str) -> anyhow::Result<Option<Value>> {
+        match self.kubectl(&["get", kind, name, "-o", "json"], None) {
+            Ok(text) => Ok(Some(serde_json::from_str(&text)?)),
+            Err(e) if e.to_string().contains("NotFound") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Polls `check` every 100 ms until it returns `Some`, for at most `timeout`.
+    pub fn wait<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut() -> anyhow::Result<Option<T>>,
+    ) -> anyhow::Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = check()? {
+                return Ok(v);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "timed out after {timeout:?} waiting for {what}; logs in {}",
+                    self.cluster.log_dir().display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until VM `name` is Running; returns its object.
+    pub fn wait_running(&self, name: &str, timeout: Duration) -> anyhow::Result<Value> {
+        self.wait(&format!("VM {name} to run"), timeout, || {
+            let vm = self.get("vm", name)?;
+            Ok(vm.filter(|v| v["status"]["phase"] == "Running"))
+        })
+    }
+
+    /// The VM directory of `namespace/name` on node `i`.
+    pub fn vm_dir(&self, i: usize, namespace: &str, name: &str) -> PathBuf {
+        self.cluster
+            .node_state_dir(i)
+            .join("vms")
+            .join(namespace)
+            .join(name)
+    }
+
+    /// The index of node `name`.
+    pub fn node_index(&self, name: &str) -> anyhow::Result<usize> {
+        self.cluster
+            .fabric
+            .nodes
+            .iter()
+            .position(|n| n.name == name)
+            .with_context(|| format!("no node {name}"))
+    }
+}
 
 /// What the demo found.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DemoReport {
     /// Always `migrate`.
     pub demo: &'static str,
-    /// `Running` when the guest runs on the target after the move.
+    /// The VM's phase after the migration.
     pub vm_phase: String,
-    /// `Succeeded` or `Failed`.
+    /// The migration's final phase.
     pub migration_phase: String,
     /// Node the VM started on.
     pub source_node: String,
@@ -41,11 +181,12 @@ pub struct DemoReport {
     pub target_node: String,
     /// The client's TCP connection to the guest never broke.
     pub tcp_connection_survived: bool,
-    /// The target's first heartbeat followed the source's last.
+    /// The guest's heartbeat counter went on without a gap or reset across
+    /// the move (seen over the client's connection, before and after).
     pub heartbeat_continued: bool,
-    /// Source pause to target resume, as the engine measured it.
+    /// Source pause to target resume, from the migration's result.
     pub downtime_ms: f64,
-    /// Start to end of the migration.
+    /// Start to end of the migration, from its result.
     pub total_ms: u64,
 }
 
@@ -57,162 +198,178 @@ fn say(quiet: bool, text: impl AsRef<str>) {
 
 /// Runs the demo; `quiet` prints only errors (for `--json`).
 pub fn run(quiet: bool) -> anyhow::Result<DemoReport> {
-    anyhow::ensure!(
-        std::path::Path::new("/dev/kvm").exists(),
-        "/dev/kvm does not exist: the demo boots a real VM under KVM"
-    );
-    let elf = guest_elf()?;
     let dir = std::env::temp_dir().join(format!("godwit-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let _cleanup = DirGuard(dir.clone());
-
     say(
         quiet,
-        "==> Two nodes on one network (namespaces node-0, node-1) and a client",
+        "==> Local cluster: API server, 2 nodes (network namespaces), godwit-operator, a godwit-node agent per node",
     );
-    let fabric = Fabric::new(2)?;
-    let (src_node, dst_node) = (&fabric.nodes[0], &fabric.nodes[1]);
-    let vm_ip = Fabric::vm_ip(0);
-
+    let godwit = Godwit::up(2, &dir)?;
     say(
         quiet,
         format!(
-            "==> Booting the test guest on {} ({vm_ip}, 1 vCPU, 512 MiB, dirtying 64 MiB)",
-            src_node.name
+            "    kubectl --kubeconfig {} get vm,vmmig",
+            godwit.cluster.kubeconfig.display()
         ),
     );
-    let args: Vec<String> = vec![
-        "--kernel".into(),
-        elf.display().to_string(),
-        "--memory-mib".into(),
-        "512".into(),
-        "--cmdline".into(),
-        format!("hb_ms=50 dirty_mib=64 dirty_rate=20000 ip={vm_ip}/24 tcp_port={PORT}"),
-        "--net".into(),
-        format!("bridge={},mac=52:54:00:88:00:10", src_node.bridge),
-    ];
-    let source = VmmProc::boot(Some(&src_node.ns), &dir, "source", &args)?;
-    let mut console = source.console(Duration::from_secs(10))?;
-    source.api(json!({"cmd": "resume"}))?;
-    let ready = console.wait_prefix("READY", Duration::from_secs(60))?;
-    let _ = ready;
-    // Let the workload touch its whole working set before moving.
-    let hb = console.heartbeats(40, Duration::from_secs(30))?;
-    say(
-        quiet,
-        format!("    guest is up, heartbeat {}", hb[39].0.counter),
-    );
 
     say(
         quiet,
-        format!("==> A client at {CLIENT_IP} connects to {vm_ip}:{PORT} and reads heartbeats"),
+        "==> kubectl apply -f examples/template.yaml -f examples/vm.yaml",
+    );
+    for m in [EXAMPLE_TEMPLATE, EXAMPLE_VM] {
+        say(
+            quiet,
+            format!("    {}", godwit.apply(&godwit.example(m))?.trim()),
+        );
+    }
+    let vm = godwit.wait_running("demo", Duration::from_secs(90))?;
+    let source = vm["status"]["nodeName"].as_str().unwrap_or("?").to_string();
+    say(
+        quiet,
+        format!(
+            "    VM demo is Running on {source} at {}",
+            vm["status"]["addresses"][0]["ip"].as_str().unwrap_or("?")
+        ),
+    );
+    say(quiet, godwit.kubectl(&["get", "vm"], None)?.trim_end());
+
+    say(
+        quiet,
+        format!("==> A client at {CLIENT_IP} connects to {EXAMPLE_VM_ADDR} and reads heartbeats"),
     );
     let stop = Arc::new(AtomicBool::new(false));
+    let last_seen = Arc::new(AtomicU64::new(0));
     let client = {
-        let stop = stop.clone();
-        let addr = format!("{vm_ip}:{PORT}");
-        fabric.client.spawn_in(move || watch(&addr, &stop))?
+        let (stop, last) = (stop.clone(), last_seen.clone());
+        godwit
+            .cluster
+            .fabric
+            .client
+            .spawn_in(move || watch(EXAMPLE_VM_ADDR, &stop, &last))?
     };
-
-    let target_addr = format!("{}:{}", dst_node.ip, 4700);
-    say(
-        quiet,
-        format!("==> {} waits for the VM on {target_addr}", dst_node.name),
-    );
-    let target = VmmProc::incoming(
-        Some(&dst_node.ns),
-        &dir,
-        "target",
-        &target_addr,
-        &[format!("bridge={}", dst_node.bridge)],
-    )?;
-
-    say(
-        quiet,
-        format!("==> Live migration {} -> {}", src_node.name, dst_node.name),
-    );
-    let status = source.migrate(&target_addr, json!({"vm_name": "demo"}), Duration::from_millis(250), Duration::from_secs(300), |p| {
-        if !quiet && p["stage"] != "Completed" {
-            println!(
-                "    {:<12} round {:>2}  sent {:>7.1} MiB  remaining {:>6.1} MiB  dirty {:>6.1} MiB/s  bandwidth {:>7.1} MiB/s  expected downtime {} ms",
-                p["stage"].as_str().unwrap_or("?"),
-                p["round"],
-                mib(&p["transferred_bytes"]),
-                mib(&p["memory_remaining_bytes"]),
-                mib(&p["dirty_rate_bytes_per_second"]),
-                mib(&p["bandwidth_bytes_per_second"]),
-                p["expected_downtime_ms"],
-            );
-        }
+    godwit.wait("heartbeats over TCP", Duration::from_secs(30), || {
+        Ok((last_seen.load(Ordering::Relaxed) > 20).then_some(()))
     })?;
-    let ok = status["stage"] == "Completed";
+    let before = last_seen.load(Ordering::Relaxed);
+    say(quiet, format!("    heartbeat {before} received"));
+
+    say(quiet, "==> kubectl apply -f examples/migration.yaml");
+    say(
+        quiet,
+        format!(
+            "    {}",
+            godwit.apply(&godwit.example(EXAMPLE_MIGRATION))?.trim()
+        ),
+    );
+    let mut shown = String::new();
+    let mig = godwit.wait("the migration to end", Duration::from_secs(300), || {
+        let Some(m) = godwit.get("vmmig", "demo-move")? else {
+            return Ok(None);
+        };
+        let s = &m["status"];
+        let p = &s["progress"];
+        let line = if p.is_object() {
+            format!(
+                "    {:<15} round {:>2}  sent {:>7.1} MiB  remaining {:>6.1} MiB  dirty {:>6.1} MiB/s  bandwidth {:>7.1} MiB/s  expected downtime {} ms",
+                s["phase"].as_str().unwrap_or("?"),
+                p["round"],
+                mib(&p["transferredBytes"]),
+                mib(&p["memoryRemainingBytes"]),
+                mib(&p["dirtyRateBytesPerSecond"]),
+                mib(&p["bandwidthBytesPerSecond"]),
+                p["expectedDowntimeMs"],
+            )
+        } else {
+            format!(
+                "    {:<15} {} -> {}",
+                s["phase"].as_str().unwrap_or("Pending"),
+                s["sourceNode"].as_str().unwrap_or("?"),
+                s["targetNode"].as_str().unwrap_or("?")
+            )
+        };
+        if line != shown {
+            say(quiet, &line);
+            shown = line;
+        }
+        let done = matches!(
+            s["phase"].as_str(),
+            Some("Succeeded" | "Failed" | "Cancelled")
+        );
+        Ok(done.then_some(m))
+    })?;
+    let status = &mig["status"];
+    let phase = status["phase"].as_str().unwrap_or("?").to_string();
+    let target = status["targetNode"].as_str().unwrap_or("?").to_string();
     let result = &status["result"];
-    if ok {
+    if phase == "Succeeded" {
         say(
             quiet,
             format!(
-                "    done: {} ms in all, {:.1} ms downtime, {:.1} MiB sent in {} rounds ({})",
-                result["total_ms"],
-                result["downtime_ms"].as_f64().unwrap_or(0.0),
-                mib(&result["bytes_sent"]),
+                "    done: {} ms in all, {} ms downtime, {:.1} MiB sent in {} rounds ({})",
+                result["totalTimeMs"],
+                result["downtimeMs"],
+                mib(&result["transferredBytes"]),
                 result["rounds"],
-                result["mode"].as_str().unwrap_or("?"),
+                result["modeUsed"].as_str().unwrap_or("?"),
             ),
         );
     } else {
-        say(quiet, format!("    failed: {}", status["error"]));
-    }
-
-    // What a user checks afterwards.
-    let mut heartbeat_continued = false;
-    let mut vm_phase = "Failed".to_string();
-    if ok {
-        let mut dst_console = target.console(Duration::from_secs(10))?;
-        dst_console.heartbeats(3, Duration::from_secs(10))?;
-        let (last_src, first_dst, cut) = crate::vmmproc::switch_over(&source, &target);
-        heartbeat_continued = first_dst == last_src + 1 || (cut && first_dst == last_src + 2);
         say(
             quiet,
             format!(
-                "==> On {}: heartbeat {last_src} was the source's last, {first_dst} the target's first{}",
-                dst_node.name,
-                if cut { " (the line between was split by the switch-over)" } else { "" }
+                "    {phase}: {}",
+                status["failureReason"].as_str().unwrap_or("?")
             ),
         );
-        dst_console.send("memcheck")?;
-        let check = dst_console.wait_prefix("MEMCHECK", Duration::from_secs(60))?;
-        say(quiet, format!("    {}", check.text));
-        if check.text.starts_with("MEMCHECK ok") {
-            vm_phase = "Running".into();
-        }
-        let _ = source.api(json!({"cmd": "stop"}));
     }
-    std::thread::sleep(Duration::from_millis(500));
+
+    // What a user checks afterwards: where the VM runs, and its guest.
+    let vm = godwit.wait("the VM to settle", Duration::from_secs(30), || {
+        let vm = godwit.get("vm", "demo")?;
+        Ok(vm.filter(|v| v["status"]["phase"] != "Migrating"))
+    })?;
+    let vm_phase = vm["status"]["phase"].as_str().unwrap_or("?").to_string();
+    let vm_node = vm["status"]["nodeName"].as_str().unwrap_or("?").to_string();
+    say(
+        quiet,
+        godwit.kubectl(&["get", "vm,vmmig"], None)?.trim_end(),
+    );
+    let at_end = last_seen.load(Ordering::Relaxed);
+    godwit.wait("heartbeats after the move", Duration::from_secs(10), || {
+        Ok((last_seen.load(Ordering::Relaxed) >= at_end + 10).then_some(()))
+    })?;
     stop.store(true, Ordering::Relaxed);
     let stream = client
         .join()
         .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
-    let survived = stream.error.is_none() && stream.in_order && stream.count > 0;
+    let survived = stream.error.is_none() && stream.count > 0;
+    let continued = stream.in_order && stream.last > at_end && stream.first <= before;
     say(
         quiet,
         format!(
-            "==> Client: {} heartbeats over one connection, in order: {}, connection broke: {}",
-            stream.count,
+            "==> Client: heartbeats {}..{} over one connection, in order: {}, connection broke: {}",
+            stream.first,
+            stream.last,
             stream.in_order,
             stream.error.as_deref().unwrap_or("no")
         ),
     );
     say(quiet, "==> Tearing down");
+    drop(godwit);
     Ok(DemoReport {
         demo: "migrate",
-        vm_phase,
-        migration_phase: if ok { "Succeeded" } else { "Failed" }.into(),
-        source_node: src_node.name.clone(),
-        target_node: dst_node.name.clone(),
+        vm_phase: if vm_node == target {
+            vm_phase
+        } else {
+            format!("{vm_phase} on {vm_node}")
+        },
+        migration_phase: phase,
+        source_node: source,
+        target_node: target,
         tcp_connection_survived: survived,
-        heartbeat_continued,
-        downtime_ms: result["downtime_ms"].as_f64().unwrap_or(0.0),
-        total_ms: result["total_ms"].as_u64().unwrap_or(0),
+        heartbeat_continued: continued,
+        downtime_ms: result["downtimeMs"].as_f64().unwrap_or(0.0),
+        total_ms: result["totalTimeMs"].as_u64().unwrap_or(0),
     })
 }
 
@@ -220,31 +377,32 @@ fn mib(v: &Value) -> f64 {
     v.as_f64().unwrap_or(0.0) / (1 << 20) as f64
 }
 
-struct DirGuard(std::path::PathBuf);
-
-impl Drop for DirGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// What a TCP client of the guest's heartbeat server saw.
+#[derive(Debug, Default)]
+pub struct StreamSeen {
+    /// Heartbeats read.
+    pub count: usize,
+    /// First and last counter.
+    pub first: u64,
+    /// See `first`.
+    pub last: u64,
+    /// Every counter was the previous one plus one.
+    pub in_order: bool,
+    /// Why the connection ended, if not because we stopped.
+    pub error: Option<String>,
 }
 
-/// What the TCP client saw.
-struct StreamSeen {
-    count: usize,
-    in_order: bool,
-    error: Option<String>,
-}
-
-fn watch(addr: &str, stop: &AtomicBool) -> StreamSeen {
+/// Connects to `addr` and reads heartbeat lines until `stop`, publishing the
+/// latest counter in `last_seen`.
+pub fn watch(addr: &str, stop: &AtomicBool, last_seen: &AtomicU64) -> StreamSeen {
     let deadline = Instant::now() + Duration::from_secs(30);
     let stream = loop {
         match TcpStream::connect(addr) {
             Ok(s) => break s,
             Err(e) if Instant::now() > deadline => {
                 return StreamSeen {
-                    count: 0,
-                    in_order: false,
                     error: Some(e.to_string()),
+                    ..Default::default()
                 }
             }
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
@@ -252,11 +410,9 @@ fn watch(addr: &str, stop: &AtomicBool) -> StreamSeen {
     };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let mut seen = StreamSeen {
-        count: 0,
         in_order: true,
-        error: None,
+        ..Default::default()
     };
-    let mut last = None;
     for line in BufReader::new(stream).lines() {
         if stop.load(Ordering::Relaxed) {
             break;
@@ -264,11 +420,15 @@ fn watch(addr: &str, stop: &AtomicBool) -> StreamSeen {
         match line {
             Ok(l) => {
                 if let Some(hb) = parse_heartbeat(l.trim_end()) {
-                    if last.is_some_and(|p| hb.counter != p + 1) {
+                    if seen.count > 0 && hb.counter != seen.last + 1 {
                         seen.in_order = false;
                     }
-                    last = Some(hb.counter);
+                    if seen.count == 0 {
+                        seen.first = hb.counter;
+                    }
+                    seen.last = hb.counter;
                     seen.count += 1;
+                    last_seen.store(hb.counter, Ordering::Relaxed);
                 }
             }
             Err(e) => {

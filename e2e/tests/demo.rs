@@ -1,8 +1,11 @@
-//! The README's main job, `godwit-local demo`, run as a test: a VM boots on
-//! one namespace node and live-migrates to another with a TCP client attached.
-//! It drives the godwit-vmm binary, which must be built first (`cargo build -p
-//! godwit-node --bin godwit-vmm`, as e2e/test.sh does) or named in
-//! `$GODWIT_VMM`.
+//! The README's main job, `godwit-local demo`, run as a test: on a local
+//! cluster with the operator and node agents, the example VM is applied with
+//! kubectl, runs, and live-migrates through a VMMigration with a TCP client
+//! attached. It runs the Godwit binaries, which must be built first (`cargo
+//! build --release -p godwit-node -p godwit-operator --bins`, as e2e/test.sh
+//! does) or found in `$GODWIT_BIN_DIR`.
+
+use godwit_e2e::cluster::godwit_binary;
 
 #[test]
 fn demo_migrates_the_vm_and_keeps_its_connection() {
@@ -10,20 +13,19 @@ fn demo_migrates_the_vm_and_keeps_its_connection() {
         std::path::Path::new("/dev/kvm").exists(),
         "/dev/kvm does not exist: the demo boots a real VM under KVM"
     );
-    let vmm = godwit_e2e::vmmproc::vmm_binary();
-    assert!(
-        vmm.exists(),
-        "{} not found: build it first (cargo build -p godwit-node --bin godwit-vmm) or set GODWIT_VMM",
-        vmm.display()
-    );
+    for bin in ["godwit-vmm", "godwit-node", "godwit-operator"] {
+        let path = godwit_binary(bin);
+        assert!(
+            path.exists(),
+            "{} not found: build it first (cargo build --release -p godwit-node -p godwit-operator --bins) or set GODWIT_BIN_DIR",
+            path.display()
+        );
+    }
     let report = godwit_e2e::demo::run(true).expect("demo runs");
     assert_eq!(report.migration_phase, "Succeeded", "{report:?}");
     assert_eq!(report.vm_phase, "Running", "{report:?}");
     assert!(report.tcp_connection_survived, "{report:?}");
     assert!(report.heartbeat_continued, "{report:?}");
     assert_ne!(report.source_node, report.target_node);
-    assert!(
-        report.downtime_ms > 0.0 && report.total_ms > 0,
-        "{report:?}"
-    );
+    assert!(report.total_ms > 0, "{report:?}");
 }

@@ -1,0 +1,160 @@
+//! A VM's life on a local cluster with the operator and node agents, driven
+//! with kubectl: the example template and VM are applied and the VM runs on a
+//! node with its customization; its node agent is killed and restarted while
+//! it runs (the VM keeps running and stays Running); a migration deleted
+//! mid-way leaves it running on the source; deleting the VM stops its VMM and
+//! removes its disk. (The successful live migration with a TCP client is the
+//! demo's test, `tests/demo.rs`.)
+//!
+//! Needs the release binaries (`cargo build --release -p godwit-node -p
+//! godwit-operator --bins`, as e2e/test.sh does) and /dev/kvm.
+
+use std::path::Path;
+use std::time::Duration;
+
+use godwit_e2e::demo::{Godwit, EXAMPLE_TEMPLATE, EXAMPLE_VM};
+use godwit_e2e::guest::parse_heartbeat;
+
+fn last_heartbeat(console: &Path) -> u64 {
+    std::fs::read_to_string(console)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| parse_heartbeat(l.trim_end()))
+        .map(|h| h.counter)
+        .max()
+        .unwrap_or(0)
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(") ")
+            .is_some_and(|(_, r)| !r.starts_with('Z'))
+    })
+}
+
+const SLOW_MIGRATION: &str = r#"
+apiVersion: godwit.dev/v1alpha1
+kind: VMMigration
+metadata:
+  name: slow-move
+  namespace: default
+spec:
+  vmName: demo
+  policy:
+    bandwidthMbps: 20
+    allowPostCopy: false
+    allowAutoConverge: false
+"#;
+
+#[test]
+fn vm_runs_survives_an_agent_restart_a_cancelled_migration_and_is_deleted() {
+    let dir = std::env::temp_dir().join(format!("godwit-lifecycle-{}", std::process::id()));
+    let mut g = Godwit::up(2, &dir).expect("local cluster with Godwit");
+
+    // Apply: the VM runs on a node, with the template's customization.
+    g.apply(&g.example(EXAMPLE_TEMPLATE)).unwrap();
+    g.apply(&g.example(EXAMPLE_VM)).unwrap();
+    let vm = g.wait_running("demo", Duration::from_secs(90)).unwrap();
+    let node = vm["status"]["nodeName"].as_str().unwrap().to_string();
+    let i = g.node_index(&node).unwrap();
+    assert_eq!(vm["metadata"]["labels"]["godwit.dev/node"], node.as_str());
+    assert_eq!(vm["status"]["addresses"][0]["ip"], "10.88.0.10");
+    let table = g.kubectl(&["get", "vm", "demo"], None).unwrap();
+    assert!(
+        table.contains("Running") && table.contains(&node),
+        "{table}"
+    );
+    let vm_dir = g.vm_dir(i, "default", "demo");
+    let console = vm_dir.join("console.log");
+    g.wait(
+        "the guest's hostname on its console",
+        Duration::from_secs(30),
+        || {
+            let text = std::fs::read_to_string(&console).unwrap_or_default();
+            Ok(text.contains("HOSTNAME demo-guest").then_some(()))
+        },
+    )
+    .unwrap();
+    let disk = g.cluster.shared_dir().join("default/demo/root.raw");
+    assert!(disk.exists(), "{} was not provisioned", disk.display());
+    let pid: i32 = std::fs::read_to_string(vm_dir.join("pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    // Restart the node's agent: the VMM keeps running and the VM stays Running.
+    g.cluster.kill_agent(i);
+    let hb = last_heartbeat(&console);
+    std::thread::sleep(Duration::from_secs(1));
+    g.cluster.start_agent(i).unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(alive(pid), "the VMM died with its agent");
+    assert!(
+        last_heartbeat(&console) > hb + 10,
+        "the guest stopped beating"
+    );
+    let vm = g.get("vm", "demo").unwrap().unwrap();
+    assert_eq!(vm["status"]["phase"], "Running", "{vm}");
+    assert_eq!(vm["status"]["nodeName"], node.as_str());
+    let pid_now = std::fs::read_to_string(vm_dir.join("pid")).unwrap();
+    assert_eq!(
+        pid_now.trim(),
+        pid.to_string(),
+        "the restarted agent started a second VMM"
+    );
+
+    // A migration deleted mid-way: the VM stays on the source, still running.
+    g.apply(SLOW_MIGRATION).unwrap();
+    g.wait(
+        "the slow migration to send memory",
+        Duration::from_secs(60),
+        || {
+            let m = g.get("vmmig", "slow-move")?;
+            Ok(m.filter(|m| {
+                m["status"]["phase"] == "PreCopy"
+                    && m["status"]["progress"]["transferredBytes"].as_u64() > Some(1 << 20)
+            }))
+        },
+    )
+    .unwrap();
+    let hb = last_heartbeat(&console);
+    g.kubectl(&["delete", "vmmig", "slow-move", "--wait=false"], None)
+        .unwrap();
+    g.wait(
+        "the cancelled migration to go",
+        Duration::from_secs(60),
+        || Ok(g.get("vmmig", "slow-move")?.is_none().then_some(())),
+    )
+    .unwrap();
+    let vm = g
+        .wait("the VM to leave Migrating", Duration::from_secs(30), || {
+            Ok(g.get("vm", "demo")?
+                .filter(|v| v["status"]["phase"] == "Running"))
+        })
+        .unwrap();
+    assert_eq!(vm["status"]["nodeName"], node.as_str(), "{vm}");
+    assert_eq!(vm["metadata"]["labels"]["godwit.dev/node"], node.as_str());
+    assert!(
+        alive(pid),
+        "the source VMM is gone after a cancelled migration"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(last_heartbeat(&console) > hb, "the guest stopped beating");
+    let other = 1 - i;
+    g.wait("the target to clean up", Duration::from_secs(30), || {
+        Ok((!g.vm_dir(other, "default", "demo").exists()).then_some(()))
+    })
+    .unwrap();
+
+    // Delete: the VMM stops and its disk goes.
+    g.kubectl(&["delete", "vm", "demo", "--wait=false"], None)
+        .unwrap();
+    g.wait("the VM to go", Duration::from_secs(60), || {
+        Ok(g.get("vm", "demo")?.is_none().then_some(()))
+    })
+    .unwrap();
+    assert!(!alive(pid), "the VMM still runs after its VM was deleted");
+    assert!(!disk.exists(), "{} is still there", disk.display());
+    assert!(!vm_dir.exists(), "{} is still there", vm_dir.display());
+}
