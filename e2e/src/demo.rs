@@ -188,6 +188,9 @@ pub struct DemoReport {
     pub downtime_ms: f64,
     /// Start to end of the migration, from its result.
     pub total_ms: u64,
+    /// The migration's status showed progress (bytes sent) while it ran.
+    #[serde(skip)]
+    pub progress_seen: bool,
 }
 
 fn say(quiet: bool, text: impl AsRef<str>) {
@@ -247,8 +250,9 @@ pub fn run(quiet: bool) -> anyhow::Result<DemoReport> {
             .client
             .spawn_in(move || watch(EXAMPLE_VM_ADDR, &stop, &last))?
     };
+    // Let the workload touch its whole working set (128 MiB at 10000 pages/s).
     godwit.wait("heartbeats over TCP", Duration::from_secs(30), || {
-        Ok((last_seen.load(Ordering::Relaxed) > 20).then_some(()))
+        Ok((last_seen.load(Ordering::Relaxed) > 70).then_some(()))
     })?;
     let before = last_seen.load(Ordering::Relaxed);
     say(quiet, format!("    heartbeat {before} received"));
@@ -262,6 +266,7 @@ pub fn run(quiet: bool) -> anyhow::Result<DemoReport> {
         ),
     );
     let mut shown = String::new();
+    let mut progress_seen = false;
     let mig = godwit.wait("the migration to end", Duration::from_secs(300), || {
         let Some(m) = godwit.get("vmmig", "demo-move")? else {
             return Ok(None);
@@ -295,6 +300,7 @@ pub fn run(quiet: bool) -> anyhow::Result<DemoReport> {
             s["phase"].as_str(),
             Some("Succeeded" | "Failed" | "Cancelled")
         );
+        progress_seen |= !done && p["transferredBytes"].as_u64() > Some(0);
         Ok(done.then_some(m))
     })?;
     let status = &mig["status"];
@@ -370,6 +376,7 @@ pub fn run(quiet: bool) -> anyhow::Result<DemoReport> {
         heartbeat_continued: continued,
         downtime_ms: result["downtimeMs"].as_f64().unwrap_or(0.0),
         total_ms: result["totalTimeMs"].as_u64().unwrap_or(0),
+        progress_seen,
     })
 }
 

@@ -28,4 +28,8 @@ fn demo_migrates_the_vm_and_keeps_its_connection() {
     assert!(report.heartbeat_continued, "{report:?}");
     assert_ne!(report.source_node, report.target_node);
     assert!(report.total_ms > 0, "{report:?}");
+    assert!(
+        report.progress_seen,
+        "no progress in the VMMigration status while it ran: {report:?}"
+    );
 }

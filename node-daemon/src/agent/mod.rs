@@ -184,10 +184,17 @@ pub async fn run(
             if !published {
                 published = agent.publish_capacity().await;
             }
-            agent.pass().await;
+            // While this node sends a VM, look at its progress often (the
+            // status still gets it at most once a second).
+            let sending = agent.pass().await;
+            let tick = if sending {
+                Duration::from_millis(100)
+            } else {
+                Duration::from_secs(1)
+            };
             tokio::select! {
                 _ = changed.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(tick) => {}
             }
         }
     };
@@ -324,7 +331,8 @@ impl Agent {
     }
 
     /// One pass over everything labelled for this node and every VM directory.
-    async fn pass(self: &Arc<Self>) {
+    /// Returns whether a migration this node sends is in flight.
+    async fn pass(self: &Arc<Self>) -> bool {
         self.children.lock().unwrap().reap();
         let vms = self.vms.state();
         let mut known = BTreeSet::new();
@@ -370,6 +378,12 @@ impl Agent {
                 .await;
             }
         }
+        migrations.iter().any(|(role, m)| {
+            *role == Role::Source
+                && m.status.as_ref().is_some_and(|s| {
+                    !s.phase.is_final() && s.source_node.as_deref() == Some(self.cfg.node.as_str())
+                })
+        })
     }
 
     /// Whether the target keeps a VMM it started for migration `m`.
