@@ -3,6 +3,7 @@
 
 pub mod apiserver;
 pub mod bench_migrate;
+pub mod bench_storage;
 pub mod cluster;
 pub mod demo;
 pub mod guest;

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod migration;
+pub mod storage;
 pub mod vmm;
 
 /// An error and its causes on one line (`outer: cause: root cause`), for

@@ -11,7 +11,11 @@
 //!   guests over an unlimited and a 1 Gbit/s veth between two network
 //!   namespaces (see `godwit_e2e::bench_migrate`).
 //!
-//! Room is left for `storage` and `failover`.
+//! - `bench storage [--json]`: provisioning time from a cached template
+//!   (1 GiB and 20 GiB, sparse and fully written; see
+//!   `godwit_e2e::bench_storage`).
+//!
+//! Room is left for `failover`.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -37,6 +41,55 @@ enum Cmd {
     Boot(BootArgs),
     /// Live migration, godwit-vmm vs QEMU/KVM, side by side.
     Migrate(MigrateArgs),
+    /// Provisioning from a template (1 GiB and 20 GiB, sparse and full).
+    Storage(StorageArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct StorageArgs {
+    /// One JSON line per template instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Template sizes in GiB.
+    #[arg(long, value_delimiter = ',', default_values_t = [1u64, 20])]
+    sizes_gib: Vec<u64>,
+    /// Provisioning runs per template (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Scratch directory (default: under the temp dir; removed afterwards).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+fn storage(a: StorageArgs) -> Result<()> {
+    use godwit_e2e::bench_storage::{run, Options, ProvisionResult};
+    let opts = Options {
+        sizes_gib: a.sizes_gib,
+        runs: a.runs,
+        dir: a.dir,
+    };
+    if !a.json {
+        println!("{}", ProvisionResult::header());
+    }
+    let mut short = false;
+    run(
+        &opts,
+        |r| {
+            if a.json {
+                println!("{}", r.to_json_line());
+            } else {
+                println!("{}", r.row());
+            }
+        },
+        |n| {
+            short = true;
+            eprintln!("bench storage: note: {n}")
+        },
+    )?;
+    if short && !a.json {
+        println!("(* smaller than asked: not enough free disk; see the note above)");
+    }
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -106,6 +159,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Boot(a) => boot(a),
         Cmd::Migrate(a) => migrate(a),
+        Cmd::Storage(a) => storage(a),
     }
 }
 

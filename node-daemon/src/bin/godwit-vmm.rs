@@ -31,6 +31,7 @@ what a client writes goes to the guest.
 Control socket (--api-sock): one JSON object per line, e.g.
   {\"v\":1,\"cmd\":\"status\"}  pause  resume  stop  stats
   dirty-log-start  dirty-log-stop  take-dirty
+  {\"v\":1,\"cmd\":\"disk-dirty-start\",\"disk\":0}  disk-dirty-stop  disk-take-dirty
   {\"v\":1,\"cmd\":\"save-state\",\"dir\":\"/tmp/snap\"}
 A snapshot directory holds state.json and memory.bin; --restore continues it.
 
@@ -85,7 +86,10 @@ struct Args {
     /// Unix socket for the control API.
     #[arg(long)]
     api_sock: Option<PathBuf>,
-    /// A disk: path=FILE[,ro=on|off] (repeatable).
+    /// A disk: path=FILE[,format=raw|qcow2][,ro=on|off] (repeatable). The
+    /// format is detected when not given (qcow2 magic, else raw); a qcow2
+    /// overlay's backing images are opened read-only. Each image is locked
+    /// (exclusive when read-write): a disk another VMM runs is refused.
     #[arg(long, value_parser = parse_disk)]
     disk: Vec<DiskConfig>,
     /// A NIC: [tap=NAME][,bridge=BR][,mac=MAC] (repeatable).
@@ -140,12 +144,18 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     let mut d = DiskConfig {
         path: PathBuf::new(),
         read_only: false,
+        format: None,
     };
     for (k, v) in kv(s) {
         match k {
             "path" => d.path = v.into(),
             "ro" | "readonly" => d.read_only = matches!(v, "on" | "true" | "1" | "yes" | ""),
-            _ => return Err(format!("unknown disk option {k}; use path=FILE[,ro=on]")),
+            "format" => d.format = Some(v.parse()?),
+            _ => {
+                return Err(format!(
+                    "unknown disk option {k}; use path=FILE[,format=raw|qcow2][,ro=on]"
+                ))
+            }
         }
     }
     if d.path.as_os_str().is_empty() {

@@ -125,8 +125,23 @@ fn lock_chain(
         let h = read_qcow2_header(&cur)?;
         let Some(name) = h.backing_file else { break };
         let bp = resolve_backing(&cur, &name);
-        fmt = check_format(&bp, h.backing_format)?;
-        locks.push(ImageLock::acquire(&bp, LockMode::Shared)?);
+        let locked = check_format(&bp, h.backing_format).and_then(|f| {
+            fmt = f;
+            ImageLock::acquire(&bp, LockMode::Shared)
+        });
+        match locked {
+            Ok(l) => locks.push(l),
+            // A lock conflict is about the backing image itself; say so
+            // without the wrapper.
+            Err(e @ StorageError::Locked { .. }) => return Err(e),
+            Err(e) => {
+                return Err(StorageError::Backing {
+                    image: cur.display().to_string(),
+                    backing: bp.display().to_string(),
+                    source: Box::new(e),
+                })
+            }
+        }
         cur = bp;
     }
     Ok(locks)

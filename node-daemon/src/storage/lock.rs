@@ -129,7 +129,7 @@ pub fn holder(path: &Path) -> Option<String> {
     let (dev, ino) = (meta.dev(), meta.ino());
     let me = std::process::id();
     // /proc/locks prints the device as major:minor in hex.
-    let key = format!(":{:02x}:{:02x}:{ino} ", libc::major(dev), libc::minor(dev));
+    let key = format!(" {:02x}:{:02x}:{ino} ", libc::major(dev), libc::minor(dev));
     for proc_entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = proc_entry
             .file_name()

@@ -291,6 +291,58 @@ impl TemplateCache {
         }
     }
 
+    /// Moves the image file `path` into the cache (a rename: no copy, so
+    /// `path` must be on the cache's file system; otherwise it is copied and
+    /// then removed). For images staged next to the cache by other means
+    /// (a registry pull, a benchmark). It is hashed (and checked against
+    /// `expected`) first; on any error `path` is left as it was.
+    pub fn adopt(
+        &self,
+        path: &Path,
+        expected: Option<&str>,
+    ) -> Result<CachedTemplate, StorageError> {
+        let expected = expected.map(parse_digest).transpose()?;
+        let digest = sha256_file(path)?;
+        let name = path.display().to_string();
+        if let Some(exp) = &expected {
+            if *exp != digest {
+                return Err(StorageError::ChecksumMismatch {
+                    source_name: name,
+                    expected: exp.clone(),
+                    actual: digest,
+                });
+            }
+        }
+        if let Some(t) = self.get(&digest)? {
+            std::fs::remove_file(path).map_err(|e| io_error(path, "write", e))?;
+            return Ok(t);
+        }
+        let info = image::info(path)?;
+        if info.backing.is_some() {
+            return Err(StorageError::TemplateHasBacking(name));
+        }
+        let dst = self.entry_path(&digest, info.format);
+        match std::fs::rename(path, &dst) {
+            Ok(()) => {
+                if let Ok(d) = File::open(&self.dir) {
+                    let _ = d.sync_all();
+                }
+                Ok(CachedTemplate {
+                    digest,
+                    path: dst,
+                    format: info.format,
+                    virtual_size: info.virtual_size,
+                })
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                let t = self.fetch(&name, Some(&digest), &mut |_| {})?;
+                let _ = std::fs::remove_file(path);
+                Ok(t)
+            }
+            Err(e) => Err(io_error(&dst, "create", e)),
+        }
+    }
+
     /// Checks a complete partial file (digest, format) and renames it into
     /// place.
     fn finish(

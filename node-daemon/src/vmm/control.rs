@@ -12,6 +12,10 @@
 //! Commands: `status`, `pause`, `resume`, `stop`, `save-state {dir}`,
 //! `stats`, `dirty-log-start`, `dirty-log-stop`, `take-dirty` (returns and
 //! clears the dirty set; counts only).
+//! Disks (numbered from 0 in `--disk` order): `disk-dirty-start {disk}` and
+//! `disk-dirty-stop {disk}` turn changed-block tracking on and off;
+//! `disk-take-dirty {disk}` returns and clears the changed blocks as byte
+//! ranges (`{"granularity":65536,"blocks":N,"bytes":B,"ranges":[[off,len],...]}`).
 //! Migration: `migrate-send {addr, ...policy}` starts an outgoing live
 //! migration to a target started with `godwit-vmm --incoming ADDR` and returns
 //! at once; `migrate-status` returns its progress (and, at the end, its result
@@ -72,6 +76,21 @@ pub enum Command {
     DirtyLogStart,
     /// Turn dirty logging off.
     DirtyLogStop,
+    /// Turn changed-block tracking on for a disk (clears its set).
+    DiskDirtyStart {
+        /// Disk index, from 0 in `--disk` order.
+        disk: usize,
+    },
+    /// Turn changed-block tracking off for a disk.
+    DiskDirtyStop {
+        /// Disk index.
+        disk: usize,
+    },
+    /// Take (and clear) a disk's changed blocks.
+    DiskTakeDirty {
+        /// Disk index.
+        disk: usize,
+    },
     /// Start a live migration to the target VMM listening at `addr`.
     MigrateSend {
         /// Target `host:port`.
@@ -244,7 +263,7 @@ pub fn handle(vmm: &Arc<Vmm>, line: &str) -> Response {
     }
     let req: Request = match serde_json::from_value(raw) {
         Ok(r) => r,
-        Err(e) => return fail(format!("Bad request ({e}); commands: status, pause, resume, stop, save-state, stats, take-dirty, dirty-log-start, dirty-log-stop, migrate-send, migrate-status, migrate-cancel")),
+        Err(e) => return fail(format!("Bad request ({e}); commands: status, pause, resume, stop, save-state, stats, take-dirty, dirty-log-start, dirty-log-stop, disk-dirty-start, disk-dirty-stop, disk-take-dirty, migrate-send, migrate-status, migrate-cancel")),
     };
     let migration = match &req.cmd {
         Command::MigrateSend { .. } => Some(migrate_send(vmm, req.cmd.clone())),
@@ -289,6 +308,21 @@ pub fn handle(vmm: &Arc<Vmm>, line: &str) -> Response {
         Command::Stats => Ok(serde_json::to_value(vmm.stats()).expect("stats serialise")),
         Command::DirtyLogStart => vmm.set_dirty_log(true).map(|_| json!({"dirty_log": true})),
         Command::DirtyLogStop => vmm.set_dirty_log(false).map(|_| json!({"dirty_log": false})),
+        Command::DiskDirtyStart { disk } => vmm
+            .disk_dirty_start(disk)
+            .map(|_| json!({"disk": disk, "dirty_tracking": true})),
+        Command::DiskDirtyStop { disk } => vmm
+            .disk_dirty_stop(disk)
+            .map(|_| json!({"disk": disk, "dirty_tracking": false})),
+        Command::DiskTakeDirty { disk } => vmm.disk_take_dirty(disk).map(|c| {
+            json!({
+                "disk": disk,
+                "granularity": c.granularity,
+                "blocks": c.count(),
+                "bytes": c.bytes(),
+                "ranges": c.ranges(),
+            })
+        }),
         Command::MigrateSend { .. } | Command::MigrateStatus | Command::MigrateCancel => {
             unreachable!("handled above")
         }

@@ -44,11 +44,15 @@ use vm::{VcpuSet, VmError, VmExit};
 /// One disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
-    /// Raw image file; must exist.
+    /// Image file (raw or qcow2); must exist.
     pub path: PathBuf,
     /// Expose read-only.
     #[serde(default)]
     pub read_only: bool,
+    /// Image format; detected from the file when absent (qcow2 magic, else
+    /// raw).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<crate::storage::ImageFormat>,
 }
 
 /// One NIC.
@@ -142,6 +146,15 @@ pub enum VmmError {
     /// An eventfd could not be created.
     #[error("Failed to create an eventfd")]
     EventFd(#[source] std::io::Error),
+    /// A disk index that does not exist.
+    #[error("No disk {0}; disks are numbered from 0 in --disk order")]
+    NoDisk(usize),
+    /// Changed-block tracking was not started.
+    #[error("Changed-block tracking is off for disk {0}; send disk-dirty-start first")]
+    DiskDirtyNotEnabled(usize),
+    /// A disk image operation failed (lock, reopen, flush).
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
 }
 
 /// Snapshot of the VMM's counters.
@@ -265,8 +278,18 @@ impl Vmm {
         let mut virtio = Vec::new();
         let mut irq_evts = Vec::new();
         let mut index = 0usize;
+        // A booting VM locks its disks now; a VM built for a restore or an
+        // incoming migration locks them in restore_snapshot, or when the
+        // migration engine activates it (see storage::lock for the order).
+        let lock_disks = mode == BuildMode::Boot;
         for (i, d) in config.disks.iter().enumerate() {
-            let blk = Block::new(d.path.clone(), d.read_only, format!("godwit-disk{i}"))?;
+            let blk = Block::new(
+                d.path.clone(),
+                d.format,
+                d.read_only,
+                format!("godwit-disk{i}"),
+                lock_disks,
+            )?;
             virtio.push(VirtioDevice::Block(blk));
         }
         for (i, n) in config.nets.iter_mut().enumerate() {
@@ -468,6 +491,75 @@ impl Vmm {
         Ok(d)
     }
 
+    /// Runs `f` on block device number `disk` (in `--disk` order).
+    pub fn with_disk<R>(
+        &self,
+        disk: usize,
+        f: impl FnOnce(&mut Block) -> R,
+    ) -> Result<R, VmmError> {
+        let t = self
+            .devices
+            .virtio
+            .iter()
+            .filter(|t| matches!(t.lock().unwrap().device, VirtioDevice::Block(_)))
+            .nth(disk)
+            .ok_or(VmmError::NoDisk(disk))?;
+        let mut t = t.lock().unwrap();
+        match &mut t.device {
+            VirtioDevice::Block(b) => Ok(f(b)),
+            VirtioDevice::Net(_) => unreachable!("filtered to block devices"),
+        }
+    }
+
+    /// Starts changed-block tracking on disk `disk` (clears its set).
+    pub fn disk_dirty_start(&self, disk: usize) -> Result<(), VmmError> {
+        self.with_disk(disk, Block::dirty_start)
+    }
+
+    /// Stops changed-block tracking on disk `disk`.
+    pub fn disk_dirty_stop(&self, disk: usize) -> Result<(), VmmError> {
+        self.with_disk(disk, Block::dirty_stop)
+    }
+
+    /// Returns the blocks of disk `disk` written since tracking started or
+    /// since the last call, and clears them (the disk's counterpart of
+    /// [`Vmm::take_dirty`]).
+    pub fn disk_take_dirty(&self, disk: usize) -> Result<crate::storage::ChangedBlocks, VmmError> {
+        self.with_disk(disk, Block::take_dirty)?
+            .ok_or(VmmError::DiskDirtyNotEnabled(disk))
+    }
+
+    /// Number of disks.
+    pub fn disk_count(&self) -> usize {
+        self.devices
+            .virtio
+            .iter()
+            .filter(|t| matches!(t.lock().unwrap().device, VirtioDevice::Block(_)))
+            .count()
+    }
+
+    /// Flushes every disk and releases its image locks: the source of a
+    /// live migration on shared storage, after Commit, once its vCPUs are
+    /// stopped for good (see [`crate::storage::lock`]).
+    pub fn release_disks(&self) -> Result<(), VmmError> {
+        for i in 0..self.disk_count() {
+            self.with_disk(i, Block::unlock)??;
+        }
+        Ok(())
+    }
+
+    /// Reopens every disk and takes its image locks: a VM built with
+    /// [`BuildMode::Incoming`] before it runs (a snapshot restore does it
+    /// itself; a migration target before Activate). Fails with
+    /// [`crate::storage::StorageError::Locked`] while another VMM holds a
+    /// disk; the guest must not run then.
+    pub fn activate_disks(&self) -> Result<(), VmmError> {
+        for i in 0..self.disk_count() {
+            self.with_disk(i, Block::reopen_locked)??;
+        }
+        Ok(())
+    }
+
     /// Builds the VM saved in the snapshot directory `dir` and restores it
     /// (memory, VM, vCPU and device state); it runs after [`Vmm::start`].
     pub fn restore_snapshot(
@@ -476,6 +568,7 @@ impl Vmm {
     ) -> Result<(Vmm, Receiver<VmExit>), VmmError> {
         let snap = VmmSnapshot::load(dir)?;
         let (vmm, rx) = Vmm::build(snap.config.clone(), runtime, BuildMode::Incoming)?;
+        vmm.activate_disks()?;
         memory::load_from_file(&vmm.mem, &snap.memory, &dir.join(state::MEMORY_FILE))?;
         vmm.restore_state(&snap)?;
         Ok((vmm, rx))

@@ -44,6 +44,9 @@ pub enum VirtioError {
     /// An eventfd could not be created.
     #[error("Failed to create an eventfd")]
     EventFd(#[source] std::io::Error),
+    /// The disk image cannot be used (format, lock, corrupt header).
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
     /// Queue state from a snapshot is invalid.
     #[error("Invalid virtqueue state in snapshot")]
     QueueState(#[source] virtio_queue::Error),

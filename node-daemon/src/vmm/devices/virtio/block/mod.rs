@@ -1,9 +1,12 @@
-//! virtio-blk over a raw image file: read, write, flush (fsync, honoured)
-//! and get-id, read-only when asked. Requests are served synchronously on
-//! the notifying vCPU thread.
+//! virtio-blk over a disk image (raw or qcow2, see [`crate::storage`]):
+//! read, write, flush (fsync, honoured) and get-id, read-only when asked.
+//! Requests are served synchronously on the notifying vCPU thread.
+//!
+//! The device owns the image's locks (exclusive when read-write, shared
+//! when read-only and on backing images) and, when turned on, a
+//! changed-block bitmap ([`crate::storage::cbt`]) marked after every
+//! completed write.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -11,6 +14,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{VirtioError, VIRTIO_F_VERSION_1};
+use crate::storage::{ChangedBlocks, DirtyBlocks, DiskImage, ImageFormat, StorageError};
 use crate::vmm::memory::GuestMemory;
 
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
@@ -33,36 +37,86 @@ pub struct BlockState {
     pub read_only: bool,
     /// Capacity in 512-byte sectors when saved.
     pub capacity: u64,
+    /// Image format (absent in snapshots from before qcow2 support: raw).
+    #[serde(default)]
+    pub format: Option<ImageFormat>,
 }
 
 /// A virtio-blk device.
 pub struct Block {
-    file: File,
+    disk: DiskImage,
     path: PathBuf,
     read_only: bool,
     capacity: u64,
     id: String,
+    dirty: Option<DirtyBlocks>,
 }
 
 impl Block {
-    /// Opens the image at `path`; it must exist.
-    pub fn new(path: PathBuf, read_only: bool, id: String) -> Result<Self, VirtioError> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(&path)
-            .map_err(|e| VirtioError::OpenDisk(path.display().to_string(), e))?;
-        let len = file
-            .metadata()
-            .map_err(|e| VirtioError::OpenDisk(path.display().to_string(), e))?
-            .len();
+    /// Opens the image at `path` as `format` (detected when `None`; a
+    /// corrupt qcow2 header is refused). With `lock` the image locks are
+    /// taken now and a disk another VMM holds is refused
+    /// ([`StorageError::Locked`]); without, they are taken later with
+    /// [`Block::reopen_locked`] (a migration target).
+    pub fn new(
+        path: PathBuf,
+        format: Option<ImageFormat>,
+        read_only: bool,
+        id: String,
+        lock: bool,
+    ) -> Result<Self, VirtioError> {
+        let disk = DiskImage::open(&path, format, read_only, lock)?;
         Ok(Block {
-            file,
+            capacity: disk.size() / SECTOR,
+            disk,
             path,
             read_only,
-            capacity: len / SECTOR,
             id,
+            dirty: None,
         })
+    }
+
+    /// The open image (for the migration engine: allocated extents, reads).
+    pub fn disk(&self) -> &DiskImage {
+        &self.disk
+    }
+
+    /// Starts changed-block tracking (clearing any earlier set).
+    pub fn dirty_start(&mut self) {
+        self.dirty = Some(DirtyBlocks::new(self.capacity * SECTOR));
+    }
+
+    /// Stops changed-block tracking.
+    pub fn dirty_stop(&mut self) {
+        self.dirty = None;
+    }
+
+    /// Whether changed-block tracking is on.
+    pub fn dirty_enabled(&self) -> bool {
+        self.dirty.is_some()
+    }
+
+    /// The blocks written since tracking started or since the last take,
+    /// and clears them; `None` when tracking is off.
+    pub fn take_dirty(&mut self) -> Option<ChangedBlocks> {
+        self.dirty.as_mut().map(DirtyBlocks::take)
+    }
+
+    /// Takes the image locks (a no-op when held).
+    pub fn lock(&mut self) -> Result<(), StorageError> {
+        self.disk.lock()
+    }
+
+    /// Flushes and releases the image locks.
+    pub fn unlock(&mut self) -> Result<(), StorageError> {
+        self.disk.unlock()
+    }
+
+    /// Reopens the image and takes its locks (see [`crate::storage::lock`]).
+    pub fn reopen_locked(&mut self) -> Result<(), StorageError> {
+        self.disk.reopen_locked()?;
+        self.capacity = self.disk.size() / SECTOR;
+        Ok(())
     }
 
     pub(super) fn features(&self) -> u64 {
@@ -83,6 +137,7 @@ impl Block {
             path: self.path.clone(),
             read_only: self.read_only,
             capacity: self.capacity,
+            format: Some(self.disk.format()),
         }
     }
 
@@ -136,26 +191,33 @@ impl Block {
                     let mut buf = vec![0u8; len];
                     if kind == T_IN {
                         if !d.is_write_only()
-                            || self.file.read_exact_at(&mut buf, off).is_err()
+                            || self.disk.read_at(&mut buf, off).is_err()
                             || mem.write_slice(&buf, d.addr()).is_err()
                         {
                             st = S_IOERR;
                             break;
                         }
                         written += len as u32;
-                    } else if self.read_only
-                        || mem.read_slice(&mut buf, d.addr()).is_err()
-                        || self.file.write_all_at(&buf, off).is_err()
-                    {
-                        st = S_IOERR;
-                        break;
+                    } else {
+                        if self.read_only || mem.read_slice(&mut buf, d.addr()).is_err() {
+                            st = S_IOERR;
+                            break;
+                        }
+                        if let Err(e) = self.disk.write_at(&buf, off) {
+                            tracing::warn!(path = %self.path.display(), "virtio-blk write failed: {e}");
+                            st = S_IOERR;
+                            break;
+                        }
+                        if let Some(d) = &mut self.dirty {
+                            d.mark(off, len as u64);
+                        }
                     }
                     off += len as u64;
                 }
                 st
             }
             T_FLUSH => {
-                if self.read_only || self.file.sync_data().is_ok() {
+                if self.read_only || self.disk.flush().is_ok() {
                     S_OK
                 } else {
                     S_IOERR
