@@ -158,3 +158,45 @@ fn vm_runs_survives_an_agent_restart_a_cancelled_migration_and_is_deleted() {
     assert!(!disk.exists(), "{} is still there", disk.display());
     assert!(!vm_dir.exists(), "{} is still there", vm_dir.display());
 }
+
+#[test]
+fn a_node_cut_off_from_the_api_fences_itself_and_the_vm_restarts_after() {
+    let dir = std::env::temp_dir().join(format!("godwit-fencing-{}", std::process::id()));
+    let g = Godwit::up(1, &dir).expect("local cluster with Godwit");
+    g.apply(&g.example(EXAMPLE_TEMPLATE)).unwrap();
+    g.apply(&g.example(EXAMPLE_VM)).unwrap();
+    g.wait_running("demo", Duration::from_secs(90)).unwrap();
+    let vm_dir = g.vm_dir(0, "default", "demo");
+    let pid = |d: &Path| -> i32 {
+        std::fs::read_to_string(d.join("pid"))
+            .unwrap_or_default()
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    };
+    let first = pid(&vm_dir);
+    assert!(alive(first));
+
+    // Cut the node off: it cannot renew its Lease, so after the lease
+    // duration (10 s) it stops its VM rather than risk it running twice.
+    let node = &g.cluster.fabric.nodes[0];
+    node.cut().unwrap();
+    g.wait("the node to fence its VM", Duration::from_secs(30), || {
+        Ok((!alive(first)).then_some(()))
+    })
+    .unwrap();
+    let log = std::fs::read_to_string(g.cluster.log_dir().join("agent-node-0.log")).unwrap();
+    assert!(log.contains("fencing this node"), "{log}");
+
+    // Back on the network: the agent renews, reports the stop, and the
+    // operator restarts the VM (runStrategy Always) on the node.
+    node.ns.restore(&node.uplink).unwrap();
+    g.wait("the VM to run again", Duration::from_secs(90), || {
+        let vm = g.get("vm", "demo")?;
+        let again = pid(&vm_dir);
+        Ok(vm
+            .filter(|v| v["status"]["phase"] == "Running")
+            .filter(|_| again != first && alive(again)))
+    })
+    .unwrap();
+}

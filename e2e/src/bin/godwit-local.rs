@@ -5,8 +5,10 @@
 //! happened; with `--json` it ends with one JSON line.
 //!
 //! `godwit-local up [--nodes N]` brings up a local cluster (API test server,
-//! Godwit's CRDs, N namespace nodes registered as Nodes), prints the
-//! kubeconfig to use, and tears everything down on Ctrl-C or SIGTERM.
+//! Godwit's CRDs, N namespace nodes registered as Nodes, the operator and a
+//! node agent per node, the test guest installed), writes the example
+//! manifests rewritten for it, prints the kubeconfig to use, and tears
+//! everything down on Ctrl-C or SIGTERM.
 
 use clap::{Parser, Subcommand};
 
@@ -29,7 +31,7 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Bring up a local cluster and keep it until Ctrl-C.
+    /// Bring up a local cluster running Godwit and keep it until Ctrl-C.
     Up {
         /// Number of nodes.
         #[arg(long, default_value_t = 2)]
@@ -47,7 +49,18 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 fn up(nodes: usize, dir: &std::path::Path) -> anyhow::Result<()> {
-    let cluster = godwit_e2e::cluster::LocalCluster::up(nodes, 4, 4096, dir)?;
+    use godwit_e2e::demo::{Godwit, EXAMPLE_MIGRATION, EXAMPLE_TEMPLATE, EXAMPLE_VM};
+    let godwit = Godwit::up(nodes, dir)?;
+    let examples = dir.join("examples");
+    std::fs::create_dir_all(&examples)?;
+    for (file, text) in [
+        ("1-template.yaml", EXAMPLE_TEMPLATE),
+        ("2-vm.yaml", EXAMPLE_VM),
+        ("3-migration.yaml", EXAMPLE_MIGRATION),
+    ] {
+        std::fs::write(examples.join(file), godwit.example(text))?;
+    }
+    let cluster = &godwit.cluster;
     // SAFETY: the handler only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
@@ -72,6 +85,12 @@ fn up(nodes: usize, dir: &std::path::Path) -> anyhow::Result<()> {
         cluster.kubeconfig.display()
     );
     println!(
+        "  kubectl --kubeconfig {} apply -f {}/",
+        cluster.kubeconfig.display(),
+        examples.display()
+    );
+    println!("  logs: {}", cluster.log_dir().display());
+    println!(
         "  inside a node: ip netns exec <namespace> kubectl --kubeconfig {} ...",
         cluster.node_kubeconfig.display()
     );
@@ -79,7 +98,7 @@ fn up(nodes: usize, dir: &std::path::Path) -> anyhow::Result<()> {
     while !STOP.load(std::sync::atomic::Ordering::Relaxed) {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    cluster.down();
+    drop(godwit);
     println!("Local cluster down.");
     Ok(())
 }

@@ -22,6 +22,8 @@ pub struct VmFacts {
     pub has_machine: bool,
     /// A migration is moving it (`status.migration`).
     pub migrating: bool,
+    /// Its status already says it runs here (Ready condition from this node).
+    pub reported_here: bool,
 }
 
 /// What to do about a VM labelled for this node.
@@ -78,6 +80,8 @@ pub fn decide_vm(vm: &VmFacts, local: &LocalState) -> VmAction {
             VmPhase::Scheduled | VmPhase::Provisioning | VmPhase::Starting => {
                 VmAction::ReportRunning
             }
+            // Received by a migration: the source wrote the status so far.
+            VmPhase::Running if !vm.reported_here => VmAction::ReportRunning,
             _ => VmAction::Nothing,
         };
     }
@@ -281,6 +285,7 @@ mod tests {
             phase,
             has_finalizer: true,
             has_machine: true,
+            reported_here: true,
             ..Default::default()
         }
     }
@@ -297,6 +302,10 @@ mod tests {
         assert_eq!(decide_vm(&v, &running()), VmAction::ReportRunning);
         v.phase = VmPhase::Running;
         assert_eq!(decide_vm(&v, &running()), VmAction::Nothing);
+        // A VM that arrived by migration is reported by its new node once.
+        v.reported_here = false;
+        assert_eq!(decide_vm(&v, &running()), VmAction::ReportRunning);
+        v.reported_here = true;
         // Without a resolved machine there is nothing to start yet.
         v.phase = VmPhase::Scheduled;
         v.has_machine = false;

@@ -215,7 +215,11 @@ async fn renew_lease(agent: Arc<Agent>) {
     let name = contract::node_lease_name(&agent.cfg.node);
     let every = Duration::from_secs((agent.cfg.lease_seconds as u64 / 4).max(1));
     loop {
-        match renew_once(&api, &name, &agent.cfg).await {
+        // A renewal that hangs (a dead link) counts as failed after a period.
+        let renewed = tokio::time::timeout(every, renew_once(&api, &name, &agent.cfg))
+            .await
+            .unwrap_or_else(|_| Err(kube::Error::Service("Lease renewal timed out".into())));
+        match renewed {
             Ok(()) => {
                 *agent.lease.renewed.lock().unwrap() = Instant::now();
                 let mut fenced = agent.lease.fenced.lock().unwrap();
@@ -298,6 +302,10 @@ fn key(namespace: &str, name: &str) -> String {
 }
 
 impl Agent {
+    fn running_message(&self) -> String {
+        format!("running on {}", self.cfg.node)
+    }
+
     fn fenced(&self) -> bool {
         *self.lease.fenced.lock().unwrap()
     }
@@ -420,6 +428,9 @@ impl Agent {
                 .any(|f| f == contract::AGENT_FINALIZER),
             has_machine: machine.is_some(),
             migrating: status.migration.is_some(),
+            reported_here: status.conditions.iter().any(|c| {
+                c.type_ == "Ready" && c.status == "True" && c.message == self.running_message()
+            }),
         };
         let action = decide::decide_vm(&facts, &local);
         let api: Api<VirtualMachine> = Api::namespaced(self.client.clone(), &ns);
@@ -576,7 +587,7 @@ impl Agent {
             "phase": VmPhase::Running,
             "nodeName": self.cfg.node,
             "addresses": addresses,
-            "conditions": [ready(true, "Running", &format!("running on {}", self.cfg.node))],
+            "conditions": [ready(true, "Running", &self.running_message())],
         }});
         api.patch_status(
             &vm.name_any(),
