@@ -6,7 +6,7 @@
 //! stateDiagram-v2
 //!     [*] --> Pending
 //!     Pending --> Failed: invalid (operator)
-//!     Pending --> Pending: no slot (Admitted=False WaitingForSlot)
+//!     Pending --> Pending: no slot, or VM not there or not running yet (Admitted=False WaitingForSlot / WaitingForVM)
 //!     Pending --> Cancelled: deleted or cancel annotation (operator)
 //!     Pending --> PreparingTarget: admitted, target chosen (operator)
 //!     PreparingTarget --> Failed: no targetAddress in 60 s (operator)
@@ -21,6 +21,9 @@
 //!
 //! What the operator writes (see [`godwit_crds::contract`]):
 //! - on a new migration: the finalizer [`MIGRATION_FINALIZER`]; then either
+//!   `Pending` with `Admitted=False WaitingForVM` while its VM does not exist
+//!   or is still starting (manifests applied together, up to the default
+//!   completion timeout after the migration's creation), or
 //!   `Failed` with `failureReason` (VM missing, not running, not migratable,
 //!   already migrating, `Cold` mode, no target), or `Pending` with
 //!   `Admitted=False WaitingForSlot` (over `--max-migrations-per-node` or
@@ -168,9 +171,13 @@ pub enum MigrationAction {
         /// `failureReason`.
         reason: String,
     },
-    /// No slot: stay `Pending` with `Admitted=False WaitingForSlot`.
-    WaitForSlot {
-        /// Which limit holds it back.
+    /// Not yet: stay `Pending` with `Admitted=False` and this reason
+    /// (`WaitingForSlot`: a concurrency limit; `WaitingForVM`: the VM does
+    /// not exist or does not run yet, as when manifests are applied together).
+    Wait {
+        /// The condition's reason.
+        reason: &'static str,
+        /// What it waits for.
         message: String,
     },
     /// Let it in: VM `Migrating`, migration `PreparingTarget`, labels.
@@ -271,11 +278,28 @@ fn admit(m: &VMMigration, inputs: &MigrationInputs<'_>) -> MigrationAction {
         );
     }
     let vm_name = &m.spec.vm_name;
+    // Manifests applied together (GitOps) may bring the migration before its
+    // VM exists or runs: wait for it, within the completion timeout.
+    let waited_too_long = || {
+        let created = m.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        // Without a creation time (never from the API server) do not wait.
+        created.is_none_or(|c| {
+            inputs.now.duration_since(c).as_secs()
+                > i64::from(MigrationPolicy::DEFAULT_COMPLETION_TIMEOUT_SECONDS)
+        })
+    };
     let Some(vm) = inputs.vm else {
-        return fail(format!(
+        let message = format!(
             "VirtualMachine {vm_name:?} not found in namespace {:?}",
             m.namespace().unwrap_or_default()
-        ));
+        );
+        if waited_too_long() {
+            return fail(message);
+        }
+        return MigrationAction::Wait {
+            reason: "WaitingForVM",
+            message: format!("{message}; waiting for it"),
+        };
     };
     let Some(cluster) = inputs.cluster else {
         return MigrationAction::Nothing {
@@ -290,6 +314,16 @@ fn admit(m: &VMMigration, inputs: &MigrationInputs<'_>) -> MigrationAction {
     }
     let phase = view::vm_phase(vm);
     // `Migrating` and naming us: an admission cut short, carry on.
+    let starting = matches!(
+        phase,
+        VmPhase::Pending | VmPhase::Scheduled | VmPhase::Provisioning | VmPhase::Starting
+    );
+    if starting && !ours && !waited_too_long() {
+        return MigrationAction::Wait {
+            reason: "WaitingForVM",
+            message: format!("VM {vm_name:?} is {phase:?}; waiting for it to run"),
+        };
+    }
     if phase != VmPhase::Running && !ours {
         return fail(format!(
             "VM {vm_name:?} is {phase:?}, not Running: only a running VM can be live-migrated"
@@ -313,7 +347,8 @@ fn admit(m: &VMMigration, inputs: &MigrationInputs<'_>) -> MigrationAction {
         .filter(|o| o.uid() != m.uid() && in_flight(o))
         .collect();
     if flying.len() >= limits.per_cluster {
-        return MigrationAction::WaitForSlot {
+        return MigrationAction::Wait {
+            reason: "WaitingForSlot",
             message: format!(
                 "{} migrations in flight; the cluster allows {}",
                 flying.len(),
@@ -340,7 +375,8 @@ fn admit(m: &VMMigration, inputs: &MigrationInputs<'_>) -> MigrationAction {
         )
     };
     if full(&source) {
-        return MigrationAction::WaitForSlot {
+        return MigrationAction::Wait {
+            reason: "WaitingForSlot",
             message: slot_message(&source),
         };
     }
@@ -375,7 +411,8 @@ fn admit(m: &VMMigration, inputs: &MigrationInputs<'_>) -> MigrationAction {
                 return fail(format!("targetNode {target} cannot take the VM: {refusal}"));
             }
             if full(target) {
-                return MigrationAction::WaitForSlot {
+                return MigrationAction::Wait {
+                    reason: "WaitingForSlot",
                     message: slot_message(target),
                 };
             }
@@ -393,7 +430,8 @@ fn admit(m: &VMMigration, inputs: &MigrationInputs<'_>) -> MigrationAction {
             match place(&free_slots, &cluster.nodes) {
                 Ok(target) => target,
                 Err(_) if !crowded.is_empty() && place(&request, &cluster.nodes).is_ok() => {
-                    return MigrationAction::WaitForSlot {
+                    return MigrationAction::Wait {
+                        reason: "WaitingForSlot",
                         message: format!(
                             "every node that can take the VM has {} migrations in flight",
                             limits.per_node
@@ -750,8 +788,8 @@ async fn apply(
                 .await;
             Ok(soon)
         }
-        MigrationAction::WaitForSlot { message } => {
-            let waiting = Wanted::no(ADMITTED, "WaitingForSlot", message.clone());
+        MigrationAction::Wait { reason, message } => {
+            let waiting = Wanted::no(ADMITTED, reason, message.clone());
             if !waiting.is_shown_in(migration_conditions(m)) {
                 patch_status(
                     &api,
@@ -763,12 +801,8 @@ async fn apply(
                     ctx,
                 )
                 .await?;
-                ctx.publish(
-                    &reference,
-                    "Admit",
-                    &Note::normal("WaitingForSlot", message),
-                )
-                .await;
+                ctx.publish(&reference, "Admit", &Note::normal(reason, message))
+                    .await;
             }
             Ok(Action::requeue(
                 Duration::from_secs(2).min(ctx.config.requeue),
@@ -1189,6 +1223,22 @@ mod tests {
         let m = new_migration("m1");
 
         assert!(failure(decide(&m, None, &c)).contains("\"demo\" not found"));
+        // Applied together with its VM: the migration waits for the VM to exist
+        // and run, within the completion timeout.
+        let mut fresh = m.clone();
+        fresh.metadata.creation_timestamp = Some(Time(at(-10)));
+        let waits = |a: MigrationAction| match a {
+            MigrationAction::Wait {
+                reason: "WaitingForVM",
+                message,
+            } => message,
+            other => panic!("expected WaitingForVM, got {other:?}"),
+        };
+        assert!(waits(decide(&fresh, None, &c)).contains("not found"));
+        let starting = placed_vm("demo", "node-1", VmPhase::Starting, 1, 1);
+        assert!(waits(decide(&fresh, Some(&starting), &c)).contains("is Starting"));
+        fresh.metadata.creation_timestamp = Some(Time(at(-3600)));
+        assert!(failure(decide(&fresh, None, &c)).contains("\"demo\" not found"));
 
         let stopped = placed_vm("demo", "node-1", VmPhase::Stopped, 1, 1);
         assert!(failure(decide(&m, Some(&stopped), &c)).contains("is Stopped, not Running"));
@@ -1289,7 +1339,10 @@ mod tests {
         let vm = running();
         let m = new_migration("m1");
         let wait = |a: MigrationAction| match a {
-            MigrationAction::WaitForSlot { message } => message,
+            MigrationAction::Wait {
+                reason: "WaitingForSlot",
+                message,
+            } => message,
             other => panic!("expected WaitForSlot, got {other:?}"),
         };
 
