@@ -19,18 +19,35 @@ fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The CRDs are committed twice: in `crds/` and in the Helm chart's `crds/`.
 #[test]
 fn committed_crd_yaml_matches_the_types() {
-    for (file, crd) in crds() {
-        let path = repo_root().join("crds").join(file);
-        let committed = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-        assert!(
-            committed == crd_yaml(&crd),
-            "{} is out of date: run `cargo run -p godwit-crds --bin crdgen` and commit the result",
-            path.display()
-        );
+    for dir in ["crds", "charts/godwit/crds"] {
+        for (file, crd) in crds() {
+            let path = repo_root().join(dir).join(file);
+            let committed = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+            assert!(
+                committed == crd_yaml(&crd),
+                "{} is out of date: run `cargo run -p godwit-crds --bin crdgen` and commit the result",
+                path.display()
+            );
+        }
     }
+}
+
+/// The chart holds exactly the generated CRDs, no stale file of a removed kind.
+#[test]
+fn chart_holds_only_the_generated_crds() {
+    let dir = repo_root().join("charts/godwit/crds");
+    let mut found: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    found.sort();
+    let mut expected: Vec<String> = crds().into_iter().map(|(f, _)| f.to_string()).collect();
+    expected.sort();
+    assert_eq!(found, expected, "{}", dir.display());
 }
 
 /// Turns an OpenAPI v3 structural schema into a JSON schema with the same meaning
