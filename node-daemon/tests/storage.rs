@@ -721,3 +721,158 @@ fn full_disk_child() {
     assert!(names(cache.dir()).is_empty(), "{:?}", names(cache.dir()));
     println!("FULL-DISK-CHILD OK");
 }
+
+// ---- provisioning with customization ----
+
+#[test]
+fn a_vm_provisioned_from_a_template_gets_its_customization() {
+    use godwit_e2e::netns::{unique_name, Netns, Veth};
+    common::require_kvm();
+    let dir = Scratch::new("stor-custom");
+    let src = dir.path("template.raw");
+    image::create_blank(&src, 16 << 20, ImageFormat::Raw).unwrap();
+    write_pattern_raw(&src, 0, 8, 3);
+    let cache = TemplateCache::new(dir.path("cache")).unwrap();
+    let digest = sha256_file(&src).unwrap();
+    let t = cache
+        .fetch(
+            src.to_str().unwrap(),
+            Some(&format!("sha256:{digest}")),
+            &mut |_| {},
+        )
+        .unwrap();
+    let root = dir.path("root.qcow2");
+    storage::provision(&t, &root).unwrap();
+    let c = storage::Customization {
+        hostname: Some("web-1".into()),
+        ip: Some("10.77.1.2/24".into()),
+        gateway: Some("10.77.1.1".into()),
+        dns: vec!["10.77.1.1".into()],
+        ssh_authorized_keys: vec!["ssh-ed25519 AAAAC3Nza test@godwit".into()],
+        ..Default::default()
+    };
+    let cfg = dir.path("config.img");
+    storage::config_disk(&c, &cfg).unwrap();
+    // What the operator puts on the command line for this customization.
+    let cmdline = "hb_ms=100 tcp_port=7001 blk_verify=0:8:3 godwit.hostname=web-1 \
+                   godwit.ip=10.77.1.2/24 godwit.gw=10.77.1.1 godwit.dns=10.77.1.1";
+
+    let host = Netns::new("gwh").expect("create VM host namespace");
+    let client = Netns::new("gwc").expect("create client namespace");
+    let br = unique_name("br");
+    host.add_bridge(&br).unwrap();
+    let (va, vb) = (unique_name("va"), unique_name("vb"));
+    let _veth = Veth::new(&host, &va, &client, &vb).unwrap();
+    host.attach(&va, &br).unwrap();
+    client.add_addr(&vb, "10.77.1.1/24").unwrap();
+    let tap = unique_name("tap");
+    let mut args = vm_args(
+        cmdline,
+        &[
+            format!("path={}", root.display()),
+            format!("path={},ro=on", cfg.display()),
+        ],
+    );
+    args.extend(["--net".into(), format!("tap={tap},bridge={br}")]);
+    let mut vm = start_vm(&dir, "vm", &["ip", "netns", "exec", host.name()], &args);
+    let h = vm.console.wait_prefix("HOSTNAME", BOOT).unwrap();
+    assert_eq!(h.text, "HOSTNAME web-1");
+    let (mut net, mut blk) = (false, false);
+    vm.console
+        .wait_for("NET up and the base's pattern verified", BOOT, |t| {
+            net |= t.starts_with("NET up");
+            blk |= t.starts_with("BLK verify");
+            net && blk
+        })
+        .unwrap();
+    let find = |prefix: &str| {
+        vm.console
+            .lines()
+            .iter()
+            .find(|l| l.text.starts_with(prefix))
+            .map(|l| l.text.clone())
+            .unwrap()
+    };
+    let v = find("BLK verify");
+    assert_eq!(v, "BLK verify ok sector=0 count=8 seed=3");
+    let up = find("NET up");
+    assert!(up.contains("ip=10.77.1.2 "), "{up}");
+    // The address works: a client on the gateway's side reads a heartbeat.
+    let line = client
+        .run_in(|| {
+            let addr: std::net::SocketAddr = "10.77.1.2:7001".parse().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            let s = loop {
+                match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                    Ok(s) => break s,
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(200))
+                    }
+                    Err(e) => panic!("cannot connect to the guest: {e}"),
+                }
+            };
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut l = String::new();
+            BufReader::new(s).read_line(&mut l).unwrap();
+            l
+        })
+        .unwrap();
+    assert!(line.starts_with("HB "), "{line:?}");
+    // Both disks are there; the config disk says the same as the cmdline.
+    let blks = vm
+        .console
+        .lines()
+        .iter()
+        .filter(|l| l.text.starts_with("VIRTIO") && l.text.ends_with("blk"))
+        .count();
+    assert_eq!(blks, 2);
+    assert_eq!(storage::config_disk::read_config_disk(&cfg).unwrap(), c);
+    vm.api(json!({"cmd": "stop"}));
+    vm.wait_exit(Duration::from_secs(10));
+    check(&root);
+    assert_eq!(sha256_file(&t.path).unwrap(), digest);
+}
+
+#[test]
+fn a_snapshot_of_a_running_vm_cannot_run_beside_it() {
+    let dir = Scratch::new("stor-snap");
+    let disk = dir.path("disk.qcow2");
+    storage::blank(8 << 20, ImageFormat::Qcow2, &disk).unwrap();
+    let mut vm = start_vm(
+        &dir,
+        "vm1",
+        &[],
+        &vm_args(
+            "hb_ms=100 blk_write=64:16:21",
+            &[format!("path={}", disk.display())],
+        ),
+    );
+    let w = vm.console.wait_prefix("BLK write", BOOT).unwrap();
+    assert!(w.text.starts_with("BLK write ok"), "{}", w.text);
+    let snap = dir.path("snap");
+    let r = vm.api(json!({"cmd": "save-state", "dir": snap}));
+    assert_eq!(r["ok"], true, "{r}");
+    // The paused source still holds its disk.
+    let out = run_vmm(&["--restore", snap.to_str().unwrap(), "--timeout-s", "5"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("is locked by pid"), "{err}");
+    vm.api(json!({"cmd": "stop"}));
+    vm.wait_exit(Duration::from_secs(10));
+    // Once it is gone the snapshot runs and finds the guest's data.
+    let mut vm2 = start_vm(
+        &dir,
+        "vm2",
+        &[],
+        &["--restore".to_string(), snap.display().to_string()],
+    );
+    vm2.console.send("blkverify 64 16 21").unwrap();
+    let v = vm2
+        .console
+        .wait_for("the pattern", BOOT, |t| t.starts_with("BLK verify"))
+        .unwrap();
+    assert_eq!(v.text, "BLK verify ok sector=64 count=16 seed=21");
+    vm2.api(json!({"cmd": "stop"}));
+    vm2.wait_exit(Duration::from_secs(10));
+    check(&disk);
+}

@@ -249,6 +249,12 @@ impl DiskImage {
     /// guest; see [`super::lock`].
     pub fn reopen_locked(&mut self) -> Result<(), StorageError> {
         self.lock()?;
+        self.reopen()
+    }
+
+    /// Reopens the image without touching the locks (rereads qcow2
+    /// metadata).
+    pub fn reopen(&mut self) -> Result<(), StorageError> {
         let (backend, size) = Self::open_backend(&self.path, self.format, self.read_only)?;
         self.backend = backend;
         self.size = size;

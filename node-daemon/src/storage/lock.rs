@@ -30,6 +30,12 @@
 //!    which reopens each image (a qcow2 image's metadata may have changed
 //!    while the source ran) and takes the locks. If that fails, the target
 //!    must not resume the guest.
+//!
+//! Until the engine makes these two calls, a target's block device does
+//! the reopen itself before its first request and takes the locks if they
+//! are free, warning when the source still holds them (the source keeps
+//! them until it exits). A snapshot restore takes the locks at once, so a
+//! snapshot of a running VM cannot be started next to it.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;

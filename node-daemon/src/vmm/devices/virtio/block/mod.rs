@@ -50,6 +50,8 @@ pub struct Block {
     capacity: u64,
     id: String,
     dirty: Option<DirtyBlocks>,
+    /// Opened without locks and not activated yet (a migration target).
+    pending_activation: bool,
 }
 
 impl Block {
@@ -73,7 +75,26 @@ impl Block {
             read_only,
             id,
             dirty: None,
+            pending_activation: !lock,
         })
+    }
+
+    /// A device opened without locks (a migration target) serves its first
+    /// request only after this ran: the image is reopened, since the source
+    /// may have changed qcow2 metadata since we opened it, and the locks
+    /// are taken if they are free. Until the migration engine hands the
+    /// locks over ([`crate::vmm::Vmm::release_disks`] on the source after
+    /// Commit, [`crate::vmm::Vmm::activate_disks`] here before Activate,
+    /// which makes this a no-op) a source that still holds them leaves
+    /// this VM running unlocked, with a warning.
+    fn activate_lazily(&mut self) {
+        self.pending_activation = false;
+        if let Err(e) = self.disk.reopen() {
+            tracing::warn!(path = %self.path.display(), "Cannot reopen the disk image on first use: {}", crate::error_chain(&e));
+        }
+        if let Err(e) = self.disk.lock() {
+            tracing::warn!(path = %self.path.display(), "Running without the image lock ({}); the migration engine must hand it over", crate::error_chain(&e));
+        }
     }
 
     /// The open image (for the migration engine: allocated extents, reads).
@@ -115,6 +136,7 @@ impl Block {
     /// Reopens the image and takes its locks (see [`crate::storage::lock`]).
     pub fn reopen_locked(&mut self) -> Result<(), StorageError> {
         self.disk.reopen_locked()?;
+        self.pending_activation = false;
         self.capacity = self.disk.size() / SECTOR;
         Ok(())
     }
@@ -144,6 +166,9 @@ impl Block {
     /// Serves every available request; true if any was completed.
     pub fn process(&mut self, q: &mut Queue, mem: &GuestMemory) -> bool {
         let mut used = false;
+        if self.pending_activation {
+            self.activate_lazily();
+        }
         while let Some(chain) = q.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let descs: Vec<_> = chain.collect();
