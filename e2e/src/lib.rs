@@ -6,6 +6,7 @@ pub mod bench_migrate;
 pub mod bench_storage;
 pub mod cluster;
 pub mod demo;
+pub mod failover;
 pub mod guest;
 pub mod netns;
 pub mod nodes;

@@ -17,6 +17,7 @@
 pub mod conditions;
 pub mod config;
 pub mod context;
+pub mod ha;
 pub mod labels;
 pub mod leader;
 pub mod machine;
@@ -108,7 +109,8 @@ pub async fn run_controllers(client: Client, config: OperatorConfig, metrics: Ar
     let ctx = Arc::new(Context::new(client, config, metrics));
     tokio::join!(
         vm_controller::run(ctx.clone()),
-        migration_controller::run(ctx)
+        migration_controller::run(ctx.clone()),
+        ha::run(ctx)
     );
 }
 

@@ -15,7 +15,11 @@
 //!   (1 GiB and 20 GiB, sparse and fully written; see
 //!   `godwit_e2e::bench_storage`).
 //!
-//! Room is left for `failover`.
+//! - `bench failover [--runs N] [--json]`: HA on a two-node local cluster
+//!   with the operator and agents: the node running a VM is cut off the
+//!   network, and the time from the cut to the VM Running on the other node
+//!   is measured, N times (the VM moves back and forth); median and max (see
+//!   `godwit_e2e::failover`).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -43,6 +47,60 @@ enum Cmd {
     Migrate(MigrateArgs),
     /// Provisioning from a template (1 GiB and 20 GiB, sparse and full).
     Storage(StorageArgs),
+    /// HA failover time: a node cut off until its VM runs on another node.
+    Failover(FailoverArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct FailoverArgs {
+    /// One JSON line instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Failovers to measure.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+}
+
+fn failover(a: FailoverArgs) -> Result<()> {
+    use godwit_e2e::demo::{Godwit, EXAMPLE_TEMPLATE, EXAMPLE_VM};
+    anyhow::ensure!(a.runs > 0, "--runs must be at least 1");
+    let dir = std::env::temp_dir().join(format!("godwit-bench-failover-{}", std::process::id()));
+    let g = Godwit::up(2, &dir)?;
+    g.apply(&g.example(EXAMPLE_TEMPLATE))?;
+    g.apply(&g.example(EXAMPLE_VM))?;
+    let mut times = Vec::new();
+    if !a.json {
+        println!(
+            "{:>3}  {:<8} {:<8} {:>10} {:>12}  overlap",
+            "run", "from", "to", "fenced_ms", "failover_ms"
+        );
+    }
+    for run in 1..=a.runs {
+        let f = godwit_e2e::failover::fail_over(&g, "demo")?;
+        anyhow::ensure!(!f.overlap, "run {run}: two VMMs of the VM ran at once");
+        if !a.json {
+            println!(
+                "{run:>3}  {:<8} {:<8} {:>10} {:>12}  {}",
+                f.from, f.to, f.fenced_ms, f.ms, f.overlap
+            );
+        }
+        times.push(f.ms);
+    }
+    times.sort_unstable();
+    let median = times[times.len() / 2];
+    let max = *times.last().expect("at least one run");
+    if a.json {
+        println!(
+            "{}",
+            json!({"bench": "failover", "runs": a.runs, "median_ms": median, "max_ms": max})
+        );
+    } else {
+        println!(
+            "failover over {} runs: median {median} ms, max {max} ms (target: under 15000 ms)",
+            a.runs
+        );
+    }
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -160,6 +218,7 @@ fn main() -> Result<()> {
         Cmd::Boot(a) => boot(a),
         Cmd::Migrate(a) => migrate(a),
         Cmd::Storage(a) => storage(a),
+        Cmd::Failover(a) => failover(a),
     }
 }
 

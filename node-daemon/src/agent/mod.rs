@@ -170,6 +170,7 @@ pub async fn run(
         lease,
     });
     tasks.push(tokio::spawn(renew_lease(agent.clone())));
+    tasks.push(tokio::spawn(watch_fence(agent.clone())));
     // Nothing is decided before every watch has listed once: an empty store
     // would look like "no VMs here" and stop them all.
     for store in [&agent.outgoing, &agent.incoming] {
@@ -215,13 +216,16 @@ async fn renew_lease(agent: Arc<Agent>) {
     let name = contract::node_lease_name(&agent.cfg.node);
     let every = Duration::from_secs((agent.cfg.lease_seconds as u64 / 4).max(1));
     loop {
+        // The Lease says renewed at about `sent` (renew_once stamps it next);
+        // the fence deadline counts from there, never from a late answer.
+        let sent = Instant::now();
         // A renewal that hangs (a dead link) counts as failed after a period.
         let renewed = tokio::time::timeout(every, renew_once(&api, &name, &agent.cfg))
             .await
             .unwrap_or_else(|_| Err(kube::Error::Service("Lease renewal timed out".into())));
         match renewed {
             Ok(()) => {
-                *agent.lease.renewed.lock().unwrap() = Instant::now();
+                *agent.lease.renewed.lock().unwrap() = sent;
                 let mut fenced = agent.lease.fenced.lock().unwrap();
                 if *fenced {
                     tracing::warn!("Lease renewed again; the node takes VMs again");
@@ -231,12 +235,24 @@ async fn renew_lease(agent: Arc<Agent>) {
             Err(e) => {
                 let since = agent.lease.renewed.lock().unwrap().elapsed();
                 tracing::warn!(error = %e, "cannot renew Lease {name} (last renewed {since:?} ago)");
-                if since > Duration::from_secs(agent.cfg.lease_seconds as u64) {
-                    fence(&agent).await;
-                }
             }
         }
         tokio::time::sleep(every).await;
+    }
+}
+
+/// Fences the node one second before its Lease would expire unrenewed, so
+/// that by the time the operator sees the Lease expired (and restarts the
+/// node's VMs elsewhere) none of them runs here any more.
+async fn watch_fence(agent: Arc<Agent>) {
+    let lease = Duration::from_secs(agent.cfg.lease_seconds.max(2) as u64);
+    let deadline = lease - Duration::from_secs(1);
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let since = agent.lease.renewed.lock().unwrap().elapsed();
+        if since >= deadline {
+            fence(&agent).await;
+        }
     }
 }
 
@@ -283,14 +299,18 @@ async fn fence(agent: &Arc<Agent>) {
     }
     tracing::error!("Lease expired: fencing this node (stopping every VM)");
     let dirs = VmDir::scan(&agent.cfg.state_dir, &agent.cfg.shared_dir);
-    let _ = tokio::task::spawn_blocking(move || {
-        for dir in dirs {
-            if dir.state().alive {
-                local::stop(&dir, Duration::from_secs(2));
-            }
-        }
-    })
-    .await;
+    // All at once, with a short grace: the operator restarts them elsewhere
+    // soon after the Lease expires.
+    let stops: Vec<_> = dirs
+        .into_iter()
+        .filter(|d| d.state().alive)
+        .map(|dir| {
+            tokio::task::spawn_blocking(move || local::stop(&dir, Duration::from_millis(300)))
+        })
+        .collect();
+    for s in stops {
+        let _ = s.await;
+    }
 }
 
 fn now_time() -> Time {
