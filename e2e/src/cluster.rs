@@ -40,6 +40,13 @@ pub const API_IP: &str = "10.88.0.254";
 pub const API_PORT: u16 = 6443;
 /// Label that names a VM's or a node's Godwit node.
 pub const NODE_LABEL: &str = "godwit.dev/node";
+/// The user `kubectl` on the host acts as.
+pub const ADMIN_USER: &str = "admin";
+/// The operator's user (the chart's operator ServiceAccount name), so that
+/// the request log tells its requests apart from `kubectl`'s.
+pub const OPERATOR_USER: &str = "godwit-operator";
+/// The node agents' user (the chart's node-daemon ServiceAccount name).
+pub const NODE_USER: &str = "godwit-node";
 
 /// Errors of bringing the cluster up.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +98,8 @@ pub struct LocalCluster {
     pub kubeconfig: PathBuf,
     /// kubeconfig for agents inside node namespaces (server on the fabric).
     pub node_kubeconfig: PathBuf,
+    /// kubeconfig for the operator on the host (user [`OPERATOR_USER`]).
+    pub operator_kubeconfig: PathBuf,
     dir: PathBuf,
     forwarder: Option<Forwarder>,
     cpu: u32,
@@ -121,17 +130,20 @@ impl LocalCluster {
         let forwarder = Forwarder::start(&fabric, api.addr())?;
         let kubeconfig = dir.join("kubeconfig");
         let node_kubeconfig = dir.join("node-kubeconfig");
-        write_kubeconfig(&kubeconfig, api.url(), "admin")?;
+        let operator_kubeconfig = dir.join("operator-kubeconfig");
+        write_kubeconfig(&kubeconfig, api.url(), ADMIN_USER)?;
         write_kubeconfig(
             &node_kubeconfig,
             &format!("http://{API_IP}:{API_PORT}"),
-            "godwit-node",
+            NODE_USER,
         )?;
+        write_kubeconfig(&operator_kubeconfig, api.url(), OPERATOR_USER)?;
         let cluster = LocalCluster {
             fabric,
             api,
             kubeconfig,
             node_kubeconfig,
+            operator_kubeconfig,
             dir: dir.to_path_buf(),
             forwarder: Some(forwarder),
             cpu,
@@ -234,7 +246,7 @@ impl LocalCluster {
         let operator = godwit_binary("godwit-operator");
         let mut cmd = Command::new(&operator);
         cmd.arg("--kubeconfig")
-            .arg(&self.kubeconfig)
+            .arg(&self.operator_kubeconfig)
             .args(["--metrics-addr", &metrics.to_string()]);
         self.operator = Some(spawn_logged(cmd, &logs.join("operator.log"), &operator)?);
         self.metrics = Some(metrics);

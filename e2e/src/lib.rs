@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod demo;
 pub mod failover;
 pub mod guest;
+pub mod helm;
 pub mod netns;
 pub mod nodes;
 pub mod qemu;

@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Drives real Helm (the Go SDK inside the helm-python-sdk package) for the
+chart tests in e2e/tests/chart.rs and e2e/tests/rbac.rs.
+
+    chart.py lint CHART [VALUES.yaml]
+        Helm's lint (strict); prints the findings; exit 1 on any warning or error.
+    chart.py render CHART [VALUES.yaml] [--namespace NS] [--name NAME]
+        The CRDs (chart crds/) and the rendered templates as one YAML stream
+        on stdout, as `helm template --include-crds` prints them.
+    chart.py validate CHART VALUES.yaml
+        Checks the values against values.schema.json; exit 1 with Helm's
+        message when they are refused.
+"""
+
+import argparse
+import sys
+
+import helm_python as helm
+
+
+def load_values(path):
+    if not path:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return helm.values_from_yaml(f.read())
+
+
+def lint(args):
+    report = helm.lint(args.chart, load_values(args.values), strict=True, namespace=args.namespace)
+    bad = False
+    for m in report.get("messages") or []:
+        print(f"severity {m.get('severity')}: {m.get('path')}: {m.get('error')}")
+        bad = bad or (m.get("severity") or 0) >= 2
+    for e in report.get("errors") or []:
+        print(f"error: {e}")
+        bad = True
+    return 1 if bad else 0
+
+
+def render(args):
+    chart = helm.Chart.load(args.chart)
+    values = load_values(args.values)
+    chart.validate_schema(values)
+    docs = []
+    for crd in sorted(chart.crds, key=lambda c: c.get("name", "")):
+        docs.append(f"# Source: {crd.get('name')}\n{crd.get('data', '').strip()}\n")
+    manifests = chart.render(values, name=args.name, namespace=args.namespace, is_install=True)
+    for path in sorted(manifests):
+        text = manifests[path].strip()
+        if not path.endswith(".yaml") or not text:
+            continue
+        for doc in text.split("\n---"):
+            doc = doc.strip().removeprefix("---").strip()
+            if doc and any(not l.startswith("#") for l in doc.splitlines() if l.strip()):
+                docs.append(f"# Source: {path}\n{doc}\n")
+    sys.stdout.write("---\n".join(docs))
+    return 0
+
+
+def validate(args):
+    chart = helm.Chart.load(args.chart)
+    try:
+        chart.validate_schema(load_values(args.values))
+    except helm.HelmError as e:
+        print(e)
+        return 1
+    return 0
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["lint", "render", "validate"])
+    parser.add_argument("chart")
+    parser.add_argument("values", nargs="?")
+    parser.add_argument("--namespace", default="godwit-system")
+    parser.add_argument("--name", default="godwit")
+    args = parser.parse_args()
+    return {"lint": lint, "render": render, "validate": validate}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
