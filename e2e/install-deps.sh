@@ -29,6 +29,11 @@ fi
 for tool in cargo rustc; do
   command -v "$tool" >/dev/null || { echo "install-deps: $tool not found: install Rust (rustup) first" >&2; exit 1; }
 done
+# Helm's Go SDK as a Python package: the chart tests (e2e/tests/chart.rs,
+# e2e/tests/rbac.rs) drive real Helm through e2e/helm/chart.py, no helm binary.
+python3 -c "import helm_python" 2>/dev/null \
+  || python3 -m pip install --quiet --break-system-packages helm-python-sdk
+
 rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt
 
 [ -e /dev/kvm ] || echo "install-deps: warning: /dev/kvm is missing; the KVM tests will fail" >&2

@@ -1,0 +1,249 @@
+//! The Helm chart checked with real Helm (Helm's Go SDK inside the
+//! helm-python-sdk package, driven by e2e/helm/chart.py): strict lint is
+//! clean, it renders with the default values and with every knob moved
+//! (e2e/helm/values/custom.yaml), the schema refuses each bad values file in
+//! e2e/helm/values/bad-*.yaml naming the bad key, and the rendered manifests
+//! apply to the local test cluster with `kubectl`.
+
+use std::path::PathBuf;
+
+use godwit_e2e::cluster::LocalCluster;
+use godwit_e2e::helm;
+use serde_json::Value;
+
+fn values(name: &str) -> PathBuf {
+    helm::repo_root().join("e2e/helm/values").join(name)
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} rendered"))
+}
+
+fn args(workload: &Value) -> Vec<String> {
+    workload["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn lint_is_clean_with_default_and_custom_values() {
+    for v in [None, Some(values("custom.yaml"))] {
+        let report = helm::lint(v.as_deref()).unwrap_or_else(|e| panic!("{v:?}: {e}"));
+        println!("lint {v:?}: {report}");
+    }
+}
+
+#[test]
+fn renders_with_default_values() {
+    let docs = helm::documents(&helm::render(None, "godwit-system").unwrap()).unwrap();
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for kind in [
+        "CustomResourceDefinition",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Secret",
+        "Deployment",
+        "DaemonSet",
+        "Service",
+    ] {
+        assert!(kinds.contains(&kind), "no {kind} in {kinds:?}");
+    }
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| **k == "CustomResourceDefinition")
+            .count(),
+        3
+    );
+
+    let op = find(&docs, "Deployment", "godwit-operator");
+    assert_eq!(op["spec"]["replicas"], 2);
+    let pod = &op["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let c = &pod["containers"][0];
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["ports"][0]["containerPort"], 8080);
+    let a = args(op);
+    assert!(
+        a.contains(&"--lease-namespace=godwit-system".into()),
+        "{a:?}"
+    );
+    assert!(a.contains(&"--placement=spread".into()), "{a:?}");
+
+    let ds = find(&docs, "DaemonSet", "godwit-node");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["hostPID"], false);
+    assert_eq!(pod["nodeSelector"]["godwit.dev/vm-host"], "true");
+    let c = &pod["containers"][0];
+    assert_eq!(c["securityContext"]["privileged"], true);
+    let env: Vec<(&str, &str)> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e["name"].as_str()?,
+                e["valueFrom"]["fieldRef"]["fieldPath"].as_str()?,
+            ))
+        })
+        .collect();
+    assert!(env.contains(&("NODE_NAME", "spec.nodeName")), "{env:?}");
+    assert!(env.contains(&("NODE_IP", "status.hostIP")), "{env:?}");
+    let paths: Vec<&str> = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["hostPath"]["path"].as_str())
+        .collect();
+    for p in [
+        "/var/lib/godwit",
+        "/var/lib/godwit-shared",
+        "/dev/kvm",
+        "/dev/net/tun",
+        "/dev/userfaultfd",
+    ] {
+        assert!(paths.contains(&p), "no hostPath {p} in {paths:?}");
+    }
+
+    let ca = find(&docs, "Secret", "godwit-migration-ca");
+    assert!(ca["data"]["ca.crt"].as_str().is_some_and(|s| s.len() > 100));
+    assert!(ca["data"]["ca.key"].as_str().is_some_and(|s| s.len() > 100));
+}
+
+#[test]
+fn renders_with_custom_values() {
+    let text = helm::render(Some(&values("custom.yaml")), "vms").unwrap();
+    let docs = helm::documents(&text).unwrap();
+    let op = find(&docs, "Deployment", "godwit-operator");
+    assert_eq!(op["metadata"]["namespace"], "vms");
+    assert_eq!(op["spec"]["replicas"], 3);
+    let pod = &op["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "vm-operator");
+    assert_eq!(pod["imagePullSecrets"][0]["name"], "regcred");
+    assert_eq!(
+        pod["containers"][0]["image"],
+        "registry.example.com/godwit:v9.9.9"
+    );
+    let a = args(op);
+    for flag in [
+        "--lease-namespace=vms",
+        "--metrics-addr=0.0.0.0:9090",
+        "--placement=pack",
+        "--reserve-percent=20",
+        "--max-migrations-per-node=1",
+        "--max-migrations-per-cluster=3",
+    ] {
+        assert!(a.contains(&flag.to_string()), "{flag} not in {a:?}");
+    }
+
+    let ds = find(&docs, "DaemonSet", "godwit-node");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["nodeSelector"]["example.com/kvm"], "yes");
+    assert!(pod["tolerations"].is_null(), "{}", pod["tolerations"]);
+    let a = args(ds);
+    for flag in [
+        "--state-dir=/srv/godwit",
+        "--shared-dir=/mnt/godwit-shared",
+        "--lease-namespace=vms",
+        "--lease-seconds=20",
+        "--migration-ports=48000-48099",
+        "--cpu=16",
+        "--memory-mib=65536",
+    ] {
+        assert!(a.contains(&flag.to_string()), "{flag} not in {a:?}");
+    }
+    find(&docs, "Secret", "my-migration-ca");
+    for binding in ["RoleBinding", "ClusterRoleBinding"] {
+        for d in docs.iter().filter(|d| d["kind"] == binding) {
+            let sa = d["subjects"][0]["name"].as_str().unwrap();
+            assert!(sa == "vm-operator" || sa == "vm-node", "{d}");
+            assert_eq!(d["subjects"][0]["namespace"], "vms");
+        }
+    }
+}
+
+#[test]
+fn schema_refuses_bad_values_naming_the_key() {
+    let dir = helm::repo_root().join("e2e/helm/values");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.starts_with("bad-") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let expect = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{name} lacks its `# expect:` line"));
+        let err = helm::validate(&path).expect_err(&name).to_string();
+        println!("{name}: {err}");
+        assert!(err.contains(expect), "{name}: {err}");
+        // Rendering refuses them too, as `helm install` does.
+        assert!(
+            helm::render(Some(&path), "godwit-system").is_err(),
+            "{name}"
+        );
+        seen += 1;
+    }
+    assert!(seen >= 5, "only {seen} bad values files");
+    helm::validate(&values("custom.yaml")).unwrap();
+}
+
+#[test]
+fn rendered_manifests_apply_to_the_local_cluster() {
+    let dir = std::env::temp_dir().join(format!("godwit-chart-{}", std::process::id()));
+    // Nothing runs the pods here (Godwit is not started); the objects are what
+    // is checked.
+    let cluster = LocalCluster::up(1, 1, 1024, &dir).expect("local cluster");
+    let rendered = helm::render(None, "godwit-system").unwrap();
+    let file = dir.join("rendered.yaml");
+    std::fs::write(&file, &rendered).unwrap();
+    // The local cluster installed the CRDs already: apply updates them in place,
+    // as a `kubectl apply` of a newer chart does.
+    let out = cluster
+        .kubectl(&["apply", "--server-side", "-f", file.to_str().unwrap()])
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{stdout}");
+    let docs = helm::documents(&rendered).unwrap();
+    assert_eq!(stdout.lines().count(), docs.len(), "{stdout}");
+    for (kind, name) in [
+        ("deployment", "godwit-operator"),
+        ("daemonset", "godwit-node"),
+        ("secret", "godwit-migration-ca"),
+        ("role", "godwit-node"),
+        ("serviceaccount", "godwit-operator"),
+    ] {
+        let out = cluster
+            .kubectl(&["-n", "godwit-system", "get", kind, name, "-o", "name"])
+            .unwrap();
+        assert!(out.status.success(), "{kind} {name}");
+    }
+    for (kind, name) in [
+        ("clusterrole", "godwit-operator"),
+        ("clusterrolebinding", "godwit-node"),
+        ("crd", "virtualmachines.godwit.dev"),
+    ] {
+        let out = cluster.kubectl(&["get", kind, name, "-o", "name"]).unwrap();
+        assert!(out.status.success(), "{kind} {name}");
+    }
+    cluster.down();
+}
