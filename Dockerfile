@@ -1,0 +1,35 @@
+# syntax=docker/dockerfile:1
+# Godwit's image: the operator and the node daemon (agent and VMM).
+#
+# One image with both: godwit-node spawns godwit-vmm from next to itself, the
+# three binaries share one build and one dependency tree, and the chart runs
+# each component by its command (`godwit-operator`, `godwit-node`). A second
+# image would save the operator only a few MB and double every pull and tag.
+# The image's default user is non-root (the operator's); the chart's DaemonSet
+# runs the node daemon privileged, as root, which it must be.
+#
+# Build: docker build -t ghcr.io/godwit-dev/godwit:0.1.0 .
+
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY . .
+# The same build as e2e/test.sh (and so .ci/run).
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target,sharing=locked \
+    cargo build --release -p godwit-node -p godwit-operator --bins \
+ && mkdir -p /out \
+ && cp target/release/godwit-operator target/release/godwit-node target/release/godwit-vmm /out/
+
+FROM debian:bookworm-slim
+# ca-certificates: template images fetched over https; iproute2 and procps:
+# looking at a node's taps, bridges and VMM processes from `kubectl exec`.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates iproute2 procps \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /out/ /usr/local/bin/
+# 65532: the conventional "nonroot" user; the chart sets the same.
+RUN groupadd --gid 65532 nonroot && useradd --uid 65532 --gid 65532 --no-create-home nonroot
+USER 65532:65532
+EXPOSE 8080
+ENTRYPOINT []
+CMD ["godwit-operator"]
