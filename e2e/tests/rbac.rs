@@ -1,5 +1,6 @@
 //! The chart's RBAC grants what Godwit uses: the local-cluster flows (a VM
-//! from a template runs, migrates live, is deleted) run with the operator as
+//! from a template runs, migrates live, is deleted; on a second cluster a VM
+//! fails over when its node is lost, and is deleted) run with the operator as
 //! user `godwit-operator` and the agents as `godwit-node` (the chart's
 //! ServiceAccount names), and every request the API server recorded for them
 //! must be allowed by the rules Helm renders for that ServiceAccount: verb,
@@ -138,14 +139,18 @@ fn denied(grants: &BTreeMap<String, Vec<Grant>>, records: &[AuditRecord]) -> Vec
         .collect()
 }
 
-#[test]
-fn chart_rbac_allows_every_request_of_the_operator_and_the_agents() {
-    let rendered = helm::render(None, NAMESPACE).expect("helm renders the chart");
-    let docs = helm::documents(&rendered).expect("rendered YAML parses");
-    let grants = grants(&docs);
-    assert!(grants.contains_key(OPERATOR_USER), "{:?}", grants.keys());
-    assert!(grants.contains_key(NODE_USER), "{:?}", grants.keys());
+/// The requests of the operator and the agents in `g` so far.
+fn requests(g: &Godwit) -> Vec<AuditRecord> {
+    g.cluster
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| r.user == OPERATOR_USER || r.user == NODE_USER)
+        .collect()
+}
 
+/// A VM from a template runs, migrates live, and is deleted.
+fn migrate_and_delete() -> Vec<AuditRecord> {
     let dir = std::env::temp_dir().join(format!("godwit-rbac-{}", std::process::id()));
     let g = Godwit::up(2, &dir).expect("local cluster with Godwit");
     g.apply(&g.example(EXAMPLE_TEMPLATE)).unwrap();
@@ -163,20 +168,41 @@ fn chart_rbac_allows_every_request_of_the_operator_and_the_agents() {
         .unwrap();
     assert_eq!(phase, "Succeeded");
     g.wait_running("demo", Duration::from_secs(30)).unwrap();
+    delete_demo(&g);
+    requests(&g)
+}
+
+/// A VM runs, its node is lost (cut off: it fences itself, the operator
+/// restarts the VM elsewhere), and it is deleted. A cluster of its own, so
+/// that the two flows do not depend on each other.
+fn fail_over_and_delete() -> Vec<AuditRecord> {
+    let dir = std::env::temp_dir().join(format!("godwit-rbac-ha-{}", std::process::id()));
+    let g = Godwit::up(2, &dir).expect("local cluster with Godwit");
+    g.apply(&g.example(EXAMPLE_TEMPLATE)).unwrap();
+    g.apply(&g.example(EXAMPLE_VM)).unwrap();
+    godwit_e2e::failover::fail_over(&g, "demo").expect("failover");
+    delete_demo(&g);
+    requests(&g)
+}
+
+fn delete_demo(g: &Godwit) {
     g.kubectl(
         &["delete", "vm", "demo", "--wait=true", "--timeout=60s"],
         None,
     )
     .unwrap();
+}
 
-    let records: Vec<AuditRecord> = g
-        .cluster
-        .api
-        .requests()
-        .into_iter()
-        .filter(|r| r.user == OPERATOR_USER || r.user == NODE_USER)
-        .collect();
-    drop(g);
+#[test]
+fn chart_rbac_allows_every_request_of_the_operator_and_the_agents() {
+    let rendered = helm::render(None, NAMESPACE).expect("helm renders the chart");
+    let docs = helm::documents(&rendered).expect("rendered YAML parses");
+    let grants = grants(&docs);
+    assert!(grants.contains_key(OPERATOR_USER), "{:?}", grants.keys());
+    assert!(grants.contains_key(NODE_USER), "{:?}", grants.keys());
+
+    let mut records = migrate_and_delete();
+    records.extend(fail_over_and_delete());
     for user in [OPERATOR_USER, NODE_USER] {
         let n = records.iter().filter(|r| r.user == user).count();
         assert!(n > 0, "no requests recorded for {user}");
