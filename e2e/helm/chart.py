@@ -4,7 +4,7 @@ chart tests in e2e/tests/chart.rs and e2e/tests/rbac.rs.
 
     chart.py lint CHART [VALUES.yaml]
         Helm's lint (strict); prints the findings; exit 1 on any warning or error.
-    chart.py render CHART [VALUES.yaml] [--namespace NS] [--name NAME]
+    chart.py render CHART [VALUES.yaml] [--namespace NS] [--name NAME] [--set K=V]...
         The CRDs (chart crds/) and the rendered templates as one YAML stream
         on stdout, as `helm template --include-crds` prints them.
     chart.py validate CHART VALUES.yaml
@@ -18,11 +18,23 @@ import sys
 import helm_python as helm
 
 
-def load_values(path):
-    if not path:
-        return None
-    with open(path, encoding="utf-8") as f:
-        return helm.values_from_yaml(f.read())
+def merge(base, over):
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_values(path, sets=()):
+    values = None
+    if path:
+        with open(path, encoding="utf-8") as f:
+            values = helm.values_from_yaml(f.read())
+    for expression in sets:
+        values = merge(values or {}, helm.parse_set_string(expression))
+    return values
 
 
 def lint(args):
@@ -39,7 +51,7 @@ def lint(args):
 
 def render(args):
     chart = helm.Chart.load(args.chart)
-    values = load_values(args.values)
+    values = load_values(args.values, args.set)
     chart.validate_schema(values)
     docs = []
     for crd in sorted(chart.crds, key=lambda c: c.get("name", "")):
@@ -74,6 +86,7 @@ def main():
     parser.add_argument("values", nargs="?")
     parser.add_argument("--namespace", default="godwit-system")
     parser.add_argument("--name", default="godwit")
+    parser.add_argument("--set", action="append", default=[], help="as helm's --set")
     args = parser.parse_args()
     return {"lint": lint, "render": render, "validate": validate}[args.command](args)
 

@@ -66,6 +66,19 @@ pub fn render(values: Option<&Path>, namespace: &str) -> Result<String, HelmErro
     run("render", values, &["--namespace", namespace])
 }
 
+/// [`render`] with `helm --set` expressions on top of `values`.
+pub fn render_with_sets(
+    values: Option<&Path>,
+    namespace: &str,
+    sets: &[String],
+) -> Result<String, HelmError> {
+    let mut extra = vec!["--namespace", namespace];
+    for s in sets {
+        extra.extend(["--set", s.as_str()]);
+    }
+    run("render", values, &extra)
+}
+
 /// Checks `values` against the chart's `values.schema.json`.
 pub fn validate(values: &Path) -> Result<(), HelmError> {
     run("validate", Some(values), &[]).map(drop)
