@@ -300,3 +300,39 @@ fn kind_script_parses_and_its_values_render() {
         .count();
     assert_eq!(workers, 2, "a migration needs two VM hosts");
 }
+
+/// The image cannot be built here (no container engine): check that the
+/// Dockerfile builds exactly what the test suite builds and tests, ships the
+/// three binaries, and runs as the non-root user the chart's operator expects.
+#[test]
+fn dockerfile_builds_what_the_tests_build() {
+    let root = helm::repo_root();
+    let test_sh = std::fs::read_to_string(root.join("e2e/test.sh")).unwrap();
+    let build = test_sh
+        .lines()
+        .find(|l| l.starts_with("cargo build --release"))
+        .expect("e2e/test.sh builds the binaries");
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    assert!(
+        dockerfile.contains(build),
+        "the Dockerfile does not run `{build}` as e2e/test.sh does"
+    );
+    for bin in ["godwit-operator", "godwit-node", "godwit-vmm"] {
+        assert!(
+            dockerfile.contains(&format!("target/release/{bin}")),
+            "{bin} not in the image"
+        );
+    }
+    assert!(dockerfile.contains("USER 65532:65532"));
+    let docs = helm::documents(&helm::render(None, "godwit-system").unwrap()).unwrap();
+    let op = find(&docs, "Deployment", "godwit-operator");
+    assert_eq!(
+        op["spec"]["template"]["spec"]["securityContext"]["runAsUser"],
+        65532
+    );
+    let ignore = std::fs::read_to_string(root.join(".dockerignore")).unwrap();
+    assert!(
+        ignore.lines().any(|l| l == "target/"),
+        "target/ reaches the build context"
+    );
+}
