@@ -106,7 +106,16 @@ pub struct LocalCluster {
     memory_mib: u64,
     operator: Option<Child>,
     metrics: Option<std::net::SocketAddr>,
-    agents: Vec<Option<Child>>,
+    agents: Arc<std::sync::Mutex<Agents>>,
+    supervisor: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+}
+
+/// The node agents: their processes, and how to start each again.
+#[derive(Default)]
+struct Agents {
+    procs: Vec<Option<Child>>,
+    argv: Vec<Vec<std::ffi::OsString>>,
+    logs: Vec<PathBuf>,
 }
 
 impl LocalCluster {
@@ -150,7 +159,8 @@ impl LocalCluster {
             memory_mib,
             operator: None,
             metrics: None,
-            agents: Vec::new(),
+            agents: Default::default(),
+            supervisor: None,
         };
         cluster.register(cpu, memory_mib)?;
         Ok(cluster)
@@ -250,7 +260,12 @@ impl LocalCluster {
             .args(["--metrics-addr", &metrics.to_string()]);
         self.operator = Some(spawn_logged(cmd, &logs.join("operator.log"), &operator)?);
         self.metrics = Some(metrics);
-        self.agents = (0..self.fabric.nodes.len()).map(|_| None).collect();
+        let n = self.fabric.nodes.len();
+        *self.agents.lock().expect("agents lock") = Agents {
+            procs: (0..n).map(|_| None).collect(),
+            argv: vec![Vec::new(); n],
+            logs: vec![PathBuf::new(); n],
+        };
         for i in 0..self.fabric.nodes.len() {
             self.start_agent(i)?;
         }
@@ -267,31 +282,80 @@ impl LocalCluster {
         let node = &self.fabric.nodes[i];
         let agent = godwit_binary("godwit-node");
         let state = self.node_state_dir(i);
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", node.ns.name()])
-            .arg(&agent)
-            .arg("--kubeconfig")
-            .arg(&self.node_kubeconfig)
-            .args(["--node", &node.name, "--node-ip", &node.ip])
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--shared-dir")
-            .arg(self.shared_dir())
-            .arg("--vmm")
-            .arg(godwit_binary("godwit-vmm"))
-            .args(["--cpu", &self.cpu.to_string()])
-            .args(["--memory-mib", &self.memory_mib.to_string()]);
+        let argv: Vec<std::ffi::OsString> = [
+            "netns".into(),
+            "exec".into(),
+            node.ns.name().into(),
+            agent.clone().into_os_string(),
+            "--kubeconfig".into(),
+            self.node_kubeconfig.clone().into_os_string(),
+            "--node".into(),
+            node.name.clone().into(),
+            "--node-ip".into(),
+            node.ip.clone().into(),
+            "--state-dir".into(),
+            state.into_os_string(),
+            "--shared-dir".into(),
+            self.shared_dir().into_os_string(),
+            "--vmm".into(),
+            godwit_binary("godwit-vmm").into_os_string(),
+            "--cpu".into(),
+            self.cpu.to_string().into(),
+            "--memory-mib".into(),
+            self.memory_mib.to_string().into(),
+        ]
+        .into();
         let log = self.log_dir().join(format!("agent-{}.log", node.name));
-        self.agents[i] = Some(spawn_logged(cmd, &log, &agent)?);
+        let child = spawn_agent(&argv, &log)?;
+        let mut agents = self.agents.lock().expect("agents lock");
+        agents.procs[i] = Some(child);
+        agents.argv[i] = argv;
+        agents.logs[i] = log;
+        drop(agents);
+        self.supervise();
         Ok(())
     }
 
     /// Kills node `i`'s agent at once (its VMs keep running, as on a real node).
     pub fn kill_agent(&mut self, i: usize) {
-        if let Some(mut a) = self.agents.get_mut(i).and_then(Option::take) {
+        let child = self
+            .agents
+            .lock()
+            .expect("agents lock")
+            .procs
+            .get_mut(i)
+            .and_then(Option::take);
+        if let Some(mut a) = child {
             let _ = a.kill();
             let _ = a.wait();
         }
+    }
+
+    /// Restarts agents that exit by themselves, as a DaemonSet does (an agent
+    /// restarts itself after fencing, to rebuild its view from fresh lists).
+    fn supervise(&mut self) {
+        if self.supervisor.is_some() {
+            return;
+        }
+        let agents = self.agents.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                let mut a = agents.lock().expect("agents lock");
+                for i in 0..a.procs.len() {
+                    let exited = a.procs[i]
+                        .as_mut()
+                        .and_then(|c| c.try_wait().ok().flatten());
+                    if let Some(status) = exited {
+                        a.procs[i] = spawn_agent(&a.argv[i], &a.logs[i]).ok();
+                        tracing::info!("agent {i} exited ({status}); restarted");
+                    }
+                }
+            }
+        });
+        self.supervisor = Some((stop, thread));
     }
 
     /// Stops everything and removes what the cluster made.
@@ -304,7 +368,12 @@ impl LocalCluster {
             let _ = op.kill();
             let _ = op.wait();
         }
-        for i in 0..self.agents.len() {
+        if let Some((stop, thread)) = self.supervisor.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = thread.join();
+        }
+        let n = self.agents.lock().map(|a| a.procs.len()).unwrap_or(0);
+        for i in 0..n {
             self.kill_agent(i);
         }
         kill_vmms(&self.dir.join("nodes"));
@@ -321,8 +390,18 @@ impl Drop for LocalCluster {
     }
 }
 
+fn spawn_agent(argv: &[std::ffi::OsString], log: &Path) -> Result<Child, ClusterError> {
+    let mut cmd = Command::new("ip");
+    cmd.args(argv);
+    spawn_logged(cmd, log, &godwit_binary("godwit-node"))
+}
+
 fn spawn_logged(mut cmd: Command, log: &Path, what: &Path) -> Result<Child, ClusterError> {
-    let out = std::fs::File::create(log)
+    // Appended: a restarted process logs after its predecessor.
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
         .map_err(|e| ClusterError::Write(log.display().to_string(), e))?;
     let err = out
         .try_clone()

@@ -46,6 +46,9 @@ use tokio::sync::Notify;
 use decide::{MigrationAction, MigrationFacts, Outgoing, Role, VmAction, VmFacts};
 use local::{Children, LocalState, Runner, VmDir};
 
+/// The agent's exit status when it restarts itself after fencing.
+pub const RESTART_AFTER_FENCE: i32 = 75;
+
 /// How the agent runs.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -187,7 +190,8 @@ pub async fn run(
             }
             // While this node sends a VM, look at its progress often (the
             // status still gets it at most once a second).
-            let sending = agent.pass().await;
+            // A fenced node decides nothing: what it knows may be stale.
+            let sending = !agent.fenced() && agent.pass().await;
             let tick = if sending {
                 Duration::from_millis(100)
             } else {
@@ -226,10 +230,14 @@ async fn renew_lease(agent: Arc<Agent>) {
         match renewed {
             Ok(()) => {
                 *agent.lease.renewed.lock().unwrap() = sent;
-                let mut fenced = agent.lease.fenced.lock().unwrap();
-                if *fenced {
-                    tracing::warn!("Lease renewed again; the node takes VMs again");
-                    *fenced = false;
+                if *agent.lease.fenced.lock().unwrap() {
+                    // While cut off, the watches may have missed changes (and
+                    // a half-dead connection can stay stale for a long time):
+                    // start afresh, from new lists, as a restarted agent does.
+                    // The VMMs are not ours to lose; the DaemonSet (or the
+                    // local cluster) starts the agent again.
+                    tracing::warn!("Lease renewed again after fencing; restarting the agent to rebuild its view");
+                    std::process::exit(RESTART_AFTER_FENCE);
                 }
             }
             Err(e) => {
