@@ -182,6 +182,7 @@ impl Userfault {
     /// Maps zero pages at `dst .. dst + len` where nothing is present.
     pub fn zero(&self, dst: *mut u8, len: u64) -> Result<(), MigrationError> {
         let mut done = 0u64;
+        let mut enoent_retries = 0;
         while done < len {
             let mut z = UffdioZeropage {
                 range: UffdioRange {
@@ -199,6 +200,13 @@ impl Userfault {
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
                     done += z.zeropage.max(0) as u64
+                }
+                // Seen once under load (CI, TLS post-copy loopback test): the
+                // range briefly not found. Retry for a while before giving up.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) && enoent_retries < 100 => {
+                    enoent_retries += 1;
+                    done += z.zeropage.max(0) as u64;
+                    std::thread::sleep(std::time::Duration::from_millis(1));
                 }
                 Err(e) => return Err(MigrationError::Userfault("UFFDIO_ZEROPAGE", e)),
             }
