@@ -438,15 +438,7 @@ fn kill_vmms(nodes: &Path) {
         }
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while std::time::Instant::now() < deadline
-        && pids.iter().any(|p| {
-            // Gone, or a zombie waiting for init to reap it.
-            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
-                s.rsplit_once(") ")
-                    .is_some_and(|(_, r)| !r.starts_with('Z'))
-            })
-        })
-    {
+    while std::time::Instant::now() < deadline && pids.iter().any(|p| crate::failover::alive(*p)) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }

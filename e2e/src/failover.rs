@@ -33,7 +33,7 @@ fn vmm_pid(dir: &Path) -> Option<i32> {
         .ok()
 }
 
-/// Whether process `pid` runs (a zombie does not).
+/// Whether process `pid` runs (gone, or a zombie waiting to be reaped, does not).
 pub fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
         s.rsplit_once(") ")

@@ -25,12 +25,7 @@ fn last_heartbeat(console: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit_once(") ")
-            .is_some_and(|(_, r)| !r.starts_with('Z'))
-    })
-}
+use godwit_e2e::failover::alive;
 
 const SLOW_MIGRATION: &str = r#"
 apiVersion: godwit.dev/v1alpha1
