@@ -100,6 +100,8 @@ pub struct LocalCluster {
     pub node_kubeconfig: PathBuf,
     /// kubeconfig for the operator on the host (user [`OPERATOR_USER`]).
     pub operator_kubeconfig: PathBuf,
+    /// Extra operator flags for [`LocalCluster::start_godwit`] (`--drs-mode`).
+    pub operator_args: Vec<String>,
     dir: PathBuf,
     forwarder: Option<Forwarder>,
     cpu: u32,
@@ -153,6 +155,7 @@ impl LocalCluster {
             kubeconfig,
             node_kubeconfig,
             operator_kubeconfig,
+            operator_args: Vec::new(),
             dir: dir.to_path_buf(),
             forwarder: Some(forwarder),
             cpu,
@@ -257,7 +260,8 @@ impl LocalCluster {
         let mut cmd = Command::new(&operator);
         cmd.arg("--kubeconfig")
             .arg(&self.operator_kubeconfig)
-            .args(["--metrics-addr", &metrics.to_string()]);
+            .args(["--metrics-addr", &metrics.to_string()])
+            .args(&self.operator_args);
         self.operator = Some(spawn_logged(cmd, &logs.join("operator.log"), &operator)?);
         self.metrics = Some(metrics);
         let n = self.fabric.nodes.len();

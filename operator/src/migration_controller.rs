@@ -467,7 +467,7 @@ fn competing(m: &VMMigration, all: &[VMMigration]) -> Option<String> {
 
 /// A disk that only a storage copy can move: node-local and writable (a
 /// read-only image is expected on every node).
-fn local_writable_disk(vm: &VirtualMachine) -> Option<String> {
+pub(crate) fn local_writable_disk(vm: &VirtualMachine) -> Option<String> {
     if let Some(machine) = view::resolved_machine(vm) {
         return machine
             .disks

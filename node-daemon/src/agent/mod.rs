@@ -18,6 +18,7 @@
 
 pub mod decide;
 pub mod local;
+pub mod usage;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -174,6 +175,12 @@ pub async fn run(
     });
     tasks.push(tokio::spawn(renew_lease(agent.clone())));
     tasks.push(tokio::spawn(watch_fence(agent.clone())));
+    tasks.push(tokio::spawn(usage::run(
+        agent.client.clone(),
+        agent.cfg.node.clone(),
+        agent.cfg.state_dir.clone(),
+        agent.cfg.shared_dir.clone(),
+    )));
     // Nothing is decided before every watch has listed once: an empty store
     // would look like "no VMs here" and stop them all.
     for store in [&agent.outgoing, &agent.incoming] {
