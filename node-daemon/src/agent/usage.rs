@@ -1,5 +1,5 @@
 //! Measured usage: every [`USAGE_PERIOD_SECONDS`] the agent reads what each
-//! VMM on the node uses, CPU time (`utime + stime` of `/proc/<pid>/stat`,
+//! VMM on the node uses (every process of its group), CPU time (`utime + stime` of `/proc/<pid>/stat`,
 //! as a delta over the period) and resident memory (`VmRSS` of
 //! `/proc/<pid>/status`), and publishes it on the Node as
 //! [`USAGE_ANNOTATION`] ([`NodeUsage`] JSON) for the operator's DRS balancer.
@@ -31,6 +31,12 @@ pub fn cpu_ticks(stat: &str) -> Option<u64> {
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
     Some(utime + stime)
+}
+
+/// The process group, from the text of `/proc/<pid>/stat` (field 5).
+pub fn process_group(stat: &str) -> Option<i32> {
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split_ascii_whitespace().nth(2)?.parse().ok()
 }
 
 /// Resident memory in bytes, from the text of `/proc/<pid>/status`.
@@ -95,6 +101,37 @@ pub fn usage(
     }
 }
 
+/// CPU ticks and resident bytes of every process in group `pgid` (the VM
+/// directory's pid is the `sh` that runs the VMM in its own session, so the
+/// VMM is a member of that group, not the pid itself).
+fn group_usage(pgid: i32) -> Option<(u64, u64)> {
+    let mut found = None;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if process_group(&stat) != Some(pgid) {
+            continue;
+        }
+        let ticks = cpu_ticks(&stat).unwrap_or(0);
+        let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .as_deref()
+            .and_then(rss_bytes)
+            .unwrap_or(0);
+        let (t, r) = found.unwrap_or((0, 0));
+        found = Some((t + ticks, r + rss));
+    }
+    found
+}
+
 fn sample_all(state_dir: &Path, shared_dir: &Path) -> HashMap<String, Sample> {
     let mut out = HashMap::new();
     for dir in VmDir::scan(state_dir, shared_dir) {
@@ -102,12 +139,7 @@ fn sample_all(state_dir: &Path, shared_dir: &Path) -> HashMap<String, Sample> {
         let Some(pid) = state.pid.filter(|_| state.alive) else {
             continue;
         };
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok();
-        if let (Some(ticks), Some(rss)) = (
-            stat.as_deref().and_then(cpu_ticks),
-            status.as_deref().and_then(rss_bytes),
-        ) {
+        if let Some((ticks, rss)) = group_usage(pid) {
             out.insert(
                 format!("{}/{}", dir.namespace, dir.name),
                 Sample { pid, ticks, rss },
@@ -154,10 +186,17 @@ mod tests {
     fn cpu_time_is_read_past_an_awkward_command_name() {
         let stat = "4242 (godwit vmm (x)) S 1 4242 4242 0 -1 4194560 500 0 0 0 1234 567 0 0 20 0 3 0 100 0 0";
         assert_eq!(cpu_ticks(stat), Some(1234 + 567));
+        assert_eq!(process_group(stat), Some(4242));
         assert_eq!(cpu_ticks("garbage"), None);
         // This very process.
         let own = std::fs::read_to_string("/proc/self/stat").unwrap();
         assert!(cpu_ticks(&own).is_some(), "{own}");
+        let pgid = process_group(&own).unwrap();
+        let (ticks, rss) = group_usage(pgid).expect("this process is in its group");
+        assert!(
+            rss > 0 && ticks >= cpu_ticks(&own).unwrap(),
+            "{ticks} {rss}"
+        );
     }
 
     #[test]
