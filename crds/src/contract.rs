@@ -16,6 +16,11 @@
 //! | VMMigration finalizer [`MIGRATION_FINALIZER`] | added on admission, removed once the phase is final | never |
 //! | VMMigration `Pending→Scheduling→PreparingTarget`, `sourceNode`, `targetNode`, labels [`SOURCE_LABEL`]/[`TARGET_LABEL`], `startTime` | yes | |
 //! | VMMigration `targetAddress` | | target agent, once its incoming VMM listens |
+//! | VMMigrations labelled [`EVACUATION_LABEL`] / [`DRS_LABEL`] | created for maintenance / by DRS in automatic mode | |
+//! | Node label or annotation [`MAINTENANCE_LABEL`] | never (the user sets it) | never |
+//! | Node annotation [`MAINTENANCE_STATUS_ANNOTATION`] | while the node is in maintenance | |
+//! | Node annotations [`CAPACITY_CPU_ANNOTATION`], [`CAPACITY_MEMORY_ANNOTATION`], [`USAGE_ANNOTATION`] | | its own Node |
+//! | VM phase `Running→Stopping` | maintenance, for `evictionStrategy: Shutdown` | |
 //! | VMMigration `PreCopy…Succeeded/Failed/Cancelled`, `progress`, `result`, `endTime` | `Cancelled`/`Failed` only before `PreparingTarget` (and on timeout of a target that never answers) | source agent, from the moment it sends |
 //!
 //! A migration is cancelled by deleting it or by the annotation

@@ -1028,6 +1028,45 @@ mod tests {
     }
 
     #[test]
+    fn an_ha_restart_keeps_anti_affinity() {
+        // demo (app=db, apart from app=db) ran on node-1, which is lost;
+        // db-2 runs on node-2: the restart must go to node-3, though spread
+        // alone would pick node-2 (node-3 is fuller).
+        let apart = Some(godwit_crds::vm::VmAffinity {
+            vm_anti_affinity: vec![godwit_crds::vm::VmAffinityTerm {
+                label_selector: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                    match_labels: Some([("app".to_string(), "db".to_string())].into()),
+                    ..Default::default()
+                },
+            }],
+            ..Default::default()
+        });
+        let mut db2 = placed_vm("db-2", "node-2", VmPhase::Running, 1, 1);
+        db2.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("app".into(), "db".into());
+        let hog = placed_vm("hog", "node-3", VmPhase::Running, 1, 2);
+        let mut c = cluster(vec![db2, hog]);
+        c.nodes[0].ready = false;
+        let mut failed = stopped(VmPhase::Failed, RunStrategy::Always);
+        failed.spec.affinity = apart.clone();
+        assert!(matches!(
+            decide(&failed, None, &c),
+            VmAction::Reschedule { .. }
+        ));
+        let t = template();
+        let mut pending = from_template("demo");
+        pending.metadata.labels = Some([("app".to_string(), "db".to_string())].into());
+        pending.spec.affinity = apart;
+        assert!(matches!(
+            decide(&pending, Some(&t), &c),
+            VmAction::Schedule { node, .. } if node == "node-3"
+        ));
+    }
+
+    #[test]
     fn deletion_is_announced_only_while_the_agent_holds_the_vm() {
         let c = cluster(vec![]);
         let mut v = placed_vm("demo", "node-1", VmPhase::Running, 1, 1);
