@@ -104,6 +104,29 @@ pub fn field_manager(component: &str) -> String {
     format!("godwit-{component}")
 }
 
+/// On a VirtualMachine: an RFC 3339 time at which a user asked for a restart
+/// (`kubectl godwit restart`). The node agent running the VM stops its VMM
+/// once when this time is later than the VMM's start (the `pid` file's
+/// modification time in the VM directory), so the request is carried out
+/// once however often the agent looks at it; the operator then starts the
+/// VM again as for any stopped VM with `runStrategy: Always`. Clocks of the
+/// client and the node are assumed to agree within a second or so, as for
+/// Leases.
+pub const RESTART_ANNOTATION: &str = "godwit.dev/restart-requested";
+
+/// The node agent's serial-console endpoint: the default TCP port it listens
+/// on at the node's IP (`godwit-node --console-addr`).
+///
+/// Protocol: the client sends one line `CONSOLE_HELLO <namespace>/<name>\n`;
+/// the agent answers one line, `OK\n` or `ERR <what to do>\n`, and after `OK`
+/// bytes flow both ways unchanged between the connection and the VM's COM1
+/// until either side closes.
+pub const CONSOLE_PORT: u16 = 9412;
+/// The first word of a console request (and the protocol's version).
+pub const CONSOLE_HELLO: &str = "GODWIT-CONSOLE/1";
+/// The node daemon's default `/metrics` port (`godwit-node --metrics-addr`).
+pub const NODE_METRICS_PORT: u16 = 9411;
+
 /// A VM as it runs: the VM's spec with its template applied, every source
 /// made concrete. Written by the operator into [`RESOLVED_ANNOTATION`].
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]

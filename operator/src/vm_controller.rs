@@ -477,7 +477,10 @@ pub async fn reconcile(
     vm: Arc<VirtualMachine>,
     ctx: Arc<Context>,
 ) -> Result<Action, VmReconcileError> {
-    let result = reconcile_inner(vm, &ctx).await;
+    let started = std::time::Instant::now();
+    let span = tracing::info_span!("vm", namespace = %vm.namespace().unwrap_or_default(), vm = %vm.name_any());
+    let result = tracing::Instrument::instrument(reconcile_inner(vm, &ctx), span).await;
+    ctx.metrics.reconcile_took("vm", started.elapsed());
     if result.is_ok() {
         ctx.metrics.reconciled("vm", true);
     }

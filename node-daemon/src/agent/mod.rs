@@ -16,9 +16,12 @@
 //! operator may already restart the node's VMs elsewhere (HA), so the agent
 //! stops them all and starts nothing until it renews again.
 
+pub mod console;
 pub mod decide;
 pub mod local;
 pub mod usage;
+pub mod metrics;
+pub mod restart;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -43,6 +46,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
+use tracing::Instrument;
 
 use decide::{MigrationAction, MigrationFacts, Outgoing, Role, VmAction, VmFacts};
 use local::{Children, LocalState, Runner, VmDir};
@@ -313,6 +317,7 @@ async fn fence(agent: &Arc<Agent>) {
         *fenced = true;
     }
     tracing::error!("Lease expired: fencing this node (stopping every VM)");
+    metrics::global().fenced();
     let dirs = VmDir::scan(&agent.cfg.state_dir, &agent.cfg.shared_dir);
     // All at once, with a short grace: the operator restarts them elsewhere
     // soon after the Lease expires.
@@ -382,7 +387,8 @@ impl Agent {
         for vm in &vms {
             let ns = vm.namespace().unwrap_or_default();
             known.insert(key(&ns, &vm.name_any()));
-            if let Err(e) = self.reconcile_vm(vm).await {
+            let span = tracing::info_span!("vm", namespace = %ns, vm = %vm.name_any());
+            if let Err(e) = self.reconcile_vm(vm).instrument(span).await {
                 tracing::warn!(vm = %key(&ns, &vm.name_any()), error = %e, "VM pass failed; retrying");
             }
         }
@@ -397,7 +403,8 @@ impl Agent {
             if !node_matches {
                 continue;
             }
-            if let Err(e) = self.reconcile_migration(*role, m).await {
+            let span = tracing::info_span!("migration", namespace = %m.namespace().unwrap_or_default(), vm = %m.spec.vm_name, migration = %m.name_any(), role = ?role);
+            if let Err(e) = self.reconcile_migration(*role, m).instrument(span).await {
                 tracing::warn!(migration = %m.name_any(), error = %e, "migration pass failed; retrying");
             }
         }
@@ -468,6 +475,7 @@ impl Agent {
             }),
         };
         let action = decide::decide_vm(&facts, &local);
+        let action = restart::adjust(action, vm, &facts, &dir, &local);
         let api: Api<VirtualMachine> = Api::namespaced(self.client.clone(), &ns);
         match action {
             VmAction::Nothing => {}
@@ -1063,6 +1071,10 @@ impl Agent {
         message: &str,
         done: Option<(MigrationProgress, MigrationResult)>,
     ) -> anyhow::Result<()> {
+        let started = m.status.as_ref().and_then(|s| s.start_time.as_ref());
+        let elapsed =
+            started.and_then(|t| Duration::try_from(Timestamp::now().duration_since(t.0)).ok());
+        metrics::global().migration_ended(phase, done.as_ref().map(|d| &d.1), elapsed);
         let mut status = json!({
             "phase": phase,
             "endTime": now_time(),
