@@ -57,6 +57,11 @@ struct Args {
     /// Ports incoming migrations listen on.
     #[arg(long, default_value = "47000-47999", value_parser = parse_range)]
     migration_ports: (u16, u16),
+    /// The migration CA (`ca.crt`, `ca.key`: the chart's Secret): the agent
+    /// issues this node a certificate from it and every VMM migrates over
+    /// mutual TLS. Without it migrations are plain TCP.
+    #[arg(long, env = "GODWIT_MIGRATION_CA_DIR")]
+    migration_ca_dir: Option<PathBuf>,
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
@@ -133,6 +138,7 @@ async fn main() {
         cpu: args.cpu.unwrap_or(cpus),
         memory_bytes: args.memory_mib.unwrap_or_else(host_memory_mib) << 20,
         migration_ports: args.migration_ports,
+        migration_ca_dir: args.migration_ca_dir,
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
