@@ -19,9 +19,10 @@
 pub mod console;
 pub mod decide;
 pub mod local;
-pub mod usage;
 pub mod metrics;
 pub mod restart;
+pub mod tls;
+pub mod usage;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -77,6 +78,8 @@ pub struct AgentConfig {
     pub memory_bytes: u64,
     /// Ports incoming migrations listen on (`first..=last`).
     pub migration_ports: (u16, u16),
+    /// The migration CA (see [`tls`]); `None`: plain TCP migrations.
+    pub migration_ca_dir: Option<PathBuf>,
 }
 
 /// The agent's failures that end it (everything else is retried).
@@ -85,6 +88,9 @@ pub enum AgentError {
     /// The API server refused something the agent cannot do without.
     #[error("{0}: {1}")]
     Api(String, #[source] kube::Error),
+    /// The node's migration certificate could not be issued.
+    #[error("Cannot set up migration TLS")]
+    Identity(#[from] tls::IdentityError),
 }
 
 struct Agent {
@@ -159,6 +165,15 @@ pub async fn run(
             }
         }));
     }
+    let migration_tls = match &cfg.migration_ca_dir {
+        Some(ca) => Some(tls::issue(
+            ca,
+            &cfg.state_dir.join("tls"),
+            &cfg.node,
+            &cfg.node_ip,
+        )?),
+        None => None,
+    };
     let lease = Arc::new(LeaseHealth {
         renewed: Mutex::new(Instant::now()),
         fenced: Mutex::new(false),
@@ -166,6 +181,7 @@ pub async fn run(
     let agent = Arc::new(Agent {
         runner: Runner {
             vmm_binary: cfg.vmm_binary.clone(),
+            tls: migration_tls,
         },
         cfg,
         client,
@@ -554,11 +570,15 @@ impl Agent {
                 tokio::task::spawn_blocking(move || local::stop(&d, Duration::from_secs(5)))
                     .await?;
             }
-            VmAction::ReportExit { failed, reason } => {
-                let (phase, why) = if failed {
-                    (VmPhase::Failed, "Failed")
+            VmAction::ReportExit {
+                failed,
+                reason,
+                cause: why,
+            } => {
+                let phase = if failed {
+                    VmPhase::Failed
                 } else {
-                    (VmPhase::Stopped, "Stopped")
+                    VmPhase::Stopped
                 };
                 let detail = format!(
                     "{reason} on {}; console: {}",

@@ -67,6 +67,11 @@ struct Args {
     /// Log lines as text or as JSON objects (one per line).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// The migration CA (`ca.crt`, `ca.key`: the chart's Secret): the agent
+    /// issues this node a certificate from it and every VMM migrates over
+    /// mutual TLS. Without it migrations are plain TCP.
+    #[arg(long, env = "GODWIT_MIGRATION_CA_DIR")]
+    migration_ca_dir: Option<PathBuf>,
 }
 
 /// How log lines are written.
@@ -174,6 +179,7 @@ async fn main() {
         cpu: args.cpu.unwrap_or(cpus),
         memory_bytes: args.memory_mib.unwrap_or_else(host_memory_mib) << 20,
         migration_ports: args.migration_ports,
+        migration_ca_dir: args.migration_ca_dir,
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
