@@ -101,7 +101,7 @@ async fn serves_metrics_and_stops_on_sigterm() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("godwit_migrations{phase=\"Pending\"} 0"),
+        metrics.contains("godwit_vmmigrations{phase=\"Pending\"} 0"),
         "{metrics}"
     );
 
