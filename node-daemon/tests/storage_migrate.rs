@@ -437,3 +437,56 @@ fn broken_storage_migration_leaves_the_vm_on_the_source() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// A disk on shared storage is not copied, and its image lock moves with
+/// the VM: after the migration the target VMM holds it, not the source.
+#[test]
+fn shared_disk_lock_moves_to_the_target() {
+    common::require_kvm();
+    let dir = Scratch::new("sms");
+    let base = make_base(&dir.path("cache-a"));
+    let shared = dir.path("shared.qcow2");
+    storage::image::create_overlay(&shared, &base).unwrap();
+    let n = nodes();
+    let mut src = start_source(&n, &dir, &shared);
+    let src_pid = src.child.id();
+    let holder = storage::lock::holder(&shared).expect("the source holds the lock");
+    assert!(holder.contains(&format!("pid {src_pid} ")), "{holder}");
+    // Both VMMs see the same file: the target opens it (unlocked) too.
+    let target = start_target(&n, &dir, &shared);
+    let r = src.api(json!({
+        "cmd": "migrate-send",
+        "addr": format!("{TARGET_IP}:{}", target.port),
+    }));
+    assert_eq!(r["ok"], true, "migrate-send: {r}");
+    let s = loop {
+        let s = status(&src);
+        if ended(&s) {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(s["stage"], "Completed", "{s}");
+    assert!(
+        s["result"]["storage"].is_null(),
+        "a shared disk was copied: {s}"
+    );
+    let holder = storage::lock::holder(&shared).expect("the target holds the lock");
+    assert!(
+        holder.contains(&format!("pid {} ", target.child.id())),
+        "{holder} (source pid {src_pid})"
+    );
+    let e = ImageLock::acquire(&shared, LockMode::Exclusive).unwrap_err();
+    assert!(matches!(e, storage::StorageError::Locked { .. }), "{e}");
+    // The guest runs there on the same disk.
+    let con = std::os::unix::net::UnixStream::connect(&target.console).unwrap();
+    let mut con = Console::new(con.try_clone().unwrap(), con);
+    assert_eq!(api(&target.api, json!({"cmd": "resume"}))["ok"], true);
+    con.send(&format!("blkverify {OVERLAY_AT} 256 2")).unwrap();
+    let l = con
+        .wait_for("BLK verify", Duration::from_secs(20), |l| {
+            l.starts_with("BLK verify")
+        })
+        .unwrap();
+    assert!(l.text.starts_with("BLK verify ok"), "{}", l.text);
+}
