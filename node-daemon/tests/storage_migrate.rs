@@ -448,7 +448,7 @@ fn shared_disk_lock_moves_to_the_target() {
     let shared = dir.path("shared.qcow2");
     storage::image::create_overlay(&shared, &base).unwrap();
     let n = nodes();
-    let mut src = start_source(&n, &dir, &shared);
+    let src = start_source(&n, &dir, &shared);
     let src_pid = src.child.id();
     let holder = storage::lock::holder(&shared).expect("the source holds the lock");
     assert!(holder.contains(&format!("pid {src_pid} ")), "{holder}");
