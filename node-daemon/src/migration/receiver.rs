@@ -267,6 +267,10 @@ where
             }
             Command::RoundEnd => {
                 let (round, _pages) = protocol::parse_round_end(&payload)?;
+                // Make the round's disk writes durable now, while the guest
+                // still runs on the source, so the flush before Ready (in the
+                // downtime) has only the last set to write.
+                storage::flush(&vm, &hello.disks)?;
                 progress.update(|p| {
                     p.round = round;
                     p.transferred_bytes = received;
