@@ -16,9 +16,9 @@ COPY . .
 # The same build as e2e/test.sh (and so .ci/run).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release -p godwit-node -p godwit-operator --bins \
+    cargo build --release -p godwit-node -p godwit-operator -p godwit-cli --bins \
  && mkdir -p /out \
- && cp target/release/godwit-operator target/release/godwit-node target/release/godwit-vmm /out/
+ && cp target/release/godwit-operator target/release/godwit-node target/release/godwit-vmm target/release/kubectl-godwit /out/
 
 FROM debian:bookworm-slim
 # ca-certificates: template images fetched over https; iproute2 and procps:

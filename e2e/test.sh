@@ -11,5 +11,5 @@ if [ -x e2e/testguest/build.sh ] || [ -f e2e/testguest/build.sh ]; then
   bash e2e/testguest/build.sh >/dev/null
 fi
 # The e2e tests and the demo run the Godwit binaries (VMM, node agent, operator).
-cargo build --release -p godwit-node -p godwit-operator --bins
+cargo build --release -p godwit-node -p godwit-operator -p godwit-cli --bins
 cargo test --workspace --release

@@ -16,6 +16,11 @@
 //! | VMMigration finalizer [`MIGRATION_FINALIZER`] | added on admission, removed once the phase is final | never |
 //! | VMMigration `Pending→Scheduling→PreparingTarget`, `sourceNode`, `targetNode`, labels [`SOURCE_LABEL`]/[`TARGET_LABEL`], `startTime` | yes | |
 //! | VMMigration `targetAddress` | | target agent, once its incoming VMM listens |
+//! | VMMigrations labelled [`EVACUATION_LABEL`] / [`DRS_LABEL`] | created for maintenance / by DRS in automatic mode | |
+//! | Node label or annotation [`MAINTENANCE_LABEL`] | never (the user sets it) | never |
+//! | Node annotation [`MAINTENANCE_STATUS_ANNOTATION`] | while the node is in maintenance | |
+//! | Node annotations [`CAPACITY_CPU_ANNOTATION`], [`CAPACITY_MEMORY_ANNOTATION`], [`USAGE_ANNOTATION`] | | its own Node |
+//! | VM phase `Running→Stopping` | maintenance, for `evictionStrategy: Shutdown` | |
 //! | VMMigration `PreCopy…Succeeded/Failed/Cancelled`, `progress`, `result`, `endTime` | `Cancelled`/`Failed` only before `PreparingTarget` (and on timeout of a target that never answers) | source agent, from the moment it sends |
 //!
 //! A migration is cancelled by deleting it or by the annotation
@@ -57,6 +62,31 @@ pub const CAPACITY_CPU_ANNOTATION: &str = "godwit.dev/vm-cpu";
 pub const CAPACITY_MEMORY_ANNOTATION: &str = "godwit.dev/vm-memory";
 /// On a Node: comma-separated sha256 digests of the template images cached there.
 pub const CACHED_IMAGES_ANNOTATION: &str = "godwit.dev/cached-images";
+/// On a Node (label, or annotation as before): `"true"` puts it in
+/// maintenance. Cordoning it (`spec.unschedulable`) does the same. A node in
+/// maintenance takes no new VMs or migrations; the operator live-migrates its
+/// VMs with `evictionStrategy: LiveMigrate` elsewhere (VMMigrations labelled
+/// [`EVACUATION_LABEL`]), stops the others (their `runStrategy` decides whether
+/// they start again elsewhere) and reports progress in
+/// [`MAINTENANCE_STATUS_ANNOTATION`]. Removing the label (or uncordoning)
+/// makes the node schedulable again.
+pub const MAINTENANCE_LABEL: &str = "godwit.dev/maintenance";
+/// On a Node in maintenance, written by the operator: the evacuation's
+/// progress as JSON, `{"phase":"Evacuating"|"Empty"|"NodeNotReady",
+/// "remaining":n,"migrating":n,"waiting":n,"shuttingDown":n,"blocked":n,
+/// "blockedVms":["ns/name: why"]}`; `remaining` counts the VMs still on the
+/// node, `Empty` means none is. Removed when maintenance ends.
+pub const MAINTENANCE_STATUS_ANNOTATION: &str = "godwit.dev/maintenance-status";
+/// On a VMMigration the operator made to empty a node in maintenance: that node.
+pub const EVACUATION_LABEL: &str = "godwit.dev/evacuation";
+/// On a VMMigration the DRS balancer made: `"true"`.
+pub const DRS_LABEL: &str = "godwit.dev/drs";
+/// On a Node, written by its agent about every [`USAGE_PERIOD_SECONDS`]: what
+/// the node's VMMs measurably use, a [`NodeUsage`] as JSON. The DRS balancer
+/// reads it (load from measured usage, not from requests).
+pub const USAGE_ANNOTATION: &str = "godwit.dev/usage";
+/// How often the agents publish [`USAGE_ANNOTATION`].
+pub const USAGE_PERIOD_SECONDS: u64 = 5;
 /// The namespace of the node Leases (and the operator's leader Lease).
 pub const DEFAULT_LEASE_NAMESPACE: &str = "godwit-system";
 /// The name of a node's Lease.
@@ -73,6 +103,29 @@ pub const ADOPTION_GRACE_SECONDS: i64 = 60;
 pub fn field_manager(component: &str) -> String {
     format!("godwit-{component}")
 }
+
+/// On a VirtualMachine: an RFC 3339 time at which a user asked for a restart
+/// (`kubectl godwit restart`). The node agent running the VM stops its VMM
+/// once when this time is later than the VMM's start (the `pid` file's
+/// modification time in the VM directory), so the request is carried out
+/// once however often the agent looks at it; the operator then starts the
+/// VM again as for any stopped VM with `runStrategy: Always`. Clocks of the
+/// client and the node are assumed to agree within a second or so, as for
+/// Leases.
+pub const RESTART_ANNOTATION: &str = "godwit.dev/restart-requested";
+
+/// The node agent's serial-console endpoint: the default TCP port it listens
+/// on at the node's IP (`godwit-node --console-addr`).
+///
+/// Protocol: the client sends one line `CONSOLE_HELLO <namespace>/<name>\n`;
+/// the agent answers one line, `OK\n` or `ERR <what to do>\n`, and after `OK`
+/// bytes flow both ways unchanged between the connection and the VM's COM1
+/// until either side closes.
+pub const CONSOLE_PORT: u16 = 9412;
+/// The first word of a console request (and the protocol's version).
+pub const CONSOLE_HELLO: &str = "GODWIT-CONSOLE/1";
+/// The node daemon's default `/metrics` port (`godwit-node --metrics-addr`).
+pub const NODE_METRICS_PORT: u16 = 9411;
 
 /// A VM as it runs: the VM's spec with its template applied, every source
 /// made concrete. Written by the operator into [`RESOLVED_ANNOTATION`].
@@ -167,6 +220,40 @@ pub struct MachineNic {
     /// The address the customization gives it (`10.0.0.5/24`), if static.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
+}
+
+/// Measured usage on a node ([`USAGE_ANNOTATION`]).
+///
+/// `cpuMillis` is CPU time per second of wall time over the last period, in
+/// thousandths of a CPU (`utime + stime` deltas of `/proc/<pid>/stat`);
+/// `rssBytes` is `VmRSS` from `/proc/<pid>/status`.
+/// `{"time":"2026-01-01T00:00:00Z","periodMs":5000,"cpuMillis":1830,
+/// "rssBytes":402653184,"vms":{"default/demo":{"cpuMillis":930,"rssBytes":201326592}}}`
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeUsage {
+    /// When it was measured (RFC 3339).
+    pub time: String,
+    /// Over how long the CPU figures were measured.
+    #[serde(default)]
+    pub period_ms: u64,
+    /// All the node's VMMs together.
+    pub cpu_millis: u64,
+    /// All the node's VMMs together.
+    pub rss_bytes: u64,
+    /// Per VM, keyed `namespace/name`.
+    #[serde(default)]
+    pub vms: std::collections::BTreeMap<String, VmUsage>,
+}
+
+/// One VMM's measured usage, see [`NodeUsage`].
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VmUsage {
+    /// CPU time per second of wall time, in thousandths of a CPU.
+    pub cpu_millis: u64,
+    /// Resident memory.
+    pub rss_bytes: u64,
 }
 
 /// A stable, locally administered unicast MAC for a VM's `index`-th NIC,

@@ -100,6 +100,8 @@ pub struct LocalCluster {
     pub node_kubeconfig: PathBuf,
     /// kubeconfig for the operator on the host (user [`OPERATOR_USER`]).
     pub operator_kubeconfig: PathBuf,
+    /// Extra operator flags for [`LocalCluster::start_godwit`] (`--drs-mode`).
+    pub operator_args: Vec<String>,
     dir: PathBuf,
     forwarder: Option<Forwarder>,
     cpu: u32,
@@ -153,6 +155,7 @@ impl LocalCluster {
             kubeconfig,
             node_kubeconfig,
             operator_kubeconfig,
+            operator_args: Vec::new(),
             dir: dir.to_path_buf(),
             forwarder: Some(forwarder),
             cpu,
@@ -257,9 +260,11 @@ impl LocalCluster {
         let mut cmd = Command::new(&operator);
         cmd.arg("--kubeconfig")
             .arg(&self.operator_kubeconfig)
-            .args(["--metrics-addr", &metrics.to_string()]);
+            .args(["--metrics-addr", &metrics.to_string()])
+            .args(&self.operator_args);
         self.operator = Some(spawn_logged(cmd, &logs.join("operator.log"), &operator)?);
         self.metrics = Some(metrics);
+        write_migration_ca(&self.migration_ca_dir())?;
         let n = self.fabric.nodes.len();
         *self.agents.lock().expect("agents lock") = Agents {
             procs: (0..n).map(|_| None).collect(),
@@ -275,6 +280,12 @@ impl LocalCluster {
     /// The operator's `/metrics` and `/healthz` address, once started.
     pub fn operator_metrics(&self) -> Option<std::net::SocketAddr> {
         self.metrics
+    }
+
+    /// The migration CA the agents issue their certificates from, as the
+    /// chart's Secret is mounted on a real node (`ca.crt`, `ca.key`).
+    pub fn migration_ca_dir(&self) -> PathBuf {
+        self.dir.join("migration-ca")
     }
 
     /// Starts the agent of node `i` (again).
@@ -303,6 +314,8 @@ impl LocalCluster {
             self.cpu.to_string().into(),
             "--memory-mib".into(),
             self.memory_mib.to_string().into(),
+            "--migration-ca-dir".into(),
+            self.migration_ca_dir().into_os_string(),
         ]
         .into();
         let log = self.log_dir().join(format!("agent-{}.log", node.name));
@@ -547,4 +560,23 @@ fn relay(a: TcpStream, b: TcpStream) {
         pipe(a, b2);
         pipe(b, a2);
     }
+}
+
+/// Writes a fresh migration CA (`ca.crt`, `ca.key`) into `dir`, as the chart
+/// generates one at install.
+pub fn write_migration_ca(dir: &Path) -> Result<(), ClusterError> {
+    let key = rcgen::KeyPair::generate().expect("an ECDSA key");
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "godwit-migration-ca");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let cert = params.self_signed(&key).expect("a self-signed CA");
+    let write = |name: &str, text: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).map_err(|e| ClusterError::Write(p.display().to_string(), e))
+    };
+    std::fs::create_dir_all(dir).map_err(|e| ClusterError::Write(dir.display().to_string(), e))?;
+    write("ca.crt", cert.pem())?;
+    write("ca.key", key.serialize_pem())
 }

@@ -48,6 +48,11 @@ impl Godwit {
     /// Brings up `nodes` nodes (4 vCPUs and 2 GiB for VMs each) with the
     /// operator and the agents, in `dir`.
     pub fn up(nodes: usize, dir: &Path) -> anyhow::Result<Godwit> {
+        Godwit::up_with(nodes, dir, &[])
+    }
+
+    /// [`Godwit::up`] with extra operator flags.
+    pub fn up_with(nodes: usize, dir: &Path, operator_args: &[&str]) -> anyhow::Result<Godwit> {
         if !Path::new("/dev/kvm").exists() {
             bail!("/dev/kvm does not exist: Godwit boots real VMs under KVM");
         }
@@ -58,6 +63,7 @@ impl Godwit {
         std::fs::create_dir_all(root.join("images"))?;
         std::fs::copy(&elf, root.join("kernels/godwit-testguest.elf"))?;
         std::fs::File::create(root.join("images/testguest-root.raw"))?.set_len(64 << 20)?;
+        cluster.operator_args = operator_args.iter().map(|a| a.to_string()).collect();
         cluster.start_godwit()?;
         Ok(Godwit { cluster, root })
     }

@@ -77,6 +77,26 @@ fn vm_runs_survives_an_agent_restart_a_cancelled_migration_and_is_deleted() {
         .trim()
         .parse()
         .unwrap();
+    // The VMM (under its exit-recording shell) runs in its seccomp sandbox
+    // and migrates over mutual TLS with the certificate the agent issued.
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    let vmm: i32 = children
+        .split_whitespace()
+        .next()
+        .expect("the VMM under its shell")
+        .parse()
+        .unwrap();
+    let argv = std::fs::read(format!("/proc/{vmm}/cmdline")).unwrap();
+    let argv = String::from_utf8_lossy(&argv).replace('\0', " ");
+    assert!(
+        argv.contains("--tls-cert") && argv.contains("--tls-ca"),
+        "the VMM runs without migration TLS: {argv}"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap();
+    assert!(
+        status.contains("Seccomp:\t2"),
+        "the VMM runs without its seccomp filter"
+    );
 
     // Restart the node's agent: the VMM keeps running and the VM stays Running.
     g.cluster.kill_agent(i);

@@ -6,6 +6,8 @@
 //! `godwit-node` binary: it makes the node run what the API says.
 
 pub mod agent;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod migration;
 pub mod storage;
 pub mod vmm;

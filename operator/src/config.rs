@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use godwit_crds::contract::DEFAULT_LEASE_NAMESPACE;
 
+use crate::drs::DrsConfig;
 use crate::scheduler::{Reserve, Strategy};
 
 /// Limits on migrations in flight (past `Pending`, not yet final).
@@ -46,6 +47,8 @@ pub struct OperatorConfig {
     pub renew_period: Duration,
     /// How often an object is looked at again without any change.
     pub requeue: Duration,
+    /// The DRS balancer.
+    pub drs: DrsConfig,
 }
 
 impl Default for OperatorConfig {
@@ -60,6 +63,7 @@ impl Default for OperatorConfig {
             lease_duration: Duration::from_secs(15),
             renew_period: Duration::from_secs(5),
             requeue: Duration::from_secs(5),
+            drs: DrsConfig::default(),
         }
     }
 }

@@ -113,6 +113,7 @@ async fn fail_over(ctx: &Context, node: &str) -> Result<(), kube::Error> {
             vm.spec.run_strategy
         );
         info!(vm = %format!("{ns}/{}", vm.name_any()), %node, "failing over");
+        ctx.metrics.failed_over();
         let status = json!({"status": {
             "phase": VmPhase::Failed,
             "conditions": [{

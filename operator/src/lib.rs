@@ -8,6 +8,8 @@
 //!   `runStrategy`;
 //! - [`migration_controller`]: admission, target choice, concurrency limits,
 //!   timeouts, cancellation, moving the VM when a migration ends;
+//! - [`drs`]: balances measured load with live migrations;
+//! - [`maintenance`]: empties nodes in maintenance by live migration;
 //! - [`leader`]: only one operator instance decides at a time;
 //! - [`metrics`]: `/metrics` and `/healthz`.
 //!
@@ -17,10 +19,12 @@
 pub mod conditions;
 pub mod config;
 pub mod context;
+pub mod drs;
 pub mod ha;
 pub mod labels;
 pub mod leader;
 pub mod machine;
+pub mod maintenance;
 pub mod metrics;
 pub mod migration_controller;
 pub mod nodes;
@@ -110,7 +114,9 @@ pub async fn run_controllers(client: Client, config: OperatorConfig, metrics: Ar
     tokio::join!(
         vm_controller::run(ctx.clone()),
         migration_controller::run(ctx.clone()),
-        ha::run(ctx)
+        ha::run(ctx.clone()),
+        maintenance::run(ctx.clone()),
+        drs::run(ctx)
     );
 }
 

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use godwit_crds::contract::DEFAULT_LEASE_NAMESPACE;
+use godwit_operator::drs::{DrsConfig, DrsMode};
 use godwit_operator::scheduler::{Reserve, Strategy};
 use godwit_operator::{config, MigrationLimits, OperatorConfig};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -36,20 +37,45 @@ struct Args {
     /// Migrations in flight in the cluster.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     max_migrations_per_cluster: u64,
+    /// DRS balancer: off, manual (recommend only) or automatic (migrate).
+    #[arg(long, default_value = "off")]
+    drs_mode: DrsMode,
+    /// How often the DRS balancer looks, in seconds.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    drs_interval: u64,
+    /// The imbalance DRS tolerates: standard deviation of the nodes' loads
+    /// (each 0..1), e.g. 0.1.
+    #[arg(long, default_value_t = 0.1, value_parser = parse_threshold)]
+    drs_threshold: f64,
     /// Identity in the leader Lease (default: hostname-pid).
     #[arg(long)]
     id: Option<String>,
+    /// Log lines as text or as JSON objects (one per line).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kube=warn".into()),
-        )
-        .init();
     let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube=warn".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        // Every line carries its spans (vm, namespace, migration), so one
+        // migration can be followed across the operator and both nodes.
+        LogFormat::Json => logs.json().with_span_list(true).init(),
+    }
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -89,10 +115,22 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             per_cluster: args.max_migrations_per_cluster as usize,
         },
         id: args.id.unwrap_or_else(config::default_id),
+        drs: DrsConfig {
+            mode: args.drs_mode,
+            interval: std::time::Duration::from_secs(args.drs_interval),
+            threshold: args.drs_threshold,
+        },
         ..OperatorConfig::default()
     };
     godwit_operator::run_until(client, config, shutdown_signal()).await?;
     Ok(())
+}
+
+fn parse_threshold(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(t) if (0.0..=1.0).contains(&t) => Ok(t),
+        _ => Err(format!("{text:?} is not a number between 0 and 1")),
+    }
 }
 
 /// SIGINT or SIGTERM.

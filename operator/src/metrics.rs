@@ -1,21 +1,32 @@
-//! `/metrics` (Prometheus text format 0.0.4) and `/healthz`, served by a
-//! tiny HTTP/1.0 responder: one request per connection, no keep-alive.
+//! `/metrics` (OpenMetrics text, through the prometheus-client crate) and
+//! `/healthz`, served by a tiny HTTP/1.0 responder: one request per
+//! connection, no keep-alive.
 //!
 //! | metric | type | labels |
 //! | --- | --- | --- |
 //! | `godwit_operator_reconciles_total` | counter | `controller` (`vm`, `migration`), `result` (`ok`, `error`) |
+//! | `godwit_operator_reconcile_duration_seconds` | histogram | `controller` |
 //! | `godwit_vms` | gauge | `phase` (from the VM controller's cache) |
-//! | `godwit_migrations` | gauge | `phase` (from the migration controller's cache) |
+//! | `godwit_vmmigrations` | gauge | `phase` (from the migration controller's cache) |
 //! | `godwit_migrations_total` | counter | `result` (`Succeeded`, `Failed`, `Cancelled`), counted when the operator settles a migration |
+//! | `godwit_failovers_total` | counter | VMs failed over from a lost node (HA) |
 //! | `godwit_operator_leader` | gauge | 1 while this instance leads |
+//!
+//! Bytes, downtime and duration of each migration are recorded by the
+//! source node daemon, which measures them (`godwit-node --metrics-addr`).
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use godwit_crds::{MigrationPhase, VMMigration, VirtualMachine, VmPhase};
 use kube::runtime::reflector::Store;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
@@ -47,41 +58,151 @@ const MIGRATION_PHASES: [MigrationPhase; 10] = [
     MigrationPhase::Cancelled,
 ];
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReconcileLabels {
+    controller: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ControllerLabel {
+    controller: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
+}
+
+type DurationFamily = Family<ControllerLabel, Histogram, fn() -> Histogram>;
+
+fn reconcile_histogram() -> Histogram {
+    // 1 ms .. ~16 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
 /// The operator's metrics.
-#[derive(Default)]
 pub struct Metrics {
-    reconciles: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
-    migrations_total: Mutex<BTreeMap<String, u64>>,
-    leader: AtomicBool,
+    registry: Registry,
+    reconciles: Family<ReconcileLabels, Counter>,
+    reconcile_seconds: DurationFamily,
+    vms_by_phase: Family<PhaseLabel, Gauge>,
+    migrations_by_phase: Family<PhaseLabel, Gauge>,
+    migrations_total: Family<ResultLabel, Counter>,
+    failovers: Counter,
+    leader: Gauge<i64, std::sync::atomic::AtomicI64>,
     vms: Mutex<Option<Store<VirtualMachine>>>,
     migrations: Mutex<Option<Store<VMMigration>>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let reconciles = Family::<ReconcileLabels, Counter>::default();
+        let reconcile_seconds: DurationFamily = Family::new_with_constructor(reconcile_histogram);
+        let vms_by_phase = Family::<PhaseLabel, Gauge>::default();
+        let migrations_by_phase = Family::<PhaseLabel, Gauge>::default();
+        let migrations_total = Family::<ResultLabel, Counter>::default();
+        let failovers = Counter::<u64, AtomicU64>::default();
+        let leader = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register(
+            "godwit_operator_reconciles",
+            "Reconciles by controller and result",
+            reconciles.clone(),
+        );
+        registry.register(
+            "godwit_operator_reconcile_duration_seconds",
+            "Time one reconcile takes, by controller",
+            reconcile_seconds.clone(),
+        );
+        registry.register(
+            "godwit_vms",
+            "VirtualMachines by phase",
+            vms_by_phase.clone(),
+        );
+        registry.register(
+            "godwit_vmmigrations",
+            "VMMigrations by phase",
+            migrations_by_phase.clone(),
+        );
+        registry.register(
+            "godwit_migrations",
+            "Migrations ended, by result",
+            migrations_total.clone(),
+        );
+        registry.register(
+            "godwit_failovers",
+            "VMs failed over from a lost node",
+            failovers.clone(),
+        );
+        registry.register(
+            "godwit_operator_leader",
+            "1 while this instance leads",
+            leader.clone(),
+        );
+        for result in ["Succeeded", "Failed", "Cancelled"] {
+            let _ = migrations_total.get_or_create_owned(&ResultLabel {
+                result: result.into(),
+            });
+        }
+        Metrics {
+            registry,
+            reconciles,
+            reconcile_seconds,
+            vms_by_phase,
+            migrations_by_phase,
+            migrations_total,
+            failovers,
+            leader,
+            vms: Mutex::new(None),
+            migrations: Mutex::new(None),
+        }
+    }
 }
 
 impl Metrics {
     /// Counts one reconcile of `controller` that ended `ok` or not.
     pub fn reconciled(&self, controller: &'static str, ok: bool) {
         let result = if ok { "ok" } else { "error" };
-        *self
-            .reconciles
-            .lock()
-            .expect("metrics poisoned")
-            .entry((controller, result))
-            .or_default() += 1;
+        self.reconciles
+            .get_or_create(&ReconcileLabels {
+                controller: controller.into(),
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// Records how long one reconcile of `controller` took.
+    pub fn reconcile_took(&self, controller: &'static str, took: Duration) {
+        self.reconcile_seconds
+            .get_or_create(&ControllerLabel {
+                controller: controller.into(),
+            })
+            .observe(took.as_secs_f64());
     }
 
     /// Counts a migration that ended in `phase`.
     pub fn migration_ended(&self, phase: MigrationPhase) {
-        *self
-            .migrations_total
-            .lock()
-            .expect("metrics poisoned")
-            .entry(format!("{phase:?}"))
-            .or_default() += 1;
+        self.migrations_total
+            .get_or_create(&ResultLabel {
+                result: format!("{phase:?}"),
+            })
+            .inc();
+    }
+
+    /// Counts a VM failed over from a lost node.
+    pub fn failed_over(&self) {
+        self.failovers.inc();
     }
 
     /// Whether this instance leads.
     pub fn set_leader(&self, leading: bool) {
-        self.leader.store(leading, Ordering::Relaxed);
+        self.leader.set(i64::from(leading));
     }
 
     /// The VM controller's cache, for `godwit_vms`.
@@ -89,39 +210,27 @@ impl Metrics {
         *self.vms.lock().expect("metrics poisoned") = Some(store);
     }
 
-    /// The migration controller's cache, for `godwit_migrations`.
+    /// The migration controller's cache, for `godwit_vmmigrations`.
     pub fn watch_migrations(&self, store: Store<VMMigration>) {
         *self.migrations.lock().expect("metrics poisoned") = Some(store);
     }
 
-    /// The metrics in Prometheus text format.
+    /// The metrics in the OpenMetrics text format.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        out.push_str(
-            "# HELP godwit_operator_reconciles_total Reconciles by controller and result.\n",
-        );
-        out.push_str("# TYPE godwit_operator_reconciles_total counter\n");
-        for ((controller, result), n) in self.reconciles.lock().expect("metrics poisoned").iter() {
-            let _ = writeln!(
-                out,
-                "godwit_operator_reconciles_total{{controller=\"{controller}\",result=\"{result}\"}} {n}"
-            );
-        }
-
-        let mut vms: BTreeMap<String, u64> =
+        // Counted first, then set: two scrapes at once both see whole counts.
+        let mut vms: std::collections::BTreeMap<String, i64> =
             VM_PHASES.iter().map(|p| (format!("{p:?}"), 0)).collect();
         if let Some(store) = self.vms.lock().expect("metrics poisoned").as_ref() {
             for vm in store.state() {
                 *vms.entry(format!("{:?}", vm_phase(&vm))).or_default() += 1;
             }
         }
-        out.push_str("# HELP godwit_vms VirtualMachines by phase.\n");
-        out.push_str("# TYPE godwit_vms gauge\n");
-        for (phase, n) in &vms {
-            let _ = writeln!(out, "godwit_vms{{phase=\"{phase}\"}} {n}");
+        for (phase, n) in vms {
+            self.vms_by_phase
+                .get_or_create(&PhaseLabel { phase })
+                .set(n);
         }
-
-        let mut migrations: BTreeMap<String, u64> = MIGRATION_PHASES
+        let mut migrations: std::collections::BTreeMap<String, i64> = MIGRATION_PHASES
             .iter()
             .map(|p| (format!("{p:?}"), 0))
             .collect();
@@ -132,27 +241,13 @@ impl Metrics {
                     .or_default() += 1;
             }
         }
-        out.push_str("# HELP godwit_migrations VMMigrations by phase.\n");
-        out.push_str("# TYPE godwit_migrations gauge\n");
-        for (phase, n) in &migrations {
-            let _ = writeln!(out, "godwit_migrations{{phase=\"{phase}\"}} {n}");
+        for (phase, n) in migrations {
+            self.migrations_by_phase
+                .get_or_create(&PhaseLabel { phase })
+                .set(n);
         }
-
-        out.push_str("# HELP godwit_migrations_total Migrations ended, by result.\n");
-        out.push_str("# TYPE godwit_migrations_total counter\n");
-        let ended = self.migrations_total.lock().expect("metrics poisoned");
-        for result in ["Succeeded", "Failed", "Cancelled"] {
-            let n = ended.get(result).copied().unwrap_or(0);
-            let _ = writeln!(out, "godwit_migrations_total{{result=\"{result}\"}} {n}");
-        }
-
-        out.push_str("# HELP godwit_operator_leader 1 while this instance leads.\n");
-        out.push_str("# TYPE godwit_operator_leader gauge\n");
-        let _ = writeln!(
-            out,
-            "godwit_operator_leader {}",
-            u8::from(self.leader.load(Ordering::Relaxed))
-        );
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
 }
@@ -193,7 +288,11 @@ async fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()
     let method = words.next().unwrap_or("");
     let path = words.next().unwrap_or("").split('?').next().unwrap_or("");
     let (status, content_type, body) = match (method, path) {
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
+        ("GET", "/metrics") => (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.render(),
+        ),
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
         _ => (
@@ -232,6 +331,8 @@ mod tests {
         metrics.reconciled("migration", false);
         metrics.migration_ended(MigrationPhase::Succeeded);
         metrics.set_leader(true);
+        metrics.failed_over();
+        metrics.reconcile_took("vm", Duration::from_millis(3));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(serve(listener, metrics));
@@ -242,7 +343,9 @@ mod tests {
             "godwit_operator_reconciles_total{controller=\"vm\",result=\"ok\"} 2",
             "godwit_operator_reconciles_total{controller=\"migration\",result=\"error\"} 1",
             "godwit_vms{phase=\"Running\"} 0",
-            "godwit_migrations{phase=\"PreCopy\"} 0",
+            "godwit_vmmigrations{phase=\"PreCopy\"} 0",
+            "godwit_failovers_total 1",
+            "godwit_operator_reconcile_duration_seconds_count{controller=\"vm\"} 1",
             "godwit_migrations_total{result=\"Succeeded\"} 1",
             "godwit_migrations_total{result=\"Cancelled\"} 0",
             "godwit_operator_leader 1",

@@ -467,7 +467,7 @@ fn competing(m: &VMMigration, all: &[VMMigration]) -> Option<String> {
 
 /// A disk that only a storage copy can move: node-local and writable (a
 /// read-only image is expected on every node).
-fn local_writable_disk(vm: &VirtualMachine) -> Option<String> {
+pub(crate) fn local_writable_disk(vm: &VirtualMachine) -> Option<String> {
     if let Some(machine) = view::resolved_machine(vm) {
         return machine
             .disks
@@ -688,7 +688,15 @@ pub async fn reconcile(
     m: Arc<VMMigration>,
     ctx: Arc<Context>,
 ) -> Result<Action, MigrationReconcileError> {
-    let result = reconcile_inner(m, &ctx).await;
+    let started = std::time::Instant::now();
+    let span = tracing::info_span!(
+        "migration",
+        namespace = %m.namespace().unwrap_or_default(),
+        vm = %m.spec.vm_name,
+        migration = %m.name_any()
+    );
+    let result = tracing::Instrument::instrument(reconcile_inner(m, &ctx), span).await;
+    ctx.metrics.reconcile_took("migration", started.elapsed());
     if result.is_ok() {
         ctx.metrics.reconciled("migration", true);
     }

@@ -7,12 +7,14 @@
 //! - Ready: the Node's `Ready` condition is `True` and the agent's Lease
 //!   (`godwit-node-<node>`) was renewed within its duration. No Lease means
 //!   no agent, so not ready.
-//! - Schedulable: not cordoned (`spec.unschedulable`) and not annotated
-//!   [`MAINTENANCE_ANNOTATION`]`: "true"`.
+//! - Schedulable: not in maintenance ([`in_maintenance`]: cordoned, or
+//!   labelled or annotated [`MAINTENANCE_LABEL`]`: "true"`).
 //! - Capacity: the agent's [`CAPACITY_CPU_ANNOTATION`] and
 //!   [`CAPACITY_MEMORY_ANNOTATION`] once published, else `status.allocatable`.
 
-use godwit_crds::contract::{CAPACITY_CPU_ANNOTATION, CAPACITY_MEMORY_ANNOTATION, NODE_LABEL};
+use godwit_crds::contract::{
+    CAPACITY_CPU_ANNOTATION, CAPACITY_MEMORY_ANNOTATION, MAINTENANCE_LABEL, NODE_LABEL,
+};
 use godwit_crds::parse_quantity;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
@@ -20,8 +22,9 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use crate::scheduler::{NodeInfo, Resources};
 
-/// On a Node: `"true"` keeps new VMs and migrations away (drain comes later).
-pub const MAINTENANCE_ANNOTATION: &str = "godwit.dev/maintenance";
+/// On a Node, as annotation (the label [`MAINTENANCE_LABEL`] has the same
+/// key and effect): `"true"` puts the node in maintenance.
+pub const MAINTENANCE_ANNOTATION: &str = MAINTENANCE_LABEL;
 
 /// Whether the Node is one Godwit runs VMs on.
 pub fn is_godwit_node(node: &Node) -> bool {
@@ -48,20 +51,26 @@ pub fn lease_expiry(lease: &Lease) -> Option<Timestamp> {
     renewed.checked_add(SignedDuration::from_secs(seconds)).ok()
 }
 
-/// Whether the Node may take new VMs: not cordoned, not in maintenance.
-pub fn schedulable(node: &Node) -> bool {
+/// Whether the Node is in maintenance: cordoned (`spec.unschedulable`), or
+/// labelled or annotated [`MAINTENANCE_LABEL`]`: "true"`. Such a node takes
+/// no new VMs and is emptied (see [`crate::maintenance`]).
+pub fn in_maintenance(node: &Node) -> bool {
     let cordoned = node
         .spec
         .as_ref()
         .and_then(|s| s.unschedulable)
         .unwrap_or(false);
-    let maintenance = node
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(MAINTENANCE_ANNOTATION))
-        .is_some_and(|v| v == "true");
-    !cordoned && !maintenance
+    let marked = |map: &Option<std::collections::BTreeMap<String, String>>| {
+        map.as_ref()
+            .and_then(|m| m.get(MAINTENANCE_LABEL))
+            .is_some_and(|v| v == "true")
+    };
+    cordoned || marked(&node.metadata.labels) || marked(&node.metadata.annotations)
+}
+
+/// Whether the Node may take new VMs: not in maintenance.
+pub fn schedulable(node: &Node) -> bool {
+    !in_maintenance(node)
 }
 
 /// A CPU quantity as whole CPUs (`4`, `3500m` is 3).
@@ -199,6 +208,19 @@ mod tests {
         n.metadata.annotations = Some([(MAINTENANCE_ANNOTATION.into(), "true".into())].into());
         assert!(!schedulable(&n));
         n.metadata.annotations = None;
+        assert!(schedulable(&n));
+        n.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(MAINTENANCE_LABEL.into(), "true".into());
+        assert!(!schedulable(&n) && in_maintenance(&n));
+        n.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .remove(MAINTENANCE_LABEL);
+        assert!(schedulable(&n));
         n.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
             unschedulable: Some(true),
             ..Default::default()

@@ -477,7 +477,10 @@ pub async fn reconcile(
     vm: Arc<VirtualMachine>,
     ctx: Arc<Context>,
 ) -> Result<Action, VmReconcileError> {
-    let result = reconcile_inner(vm, &ctx).await;
+    let started = std::time::Instant::now();
+    let span = tracing::info_span!("vm", namespace = %vm.namespace().unwrap_or_default(), vm = %vm.name_any());
+    let result = tracing::Instrument::instrument(reconcile_inner(vm, &ctx), span).await;
+    ctx.metrics.reconcile_took("vm", started.elapsed());
     if result.is_ok() {
         ctx.metrics.reconciled("vm", true);
     }
@@ -1024,6 +1027,45 @@ mod tests {
         assert!(matches!(
             decide(&unlabelled, None, &c),
             VmAction::Reschedule { .. }
+        ));
+    }
+
+    #[test]
+    fn an_ha_restart_keeps_anti_affinity() {
+        // demo (app=db, apart from app=db) ran on node-1, which is lost;
+        // db-2 runs on node-2: the restart must go to node-3, though spread
+        // alone would pick node-2 (node-3 is fuller).
+        let apart = Some(godwit_crds::vm::VmAffinity {
+            vm_anti_affinity: vec![godwit_crds::vm::VmAffinityTerm {
+                label_selector: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                    match_labels: Some([("app".to_string(), "db".to_string())].into()),
+                    ..Default::default()
+                },
+            }],
+            ..Default::default()
+        });
+        let mut db2 = placed_vm("db-2", "node-2", VmPhase::Running, 1, 1);
+        db2.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("app".into(), "db".into());
+        let hog = placed_vm("hog", "node-3", VmPhase::Running, 1, 2);
+        let mut c = cluster(vec![db2, hog]);
+        c.nodes[0].ready = false;
+        let mut failed = stopped(VmPhase::Failed, RunStrategy::Always);
+        failed.spec.affinity = apart.clone();
+        assert!(matches!(
+            decide(&failed, None, &c),
+            VmAction::Reschedule { .. }
+        ));
+        let t = template();
+        let mut pending = from_template("demo");
+        pending.metadata.labels = Some([("app".to_string(), "db".to_string())].into());
+        pending.spec.affinity = apart;
+        assert!(matches!(
+            decide(&pending, Some(&t), &c),
+            VmAction::Schedule { node, .. } if node == "node-3"
         ));
     }
 

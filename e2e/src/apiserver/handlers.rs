@@ -337,6 +337,17 @@ pub async fn handle(
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
+    Ok(handle_parts(&state, &parts, &body))
+}
+
+/// Serves one request whose body has been read: routing, admission, the
+/// store, and the audit record. Any bytes are an acceptable request; the
+/// answer to a malformed one is a Kubernetes `Status` error, never a panic.
+pub fn handle_parts(
+    state: &Arc<ServerState>,
+    parts: &http::request::Parts,
+    body: &Bytes,
+) -> Response<Body> {
     let query = Query::parse(parts.uri.query());
     let path = parts.uri.path().to_string();
     let mut record = AuditRecord {
@@ -348,12 +359,12 @@ pub async fn handle(
         ..Default::default()
     };
     let response = route(
-        &state,
+        state,
         &parts.method,
         &path,
         &parts.headers,
         &query,
-        &body,
+        body,
         &mut record,
     )
     .unwrap_or_else(|error| error.response());
@@ -362,7 +373,7 @@ pub async fn handle(
     if !path.starts_with("/debug/") {
         state.audit.push(record);
     }
-    Ok(response)
+    response
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {

@@ -46,6 +46,8 @@ pub mod audit;
 pub mod convert;
 pub mod crd;
 pub mod discovery;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod handlers;
 pub mod patch;
 pub mod protobuf;

@@ -43,6 +43,8 @@ pub enum VmAction {
     ReportExit {
         /// Failed rather than Stopped.
         failed: bool,
+        /// The condition reason: `Stopped`, `Failed` or `SandboxViolation`.
+        cause: &'static str,
         /// Why, for the status and the event.
         reason: String,
     },
@@ -98,6 +100,7 @@ pub fn decide_vm(vm: &VmFacts, local: &LocalState) -> VmAction {
             VmAction::ReportExit {
                 failed: failed_exit(vm.phase, local),
                 reason: exit_reason(local),
+                cause: exit_cause(vm.phase, local),
             }
         }
         _ => VmAction::Nothing,
@@ -112,10 +115,25 @@ fn failed_exit(phase: VmPhase, local: &LocalState) -> bool {
     local.exit != Some(0)
 }
 
+/// The condition reason of an exit: `Stopped`, `Failed`, or
+/// `SandboxViolation` when the VMM's seccomp filter killed it.
+fn exit_cause(phase: VmPhase, local: &LocalState) -> &'static str {
+    if !failed_exit(phase, local) {
+        "Stopped"
+    } else if local.exit == Some(crate::vmm::sandbox::SIGSYS_SHELL_STATUS) {
+        "SandboxViolation"
+    } else {
+        "Failed"
+    }
+}
+
 fn exit_reason(local: &LocalState) -> String {
     match (local.exit, local.stop_requested) {
         (_, true) => "stopped".into(),
         (Some(0), false) => "the guest powered off".into(),
+        (Some(crate::vmm::sandbox::SIGSYS_SHELL_STATUS), false) => {
+            "the VMM's seccomp sandbox killed it (SIGSYS: a system call it never makes)".into()
+        }
         (Some(code), false) => format!("the VMM exited with status {code}"),
         (None, false) if local.exists => "the VMM process is gone".into(),
         (None, false) => "the VM's files are gone from this node".into(),
@@ -319,16 +337,27 @@ mod tests {
             decide_vm(&v, &exited(0)),
             VmAction::ReportExit {
                 failed: false,
-                reason: "the guest powered off".into()
+                reason: "the guest powered off".into(),
+                cause: "Stopped",
             }
         );
         assert_eq!(
             decide_vm(&v, &exited(1)),
             VmAction::ReportExit {
                 failed: true,
-                reason: "the VMM exited with status 1".into()
+                reason: "the VMM exited with status 1".into(),
+                cause: "Failed",
             }
         );
+        // Killed by its seccomp sandbox: the shell reports 128 + SIGSYS.
+        assert!(matches!(
+            decide_vm(&v, &exited(159)),
+            VmAction::ReportExit {
+                failed: true,
+                cause: "SandboxViolation",
+                ..
+            }
+        ));
         let mut asked = exited(0);
         asked.stop_requested = true;
         assert!(matches!(

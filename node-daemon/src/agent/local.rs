@@ -180,6 +180,8 @@ fn process_alive(pid: i32) -> bool {
 pub struct Runner {
     /// The `godwit-vmm` binary.
     pub vmm_binary: PathBuf,
+    /// The node's migration identity (mutual TLS), if configured.
+    pub tls: Option<crate::migration::tls::TlsFiles>,
 }
 
 /// The VMM's exit status is written by the `sh` that runs it, so it is known
@@ -285,6 +287,15 @@ impl Runner {
             "--api-sock".into(),
             dir.api_sock().display().to_string(),
         ];
+        if let Some(tls) = &self.tls {
+            for (flag, path) in [
+                ("--tls-cert", &tls.cert),
+                ("--tls-key", &tls.key),
+                ("--tls-ca", &tls.ca),
+            ] {
+                args.extend([flag.to_string(), path.display().to_string()]);
+            }
+        }
         for (i, nic) in machine.networks.iter().enumerate() {
             args.extend([
                 "--net".into(),

@@ -16,8 +16,13 @@
 //! operator may already restart the node's VMs elsewhere (HA), so the agent
 //! stops them all and starts nothing until it renews again.
 
+pub mod console;
 pub mod decide;
 pub mod local;
+pub mod metrics;
+pub mod restart;
+pub mod tls;
+pub mod usage;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -42,6 +47,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
+use tracing::Instrument;
 
 use decide::{MigrationAction, MigrationFacts, Outgoing, Role, VmAction, VmFacts};
 use local::{Children, LocalState, Runner, VmDir};
@@ -72,6 +78,8 @@ pub struct AgentConfig {
     pub memory_bytes: u64,
     /// Ports incoming migrations listen on (`first..=last`).
     pub migration_ports: (u16, u16),
+    /// The migration CA (see [`tls`]); `None`: plain TCP migrations.
+    pub migration_ca_dir: Option<PathBuf>,
 }
 
 /// The agent's failures that end it (everything else is retried).
@@ -80,6 +88,9 @@ pub enum AgentError {
     /// The API server refused something the agent cannot do without.
     #[error("{0}: {1}")]
     Api(String, #[source] kube::Error),
+    /// The node's migration certificate could not be issued.
+    #[error("Cannot set up migration TLS")]
+    Identity(#[from] tls::IdentityError),
 }
 
 struct Agent {
@@ -154,6 +165,15 @@ pub async fn run(
             }
         }));
     }
+    let migration_tls = match &cfg.migration_ca_dir {
+        Some(ca) => Some(tls::issue(
+            ca,
+            &cfg.state_dir.join("tls"),
+            &cfg.node,
+            &cfg.node_ip,
+        )?),
+        None => None,
+    };
     let lease = Arc::new(LeaseHealth {
         renewed: Mutex::new(Instant::now()),
         fenced: Mutex::new(false),
@@ -161,6 +181,7 @@ pub async fn run(
     let agent = Arc::new(Agent {
         runner: Runner {
             vmm_binary: cfg.vmm_binary.clone(),
+            tls: migration_tls,
         },
         cfg,
         client,
@@ -174,6 +195,12 @@ pub async fn run(
     });
     tasks.push(tokio::spawn(renew_lease(agent.clone())));
     tasks.push(tokio::spawn(watch_fence(agent.clone())));
+    tasks.push(tokio::spawn(usage::run(
+        agent.client.clone(),
+        agent.cfg.node.clone(),
+        agent.cfg.state_dir.clone(),
+        agent.cfg.shared_dir.clone(),
+    )));
     // Nothing is decided before every watch has listed once: an empty store
     // would look like "no VMs here" and stop them all.
     for store in [&agent.outgoing, &agent.incoming] {
@@ -306,6 +333,7 @@ async fn fence(agent: &Arc<Agent>) {
         *fenced = true;
     }
     tracing::error!("Lease expired: fencing this node (stopping every VM)");
+    metrics::global().fenced();
     let dirs = VmDir::scan(&agent.cfg.state_dir, &agent.cfg.shared_dir);
     // All at once, with a short grace: the operator restarts them elsewhere
     // soon after the Lease expires.
@@ -375,7 +403,8 @@ impl Agent {
         for vm in &vms {
             let ns = vm.namespace().unwrap_or_default();
             known.insert(key(&ns, &vm.name_any()));
-            if let Err(e) = self.reconcile_vm(vm).await {
+            let span = tracing::info_span!("vm", namespace = %ns, vm = %vm.name_any());
+            if let Err(e) = self.reconcile_vm(vm).instrument(span).await {
                 tracing::warn!(vm = %key(&ns, &vm.name_any()), error = %e, "VM pass failed; retrying");
             }
         }
@@ -390,7 +419,8 @@ impl Agent {
             if !node_matches {
                 continue;
             }
-            if let Err(e) = self.reconcile_migration(*role, m).await {
+            let span = tracing::info_span!("migration", namespace = %m.namespace().unwrap_or_default(), vm = %m.spec.vm_name, migration = %m.name_any(), role = ?role);
+            if let Err(e) = self.reconcile_migration(*role, m).instrument(span).await {
                 tracing::warn!(migration = %m.name_any(), error = %e, "migration pass failed; retrying");
             }
         }
@@ -461,6 +491,7 @@ impl Agent {
             }),
         };
         let action = decide::decide_vm(&facts, &local);
+        let action = restart::adjust(action, vm, &facts, &dir, &local);
         let api: Api<VirtualMachine> = Api::namespaced(self.client.clone(), &ns);
         match action {
             VmAction::Nothing => {}
@@ -539,11 +570,15 @@ impl Agent {
                 tokio::task::spawn_blocking(move || local::stop(&d, Duration::from_secs(5)))
                     .await?;
             }
-            VmAction::ReportExit { failed, reason } => {
-                let (phase, why) = if failed {
-                    (VmPhase::Failed, "Failed")
+            VmAction::ReportExit {
+                failed,
+                reason,
+                cause: why,
+            } => {
+                let phase = if failed {
+                    VmPhase::Failed
                 } else {
-                    (VmPhase::Stopped, "Stopped")
+                    VmPhase::Stopped
                 };
                 let detail = format!(
                     "{reason} on {}; console: {}",
@@ -1056,6 +1091,10 @@ impl Agent {
         message: &str,
         done: Option<(MigrationProgress, MigrationResult)>,
     ) -> anyhow::Result<()> {
+        let started = m.status.as_ref().and_then(|s| s.start_time.as_ref());
+        let elapsed =
+            started.and_then(|t| Duration::try_from(Timestamp::now().duration_since(t.0)).ok());
+        metrics::global().migration_ended(phase, done.as_ref().map(|d| &d.1), elapsed);
         let mut status = json!({
             "phase": phase,
             "endTime": now_time(),

@@ -57,6 +57,30 @@ struct Args {
     /// Ports incoming migrations listen on.
     #[arg(long, default_value = "47000-47999", value_parser = parse_range)]
     migration_ports: (u16, u16),
+    /// Where `kubectl godwit console` connects (default: <node-ip>:9412;
+    /// unauthenticated for now, so keep it on the node IP; "off" disables it).
+    #[arg(long)]
+    console_addr: Option<String>,
+    /// Where /metrics and /healthz are served ("off" disables them).
+    #[arg(long, default_value = "0.0.0.0:9411")]
+    metrics_addr: String,
+    /// Log lines as text or as JSON objects (one per line).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// The migration CA (`ca.crt`, `ca.key`: the chart's Secret): the agent
+    /// issues this node a certificate from it and every VMM migrates over
+    /// mutual TLS. Without it migrations are plain TCP.
+    #[arg(long, env = "GODWIT_MIGRATION_CA_DIR")]
+    migration_ca_dir: Option<PathBuf>,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
@@ -88,14 +112,18 @@ fn fail(msg: String) -> ! {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kube=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube=warn".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        // Every line carries its spans (vm, namespace, migration), so one
+        // migration can be followed across the operator and both nodes.
+        LogFormat::Json => logs.json().with_span_list(true).init(),
+    }
     let config = match &args.kubeconfig {
         Some(path) => {
             let kc = Kubeconfig::read_from(path)
@@ -121,6 +149,24 @@ async fn main() {
             vmm_binary.display()
         ));
     }
+    let console_addr = args
+        .console_addr
+        .clone()
+        .unwrap_or_else(|| format!("{}:{}", args.node_ip, godwit_crds::contract::CONSOLE_PORT));
+    if args.metrics_addr != "off" {
+        let listener = tokio::net::TcpListener::bind(&args.metrics_addr)
+            .await
+            .unwrap_or_else(|e| fail(format!("--metrics-addr {}: {e}", args.metrics_addr)));
+        let metrics = agent::metrics::global();
+        metrics.watch_vms(args.state_dir.clone());
+        tokio::spawn(agent::metrics::serve(listener, metrics));
+    }
+    if console_addr != "off" {
+        let listener = tokio::net::TcpListener::bind(&console_addr)
+            .await
+            .unwrap_or_else(|e| fail(format!("--console-addr {console_addr}: {e}")));
+        tokio::spawn(agent::console::serve(listener, args.state_dir.clone()));
+    }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
     let cfg = AgentConfig {
         node: args.node,
@@ -133,6 +179,7 @@ async fn main() {
         cpu: args.cpu.unwrap_or(cpus),
         memory_bytes: args.memory_mib.unwrap_or_else(host_memory_mib) << 20,
         migration_ports: args.migration_ports,
+        migration_ca_dir: args.migration_ca_dir,
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -9,9 +9,9 @@ use clap::Parser;
 
 use godwit_node::error_chain;
 use godwit_node::migration::tls::{TlsFiles, TlsIdentity};
-use godwit_node::vmm::control;
 use godwit_node::vmm::devices::GuestExit;
 use godwit_node::vmm::vm::VmExit;
+use godwit_node::vmm::{control, sandbox};
 use godwit_node::vmm::{BuildMode, DiskConfig, NetConfig, RuntimeConfig, VmConfig, Vmm};
 
 const AFTER_HELP: &str = "\
@@ -122,6 +122,13 @@ struct Args {
     /// Migration TLS: the CA that signs every node's certificate (PEM).
     #[arg(long, requires_all = ["tls_cert", "tls_key"])]
     tls_ca: Option<PathBuf>,
+    /// The seccomp sandbox: `on` kills the VMM on a system call it never
+    /// makes, `log` only logs such calls to the kernel log, `off` disables it.
+    #[arg(long, value_enum, default_value = "on", env = "GODWIT_VMM_SECCOMP")]
+    seccomp: sandbox::Mode,
+    /// System calls to remove from the sandbox's allow list (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    seccomp_deny: Vec<String>,
 }
 
 impl Args {
@@ -202,6 +209,9 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    sandbox::Sandbox::new(args.seccomp, &args.seccomp_deny)
+        .and_then(|s| s.install())
+        .unwrap_or_else(|e| fail(error_chain(&e)));
     let runtime = RuntimeConfig {
         serial_log: args.serial_log.clone(),
         console_sock: args.console_sock.clone(),

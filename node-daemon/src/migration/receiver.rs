@@ -81,7 +81,7 @@ impl ReceiverState {
 /// Guest memory on the target, with a bit per page that has received data (so
 /// a page that later turns all-zero is cleared, and one that was always zero
 /// is never touched).
-pub(super) struct TargetMemory {
+pub(crate) struct TargetMemory {
     pub regions: Vec<GuestRegion>,
     pub written: Vec<Vec<u64>>,
 }

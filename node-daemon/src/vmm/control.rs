@@ -248,6 +248,21 @@ pub struct Response {
     pub error: Option<String>,
 }
 
+/// Parses one request line: a JSON object with `"v"` equal to
+/// [`API_VERSION`] and a known `"cmd"`. The error is the one-line message the
+/// client gets back.
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    let raw: Value = serde_json::from_str(line)
+        .map_err(|e| format!("Request is not JSON ({e}); send one JSON object per line"))?;
+    let v = raw.get("v").and_then(Value::as_u64).unwrap_or(0);
+    if v != u64::from(API_VERSION) {
+        return Err(format!(
+            "Unsupported API version {v} (this VMM speaks {API_VERSION}); send \"v\":{API_VERSION}"
+        ));
+    }
+    serde_json::from_value(raw).map_err(|e| format!("Bad request ({e}); commands: status, pause, resume, stop, save-state, stats, take-dirty, dirty-log-start, dirty-log-stop, disk-dirty-start, disk-dirty-stop, disk-take-dirty, migrate-send, migrate-status, migrate-cancel"))
+}
+
 /// Handles one request line.
 pub fn handle(vmm: &Arc<Vmm>, line: &str) -> Response {
     let fail = |msg: String| Response {
@@ -256,23 +271,9 @@ pub fn handle(vmm: &Arc<Vmm>, line: &str) -> Response {
         result: None,
         error: Some(msg),
     };
-    let raw: Value = match serde_json::from_str(line) {
-        Ok(v) => v,
-        Err(e) => {
-            return fail(format!(
-                "Request is not JSON ({e}); send one JSON object per line"
-            ))
-        }
-    };
-    let v = raw.get("v").and_then(Value::as_u64).unwrap_or(0) as u32;
-    if v != API_VERSION {
-        return fail(format!(
-            "Unsupported API version {v} (this VMM speaks {API_VERSION}); send \"v\":{API_VERSION}"
-        ));
-    }
-    let req: Request = match serde_json::from_value(raw) {
+    let req = match parse_request(line) {
         Ok(r) => r,
-        Err(e) => return fail(format!("Bad request ({e}); commands: status, pause, resume, stop, save-state, stats, take-dirty, dirty-log-start, dirty-log-stop, disk-dirty-start, disk-dirty-stop, disk-take-dirty, migrate-send, migrate-status, migrate-cancel")),
+        Err(e) => return fail(e),
     };
     let migration = match &req.cmd {
         Command::MigrateSend { .. } => Some(migrate_send(vmm, req.cmd.clone())),

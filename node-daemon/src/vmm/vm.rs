@@ -340,6 +340,7 @@ fn vcpu_loop(
     devices: Arc<Devices>,
     exits: Sender<VmExit>,
 ) {
+    super::sandbox::enter_vcpu();
     let (lock, cv) = &*state;
     loop {
         {

@@ -1,0 +1,434 @@
+//! `kubectl-godwit`: drive Godwit VMs the way `virtctl` drives KubeVirt's.
+//!
+//! On `PATH` it is a kubectl plugin (`kubectl godwit migrate demo --follow`);
+//! it also runs on its own. It talks only to the Kubernetes API, except for
+//! `console`, which connects to the node daemon of the VM's node (see
+//! [`console`]).
+//!
+//! | command | what it changes |
+//! | --- | --- |
+//! | `start VM` | `spec.runStrategy` to `Always` (when it would keep the VM off) |
+//! | `stop VM` | `spec.runStrategy` to `Halted` |
+//! | `restart VM` | annotation `godwit.dev/restart-requested` (see `godwit_crds::contract::RESTART_ANNOTATION`) |
+//! | `migrate VM [--to NODE] [--follow]` | creates a `VMMigration`; `--follow` shows its progress and result |
+//! | `console VM` | nothing: attaches to the serial console, `Ctrl-]` detaches |
+//! | `status VM` | nothing: the VM, its conditions and its migration |
+
+mod checks;
+mod console;
+mod follow;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use godwit_crds::contract::{self, RESTART_ANNOTATION};
+use godwit_crds::{
+    MigrationMode, MigrationPhase, MigrationPolicy, RunStrategy, VMMigration, VMMigrationSpec,
+    VirtualMachine,
+};
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::ResourceExt;
+use serde_json::json;
+
+use checks::{Refusal, VmView};
+
+/// Start, stop, restart, migrate and attach to Godwit VMs.
+#[derive(Parser, Debug)]
+#[command(name = "kubectl-godwit", bin_name = "kubectl godwit", version)]
+struct Args {
+    /// Namespace of the VM (default: the kubeconfig context's, else "default").
+    #[arg(short, long, global = true)]
+    namespace: Option<String>,
+    /// kubeconfig file (default: $KUBECONFIG, ~/.kube/config or in-cluster).
+    #[arg(long, global = true)]
+    kubeconfig: Option<PathBuf>,
+    /// kubeconfig context to use.
+    #[arg(long, global = true)]
+    context: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start a stopped VM (sets runStrategy Always).
+    Start {
+        /// The VM.
+        vm: String,
+    },
+    /// Stop a VM and keep it stopped (sets runStrategy Halted).
+    Stop {
+        /// The VM.
+        vm: String,
+    },
+    /// Stop a running VM and start it again (needs runStrategy Always).
+    Restart {
+        /// The VM.
+        vm: String,
+    },
+    /// Live-migrate a running VM to another node.
+    Migrate {
+        /// The VM.
+        vm: String,
+        /// The node to move to (default: the operator picks one).
+        #[arg(long)]
+        to: Option<String>,
+        /// Show the migration's progress until it ends, then its result.
+        #[arg(short, long)]
+        follow: bool,
+        /// Migrate even a VM whose evictionStrategy is Shutdown.
+        #[arg(long)]
+        force: bool,
+        /// Cap the migration stream (Mbit/s; default: the VM's policy).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        bandwidth_mbps: Option<u32>,
+    },
+    /// Attach to a VM's serial console (Ctrl-] detaches).
+    Console {
+        /// The VM.
+        vm: String,
+        /// The node daemon's console port.
+        #[arg(long, default_value_t = contract::CONSOLE_PORT)]
+        port: u16,
+    },
+    /// Show a VM's phase, node, conditions and migration.
+    Status {
+        /// The VM.
+        vm: String,
+    },
+}
+
+/// What can go wrong; every message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// No usable kubeconfig.
+    #[error("Cannot load the Kubernetes configuration (pass --kubeconfig or set KUBECONFIG)")]
+    Config(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The VM does not exist.
+    #[error("VirtualMachine {name:?} not found in namespace {namespace:?}: list them with `kubectl get vm -n {namespace}`, or pass -n NAMESPACE")]
+    VmNotFound {
+        /// The VM's name.
+        name: String,
+        /// Where it was looked for.
+        namespace: String,
+    },
+    /// The command does not apply to the VM as it is.
+    #[error("{0}")]
+    Refused(Refusal),
+    /// A node named on the command line does not exist.
+    #[error("Node {0:?} not found: list the nodes with `kubectl get nodes -l godwit.dev/node`")]
+    NodeNotFound(String),
+    /// An API request failed.
+    #[error("Cannot {0}")]
+    Api(String, #[source] kube::Error),
+    /// The console could not be reached or failed.
+    #[error("Console: {0}")]
+    Console(String),
+    /// A followed migration did not succeed.
+    #[error("Migration {name} ended {phase:?}: {reason}")]
+    MigrationEnded {
+        /// The VMMigration.
+        name: String,
+        /// Its final phase.
+        phase: MigrationPhase,
+        /// Its failureReason.
+        reason: String,
+    },
+}
+
+fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> CliError {
+    let what = what.into();
+    move |e| CliError::Api(what, e)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A client and the namespace commands act in.
+struct Ctx {
+    client: kube::Client,
+    namespace: String,
+}
+
+impl Ctx {
+    async fn new(args: &Args) -> Result<Ctx, CliError> {
+        let options = KubeConfigOptions {
+            context: args.context.clone(),
+            ..Default::default()
+        };
+        let config = match &args.kubeconfig {
+            Some(path) => {
+                let kc = Kubeconfig::read_from(path).map_err(|e| CliError::Config(e.into()))?;
+                kube::Config::from_custom_kubeconfig(kc, &options)
+                    .await
+                    .map_err(|e| CliError::Config(e.into()))?
+            }
+            None if args.context.is_some() => kube::Config::from_kubeconfig(&options)
+                .await
+                .map_err(|e| CliError::Config(e.into()))?,
+            None => kube::Config::infer()
+                .await
+                .map_err(|e| CliError::Config(e.into()))?,
+        };
+        let namespace = args
+            .namespace
+            .clone()
+            .unwrap_or_else(|| config.default_namespace.clone());
+        let client = kube::Client::try_from(config).map_err(|e| CliError::Config(e.into()))?;
+        Ok(Ctx { client, namespace })
+    }
+
+    fn vms(&self) -> Api<VirtualMachine> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    fn migrations(&self) -> Api<VMMigration> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    async fn vm(&self, name: &str) -> Result<VirtualMachine, CliError> {
+        self.vms()
+            .get_opt(name)
+            .await
+            .map_err(api_err(format!("read VirtualMachine {name:?}")))?
+            .ok_or_else(|| CliError::VmNotFound {
+                name: name.into(),
+                namespace: self.namespace.clone(),
+            })
+    }
+
+    async fn patch_vm(&self, name: &str, patch: serde_json::Value) -> Result<(), CliError> {
+        self.vms()
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(api_err(format!("update VirtualMachine {name:?}")))?;
+        Ok(())
+    }
+}
+
+async fn run(args: Args) -> Result<(), CliError> {
+    let ctx = Ctx::new(&args).await?;
+    match &args.command {
+        Command::Start { vm } => start(&ctx, vm).await,
+        Command::Stop { vm } => stop(&ctx, vm).await,
+        Command::Restart { vm } => restart(&ctx, vm).await,
+        Command::Migrate {
+            vm,
+            to,
+            follow,
+            force,
+            bandwidth_mbps,
+        } => {
+            let policy = bandwidth_mbps.map(|b| MigrationPolicy {
+                bandwidth_mbps: Some(b),
+                ..Default::default()
+            });
+            migrate(&ctx, vm, to.as_deref(), *follow, *force, policy).await
+        }
+        Command::Console { vm, port } => console_cmd(&ctx, vm, *port).await,
+        Command::Status { vm } => status(&ctx, vm).await,
+    }
+}
+
+async fn start(ctx: &Ctx, name: &str) -> Result<(), CliError> {
+    let vm = ctx.vm(name).await?;
+    let view = VmView::of(&vm);
+    match checks::start(&view) {
+        Ok(Some(strategy)) => {
+            ctx.patch_vm(name, json!({"spec": {"runStrategy": strategy}}))
+                .await?;
+            println!(
+                "virtualmachine/{name} starting (runStrategy {strategy:?}); watch it with `kubectl get vm {name} -n {} -w`",
+                ctx.namespace
+            );
+        }
+        Ok(None) => println!("virtualmachine/{name} is already {:?}", view.phase),
+        Err(r) => return Err(CliError::Refused(r)),
+    }
+    Ok(())
+}
+
+async fn stop(ctx: &Ctx, name: &str) -> Result<(), CliError> {
+    let vm = ctx.vm(name).await?;
+    let view = VmView::of(&vm);
+    checks::stop(&view).map_err(CliError::Refused)?;
+    ctx.patch_vm(name, json!({"spec": {"runStrategy": RunStrategy::Halted}}))
+        .await?;
+    println!(
+        "virtualmachine/{name} stopping (runStrategy Halted); start it again with `kubectl godwit start {name}`"
+    );
+    Ok(())
+}
+
+async fn restart(ctx: &Ctx, name: &str) -> Result<(), CliError> {
+    let vm = ctx.vm(name).await?;
+    checks::restart(&VmView::of(&vm)).map_err(CliError::Refused)?;
+    let now = Timestamp::now().to_string();
+    ctx.patch_vm(
+        name,
+        json!({"metadata": {"annotations": {RESTART_ANNOTATION: now}}}),
+    )
+    .await?;
+    println!("virtualmachine/{name} restart requested at {now}");
+    Ok(())
+}
+
+async fn migrate(
+    ctx: &Ctx,
+    name: &str,
+    to: Option<&str>,
+    follow: bool,
+    force: bool,
+    policy: Option<MigrationPolicy>,
+) -> Result<(), CliError> {
+    let vm = ctx.vm(name).await?;
+    let view = VmView::of(&vm);
+    if let Some(node) = to {
+        let nodes: Api<Node> = Api::all(ctx.client.clone());
+        if nodes
+            .get_opt(node)
+            .await
+            .map_err(api_err(format!("read Node {node:?}")))?
+            .is_none()
+        {
+            return Err(CliError::NodeNotFound(node.into()));
+        }
+    }
+    let notes = checks::migrate(&view, to, force).map_err(CliError::Refused)?;
+    for note in notes {
+        eprintln!("note: {note}");
+    }
+    let mut migration = VMMigration::new(
+        &format!("{name}-{}", Timestamp::now().as_second()),
+        VMMigrationSpec {
+            vm_name: name.into(),
+            target_node: to.map(str::to_string),
+            mode: MigrationMode::Live,
+            policy,
+            ..Default::default()
+        },
+    );
+    migration.metadata.namespace = Some(ctx.namespace.clone());
+    let created = ctx
+        .migrations()
+        .create(&PostParams::default(), &migration)
+        .await
+        .map_err(api_err(format!("create a VMMigration for {name:?}")))?;
+    let mig = created.name_any();
+    println!(
+        "vmmigration/{mig} created: {name} leaves {}{}",
+        view.node.as_deref().unwrap_or("?"),
+        to.map(|t| format!(" for {t}")).unwrap_or_default()
+    );
+    if !follow {
+        println!(
+            "follow it with `kubectl godwit migrate --follow` next time, or `kubectl get vmmig {mig} -n {} -w`",
+            ctx.namespace
+        );
+        return Ok(());
+    }
+    follow::follow(&ctx.migrations(), &mig).await
+}
+
+async fn console_cmd(ctx: &Ctx, name: &str, port: u16) -> Result<(), CliError> {
+    let vm = ctx.vm(name).await?;
+    let view = VmView::of(&vm);
+    let node = checks::console(&view).map_err(CliError::Refused)?;
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let node_obj = nodes
+        .get_opt(&node)
+        .await
+        .map_err(api_err(format!("read Node {node:?}")))?
+        .ok_or_else(|| CliError::NodeNotFound(node.clone()))?;
+    let ip = node_obj
+        .status
+        .and_then(|s| s.addresses)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|a| a.type_ == "InternalIP")
+        .map(|a| a.address)
+        .ok_or_else(|| {
+            CliError::Console(format!(
+                "Node {node:?} has no InternalIP address; is its kubelet reporting?"
+            ))
+        })?;
+    let target = console::Target {
+        addr: format!("{ip}:{port}"),
+        namespace: ctx.namespace.clone(),
+        name: name.into(),
+        node,
+    };
+    tokio::task::spawn_blocking(move || console::attach(&target))
+        .await
+        .map_err(|e| CliError::Console(e.to_string()))?
+}
+
+async fn status(ctx: &Ctx, name: &str) -> Result<(), CliError> {
+    let vm = ctx.vm(name).await?;
+    let view = VmView::of(&vm);
+    println!("VirtualMachine {}/{name}", ctx.namespace);
+    println!("  Phase:            {:?}", view.phase);
+    println!(
+        "  Node:             {}",
+        view.node.as_deref().unwrap_or("<none>")
+    );
+    println!("  Run strategy:     {:?}", vm.spec.run_strategy);
+    println!("  Eviction:         {:?}", vm.spec.eviction_strategy);
+    let status = vm.status.clone().unwrap_or_default();
+    for a in &status.addresses {
+        println!(
+            "  Address:          {} {} {}",
+            a.network,
+            a.mac.as_deref().unwrap_or("-"),
+            a.ip.as_deref().unwrap_or("-")
+        );
+    }
+    for c in &status.conditions {
+        println!(
+            "  Condition:        {}={} {}: {}",
+            c.type_, c.status, c.reason, c.message
+        );
+    }
+    if let Some(m) = &status.migration {
+        println!("  Migration:        {m} (follow: kubectl get vmmig {m} -w)");
+        if let Some(mig) = ctx
+            .migrations()
+            .get_opt(m)
+            .await
+            .map_err(api_err(format!("read VMMigration {m:?}")))?
+        {
+            let s = mig.status.unwrap_or_default();
+            if let Some(p) = &s.progress {
+                println!("  Progress:         {}", follow::progress_line(s.phase, p));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How often `--follow` reads the migration.
+const FOLLOW_EVERY: Duration = Duration::from_millis(200);

@@ -1,0 +1,260 @@
+//! DRS on a local cluster with the operator (`--drs-mode automatic`, a short
+//! interval) and node agents that publish measured usage: three VMs with a
+//! memory-dirtying load start on one node of three; an idle "guard" VM on
+//! another node has an anti-affinity rule against one of them (`heavy-a`).
+//! The balancer spreads the three over the three nodes with VMMigrations
+//! labelled `godwit.dev/drs=true`, and at no moment (VM labels and migration
+//! targets watched every 200 ms) does `heavy-a` run on, or head for, the
+//! guard's node. Its plan is in the ConfigMap `godwit-system/godwit-drs`.
+//!
+//! (Two VMs with an anti-affinity rule between them cannot start on one
+//! node, so the rule binds a VM of the loaded node and one elsewhere.)
+//!
+//! Needs the release binaries (`cargo build --release -p godwit-node -p
+//! godwit-operator --bins`, as e2e/test.sh does) and /dev/kvm.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use godwit_e2e::demo::Godwit;
+use serde_json::Value;
+
+const HEAVY: [(&str, &str); 3] = [
+    ("heavy-a", "10.88.0.31"),
+    ("heavy-b", "10.88.0.32"),
+    ("heavy-c", "10.88.0.33"),
+];
+
+fn manifest(g: &Godwit, name: &str, ip: &str, cmdline: &str, affinity: &str) -> String {
+    g.example(&format!(
+        r#"apiVersion: godwit.dev/v1alpha1
+kind: VMTemplate
+metadata:
+  name: {name}
+  namespace: default
+spec:
+  image:
+    source: /var/lib/godwit/images/testguest-root.raw
+    format: raw
+  boot:
+    kernel: /var/lib/godwit/kernels/godwit-testguest.elf
+    cmdline: {cmdline}
+  cpu: 1
+  memory: 128Mi
+  networks:
+    - name: net0
+      bridge: godwit0
+  customization:
+    hostname: {name}
+    network:
+      address: {ip}/24
+      gateway: 10.88.0.1
+---
+apiVersion: godwit.dev/v1alpha1
+kind: VirtualMachine
+metadata:
+  name: {name}
+  namespace: default
+  labels:
+    app: {name}
+spec:
+  templateRef:
+    name: {name}
+  disks:
+    - name: root
+      source:
+        template: {{}}
+      storage: Shared
+  runStrategy: Always
+  evictionStrategy: LiveMigrate
+{affinity}"#
+    ))
+}
+
+fn node_of(vm: &Value) -> String {
+    vm["metadata"]["labels"]["godwit.dev/node"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn drs_spreads_loaded_vms_and_keeps_anti_affinity() {
+    let started = Instant::now();
+    let dir = std::env::temp_dir().join(format!("godwit-drs-{}", std::process::id()));
+    let g = Godwit::up_with(
+        3,
+        &dir,
+        &[
+            "--drs-mode",
+            "automatic",
+            "--drs-interval",
+            "5",
+            "--drs-threshold",
+            "0.01",
+        ],
+    )
+    .expect("local cluster with Godwit");
+    let names: Vec<String> = g
+        .cluster
+        .fabric
+        .nodes
+        .iter()
+        .map(|n| n.name.clone())
+        .collect();
+    let label = |node: &str, value: &str| {
+        g.kubectl(&["label", "node", node, "--overwrite", value], None)
+            .unwrap();
+    };
+
+    // The guard alone on node 1 (nodes 0 and 2 in maintenance), then the
+    // loaded VMs alone on node 0.
+    label(&names[0], "godwit.dev/maintenance=true");
+    label(&names[2], "godwit.dev/maintenance=true");
+    let guard_rule = r#"  affinity:
+    vmAntiAffinity:
+      - labelSelector:
+          matchLabels:
+            app: heavy-a
+"#;
+    g.apply(&manifest(
+        &g,
+        "guard",
+        "10.88.0.30",
+        "hb_ms=100",
+        guard_rule,
+    ))
+    .unwrap();
+    let guard = g.wait_running("guard", Duration::from_secs(60)).unwrap();
+    let guard_node = node_of(&guard);
+    assert_eq!(guard_node, names[1]);
+    label(&names[0], "godwit.dev/maintenance-");
+    label(&names[1], "godwit.dev/maintenance=true");
+    for (name, ip) in HEAVY {
+        g.apply(&manifest(
+            &g,
+            name,
+            ip,
+            "hb_ms=50 dirty_mib=64 dirty_rate=20000",
+            "",
+        ))
+        .unwrap();
+    }
+    for (name, _) in HEAVY {
+        let vm = g.wait_running(name, Duration::from_secs(60)).unwrap();
+        assert_eq!(
+            node_of(&vm),
+            names[0],
+            "{name} starts on the only open node"
+        );
+    }
+    label(&names[1], "godwit.dev/maintenance-");
+    label(&names[2], "godwit.dev/maintenance-");
+    println!(
+        "three loaded VMs on {} after {:?}",
+        names[0],
+        started.elapsed()
+    );
+
+    // Watch placements until the three run on three nodes.
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(100);
+    loop {
+        let vms: Value =
+            serde_json::from_str(&g.kubectl(&["get", "vm", "-o", "json"], None).unwrap()).unwrap();
+        let migrations: Value = serde_json::from_str(
+            &g.kubectl(&["get", "vmmigration", "-o", "json"], None)
+                .unwrap(),
+        )
+        .unwrap();
+        let items = vms["items"].as_array().unwrap();
+        let find = |n: &str| items.iter().find(|v| v["metadata"]["name"] == n);
+        let guard_now = find("guard").map(node_of).unwrap_or_default();
+        let a_now = find("heavy-a").map(node_of).unwrap_or_default();
+        assert_ne!(a_now, guard_now, "heavy-a shares a node with the guard");
+        for m in migrations["items"].as_array().unwrap() {
+            if m["spec"]["vmName"] == "heavy-a" {
+                let target = m["status"]["targetNode"].as_str().unwrap_or("");
+                assert_ne!(
+                    target, guard_now,
+                    "heavy-a headed for the guard's node: {m}"
+                );
+            }
+        }
+        let placed: Vec<(String, String)> = HEAVY
+            .iter()
+            .filter_map(|(n, _)| find(n))
+            .map(|v| {
+                (
+                    node_of(v),
+                    v["status"]["phase"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        let spread = placed.iter().map(|(n, _)| n).collect::<BTreeSet<_>>().len() == 3
+            && placed.iter().all(|(_, p)| p == "Running");
+        if spread {
+            println!("spread after {:?}: {placed:?}", t0.elapsed());
+            let drs_made = migrations["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|m| {
+                    m["metadata"]["labels"]["godwit.dev/drs"] == "true"
+                        && m["status"]["phase"] == "Succeeded"
+                })
+                .count();
+            assert!(drs_made >= 2, "the moves were not DRS's: {migrations}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not spread after {:?}: {placed:?}; usage: {}; DRS status: {}",
+            t0.elapsed(),
+            g.kubectl(
+                &[
+                    "get",
+                    "node",
+                    "-o",
+                    "jsonpath={.items[*].metadata.annotations.godwit\\.dev/usage}"
+                ],
+                None
+            )
+            .unwrap_or_default(),
+            g.kubectl(
+                &[
+                    "get",
+                    "configmap",
+                    "-n",
+                    "godwit-system",
+                    "godwit-drs",
+                    "-o",
+                    "json"
+                ],
+                None
+            )
+            .unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let cm = g
+        .kubectl(
+            &[
+                "get",
+                "configmap",
+                "-n",
+                "godwit-system",
+                "godwit-drs",
+                "-o",
+                "json",
+            ],
+            None,
+        )
+        .unwrap();
+    let cm: Value = serde_json::from_str(&cm).unwrap();
+    let status: Value = serde_json::from_str(cm["data"]["status"].as_str().unwrap()).unwrap();
+    println!("DRS status: {status}");
+    assert_eq!(status["mode"], "automatic");
+    assert!(status["loads"].as_object().is_some_and(|l| l.len() == 3));
+    println!("DRS test took {:?}", started.elapsed());
+}

@@ -1,0 +1,185 @@
+//! The node's migration identity: a certificate for this node signed by the
+//! cluster's migration CA, which every VMM on the node presents and checks
+//! (mutual TLS, see [`crate::migration::tls`]).
+//!
+//! The chart keeps the CA in the Secret `<release>-migration-ca` (`ca.crt`,
+//! `ca.key`) and mounts it into the node daemon; `godwit-node
+//! --migration-ca-dir` points at it. At every start the agent issues a fresh
+//! key and certificate (SANs: the node's name and migration address, valid
+//! for [`VALIDITY_DAYS`]) into `<state-dir>/tls/` (mode 0600, root only) and
+//! starts each VMM with `--tls-cert/--tls-key/--tls-ca`. The CA key never
+//! leaves the node daemon.
+//!
+//! Rotation: put the new CA certificate next to the old one in `ca.crt` (a
+//! PEM bundle: both are trusted), roll the DaemonSet so every node holds a
+//! certificate from the new CA (VMMs started from then on use it; running
+//! VMMs keep the identity they started with, still trusted), then remove the
+//! old CA from the bundle and roll again once no VMM from before the first
+//! roll is left.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
+
+use crate::migration::tls::TlsFiles;
+
+/// How long an issued node certificate is valid.
+pub const VALIDITY_DAYS: i64 = 365;
+
+/// Errors issuing the node identity.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// A CA file could not be read.
+    #[error("Cannot read {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    /// The CA certificate or key is not usable PEM.
+    #[error("The migration CA in {0} is not a usable certificate and key (PEM)")]
+    Ca(PathBuf, #[source] rcgen::Error),
+    /// The node certificate could not be made.
+    #[error("Cannot issue the node certificate")]
+    Issue(#[source] rcgen::Error),
+    /// The node identity could not be written.
+    #[error("Cannot write {0}")]
+    Write(PathBuf, #[source] std::io::Error),
+}
+
+/// Issues this node's identity from the CA in `ca_dir` into `out_dir`.
+/// `address` is the node's migration IP or host name.
+pub fn issue(
+    ca_dir: &Path,
+    out_dir: &Path,
+    node: &str,
+    address: &str,
+) -> Result<TlsFiles, IdentityError> {
+    let read = |name: &str| {
+        let p = ca_dir.join(name);
+        fs::read_to_string(&p).map_err(|e| IdentityError::Read(p, e))
+    };
+    let ca_pem = read("ca.crt")?;
+    let ca_key = KeyPair::from_pem(&read("ca.key")?)
+        .map_err(|e| IdentityError::Ca(ca_dir.to_path_buf(), e))?;
+    // The first certificate of the bundle is the one whose key we hold.
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
+        .map_err(|e| IdentityError::Ca(ca_dir.to_path_buf(), e))?;
+
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("godwit-node {node}"));
+    let mut sans = vec![SanType::DnsName(
+        node.try_into().map_err(IdentityError::Issue)?,
+    )];
+    match address.parse::<std::net::IpAddr>() {
+        Ok(ip) => sans.push(SanType::IpAddress(ip)),
+        Err(_) if address != node => sans.push(SanType::DnsName(
+            address.try_into().map_err(IdentityError::Issue)?,
+        )),
+        Err(_) => {}
+    }
+    params.subject_alt_names = sans;
+    // Both ends of a migration authenticate: server and client use.
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    // An hour of slack for clocks that disagree between nodes.
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(VALIDITY_DAYS);
+    let key = KeyPair::generate().map_err(IdentityError::Issue)?;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .map_err(IdentityError::Issue)?;
+
+    fs::create_dir_all(out_dir).map_err(|e| IdentityError::Write(out_dir.to_path_buf(), e))?;
+    let files = TlsFiles {
+        cert: out_dir.join("node.crt"),
+        key: out_dir.join("node.key"),
+        ca: out_dir.join("ca.crt"),
+    };
+    write_private(&files.key, key.serialize_pem().as_bytes())?;
+    write_private(&files.cert, cert.pem().as_bytes())?;
+    write_private(&files.ca, ca_pem.as_bytes())?;
+    Ok(files)
+}
+
+/// Writes `bytes` to `path` readable by root only, replacing it atomically.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
+    let tmp = path.with_extension("tmp");
+    let err = |e| IdentityError::Write(path.to_path_buf(), e);
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(err)?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(err)?;
+    fs::rename(&tmp, path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::tls::{accept, connect, TlsIdentity};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+
+    /// A CA directory as the chart's Secret mounts it.
+    fn ca_dir(root: &Path, name: &str) -> PathBuf {
+        let dir = root.join(name);
+        fs::create_dir_all(&dir).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        fs::write(dir.join("ca.crt"), cert.pem()).unwrap();
+        fs::write(dir.join("ca.key"), key.serialize_pem()).unwrap();
+        dir
+    }
+
+    fn handshake(server: &TlsFiles, client: &TlsFiles) -> Result<(), String> {
+        let server = TlsIdentity::load(server).unwrap();
+        let client = TlsIdentity::load(client).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            accept(&tcp, &server).map(|_| ()).map_err(|e| e.to_string())
+        });
+        let tcp = TcpStream::connect(addr).unwrap();
+        let c = connect(&tcp, &client, "127.0.0.1", Duration::from_secs(5));
+        drop(tcp);
+        let s = t.join().unwrap();
+        c.map(|_| ()).map_err(|e| crate::error_chain(&e)).and(s)
+    }
+
+    #[test]
+    fn nodes_of_one_ca_authenticate_each_other_and_others_are_refused() {
+        let root = std::env::temp_dir().join(format!("godwit-agent-tls-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let ca = ca_dir(&root, "ca");
+        let a = issue(&ca, &root.join("a"), "node-a", "127.0.0.1").unwrap();
+        let b = issue(&ca, &root.join("b"), "node-b", "127.0.0.1").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(&a.key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the node key is private: {mode:o}");
+        handshake(&a, &b).expect("two nodes of one CA");
+
+        let other = ca_dir(&root, "other");
+        let c = issue(&other, &root.join("c"), "node-c", "127.0.0.1").unwrap();
+        assert!(handshake(&a, &c).is_err(), "a node of another CA connected");
+
+        // A CA directory without the key is refused with the path named.
+        fs::remove_file(ca.join("ca.key")).unwrap();
+        let err = issue(&ca, &root.join("d"), "node-d", "127.0.0.1").unwrap_err();
+        assert!(crate::error_chain(&err).contains("ca.key"), "{err}");
+        let _ = fs::remove_dir_all(&root);
+    }
+}
