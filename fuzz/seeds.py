@@ -5,7 +5,7 @@ import json, os, struct, sys
 
 MAGIC, VERSION = 0x47445754, 1
 CMD = dict(Hello=1, HelloAck=2, Pages=3, RoundEnd=4, State=5, Complete=6, Ready=7,
-           Commit=8, Activated=9, Abort=10, PageRequest=11, PostCopy=12)
+           Commit=8, Activated=9, Abort=10, PageRequest=11, PostCopy=12, DiskBlocks=13)
 
 def frame(cmd, payload=b""):
     return struct.pack("<IHHII", MAGIC, VERSION, CMD[cmd], len(payload), 0) + payload

@@ -4,6 +4,7 @@
 pub mod apiserver;
 pub mod bench_migrate;
 pub mod bench_storage;
+pub mod bench_storage_migrate;
 pub mod cluster;
 pub mod demo;
 pub mod failover;

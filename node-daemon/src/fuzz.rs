@@ -38,6 +38,7 @@ pub fn migration_stream(data: &[u8]) {
             Command::HelloAck => protocol::parse_json::<HelloAck>(header.command, &payload).is_ok(),
             Command::Pages => memory.apply(&payload).is_ok(),
             Command::RoundEnd => protocol::parse_round_end(&payload).is_ok(),
+            Command::DiskBlocks => protocol::parse_disk_blocks(&payload).is_ok(),
             Command::State => {
                 saved_state(&payload);
                 true

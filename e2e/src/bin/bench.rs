@@ -13,7 +13,10 @@
 //!
 //! - `bench storage [--json]`: provisioning time from a cached template
 //!   (1 GiB and 20 GiB, sparse and fully written; see
-//!   `godwit_e2e::bench_storage`).
+//!   `godwit_e2e::bench_storage`), then live storage migration with and
+//!   without the base image on the target against a memory-only migration
+//!   of the same workload (`godwit_e2e::bench_storage_migrate`; skip with
+//!   `--no-migrate`).
 //!
 //! - `bench failover [--runs N] [--json]`: HA on a two-node local cluster
 //!   with the operator and agents: the node running a VM is cut off the
@@ -117,6 +120,9 @@ struct StorageArgs {
     /// Scratch directory (default: under the temp dir; removed afterwards).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Skip the storage migration runs.
+    #[arg(long)]
+    no_migrate: bool,
 }
 
 fn storage(a: StorageArgs) -> Result<()> {
@@ -147,7 +153,23 @@ fn storage(a: StorageArgs) -> Result<()> {
     if short && !a.json {
         println!("(* smaller than asked: not enough free disk; see the note above)");
     }
-    Ok(())
+    if a.no_migrate {
+        return Ok(());
+    }
+    use godwit_e2e::bench_storage_migrate::{run as migrate, StorageMigrateResult};
+    let vmm = godwit_e2e::bench_migrate::vmm_binary(None)?;
+    let guest = godwit_e2e::guest::guest_elf()?;
+    if !a.json {
+        println!();
+        println!("{}", StorageMigrateResult::header());
+    }
+    migrate(&vmm, &guest, |r| {
+        if a.json {
+            println!("{}", r.to_json_line());
+        } else {
+            println!("{}", r.row());
+        }
+    })
 }
 
 #[derive(clap::Args, Debug)]

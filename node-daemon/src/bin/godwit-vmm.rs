@@ -103,7 +103,8 @@ struct Args {
     /// node's --net tap/bridge and --disk paths (in order) where given.
     #[arg(long, conflicts_with = "restore")]
     incoming: Option<String>,
-    /// Start with the vCPUs paused (resume through the control socket).
+    /// Start with the vCPUs paused (resume through the control socket);
+    /// with --incoming, keep the guest paused once it has arrived.
     #[arg(long)]
     paused: bool,
     /// Turn KVM dirty logging on from the start (otherwise: dirty-log-start).
@@ -287,6 +288,7 @@ fn receive_and_run(args: &Args, addr: &str, runtime: RuntimeConfig) -> ! {
         taps: args.net.iter().map(|n| n.tap.clone()).collect(),
         bridges: args.net.iter().map(|n| n.bridge.clone()).collect(),
         disks: args.disk.iter().map(|d| Some(d.path.clone())).collect(),
+        start_paused: args.paused,
     };
     let progress = ProgressHandle::default();
     let incoming = vmm::receive_incoming(

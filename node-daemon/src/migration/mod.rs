@@ -8,6 +8,7 @@
 //!   the target faults them in through userfaultfd;
 //! - [`receiver`]: the target: builds the VM, fills its memory, restores state
 //!   and resumes on commit;
+//! - [`storage`]: live storage migration (node-local disks in the stream);
 //! - [`convergence`]: the pure decision after each round;
 //! - [`transport`], [`progress`], [`vm`]: the stream, the pollable figures, and
 //!   what the engine needs from a VM;
@@ -73,6 +74,7 @@ pub mod precopy;
 pub mod progress;
 pub mod protocol;
 pub mod receiver;
+pub mod storage;
 pub mod tls;
 pub mod transport;
 pub mod vm;
@@ -80,7 +82,7 @@ pub mod vmm;
 
 use std::time::Duration;
 
-pub use progress::{MigrationResult, ModeUsed, Progress, ProgressHandle, Stage};
+pub use progress::{MigrationResult, ModeUsed, Progress, ProgressHandle, Stage, StorageResult};
 pub use protocol::ProtocolError;
 pub use vm::{DirtyPages, GuestRegion, SourceVm, TargetVm, VmError};
 
@@ -152,6 +154,31 @@ pub enum MigrationError {
     /// TLS could not be set up, or the peer was refused.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// A disk operation of live storage migration failed.
+    #[error("Disk {0}: {1} failed during storage migration; the VM keeps running on the source with its disk")]
+    Disk(usize, &'static str, #[source] VmError),
+    /// The target's disk does not have the source's size.
+    #[error("Disk {disk} is {source_size} bytes on the source but {target_size} on the target; create the target disk with the same virtual size")]
+    DiskSize {
+        /// Disk index.
+        disk: usize,
+        /// Size on the source.
+        source_size: u64,
+        /// Size on the target.
+        target_size: u64,
+    },
+    /// Blocks arrived for a disk the Hello did not offer.
+    #[error("Blocks for disk {0}, which the source did not offer")]
+    DiskNotOffered(u32),
+    /// A disk run lies beyond the disk.
+    #[error("Disk {0} run at {1:#x} lies beyond the disk")]
+    DiskRangeOutOfDisk(u32, u64),
+    /// The disk image locks could not be handed over.
+    #[error("Cannot take over the disk image locks on the target; the guest does not run here")]
+    DiskLocks(#[source] VmError),
+    /// The source could not flush its disks and release their locks.
+    #[error("Cannot flush the disks and release their image locks on the source; the VM keeps running here")]
+    ReleaseLocks(#[source] VmError),
     /// userfaultfd could not be set up or used.
     #[error("userfaultfd {0} failed; post-copy needs it (root, or vm.unprivileged_userfaultfd=1)")]
     Userfault(&'static str, #[source] std::io::Error),

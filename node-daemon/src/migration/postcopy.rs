@@ -427,6 +427,7 @@ pub(super) fn source_serve<V: SourceVm>(
         pages_sent: src.pages_sent,
         zero_pages: src.zero_pages,
         downtime_breakdown: None,
+        storage: None,
     })
 }
 

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use super::convergence::{self, Decision, Policy, Round};
 use super::progress::{DowntimeBreakdown, MigrationResult, ModeUsed, ProgressHandle, Stage};
-use super::protocol::{self, Command, Hello, HelloAck, PageBatch, PAGE_SIZE};
+use super::protocol::{self, Command, Hello, HelloAck, PageBatch, PAGE_SIZE, STORAGE_VERSION};
+use super::storage::{self, DiskSender};
 use super::transport::{self, Conn, FrameWriter, Incoming};
 use super::vm::{DirtyPages, GuestRegion, SourceVm};
 use super::{postcopy, MigrationError};
@@ -44,6 +45,9 @@ pub struct SendOptions {
     pub completion_timeout: Duration,
     /// Fail when the peer neither reads nor answers for this long.
     pub stall_timeout: Duration,
+    /// Disks (indices in `--disk` order) on node-local storage, copied in
+    /// the stream ([`super::storage`]); the others are on shared storage.
+    pub disks: Vec<usize>,
 }
 
 impl Default for SendOptions {
@@ -54,6 +58,7 @@ impl Default for SendOptions {
             bandwidth_limit: None,
             completion_timeout: Duration::from_secs(600),
             stall_timeout: Duration::from_secs(10),
+            disks: Vec::new(),
         }
     }
 }
@@ -358,6 +363,7 @@ pub fn send<V: SourceVm>(
         let throttler = s.spawn(|| throttle_loop(vm, &throttle, &stop_throttle, &pause_lock));
         let mut paused = false;
         let mut committed = false;
+        let mut disks = DiskSender::default();
         let result = run(
             &mut src,
             &throttle,
@@ -365,8 +371,10 @@ pub fn send<V: SourceVm>(
             &pause_lock,
             &mut paused,
             &mut committed,
+            &mut disks,
         )
         .map_err(|e| explain(&src.incoming, e));
+        disks.stop(vm);
         stop_throttle.store(true, Ordering::Relaxed);
         let _ = throttler.join();
         if result.is_err() && !committed {
@@ -374,6 +382,9 @@ pub fn send<V: SourceVm>(
             let _ = src
                 .writer
                 .send(Command::Abort, b"source aborted the migration");
+            if disks.released {
+                vm.relock_disks();
+            }
             if paused {
                 vm.resume();
             }
@@ -403,15 +414,23 @@ fn run<V: SourceVm>(
     pause_lock: &Mutex<()>,
     paused: &mut bool,
     committed: &mut bool,
+    disks: &mut DiskSender,
 ) -> Result<MigrationResult, MigrationError> {
     let opts = src.opts;
     let vm = src.vm;
     let mut state = SenderState::Handshake;
+    let copying = !opts.disks.is_empty();
+    if copying {
+        // A version 1 target refuses the Hello instead of ignoring the disks.
+        src.writer.version = STORAGE_VERSION;
+    }
     let hello = Hello {
         vm_name: opts.vm_name.clone(),
         memory: src.regions.iter().map(|r| (r.gpa, r.size)).collect(),
         config: vm.config(),
-        post_copy: opts.policy.allow_post_copy,
+        // Post-copy would run the guest before its disk arrived.
+        post_copy: opts.policy.allow_post_copy && !copying,
+        disks: storage::offers(vm, &opts.disks)?,
     };
     src.writer
         .send(Command::Hello, &protocol::encode_json(&hello))?;
@@ -420,11 +439,15 @@ fn run<V: SourceVm>(
         &src.expect(Command::HelloAck, opts.stall_timeout)?,
     )?;
     let mut policy = opts.policy.clone();
-    policy.allow_post_copy &= ack.post_copy;
+    policy.allow_post_copy &= ack.post_copy && !copying;
 
     vm.set_dirty_log(true).map_err(MigrationError::DirtyLog)?;
     state = state.advance(SenderState::PreCopy)?;
     src.progress.update(|p| p.stage = Stage::PreCopy);
+    // Disks first: tracking on, then the allocated ranges, while the guest
+    // runs; what it writes meanwhile goes in the rounds.
+    disks.start(vm, &hello.disks, &ack.disks)?;
+    storage::send_bulk(src, disks)?;
 
     // Round 0: all memory, zero pages as run headers only.
     let mut history: Vec<Round> = Vec::new();
@@ -447,6 +470,7 @@ fn run<V: SourceVm>(
             &mut pending,
             &vm.take_dirty().map_err(MigrationError::TakeDirty)?,
         );
+        let disk_pending = disks.collect(vm)?;
         src.writer.send(
             Command::RoundEnd,
             &protocol::encode_round_end(history.len() as u32, round_pages),
@@ -455,7 +479,8 @@ fn run<V: SourceVm>(
             round: history.len() as u32,
             bytes_sent: src.writer.bytes_sent - bytes_before,
             duration: round_start.elapsed(),
-            dirty_pages: count(&pending),
+            // Dirty disk bytes weigh like dirty pages in the expected downtime.
+            dirty_pages: count(&pending) + disk_pending.div_ceil(PAGE_SIZE as u64),
         };
         history.push(round);
         let expected = convergence::expected_downtime(&round, PAGE_SIZE as u64);
@@ -467,6 +492,7 @@ fn run<V: SourceVm>(
             p.dirty_rate_bytes_per_second =
                 convergence::dirty_rate(&round, PAGE_SIZE as u64) as u64;
             p.expected_downtime_ms = expected.as_millis() as u64;
+            p.disk_remaining_bytes = disk_pending;
         });
         src.check_peer()?;
         match convergence::decide(
@@ -511,6 +537,7 @@ fn run<V: SourceVm>(
         round_start = Instant::now();
         bytes_before = src.writer.bytes_sent;
         let to_send = std::mem::replace(&mut pending, empty_dirty(&src.regions));
+        storage::send_pending(src, disks)?;
         round_pages = src.send_dirty(&to_send)?;
     }
 
@@ -531,6 +558,11 @@ fn run<V: SourceVm>(
         ..Default::default()
     };
     let t = Instant::now();
+    let final_disk = disks.collect(vm)?;
+    storage::send_pending(src, disks)?;
+    disks.result.final_dirty_bytes = final_disk;
+    disks.result.final_ms = ms(t);
+    let t = Instant::now();
     let last = vm.take_dirty().map_err(MigrationError::TakeDirty)?;
     merge(&mut pending, &last);
     let final_pages = count(&pending);
@@ -546,6 +578,11 @@ fn run<V: SourceVm>(
     src.progress.update(|p| p.stage = Stage::Committing);
     src.expect(Command::Ready, opts.stall_timeout)?;
     phases.target_restore_ms = ms(t);
+    // Lock hand-over (storage::lock): flush and release before Commit, so
+    // the target can take the locks before it runs the guest. Should the
+    // Commit not go out, the error path takes them back.
+    disks.released = true;
+    vm.release_disks().map_err(MigrationError::ReleaseLocks)?;
     // The point of no return: after Commit the source never resumes.
     *committed = true;
     let t = Instant::now();
@@ -565,5 +602,6 @@ fn run<V: SourceVm>(
         mode,
         pages_sent: src.pages_sent,
         zero_pages: src.zero_pages,
+        storage: copying.then(|| disks.result.clone()),
     })
 }

@@ -60,6 +60,9 @@ pub struct Progress {
     pub expected_downtime_ms: u64,
     /// Current vCPU throttle in percent.
     pub throttle_percent: u8,
+    /// Disk bytes still to send (bulk copy left, or blocks dirtied since).
+    #[serde(default)]
+    pub disk_remaining_bytes: u64,
     /// The result, once completed.
     pub result: Option<MigrationResult>,
     /// The error, once failed.
@@ -87,6 +90,31 @@ pub struct MigrationResult {
     /// Where the downtime went (stop-and-copy only).
     #[serde(default)]
     pub downtime_breakdown: Option<DowntimeBreakdown>,
+    /// What live storage migration copied (absent when no disk was copied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageResult>,
+}
+
+/// The disk side of a migration that copied node-local disks.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StorageResult {
+    /// Disks copied.
+    pub disks: u32,
+    /// Per copied disk, whether the target already held its base image (so
+    /// only the overlay's own clusters were sent).
+    pub base_on_target: Vec<bool>,
+    /// Bytes the bulk copy had to cover (allocated ranges, see
+    /// [`crate::storage::migrate::copy_extents`]).
+    pub allocated_bytes: u64,
+    /// Bytes of disk frames sent (headers, zero runs and data), bulk and
+    /// dirty rounds.
+    pub bytes_sent: u64,
+    /// Bytes of disk blocks sent again because the guest rewrote them.
+    pub dirty_bytes_sent: u64,
+    /// Bytes of disk blocks sent during stop-and-copy (guest paused).
+    pub final_dirty_bytes: u64,
+    /// Time spent sending them while paused, in ms.
+    pub final_ms: f64,
 }
 
 /// The parts of a stop-and-copy downtime, in milliseconds.

@@ -65,13 +65,27 @@
 //! Either side may send `Abort` before `Commit` (pre-copy) or before
 //! `Activated` (post-copy); the source then resumes the guest, and nothing is
 //! lost. After that point the guest belongs to the target.
+//!
+//! ## Versions
+//!
+//! Version 2 adds live storage migration: [`Hello::disks`] lists the
+//! node-local disks the source copies, [`HelloAck::disks`] says for each
+//! whether the target already holds its base image, and
+//! [`Command::DiskBlocks`] frames carry disk data (see
+//! [`super::storage`]). Each frame carries the oldest version that has its
+//! command ([`Command::since`]), except that a source copying disks sends
+//! its Hello as version 2: a memory-only migration still reaches a version 1
+//! target, and a version 1 target refuses a storage migration with
+//! [`ProtocolError::Version`] at the Hello, before it builds anything.
 
 use std::io::{Read, Write};
 
 /// Frame magic, "GDWT".
 pub const MAGIC: u32 = 0x4744_5754;
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
+/// The first version with live storage migration ([`Command::DiskBlocks`]).
+pub const STORAGE_VERSION: u16 = 2;
 /// The oldest version this build accepts from a peer.
 pub const MIN_VERSION: u16 = 1;
 /// Size of the fixed frame header.
@@ -154,6 +168,18 @@ pub enum Command {
     PageRequest = 11,
     /// Source → target: switch to post-copy; resume now and fault in the rest.
     PostCopy = 12,
+    /// Source → target: blocks of one disk (binary runs; version 2).
+    DiskBlocks = 13,
+}
+
+impl Command {
+    /// The first protocol version with this command: what its frames carry.
+    pub fn since(self) -> u16 {
+        match self {
+            Command::DiskBlocks => STORAGE_VERSION,
+            _ => MIN_VERSION,
+        }
+    }
 }
 
 impl TryFrom<u16> for Command {
@@ -174,6 +200,7 @@ impl TryFrom<u16> for Command {
             10 => Abort,
             11 => PageRequest,
             12 => PostCopy,
+            13 => DiskBlocks,
             other => return Err(ProtocolError::UnknownCommand(other)),
         })
     }
@@ -191,10 +218,15 @@ pub struct Header {
 }
 
 impl Header {
-    /// The header of a frame this build sends.
+    /// The header of a frame this build sends (in [`Command::since`]).
     pub fn new(command: Command, length: usize) -> Header {
+        Header::with_version(command.since(), command, length)
+    }
+
+    /// The header of a frame sent in `version` (see the module docs).
+    pub fn with_version(version: u16, command: Command, length: usize) -> Header {
         Header {
-            version: VERSION,
+            version,
             command,
             length: u32::try_from(length).expect("payload length checked by the caller"),
         }
@@ -250,12 +282,22 @@ pub fn write_frame(
     command: Command,
     payload: &[u8],
 ) -> Result<(), ProtocolError> {
+    write_frame_version(w, command.since(), command, payload)
+}
+
+/// Writes one frame in protocol `version`.
+pub fn write_frame_version(
+    w: &mut impl Write,
+    version: u16,
+    command: Command,
+    payload: &[u8],
+) -> Result<(), ProtocolError> {
     if payload.len() > MAX_PAYLOAD as usize {
         return Err(ProtocolError::TooLarge(
             payload.len().min(u32::MAX as usize) as u32,
         ));
     }
-    w.write_all(&Header::new(command, payload.len()).encode())
+    w.write_all(&Header::with_version(version, command, payload.len()).encode())
         .and_then(|()| w.write_all(payload))
         .map_err(ProtocolError::Io)
 }
@@ -284,6 +326,35 @@ pub struct Hello {
     /// Whether the source may switch to post-copy.
     #[serde(default)]
     pub post_copy: bool,
+    /// Node-local disks the source copies in the stream (version 2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskOffer>,
+}
+
+/// A disk the source copies: which one, its virtual size, and the base
+/// image an overlay sits on.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskOffer {
+    /// Disk index, from 0 in `--disk` order.
+    pub index: u32,
+    /// Virtual size in bytes; the target's disk must have the same.
+    pub size: u64,
+    /// The sha256 (hex) of the template base the disk is a qcow2 overlay
+    /// on, when it is one from the node's template cache.
+    #[serde(default)]
+    pub base_digest: Option<String>,
+}
+
+/// The target's answer about one [`DiskOffer`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskAccept {
+    /// Disk index.
+    pub index: u32,
+    /// The target's disk is an overlay on the same base: only the
+    /// overlay's own clusters need to travel.
+    pub base_present: bool,
 }
 
 /// The target's answer to [`Hello`].
@@ -293,6 +364,9 @@ pub struct HelloAck {
     /// Whether the target can serve post-copy (userfaultfd available).
     #[serde(default)]
     pub post_copy: bool,
+    /// One answer per offered disk, in [`Hello::disks`] order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskAccept>,
 }
 
 /// One run of consecutive pages in a [`Command::Pages`] payload.
@@ -418,6 +492,127 @@ pub fn parse_pages(payload: &[u8]) -> Result<Vec<PageRun<'_>>, ProtocolError> {
     Ok(runs)
 }
 
+/// Disk offsets and lengths on the wire are multiples of this.
+pub const DISK_SECTOR: u64 = 512;
+
+/// One run of a [`Command::DiskBlocks`] payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskRun<'a> {
+    /// Byte offset on the virtual disk.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// The bytes, or `None` for a run that reads as zero (no data sent).
+    pub data: Option<&'a [u8]>,
+}
+
+/// Builds a [`Command::DiskBlocks`] payload: `(disk u32, 4 zero bytes)`, then
+/// runs of `(offset u64, len u32, kind u8, 3 zero bytes)` headers, each data
+/// run followed by its bytes (the same kinds as page runs).
+pub struct DiskBatch {
+    buf: Vec<u8>,
+}
+
+impl DiskBatch {
+    /// An empty batch for disk `disk`.
+    pub fn new(disk: u32, capacity: usize) -> DiskBatch {
+        let mut buf = Vec::with_capacity(capacity + 64);
+        buf.extend_from_slice(&disk.to_le_bytes());
+        buf.extend_from_slice(&[0; 4]);
+        DiskBatch { buf }
+    }
+
+    fn run_header(&mut self, offset: u64, len: u32, kind: u8) {
+        debug_assert!(
+            offset.is_multiple_of(DISK_SECTOR) && u64::from(len).is_multiple_of(DISK_SECTOR)
+        );
+        self.buf.extend_from_slice(&offset.to_le_bytes());
+        self.buf.extend_from_slice(&len.to_le_bytes());
+        self.buf.extend_from_slice(&[kind, 0, 0, 0]);
+    }
+
+    /// Adds `len` zero bytes at `offset` (no data sent).
+    pub fn push_zero(&mut self, offset: u64, len: u32) {
+        self.run_header(offset, len, RUN_ZERO);
+    }
+
+    /// Adds `data` at `offset`.
+    pub fn push_data(&mut self, offset: u64, data: &[u8]) {
+        self.run_header(offset, data.len() as u32, RUN_DATA);
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Whether no run was added.
+    pub fn is_empty(&self) -> bool {
+        self.buf.len() == 8
+    }
+
+    /// Bytes in the payload so far.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The payload.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Drops the runs, keeping the disk and the allocation.
+    pub fn clear(&mut self) {
+        self.buf.truncate(8);
+    }
+}
+
+/// Decodes a [`Command::DiskBlocks`] payload into the disk index and its
+/// runs, checking every run first: sector-aligned, non-empty, no overflow,
+/// data within the payload.
+pub fn parse_disk_blocks(payload: &[u8]) -> Result<(u32, Vec<DiskRun<'_>>), ProtocolError> {
+    let bad = |reason| ProtocolError::Malformed {
+        command: Command::DiskBlocks,
+        reason,
+    };
+    let head = payload.get(..8).ok_or(bad("truncated disk header"))?;
+    if head[4..8] != [0; 4] {
+        return Err(bad("reserved disk header bytes set"));
+    }
+    let disk = u32::from_le_bytes(head[0..4].try_into().unwrap());
+    let mut runs = Vec::new();
+    let mut at = 8;
+    while at < payload.len() {
+        let h = payload
+            .get(at..at + RUN_HEADER_LEN)
+            .ok_or(bad("truncated run header"))?;
+        let offset = u64::from_le_bytes(h[0..8].try_into().unwrap());
+        let len = u32::from_le_bytes(h[8..12].try_into().unwrap());
+        if h[13..16] != [0, 0, 0] {
+            return Err(bad("reserved run bytes set"));
+        }
+        if !offset.is_multiple_of(DISK_SECTOR) || !u64::from(len).is_multiple_of(DISK_SECTOR) {
+            return Err(bad("disk run not sector-aligned"));
+        }
+        if len == 0 {
+            return Err(bad("empty run"));
+        }
+        offset
+            .checked_add(u64::from(len))
+            .ok_or(bad("run wraps the disk"))?;
+        at += RUN_HEADER_LEN;
+        let data = match h[12] {
+            RUN_ZERO => None,
+            RUN_DATA => {
+                let d = payload
+                    .get(at..at + len as usize)
+                    .ok_or(bad("truncated disk data"))?;
+                at += len as usize;
+                Some(d)
+            }
+            _ => return Err(bad("unknown run kind")),
+        };
+        runs.push(DiskRun { offset, len, data });
+    }
+    Ok((disk, runs))
+}
+
 /// Encodes the guest-physical addresses of a [`Command::PageRequest`].
 pub fn encode_page_request(gpas: &[u64]) -> Vec<u8> {
     gpas.iter().flat_map(|g| g.to_le_bytes()).collect()
@@ -535,13 +730,13 @@ mod tests {
         let mut payload = Vec::new();
         let header = read_frame(&mut bytes.as_slice(), &mut payload).unwrap();
         assert_eq!(header.command, Command::Abort);
-        assert_eq!(header.version, VERSION);
+        assert_eq!(header.version, MIN_VERSION);
         assert_eq!(payload, b"target disk full");
     }
 
     #[test]
     fn every_command_decodes_to_itself() {
-        for code in 1..=12u16 {
+        for code in 1..=13u16 {
             let command = Command::try_from(code).unwrap();
             assert_eq!(command as u16, code);
         }
@@ -550,8 +745,8 @@ mod tests {
             Err(ProtocolError::UnknownCommand(0))
         ));
         assert!(matches!(
-            Command::try_from(13),
-            Err(ProtocolError::UnknownCommand(13))
+            Command::try_from(14),
+            Err(ProtocolError::UnknownCommand(14))
         ));
     }
 
@@ -689,9 +884,80 @@ mod tests {
             memory: vec![(0, 256 << 20)],
             config: serde_json::json!({"vcpus": 1}),
             post_copy: true,
+            disks: vec![DiskOffer {
+                index: 0,
+                size: 1 << 30,
+                base_digest: Some("ab".repeat(32)),
+            }],
         };
         let back: Hello = parse_json(Command::Hello, &encode_json(&hello)).unwrap();
         assert_eq!(back, hello);
         assert!(parse_json::<Hello>(Command::Hello, b"{not json").is_err());
+        // A version 1 Hello (no disks) still parses.
+        let v1: Hello = parse_json(
+            Command::Hello,
+            br#"{"vmName":"a","memory":[[0,4096]],"config":{}}"#,
+        )
+        .unwrap();
+        assert!(v1.disks.is_empty());
+    }
+
+    #[test]
+    fn disk_batches_round_trip_and_refuse_malformed_runs() {
+        let data = vec![7u8; 1024];
+        let mut batch = DiskBatch::new(3, 4096);
+        assert!(batch.is_empty());
+        batch.push_data(65536, &data);
+        batch.push_zero(1 << 20, 65536);
+        let (disk, runs) = parse_disk_blocks(batch.as_bytes()).unwrap();
+        assert_eq!(disk, 3);
+        assert_eq!(
+            runs,
+            vec![
+                DiskRun {
+                    offset: 65536,
+                    len: 1024,
+                    data: Some(&data[..])
+                },
+                DiskRun {
+                    offset: 1 << 20,
+                    len: 65536,
+                    data: None
+                },
+            ]
+        );
+        let good = batch.as_bytes().to_vec();
+        let mut unaligned = good.clone();
+        unaligned[8] = 1;
+        let mut truncated = good.clone();
+        truncated.truncate(good.len() - 10);
+        let mut reserved = good.clone();
+        reserved[5] = 1;
+        for (name, bytes) in [
+            ("unaligned", unaligned),
+            ("truncated", truncated),
+            ("reserved", reserved),
+            ("short", vec![0u8; 3]),
+        ] {
+            assert!(
+                matches!(
+                    parse_disk_blocks(&bytes),
+                    Err(ProtocolError::Malformed { .. })
+                ),
+                "{name} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn frames_carry_the_chosen_version() {
+        let mut out = Vec::new();
+        write_frame(&mut out, Command::DiskBlocks, &[0; 8]).unwrap();
+        let h = read_frame(&mut out.as_slice(), &mut Vec::new()).unwrap();
+        assert_eq!(h.version, STORAGE_VERSION);
+        // A version 1 peer refuses a storage stream clearly.
+        let mut v2 = Vec::new();
+        write_frame_version(&mut v2, STORAGE_VERSION, Command::Hello, b"{}").unwrap();
+        assert_eq!(u16::from_le_bytes([v2[4], v2[5]]), 2);
     }
 }

@@ -17,6 +17,7 @@ use std::time::Duration;
 use super::postcopy;
 use super::progress::{ProgressHandle, Stage};
 use super::protocol::{self, Command, Hello, HelloAck, PAGE_SIZE};
+use super::storage;
 use super::transport::Conn;
 use super::vm::{GuestRegion, TargetVm, VmError};
 use super::MigrationError;
@@ -231,11 +232,19 @@ where
     if layout != hello.memory {
         return Err(MigrationError::LayoutMismatch);
     }
-    let post_copy = hello.post_copy && postcopy::available();
+    if !hello.disks.is_empty() && header.version < protocol::STORAGE_VERSION {
+        return Err(protocol::ProtocolError::Malformed {
+            command: Command::Hello,
+            reason: "disks offered in a version 1 stream",
+        }
+        .into());
+    }
+    let disks = storage::accept(&vm, &hello.disks)?;
+    let post_copy = hello.post_copy && hello.disks.is_empty() && postcopy::available();
     send(
         stream,
         Command::HelloAck,
-        &protocol::encode_json(&HelloAck { post_copy }),
+        &protocol::encode_json(&HelloAck { post_copy, disks }),
     )?;
     state = state.advance(ReceiverState::Receiving)?;
     progress.update(|p| {
@@ -253,8 +262,15 @@ where
             Command::Pages => {
                 memory.apply(&payload)?;
             }
+            Command::DiskBlocks => {
+                storage::apply(&vm, &hello.disks, &payload)?;
+            }
             Command::RoundEnd => {
                 let (round, _pages) = protocol::parse_round_end(&payload)?;
+                // Make the round's disk writes durable now, while the guest
+                // still runs on the source, so the flush before Ready (in the
+                // downtime) has only the last set to write.
+                storage::flush(&vm, &hello.disks)?;
                 progress.update(|p| {
                     p.round = round;
                     p.transferred_bytes = received;
@@ -268,6 +284,7 @@ where
                         got: Command::Complete,
                         expected: "State before Complete",
                     })?;
+                storage::flush(&vm, &hello.disks)?;
                 vm.restore_state(s).map_err(MigrationError::RestoreState)?;
                 state = state.advance(ReceiverState::Restored)?;
                 progress.update(|p| p.stage = Stage::Committing);
@@ -288,6 +305,9 @@ where
                         .into())
                     }
                 }
+                // Lock hand-over (storage::lock): the source released its
+                // locks before Commit; take them before the guest runs.
+                vm.activate_disks().map_err(MigrationError::DiskLocks)?;
                 vm.resume().map_err(MigrationError::Resume)?;
                 state.advance(ReceiverState::Running)?;
                 // The guest runs here now; a lost Activated only delays the
@@ -318,7 +338,7 @@ where
             got => {
                 return Err(protocol::ProtocolError::Unexpected {
                     got,
-                    expected: "Pages, RoundEnd, State, Complete or PostCopy",
+                    expected: "Pages, DiskBlocks, RoundEnd, State, Complete or PostCopy",
                 }
                 .into())
             }

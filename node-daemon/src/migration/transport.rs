@@ -9,7 +9,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::protocol::{read_frame, write_frame, Command, ProtocolError};
+use super::protocol::{read_frame, write_frame_version, Command, ProtocolError, MIN_VERSION};
 use super::tls::Session;
 
 /// A migration connection: TCP, with or without TLS. Clones share the socket
@@ -152,6 +152,9 @@ pub struct FrameWriter {
     window_bytes: u64,
     /// Bytes written so far (headers and payloads).
     pub bytes_sent: u64,
+    /// The lowest version the frames carry (each carries at least its
+    /// command's [`Command::since`]; see [`super::protocol`]).
+    pub version: u16,
 }
 
 impl FrameWriter {
@@ -163,6 +166,7 @@ impl FrameWriter {
             window_start: Instant::now(),
             window_bytes: 0,
             bytes_sent: 0,
+            version: MIN_VERSION,
         }
     }
 
@@ -183,7 +187,8 @@ impl FrameWriter {
             }
             self.window_bytes += len;
         }
-        write_frame(&mut self.stream, command, payload)?;
+        let version = self.version.max(command.since());
+        write_frame_version(&mut self.stream, version, command, payload)?;
         self.bytes_sent += len;
         Ok(())
     }

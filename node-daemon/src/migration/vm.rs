@@ -5,6 +5,12 @@
 
 use std::error::Error;
 
+use crate::storage::ChangedBlocks;
+
+fn no_disks() -> VmError {
+    "this VM has no disks the migration engine can copy".into()
+}
+
 /// An error from the VM side, boxed: the engine only reports it.
 pub type VmError = Box<dyn Error + Send + Sync>;
 
@@ -109,6 +115,45 @@ pub trait SourceVm: Sync {
     fn resume(&self);
     /// The paused VM's vCPU, VM and device state.
     fn save_state(&self) -> Result<Vec<u8>, VmError>;
+
+    // Live storage migration (see [`super::storage`]); VMs without disks
+    // keep the defaults.
+
+    /// Disk `disk`'s virtual size and, for a qcow2 overlay on a cached
+    /// template base, the base's sha256 (hex).
+    fn disk_describe(&self, disk: usize) -> Result<(u64, Option<String>), VmError> {
+        let _ = disk;
+        Err(no_disks())
+    }
+    /// Turns changed-block tracking of disk `disk` on (clearing it) or off.
+    fn disk_track(&self, disk: usize, on: bool) -> Result<(), VmError> {
+        let _ = (disk, on);
+        Err(no_disks())
+    }
+    /// The byte ranges of disk `disk` that must be copied: those allocated
+    /// in its own image only (`own_only`, the target holds the base), or in
+    /// any image of its backing chain.
+    fn disk_extents(&self, disk: usize, own_only: bool) -> Result<Vec<(u64, u64)>, VmError> {
+        let _ = (disk, own_only);
+        Err(no_disks())
+    }
+    /// Reads `buf.len()` bytes of disk `disk` at `offset`, as the guest sees them.
+    fn disk_read(&self, disk: usize, buf: &mut [u8], offset: u64) -> Result<(), VmError> {
+        let _ = (disk, buf, offset);
+        Err(no_disks())
+    }
+    /// The blocks of disk `disk` written since the last call; clears them.
+    fn disk_take_dirty(&self, disk: usize) -> Result<ChangedBlocks, VmError> {
+        let _ = disk;
+        Err(no_disks())
+    }
+    /// Flushes every disk and releases its image locks (after the decision
+    /// to commit, before Commit is sent; see [`crate::storage::lock`]).
+    fn release_disks(&self) -> Result<(), VmError> {
+        Ok(())
+    }
+    /// Takes the image locks again (the commit did not happen after all).
+    fn relock_disks(&self) {}
 }
 
 /// The target side of a migration, built from the source's configuration.
@@ -121,6 +166,28 @@ pub trait TargetVm: Sync {
     fn resume(&self) -> Result<(), VmError>;
     /// Tells the network the VM is here now (gratuitous ARP / RARP per NIC).
     fn announce(&self);
+
+    /// Disk `disk`'s virtual size and, for a qcow2 overlay on a cached
+    /// template base, the base's sha256 (hex).
+    fn disk_describe(&self, disk: usize) -> Result<(u64, Option<String>), VmError> {
+        let _ = disk;
+        Err(no_disks())
+    }
+    /// Writes `data` at `offset` of disk `disk`.
+    fn disk_write(&self, disk: usize, data: &[u8], offset: u64) -> Result<(), VmError> {
+        let _ = (disk, data, offset);
+        Err(no_disks())
+    }
+    /// Makes the disk writes durable.
+    fn disk_flush(&self, disk: usize) -> Result<(), VmError> {
+        let _ = disk;
+        Err(no_disks())
+    }
+    /// Reopens the disks and takes their image locks, after Commit and
+    /// before the guest runs; the guest must not run if this fails.
+    fn activate_disks(&self) -> Result<(), VmError> {
+        Ok(())
+    }
 }
 
 impl<T: SourceVm + Send> SourceVm for std::sync::Arc<T> {
@@ -145,6 +212,27 @@ impl<T: SourceVm + Send> SourceVm for std::sync::Arc<T> {
     fn save_state(&self) -> Result<Vec<u8>, VmError> {
         (**self).save_state()
     }
+    fn disk_describe(&self, disk: usize) -> Result<(u64, Option<String>), VmError> {
+        (**self).disk_describe(disk)
+    }
+    fn disk_track(&self, disk: usize, on: bool) -> Result<(), VmError> {
+        (**self).disk_track(disk, on)
+    }
+    fn disk_extents(&self, disk: usize, own_only: bool) -> Result<Vec<(u64, u64)>, VmError> {
+        (**self).disk_extents(disk, own_only)
+    }
+    fn disk_read(&self, disk: usize, buf: &mut [u8], offset: u64) -> Result<(), VmError> {
+        (**self).disk_read(disk, buf, offset)
+    }
+    fn disk_take_dirty(&self, disk: usize) -> Result<ChangedBlocks, VmError> {
+        (**self).disk_take_dirty(disk)
+    }
+    fn release_disks(&self) -> Result<(), VmError> {
+        (**self).release_disks()
+    }
+    fn relock_disks(&self) {
+        (**self).relock_disks()
+    }
 }
 
 impl<T: TargetVm + Send> TargetVm for std::sync::Arc<T> {
@@ -159,5 +247,17 @@ impl<T: TargetVm + Send> TargetVm for std::sync::Arc<T> {
     }
     fn announce(&self) {
         (**self).announce()
+    }
+    fn disk_describe(&self, disk: usize) -> Result<(u64, Option<String>), VmError> {
+        (**self).disk_describe(disk)
+    }
+    fn disk_write(&self, disk: usize, data: &[u8], offset: u64) -> Result<(), VmError> {
+        (**self).disk_write(disk, data, offset)
+    }
+    fn disk_flush(&self, disk: usize) -> Result<(), VmError> {
+        (**self).disk_flush(disk)
+    }
+    fn activate_disks(&self) -> Result<(), VmError> {
+        (**self).activate_disks()
     }
 }

@@ -54,6 +54,59 @@ impl SourceVm for Vmm {
         let snap = Vmm::save_state(self)?;
         Ok(serde_json::to_vec(&snap)?)
     }
+
+    fn disk_describe(&self, disk: usize) -> Result<(u64, Option<String>), VmError> {
+        describe(self, disk)
+    }
+
+    fn disk_track(&self, disk: usize, on: bool) -> Result<(), VmError> {
+        if on {
+            self.disk_dirty_start(disk)?;
+        } else {
+            self.disk_dirty_stop(disk)?;
+        }
+        Ok(())
+    }
+
+    fn disk_extents(&self, disk: usize, own_only: bool) -> Result<Vec<(u64, u64)>, VmError> {
+        Ok(self.with_disk(disk, |b| {
+            crate::storage::migrate::copy_extents(b.disk(), own_only)
+        })??)
+    }
+
+    fn disk_read(&self, disk: usize, buf: &mut [u8], offset: u64) -> Result<(), VmError> {
+        Ok(self.with_disk(disk, |b| b.disk().read_at(buf, offset))??)
+    }
+
+    fn disk_take_dirty(&self, disk: usize) -> Result<crate::storage::ChangedBlocks, VmError> {
+        Ok(Vmm::disk_take_dirty(self, disk)?)
+    }
+
+    fn release_disks(&self) -> Result<(), VmError> {
+        Ok(Vmm::release_disks(self)?)
+    }
+
+    fn relock_disks(&self) {
+        for i in 0..self.disk_count() {
+            if let Ok(Err(e)) = self.with_disk(i, |b| b.lock()) {
+                tracing::warn!(
+                    disk = i,
+                    "Cannot take the image lock back: {}",
+                    crate::error_chain(&e)
+                );
+            }
+        }
+    }
+}
+
+fn describe(vmm: &Vmm, disk: usize) -> Result<(u64, Option<String>), VmError> {
+    Ok(vmm.with_disk(disk, |b| {
+        let d = b.disk();
+        (
+            d.size(),
+            crate::storage::migrate::base_digest(d.path(), d.format()),
+        )
+    })?)
 }
 
 /// Node-local settings the target applies to the source's VM config: the
@@ -66,6 +119,9 @@ pub struct TargetOverrides {
     pub bridges: Vec<Option<String>>,
     /// Disk paths per disk (`None`: the same path, shared storage).
     pub disks: Vec<Option<std::path::PathBuf>>,
+    /// Keep the guest paused once it has arrived (`godwit-vmm --incoming
+    /// --paused`; tests compare disks at the switch-over state with it).
+    pub start_paused: bool,
 }
 
 impl TargetOverrides {
@@ -93,6 +149,7 @@ pub struct IncomingVm {
     /// Its exit channel (for the process's main loop once it runs).
     pub exits: Receiver<VmExit>,
     runtime: RuntimeConfig,
+    start_paused: bool,
 }
 
 // SAFETY: `exits` is only used by the thread that owns the IncomingVm after
@@ -120,6 +177,7 @@ impl IncomingVm {
             vmm,
             exits,
             runtime,
+            start_paused: overrides.start_paused,
         })
     }
 }
@@ -138,12 +196,30 @@ impl TargetVm for IncomingVm {
     }
 
     fn resume(&self) -> Result<(), VmError> {
-        self.vmm.start(&self.runtime, false)?;
+        self.vmm.start(&self.runtime, self.start_paused)?;
         Ok(())
     }
 
     fn announce(&self) {
         self.vmm.announce();
+    }
+
+    fn disk_describe(&self, disk: usize) -> Result<(u64, Option<String>), VmError> {
+        describe(&self.vmm, disk)
+    }
+
+    fn disk_write(&self, disk: usize, data: &[u8], offset: u64) -> Result<(), VmError> {
+        Ok(self
+            .vmm
+            .with_disk(disk, |b| b.disk().write_at(data, offset))??)
+    }
+
+    fn disk_flush(&self, disk: usize) -> Result<(), VmError> {
+        Ok(self.vmm.with_disk(disk, |b| b.disk().flush())??)
+    }
+
+    fn activate_disks(&self) -> Result<(), VmError> {
+        Ok(self.vmm.activate_disks()?)
     }
 }
 

@@ -101,6 +101,14 @@ impl ChangedBlocks {
         out
     }
 
+    /// Adds the blocks of `other` (same disk).
+    pub fn merge(&mut self, other: &ChangedBlocks) {
+        debug_assert_eq!(self.disk_size, other.disk_size);
+        for (a, b) in self.bits.iter_mut().zip(&other.bits) {
+            *a |= b;
+        }
+    }
+
     /// Changed bytes (the sum of [`ChangedBlocks::ranges`]).
     pub fn bytes(&self) -> u64 {
         self.ranges().iter().map(|r| r.1).sum()

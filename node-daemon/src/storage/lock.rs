@@ -19,22 +19,26 @@
 //! # Hand-over at live migration (shared storage)
 //!
 //! Source and target both have the disk open during a migration, but only
-//! one may hold the exclusive lock. The intended order, for the migration
-//! engine:
+//! one may hold the exclusive lock. The order the migration engine keeps:
 //!
 //! 1. The target builds the VM in incoming mode *without* taking locks
 //!    ([`crate::vmm::BuildMode::Incoming`] opens disks unlocked).
-//! 2. After the target's Commit the source stops its vCPUs for good, flushes
-//!    and calls [`crate::vmm::Vmm::release_disks`].
-//! 3. Before Activate the target calls [`crate::vmm::Vmm::activate_disks`],
+//! 2. When the source has decided to commit (the target reported Ready),
+//!    its vCPUs are stopped for good: it flushes and calls
+//!    [`crate::vmm::Vmm::release_disks`], then sends Commit
+//!    ([`crate::migration::precopy`]). Should Commit not go out, it takes
+//!    the locks back before it resumes the guest.
+//! 3. On Commit, before it runs the guest, the target calls
+//!    [`crate::vmm::Vmm::activate_disks`] ([`crate::migration::receiver`]),
 //!    which reopens each image (a qcow2 image's metadata may have changed
 //!    while the source ran) and takes the locks. If that fails, the target
-//!    must not resume the guest.
+//!    does not resume the guest.
 //!
-//! Until the engine makes these two calls, a target's block device does
-//! the reopen itself before its first request and takes the locks if they
-//! are free, warning when the source still holds them (the source keeps
-//! them until it exits). A snapshot restore takes the locks at once, so a
+//! A post-copy target runs the guest before any hand-over (post-copy is
+//! off when disks are copied, but a shared disk may be in use): its block
+//! device does the reopen itself before its first request and takes the
+//! locks if they are free, warning when the source still holds them. A
+//! snapshot restore takes the locks at once, so a
 //! snapshot of a running VM cannot be started next to it.
 
 use std::fs::File;

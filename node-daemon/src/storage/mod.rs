@@ -5,6 +5,7 @@
 //!   copies (and why qcow2 goes through the imago crate).
 //! - [`disk`]: an open image as the virtio-blk device uses it (reads and
 //!   writes on the virtual disk, flush, allocated extents).
+//! - [`migrate`]: what storage migration sends (base identity, extents).
 //! - [`lock`]: image locks, the split-brain guard for shared storage, and
 //!   the lock hand-over order at live migration.
 //! - [`cbt`]: changed-block tracking at a fixed 64 KiB granularity.
@@ -34,6 +35,7 @@ pub mod config_disk;
 pub mod disk;
 pub mod image;
 pub mod lock;
+pub mod migrate;
 pub mod template;
 
 use std::path::Path;

@@ -20,6 +20,8 @@
 //! migration to a target started with `godwit-vmm --incoming ADDR` and returns
 //! at once; `migrate-status` returns its progress (and, at the end, its result
 //! or error); `migrate-cancel` cancels it (before commit the guest stays here).
+//! `copy_disks: [i, ...]` copies those disks in the stream (live storage
+//! migration, see [`crate::migration::storage`]).
 //! A VMM started with `--tls-cert/--tls-key/--tls-ca` migrates over mutual
 //! TLS only (see [`crate::migration::tls`]); `tls_server_name` then names what
 //! the target's certificate must carry (default: the host part of `addr`).
@@ -121,6 +123,11 @@ pub enum Command {
         /// the host part of `addr`, an IP address as an IP SAN).
         #[serde(default)]
         tls_server_name: Option<String>,
+        /// Disks on node-local storage to copy in the stream (indices in
+        /// `--disk` order; default none: every disk is on shared storage).
+        /// The target's `--disk` for each must exist with the same size.
+        #[serde(default)]
+        copy_disks: Vec<usize>,
     },
     /// Progress of the current (or last) outgoing migration.
     MigrateStatus,
@@ -158,6 +165,7 @@ fn migrate_send(vmm: &Arc<Vmm>, cmd: Command) -> Result<Value, String> {
         timeout_s,
         stall_timeout_s,
         tls_server_name,
+        copy_disks,
     } = cmd
     else {
         unreachable!("called with migrate-send only")
@@ -190,6 +198,7 @@ fn migrate_send(vmm: &Arc<Vmm>, cmd: Command) -> Result<Value, String> {
         bandwidth_limit: bandwidth_mbps.map(|m| m * 1_000_000 / 8),
         completion_timeout: std::time::Duration::from_secs(timeout_s.unwrap_or(600)),
         stall_timeout: std::time::Duration::from_secs(stall_timeout_s.unwrap_or(10)),
+        disks: copy_disks,
     };
     let out = crate::migration::vmm::start_outgoing(vmm.clone(), &addr, opts, tls.as_ref())
         .map_err(|e| error_chain(&e))?;
