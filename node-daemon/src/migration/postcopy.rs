@@ -183,17 +183,25 @@ impl Userfault {
     pub fn zero(&self, dst: *mut u8, len: u64) -> Result<(), MigrationError> {
         let mut done = 0u64;
         let mut enoent_retries = 0;
+        // After an ENOENT the rest goes a page at a time, so one range never
+        // spans what the kernel sees as two mappings.
+        let mut page_at_a_time = false;
         while done < len {
+            let step = if page_at_a_time {
+                PAGE_SIZE as u64
+            } else {
+                len - done
+            };
             let mut z = UffdioZeropage {
                 range: UffdioRange {
                     start: dst as u64 + done,
-                    len: len - done,
+                    len: step,
                 },
                 mode: 0,
                 zeropage: 0,
             };
             match ioctl(&self.fd, UFFDIO_ZEROPAGE, &mut z) {
-                Ok(()) => return Ok(()),
+                Ok(()) => done += step,
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
                     done += z.zeropage.max(0) as u64 + PAGE_SIZE as u64;
                     done -= done % PAGE_SIZE as u64;
@@ -205,7 +213,9 @@ impl Userfault {
                 // range briefly not found. Retry for a while before giving up.
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) && enoent_retries < 100 => {
                     enoent_retries += 1;
+                    page_at_a_time = true;
                     done += z.zeropage.max(0) as u64;
+                    done -= done % PAGE_SIZE as u64;
                     std::thread::sleep(std::time::Duration::from_millis(1));
                 }
                 Err(e) => return Err(MigrationError::Userfault("UFFDIO_ZEROPAGE", e)),
