@@ -182,41 +182,23 @@ impl Userfault {
     /// Maps zero pages at `dst .. dst + len` where nothing is present.
     pub fn zero(&self, dst: *mut u8, len: u64) -> Result<(), MigrationError> {
         let mut done = 0u64;
-        let mut enoent_retries = 0;
-        // After an ENOENT the rest goes a page at a time, so one range never
-        // spans what the kernel sees as two mappings.
-        let mut page_at_a_time = false;
         while done < len {
-            let step = if page_at_a_time {
-                PAGE_SIZE as u64
-            } else {
-                len - done
-            };
             let mut z = UffdioZeropage {
                 range: UffdioRange {
                     start: dst as u64 + done,
-                    len: step,
+                    len: len - done,
                 },
                 mode: 0,
                 zeropage: 0,
             };
             match ioctl(&self.fd, UFFDIO_ZEROPAGE, &mut z) {
-                Ok(()) => done += step,
+                Ok(()) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
                     done += z.zeropage.max(0) as u64 + PAGE_SIZE as u64;
                     done -= done % PAGE_SIZE as u64;
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
                     done += z.zeropage.max(0) as u64
-                }
-                // Seen once under load (CI, TLS post-copy loopback test): the
-                // range briefly not found. Retry for a while before giving up.
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) && enoent_retries < 100 => {
-                    enoent_retries += 1;
-                    page_at_a_time = true;
-                    done += z.zeropage.max(0) as u64;
-                    done -= done % PAGE_SIZE as u64;
-                    std::thread::sleep(std::time::Duration::from_millis(1));
                 }
                 Err(e) => return Err(MigrationError::Userfault("UFFDIO_ZEROPAGE", e)),
             }
@@ -540,6 +522,8 @@ pub(super) fn target_run<T: TargetVm>(
     }
     let writer = Mutex::new(stream.try_clone().map_err(MigrationError::Socket)?);
     let stop = AtomicBool::new(false);
+    // Set just before the ranges are unregistered at the end.
+    let released = AtomicBool::new(false);
 
     let outcome = std::thread::scope(|s| {
         let fault_thread = s.spawn(|| -> Result<(), MigrationError> {
@@ -553,7 +537,15 @@ pub(super) fn target_run<T: TargetVm>(
                         requests.push(needed.regions[r].gpa + page * PAGE_SIZE as u64);
                     } else {
                         // Never sent as data: it was zero on the source.
-                        uffd.zero(host as *mut u8, PAGE_SIZE as u64)?;
+                        match uffd.zero(host as *mut u8, PAGE_SIZE as u64) {
+                            // A fault read just before the ranges were
+                            // unregistered: the kernel now fills the page
+                            // itself (ENOENT = range no longer registered).
+                            Err(MigrationError::Userfault(_, e))
+                                if e.raw_os_error() == Some(libc::ENOENT)
+                                    && released.load(Ordering::Acquire) => {}
+                            other => other?,
+                        }
                     }
                 }
                 if !requests.is_empty() {
@@ -632,6 +624,7 @@ pub(super) fn target_run<T: TargetVm>(
         });
         // All memory is local (or the migration failed): stop routing faults,
         // which also wakes anything still waiting, then stop the fault thread.
+        released.store(true, Ordering::Release);
         for r in &memory.regions {
             let _ = uffd.unregister(r.host, r.size);
         }
