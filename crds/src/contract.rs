@@ -96,7 +96,7 @@ pub fn node_lease_name(node: &str) -> String {
 /// The operator's leader-election Lease.
 pub const OPERATOR_LEASE: &str = "godwit-operator";
 /// How long a node Lease lasts without renewal.
-pub const NODE_LEASE_SECONDS: i32 = 10;
+pub const NODE_LEASE_SECONDS: i32 = 8;
 /// How long a target keeps a migrated VM that is not yet labelled for it.
 pub const ADOPTION_GRACE_SECONDS: i64 = 60;
 /// The field manager both sides use for server-side apply and patches.

@@ -393,8 +393,31 @@ impl LocalCluster {
         if let Some(f) = self.forwarder.take() {
             f.stop();
         }
+        keep_logs(&self.log_dir());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// With `GODWIT_KEEP_LOGS=DIR` set, copies the cluster's logs into
+/// `DIR/<pid>-<n>/` before the cluster's directory is removed, for
+/// looking at a test or benchmark afterwards.
+fn keep_logs(logs: &Path) {
+    let Some(keep) = std::env::var_os("GODWIT_KEEP_LOGS") else {
+        return;
+    };
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let to = Path::new(&keep).join(format!("{}-{n}", std::process::id()));
+    let Ok(entries) = std::fs::read_dir(logs) else {
+        return;
+    };
+    if std::fs::create_dir_all(&to).is_err() {
+        return;
+    }
+    for e in entries.flatten() {
+        let _ = std::fs::copy(e.path(), to.join(e.file_name()));
+    }
+    eprintln!("cluster logs kept in {}", to.display());
 }
 
 impl Drop for LocalCluster {

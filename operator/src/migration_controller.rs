@@ -1525,13 +1525,17 @@ mod tests {
         }
 
         // ... unless the source has been gone for more than a lease duration.
+        // (The fixture's Leases expire at 10 s.)
         let flying = admitted(&deleted, MigrationPhase::PreCopy, "node-1", "node-2");
+        let gone = 10 + i64::from(NODE_LEASE_SECONDS);
         assert!(matches!(
-            decide_at(&flying, Some(&vm), Some(&c), at(20)),
+            decide_at(&flying, Some(&vm), Some(&c), at(gone)),
             MigrationAction::Nothing { .. }
         ));
-        assert!(failure(decide_at(&flying, Some(&vm), Some(&c), at(21)))
-            .contains("source node node-1 has not renewed its lease"));
+        assert!(
+            failure(decide_at(&flying, Some(&vm), Some(&c), at(gone + 1)))
+                .contains("source node node-1 has not renewed its lease")
+        );
     }
 
     fn ended(m: &VMMigration, phase: MigrationPhase) -> VMMigration {

@@ -517,7 +517,11 @@ async fn reconcile_inner(
             strategy: ctx.config.placement,
             reserve: ctx.config.reserve,
             migration_exists: true,
-            restart_wait: ctx.restart_wait(&fresh.uid().unwrap_or_default()),
+            restart_wait: if counts_as_crash(fresh) {
+                ctx.restart_wait(&fresh.uid().unwrap_or_default())
+            } else {
+                Duration::ZERO
+            },
         };
         let action = decide_vm(fresh, &inputs);
         return apply(fresh, action, ctx).await;
@@ -610,7 +614,9 @@ async fn apply(
                 ctx,
             )
             .await?;
-            ctx.restarted(&vm.uid().unwrap_or_default());
+            if counts_as_crash(vm) {
+                ctx.restarted(&vm.uid().unwrap_or_default());
+            }
             info!(vm = %name, %node, "restarting");
             ctx.publish(&reference, "Restart", &Note::normal("Restarting", message))
                 .await;
@@ -637,7 +643,7 @@ async fn apply(
                 ctx,
             )
             .await?;
-            if view::vm_phase(vm) != VmPhase::Pending {
+            if view::vm_phase(vm) != VmPhase::Pending && counts_as_crash(vm) {
                 ctx.restarted(&vm.uid().unwrap_or_default());
             }
             info!(vm = %name, "rescheduling");
@@ -715,6 +721,16 @@ async fn apply(
     }
 }
 
+/// Whether the VM stopped or failed of its own accord, so that restarting it
+/// counts towards the crash-loop backoff ([`restart_delay`]). A VM failed
+/// over from a lost node (HA's `Ready=False`, reason `NodeLost`) did not: it
+/// is restarted at once however often its nodes were lost.
+pub fn counts_as_crash(vm: &VirtualMachine) -> bool {
+    !status_conditions(vm)
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "False" && c.reason == "NodeLost")
+}
+
 fn status_conditions(
     vm: &VirtualMachine,
 ) -> &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition] {
@@ -778,6 +794,7 @@ async fn patch_status(
 mod tests {
     use godwit_crds::vm::{Disk, DiskSource, TemplateDiskSource};
     use godwit_crds::VirtualMachineStatus;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     use super::*;
@@ -978,6 +995,23 @@ mod tests {
                 assert_eq!(action, VmAction::Nothing, "{phase:?} {strategy:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_vm_failed_over_from_a_lost_node_is_not_a_crash_loop() {
+        let mut v = stopped(VmPhase::Failed, RunStrategy::Always);
+        assert!(counts_as_crash(&v));
+        v.status.as_mut().unwrap().conditions = vec![Condition {
+            type_: "Ready".into(),
+            status: "False".into(),
+            reason: "NodeLost".into(),
+            message: "node node-0 is lost".into(),
+            last_transition_time: Time(Timestamp::now()),
+            observed_generation: None,
+        }];
+        assert!(!counts_as_crash(&v));
+        v.status.as_mut().unwrap().conditions[0].reason = "VmmExited".into();
+        assert!(counts_as_crash(&v));
     }
 
     #[test]

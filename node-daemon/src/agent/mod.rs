@@ -240,12 +240,19 @@ pub async fn run(
     Ok(())
 }
 
-/// Renews the node's Lease every few seconds; fences the node when renewal
-/// has failed for the whole lease duration.
+/// How often the agent renews a Lease of `lease_seconds`: an eighth of it
+/// (1 s for the default 8 s), so a node cut off just after a renewal is
+/// declared lost at most one period later than one cut just before.
+pub fn renew_period(lease_seconds: i32) -> Duration {
+    (Duration::from_secs(lease_seconds.max(1) as u64) / 8).max(Duration::from_millis(250))
+}
+
+/// Renews the node's Lease every [`renew_period`]; fences the node when
+/// renewal has failed for the whole lease duration.
 async fn renew_lease(agent: Arc<Agent>) {
     let api: Api<Lease> = Api::namespaced(agent.client.clone(), &agent.cfg.lease_namespace);
     let name = contract::node_lease_name(&agent.cfg.node);
-    let every = Duration::from_secs((agent.cfg.lease_seconds as u64 / 4).max(1));
+    let every = renew_period(agent.cfg.lease_seconds);
     loop {
         // The Lease says renewed at about `sent` (renew_once stamps it next);
         // the fence deadline counts from there, never from a late answer.
@@ -272,7 +279,9 @@ async fn renew_lease(agent: Arc<Agent>) {
                 tracing::warn!(error = %e, "cannot renew Lease {name} (last renewed {since:?} ago)");
             }
         }
-        tokio::time::sleep(every).await;
+        // The next attempt one period after this one started, however long
+        // this one took.
+        tokio::time::sleep(every.saturating_sub(sent.elapsed())).await;
     }
 }
 
@@ -1171,4 +1180,17 @@ fn rand_seed() -> u32 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod lease_tests {
+    use super::*;
+
+    #[test]
+    fn the_lease_is_renewed_every_eighth_of_it_but_not_too_often() {
+        assert_eq!(renew_period(8), Duration::from_secs(1));
+        assert_eq!(renew_period(20), Duration::from_millis(2500));
+        assert_eq!(renew_period(1), Duration::from_millis(250));
+        assert_eq!(renew_period(0), Duration::from_millis(250));
+    }
 }

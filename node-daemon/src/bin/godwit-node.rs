@@ -45,7 +45,8 @@ struct Args {
     /// Namespace of the node Leases.
     #[arg(long, default_value = godwit_crds::contract::DEFAULT_LEASE_NAMESPACE)]
     lease_namespace: String,
-    /// Lease duration in seconds (renewed every quarter of it).
+    /// Lease duration in seconds (renewed every eighth of it; the node fences
+    /// itself one second before it runs out unrenewed).
     #[arg(long, default_value_t = godwit_crds::contract::NODE_LEASE_SECONDS)]
     lease_seconds: i32,
     /// vCPUs offered to VMs (default: the host's CPUs).
