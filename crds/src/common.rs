@@ -1,6 +1,7 @@
 //! Types shared by the three kinds: boot settings, the migration policy, and the
 //! parsing of Kubernetes quantities that the operator and node agents need.
 
+use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -33,7 +34,8 @@ pub struct BootSpec {
 
 /// How a live migration may proceed. Every field is optional; the operator fills in
 /// the defaults documented on each field.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("!has(self.maxDowntimeMs) || !has(self.completionTimeoutSeconds) || self.maxDowntimeMs < self.completionTimeoutSeconds * 1000").message("maxDowntimeMs must be shorter than completionTimeoutSeconds"))]
 #[serde(rename_all = "camelCase")]
 pub struct MigrationPolicy {
     /// Longest pause the guest may see at switch-over, in milliseconds (default 50).

@@ -49,10 +49,13 @@ pub struct VMTemplateSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
     #[x_kube(validation = Rule::new("quantity(self).compareTo(quantity('64Mi')) >= 0").message("memory must be at least 64Mi"))]
+    #[x_kube(validation = Rule::new("quantity(self).compareTo(quantity('4Ti')) <= 0").message("memory must be at most 4Ti"))]
     pub memory: Option<String>,
     /// Default network interfaces.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
+    #[x_kube(validation = Rule::new("self.all(n, self.exists_one(e, e.name == n.name))").message("network names must be unique"))]
+    #[x_kube(validation = Rule::new("self.all(n, !has(n.mac) || self.exists_one(e, has(e.mac) && e.mac.lowerAscii() == n.mac.lowerAscii()))").message("MAC addresses must be unique"))]
     pub networks: Vec<Network>,
     /// What each VM from this template is given at first boot.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -38,6 +38,7 @@ use crate::common::{BootSpec, MigrationPolicy};
     )
 )]
 #[x_kube(validation = Rule::new("has(self.templateRef) || (has(self.cpu) && has(self.memory) && has(self.boot))").message("spec.cpu, spec.memory and spec.boot are required when spec.templateRef is not set"))]
+#[x_kube(validation = Rule::new("has(self.templateRef) || !has(self.disks) || self.disks.all(d, !has(d.source.template))").message("a disk from the template needs spec.templateRef"))]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualMachineSpec {
     /// The `VMTemplate` (same namespace) this VM is provisioned from.
@@ -51,6 +52,7 @@ pub struct VirtualMachineSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
     #[x_kube(validation = Rule::new("quantity(self).compareTo(quantity('64Mi')) >= 0").message("memory must be at least 64Mi"))]
+    #[x_kube(validation = Rule::new("quantity(self).compareTo(quantity('4Ti')) <= 0").message("memory must be at most 4Ti"))]
     pub memory: Option<String>,
     /// Kernel, initrd and command line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -58,10 +60,13 @@ pub struct VirtualMachineSpec {
     /// Disks, in the order the guest sees them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("self.all(d, self.exists_one(e, e.name == d.name))").message("disk names must be unique"))]
     pub disks: Vec<Disk>,
     /// Network interfaces, in the order the guest sees them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
+    #[x_kube(validation = Rule::new("self.all(n, self.exists_one(e, e.name == n.name))").message("network names must be unique"))]
+    #[x_kube(validation = Rule::new("self.all(n, !has(n.mac) || self.exists_one(e, has(e.mac) && e.mac.lowerAscii() == n.mac.lowerAscii()))").message("MAC addresses must be unique"))]
     pub networks: Vec<Network>,
     /// Whether the VM should be running (default `Always`).
     #[serde(default)]
@@ -97,6 +102,7 @@ pub struct TemplateRef {
 
 /// One virtual disk.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("!(has(self.readOnly) && self.readOnly && has(self.source.blank))").message("a blank disk cannot be read-only: nothing could ever be written to it"))]
 #[serde(rename_all = "camelCase")]
 pub struct Disk {
     /// Name, unique within the VM.

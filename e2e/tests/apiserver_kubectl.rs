@@ -633,9 +633,21 @@ fn godwit_crds_examples_and_invalid_manifests() {
             "{}: {stderr}",
             path.display()
         );
+        // Each file's first line names what kubectl must show the user.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let expect = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{} lacks its `# expect:` line", path.display()));
+        assert!(
+            stderr.contains(expect),
+            "{}: expected {expect:?} in {stderr}",
+            path.display()
+        );
         rejected += 1;
     }
-    assert!(rejected >= 5);
+    assert!(rejected >= 20, "only {rejected} bad manifests");
 }
 
 #[test]
