@@ -103,6 +103,15 @@ impl VmDir {
         out
     }
 
+    /// Makes the VM's directory, `0700`: it holds the VMM's control and
+    /// console sockets, which only the node daemon may use.
+    pub fn create(&self) -> Result<(), LocalError> {
+        use std::os::unix::fs::PermissionsExt;
+        fs::create_dir_all(&self.path).map_err(io(format!("create {}", self.path.display())))?;
+        fs::set_permissions(&self.path, fs::Permissions::from_mode(0o700))
+            .map_err(io(format!("chmod 0700 {}", self.path.display())))
+    }
+
     /// A file in the VM's directory.
     pub fn file(&self, name: &str) -> PathBuf {
         self.path.join(name)
@@ -226,7 +235,7 @@ impl Runner {
 
     /// Creates the VM's disks (when missing) and boots it.
     pub fn boot(&self, dir: &VmDir, machine: &Machine) -> Result<Child, LocalError> {
-        fs::create_dir_all(&dir.path).map_err(io(format!("create {}", dir.path.display())))?;
+        dir.create()?;
         let _ = fs::remove_file(dir.file("incoming"));
         write_machine(dir, machine)?;
         let mut args = vec![
@@ -258,7 +267,7 @@ impl Runner {
         migration: &str,
         addr: &str,
     ) -> Result<Child, LocalError> {
-        fs::create_dir_all(&dir.path).map_err(io(format!("create {}", dir.path.display())))?;
+        dir.create()?;
         fs::write(dir.file("incoming"), migration).map_err(io("write incoming"))?;
         write_machine(dir, machine)?;
         let mut args = vec!["--incoming".to_string(), addr.to_string()];

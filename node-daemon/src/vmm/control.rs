@@ -28,7 +28,7 @@
 //! Unknown commands get an error, not a hang up.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -356,9 +356,8 @@ pub fn handle(vmm: &Arc<Vmm>, line: &str) -> Response {
 
 /// Binds the control socket at `path` and serves it on a background thread.
 pub fn serve(vmm: Arc<Vmm>, path: &Path) -> Result<(), VmmError> {
-    let _ = std::fs::remove_file(path);
-    let listener =
-        UnixListener::bind(path).map_err(|e| VmmError::BindApi(path.display().to_string(), e))?;
+    let listener = super::private_socket::bind(path)
+        .map_err(|e| VmmError::BindApi(path.display().to_string(), e))?;
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {

@@ -14,6 +14,7 @@ pub mod control;
 pub mod devices;
 pub mod dirty;
 pub mod memory;
+pub mod private_socket;
 pub mod sandbox;
 pub mod state;
 pub mod vcpu;

@@ -133,6 +133,9 @@ pub const VMM_SYSCALLS: &[(&str, i64)] = &[
     ("socketpair", libc::SYS_socketpair),
     ("bind", libc::SYS_bind),
     ("listen", libc::SYS_listen),
+    // Owner-only control and console sockets (vmm/private_socket.rs): on an
+    // open descriptor only, never a path.
+    ("fchmod", libc::SYS_fchmod),
     ("accept4", libc::SYS_accept4),
     ("connect", libc::SYS_connect),
     ("getsockname", libc::SYS_getsockname),

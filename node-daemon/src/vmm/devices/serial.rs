@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -176,8 +176,7 @@ impl Console {
     /// each client receives all output from now on, and what it sends goes
     /// to the guest.
     pub fn serve(&self, path: &Path) -> Result<(), SerialError> {
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)
+        let listener = crate::vmm::private_socket::bind(path)
             .map_err(|e| SerialError::BindSocket(path.display().to_string(), e))?;
         let clients = self.clients.clone();
         let serial = self.serial.clone();

@@ -1,0 +1,107 @@
+//! Unix sockets only their owner can use.
+//!
+//! The VMM's control socket can stop, snapshot and migrate the VM, and its
+//! console socket types into the guest: only the node daemon (root, the
+//! VMM's owner) may connect. Connecting to a Unix socket needs write
+//! permission on it, so each is created mode `0600`: the socket is
+//! `fchmod`ed before `bind`, and Linux gives the file the socket's own mode
+//! (less the umask), so there is no moment when it is open to others and the
+//! sandboxed VMM needs no `chmod` by path. The agent also keeps every VM
+//! directory `0700` (see `agent::local`).
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+
+/// Binds a listening socket at `path` (replacing a stale one) that only
+/// its owner can connect to.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: an all-zero sockaddr_un is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "socket path too long (at most 107 bytes) or holds a NUL",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let check = |r: libc::c_int| {
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    };
+    // SAFETY: plain syscalls on a descriptor this function owns, with a
+    // sockaddr_un that lives across the call.
+    unsafe {
+        let raw = check(libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+        ))?;
+        let fd = OwnedFd::from_raw_fd(raw);
+        check(libc::fchmod(fd.as_raw_fd(), 0o600))?;
+        check(libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        ))?;
+        check(libc::listen(fd.as_raw_fd(), 128))?;
+        Ok(UnixListener::from(fd))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    use std::process::Command;
+
+    /// Tries to connect to `path` as user `nobody` (uid 65534), with python3.
+    fn connect_as_nobody(path: &Path) -> std::process::Output {
+        Command::new("python3")
+            .args([
+                "-c",
+                "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])",
+            ])
+            .arg(path)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .expect("python3 runs (the test suite installs it)")
+    }
+
+    #[test]
+    fn only_the_owner_can_connect() {
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "this test needs root (as the node daemon runs)"
+        );
+        // A directory anyone may enter: only the socket's own mode can refuse.
+        let dir = std::env::temp_dir().join(format!("godwit-private-sock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.join("api.sock");
+        let _listener = bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        let nobody = connect_as_nobody(&path);
+        let owner = std::os::unix::net::UnixStream::connect(&path);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(mode, 0o600);
+        assert!(
+            !nobody.status.success()
+                && String::from_utf8_lossy(&nobody.stderr).contains("PermissionError"),
+            "another user connected: {nobody:?}"
+        );
+        assert!(owner.is_ok(), "the owner cannot connect: {owner:?}");
+    }
+}
