@@ -97,6 +97,13 @@ fn vm_runs_survives_an_agent_restart_a_cancelled_migration_and_is_deleted() {
         status.contains("Seccomp:\t2"),
         "the VMM runs without its seccomp filter"
     );
+    // Only CAP_NET_ADMIN (bit 12) is left to it, in every set.
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        assert!(
+            status.contains(&format!("{set}:\t0000000000001000")),
+            "the VMM's {set} is not just CAP_NET_ADMIN: {status}"
+        );
+    }
 
     // Restart the node's agent: the VMM keeps running and the VM stays Running.
     g.cluster.kill_agent(i);

@@ -131,7 +131,9 @@ fn start_target(t: &Topology, dir: &Scratch) -> Target {
         dir.path("dst.api"),
     );
     let mut child = Command::new("ip")
-        .args(["netns", "exec", t.b.name(), VMM])
+        .args(["netns", "exec", t.b.name()])
+        .args(common::BOUNDED)
+        .arg(VMM)
         .args(["--incoming", &format!("{TARGET_IP}:{port}")])
         .args(["--net", &format!("tap={tap},bridge={}", t.br_b)])
         .arg("--console-sock")

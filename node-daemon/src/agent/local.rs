@@ -217,13 +217,15 @@ impl Runner {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err);
-        // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
+        // SAFETY: setsid and prctl are async-signal-safe; nothing else runs
+        // between fork and exec.
         unsafe {
             cmd.pre_exec(|| {
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                Ok(())
+                // The VMM keeps only the capabilities it needs.
+                crate::vmm::sandbox::bound_capabilities_for_exec()
             });
         }
         let child = cmd

@@ -104,17 +104,48 @@ fn ioctl<T>(fd: &OwnedFd, request: libc::c_ulong, arg: &mut T) -> std::io::Resul
     }
 }
 
+/// `USERFAULTFD_IOC_NEW`: `_IO(0xAA, 0x00)` on /dev/userfaultfd.
+const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
+
+/// A userfaultfd from /dev/userfaultfd.
+fn from_device(flags: libc::c_int) -> std::io::Result<i32> {
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")?;
+    // SAFETY: the ioctl takes the flags by value and returns a new fd or -1.
+    let raw = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, flags) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(raw)
+}
+
 impl Userfault {
     /// Opens a non-blocking userfaultfd and negotiates the API.
+    ///
+    /// Handling faults the kernel takes on guest memory (KVM touches it from
+    /// kernel mode) through the `userfaultfd` system call needs
+    /// `CAP_SYS_PTRACE` unless `vm.unprivileged_userfaultfd` is 1. A VMM
+    /// started by the node agent has no such capability (see
+    /// `vmm::sandbox::bound_capabilities_for_exec`), so on `EPERM` the fd
+    /// comes from `/dev/userfaultfd` (Linux 6.1+), which file permissions
+    /// guard instead (root only).
     pub fn new() -> Result<Userfault, MigrationError> {
+        let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
         // SAFETY: the syscall takes only flags and returns a new fd or -1.
-        let raw =
-            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        let mut raw = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
         if raw < 0 {
-            return Err(MigrationError::Userfault(
-                "open",
-                std::io::Error::last_os_error(),
-            ));
+            let denied = std::io::Error::last_os_error();
+            if denied.raw_os_error() != Some(libc::EPERM) {
+                return Err(MigrationError::Userfault("open", denied));
+            }
+            raw = from_device(flags).map_err(|e| {
+                MigrationError::Userfault(
+                    "open (the userfaultfd call needs CAP_SYS_PTRACE, and /dev/userfaultfd)",
+                    e,
+                )
+            })? as i64;
         }
         // SAFETY: `raw` is a new fd that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };

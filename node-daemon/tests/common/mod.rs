@@ -61,6 +61,11 @@ pub struct Vm {
     pub serial_log: PathBuf,
 }
 
+/// Runs the VMM with the capabilities the node agent leaves it (only
+/// CAP_NET_ADMIN; see `vmm::sandbox::bound_capabilities_for_exec`), so the
+/// suites prove it needs no more.
+pub const BOUNDED: &[&str] = &["setpriv", "--bounding-set=-all,+net_admin", "--"];
+
 /// Starts godwit-vmm with `args` plus `--paused` and sockets/log under
 /// `dir/<tag>.*`, attaches the console, then resumes the guest so no
 /// output is missed. `prefix` runs the binary through another program
@@ -71,6 +76,7 @@ pub fn start_vm(dir: &Scratch, tag: &str, prefix: &[&str], args: &[String]) -> V
     let con = dir.path(&format!("{tag}.console"));
     let log = dir.path(&format!("{tag}.log"));
     let mut all: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
+    all.extend(BOUNDED.iter().map(|s| s.to_string()));
     all.push(VMM.into());
     all.extend(args.iter().cloned());
     all.extend([
