@@ -269,6 +269,47 @@ pub fn enter_vcpu() {
 /// The exit status a shell reports for a process killed by `SIGSYS`.
 pub const SIGSYS_SHELL_STATUS: i32 = 128 + libc::SIGSYS;
 
+/// The one capability a VMM keeps: creating its taps and putting them on
+/// their bridge (`TUNSETIFF`, `SIOCSIFFLAGS`, `SIOCBRADDIF`).
+pub const VMM_CAPABILITIES: &[u32] = &[12 /* CAP_NET_ADMIN */];
+
+/// Drops every capability but [`VMM_CAPABILITIES`] from the calling
+/// thread's bounding set, so that a program it `exec`s next — even as root —
+/// gets no other capability, in any of its threads. Meant for the child
+/// between `fork` and `exec` (only `prctl`: async-signal-safe). The VMM still
+/// runs as root, which owns /dev/kvm, the state directory and
+/// /dev/userfaultfd, but can no longer override file permissions, mount,
+/// trace other processes, load modules and so on.
+pub fn bound_capabilities_for_exec() -> std::io::Result<()> {
+    // Up to the highest capability any kernel defines; a number this kernel
+    // does not know answers EINVAL, which ends the loop.
+    for cap in 0..64u32 {
+        if VMM_CAPABILITIES.contains(&cap) {
+            continue;
+        }
+        // SAFETY: prctl with plain integer arguments.
+        let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                break;
+            }
+            return Err(e);
+        }
+    }
+    // SAFETY: as above.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,45 +368,4 @@ mod tests {
         );
         assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
     }
-}
-
-/// The one capability a VMM keeps: creating its taps and putting them on
-/// their bridge (`TUNSETIFF`, `SIOCSIFFLAGS`, `SIOCBRADDIF`).
-pub const VMM_CAPABILITIES: &[u32] = &[12 /* CAP_NET_ADMIN */];
-
-/// Drops every capability but [`VMM_CAPABILITIES`] from the calling
-/// thread's bounding set, so that a program it `exec`s next — even as root —
-/// gets no other capability, in any of its threads. Meant for the child
-/// between `fork` and `exec` (only `prctl`: async-signal-safe). The VMM still
-/// runs as root, which owns /dev/kvm, the state directory and
-/// /dev/userfaultfd, but can no longer override file permissions, mount,
-/// trace other processes, load modules and so on.
-pub fn bound_capabilities_for_exec() -> std::io::Result<()> {
-    // Up to the highest capability any kernel defines; a number this kernel
-    // does not know answers EINVAL, which ends the loop.
-    for cap in 0..64u32 {
-        if VMM_CAPABILITIES.contains(&cap) {
-            continue;
-        }
-        // SAFETY: prctl with plain integer arguments.
-        let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
-        if r != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EINVAL) {
-                break;
-            }
-            return Err(e);
-        }
-    }
-    // SAFETY: as above.
-    unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-            0,
-            0,
-            0,
-        )
-    };
-    Ok(())
 }
