@@ -111,4 +111,48 @@ mod tests {
         let response = handle_parts(&state, &parts, &Bytes::new());
         assert_eq!(response.status(), 200);
     }
+
+    fn answer(state: &Arc<ServerState>, method: &str, target: &str, ct: &str, body: &[u8]) -> u16 {
+        let (parts, ()) = http::Request::builder()
+            .method(method)
+            .uri(target)
+            .header("content-type", ct)
+            .body(())
+            .unwrap()
+            .into_parts();
+        handle_parts(state, &parts, &Bytes::copy_from_slice(body))
+            .status()
+            .as_u16()
+    }
+
+    /// Found by `fuzz/run.sh` (apiserver_request): a server-side apply whose
+    /// `metadata` is a string (`name:a` without the space) panicked.
+    #[test]
+    fn metadata_that_is_not_an_object_is_a_bad_request() {
+        let state = state_with_crds();
+        let cm = "/api/v1/namespaces/default/configmaps/c";
+        let apply = "application/apply-patch+yaml";
+        let bad = b"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name:a \ndata:\n  a: b\n";
+        let query = "?fieldManager=k&force=true";
+        assert_eq!(
+            answer(&state, "PATCH", &format!("{cm}{query}"), apply, bad),
+            400
+        );
+        let good = b"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\ndata:\n  a: b\n";
+        assert_eq!(
+            answer(&state, "PATCH", &format!("{cm}{query}"), apply, good),
+            201
+        );
+        // A patch of an existing object that turns metadata into a string.
+        let merge = "application/merge-patch+json";
+        assert_eq!(
+            answer(&state, "PATCH", cm, merge, br#"{"metadata":"x"}"#),
+            400
+        );
+        assert_eq!(answer(&state, "GET", cm, "", b""), 200);
+        // A create with it.
+        let body = br#"{"apiVersion":"v1","kind":"ConfigMap","metadata":7}"#;
+        let post = "/api/v1/namespaces/default/configmaps";
+        assert_eq!(answer(&state, "POST", post, "application/json", body), 400);
+    }
 }

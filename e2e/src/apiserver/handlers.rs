@@ -659,7 +659,19 @@ fn parse_object(body: &[u8]) -> Result<Value, ApiError> {
     if !value.is_object() {
         return Err(ApiError::bad_request("the body is not an object"));
     }
+    check_metadata(&value)?;
     Ok(value)
+}
+
+/// An object's `metadata`, when present, is an object (as the API server's
+/// decoding into ObjectMeta demands); everything after relies on it.
+fn check_metadata(object: &Value) -> Result<(), ApiError> {
+    match object.get("metadata") {
+        None | Some(Value::Null) | Some(Value::Object(_)) => Ok(()),
+        Some(_) => Err(ApiError::bad_request(
+            "metadata: Invalid value: must be an object (ObjectMeta)",
+        )),
+    }
 }
 
 fn source_text(error: &dyn std::error::Error) -> String {
@@ -1212,6 +1224,7 @@ fn patch_object(
         if !patched.is_object() {
             return Err(ApiError::bad_request("the patch did not produce an object"));
         }
+        check_metadata(&patched)?;
         check_rv_precondition(def, old, &patched, &name)?;
         Ok(patched)
     })?;

@@ -261,28 +261,23 @@ impl Runner {
         self.spawn(dir, &args)
     }
 
-    /// Starts a VMM that waits for `machine`'s migration on `addr`.
+    /// Starts a VMM that waits for `machine`'s migration on `addr`; with
+    /// `copy_disks`, first creates the disks the migration copies
+    /// ([`super::disks`]).
     pub fn incoming(
         &self,
         dir: &VmDir,
         machine: &Machine,
         migration: &str,
         addr: &str,
+        copy_disks: bool,
     ) -> Result<Child, LocalError> {
         dir.create()?;
         fs::write(dir.file("incoming"), migration).map_err(io("write incoming"))?;
         write_machine(dir, machine)?;
         let mut args = vec!["--incoming".to_string(), addr.to_string()];
-        for disk in &machine.disks {
-            let path = match &disk.source {
-                MachineDiskSource::Image { path, .. } => PathBuf::from(path),
-                MachineDiskSource::Clone { format, .. } => {
-                    dir.disk_path(&disk.name, disk.storage, *format)
-                }
-                MachineDiskSource::Blank { .. } => {
-                    dir.disk_path(&disk.name, disk.storage, ImageFormat::Raw)
-                }
-            };
+        let paths = super::disks::prepare_target(dir, machine, copy_disks)?;
+        for (disk, path) in machine.disks.iter().zip(paths) {
             args.extend(["--disk".into(), disk_arg(&path, disk.read_only)]);
         }
         args.extend(self.common_args(dir, machine));

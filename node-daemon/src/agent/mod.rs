@@ -18,6 +18,7 @@
 
 pub mod console;
 pub mod decide;
+pub mod disks;
 pub mod local;
 pub mod metrics;
 pub mod restart;
@@ -830,13 +831,14 @@ impl Agent {
                     .await;
             }
         };
-        if let Some(disk) = machine.disks.iter().find(|d| {
-            d.storage == godwit_crds::StorageKind::Local
-                && !d.read_only
-                && !matches!(d.source, contract::MachineDiskSource::Image { .. })
-        }) {
+        let copy_disks = m.spec.storage == Some(godwit_crds::StorageMode::Copy);
+        if let Some(disk) = machine
+            .disks
+            .iter()
+            .find(|d| !copy_disks && disks::moves_with_vm(d))
+        {
             let msg = format!(
-                "disk {:?} is on node-local storage and live storage migration is not available yet; use storage: Shared",
+                "disk {:?} is on node-local storage and writable; set spec.storage: Copy to copy it with the migration",
                 disk.name
             );
             return self
@@ -850,7 +852,7 @@ impl Agent {
         let runner = self.runner.clone();
         let (d, name) = (dir.clone(), m.name_any());
         let started = tokio::task::spawn_blocking(move || {
-            let child = runner.incoming(&d, &machine, &name, &addr)?;
+            let child = runner.incoming(&d, &machine, &name, &addr, copy_disks)?;
             local::wait_listening(&d, Duration::from_secs(10)).map(|a| (child, a))
         })
         .await?;
@@ -912,9 +914,19 @@ impl Agent {
             .as_ref()
             .and_then(|s| s.target_address.clone())
             .expect("decided to send only with an address");
+        // Live storage migration: the disks that move with the VM, by the
+        // machine the source VMM was started with.
+        let copy_disks = if m.spec.storage == Some(godwit_crds::StorageMode::Copy) {
+            dir.machine()
+                .map(|machine| disks::copied(&machine))
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let args = json!({
             "addr": addr,
             "vm_name": m.spec.vm_name,
+            "copy_disks": copy_disks,
             "max_downtime_ms": policy.max_downtime_ms.unwrap_or(MigrationPolicy::DEFAULT_MAX_DOWNTIME_MS),
             "bandwidth_mbps": policy.bandwidth_mbps,
             "allow_auto_converge": policy.allow_auto_converge.unwrap_or(true),
