@@ -490,3 +490,100 @@ fn shared_disk_lock_moves_to_the_target() {
         .unwrap();
     assert!(l.text.starts_with("BLK verify ok"), "{}", l.text);
 }
+
+/// A small tmpfs mounted for one test, unmounted even when it fails.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(path: PathBuf, size: &str) -> SmallFs {
+        std::fs::create_dir_all(&path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount tmpfs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallFs(path)
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The target's disk fills up mid-copy: the migration fails with the
+/// reason, the VM keeps running on the source with its disk intact, and the
+/// target VMM ends.
+#[test]
+fn a_full_target_disk_fails_the_migration_and_the_source_keeps_the_vm() {
+    common::require_kvm();
+    let dir = Scratch::new("smf");
+    let base = make_base(&dir.path("cache-a"));
+    let src_disk = dir.path("src.qcow2");
+    storage::image::create_overlay(&src_disk, &base).unwrap();
+    // 4 MiB of base data to copy into a 1 MiB file system.
+    let full = SmallFs::mount(dir.path("full"), "1m");
+    let dst_disk = full.0.join("dst.raw");
+    storage::blank(DISK, ImageFormat::Raw, &dst_disk).unwrap();
+    let n = nodes();
+    let mut src = start_source(&n, &dir, &src_disk);
+    let mut target = start_target(&n, &dir, &dst_disk);
+    let r = src.api(json!({
+        "cmd": "migrate-send",
+        "addr": format!("{TARGET_IP}:{}", target.port),
+        "copy_disks": [0],
+    }));
+    assert_eq!(r["ok"], true, "migrate-send: {r}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let s = loop {
+        let s = status(&src);
+        if ended(&s) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the migration did not end: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(s["stage"], "Failed", "{s}");
+    let why = s.to_string();
+    assert!(
+        why.contains("No space left") || why.contains("ENOSPC"),
+        "the failure does not say the target disk is full: {s}"
+    );
+    // The target gave up on its own.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(code) = target.child.try_wait().unwrap() {
+            break code;
+        }
+        assert!(Instant::now() < deadline, "the target VMM keeps running");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!code.success(), "the target VMM exited {code}");
+    // The source runs on, with its disk.
+    assert_eq!(
+        src.api(json!({"cmd": "status"}))["result"]["state"],
+        "running"
+    );
+    src.console
+        .heartbeats(2, Duration::from_secs(10))
+        .expect("the guest runs on the source");
+    src.console.send("blkverify 0 256 1").unwrap();
+    let l = src
+        .console
+        .wait_for("BLK verify", Duration::from_secs(20), |l| {
+            l.starts_with("BLK verify")
+        })
+        .unwrap();
+    assert!(l.text.starts_with("BLK verify ok"), "{}", l.text);
+    let r = src.api(json!({"cmd": "disk-take-dirty", "disk": 0}));
+    assert_eq!(r["ok"], false, "tracking left on: {r}");
+    src.api(json!({"cmd": "stop"}));
+    src.wait_exit(Duration::from_secs(10));
+    drop(full);
+}
