@@ -48,7 +48,7 @@ fn a_vm_on_local_storage_moves_with_its_disk() {
     let from = vm["status"]["nodeName"].as_str().unwrap().to_string();
     let i = g.node_index(&from).unwrap();
     let src = g.vm_dir(i, "default", "demo");
-    let src_disk = src.join("disks/root.raw");
+    let src_disk = src.join("disks/root.qcow2");
     assert!(
         src_disk.exists(),
         "{} was not provisioned",
@@ -121,7 +121,7 @@ fn a_vm_on_local_storage_moves_with_its_disk() {
     assert_eq!(done["status"]["phase"], "Succeeded", "{done}");
     let vm = g.wait_running("demo", Duration::from_secs(30)).unwrap();
     assert_eq!(vm["status"]["nodeName"], to.as_str());
-    assert!(dst.join("disks/root.raw").exists());
+    assert!(dst.join("disks/root.qcow2").exists());
 
     // After: the guest, now on the target's disk, reads back both patterns.
     type_at(&dst, "blkverify 4096 256 7");

@@ -1,4 +1,18 @@
-//! Which disks move with a VM, and the target's side of copying them.
+//! A VM's disk files on a node, which disks move with a VM, and the target's
+//! side of copying them.
+//!
+//! Files: a template clone on node-local storage is a qcow2 overlay,
+//! `disks/<name>.qcow2`, on the template's image in the node's template cache
+//! (`<state-dir>/images/sha256-<hex>.<fmt>`, [`crate::storage::template`]):
+//! the first VM from a template on a node brings the image into the cache
+//! (copied and hashed once), every VM after that gets its overlay in
+//! milliseconds whatever the image's size. Which cache entry a template path
+//! is, is remembered in `<cache>/sources/<hash of the path>.json` with the
+//! file's size and modification time, so a changed template file is cached
+//! again. A clone on shared storage stays a full sparse copy next to the VM
+//! (`<shared-dir>/<ns>/<vm>/<name>.<fmt>`): a backing file in one node's
+//! cache would not be there for the other nodes. A disk that exists is
+//! always kept, under whatever name it was first made.
 //!
 //! A disk moves with the VM (live storage migration, VMMigration
 //! `spec.storage: Copy`) when it is on node-local storage, writable, and
@@ -13,12 +27,106 @@
 //! that fails removes its VM directory and the disks in it; the source
 //! removes its own copies only once the VM is no longer placed on it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use godwit_crds::contract::{Machine, MachineDisk, MachineDiskSource};
-use godwit_crds::StorageKind;
+use godwit_crds::{ImageFormat, StorageKind};
 
 use super::local::{provision_disk, LocalError, VmDir};
+use crate::storage::template::{self, CachedTemplate, TemplateCache};
+
+/// The file of `disk` on this node (see the module docs).
+pub fn disk_file(dir: &VmDir, disk: &MachineDisk) -> PathBuf {
+    match &disk.source {
+        MachineDiskSource::Image { path, .. } => PathBuf::from(path),
+        MachineDiskSource::Clone { format, .. } if disk.storage == StorageKind::Local => {
+            // A disk made before clones were overlays keeps its name.
+            let old = dir.disk_path(&disk.name, disk.storage, *format);
+            if *format != ImageFormat::Qcow2 && old.exists() {
+                return old;
+            }
+            dir.disk_path(&disk.name, disk.storage, ImageFormat::Qcow2)
+        }
+        MachineDiskSource::Clone { format, .. } => dir.disk_path(&disk.name, disk.storage, *format),
+        MachineDiskSource::Blank { .. } => {
+            dir.disk_path(&disk.name, disk.storage, ImageFormat::Raw)
+        }
+    }
+}
+
+/// One cache fill at a time on this node: two VMs from a new template must
+/// not copy it twice into the same partial file.
+static CACHE_FILL: Mutex<()> = Mutex::new(());
+
+/// What `<cache>/sources/<hash>.json` remembers of a template path.
+#[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+struct SourceMemo {
+    source: String,
+    size: u64,
+    mtime_ns: i128,
+    digest: String,
+}
+
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn stat(path: &Path) -> std::io::Result<(u64, i128)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok((
+        m.len(),
+        i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+    ))
+}
+
+/// The cache entry of the template image at `base`, bringing it into the
+/// node's cache on first use.
+pub fn cached_template(cache_dir: &Path, base: &Path) -> Result<CachedTemplate, LocalError> {
+    let err = |e| LocalError::Template(base.display().to_string(), e);
+    let _one = CACHE_FILL.lock().unwrap_or_else(|p| p.into_inner());
+    let cache = TemplateCache::new(cache_dir).map_err(err)?;
+    let source = base.display().to_string();
+    let memo_path = cache_dir
+        .join("sources")
+        .join(format!("{:016x}.json", fnv(&source)));
+    let (size, mtime_ns) =
+        stat(base).map_err(|e| LocalError::Io(format!("stat {}", base.display()), e))?;
+    let memo: Option<SourceMemo> = std::fs::read(&memo_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    if let Some(m) = memo.filter(|m| m.source == source && m.size == size && m.mtime_ns == mtime_ns)
+    {
+        if let Some(t) = cache.get(&m.digest).map_err(err)? {
+            return Ok(t);
+        }
+    }
+    let t = cache.fetch(&source, None, &mut |_| {}).map_err(err)?;
+    let memo = SourceMemo {
+        source,
+        size,
+        mtime_ns,
+        digest: t.digest.clone(),
+    };
+    // Best effort: without the memo the next VM only hashes the file again.
+    if std::fs::create_dir_all(memo_path.parent().expect("a parent")).is_ok() {
+        let tmp = memo_path.with_extension("tmp");
+        if std::fs::write(&tmp, serde_json::to_vec(&memo).expect("JSON")).is_ok() {
+            let _ = std::fs::rename(&tmp, &memo_path);
+        }
+    }
+    Ok(t)
+}
+
+/// Creates at `dst` a qcow2 overlay on the cached copy of template image
+/// `base`.
+pub fn overlay_on_cached(dir: &VmDir, base: &Path, dst: &Path) -> Result<(), LocalError> {
+    let t = cached_template(&dir.cache, base)?;
+    template::provision(&t, dst).map_err(|e| LocalError::Template(base.display().to_string(), e))
+}
 
 /// Whether `disk` is copied when its VM moves.
 pub fn moves_with_vm(disk: &MachineDisk) -> bool {
@@ -52,22 +160,12 @@ pub fn prepare_target(
             if copy && moves_with_vm(disk) {
                 // Never receive into a disk left from an earlier stay here:
                 // it would hold stale blocks where the source has holes.
-                let _ = std::fs::remove_file(dir.disk_path(&disk.name, disk.storage, format(disk)));
+                let _ = std::fs::remove_file(disk_file(dir, disk));
                 return provision_disk(dir, disk);
             }
-            Ok(match &disk.source {
-                MachineDiskSource::Image { path, .. } => PathBuf::from(path),
-                _ => dir.disk_path(&disk.name, disk.storage, format(disk)),
-            })
+            Ok(disk_file(dir, disk))
         })
         .collect()
-}
-
-fn format(disk: &MachineDisk) -> godwit_crds::ImageFormat {
-    match &disk.source {
-        MachineDiskSource::Clone { format, .. } => *format,
-        _ => godwit_crds::ImageFormat::Raw,
-    }
 }
 
 #[cfg(test)]
@@ -81,6 +179,59 @@ mod tests {
             storage,
             read_only,
         }
+    }
+
+    #[test]
+    fn a_local_clone_is_an_overlay_on_the_node_cache_and_the_cache_is_filled_once() {
+        let root = std::env::temp_dir().join(format!("godwit-disks-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let base = root.join("template.raw");
+        let mut data = vec![0u8; 4 << 20];
+        data[..4096].fill(0xab);
+        std::fs::write(&base, &data).unwrap();
+        let clone = MachineDisk {
+            name: "root".into(),
+            source: MachineDiskSource::Clone {
+                path: base.display().to_string(),
+                format: ImageFormat::Raw,
+            },
+            storage: StorageKind::Local,
+            read_only: false,
+        };
+        let state = root.join("state");
+        let vm = |name: &str| VmDir::new(&state, &root.join("shared"), "ns", name);
+        let a = provision_disk(&vm("a"), &clone).unwrap();
+        assert_eq!(a, vm("a").path.join("disks/root.qcow2"));
+        let info = crate::storage::image::info(&a).unwrap();
+        let backing = info.backing.expect("an overlay");
+        assert!(
+            backing.starts_with(state.join("images"))
+                && backing.display().to_string().contains("/sha256-"),
+            "{}",
+            backing.display()
+        );
+        assert_eq!(info.virtual_size, 4 << 20);
+        // The second VM reuses the cache entry (found by the memo, not by
+        // hashing the template again): same backing file, one cache entry.
+        let b = provision_disk(&vm("b"), &clone).unwrap();
+        let info_b = crate::storage::image::info(&b).unwrap();
+        assert_eq!(info_b.backing.as_deref(), Some(backing.as_path()));
+        let entries = TemplateCache::new(state.join("images"))
+            .unwrap()
+            .list()
+            .unwrap();
+        assert_eq!(entries.len(), 1);
+        // A disk that exists is kept.
+        assert_eq!(provision_disk(&vm("a"), &clone).unwrap(), a);
+        // A template file replaced in place is cached again under its new digest.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        data[..4096].fill(0xcd);
+        std::fs::write(&base, &data).unwrap();
+        let c = provision_disk(&vm("c"), &clone).unwrap();
+        let info_c = crate::storage::image::info(&c).unwrap();
+        assert_ne!(info_c.backing.as_deref(), Some(backing.as_path()));
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]

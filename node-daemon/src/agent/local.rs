@@ -48,6 +48,9 @@ pub enum LocalError {
     /// The VMM did not come up.
     #[error("VMM did not start: {0}")]
     Start(String),
+    /// The node's template cache could not provide a template's image.
+    #[error("template image {0}")]
+    Template(String, #[source] crate::storage::StorageError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LocalError {
@@ -66,6 +69,8 @@ pub struct VmDir {
     pub namespace: String,
     /// Name of the VM.
     pub name: String,
+    /// The node's template cache, `<state-dir>/images`.
+    pub cache: PathBuf,
 }
 
 impl VmDir {
@@ -76,6 +81,7 @@ impl VmDir {
             shared: shared_dir.join(namespace).join(name),
             namespace: namespace.into(),
             name: name.into(),
+            cache: state_dir.join("images"),
         }
     }
 
@@ -344,14 +350,8 @@ pub fn provision_disk(
     dir: &VmDir,
     disk: &godwit_crds::contract::MachineDisk,
 ) -> Result<PathBuf, LocalError> {
-    let path = match &disk.source {
-        MachineDiskSource::Image { path, .. } => return Ok(PathBuf::from(path)),
-        MachineDiskSource::Clone { format, .. } => dir.disk_path(&disk.name, disk.storage, *format),
-        MachineDiskSource::Blank { .. } => {
-            dir.disk_path(&disk.name, disk.storage, ImageFormat::Raw)
-        }
-    };
-    if path.exists() {
+    let path = super::disks::disk_file(dir, disk);
+    if matches!(disk.source, MachineDiskSource::Image { .. }) || path.exists() {
         return Ok(path);
     }
     let parent = path.parent().expect("disk paths have a parent");
@@ -360,6 +360,9 @@ pub fn provision_disk(
     // looks finished.
     let partial = path.with_extension("partial");
     let made = match &disk.source {
+        MachineDiskSource::Clone { path: base, .. } if disk.storage == StorageKind::Local => {
+            super::disks::overlay_on_cached(dir, Path::new(base), &partial)
+        }
         MachineDiskSource::Clone { path: base, .. } => sparse_copy(Path::new(base), &partial),
         MachineDiskSource::Blank { size_bytes } => fs::File::create(&partial)
             .and_then(|f| f.set_len(*size_bytes))
