@@ -65,18 +65,39 @@ mod tests {
     use std::os::unix::process::CommandExt;
     use std::process::Command;
 
-    /// Tries to connect to `path` as user `nobody` (uid 65534), with python3.
-    fn connect_as_nobody(path: &Path) -> std::process::Output {
-        Command::new("python3")
-            .args([
-                "-c",
-                "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])",
-            ])
-            .arg(path)
-            .uid(65534)
-            .gid(65534)
-            .output()
-            .expect("python3 runs (the test suite installs it)")
+    /// Tries to connect to `path` as user `nobody` (uid 65534): in a child
+    /// that has switched user, before it would exec `true`. Returns the
+    /// connect error, or `None` when it connected.
+    fn connect_as_nobody(path: &Path) -> Option<std::io::Error> {
+        let bytes = path.as_os_str().as_bytes().to_vec();
+        // SAFETY: an all-zero sockaddr_un is valid.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in addr.sun_path.iter_mut().zip(&bytes) {
+            *d = *s as libc::c_char;
+        }
+        let mut cmd = Command::new("/bin/true");
+        cmd.uid(65534).gid(65534);
+        // SAFETY: only socket and connect (async-signal-safe) between fork
+        // and exec; std runs this after it has switched the user.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let r = libc::connect(
+                    fd,
+                    (&addr as *const libc::sockaddr_un).cast(),
+                    std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+                );
+                if r < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.status().err()
     }
 
     #[test]
@@ -95,13 +116,18 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         let nobody = connect_as_nobody(&path);
         let owner = std::os::unix::net::UnixStream::connect(&path);
+        // The check itself can tell: with the socket opened to all, nobody
+        // connects.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let opened = connect_as_nobody(&path);
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(mode, 0o600);
-        assert!(
-            !nobody.status.success()
-                && String::from_utf8_lossy(&nobody.stderr).contains("PermissionError"),
-            "another user connected: {nobody:?}"
+        assert_eq!(
+            nobody.as_ref().map(std::io::Error::kind),
+            Some(std::io::ErrorKind::PermissionDenied),
+            "another user: {nobody:?}"
         );
         assert!(owner.is_ok(), "the owner cannot connect: {owner:?}");
+        assert!(opened.is_none(), "the check itself fails: {opened:?}");
     }
 }
