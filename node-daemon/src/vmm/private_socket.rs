@@ -15,8 +15,21 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 
 /// Binds a listening socket at `path` (replacing a stale one) that only
-/// its owner can connect to.
+/// its owner can connect to. It is bound and listening under a temporary
+/// name first and then renamed into place, so a client that sees `path`
+/// never meets a socket that refuses connections.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = std::path::PathBuf::from(tmp);
+    let listener = bind_at(&tmp)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })?;
+    Ok(listener)
+}
+
+fn bind_at(path: &Path) -> std::io::Result<UnixListener> {
     let _ = std::fs::remove_file(path);
     let bytes = path.as_os_str().as_bytes();
     // SAFETY: an all-zero sockaddr_un is valid.
@@ -24,7 +37,7 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            "socket path too long (at most 107 bytes) or holds a NUL",
+            "socket path too long (at most 103 bytes) or holds a NUL",
         ));
     }
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
