@@ -165,6 +165,49 @@ fn ended(s: &Value) -> bool {
     matches!(s["stage"].as_str(), Some("Completed") | Some("Failed"))
 }
 
+/// Waits (up to 30 s) for the source's migration to end, which must be as
+/// Failed; returns its last status.
+fn wait_failed(src: &Vm) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let s = loop {
+        let s = status(src);
+        if ended(&s) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the migration did not end: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(s["stage"], "Failed", "{s}");
+    s
+}
+
+/// Types a `blkwrite` or `blkverify` command and checks the guest's
+/// read-back says ok.
+fn blk_ok(console: &mut Console, command: &str) {
+    console.send(command).unwrap();
+    let l = console
+        .wait_for("BLK verify", Duration::from_secs(20), |l| {
+            l.starts_with("BLK verify")
+        })
+        .unwrap();
+    assert!(l.text.starts_with("BLK verify ok"), "{}", l.text);
+}
+
+/// After a failed migration: the VM runs on the source, its boot pattern
+/// reads back, and changed-block tracking is off again.
+fn still_on_source(src: &mut Vm) {
+    assert_eq!(
+        src.api(json!({"cmd": "status"}))["result"]["state"],
+        "running"
+    );
+    src.console
+        .heartbeats(2, Duration::from_secs(10))
+        .expect("the guest runs on the source");
+    blk_ok(&mut src.console, "blkverify 0 256 1");
+    let r = src.api(json!({"cmd": "disk-take-dirty", "disk": 0}));
+    assert_eq!(r["ok"], false, "tracking left on: {r}");
+}
+
 /// Rewrites the churn regions through the guest until the migration ends;
 /// returns the last acknowledged seed per region and the region of a write
 /// that was sent but not acknowledged (its outcome is unknown).
@@ -382,48 +425,13 @@ fn broken_storage_migration_leaves_the_vm_on_the_source() {
     }
     target.child.kill().unwrap();
     target.child.wait().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let s = loop {
-        let s = status(&src);
-        if ended(&s) {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the source did not notice: {s}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(s["stage"], "Failed", "{s}");
-    assert_eq!(
-        src.api(json!({"cmd": "status"}))["result"]["state"],
-        "running"
-    );
-    src.console
-        .heartbeats(2, Duration::from_secs(10))
-        .expect("the guest runs on the source");
+    wait_failed(&src);
     // The disk is the source's: still locked by it, and the guest reads
     // and writes it as before.
     let e = ImageLock::acquire(&src_disk, LockMode::Exclusive).unwrap_err();
     assert!(matches!(e, storage::StorageError::Locked { .. }), "{e}");
-    src.console.send("blkverify 0 256 1").unwrap();
-    let l = src
-        .console
-        .wait_for("BLK verify", Duration::from_secs(20), |l| {
-            l.starts_with("BLK verify")
-        })
-        .unwrap();
-    assert!(l.text.starts_with("BLK verify ok"), "{}", l.text);
-    src.console
-        .send(&format!("blkwrite {CHURN_AT} 64 9"))
-        .unwrap();
-    let l = src
-        .console
-        .wait_for("BLK verify", Duration::from_secs(20), |l| {
-            l.starts_with("BLK verify")
-        })
-        .unwrap();
-    assert!(l.text.starts_with("BLK verify ok"), "{}", l.text);
-    // Changed-block tracking is off again.
-    let r = src.api(json!({"cmd": "disk-take-dirty", "disk": 0}));
-    assert_eq!(r["ok"], false, "tracking left on: {r}");
+    still_on_source(&mut src);
+    blk_ok(&mut src.console, &format!("blkwrite {CHURN_AT} 64 9"));
     src.api(json!({"cmd": "stop"}));
     src.wait_exit(Duration::from_secs(10));
     let out = Command::new("qemu-img")
@@ -482,13 +490,7 @@ fn shared_disk_lock_moves_to_the_target() {
     let con = std::os::unix::net::UnixStream::connect(&target.console).unwrap();
     let mut con = Console::new(con.try_clone().unwrap(), con);
     assert_eq!(api(&target.api, json!({"cmd": "resume"}))["ok"], true);
-    con.send(&format!("blkverify {OVERLAY_AT} 256 2")).unwrap();
-    let l = con
-        .wait_for("BLK verify", Duration::from_secs(20), |l| {
-            l.starts_with("BLK verify")
-        })
-        .unwrap();
-    assert!(l.text.starts_with("BLK verify ok"), "{}", l.text);
+    blk_ok(&mut con, &format!("blkverify {OVERLAY_AT} 256 2"));
 }
 
 /// A small tmpfs mounted for one test, unmounted even when it fails.
@@ -540,16 +542,7 @@ fn a_full_target_disk_fails_the_migration_and_the_source_keeps_the_vm() {
         "copy_disks": [0],
     }));
     assert_eq!(r["ok"], true, "migrate-send: {r}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let s = loop {
-        let s = status(&src);
-        if ended(&s) {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the migration did not end: {s}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(s["stage"], "Failed", "{s}");
+    let s = wait_failed(&src);
     let why = s.to_string();
     assert!(
         why.contains("No space left") || why.contains("ENOSPC"),
@@ -565,24 +558,7 @@ fn a_full_target_disk_fails_the_migration_and_the_source_keeps_the_vm() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(!code.success(), "the target VMM exited {code}");
-    // The source runs on, with its disk.
-    assert_eq!(
-        src.api(json!({"cmd": "status"}))["result"]["state"],
-        "running"
-    );
-    src.console
-        .heartbeats(2, Duration::from_secs(10))
-        .expect("the guest runs on the source");
-    src.console.send("blkverify 0 256 1").unwrap();
-    let l = src
-        .console
-        .wait_for("BLK verify", Duration::from_secs(20), |l| {
-            l.starts_with("BLK verify")
-        })
-        .unwrap();
-    assert!(l.text.starts_with("BLK verify ok"), "{}", l.text);
-    let r = src.api(json!({"cmd": "disk-take-dirty", "disk": 0}));
-    assert_eq!(r["ok"], false, "tracking left on: {r}");
+    still_on_source(&mut src);
     src.api(json!({"cmd": "stop"}));
     src.wait_exit(Duration::from_secs(10));
     drop(full);
