@@ -122,6 +122,34 @@ impl Godwit {
         }
     }
 
+    /// `kubectl get <kind> <name> -o json --watch`: every version of the
+    /// object from now on, as a user watching it sees them. Polling can miss
+    /// a state that lasts less than a poll; a watch cannot.
+    pub fn watch(&self, kind: &str, name: &str) -> anyhow::Result<Watch> {
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.cluster.kubeconfig)
+            .arg("--cache-dir")
+            .arg(self.cluster.dir().join("kube-cache"))
+            .args(["get", kind, name, "-o", "json", "--watch"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("run kubectl get --watch")?;
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let objects = serde_json::Deserializer::from_reader(BufReader::new(stdout));
+            for object in objects.into_iter::<Value>().map_while(Result::ok) {
+                if tx.send(object).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Watch { child, rx })
+    }
+
     /// Polls `check` every 100 ms until it returns `Some`, for at most `timeout`.
     pub fn wait<T>(
         &self,
@@ -273,9 +301,18 @@ pub fn run(quiet: bool) -> anyhow::Result<DemoReport> {
     );
     let mut shown = String::new();
     let mut progress_seen = false;
+    // Watch rather than poll: a short migration can go through its phases
+    // faster than a poll. A watch that ends (a server timeout) is reopened;
+    // it starts again from the current state.
+    let mut watch = godwit.watch("vmmig", "demo-move")?;
     let mig = godwit.wait("the migration to end", Duration::from_secs(300), || {
-        let Some(m) = godwit.get("vmmig", "demo-move")? else {
-            return Ok(None);
+        let m = match watch.next(Duration::from_millis(500)) {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(None),
+            Err(_) => {
+                watch = godwit.watch("vmmig", "demo-move")?;
+                return Ok(None);
+            }
         };
         let s = &m["status"];
         let p = &s["progress"];
@@ -384,6 +421,33 @@ pub fn run(quiet: bool) -> anyhow::Result<DemoReport> {
         total_ms: result["totalTimeMs"].as_u64().unwrap_or(0),
         progress_seen,
     })
+}
+
+/// A running `kubectl get --watch` (see [`Godwit::watch`]); killed on drop.
+pub struct Watch {
+    child: std::process::Child,
+    rx: std::sync::mpsc::Receiver<Value>,
+}
+
+impl Watch {
+    /// The next version of the object; `Ok(None)` when none came within
+    /// `timeout`, an error when the watch ended.
+    pub fn next(&self, timeout: Duration) -> anyhow::Result<Option<Value>> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(v) => Ok(Some(v)),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Ok(None),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("kubectl get --watch ended")
+            }
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn mib(v: &Value) -> f64 {

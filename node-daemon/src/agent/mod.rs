@@ -56,6 +56,11 @@ use local::{Children, LocalState, Runner, VmDir};
 /// The agent's exit status when it restarts itself after fencing.
 pub const RESTART_AFTER_FENCE: i32 = 75;
 
+/// How often a running migration's progress is written into its status (it
+/// is also written whenever the phase moves). Fast enough for a progress bar
+/// on a migration of a few seconds, slow enough not to load the API server.
+const PROGRESS_PERIOD: Duration = Duration::from_millis(500);
+
 /// How the agent runs.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -217,7 +222,7 @@ pub async fn run(
                 published = agent.publish_capacity().await;
             }
             // While this node sends a VM, look at its progress often (the
-            // status still gets it at most once a second).
+            // status still gets it at most twice a second).
             // A fenced node decides nothing: what it knows may be stale.
             let sending = !agent.fenced() && agent.pass().await;
             let tick = if sending {
@@ -1069,7 +1074,7 @@ impl Agent {
                 .await?;
             return Ok(());
         }
-        // Progress at most once a second, and whenever the phase moves.
+        // Progress at most twice a second, and whenever the phase moves.
         let key = format!("{}/{}", m.namespace().unwrap_or_default(), m.name_any());
         let phase = decide::next_phase(status.phase, wanted);
         let due = self
@@ -1077,7 +1082,7 @@ impl Agent {
             .lock()
             .unwrap()
             .get(&key)
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+            .is_none_or(|t| t.elapsed() >= PROGRESS_PERIOD);
         if due || phase != status.phase {
             let patch = json!({"status": {"phase": phase, "progress": p}});
             api.patch_status(

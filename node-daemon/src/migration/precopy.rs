@@ -29,6 +29,9 @@ use crate::error_chain;
 
 /// Payload size of a page batch.
 pub const BATCH_BYTES: usize = 1 << 20;
+/// Round 0 walks guest memory in chunks of this many pages (16 MiB) and
+/// updates the progress's remaining bytes after each.
+const ROUND0_CHUNK_PAGES: u64 = 4096;
 /// Throttle period: each period the vCPUs are paused for the throttle's share.
 const THROTTLE_PERIOD: Duration = Duration::from_millis(20);
 
@@ -454,10 +457,21 @@ fn run<V: SourceVm>(
     let mut round_start = Instant::now();
     let mut bytes_before = src.writer.bytes_sent;
     let mut round_pages = 0;
+    let total_pages: u64 = src.regions.iter().map(|r| r.size / PAGE_SIZE as u64).sum();
+    src.progress
+        .update(|p| p.memory_remaining_bytes = total_pages * PAGE_SIZE as u64);
     for r in 0..src.regions.len() {
         let pages = src.regions[r].size / PAGE_SIZE as u64;
-        src.send_run(r, 0, pages)?;
-        round_pages += pages;
+        // In chunks, so the progress shows what round 0 has left to walk.
+        let mut first = 0;
+        while first < pages {
+            let n = ROUND0_CHUNK_PAGES.min(pages - first);
+            src.send_run(r, first, n)?;
+            first += n;
+            round_pages += n;
+            let left = (total_pages - round_pages) * PAGE_SIZE as u64;
+            src.progress.update(|p| p.memory_remaining_bytes = left);
+        }
     }
     src.flush_batch()?;
     let mut pending = empty_dirty(&src.regions);
