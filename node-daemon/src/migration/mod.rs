@@ -68,6 +68,7 @@
 //! nodes with spare cores and links faster than one stream (a 25 Gbit/s NIC),
 //! and with TLS, whose cipher work is what extra streams would spread.
 
+pub mod cold;
 pub mod convergence;
 pub mod postcopy;
 pub mod precopy;
@@ -179,6 +180,15 @@ pub enum MigrationError {
     /// The source could not flush its disks and release their locks.
     #[error("Cannot flush the disks and release their image locks on the source; the VM keeps running here")]
     ReleaseLocks(#[source] VmError),
+    /// A disk operation of a cold migration failed.
+    #[error("Disk {0}: {1} failed during cold migration; the VM stays stopped on the source with its disks")]
+    ColdDisk(usize, &'static str, #[source] VmError),
+    /// What the target holds after a cold migration is not what was sent.
+    #[error("Verification on the target failed: {0}; the VM stays on the source with its disks")]
+    ColdVerify(String),
+    /// A cold migration was cancelled.
+    #[error("Cold migration cancelled; the VM stays stopped on the source with its disks")]
+    ColdCancelled,
     /// userfaultfd could not be set up or used.
     #[error("userfaultfd {0} failed; post-copy needs it (root, or vm.unprivileged_userfaultfd=1)")]
     Userfault(&'static str, #[source] std::io::Error),

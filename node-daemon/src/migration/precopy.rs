@@ -272,7 +272,7 @@ fn is_zero_page(ptr: *const u8) -> bool {
     }
 }
 
-fn command_name(c: Command) -> &'static str {
+pub(super) fn command_name(c: Command) -> &'static str {
     match c {
         Command::HelloAck => "HelloAck",
         Command::Ready => "Ready",

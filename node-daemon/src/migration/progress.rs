@@ -37,6 +37,8 @@ pub enum ModeUsed {
     AutoConverge,
     /// The target ran before all memory arrived.
     PostCopy,
+    /// A stopped VM's disks and config were copied (no memory).
+    Cold,
 }
 
 /// A live view of a migration, as the control socket returns it.
