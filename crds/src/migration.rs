@@ -230,6 +230,8 @@ impl MigrationPhase {
             (Pending, Scheduling | PreparingTarget) => true,
             (Scheduling, PreparingTarget) => true,
             (PreparingTarget, PreCopy) => true,
+            // A cold migration copies a stopped VM: nothing to pre-copy.
+            (PreparingTarget, StopAndCopy) => true,
             (PreCopy, StopAndCopy | PostCopy) => true,
             (StopAndCopy, Committing) => true,
             (PostCopy, Committing) => true,

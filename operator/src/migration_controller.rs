@@ -25,7 +25,8 @@
 //!   or is still starting (manifests applied together, up to the default
 //!   completion timeout after the migration's creation), or
 //!   `Failed` with `failureReason` (VM missing, not running, not migratable,
-//!   already migrating, `Cold` mode, no target), or `Pending` with
+//!   already migrating, no target; for `Cold` mode: VM not stopped, or a
+//!   `runStrategy` that would start it), or `Pending` with
 //!   `Admitted=False WaitingForSlot` (over `--max-migrations-per-node` or
 //!   `--max-migrations-per-cluster`), or the admission: the VM's status
 //!   `Migrating` + `migration`, then `PreparingTarget` with `sourceNode`,
@@ -53,8 +54,8 @@ use godwit_crds::contract::{
     TARGET_LABEL,
 };
 use godwit_crds::{
-    MigrationMode, MigrationPhase, MigrationPolicy, StorageKind, StorageMode, VMMigration,
-    VirtualMachine, VmPhase,
+    MigrationMode, MigrationPhase, MigrationPolicy, RunStrategy, StorageKind, StorageMode,
+    VMMigration, VirtualMachine, VmPhase,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -272,11 +273,7 @@ pub fn decide_migration(m: &VMMigration, inputs: &MigrationInputs<'_>) -> Migrat
 
 fn admit(m: &VMMigration, inputs: &MigrationInputs<'_>) -> MigrationAction {
     let fail = |reason: String| MigrationAction::Fail { reason };
-    if m.spec.mode == MigrationMode::Cold {
-        return fail(
-            "cold migration is not implemented yet; use mode: Live on a running VM".into(),
-        );
-    }
+    let cold = m.spec.mode == MigrationMode::Cold;
     let vm_name = &m.spec.vm_name;
     // Manifests applied together (GitOps) may bring the migration before its
     // VM exists or runs: wait for it, within the completion timeout.
@@ -318,21 +315,42 @@ fn admit(m: &VMMigration, inputs: &MigrationInputs<'_>) -> MigrationAction {
         phase,
         VmPhase::Pending | VmPhase::Scheduled | VmPhase::Provisioning | VmPhase::Starting
     );
-    if starting && !ours && !waited_too_long() {
+    if cold {
+        if !ours && !matches!(phase, VmPhase::Stopped | VmPhase::Failed) {
+            return fail(format!(
+                "VM {vm_name:?} is {phase:?}: a cold migration moves a stopped VM; stop it first (runStrategy: Halted) or use mode: Live"
+            ));
+        }
+        if !matches!(
+            vm.spec.run_strategy,
+            RunStrategy::Halted | RunStrategy::Manual
+        ) {
+            return fail(format!(
+                "VM {vm_name:?} has runStrategy {:?}, which would start it again during the move; set runStrategy: Halted (or Manual) first",
+                vm.spec.run_strategy
+            ));
+        }
+    } else if starting && !ours && !waited_too_long() {
         return MigrationAction::Wait {
             reason: "WaitingForVM",
             message: format!("VM {vm_name:?} is {phase:?}; waiting for it to run"),
         };
     }
-    if phase != VmPhase::Running && !ours {
+    if !cold && phase != VmPhase::Running && !ours {
+        let hint = if matches!(phase, VmPhase::Stopped | VmPhase::Failed) {
+            "; use mode: Cold to move a stopped VM"
+        } else {
+            ""
+        };
         return fail(format!(
-            "VM {vm_name:?} is {phase:?}, not Running: only a running VM can be live-migrated"
+            "VM {vm_name:?} is {phase:?}, not Running: only a running VM can be live-migrated{hint}"
         ));
     }
     let Some(source) = view::vm_node(vm).map(str::to_string) else {
         return fail(format!("VM {vm_name:?} has no node"));
     };
-    if m.spec.storage != Some(StorageMode::Copy) {
+    // A cold migration always copies the node-local disks.
+    if !cold && m.spec.storage != Some(StorageMode::Copy) {
         if let Some(disk) = local_writable_disk(vm) {
             return fail(format!(
                 "disk {disk:?} is on node-local storage and writable; set spec.storage: Copy to copy it with the migration"
@@ -824,7 +842,19 @@ async fn apply(
             // The VM first: a migration in `PreparingTarget` always has its
             // VM marked, and a VM marked for a `Pending` migration is
             // recognised as ours by the next admission.
-            if !vm_names(vm, m) {
+            if !vm_names(vm, m) && m.spec.mode == MigrationMode::Cold {
+                // A stopped VM stays Stopped; `migration` holds it there.
+                vms.patch_status(
+                    &vm.name_any(),
+                    &ctx.patch_params(),
+                    &Patch::Merge(json!({
+                        "metadata": {"resourceVersion": vm.resource_version()},
+                        "status": {"migration": name},
+                    })),
+                )
+                .await
+                .map_err(MigrationReconcileError::PatchVmStatus)?;
+            } else if !vm_names(vm, m) {
                 let from = view::vm_phase(vm);
                 if !from.can_transition_to(VmPhase::Migrating) {
                     return Err(MigrationReconcileError::VmTransition {
@@ -1257,7 +1287,19 @@ mod tests {
 
         let mut cold = m.clone();
         cold.spec.mode = MigrationMode::Cold;
-        assert!(failure(decide(&cold, Some(&vm), &c)).contains("cold migration is not implemented"));
+        assert!(
+            failure(decide(&cold, Some(&vm), &c)).contains("a cold migration moves a stopped VM")
+        );
+        let mut halted = stopped.clone();
+        halted.spec.run_strategy = RunStrategy::Halted;
+        assert!(matches!(
+            decide(&cold, Some(&halted), &c),
+            MigrationAction::Admit { .. }
+        ));
+        let mut always = stopped.clone();
+        always.spec.run_strategy = RunStrategy::Always;
+        assert!(failure(decide(&cold, Some(&always), &c)).contains("set runStrategy: Halted"));
+        assert!(failure(decide(&m, Some(&stopped), &c)).contains("use mode: Cold"));
 
         let mut same = m.clone();
         same.spec.target_node = Some("node-1".into());

@@ -111,6 +111,13 @@ pub fn need(vm: &VirtualMachine) -> Need {
     match view::vm_phase(vm) {
         VmPhase::Pending if strategy == RunStrategy::Halted => Need::Halted,
         VmPhase::Pending => Need::Placement,
+        // A stopped VM that a cold migration moves stays as it is until
+        // the migration ends (or is found gone).
+        VmPhase::Stopped | VmPhase::Failed
+            if vm.status.as_ref().is_some_and(|s| s.migration.is_some()) =>
+        {
+            Need::MigrationCheck
+        }
         VmPhase::Stopped if strategy == RunStrategy::Always => Need::Restart,
         VmPhase::Failed
             if matches!(strategy, RunStrategy::Always | RunStrategy::RerunOnFailure) =>
@@ -689,16 +696,16 @@ async fn apply(
             Ok(Action::requeue(wait))
         }
         VmAction::ForgetMigration { migration } => {
-            check(vm, VmPhase::Running)?;
-            patch_status(
-                &api,
-                vm,
-                json!({"phase": VmPhase::Running, "migration": null}),
-                ctx,
-            )
-            .await?;
+            // A live migration's VM runs again where it is; a cold one's
+            // stays stopped.
+            let phase = match view::vm_phase(vm) {
+                VmPhase::Migrating => VmPhase::Running,
+                other => other,
+            };
+            check(vm, phase)?;
+            patch_status(&api, vm, json!({"phase": phase, "migration": null}), ctx).await?;
             let message = format!(
-                "VMMigration {migration} is gone before it ended; the VM is Running on {}",
+                "VMMigration {migration} is gone before it ended; the VM is {phase:?} on {}",
                 view::vm_node(vm).unwrap_or("its node")
             );
             warn!(vm = %name, "{message}");

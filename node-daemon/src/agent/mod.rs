@@ -16,6 +16,7 @@
 //! operator may already restart the node's VMs elsewhere (HA), so the agent
 //! stops them all and starts nothing until it renews again.
 
+mod cold;
 pub mod console;
 pub mod decide;
 pub mod disks;
@@ -110,6 +111,8 @@ struct Agent {
     children: Mutex<Children>,
     /// When each migration's progress was last written.
     reported: Mutex<HashMap<String, Instant>>,
+    /// Cold migrations this agent sends or receives.
+    cold: cold::ColdTasks,
     lease: Arc<LeaseHealth>,
 }
 
@@ -197,6 +200,7 @@ pub async fn run(
         incoming,
         children: Mutex::new(Children::default()),
         reported: Mutex::new(HashMap::new()),
+        cold: Mutex::new(HashMap::new()),
         lease,
     });
     tasks.push(tokio::spawn(renew_lease(agent.clone())));
@@ -743,14 +747,24 @@ impl Agent {
                     .map(String::as_str)
                     == Some("true"),
         };
+        let api: Api<VMMigration> = Api::namespaced(self.client.clone(), &ns);
+        let cold = m.spec.mode == godwit_crds::MigrationMode::Cold;
+        if cold && role == Role::Source {
+            return self.cold_source(&api, m, &dir, &facts).await;
+        }
         let outgoing = if role == Role::Source {
             self.outgoing_state(&dir, &local, &facts.name).await
         } else {
             Outgoing::NoVmm
         };
-        let api: Api<VMMigration> = Api::namespaced(self.client.clone(), &ns);
+        if cold && facts.phase.is_final() {
+            self.forget_cold("target", m);
+        }
         match decide::decide_migration(role, &facts, &local, &outgoing) {
             MigrationAction::Nothing => {}
+            MigrationAction::PrepareTarget if cold => {
+                self.prepare_cold_target(&api, m, &dir).await?
+            }
             MigrationAction::PrepareTarget => self.prepare_target(&api, m, &dir).await?,
             MigrationAction::DiscardIncoming => {
                 let d = dir.clone();
@@ -1002,6 +1016,24 @@ impl Agent {
             }
         })
         .await??;
+        self.report(api, m, &progress, false).await
+    }
+
+    /// Writes what an outgoing migration's `progress` (the source's
+    /// [`crate::migration::Progress`] as JSON) says into its status: the
+    /// phase (walking the documented path), the figures, and the end.
+    async fn report(
+        &self,
+        api: &Api<VMMigration>,
+        m: &VMMigration,
+        progress: &Value,
+        cold: bool,
+    ) -> anyhow::Result<()> {
+        let stays = if cold {
+            format!("the VM stays stopped on {} with its disks", self.cfg.node)
+        } else {
+            format!("the VM keeps running on {}", self.cfg.node)
+        };
         let status = m.status.clone().unwrap_or_default();
         let stage = progress["stage"].as_str().unwrap_or("PreCopy");
         let wanted = match stage {
@@ -1022,20 +1054,14 @@ impl Agent {
             let (phase, msg) = if cancelled {
                 (
                     MigrationPhase::Cancelled,
-                    format!(
-                        "cancelled ({error}); the VM keeps running on {}",
-                        self.cfg.node
-                    ),
+                    format!("cancelled ({error}); {stays}"),
                 )
             } else {
-                (
-                    MigrationPhase::Failed,
-                    format!("{error}; the VM keeps running on {}", self.cfg.node),
-                )
+                (MigrationPhase::Failed, format!("{error}; {stays}"))
             };
             return self.end_migration(api, m, phase, &msg, None).await;
         }
-        let p = migration_progress(&progress);
+        let p = migration_progress(progress);
         if wanted == MigrationPhase::Succeeded {
             // Walk the documented phases so a watcher sees each of them.
             let mut at = status.phase;
@@ -1058,6 +1084,7 @@ impl Agent {
                 mode_used: match r["mode"].as_str() {
                     Some("AutoConverge") => MigrationModeUsed::AutoConverge,
                     Some("PostCopy") => MigrationModeUsed::PostCopy,
+                    Some("Cold") => MigrationModeUsed::Cold,
                     _ => MigrationModeUsed::PreCopy,
                 },
             };

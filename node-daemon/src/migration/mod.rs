@@ -186,6 +186,9 @@ pub enum MigrationError {
     /// What the target holds after a cold migration is not what was sent.
     #[error("Verification on the target failed: {0}; the VM stays on the source with its disks")]
     ColdVerify(String),
+    /// The target could not make the VM's directory, config or disks.
+    #[error("The target could not prepare the VM's files")]
+    ColdPrepare(#[source] VmError),
     /// A cold migration was cancelled.
     #[error("Cold migration cancelled; the VM stays stopped on the source with its disks")]
     ColdCancelled,

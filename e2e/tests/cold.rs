@@ -1,0 +1,177 @@
+//! Cold migration through the cluster (VMMigration `mode: Cold`): a stopped
+//! VM whose root disk is on node-local storage moves to another node with
+//! its disk. Afterwards `qemu-img compare` finds the target's disk equal to
+//! the source's as it was when the VM stopped, `qemu-img check` finds it
+//! sound, the source's copy is gone, the VM is still Stopped (now on the
+//! target), and started there its guest reads back what it wrote before the
+//! move. A cold migration of a running VM is refused with a hint.
+//!
+//! Needs the release binaries (`cargo build --release -p godwit-node -p
+//! godwit-operator --bins`, as e2e/test.sh does), /dev/kvm and qemu-img.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use godwit_e2e::demo::{Godwit, EXAMPLE_TEMPLATE, EXAMPLE_VM};
+
+fn type_at(vm_dir: &Path, line: &str) {
+    let mut s = UnixStream::connect(vm_dir.join("console.sock"))
+        .unwrap_or_else(|e| panic!("console of {}: {e}", vm_dir.display()));
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
+}
+
+fn console_has(vm_dir: &Path, text: &str) -> bool {
+    std::fs::read_to_string(vm_dir.join("console.log")).is_ok_and(|t| t.contains(text))
+}
+
+fn cold_migration(name: &str) -> String {
+    format!(
+        "apiVersion: godwit.dev/v1alpha1\nkind: VMMigration\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  vmName: demo\n  mode: Cold\n"
+    )
+}
+
+fn qemu_img(args: &[&str]) -> (bool, String) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img runs (apt install qemu-utils)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn run_strategy(g: &Godwit, strategy: &str) {
+    let patch = format!("{{\"spec\":{{\"runStrategy\":\"{strategy}\"}}}}");
+    g.kubectl(
+        &["patch", "vm", "demo", "--type", "merge", "-p", &patch],
+        None,
+    )
+    .unwrap();
+}
+
+fn wait_final(g: &Godwit, name: &str) -> serde_json::Value {
+    g.wait("the migration to end", Duration::from_secs(120), || {
+        let m = g.get("vmmigration", name)?;
+        Ok(m.filter(|m| {
+            matches!(
+                m["status"]["phase"].as_str(),
+                Some("Succeeded" | "Failed" | "Cancelled")
+            )
+        }))
+    })
+    .unwrap()
+}
+
+#[test]
+fn a_stopped_vm_moves_with_its_disk_verified_and_the_source_copy_goes() {
+    let dir = std::env::temp_dir().join(format!("godwit-cold-{}", std::process::id()));
+    let g = Godwit::up(2, &dir).expect("local cluster with Godwit");
+    g.apply(&g.example(EXAMPLE_TEMPLATE)).unwrap();
+    let local_vm = g
+        .example(EXAMPLE_VM)
+        .replace("storage: Shared", "storage: Local");
+    assert!(local_vm.contains("storage: Local"));
+    g.apply(&local_vm).unwrap();
+    let vm = g.wait_running("demo", Duration::from_secs(90)).unwrap();
+    let from = vm["status"]["nodeName"].as_str().unwrap().to_string();
+    let src = g.vm_dir(g.node_index(&from).unwrap(), "default", "demo");
+    let src_disk = src.join("disks/root.qcow2");
+    g.wait("the guest's console", Duration::from_secs(30), || {
+        Ok(console_has(&src, "HB ").then_some(()))
+    })
+    .unwrap();
+    type_at(&src, "blkwrite 4096 256 7");
+    g.wait("the pattern written", Duration::from_secs(30), || {
+        Ok(console_has(&src, "BLK write ok sector=4096").then_some(()))
+    })
+    .unwrap();
+
+    // A running VM is refused, with what to do instead.
+    g.apply(&cold_migration("too-early")).unwrap();
+    let refused = wait_final(&g, "too-early");
+    assert_eq!(refused["status"]["phase"], "Failed", "{refused}");
+    let why = refused["status"]["failureReason"].as_str().unwrap_or("");
+    assert!(why.contains("a cold migration moves a stopped VM"), "{why}");
+    g.kubectl(&["delete", "vmmigration", "too-early"], None)
+        .unwrap();
+
+    // Stop it, and keep what its disk holds now as the oracle.
+    run_strategy(&g, "Halted");
+    g.wait("the VM to stop", Duration::from_secs(60), || {
+        let vm = g.get("vm", "demo")?;
+        Ok(vm.filter(|v| v["status"]["phase"] == "Stopped"))
+    })
+    .unwrap();
+    let oracle = dir.join("oracle.raw");
+    let (ok, text) = qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        src_disk.to_str().unwrap(),
+        oracle.to_str().unwrap(),
+    ]);
+    assert!(ok, "qemu-img convert of the source disk: {text}");
+
+    g.apply(&cold_migration("move-cold")).unwrap();
+    let done = wait_final(&g, "move-cold");
+    assert_eq!(done["status"]["phase"], "Succeeded", "{done}");
+    assert_eq!(done["status"]["result"]["modeUsed"], "Cold", "{done}");
+    let to = done["status"]["targetNode"].as_str().unwrap().to_string();
+    assert_ne!(to, from);
+    let vm = g
+        .wait(
+            "the VM placed on the target",
+            Duration::from_secs(30),
+            || {
+                let vm = g.get("vm", "demo")?;
+                Ok(vm.filter(|v| v["status"]["nodeName"] == to.as_str()))
+            },
+        )
+        .unwrap();
+    assert_eq!(vm["status"]["phase"], "Stopped", "{vm}");
+    assert!(vm["status"]["migration"].is_null(), "{vm}");
+
+    let dst = g.vm_dir(g.node_index(&to).unwrap(), "default", "demo");
+    let dst_disk = dst.join("disks/root.qcow2");
+    let (ok, text) = qemu_img(&["check", dst_disk.to_str().unwrap()]);
+    assert!(ok, "qemu-img check of the target disk: {text}");
+    let (same, text) = qemu_img(&[
+        "compare",
+        oracle.to_str().unwrap(),
+        dst_disk.to_str().unwrap(),
+    ]);
+    assert!(same, "the target disk differs from the source's: {text}");
+    g.wait("the source disk removed", Duration::from_secs(30), || {
+        Ok((!src_disk.exists()).then_some(()))
+    })
+    .unwrap();
+
+    // Started on the target, the guest reads back what it wrote.
+    run_strategy(&g, "Always");
+    let vm = g.wait_running("demo", Duration::from_secs(90)).unwrap();
+    assert_eq!(vm["status"]["nodeName"], to.as_str());
+    g.wait("the guest's console", Duration::from_secs(30), || {
+        Ok(console_has(&dst, "HB ").then_some(()))
+    })
+    .unwrap();
+    type_at(&dst, "blkverify 4096 256 7");
+    g.wait("the pattern verified", Duration::from_secs(30), || {
+        assert!(
+            !console_has(&dst, "BLK verify bad"),
+            "{}",
+            std::fs::read_to_string(dst.join("console.log")).unwrap_or_default()
+        );
+        Ok(console_has(&dst, "BLK verify ok sector=4096").then_some(()))
+    })
+    .unwrap();
+    println!(
+        "cold migration: total {} ms, {} bytes sent",
+        done["status"]["result"]["totalTimeMs"], done["status"]["result"]["transferredBytes"]
+    );
+}

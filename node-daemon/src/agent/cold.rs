@@ -1,0 +1,364 @@
+//! Cold migration on a node (VMMigration `mode: Cold`): a stopped VM's
+//! disks and config move to the target node ([`crate::migration::cold`]
+//! has the stream and its verification).
+//!
+//! The target agent, on `PreparingTarget`, marks the VM's directory as
+//! incoming, listens on a migration port and publishes it as
+//! `targetAddress`; when the source connects (mutual TLS with the node
+//! certificates when the cluster has a migration CA) it writes the source's
+//! `machine.json`, creates each travelling disk as a fresh VM on this node
+//! would have it, receives the blocks and verifies them. A target that
+//! fails removes its VM directory. The source agent, once `targetAddress`
+//! is there, opens the VM's node-local writable disks read-only and locked
+//! (no VMM can start on them meanwhile), reports `StopAndCopy`, sends, and
+//! writes the result like a live migration's (`Committing`, `Succeeded`
+//! with `modeUsed: Cold`). Its files are removed only after that, when the
+//! operator has placed the VM on the target (the agent removes the files of
+//! VMs no longer placed on its node).
+
+use std::net::TcpListener;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use godwit_crds::contract::{self, Machine};
+use godwit_crds::{MigrationPhase, VMMigration, VirtualMachine};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::EventType;
+use kube::ResourceExt;
+use serde_json::json;
+
+use super::decide::MigrationFacts;
+use super::local::{self, VmDir};
+use super::{disks, free_port, key, Agent};
+use crate::migration::cold::{self, ColdDisk, ColdOptions};
+use crate::migration::tls::{self, TlsIdentity};
+use crate::migration::transport::Conn;
+use crate::migration::vmm::{dial, OutgoingTls};
+use crate::migration::{MigrationError, ProgressHandle};
+use crate::storage::DiskImage;
+
+/// How long the target waits for the source to connect.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long either side waits for the other's next word.
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A cold migration this agent takes part in.
+pub(super) struct ColdTask {
+    progress: Arc<ProgressHandle>,
+    cancel: Arc<AtomicBool>,
+}
+
+/// The cold migrations running here, by role and migration.
+pub(super) type ColdTasks = Mutex<std::collections::HashMap<String, Arc<ColdTask>>>;
+
+fn task_key(role: &str, m: &VMMigration) -> String {
+    format!(
+        "{role}/{}",
+        key(&m.namespace().unwrap_or_default(), &m.name_any())
+    )
+}
+
+impl Agent {
+    fn identity(&self) -> Result<Option<TlsIdentity>, tls::TlsError> {
+        self.runner.tls.as_ref().map(TlsIdentity::load).transpose()
+    }
+
+    /// Drops this agent's record of its `role` in cold migration `m`.
+    pub(super) fn forget_cold(&self, role: &str, m: &VMMigration) {
+        self.cold.lock().unwrap().remove(&task_key(role, m));
+    }
+
+    /// Target: listen for the source and publish the address.
+    pub(super) async fn prepare_cold_target(
+        &self,
+        api: &Api<VMMigration>,
+        m: &VMMigration,
+        dir: &VmDir,
+    ) -> anyhow::Result<()> {
+        let tk = task_key("target", m);
+        if self.cold.lock().unwrap().contains_key(&tk) {
+            return Ok(()); // listening; the address is on its way
+        }
+        let port = free_port(&self.cfg.node_ip, self.cfg.migration_ports).ok_or_else(|| {
+            anyhow::anyhow!("no free migration port in {:?}", self.cfg.migration_ports)
+        })?;
+        let addr = format!("{}:{port}", self.cfg.node_ip);
+        let listener = TcpListener::bind(&addr)?;
+        let identity = self.identity()?;
+        dir.create()?;
+        std::fs::write(dir.file("incoming"), m.name_any())?;
+        let task = Arc::new(ColdTask {
+            progress: Arc::default(),
+            cancel: Arc::default(),
+        });
+        self.cold.lock().unwrap().insert(tk, task.clone());
+        let (d, vm_name) = (dir.clone(), m.spec.vm_name.clone());
+        std::thread::Builder::new()
+            .name("cold-receive".into())
+            .spawn(move || {
+                let result = receive(&listener, identity.as_ref(), &d, &vm_name, &task.progress);
+                match result {
+                    Ok(()) => tracing::info!(vm = %vm_name, "cold migration received and verified"),
+                    Err(e) => {
+                        tracing::warn!(vm = %vm_name, error = %crate::error_chain(&e), "cold migration failed on the target; removing what it wrote");
+                        let _ = local::remove(&d, false);
+                    }
+                }
+            })?;
+        let patch = json!({"status": {"targetAddress": addr}});
+        api.patch_status(
+            &m.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+        self.event(
+            m,
+            EventType::Normal,
+            "TargetReady",
+            "Prepare",
+            format!(
+                "{} waits for the stopped VM's disks on {addr}",
+                self.cfg.node
+            ),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Source: start sending once the target listens, then report.
+    pub(super) async fn cold_source(
+        &self,
+        api: &Api<VMMigration>,
+        m: &VMMigration,
+        dir: &VmDir,
+        facts: &MigrationFacts,
+    ) -> anyhow::Result<()> {
+        let tk = task_key("source", m);
+        if facts.phase.is_final() {
+            self.forget_cold("source", m);
+            return Ok(());
+        }
+        let task = self.cold.lock().unwrap().get(&tk).cloned();
+        if let Some(task) = task {
+            if facts.cancel_requested {
+                task.cancel
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            let progress = serde_json::to_value(task.progress.get())?;
+            return self.report(api, m, &progress, true).await;
+        }
+        let node = &self.cfg.node;
+        if facts.phase != MigrationPhase::PreparingTarget {
+            // What a finished send left on file, else this agent restarted
+            // while it ran.
+            if std::fs::read_to_string(dir.file("outgoing"))
+                .unwrap_or_default()
+                .trim()
+                == facts.name
+            {
+                if let Some(p) = std::fs::read_to_string(dir.file("outgoing-result"))
+                    .ok()
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                {
+                    return self.report(api, m, &p, true).await;
+                }
+            }
+            let msg = format!("the source node agent restarted during the cold migration; nothing was removed, the VM stays stopped on {node}; start a new migration");
+            return self
+                .end_migration(api, m, MigrationPhase::Failed, &msg, None)
+                .await;
+        }
+        if facts.cancel_requested {
+            let msg =
+                format!("cancelled before anything was copied; the VM stays stopped on {node}");
+            return self
+                .end_migration(api, m, MigrationPhase::Cancelled, &msg, None)
+                .await;
+        }
+        let Some(addr) = facts.target_address.clone() else {
+            return Ok(()); // waiting for the target
+        };
+        if dir.state().alive {
+            let msg = format!("the VM's VMM runs on {node}: a cold migration moves a stopped VM");
+            return self
+                .end_migration(api, m, MigrationPhase::Failed, &msg, None)
+                .await;
+        }
+        let vm = self
+            .vms
+            .state()
+            .into_iter()
+            .find(|v| v.namespace() == m.namespace() && v.name_any() == m.spec.vm_name);
+        let (machine, disks) = match open_source(dir, vm.as_deref()) {
+            Ok(found) => found,
+            Err(e) => {
+                let msg = format!("{e:#}; the VM stays stopped on {node} with its disks");
+                return self
+                    .end_migration(api, m, MigrationPhase::Failed, &msg, None)
+                    .await;
+            }
+        };
+        let policy = self.policy(m, vm.as_deref());
+        let opts = ColdOptions {
+            bandwidth: policy
+                .bandwidth_mbps
+                .map(|mbps| u64::from(mbps) * 1_000_000 / 8),
+            stall_timeout: STALL_TIMEOUT,
+        };
+        let identity = self.identity()?;
+        let task = Arc::new(ColdTask {
+            progress: Arc::default(),
+            cancel: Arc::default(),
+        });
+        std::fs::write(dir.file("outgoing"), &facts.name)?;
+        let _ = std::fs::remove_file(dir.file("outgoing-result"));
+        self.cold.lock().unwrap().insert(tk, task.clone());
+        let (d, vm_name) = (dir.clone(), m.spec.vm_name.clone());
+        std::thread::Builder::new()
+            .name("cold-send".into())
+            .spawn(move || {
+                let tls = identity.map(|identity| OutgoingTls {
+                    identity,
+                    server_name: None,
+                });
+                let sent = dial(&addr, STALL_TIMEOUT, tls.as_ref()).and_then(|conn| {
+                    cold::send(
+                        conn,
+                        &vm_name,
+                        &machine,
+                        &disks,
+                        &opts,
+                        &task.progress,
+                        &task.cancel,
+                    )
+                });
+                if let Err(e) = &sent {
+                    // A dial failure never reached `send`, which records its own.
+                    task.progress.update(|p| {
+                        p.stage = crate::migration::Stage::Failed;
+                        p.error.get_or_insert_with(|| crate::error_chain(e));
+                    });
+                }
+                drop(disks); // unlock before the result is seen
+                if let Ok(text) = serde_json::to_string(&task.progress.get()) {
+                    let _ = std::fs::write(d.file("outgoing-result"), text);
+                }
+            })?;
+        let patch = json!({"status": {"phase": MigrationPhase::StopAndCopy}});
+        api.patch_status(
+            &m.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+        self.event(
+            m,
+            EventType::Normal,
+            "StopAndCopy",
+            "Migrate",
+            format!(
+                "Copying the stopped VM's disks from {node} to {}",
+                facts.target_address.as_deref().unwrap_or("?")
+            ),
+        )
+        .await;
+        Ok(())
+    }
+}
+
+/// The source's machine config (as its VM directory has it, else as the
+/// operator resolved it) and its travelling disks that exist here, open
+/// read-only and locked.
+fn open_source(
+    dir: &VmDir,
+    vm: Option<&VirtualMachine>,
+) -> anyhow::Result<(String, Vec<ColdDisk>)> {
+    let text = match std::fs::read_to_string(dir.file("machine.json")) {
+        Ok(text) => text,
+        Err(_) => vm
+            .and_then(|v| v.annotations().get(contract::RESOLVED_ANNOTATION).cloned())
+            .ok_or_else(|| anyhow::anyhow!("the VM has no resolved machine to move"))?,
+    };
+    let machine: Machine = serde_json::from_str(&text)?;
+    let mut open = Vec::new();
+    for i in disks::copied(&machine) {
+        let path = disks::disk_file(dir, &machine.disks[i]);
+        if !path.exists() {
+            continue; // never made: the target makes it on first start
+        }
+        let image = DiskImage::open(&path, None, true, true).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open disk {:?} ({}) to copy it: {}",
+                machine.disks[i].name,
+                path.display(),
+                crate::error_chain(&e)
+            )
+        })?;
+        open.push(ColdDisk {
+            index: i as u32,
+            image,
+        });
+    }
+    Ok((text, open))
+}
+
+/// The target's thread: one connection from the source, received into `dir`.
+fn receive(
+    listener: &TcpListener,
+    identity: Option<&TlsIdentity>,
+    dir: &VmDir,
+    vm_name: &str,
+    progress: &ProgressHandle,
+) -> Result<(), MigrationError> {
+    listener
+        .set_nonblocking(true)
+        .map_err(MigrationError::Socket)?;
+    let deadline = Instant::now() + ACCEPT_TIMEOUT;
+    let stream = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break stream,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(MigrationError::Socket(e)),
+        }
+    };
+    stream
+        .set_nonblocking(false)
+        .map_err(MigrationError::Socket)?;
+    let conn = match identity {
+        None => Conn::plain(stream),
+        Some(identity) => {
+            stream
+                .set_read_timeout(Some(STALL_TIMEOUT))
+                .map_err(MigrationError::Socket)?;
+            let session = tls::accept(&stream, identity)?;
+            Conn::tls(stream, session)
+        }
+    };
+    let prepare = |hello: &cold::ColdHello| -> Result<Vec<ColdDisk>, MigrationError> {
+        let bad = |e: Box<dyn std::error::Error + Send + Sync>| MigrationError::ColdPrepare(e);
+        let machine: Machine = serde_json::from_str(&hello.machine).map_err(|e| bad(e.into()))?;
+        std::fs::write(dir.file("machine.json"), &hello.machine).map_err(|e| bad(e.into()))?;
+        let paths = disks::prepare_target(dir, &machine, true).map_err(|e| bad(e.into()))?;
+        hello
+            .disks
+            .iter()
+            .map(|o| {
+                let path = paths
+                    .get(o.index as usize)
+                    .ok_or_else(|| bad(format!("disk {} is not in the machine", o.index).into()))?;
+                let image = DiskImage::open(path, None, false, true).map_err(|e| {
+                    MigrationError::ColdDisk(o.index as usize, "open on the target", e.into())
+                })?;
+                Ok(ColdDisk {
+                    index: o.index,
+                    image,
+                })
+            })
+            .collect()
+    };
+    cold::receive(conn, vm_name, prepare, STALL_TIMEOUT, progress).map(drop)
+}
