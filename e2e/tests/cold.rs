@@ -4,7 +4,9 @@
 //! the source's as it was when the VM stopped, `qemu-img check` finds it
 //! sound, the source's copy is gone, the VM is still Stopped (now on the
 //! target), and started there its guest reads back what it wrote before the
-//! move. A cold migration of a running VM is refused with a hint.
+//! move. A cold migration of a running VM is refused with a hint, and one to
+//! a node whose cached template base is corrupt fails verification and
+//! leaves the VM and its disk on the source.
 //!
 //! Needs the release binaries (`cargo build --release -p godwit-node -p
 //! godwit-operator --bins`, as e2e/test.sh does), /dev/kvm and qemu-img.
@@ -118,6 +120,75 @@ fn a_stopped_vm_moves_with_its_disk_verified_and_the_source_copy_goes() {
     ]);
     assert!(ok, "qemu-img convert of the source disk: {text}");
 
+    // A target whose cached template base is corrupt (same digest in its
+    // name, other bytes: bit rot after it was cached) gets only the
+    // overlay, and verification catches the difference: the migration
+    // fails, the VM stays stopped on the source with its disk, and the
+    // target keeps nothing.
+    let (i, j) = (
+        g.node_index(&from).unwrap(),
+        1 - g.node_index(&from).unwrap(),
+    );
+    let (src_cache, dst_cache) = (
+        g.cluster.node_state_dir(i).join("images"),
+        g.cluster.node_state_dir(j).join("images"),
+    );
+    std::fs::create_dir_all(dst_cache.join("sources")).unwrap();
+    let mut corrupted = Vec::new();
+    for sub in ["", "sources"] {
+        for e in std::fs::read_dir(src_cache.join(sub)).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("sha256-") || sub == "sources" {
+                let to = dst_cache.join(sub).join(&name);
+                std::fs::copy(e.path(), &to).unwrap();
+                if sub.is_empty() {
+                    corrupted.push(to);
+                }
+            }
+        }
+    }
+    assert_eq!(corrupted.len(), 1, "one cached template on {from}");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&corrupted[0])
+            .unwrap();
+        f.write_all_at(&[0xff; 512], 1 << 20).unwrap();
+    }
+    g.apply(&cold_migration("bad-cache")).unwrap();
+    let failed = wait_final(&g, "bad-cache");
+    assert_eq!(failed["status"]["phase"], "Failed", "{failed}");
+    let why = failed["status"]["failureReason"].as_str().unwrap_or("");
+    assert!(
+        why.contains("reads differently on the target") && why.contains("stays stopped on"),
+        "{why}"
+    );
+    let vm = g
+        .wait("the VM released", Duration::from_secs(30), || {
+            let vm = g.get("vm", "demo")?;
+            Ok(vm.filter(|v| v["status"]["migration"].is_null()))
+        })
+        .unwrap();
+    assert_eq!(vm["status"]["nodeName"], from.as_str(), "{vm}");
+    assert_eq!(vm["status"]["phase"], "Stopped", "{vm}");
+    let dst = g.vm_dir(j, "default", "demo");
+    g.wait(
+        "the target's files removed",
+        Duration::from_secs(30),
+        || Ok((!dst.exists()).then_some(())),
+    )
+    .unwrap();
+    let (same, text) = qemu_img(&[
+        "compare",
+        oracle.to_str().unwrap(),
+        src_disk.to_str().unwrap(),
+    ]);
+    assert!(same, "the source disk changed: {text}");
+    std::fs::remove_file(&corrupted[0]).unwrap();
+    std::fs::remove_dir_all(dst_cache.join("sources")).unwrap();
+
     g.apply(&cold_migration("move-cold")).unwrap();
     let done = wait_final(&g, "move-cold");
     assert_eq!(done["status"]["phase"], "Succeeded", "{done}");
@@ -137,7 +208,7 @@ fn a_stopped_vm_moves_with_its_disk_verified_and_the_source_copy_goes() {
     assert_eq!(vm["status"]["phase"], "Stopped", "{vm}");
     assert!(vm["status"]["migration"].is_null(), "{vm}");
 
-    let dst = g.vm_dir(g.node_index(&to).unwrap(), "default", "demo");
+    assert_eq!(g.node_index(&to).unwrap(), j);
     let dst_disk = dst.join("disks/root.qcow2");
     let (ok, text) = qemu_img(&["check", dst_disk.to_str().unwrap()]);
     assert!(ok, "qemu-img check of the target disk: {text}");
