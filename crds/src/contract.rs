@@ -11,11 +11,11 @@
 //! | object / field | operator | node agent |
 //! | --- | --- | --- |
 //! | VM label [`NODE_LABEL`], `status.nodeName`, annotation [`RESOLVED_ANNOTATION`] | at scheduling and when a migration ends | never |
-//! | VM phase | `Pending→Scheduled`, `Stopped/Failed→Scheduled` (restart by `runStrategy`), `Running→Migrating` and back | `Scheduled→Provisioning→Starting→Running`, `→Stopping→Stopped`, `→Failed`, addresses, Ready condition |
+//! | VM phase | `Pending→Scheduled`, `Stopped/Failed→Scheduled` (restart by `runStrategy`), `Running→Migrating` and back (a cold migration's `Stopped` VM only gets `status.migration`) | `Scheduled→Provisioning→Starting→Running`, `→Stopping→Stopped`, `→Failed`, addresses, Ready condition |
 //! | VM finalizer [`AGENT_FINALIZER`] | only when the node is lost (HA) | added before anything is created on the node, removed after the VMM is stopped and the VM's node-local files are gone |
 //! | VMMigration finalizer [`MIGRATION_FINALIZER`] | added on admission, removed once the phase is final | never |
 //! | VMMigration `Pending→Scheduling→PreparingTarget`, `sourceNode`, `targetNode`, labels [`SOURCE_LABEL`]/[`TARGET_LABEL`], `startTime` | yes | |
-//! | VMMigration `targetAddress` | | target agent, once its incoming VMM listens |
+//! | VMMigration `targetAddress` | | target agent, once its incoming VMM listens (cold: once the agent itself listens) |
 //! | VMMigrations labelled [`EVACUATION_LABEL`] / [`DRS_LABEL`] | created for maintenance / by DRS in automatic mode | |
 //! | Node label or annotation [`MAINTENANCE_LABEL`] | never (the user sets it) | never |
 //! | Node annotation [`MAINTENANCE_STATUS_ANNOTATION`] | while the node is in maintenance | |
@@ -30,7 +30,8 @@
 //!
 //! When a migration ends the operator moves the VM: on `Succeeded` the label
 //! and `status.nodeName` become the target, otherwise they stay on the source;
-//! the VM's phase goes back to `Running` and `status.migration` is cleared.
+//! the VM's phase goes back to `Running` (a cold migration's VM stays
+//! `Stopped`) and `status.migration` is cleared.
 //! The target agent keeps its incoming VMM while a migration naming it as the
 //! target is active or `Succeeded` within [`ADOPTION_GRACE_SECONDS`]; the
 //! source agent stops its VMM for a VM that is no longer labelled for it.

@@ -11,6 +11,8 @@
 //!     Pending --> PreparingTarget: admitted, target chosen (operator)
 //!     PreparingTarget --> Failed: no targetAddress in 60 s (operator)
 //!     PreparingTarget --> PreCopy: source agent
+//!     PreparingTarget --> StopAndCopy: source agent (Cold: a stopped VM's disks)
+//!     StopAndCopy --> Succeeded: source agent, via Committing (Cold: target verified)
 //!     PreCopy --> Succeeded: source agent, via StopAndCopy/PostCopy, Committing
 //!     PreCopy --> Failed: source agent
 //!     PreCopy --> Cancelled: source agent (cancel asked or timeout)
@@ -29,14 +31,16 @@
 //!   `runStrategy` that would start it), or `Pending` with
 //!   `Admitted=False WaitingForSlot` (over `--max-migrations-per-node` or
 //!   `--max-migrations-per-cluster`), or the admission: the VM's status
-//!   `Migrating` + `migration`, then `PreparingTarget` with `sourceNode`,
+//!   `Migrating` + `migration` (a cold migration's stopped VM keeps its
+//!   phase and gets only `migration`), then `PreparingTarget` with `sourceNode`,
 //!   `targetNode`, `startTime`, then the labels [`SOURCE_LABEL`] and
 //!   [`TARGET_LABEL`] that hand it to the agents;
 //! - while it runs: the annotation [`CANCEL_ANNOTATION`] once the completion
 //!   timeout (plus 30 s grace) has passed, and `Failed` when the target has
 //!   not published `targetAddress` 60 s after the start;
 //! - when it is final: the VM's label and `nodeName` (the target on
-//!   `Succeeded`, the source otherwise), its phase back to `Running`, its
+//!   `Succeeded`, the source otherwise), its phase back to `Running` (a
+//!   cold migration's VM stays `Stopped`), its
 //!   `migration` cleared; then the finalizer goes.
 //!
 //! Cancelling (delete, or the annotation): before `PreparingTarget` the
