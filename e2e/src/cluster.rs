@@ -256,14 +256,8 @@ impl LocalCluster {
         let metrics = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| ClusterError::Start("a metrics port".into(), e))?;
-        let operator = godwit_binary("godwit-operator");
-        let mut cmd = Command::new(&operator);
-        cmd.arg("--kubeconfig")
-            .arg(&self.operator_kubeconfig)
-            .args(["--metrics-addr", &metrics.to_string()])
-            .args(&self.operator_args);
-        self.operator = Some(spawn_logged(cmd, &logs.join("operator.log"), &operator)?);
         self.metrics = Some(metrics);
+        self.start_operator()?;
         write_migration_ca(&self.migration_ca_dir())?;
         let n = self.fabric.nodes.len();
         *self.agents.lock().expect("agents lock") = Agents {
@@ -275,6 +269,50 @@ impl LocalCluster {
             self.start_agent(i)?;
         }
         Ok(())
+    }
+
+    /// Starts the operator (again, after [`LocalCluster::kill_operator`]).
+    pub fn start_operator(&mut self) -> Result<(), ClusterError> {
+        let metrics = self.metrics.expect("start_godwit picked the metrics port");
+        let operator = godwit_binary("godwit-operator");
+        let mut cmd = Command::new(&operator);
+        cmd.arg("--kubeconfig")
+            .arg(&self.operator_kubeconfig)
+            .args(["--metrics-addr", &metrics.to_string()])
+            .args(&self.operator_args);
+        let log = self.log_dir().join("operator.log");
+        self.operator = Some(spawn_logged(cmd, &log, &operator)?);
+        Ok(())
+    }
+
+    /// Starts whatever of the operator and the agents is not running (after
+    /// a test killed some).
+    pub fn ensure_running(&mut self) -> Result<(), ClusterError> {
+        if self.operator.is_none() {
+            self.start_operator()?;
+        }
+        let n = self.fabric.nodes.len();
+        for i in 0..n {
+            let missing = self
+                .agents
+                .lock()
+                .expect("agents lock")
+                .procs
+                .get(i)
+                .is_some_and(Option::is_none);
+            if missing {
+                self.start_agent(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills the operator at once.
+    pub fn kill_operator(&mut self) {
+        if let Some(mut op) = self.operator.take() {
+            let _ = op.kill();
+            let _ = op.wait();
+        }
     }
 
     /// The operator's `/metrics` and `/healthz` address, once started.
@@ -377,10 +415,7 @@ impl LocalCluster {
     }
 
     fn stop(&mut self) {
-        if let Some(mut op) = self.operator.take() {
-            let _ = op.kill();
-            let _ = op.wait();
-        }
+        self.kill_operator();
         if let Some((stop, thread)) = self.supervisor.take() {
             stop.store(true, Ordering::Relaxed);
             let _ = thread.join();

@@ -8,6 +8,7 @@ pub mod bench_storage_migrate;
 pub mod cluster;
 pub mod demo;
 pub mod failover;
+pub mod faults;
 pub mod guest;
 pub mod helm;
 pub mod netns;

@@ -46,6 +46,13 @@ impl Node {
         fabric.ns.shape(peer, rate, "256kb", "20ms")
     }
 
+    /// Removes what [`Node::shape`] set.
+    pub fn unshape(&self, fabric: &Fabric) -> Result<(), NetnsError> {
+        self.ns.unshape(&self.uplink)?;
+        let peer = fabric.peer_of(&self.name).expect("node is on the fabric");
+        fabric.ns.unshape(peer)
+    }
+
     /// Cuts the node off the segment.
     pub fn cut(&self) -> Result<(), NetnsError> {
         self.ns.cut(&self.uplink)

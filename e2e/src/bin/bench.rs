@@ -23,6 +23,10 @@
 //!   network, and the time from the cut to the VM Running on the other node
 //!   is measured, N times (the VM moves back and forth); median and max (see
 //!   `godwit_e2e::failover`).
+//!
+//! - `bench faults [--json]`: the fault-injection matrix (see
+//!   `godwit_e2e::faults`): every fault in PreCopy and in PostCopy, each
+//!   cell checked; a table with cells passed / total.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -52,6 +56,58 @@ enum Cmd {
     Storage(StorageArgs),
     /// HA failover time: a node cut off until its VM runs on another node.
     Failover(FailoverArgs),
+    /// The fault-injection matrix: faults x migration phases, each cell checked.
+    Faults(FaultsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct FaultsArgs {
+    /// One JSON line per cell and a summary line instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn faults(a: FaultsArgs) -> Result<()> {
+    use godwit_e2e::faults::{self, Fault, Phase};
+    let dir = std::env::temp_dir().join(format!("godwit-bench-faults-{}", std::process::id()));
+    let cells: Vec<(Fault, Phase)> = Phase::ALL
+        .iter()
+        .flat_map(|&p| Fault::ALL.iter().map(move |&f| (f, p)))
+        .collect();
+    let reports = faults::run(&dir, &cells)?;
+    let passed = reports.iter().filter(|r| r.passed()).count();
+    if a.json {
+        for r in &reports {
+            let seen = r.outcome.as_ref().ok();
+            println!(
+                "{}",
+                json!({
+                    "bench": "faults-cell",
+                    "fault": r.fault.name(),
+                    "phase": r.phase.name(),
+                    "expected": format!("{:?}", r.expected),
+                    "outcome": seen.map(|s| format!("{:?}", s.outcome)),
+                    "migration_phase": seen.map(|s| s.migration_phase.clone()),
+                    "longest_gap_ms": seen.map(|s| s.longest_gap_ms),
+                    "settled_ms": seen.map(|s| s.settled_ms),
+                    "error": r.outcome.as_ref().err(),
+                    "passed": r.passed(),
+                })
+            );
+        }
+        println!(
+            "{}",
+            json!({"bench": "faults", "cells": reports.len(), "passed": passed})
+        );
+    } else {
+        faults::print(&reports);
+    }
+    anyhow::ensure!(
+        passed == reports.len(),
+        "{} cells did not hold",
+        reports.len() - passed
+    );
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -241,6 +297,7 @@ fn main() -> Result<()> {
         Cmd::Migrate(a) => migrate(a),
         Cmd::Storage(a) => storage(a),
         Cmd::Failover(a) => failover(a),
+        Cmd::Faults(a) => faults(a),
     }
 }
 

@@ -638,6 +638,9 @@ pub(super) fn target_run<T: TargetVm>(
         let started = (|| -> Result<(), MigrationError> {
             vm.restore_state(state)
                 .map_err(MigrationError::RestoreState)?;
+            // The disks, now: a vCPU thread may not open files.
+            vm.activate_disks_unlocked()
+                .map_err(MigrationError::DiskLocks)?;
             vm.resume().map_err(MigrationError::Resume)?;
             send_locked(&writer, Command::Activated, &[])?;
             vm.announce();
@@ -665,6 +668,16 @@ pub(super) fn target_run<T: TargetVm>(
     });
     outcome.map_err(|e| MigrationError::PostCopyLost(Box::new(e)))?;
     send_locked(&writer, Command::Ready, &[])?;
+    // The source lets its image locks go when it exits, right after Ready:
+    // take them then (here, not on a vCPU thread).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = vm.lock_disks() {
+        if Instant::now() > deadline {
+            tracing::warn!("post-copy target still runs without its disk image locks: {e}");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     progress.update(|p| {
         p.stage = Stage::Completed;
         p.transferred_bytes = received;

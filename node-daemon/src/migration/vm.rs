@@ -188,6 +188,16 @@ pub trait TargetVm: Sync {
     fn activate_disks(&self) -> Result<(), VmError> {
         Ok(())
     }
+    /// Post-copy, before the guest runs here: reopens the disks and takes
+    /// the image locks that are free (the source keeps its own until it
+    /// has sent everything).
+    fn activate_disks_unlocked(&self) -> Result<(), VmError> {
+        Ok(())
+    }
+    /// Takes the image locks (post-copy, once the source let them go).
+    fn lock_disks(&self) -> Result<(), VmError> {
+        Ok(())
+    }
 }
 
 impl<T: SourceVm + Send> SourceVm for std::sync::Arc<T> {
@@ -259,5 +269,11 @@ impl<T: TargetVm + Send> TargetVm for std::sync::Arc<T> {
     }
     fn activate_disks(&self) -> Result<(), VmError> {
         (**self).activate_disks()
+    }
+    fn activate_disks_unlocked(&self) -> Result<(), VmError> {
+        (**self).activate_disks_unlocked()
+    }
+    fn lock_disks(&self) -> Result<(), VmError> {
+        (**self).lock_disks()
     }
 }

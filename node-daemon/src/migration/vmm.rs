@@ -221,6 +221,14 @@ impl TargetVm for IncomingVm {
     fn activate_disks(&self) -> Result<(), VmError> {
         Ok(self.vmm.activate_disks()?)
     }
+
+    fn activate_disks_unlocked(&self) -> Result<(), VmError> {
+        Ok(self.vmm.activate_disks_unlocked()?)
+    }
+
+    fn lock_disks(&self) -> Result<(), VmError> {
+        Ok(self.vmm.lock_disks()?)
+    }
 }
 
 /// Waits on `listener` for one migration and receives it into a VM built

@@ -562,6 +562,27 @@ impl Vmm {
         Ok(())
     }
 
+    /// Reopens every disk of a VM built with [`BuildMode::Incoming`] and
+    /// takes the image locks that are free, warning about the others: a
+    /// post-copy target before its guest runs, while the source (paused,
+    /// its disks flushed) still holds them until it has sent everything.
+    /// Done here, on the migration thread, so that no vCPU thread has to
+    /// open files on the guest's first disk request.
+    pub fn activate_disks_unlocked(&self) -> Result<(), VmmError> {
+        for i in 0..self.disk_count() {
+            self.with_disk(i, Block::activate_now)?;
+        }
+        Ok(())
+    }
+
+    /// Takes every disk's image locks (a no-op for those held).
+    pub fn lock_disks(&self) -> Result<(), VmmError> {
+        for i in 0..self.disk_count() {
+            self.with_disk(i, Block::lock)??;
+        }
+        Ok(())
+    }
+
     /// Builds the VM saved in the snapshot directory `dir` and restores it
     /// (memory, VM, vCPU and device state); it runs after [`Vmm::start`].
     pub fn restore_snapshot(

@@ -87,6 +87,17 @@ impl Block {
     /// Commit, [`crate::vmm::Vmm::activate_disks`] here before Activate,
     /// which makes this a no-op) a source that still holds them leaves
     /// this VM running unlocked, with a warning.
+    ///
+    /// It opens files, which a vCPU thread's seccomp filter forbids: the
+    /// migration engine calls it before the guest runs (post-copy,
+    /// [`crate::vmm::Vmm::activate_disks_unlocked`]), so a guest request
+    /// never has to.
+    pub fn activate_now(&mut self) {
+        if self.pending_activation {
+            self.activate_lazily();
+        }
+    }
+
     fn activate_lazily(&mut self) {
         self.pending_activation = false;
         if let Err(e) = self.disk.reopen() {

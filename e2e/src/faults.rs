@@ -1,0 +1,670 @@
+//! The fault-injection matrix: one migration per cell, a fault injected
+//! when the migration reaches the cell's phase, and what a user must be
+//! able to rely on checked afterwards.
+//!
+//! Every cell runs the example VM (shared disk, a 128 MiB memory workload)
+//! on a two-node local cluster, writes a disk pattern, starts a
+//! VMMigration whose policy holds it in the cell's phase for seconds (a
+//! bandwidth cap below the guest's dirty rate), and injects the fault as
+//! soon as a watch on the VMMigration shows that phase. Then, whatever the
+//! outcome:
+//!
+//! - at no sample (every 20 ms, over both nodes' VM directories) does a
+//!   restarted VMM run next to the migration's source or target VMM, nor do
+//!   two VMMs run once the migration is over and the VM settled; the
+//!   longest time with no VMM at all is reported (the HA restart time when
+//!   the VM had to be restarted);
+//! - the VMMigration ends, and its status says how;
+//! - the VM is Running once more; its guest's memory check (`memcheck`)
+//!   passes and the disk pattern verifies;
+//! - the outcome is the one written down for the cell ([`expected`]).
+//!
+//! Faults and what each cell expects:
+//!
+//! | fault | PreCopy | PostCopy |
+//! |---|---|---|
+//! | source VMM killed | restarted (runStrategy) | restarted: the target lacks pages only the source had |
+//! | target VMM killed | stays on the source | restarted: the guest ran only there |
+//! | source agent killed (back after 2 s) | moves to the target: the VMMs carry on, the new agent follows | moves |
+//! | target agent killed (back after 2 s) | moves | moves |
+//! | operator killed (back after 2 s) | moves: the agents finish, the operator settles the VM when back | moves |
+//! | migration link cut for 4 s | moves: TCP retransmits, shorter than the stall timeout | moves (the target's vCPUs wait for pages meanwhile) |
+//! | link slowed to 4 Mbit/s for 6 s | moves | moves |
+//!
+//! Not injected here: `PreparingTarget` (it lasts well under a second once
+//! the target agent answers), `StopAndCopy` and `Committing` (tens of
+//! milliseconds); their failures are covered at the daemon level
+//! (`node-daemon/tests/migrate.rs`: target abort, commit without answer;
+//! `node-daemon/tests/storage_migrate.rs`: a full target disk).
+//!
+//! The whole matrix is `cargo run --release -p godwit-e2e --bin bench --
+//! faults` (about 6 minutes); the suite runs a quick subset
+//! (`e2e/tests/faults.rs`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+use crate::demo::{Godwit, EXAMPLE_TEMPLATE, EXAMPLE_VM};
+use crate::failover::alive;
+
+/// What goes wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// SIGKILL to the source VMM.
+    SourceVmmKilled,
+    /// SIGKILL to the target VMM.
+    TargetVmmKilled,
+    /// The source node's agent killed, restarted 2 s later.
+    SourceAgentKilled,
+    /// The target node's agent killed, restarted 2 s later.
+    TargetAgentKilled,
+    /// The operator killed, restarted 2 s later.
+    OperatorKilled,
+    /// The target node's link down for 4 s.
+    LinkCut,
+    /// The target node's link at 4 Mbit/s for 6 s.
+    LinkSlowed,
+}
+
+impl Fault {
+    /// Every fault, in table order.
+    pub const ALL: [Fault; 7] = [
+        Fault::SourceVmmKilled,
+        Fault::TargetVmmKilled,
+        Fault::SourceAgentKilled,
+        Fault::TargetAgentKilled,
+        Fault::OperatorKilled,
+        Fault::LinkCut,
+        Fault::LinkSlowed,
+    ];
+
+    /// A short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::SourceVmmKilled => "source-vmm-killed",
+            Fault::TargetVmmKilled => "target-vmm-killed",
+            Fault::SourceAgentKilled => "source-agent-killed",
+            Fault::TargetAgentKilled => "target-agent-killed",
+            Fault::OperatorKilled => "operator-killed",
+            Fault::LinkCut => "link-cut",
+            Fault::LinkSlowed => "link-slowed",
+        }
+    }
+}
+
+/// The migration phase a fault is injected in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Memory copied while the guest runs on the source.
+    PreCopy,
+    /// The guest runs on the target, pages still arriving.
+    PostCopy,
+}
+
+impl Phase {
+    /// Both phases.
+    pub const ALL: [Phase; 2] = [Phase::PreCopy, Phase::PostCopy];
+
+    /// As `status.phase` says it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::PreCopy => "PreCopy",
+            Phase::PostCopy => "PostCopy",
+        }
+    }
+
+    /// A policy that keeps the migration in this phase for seconds: the
+    /// guest dirties about 40 MB/s.
+    fn policy(self) -> &'static str {
+        match self {
+            // Auto-converge brings it home after a few throttled rounds.
+            Phase::PreCopy => "    bandwidthMbps: 300\n    maxDowntimeMs: 100\n    allowPostCopy: false\n    allowAutoConverge: true\n    completionTimeoutSeconds: 90\n",
+            // Never converges: post-copy after the first rounds.
+            Phase::PostCopy => "    bandwidthMbps: 200\n    maxDowntimeMs: 10\n    allowPostCopy: true\n    allowAutoConverge: false\n    completionTimeoutSeconds: 90\n",
+        }
+    }
+}
+
+/// Where the VM runs afterwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// On the source, the same VMM process: the migration failed or was
+    /// cancelled and the guest never stopped there.
+    StaysOnSource,
+    /// On the target: the migration succeeded.
+    MovesToTarget,
+    /// A new VMM (either node) booted it again: its memory was lost, its
+    /// disk was not.
+    Restarted,
+}
+
+/// The outcome written down for a cell (see the module's table).
+pub fn expected(fault: Fault, phase: Phase) -> Outcome {
+    match (fault, phase) {
+        (Fault::SourceVmmKilled, _) => Outcome::Restarted,
+        (Fault::TargetVmmKilled, Phase::PreCopy) => Outcome::StaysOnSource,
+        (Fault::TargetVmmKilled, Phase::PostCopy) => Outcome::Restarted,
+        _ => Outcome::MovesToTarget,
+    }
+}
+
+/// What one cell did.
+#[derive(Clone, Debug)]
+pub struct CellReport {
+    /// The fault.
+    pub fault: Fault,
+    /// The phase it was injected in.
+    pub phase: Phase,
+    /// What the table expects.
+    pub expected: Outcome,
+    /// What happened, or why the cell could not run or check.
+    pub outcome: Result<Seen, String>,
+}
+
+impl CellReport {
+    /// The cell held: it ran, every check passed, the outcome was expected.
+    pub fn passed(&self) -> bool {
+        self.outcome
+            .as_ref()
+            .is_ok_and(|s| s.outcome == self.expected)
+    }
+}
+
+/// What a cell saw.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// Where the VM ended up.
+    pub outcome: Outcome,
+    /// The VMMigration's final phase.
+    pub migration_phase: String,
+    /// Its `failureReason`, if any.
+    pub reason: String,
+    /// The longest time no VMM of the VM ran, ms.
+    pub longest_gap_ms: u64,
+    /// From the fault to the VM Running again, settled, ms.
+    pub settled_ms: u64,
+}
+
+/// How long a VM may be down after a fault: HA's failover budget.
+pub const MAX_GAP: Duration = Duration::from_secs(30);
+
+/// Runs `cells` on a fresh two-node cluster in `dir`.
+pub fn run(dir: &std::path::Path, cells: &[(Fault, Phase)]) -> anyhow::Result<Vec<CellReport>> {
+    let mut g = Godwit::up(2, dir)?;
+    g.apply(&g.example(EXAMPLE_TEMPLATE))?;
+    let mut reports = Vec::new();
+    for (n, &(fault, phase)) in cells.iter().enumerate() {
+        let outcome = cell(&mut g, n, fault, phase).map_err(|e| format!("{e:#}"));
+        let report = CellReport {
+            fault,
+            phase,
+            expected: expected(fault, phase),
+            outcome,
+        };
+        tracing::info!(?report, "fault cell done");
+        reports.push(report);
+        // Whatever the cell left, the next one starts clean.
+        cleanup(&mut g)?;
+    }
+    Ok(reports)
+}
+
+/// Prints the matrix as a table with a `passed / total` line.
+pub fn print(reports: &[CellReport]) {
+    println!(
+        "{:<20} {:<9} {:<14} {:<14} {:<10} {:>7} {:>8}  note",
+        "fault", "phase", "expected", "outcome", "migration", "gap_ms", "back_ms"
+    );
+    for r in reports {
+        match &r.outcome {
+            Ok(s) => println!(
+                "{:<20} {:<9} {:<14} {:<14} {:<10} {:>7} {:>8}  {}{}",
+                r.fault.name(),
+                r.phase.name(),
+                format!("{:?}", r.expected),
+                format!("{:?}", s.outcome),
+                s.migration_phase,
+                s.longest_gap_ms,
+                s.settled_ms,
+                if r.passed() { "" } else { "UNEXPECTED " },
+                s.reason
+            ),
+            Err(e) => println!(
+                "{:<20} {:<9} {:<14} {:<14} {:<10} {:>7} {:>8}  FAILED: {e}",
+                r.fault.name(),
+                r.phase.name(),
+                format!("{:?}", r.expected),
+                "-",
+                "-",
+                "-",
+                "-"
+            ),
+        }
+    }
+    let passed = reports.iter().filter(|r| r.passed()).count();
+    println!("cells passed: {passed} / {}", reports.len());
+}
+
+fn vmm_pid(dir: &std::path::Path) -> Option<i32> {
+    std::fs::read_to_string(dir.join("pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Kills the VMM process itself, as the OOM killer or a crash would: the
+/// `pid` file names the agent's wrapper shell (the session leader), whose
+/// child is the VMM; the wrapper then records the exit as usual.
+fn kill_vmm(wrapper: i32) {
+    let children = std::fs::read_to_string(format!("/proc/{wrapper}/task/{wrapper}/children"))
+        .unwrap_or_default();
+    let vmms: Vec<i32> = children
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    for pid in if vmms.is_empty() { vec![wrapper] } else { vmms } {
+        // SAFETY: kill(2) on a process of the VM's session.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
+fn migration_yaml(name: &str, phase: Phase) -> String {
+    format!(
+        "apiVersion: godwit.dev/v1alpha1\nkind: VMMigration\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  vmName: demo\n  policy:\n{}",
+        phase.policy()
+    )
+}
+
+/// The console log from `from` on (all of it if it was truncated).
+fn console_since(dir: &std::path::Path, from: usize) -> String {
+    let text = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
+    if text.len() >= from {
+        text[from..].to_string()
+    } else {
+        text
+    }
+}
+
+fn console_len(dir: &std::path::Path) -> usize {
+    std::fs::metadata(dir.join("console.log")).map_or(0, |m| m.len() as usize)
+}
+
+/// Types `line` at the console of the VM in `dir` and waits for `ok` (or
+/// fails on `bad`) in what the console prints after it.
+fn ask(g: &Godwit, dir: &std::path::Path, line: &str, ok: &str, bad: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let from = console_len(dir);
+    let mut s = std::os::unix::net::UnixStream::connect(dir.join("console.sock"))
+        .with_context(|| format!("console of {}", dir.display()))?;
+    s.write_all(format!("{line}\n").as_bytes())?;
+    g.wait(
+        &format!("{ok:?} after {line:?}"),
+        Duration::from_secs(60),
+        || {
+            let out = console_since(dir, from);
+            if let Some(at) = out.find(bad) {
+                bail!("{line:?}: {}", out[at..].lines().next().unwrap_or(""));
+            }
+            Ok(out.contains(ok).then_some(()))
+        },
+    )
+    .map_err(|e| {
+        let tail = |f: &str| {
+            let text = std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(8)..].join("\n")
+        };
+        e.context(format!(
+            "console ends:\n{}\nvmm.log ends:\n{}",
+            tail("console.log"),
+            tail("vmm.log")
+        ))
+    })
+}
+
+/// What undoes a fault (restarts a process, restores a link).
+type Repair = Box<dyn FnOnce(&mut Godwit) -> anyhow::Result<()>>;
+
+fn cell(g: &mut Godwit, n: usize, fault: Fault, phase: Phase) -> anyhow::Result<Seen> {
+    g.apply(&g.example(EXAMPLE_VM))?;
+    let vm = g.wait_running("demo", Duration::from_secs(90))?;
+    let from = vm["status"]["nodeName"]
+        .as_str()
+        .context("a Running VM has a node")?
+        .to_string();
+    let i = g.node_index(&from)?;
+    let j = 1 - i;
+    let dirs = [
+        g.vm_dir(0, "default", "demo"),
+        g.vm_dir(1, "default", "demo"),
+    ];
+    g.wait("heartbeats", Duration::from_secs(30), || {
+        Ok(console_since(&dirs[i], 0).contains("HB 70 ").then_some(()))
+    })?;
+    let seed = 100 + n;
+    ask(
+        g,
+        &dirs[i],
+        &format!("blkwrite 2048 64 {seed}"),
+        "BLK write ok sector=2048",
+        "BLK write bad",
+    )?;
+    let src_pid = vmm_pid(&dirs[i]).context("the source VMM's pid")?;
+
+    let name = format!("fault-{n}");
+    g.apply(&migration_yaml(&name, phase))?;
+    let watch = g.watch("vmmig", &name)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let Some(m) = watch.next(Duration::from_millis(500))? else {
+            if Instant::now() > deadline {
+                bail!("the migration did not reach {} in 60 s", phase.name());
+            }
+            continue;
+        };
+        let at = m["status"]["phase"].as_str().unwrap_or("");
+        if at == phase.name() {
+            break;
+        }
+        if matches!(at, "Succeeded" | "Failed" | "Cancelled") {
+            bail!(
+                "the migration ended ({at}: {}) before reaching {}",
+                m["status"]["failureReason"],
+                phase.name()
+            );
+        }
+    }
+    drop(watch);
+
+    // Inject, and schedule the repair. The VMMs of the migration: the
+    // source and the incoming one; a VMM started later is a restart.
+    let before: Vec<i32> = [Some(src_pid), vmm_pid(&dirs[j])]
+        .into_iter()
+        .flatten()
+        .collect();
+    let t0 = Instant::now();
+    let repair: Option<(Duration, Repair)> = match fault {
+        Fault::SourceVmmKilled => {
+            kill_vmm(src_pid);
+            None
+        }
+        Fault::TargetVmmKilled => {
+            let pid = vmm_pid(&dirs[j]).context("the target VMM's pid")?;
+            kill_vmm(pid);
+            None
+        }
+        Fault::SourceAgentKilled | Fault::TargetAgentKilled => {
+            let k = if fault == Fault::SourceAgentKilled {
+                i
+            } else {
+                j
+            };
+            g.cluster.kill_agent(k);
+            Some((
+                Duration::from_secs(2),
+                Box::new(move |g: &mut Godwit| Ok(g.cluster.start_agent(k)?)),
+            ))
+        }
+        Fault::OperatorKilled => {
+            g.cluster.kill_operator();
+            Some((
+                Duration::from_secs(2),
+                Box::new(|g: &mut Godwit| Ok(g.cluster.start_operator()?)),
+            ))
+        }
+        Fault::LinkCut => {
+            g.cluster.fabric.nodes[j].cut()?;
+            Some((
+                Duration::from_secs(4),
+                Box::new(move |g: &mut Godwit| {
+                    let node = &g.cluster.fabric.nodes[j];
+                    Ok(node.ns.restore(&node.uplink)?)
+                }),
+            ))
+        }
+        Fault::LinkSlowed => {
+            let fabric = &g.cluster.fabric;
+            fabric.nodes[j].shape(fabric, "4mbit")?;
+            Some((
+                Duration::from_secs(6),
+                Box::new(move |g: &mut Godwit| {
+                    let fabric = &g.cluster.fabric;
+                    Ok(fabric.nodes[j].unshape(fabric)?)
+                }),
+            ))
+        }
+    };
+
+    // Watch both nodes until the migration is over and the VM runs again:
+    // a sampler thread looks at the VMM processes every 10 ms, undisturbed
+    // by the API reads here.
+    let watcher = Sampler::start(dirs.clone(), before);
+    let result = (|| -> anyhow::Result<(Value, Value)> {
+        let mut repair = repair;
+        loop {
+            if repair
+                .as_ref()
+                .is_some_and(|(after, _)| t0.elapsed() >= *after)
+            {
+                let (_, fix) = repair.take().expect("checked");
+                fix(g)?;
+            }
+            watcher.check()?;
+            if repair.is_none() {
+                let m = g.get("vmmig", &name)?.context("the VMMigration")?;
+                let v = g.get("vm", "demo")?.context("the VM")?;
+                let final_phase = matches!(
+                    m["status"]["phase"].as_str(),
+                    Some("Succeeded" | "Failed" | "Cancelled")
+                );
+                let over = final_phase && v["status"]["migration"].is_null();
+                let on = v["status"]["nodeName"].as_str().unwrap_or("");
+                if over && v["status"]["phase"] == "Running" && !on.is_empty() {
+                    let k = g.node_index(on)?;
+                    if watcher.live() == [k] {
+                        // From now on one VMM only: the losing one has
+                        // had its chance to exit.
+                        watcher.migration_over();
+                        break Ok((m, v));
+                    }
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(150) {
+                bail!(
+                    "not settled 150 s after the fault; logs in {}",
+                    g.cluster.log_dir().display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })();
+    let (mig, vm) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            drop(watcher);
+            return Err(e);
+        }
+    };
+    let settled_ms = t0.elapsed().as_millis() as u64;
+    let on = vm["status"]["nodeName"].as_str().unwrap_or("").to_string();
+    let k = g.node_index(&on)?;
+    let pid = vmm_pid(&dirs[k]).context("the VMM's pid")?;
+    let migration_phase = mig["status"]["phase"].as_str().unwrap_or("").to_string();
+    let outcome = if k == i && pid == src_pid {
+        Outcome::StaysOnSource
+    } else if k == j && migration_phase == "Succeeded" {
+        Outcome::MovesToTarget
+    } else {
+        Outcome::Restarted
+    };
+    // The guest: memory intact (a restarted guest's check is trivially
+    // fresh), disk pattern there.
+    g.wait("the guest's heartbeats", Duration::from_secs(30), || {
+        Ok(console_since(&dirs[k], 0).contains("HB ").then_some(()))
+    })?;
+    ask(g, &dirs[k], "memcheck", "MEMCHECK ok", "MEMCHECK bad")?;
+    ask(
+        g,
+        &dirs[k],
+        &format!("blkverify 2048 64 {seed}"),
+        "BLK verify ok sector=2048",
+        "BLK verify bad",
+    )?;
+    // A second VMM appearing during the guest checks counts too.
+    std::thread::sleep(Duration::from_millis(200));
+    let longest_gap = watcher.stop()?;
+    Ok(Seen {
+        outcome,
+        migration_phase,
+        reason: mig["status"]["failureReason"]
+            .as_str()
+            .unwrap_or("")
+            .to_string(),
+        longest_gap_ms: longest_gap.as_millis() as u64,
+        settled_ms,
+    })
+}
+
+/// Deletes the VM and its migrations, restores every process and link, and
+/// waits until no VMM of the VM is left.
+fn cleanup(g: &mut Godwit) -> anyhow::Result<()> {
+    g.cluster.ensure_running()?;
+    for k in 0..2 {
+        let node = &g.cluster.fabric.nodes[k];
+        let _ = node.ns.restore(&node.uplink);
+        let _ = node.unshape(&g.cluster.fabric);
+    }
+    let _ = g.kubectl(&["delete", "vmmig", "--all", "--wait=false"], None);
+    let _ = g.kubectl(&["delete", "vm", "demo", "--wait=false"], None);
+    let dirs = [
+        g.vm_dir(0, "default", "demo"),
+        g.vm_dir(1, "default", "demo"),
+    ];
+    g.wait(
+        "the VM and its migrations gone",
+        Duration::from_secs(60),
+        || {
+            let gone = g.get("vm", "demo")?.is_none()
+                && g.kubectl(&["get", "vmmig", "-o", "name"], None)?
+                    .trim()
+                    .is_empty();
+            let quiet = dirs.iter().all(|d| !vmm_pid(d).is_some_and(alive));
+            Ok((gone && quiet).then_some(()))
+        },
+    )
+}
+
+/// Samples the VM's VMM processes on both nodes every 10 ms in a thread.
+struct Sampler {
+    state: Arc<Mutex<Samples>>,
+    stop: Arc<AtomicBool>,
+    over: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Samples {
+    live: Vec<usize>,
+    violation: Option<String>,
+    gap_start: Option<Instant>,
+    longest_gap: Duration,
+}
+
+impl Sampler {
+    /// `before`: the migration's own VMMs (source and target), which may
+    /// coexist until it is over.
+    fn start(dirs: [std::path::PathBuf; 2], before: Vec<i32>) -> Sampler {
+        let state = Arc::new(Mutex::new(Samples::default()));
+        let (stop, over) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (st, sp, ov) = (state.clone(), stop.clone(), over.clone());
+        let thread = std::thread::spawn(move || {
+            while !sp.load(Ordering::Relaxed) {
+                let pids: Vec<Option<i32>> = (0..2)
+                    .map(|k| vmm_pid(&dirs[k]).filter(|&p| alive(p)))
+                    .collect();
+                let live: Vec<usize> = (0..2).filter(|&k| pids[k].is_some()).collect();
+                let restarted = pids.iter().flatten().any(|p| !before.contains(p));
+                let mut s = st.lock().unwrap();
+                // During the migration its two VMMs coexist (only one runs
+                // the guest: the protocol and the disk lock see to that). A
+                // restarted VMM must never run next to either of them, and
+                // once the migration is over one VMM is left.
+                if live.len() > 1
+                    && (restarted || ov.load(Ordering::Relaxed))
+                    && s.violation.is_none()
+                {
+                    s.violation = Some(format!(
+                        "two VMMs of the VM run at once: {pids:?} (the migration's were {before:?})"
+                    ));
+                }
+                match (live.is_empty(), s.gap_start) {
+                    (true, None) => s.gap_start = Some(Instant::now()),
+                    (false, Some(g)) => {
+                        s.longest_gap = s.longest_gap.max(g.elapsed());
+                        s.gap_start = None;
+                    }
+                    _ => {}
+                }
+                s.live = live;
+                drop(s);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        Sampler {
+            state,
+            stop,
+            over,
+            thread: Some(thread),
+        }
+    }
+
+    /// Fails on two VMMs at once or on no VMM for longer than [`MAX_GAP`].
+    fn check(&self) -> anyhow::Result<()> {
+        let s = self.state.lock().unwrap();
+        if let Some(v) = &s.violation {
+            bail!("{v}");
+        }
+        if s.gap_start.is_some_and(|g| g.elapsed() > MAX_GAP) {
+            bail!("no VMM of the VM ran for {MAX_GAP:?}");
+        }
+        Ok(())
+    }
+
+    fn live(&self) -> Vec<usize> {
+        self.state.lock().unwrap().live.clone()
+    }
+
+    fn migration_over(&self) {
+        self.over.store(true, Ordering::Relaxed);
+    }
+
+    /// Stops sampling; the longest time without a VMM, or the violation seen.
+    /// (Dropping it stops it too.)
+    fn stop(mut self) -> anyhow::Result<Duration> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.check()?;
+        Ok(self.state.lock().unwrap().longest_gap)
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
