@@ -423,6 +423,20 @@ pub fn run(quiet: bool) -> anyhow::Result<DemoReport> {
     })
 }
 
+/// Types `line` at the console of the VM whose directory is `vm_dir` (the
+/// VMM's console socket).
+pub fn type_at(vm_dir: &Path, line: &str) -> anyhow::Result<()> {
+    let mut s = std::os::unix::net::UnixStream::connect(vm_dir.join("console.sock"))
+        .with_context(|| format!("console of {}", vm_dir.display()))?;
+    s.write_all(format!("{line}\n").as_bytes())?;
+    Ok(())
+}
+
+/// Whether the console log of the VM in `vm_dir` contains `text`.
+pub fn console_has(vm_dir: &Path, text: &str) -> bool {
+    std::fs::read_to_string(vm_dir.join("console.log")).is_ok_and(|t| t.contains(text))
+}
+
 /// A running `kubectl get --watch` (see [`Godwit::watch`]); killed on drop.
 pub struct Watch {
     child: std::process::Child,

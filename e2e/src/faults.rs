@@ -24,7 +24,7 @@
 //! | fault | PreCopy | PostCopy |
 //! |---|---|---|
 //! | source VMM killed | restarted (runStrategy) | restarted: the target lacks pages only the source had |
-//! | target VMM killed | stays on the source | restarted: the guest ran only there |
+//! | target VMM killed | stays on the source | restarted: the guest ran only there; the paused source, whose copy is stale, exits as failed a few seconds later |
 //! | source agent killed (back after 2 s) | moves to the target: the VMMs carry on, the new agent follows | moves |
 //! | target agent killed (back after 2 s) | moves | moves |
 //! | operator killed (back after 2 s) | moves: the agents finish, the operator settles the VM when back | moves |
@@ -189,6 +189,9 @@ pub struct Seen {
     pub settled_ms: u64,
 }
 
+/// How long the VM must run on the same VMM to count as settled.
+const STABLE: Duration = Duration::from_secs(5);
+
 /// How long a VM may be down after a fault: HA's failover budget.
 pub const MAX_GAP: Duration = Duration::from_secs(30);
 
@@ -282,28 +285,32 @@ fn migration_yaml(name: &str, phase: Phase) -> String {
     )
 }
 
-/// The console log from `from` on (all of it if it was truncated).
-fn console_since(dir: &std::path::Path, from: usize) -> String {
-    let text = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
-    if text.len() >= from {
-        text[from..].to_string()
-    } else {
-        text
+/// A place in a console log: its file (inode) and length.
+type Mark = (u64, usize);
+
+/// The console log from `from` on (all of it if it is another file now:
+/// the VM's directory was removed and made again).
+fn console_since(dir: &std::path::Path, from: Mark) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let path = dir.join("console.log");
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let same = std::fs::metadata(&path).is_ok_and(|m| m.ino() == from.0);
+    match text.get(from.1..) {
+        Some(rest) if same => rest.to_string(),
+        _ => text,
     }
 }
 
-fn console_len(dir: &std::path::Path) -> usize {
-    std::fs::metadata(dir.join("console.log")).map_or(0, |m| m.len() as usize)
+fn console_len(dir: &std::path::Path) -> Mark {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir.join("console.log")).map_or((0, 0), |m| (m.ino(), m.len() as usize))
 }
 
 /// Types `line` at the console of the VM in `dir` and waits for `ok` (or
 /// fails on `bad`) in what the console prints after it.
 fn ask(g: &Godwit, dir: &std::path::Path, line: &str, ok: &str, bad: &str) -> anyhow::Result<()> {
-    use std::io::Write;
     let from = console_len(dir);
-    let mut s = std::os::unix::net::UnixStream::connect(dir.join("console.sock"))
-        .with_context(|| format!("console of {}", dir.display()))?;
-    s.write_all(format!("{line}\n").as_bytes())?;
+    crate::demo::type_at(dir, line)?;
     g.wait(
         &format!("{ok:?} after {line:?}"),
         Duration::from_secs(60),
@@ -346,7 +353,9 @@ fn cell(g: &mut Godwit, n: usize, fault: Fault, phase: Phase) -> anyhow::Result<
         g.vm_dir(1, "default", "demo"),
     ];
     g.wait("heartbeats", Duration::from_secs(30), || {
-        Ok(console_since(&dirs[i], 0).contains("HB 70 ").then_some(()))
+        Ok(console_since(&dirs[i], (0, 0))
+            .contains("HB 70 ")
+            .then_some(()))
     })?;
     let seed = 100 + n;
     ask(
@@ -389,6 +398,7 @@ fn cell(g: &mut Godwit, n: usize, fault: Fault, phase: Phase) -> anyhow::Result<
         .into_iter()
         .flatten()
         .collect();
+    let at_fault = [console_len(&dirs[0]), console_len(&dirs[1])];
     let t0 = Instant::now();
     let repair: Option<(Duration, Repair)> = match fault {
         Fault::SourceVmmKilled => {
@@ -446,7 +456,11 @@ fn cell(g: &mut Godwit, n: usize, fault: Fault, phase: Phase) -> anyhow::Result<
     // a sampler thread looks at the VMM processes every 10 ms, undisturbed
     // by the API reads here.
     let watcher = Sampler::start(dirs.clone(), before);
-    let result = (|| -> anyhow::Result<(Value, Value)> {
+    // Settled: the migration over, the VM Running with one VMM, the same
+    // one for STABLE (a source that lost its guest in post-copy exits a
+    // few seconds after the migration failed).
+    let mut stable: Option<(usize, i32, Instant)> = None;
+    let result = (|| -> anyhow::Result<(Value, Value, Instant)> {
         let mut repair = repair;
         loop {
             if repair
@@ -466,14 +480,25 @@ fn cell(g: &mut Godwit, n: usize, fault: Fault, phase: Phase) -> anyhow::Result<
                 );
                 let over = final_phase && v["status"]["migration"].is_null();
                 let on = v["status"]["nodeName"].as_str().unwrap_or("");
+                let mut candidate = None;
                 if over && v["status"]["phase"] == "Running" && !on.is_empty() {
                     let k = g.node_index(on)?;
                     if watcher.live() == [k] {
-                        // From now on one VMM only: the losing one has
-                        // had its chance to exit.
-                        watcher.migration_over();
-                        break Ok((m, v));
+                        candidate = vmm_pid(&dirs[k]).map(|pid| (k, pid));
                     }
+                }
+                stable = match (candidate, stable) {
+                    (Some((k, pid)), Some((k0, pid0, since))) if (k, pid) == (k0, pid0) => {
+                        Some((k, pid, since))
+                    }
+                    (Some((k, pid)), _) => Some((k, pid, Instant::now())),
+                    (None, _) => None,
+                };
+                if let Some((_, _, since)) = stable.filter(|s| s.2.elapsed() >= STABLE) {
+                    // From now on one VMM only: the losing one has had
+                    // its chance to exit.
+                    watcher.migration_over();
+                    break Ok((m, v, since));
                 }
             }
             if t0.elapsed() > Duration::from_secs(150) {
@@ -485,14 +510,14 @@ fn cell(g: &mut Godwit, n: usize, fault: Fault, phase: Phase) -> anyhow::Result<
             std::thread::sleep(Duration::from_millis(100));
         }
     })();
-    let (mig, vm) = match result {
+    let (mig, vm, settled_at) = match result {
         Ok(r) => r,
         Err(e) => {
             drop(watcher);
             return Err(e);
         }
     };
-    let settled_ms = t0.elapsed().as_millis() as u64;
+    let settled_ms = settled_at.duration_since(t0).as_millis() as u64;
     let on = vm["status"]["nodeName"].as_str().unwrap_or("").to_string();
     let k = g.node_index(&on)?;
     let pid = vmm_pid(&dirs[k]).context("the VMM's pid")?;
@@ -506,8 +531,25 @@ fn cell(g: &mut Godwit, n: usize, fault: Fault, phase: Phase) -> anyhow::Result<
     };
     // The guest: memory intact (a restarted guest's check is trivially
     // fresh), disk pattern there.
-    g.wait("the guest's heartbeats", Duration::from_secs(30), || {
-        Ok(console_since(&dirs[k], 0).contains("HB ").then_some(()))
+    // Heartbeats printed since the fault; a rebooted guest takes console
+    // input only once it is READY.
+    let since = at_fault[k];
+    let fresh = if outcome == Outcome::Restarted {
+        "READY"
+    } else {
+        "HB "
+    };
+    g.wait("the guest's console", Duration::from_secs(30), || {
+        let out = console_since(&dirs[k], since);
+        Ok((out.contains(fresh) && out.contains("HB ")).then_some(()))
+    })
+    .with_context(|| {
+        let out = console_since(&dirs[k], since);
+        let head: String = out.lines().take(5).collect::<Vec<_>>().join(" | ");
+        format!(
+            "{outcome:?} on {on} (pid {pid}, source pid {src_pid}), {} bytes of console since the fault: {head}",
+            out.len()
+        )
     })?;
     ask(g, &dirs[k], "memcheck", "MEMCHECK ok", "MEMCHECK bad")?;
     ask(

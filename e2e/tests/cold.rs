@@ -11,23 +11,10 @@
 //! Needs the release binaries (`cargo build --release -p godwit-node -p
 //! godwit-operator --bins`, as e2e/test.sh does), /dev/kvm and qemu-img.
 
-use std::io::Write;
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use godwit_e2e::demo::{Godwit, EXAMPLE_TEMPLATE, EXAMPLE_VM};
-
-fn type_at(vm_dir: &Path, line: &str) {
-    let mut s = UnixStream::connect(vm_dir.join("console.sock"))
-        .unwrap_or_else(|e| panic!("console of {}: {e}", vm_dir.display()));
-    s.write_all(format!("{line}\n").as_bytes()).unwrap();
-}
-
-fn console_has(vm_dir: &Path, text: &str) -> bool {
-    std::fs::read_to_string(vm_dir.join("console.log")).is_ok_and(|t| t.contains(text))
-}
+use godwit_e2e::demo::{console_has, type_at, Godwit, EXAMPLE_TEMPLATE, EXAMPLE_VM};
 
 fn cold_migration(name: &str) -> String {
     format!(
@@ -88,7 +75,7 @@ fn a_stopped_vm_moves_with_its_disk_verified_and_the_source_copy_goes() {
         Ok(console_has(&src, "HB ").then_some(()))
     })
     .unwrap();
-    type_at(&src, "blkwrite 4096 256 7");
+    type_at(&src, "blkwrite 4096 256 7").unwrap();
     g.wait("the pattern written", Duration::from_secs(30), || {
         Ok(console_has(&src, "BLK write ok sector=4096").then_some(()))
     })
@@ -231,7 +218,7 @@ fn a_stopped_vm_moves_with_its_disk_verified_and_the_source_copy_goes() {
         Ok(console_has(&dst, "HB ").then_some(()))
     })
     .unwrap();
-    type_at(&dst, "blkverify 4096 256 7");
+    type_at(&dst, "blkverify 4096 256 7").unwrap();
     g.wait("the pattern verified", Duration::from_secs(30), || {
         assert!(
             !console_has(&dst, "BLK verify bad"),

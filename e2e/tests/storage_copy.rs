@@ -7,23 +7,9 @@
 //! Needs the release binaries (`cargo build --release -p godwit-node -p
 //! godwit-operator --bins`, as e2e/test.sh does) and /dev/kvm.
 
-use std::io::Write;
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::time::Duration;
 
-use godwit_e2e::demo::{Godwit, EXAMPLE_TEMPLATE, EXAMPLE_VM};
-
-/// Types `line` at the guest's console (the VMM's console socket).
-fn type_at(vm_dir: &Path, line: &str) {
-    let mut s = UnixStream::connect(vm_dir.join("console.sock"))
-        .unwrap_or_else(|e| panic!("console of {}: {e}", vm_dir.display()));
-    s.write_all(format!("{line}\n").as_bytes()).unwrap();
-}
-
-fn console_has(vm_dir: &Path, text: &str) -> bool {
-    std::fs::read_to_string(vm_dir.join("console.log")).is_ok_and(|t| t.contains(text))
-}
+use godwit_e2e::demo::{console_has, type_at, Godwit, EXAMPLE_TEMPLATE, EXAMPLE_VM};
 
 fn migration(name: &str, storage: Option<&str>) -> String {
     let storage = storage
@@ -60,7 +46,7 @@ fn a_vm_on_local_storage_moves_with_its_disk() {
         Ok(console_has(&src, "HB ").then_some(()))
     })
     .unwrap();
-    type_at(&src, "blkwrite 4096 256 7");
+    type_at(&src, "blkwrite 4096 256 7").unwrap();
     g.wait("the first pattern written", Duration::from_secs(30), || {
         Ok(console_has(&src, "BLK write ok sector=4096").then_some(()))
     })
@@ -94,7 +80,7 @@ fn a_vm_on_local_storage_moves_with_its_disk() {
         .to_string();
     assert_ne!(to, from);
     let dst = g.vm_dir(g.node_index(&to).unwrap(), "default", "demo");
-    type_at(&src, "blkwrite 8192 256 9");
+    type_at(&src, "blkwrite 8192 256 9").unwrap();
     // It completes on the source before the switch-over (and is copied in
     // a round or in stop-and-copy), or on the target after it.
     g.wait(
@@ -124,8 +110,8 @@ fn a_vm_on_local_storage_moves_with_its_disk() {
     assert!(dst.join("disks/root.qcow2").exists());
 
     // After: the guest, now on the target's disk, reads back both patterns.
-    type_at(&dst, "blkverify 4096 256 7");
-    type_at(&dst, "blkverify 8192 256 9");
+    type_at(&dst, "blkverify 4096 256 7").unwrap();
+    type_at(&dst, "blkverify 8192 256 9").unwrap();
     g.wait("both patterns verified", Duration::from_secs(30), || {
         assert!(
             !console_has(&dst, "BLK verify bad"),

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use godwit_crds::contract::{self, Machine};
 use godwit_crds::{MigrationPhase, VMMigration, VirtualMachine};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::events::EventType;
 use kube::ResourceExt;
 use serde_json::json;
@@ -106,13 +106,8 @@ impl Agent {
                     }
                 }
             })?;
-        let patch = json!({"status": {"targetAddress": addr}});
-        api.patch_status(
-            &m.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
+        self.patch_migration(api, m, json!({"targetAddress": addr}))
+            .await?;
         self.event(
             m,
             EventType::Normal,
@@ -246,13 +241,8 @@ impl Agent {
                     let _ = std::fs::write(d.file("outgoing-result"), text);
                 }
             })?;
-        let patch = json!({"status": {"phase": MigrationPhase::StopAndCopy}});
-        api.patch_status(
-            &m.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
+        self.patch_migration(api, m, json!({"phase": MigrationPhase::StopAndCopy}))
+            .await?;
         self.event(
             m,
             EventType::Normal,

@@ -878,13 +878,8 @@ impl Agent {
         match started {
             Ok((child, listening)) => {
                 self.children.lock().unwrap().insert(dir, child);
-                let patch = json!({"status": {"targetAddress": listening}});
-                api.patch_status(
-                    &m.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(&patch),
-                )
-                .await?;
+                self.patch_migration(api, m, json!({"targetAddress": listening}))
+                    .await?;
                 self.event(
                     m,
                     EventType::Normal,
@@ -959,13 +954,8 @@ impl Agent {
             .await?;
         match sent {
             Ok(_) => {
-                let patch = json!({"status": {"phase": MigrationPhase::PreCopy}});
-                api.patch_status(
-                    &m.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(&patch),
-                )
-                .await?;
+                self.patch_migration(api, m, json!({"phase": MigrationPhase::PreCopy}))
+                    .await?;
                 self.event(
                     m,
                     EventType::Normal,
@@ -1031,6 +1021,9 @@ impl Agent {
     ) -> anyhow::Result<()> {
         let stays = if cold {
             format!("the VM stays stopped on {} with its disks", self.cfg.node)
+        } else if progress["guest_lost"].as_bool() == Some(true) {
+            "the guest ran on the target and is lost; it is restarted as its runStrategy says"
+                .to_string()
         } else {
             format!("the VM keeps running on {}", self.cfg.node)
         };
@@ -1067,13 +1060,8 @@ impl Agent {
             let mut at = status.phase;
             while decide::next_phase(at, wanted) != wanted {
                 at = decide::next_phase(at, wanted);
-                let patch = json!({"status": {"phase": at, "progress": p}});
-                api.patch_status(
-                    &m.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(&patch),
-                )
-                .await?;
+                self.patch_migration(api, m, json!({"phase": at, "progress": p}))
+                    .await?;
             }
             let r = &progress["result"];
             let result = MigrationResult {
@@ -1111,13 +1099,8 @@ impl Agent {
             .get(&key)
             .is_none_or(|t| t.elapsed() >= PROGRESS_PERIOD);
         if due || phase != status.phase {
-            let patch = json!({"status": {"phase": phase, "progress": p}});
-            api.patch_status(
-                &m.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await?;
+            self.patch_migration(api, m, json!({"phase": phase, "progress": p}))
+                .await?;
             self.reported.lock().unwrap().insert(key, Instant::now());
             if phase != status.phase {
                 self.event(
@@ -1133,6 +1116,22 @@ impl Agent {
                 .await;
             }
         }
+        Ok(())
+    }
+
+    /// Merges `status` into migration `m`'s status.
+    async fn patch_migration(
+        &self,
+        api: &Api<VMMigration>,
+        m: &VMMigration,
+        status: Value,
+    ) -> anyhow::Result<()> {
+        api.patch_status(
+            &m.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&json!({ "status": status })),
+        )
+        .await?;
         Ok(())
     }
 
@@ -1159,12 +1158,7 @@ impl Agent {
             }
             None => status["failureReason"] = json!(message),
         }
-        api.patch_status(
-            &m.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&json!({ "status": status })),
-        )
-        .await?;
+        self.patch_migration(api, m, status).await?;
         let kind = if phase == MigrationPhase::Succeeded {
             EventType::Normal
         } else {

@@ -405,6 +405,7 @@ pub fn send<V: SourceVm>(
         Err(e) => progress.update(|p| {
             p.stage = Stage::Failed;
             p.error = Some(error_chain(e));
+            p.guest_lost = matches!(e, MigrationError::PostCopyLost(_));
         }),
     }
     outcome

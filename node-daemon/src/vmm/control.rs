@@ -138,6 +138,10 @@ pub enum Command {
 /// How long a source whose guest moved keeps answering before it exits.
 pub const MIGRATED_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// How long a source whose guest was lost in post-copy keeps answering
+/// `migrate-status` before it exits as failed.
+pub const LOST_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The outgoing migration of this process, if one was started.
 static OUTGOING: std::sync::Mutex<Option<crate::migration::vmm::Outgoing>> =
     std::sync::Mutex::new(None);
@@ -212,7 +216,21 @@ fn migrate_send(vmm: &Arc<Vmm>, cmd: Command) -> Result<Value, String> {
         let slot = OUTGOING.lock().unwrap();
         let Some(out) = slot.as_ref() else { return };
         if out.handle.is_finished() {
-            if out.progress.get().stage == crate::migration::Stage::Completed {
+            let progress = out.progress.get();
+            if progress.guest_lost {
+                // The guest ran on the target, which is gone: what is here
+                // is stale and must never run. Leave the result readable
+                // for a moment, then fail so that the VM is restarted.
+                eprintln!("godwit-vmm: post-copy broke after the guest moved; this copy is stale and will not resume; exiting");
+                vmm.stop();
+                drop(slot);
+                std::thread::sleep(LOST_GRACE);
+                vmm.fail(
+                    "post-copy broke after the guest moved to the target; the guest is lost".into(),
+                );
+                return;
+            }
+            if progress.stage == crate::migration::Stage::Completed {
                 eprintln!("godwit-vmm: migrated to {addr}; exiting within {MIGRATED_GRACE:?}");
                 vmm.stop();
                 drop(slot);

@@ -456,6 +456,11 @@ impl Vmm {
     }
 
     /// Asks the main loop to stop the VM (used by the control socket).
+    /// Ends the VMM as failed with `message` (exit status 1).
+    pub fn fail(&self, message: String) {
+        let _ = self.exit_tx.send(VmExit::Failed(message));
+    }
+
     pub fn request_stop(&self) {
         let _ = self
             .exit_tx
