@@ -208,10 +208,14 @@ pub fn run(dir: &std::path::Path, cells: &[(Fault, Phase)]) -> anyhow::Result<Ve
             expected: expected(fault, phase),
             outcome,
         };
-        tracing::info!(?report, "fault cell done");
         reports.push(report);
-        // Whatever the cell left, the next one starts clean.
-        cleanup(&mut g)?;
+        // Whatever the cell left, the next one starts clean; a cell that
+        // leaves something that will not go fails, and the matrix stops.
+        if let Err(e) = cleanup(&mut g) {
+            let last = reports.last_mut().expect("just pushed");
+            last.outcome = Err(format!("cleaning up after the cell: {e:#}"));
+            break;
+        }
     }
     Ok(reports)
 }
@@ -591,7 +595,7 @@ fn cleanup(g: &mut Godwit) -> anyhow::Result<()> {
     ];
     g.wait(
         "the VM and its migrations gone",
-        Duration::from_secs(60),
+        Duration::from_secs(90),
         || {
             let gone = g.get("vm", "demo")?.is_none()
                 && g.kubectl(&["get", "vmmig", "-o", "name"], None)?
@@ -601,6 +605,26 @@ fn cleanup(g: &mut Godwit) -> anyhow::Result<()> {
             Ok((gone && quiet).then_some(()))
         },
     )
+    .with_context(|| {
+        let vm = g.get("vm", "demo").ok().flatten().map(|v| {
+            format!(
+                "VM phase {} on {}, finalizers {}, deleting {}",
+                v["status"]["phase"],
+                v["status"]["nodeName"],
+                v["metadata"]["finalizers"],
+                v["metadata"]["deletionTimestamp"]
+            )
+        });
+        let columns = "custom-columns=N:.metadata.name,P:.status.phase,F:.metadata.finalizers";
+        let migs = g
+            .kubectl(&["get", "vmmig", "-o", columns, "--no-headers"], None)
+            .unwrap_or_default();
+        let pids: Vec<Option<i32>> = dirs
+            .iter()
+            .map(|d| vmm_pid(d).filter(|&p| alive(p)))
+            .collect();
+        format!("left: {vm:?}; migrations: {}; VMMs: {pids:?}", migs.trim())
+    })
 }
 
 /// Samples the VM's VMM processes on both nodes every 10 ms in a thread.

@@ -75,6 +75,7 @@ fn faults(a: FaultsArgs) -> Result<()> {
         .flat_map(|&p| Fault::ALL.iter().map(move |&f| (f, p)))
         .collect();
     let reports = faults::run(&dir, &cells)?;
+    anyhow::ensure!(!reports.is_empty(), "no cell ran");
     let passed = reports.iter().filter(|r| r.passed()).count();
     if a.json {
         for r in &reports {
@@ -97,15 +98,16 @@ fn faults(a: FaultsArgs) -> Result<()> {
         }
         println!(
             "{}",
-            json!({"bench": "faults", "cells": reports.len(), "passed": passed})
+            json!({"bench": "faults", "cells": cells.len(), "ran": reports.len(), "passed": passed})
         );
     } else {
         faults::print(&reports);
     }
     anyhow::ensure!(
-        passed == reports.len(),
-        "{} cells did not hold",
-        reports.len() - passed
+        passed == cells.len(),
+        "{} of {} cells did not hold or did not run",
+        cells.len() - passed,
+        cells.len()
     );
     Ok(())
 }
