@@ -1022,7 +1022,7 @@ impl Agent {
         let stays = if cold {
             format!("the VM stays stopped on {} with its disks", self.cfg.node)
         } else if progress["guest_lost"].as_bool() == Some(true) {
-            "the guest ran on the target and is lost; it is restarted as its runStrategy says"
+            "the guest may have run on the target and is lost; it is restarted as its runStrategy says"
                 .to_string()
         } else {
             format!("the VM keeps running on {}", self.cfg.node)

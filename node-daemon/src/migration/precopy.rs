@@ -405,7 +405,14 @@ pub fn send<V: SourceVm>(
         Err(e) => progress.update(|p| {
             p.stage = Stage::Failed;
             p.error = Some(error_chain(e));
-            p.guest_lost = matches!(e, MigrationError::PostCopyLost(_));
+            // After Commit or the switch to post-copy the guest may have
+            // run on the target; the target's VMM is discarded with the
+            // failed migration, so this paused copy is all there is and it
+            // may be stale: it must not resume, and the VM is restarted.
+            p.guest_lost = matches!(
+                e,
+                MigrationError::PostCopyLost(_) | MigrationError::CommitUnknown(_)
+            );
         }),
     }
     outcome

@@ -69,9 +69,9 @@ pub struct Progress {
     pub result: Option<MigrationResult>,
     /// The error, once failed.
     pub error: Option<String>,
-    /// Failed after the guest ran on the target (post-copy): the source's
-    /// copy is stale and must never resume; the VM is lost and must be
-    /// restarted.
+    /// Failed after the guest may have run on the target (post-copy, or
+    /// no answer after Commit): the source's copy may be stale and must
+    /// never resume; the VM is lost and must be restarted.
     #[serde(default)]
     pub guest_lost: bool,
 }

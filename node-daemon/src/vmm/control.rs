@@ -218,15 +218,16 @@ fn migrate_send(vmm: &Arc<Vmm>, cmd: Command) -> Result<Value, String> {
         if out.handle.is_finished() {
             let progress = out.progress.get();
             if progress.guest_lost {
-                // The guest ran on the target, which is gone: what is here
-                // is stale and must never run. Leave the result readable
-                // for a moment, then fail so that the VM is restarted.
-                eprintln!("godwit-vmm: post-copy broke after the guest moved; this copy is stale and will not resume; exiting");
+                // The guest may have run on the target, which is gone:
+                // what is here may be stale and must never run. Leave the
+                // result readable for a moment, then fail so that the VM
+                // is restarted.
+                eprintln!("godwit-vmm: the migration broke after the guest may have moved; this copy will not resume; exiting");
                 vmm.stop();
                 drop(slot);
                 std::thread::sleep(LOST_GRACE);
                 vmm.fail(
-                    "post-copy broke after the guest moved to the target; the guest is lost".into(),
+                    "the migration broke after the guest may have moved to the target; the guest is lost".into(),
                 );
                 return;
             }
