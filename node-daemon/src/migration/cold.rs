@@ -594,16 +594,12 @@ mod tests {
         }
     }
 
-    /// Runs a cold migration of the disk at `src` into the disk at `dst`
-    /// (made by `make_target` when the Hello arrives).
-    fn migrate(
-        src: &Path,
-        dst: PathBuf,
-        make_target: fn(&Path),
-    ) -> (
-        Result<MigrationResult, MigrationError>,
-        Result<ColdHello, MigrationError>,
-    ) {
+    type Received = Result<ColdHello, MigrationError>;
+
+    /// A target for VM `vm1` on a loopback port, whose disks `prepare` makes.
+    fn spawn_target(
+        prepare: impl FnOnce() -> Result<Vec<ColdDisk>, MigrationError> + Send + 'static,
+    ) -> (std::net::SocketAddr, std::thread::JoinHandle<Received>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let target = std::thread::spawn(move || {
@@ -611,13 +607,24 @@ mod tests {
             receive(
                 Conn::plain(stream),
                 "vm1",
-                |_hello| {
-                    make_target(&dst);
-                    Ok(vec![open(&dst, false)])
-                },
+                |_hello| prepare(),
                 Duration::from_secs(10),
                 &ProgressHandle::default(),
             )
+        });
+        (addr, target)
+    }
+
+    /// Runs a cold migration of the disk at `src` into the disk at `dst`
+    /// (made by `make_target` when the Hello arrives).
+    fn migrate(
+        src: &Path,
+        dst: PathBuf,
+        make_target: fn(&Path),
+    ) -> (Result<MigrationResult, MigrationError>, Received) {
+        let (addr, target) = spawn_target(move || {
+            make_target(&dst);
+            Ok(vec![open(&dst, false)])
         });
         let disks = [open(src, true)];
         let sent = send(
@@ -734,18 +741,7 @@ mod tests {
 
     #[test]
     fn a_live_hello_is_refused_by_a_cold_target() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let target = std::thread::spawn(move || {
-            let (stream, _) = listener.accept().unwrap();
-            receive(
-                Conn::plain(stream),
-                "vm1",
-                |_| Ok(Vec::new()),
-                Duration::from_secs(5),
-                &ProgressHandle::default(),
-            )
-        });
+        let (addr, target) = spawn_target(|| Ok(Vec::new()));
         let mut s = TcpStream::connect(addr).unwrap();
         let live = protocol::Hello {
             vm_name: "vm1".into(),
