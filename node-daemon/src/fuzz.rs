@@ -39,6 +39,10 @@ pub fn migration_stream(data: &[u8]) {
             Command::Pages => memory.apply(&payload).is_ok(),
             Command::RoundEnd => protocol::parse_round_end(&payload).is_ok(),
             Command::DiskBlocks => protocol::parse_disk_blocks(&payload).is_ok(),
+            Command::Resume => {
+                protocol::parse_json::<protocol::Resume>(header.command, &payload).is_ok()
+            }
+            Command::ResumeAck => protocol::parse_resume_ack(&payload).is_ok(),
             Command::State => {
                 saved_state(&payload);
                 true

@@ -149,6 +149,9 @@ pub enum MigrationError {
     /// The connection failed after Commit was sent.
     #[error("No confirmation from the target after commit: the VM stays paused on the source and may be running on the target")]
     CommitUnknown(#[source] Box<MigrationError>),
+    /// A post-copy link was lost and did not come back in time.
+    #[error("The migration link was lost during post-copy and did not come back within {0:?}")]
+    LinkNotBack(Duration, #[source] Box<MigrationError>),
     /// The connection failed during post-copy, after the guest moved.
     #[error("Post-copy failed after the guest moved to the target; the guest cannot continue")]
     PostCopyLost(#[source] Box<MigrationError>),

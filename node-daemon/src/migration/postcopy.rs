@@ -286,6 +286,68 @@ pub fn available() -> bool {
     *AVAILABLE.get_or_init(|| Userfault::new().is_ok())
 }
 
+/// How long a post-copy migration whose link was lost waits for it to come
+/// back before the guest is given up ([`SendOptions::recover_timeout`],
+/// `ReceiveOptions::recover_timeout`).
+///
+/// [`SendOptions::recover_timeout`]: super::precopy::SendOptions::recover_timeout
+pub const RECOVER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Whether `e` is a lost link: nothing heard or acknowledged for the stall
+/// timeout, or the network reporting the peer unreachable. Both VMMs then
+/// still hold the guest and post-copy can resume on a new connection. A
+/// peer that closed or reset its end (its VMM exited) is not a lost link:
+/// nothing can resume with it.
+pub(super) fn link_lost(e: &MigrationError) -> bool {
+    use std::io::ErrorKind::*;
+    let MigrationError::Protocol(protocol::ProtocolError::Io(io)) = e else {
+        return false;
+    };
+    matches!(
+        io.kind(),
+        WouldBlock | TimedOut | HostUnreachable | NetworkUnreachable
+    ) || matches!(
+        io.raw_os_error(),
+        Some(libc::ETIMEDOUT | libc::EHOSTUNREACH | libc::ENETUNREACH)
+    )
+}
+
+/// Where the source stands in post-copy.
+struct Serve {
+    /// Pages the target still needs, as far as the source knows.
+    needed: Vec<DirtyPages>,
+    remaining: u64,
+    /// Next page of the background push (region, page).
+    cursor: (usize, u64),
+    /// When the target said the guest runs there (from the pause).
+    activated: Option<Duration>,
+}
+
+impl Serve {
+    /// Replaces what the source thinks the target needs with what the target
+    /// says it needs (after a reconnection: pages in flight on the lost
+    /// connection never arrived).
+    fn reset(
+        &mut self,
+        regions: &[GuestRegion],
+        runs: &[(u64, u32)],
+    ) -> Result<(), MigrationError> {
+        for d in &mut self.needed {
+            d.bitmap.iter_mut().for_each(|w| *w = 0);
+        }
+        for &(gpa, pages) in runs {
+            for p in 0..u64::from(pages) {
+                let gpa = gpa + p * PAGE_SIZE as u64;
+                let (r, page) = locate(regions, gpa).ok_or(MigrationError::PageOutOfRange(gpa))?;
+                self.needed[r].bitmap[(page / 64) as usize] |= 1 << (page % 64);
+            }
+        }
+        self.remaining = self.needed.iter().map(DirtyPages::count).sum();
+        self.cursor = (0, 0);
+        Ok(())
+    }
+}
+
 /// The source after the switch: sends the state and the list of pages the
 /// target still needs, then pushes them in order, serving requested pages
 /// first, until all are there.
@@ -295,6 +357,10 @@ pub fn available() -> bool {
 /// kvmclock page). Until `Activated` arrives, an explicit `Abort` still leaves
 /// the guest to us; any other failure leaves it unknown (the target may have
 /// resumed), so the source stays paused.
+///
+/// If the link is lost ([`link_lost`]) and the options say how to reconnect,
+/// the source dials the target again until the recovery timeout, and carries
+/// on with what the target says it still needs ([`rejoin`]).
 pub(super) fn source_serve<V: SourceVm>(
     src: &mut Source<'_, V>,
     pending: &[DirtyPages],
@@ -303,7 +369,7 @@ pub(super) fn source_serve<V: SourceVm>(
     history: &[Round],
     committed: &mut bool,
 ) -> Result<MigrationResult, MigrationError> {
-    let mut needed: Vec<DirtyPages> = pending.to_vec();
+    let needed: Vec<DirtyPages> = pending.to_vec();
     let runs: Vec<(u64, u32)> = needed
         .iter()
         .flat_map(|d| {
@@ -317,92 +383,38 @@ pub(super) fn source_serve<V: SourceVm>(
         .send(Command::PostCopy, &protocol::encode_page_runs(&runs))?;
     src.progress.update(|p| p.stage = Stage::PostCopy);
 
-    let mut activated: Option<Duration> = None;
-    let mut remaining: u64 = needed.iter().map(DirtyPages::count).sum();
-    let mut cursor = (0usize, 0u64);
-    let result = (|| -> Result<(), MigrationError> {
-        while remaining > 0 || activated.is_none() {
-            // Requests and Activated first; with nothing left to push, wait.
-            loop {
-                let next = if remaining == 0 {
-                    super::transport::recv_timeout(&src.incoming, src.opts.stall_timeout)
-                        .map(Some)?
-                } else {
-                    match src.incoming.try_recv() {
-                        Ok(item) => Some(item?),
-                        Err(TryRecvError::Empty) => None,
-                        Err(TryRecvError::Disconnected) => {
-                            return Err(MigrationError::StreamClosed)
-                        }
-                    }
-                };
-                match next {
-                    None => break,
-                    Some((Command::PageRequest, payload)) => {
-                        for gpa in protocol::parse_page_request(&payload)? {
-                            if let Some((r, page)) = locate(&src.regions, gpa) {
-                                if take_bit(&mut needed[r], page) {
-                                    src.send_run(r, page, 1)?;
-                                    remaining -= 1;
-                                }
-                            }
-                        }
-                        src.flush_batch()?;
-                    }
-                    Some((Command::Activated, _)) => {
-                        activated = Some(pause_start.elapsed());
+    let mut serve = Serve {
+        remaining: needed.iter().map(DirtyPages::count).sum(),
+        needed,
+        cursor: (0, 0),
+        activated: None,
+    };
+    loop {
+        let outcome = push(src, &mut serve, pause_start, committed).and_then(|()| finish(src));
+        let e = match outcome {
+            Ok(()) => break,
+            Err(e) => e,
+        };
+        let recoverable = link_lost(&e) && src.opts.reconnect.is_some();
+        let e = if recoverable {
+            match rejoin(src, &e) {
+                Ok((activated, runs)) => {
+                    if activated && serve.activated.is_none() {
+                        serve.activated = Some(pause_start.elapsed());
                         *committed = true;
-                        if remaining == 0 {
-                            return Ok(());
-                        }
                     }
-                    Some((Command::Abort, reason)) => {
-                        return Err(MigrationError::PeerAbort(
-                            String::from_utf8_lossy(&reason).into_owned(),
-                        ))
-                    }
-                    Some((got, _)) => {
-                        return Err(protocol::ProtocolError::Unexpected {
-                            got,
-                            expected: "PageRequest or Activated",
-                        }
-                        .into())
-                    }
-                }
-                if remaining == 0 && activated.is_some() {
-                    return Ok(());
-                }
-            }
-            // Then a slice of the background push.
-            let mut pushed = 0;
-            while remaining > 0 && pushed < PUSH_PAGES && cursor.0 < needed.len() {
-                let (r, page) = cursor;
-                let pages = needed[r].bitmap.len() as u64 * 64;
-                if page >= pages {
-                    cursor = (r + 1, 0);
+                    serve.reset(&src.regions, &runs)?;
                     continue;
                 }
-                if needed[r].bitmap[(page / 64) as usize] == 0 {
-                    cursor.1 = (page / 64 + 1) * 64;
-                    continue;
+                Err(again) => {
+                    tracing::warn!("post-copy not resumed: {}", crate::error_chain(&again));
+                    again
                 }
-                if take_bit(&mut needed[r], page) {
-                    src.send_run(r, page, 1)?;
-                    remaining -= 1;
-                    pushed += 1;
-                }
-                cursor.1 += 1;
             }
-            src.flush_batch()?;
-            src.progress.update(|p| {
-                p.memory_remaining_bytes = remaining * PAGE_SIZE as u64;
-                p.transferred_bytes = src.writer.bytes_sent;
-            });
-        }
-        Ok(())
-    })();
-    if let Err(e) = result {
-        return Err(match (&e, activated) {
+        } else {
+            e
+        };
+        return Err(match (&e, serve.activated) {
             // The target never ran the guest and said so: it is still ours.
             (MigrationError::PeerAbort(_), None) => e,
             (_, None) => {
@@ -412,35 +424,9 @@ pub(super) fn source_serve<V: SourceVm>(
             (_, Some(_)) => MigrationError::PostCopyLost(Box::new(e)),
         });
     }
-    let downtime = activated.expect("the push ends only once the target runs the guest");
-    let lost = |e: MigrationError| MigrationError::PostCopyLost(Box::new(e));
-    src.writer
-        .send(Command::Complete, &[])
-        .map_err(|e| lost(e.into()))?;
-    src.progress.update(|p| p.stage = Stage::Committing);
-    // Requests the target sent for pages already on their way may still be
-    // in the stream ahead of Ready; they need no answer.
-    loop {
-        match super::transport::recv_timeout(&src.incoming, src.opts.stall_timeout) {
-            Ok((Command::Ready, _)) => break,
-            Ok((Command::PageRequest, _)) => continue,
-            Ok((Command::Abort, reason)) => {
-                return Err(lost(MigrationError::PeerAbort(
-                    String::from_utf8_lossy(&reason).into_owned(),
-                )))
-            }
-            Ok((got, _)) => {
-                return Err(lost(
-                    protocol::ProtocolError::Unexpected {
-                        got,
-                        expected: "Ready",
-                    }
-                    .into(),
-                ))
-            }
-            Err(e) => return Err(lost(e.into())),
-        }
-    }
+    let downtime = serve
+        .activated
+        .expect("post-copy ends only once the target runs the guest");
     Ok(MigrationResult {
         total_ms: src.started.elapsed().as_millis() as u64,
         downtime_ms: downtime.as_secs_f64() * 1000.0,
@@ -452,6 +438,196 @@ pub(super) fn source_serve<V: SourceVm>(
         downtime_breakdown: None,
         storage: None,
     })
+}
+
+/// Serves requests and pushes the rest until the target has every page and
+/// runs the guest.
+fn push<V: SourceVm>(
+    src: &mut Source<'_, V>,
+    serve: &mut Serve,
+    pause_start: Instant,
+    committed: &mut bool,
+) -> Result<(), MigrationError> {
+    while serve.remaining > 0 || serve.activated.is_none() {
+        // Requests and Activated first; with nothing left to push, wait.
+        loop {
+            let next = if serve.remaining == 0 {
+                super::transport::recv_timeout(&src.incoming, src.opts.stall_timeout).map(Some)?
+            } else {
+                match src.incoming.try_recv() {
+                    Ok(item) => Some(item?),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => return Err(MigrationError::StreamClosed),
+                }
+            };
+            match next {
+                None => break,
+                Some((Command::PageRequest, payload)) => {
+                    for gpa in protocol::parse_page_request(&payload)? {
+                        if let Some((r, page)) = locate(&src.regions, gpa) {
+                            if take_bit(&mut serve.needed[r], page) {
+                                src.send_run(r, page, 1)?;
+                                serve.remaining -= 1;
+                            }
+                        }
+                    }
+                    src.flush_batch()?;
+                }
+                Some((Command::Activated, _)) => {
+                    serve.activated = Some(pause_start.elapsed());
+                    *committed = true;
+                    if serve.remaining == 0 {
+                        return Ok(());
+                    }
+                }
+                Some((Command::Abort, reason)) => {
+                    return Err(MigrationError::PeerAbort(
+                        String::from_utf8_lossy(&reason).into_owned(),
+                    ))
+                }
+                Some((got, _)) => {
+                    return Err(protocol::ProtocolError::Unexpected {
+                        got,
+                        expected: "PageRequest or Activated",
+                    }
+                    .into())
+                }
+            }
+            if serve.remaining == 0 && serve.activated.is_some() {
+                return Ok(());
+            }
+        }
+        // Then a slice of the background push.
+        let mut pushed = 0;
+        while serve.remaining > 0 && pushed < PUSH_PAGES && serve.cursor.0 < serve.needed.len() {
+            let (r, page) = serve.cursor;
+            let pages = serve.needed[r].bitmap.len() as u64 * 64;
+            if page >= pages {
+                serve.cursor = (r + 1, 0);
+                continue;
+            }
+            if serve.needed[r].bitmap[(page / 64) as usize] == 0 {
+                serve.cursor.1 = (page / 64 + 1) * 64;
+                continue;
+            }
+            if take_bit(&mut serve.needed[r], page) {
+                src.send_run(r, page, 1)?;
+                serve.remaining -= 1;
+                pushed += 1;
+            }
+            serve.cursor.1 += 1;
+        }
+        src.flush_batch()?;
+        src.progress.update(|p| {
+            p.memory_remaining_bytes = serve.remaining * PAGE_SIZE as u64;
+            p.transferred_bytes = src.writer.bytes_sent;
+        });
+    }
+    Ok(())
+}
+
+/// Everything is there: `Complete`, then the target's `Ready`. Requests the
+/// target sent for pages already on their way may still be in the stream
+/// ahead of Ready; they need no answer.
+fn finish<V: SourceVm>(src: &mut Source<'_, V>) -> Result<(), MigrationError> {
+    src.writer.send(Command::Complete, &[])?;
+    src.progress.update(|p| p.stage = Stage::Committing);
+    loop {
+        match super::transport::recv_timeout(&src.incoming, src.opts.stall_timeout)? {
+            (Command::Ready, _) => return Ok(()),
+            (Command::PageRequest, _) => continue,
+            (Command::Abort, reason) => {
+                return Err(MigrationError::PeerAbort(
+                    String::from_utf8_lossy(&reason).into_owned(),
+                ))
+            }
+            (got, _) => {
+                return Err(protocol::ProtocolError::Unexpected {
+                    got,
+                    expected: "Ready",
+                }
+                .into())
+            }
+        }
+    }
+}
+
+/// After a lost link: drops the old connection and dials the target until
+/// the recovery timeout, then sends `Resume` and returns what the target
+/// answers (whether the guest runs there, the runs of pages it still needs).
+/// A target that refuses the connection outright (its VMM is gone), or
+/// answers with anything but `ResumeAck` (an `Abort`, say), ends the
+/// attempt for good; a connection that breaks or stays silent is dialled
+/// again.
+fn rejoin<V: SourceVm>(
+    src: &mut Source<'_, V>,
+    why: &MigrationError,
+) -> Result<(bool, Vec<(u64, u32)>), MigrationError> {
+    let reconnect = src
+        .opts
+        .reconnect
+        .clone()
+        .expect("rejoin is only called with a way to reconnect");
+    let deadline = Instant::now() + src.opts.recover_timeout;
+    tracing::warn!(
+        timeout = ?src.opts.recover_timeout,
+        "post-copy link lost ({}); dialling the target again",
+        crate::error_chain(why)
+    );
+    src.writer.abandon();
+    src.progress.update(|p| {
+        p.reconnecting = true;
+        p.stage = Stage::PostCopy;
+    });
+    let mut last = clone_io(why);
+    while Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match (reconnect.0)(left.min(Duration::from_secs(2))) {
+            Ok(conn) => {
+                src.replace_stream(conn)?;
+                let resume = protocol::Resume {
+                    vm_name: src.opts.vm_name.clone(),
+                };
+                let answer = src
+                    .writer
+                    .send(Command::Resume, &protocol::encode_json(&resume))
+                    .map_err(MigrationError::from)
+                    .and_then(|()| src.expect(Command::ResumeAck, src.opts.stall_timeout));
+                match answer {
+                    Ok(payload) => {
+                        let (activated, runs) = protocol::parse_resume_ack(&payload)?;
+                        tracing::info!(
+                            activated,
+                            pages = runs.iter().map(|r| u64::from(r.1)).sum::<u64>(),
+                            "post-copy resumed on a new connection"
+                        );
+                        src.progress.update(|p| p.reconnecting = false);
+                        return Ok((activated, runs));
+                    }
+                    // This connection broke or went quiet (the target
+                    // may have taken a newer one): dial again.
+                    Err(
+                        e @ (MigrationError::Protocol(protocol::ProtocolError::Io(_))
+                        | MigrationError::StreamClosed),
+                    ) => last = e,
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(MigrationError::Connect(addr, io))
+                if io.kind() == std::io::ErrorKind::ConnectionRefused =>
+            {
+                return Err(MigrationError::Connect(addr, io));
+            }
+            Err(e) => last = e,
+        }
+        std::thread::sleep(
+            Duration::from_millis(200).min(deadline.saturating_duration_since(Instant::now())),
+        );
+    }
+    Err(MigrationError::LinkNotBack(
+        src.opts.recover_timeout,
+        Box::new(last),
+    ))
 }
 
 /// Region index and page index of `gpa`.
@@ -470,13 +646,29 @@ fn take_bit(d: &mut DirtyPages, page: u64) -> bool {
     was
 }
 
-/// Still-needed pages on the target, shared by the fault and receive threads.
+/// Still-needed pages on the target, shared by the fault and receive threads,
+/// and the pages the fault thread has asked for (asked again on a new
+/// connection if they have not arrived).
 struct Needed {
     regions: Vec<GuestRegion>,
     bits: Vec<Vec<AtomicU64>>,
+    requested: Vec<Vec<AtomicU64>>,
 }
 
 impl Needed {
+    fn new(regions: &[GuestRegion]) -> Needed {
+        let words = |r: &GuestRegion| {
+            (0..(r.size / PAGE_SIZE as u64).div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect()
+        };
+        Needed {
+            bits: regions.iter().map(words).collect(),
+            requested: regions.iter().map(words).collect(),
+            regions: regions.to_vec(),
+        }
+    }
+
     fn locate_host(&self, host: u64) -> Option<(usize, u64)> {
         self.regions.iter().enumerate().find_map(|(i, r)| {
             let start = r.host as u64;
@@ -491,6 +683,223 @@ impl Needed {
     fn clear(&self, r: usize, page: u64) {
         self.bits[r][(page / 64) as usize].fetch_and(!(1 << (page % 64)), Ordering::Release);
     }
+
+    fn mark_requested(&self, r: usize, page: u64) {
+        self.requested[r][(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Release);
+    }
+
+    /// Runs of pages still needed, as `(gpa, pages)`.
+    fn runs(&self) -> Vec<(u64, u32)> {
+        let mut out: Vec<(u64, u32)> = Vec::new();
+        for (r, words) in self.bits.iter().enumerate() {
+            let gpa = self.regions[r].gpa;
+            for (w, word) in words.iter().enumerate() {
+                let mut bits = word.load(Ordering::Acquire);
+                while bits != 0 {
+                    let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    let addr = gpa + page * PAGE_SIZE as u64;
+                    match out.last_mut() {
+                        Some((start, n))
+                            if *start + u64::from(*n) * PAGE_SIZE as u64 == addr
+                                && *n < u32::MAX =>
+                        {
+                            *n += 1
+                        }
+                        _ => out.push((addr, 1)),
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Pages asked for that have not arrived.
+    fn outstanding(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (r, words) in self.requested.iter().enumerate() {
+            for (w, word) in words.iter().enumerate() {
+                let mut bits =
+                    word.load(Ordering::Acquire) & self.bits[r][w].load(Ordering::Acquire);
+                while bits != 0 {
+                    let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    out.push(self.regions[r].gpa + page * PAGE_SIZE as u64);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// What the target needs to resume post-copy on a new connection.
+pub(super) struct Recovery<'a> {
+    /// Takes the source's next connection.
+    pub rejoin: &'a super::receiver::Rejoin<'a>,
+    /// The VM being received (a `Resume` for another is refused).
+    pub vm_name: &'a str,
+    /// How long to wait for the source to come back.
+    pub timeout: Duration,
+    /// Read timeout of the new connection.
+    pub stall_timeout: Duration,
+}
+
+/// After a lost link: drops the old connection and waits for the source's
+/// `Resume` on a new one until `deadline`; answers `ResumeAck`
+/// with whether the guest runs here and what is still missing, then asks
+/// again for the pages faulting vCPUs wait for, and makes the new
+/// connection the one the fault thread writes to. Returns its read half.
+fn rejoin_target(
+    rec: &Recovery<'_>,
+    why: &MigrationError,
+    old: &Conn,
+    deadline: Instant,
+    (needed, running, writer, failed): (&Needed, &AtomicBool, &Mutex<Conn>, &AtomicBool),
+    progress: &ProgressHandle,
+) -> Result<Conn, MigrationError> {
+    tracing::warn!(
+        timeout = ?rec.timeout,
+        "post-copy link lost ({}); waiting for the source to reconnect",
+        crate::error_chain(why)
+    );
+    let _ = old.socket().shutdown(std::net::Shutdown::Both);
+    progress.update(|p| p.reconnecting = true);
+    loop {
+        if failed.load(Ordering::Acquire) {
+            return Err(MigrationError::StreamClosed);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(MigrationError::LinkNotBack(
+                rec.timeout,
+                Box::new(clone_io(why)),
+            ));
+        }
+        let Some(conn) = (rec.rejoin)(deadline.min(now + Duration::from_secs(1)))? else {
+            continue;
+        };
+        let attempt = (|| -> Result<Conn, MigrationError> {
+            conn.socket()
+                .set_read_timeout(Some(rec.stall_timeout))
+                .and_then(|()| conn.socket().set_nodelay(true))
+                .map_err(MigrationError::Socket)?;
+            let mut reader = conn.try_clone().map_err(MigrationError::Socket)?;
+            let mut payload = Vec::new();
+            let header = protocol::read_frame(&mut reader, &mut payload)?;
+            if header.command != Command::Resume {
+                return Err(protocol::ProtocolError::Unexpected {
+                    got: header.command,
+                    expected: "Resume",
+                }
+                .into());
+            }
+            let resume: protocol::Resume = protocol::parse_json(Command::Resume, &payload)?;
+            if resume.vm_name != rec.vm_name {
+                return Err(MigrationError::WrongVm {
+                    got: resume.vm_name,
+                    expected: rec.vm_name.to_string(),
+                });
+            }
+            // Under the writer's lock: the fault thread's next request goes
+            // out on the new connection, after these.
+            let mut w = writer.lock().unwrap();
+            *w = conn.try_clone().map_err(MigrationError::Socket)?;
+            let runs = needed.runs();
+            protocol::write_frame(
+                &mut *w,
+                Command::ResumeAck,
+                &protocol::encode_resume_ack(running.load(Ordering::Acquire), &runs),
+            )?;
+            let outstanding = needed.outstanding();
+            if !outstanding.is_empty() {
+                protocol::write_frame(
+                    &mut *w,
+                    Command::PageRequest,
+                    &protocol::encode_page_request(&outstanding),
+                )?;
+            }
+            w.flush()
+                .map_err(|e| MigrationError::Protocol(protocol::ProtocolError::Io(e)))?;
+            tracing::info!(
+                missing = runs.iter().map(|r| u64::from(r.1)).sum::<u64>(),
+                asked = outstanding.len(),
+                "post-copy resumed on a new connection"
+            );
+            Ok(reader)
+        })();
+        match attempt {
+            Ok(reader) => {
+                progress.update(|p| p.reconnecting = false);
+                return Ok(reader);
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "refused a connection to resume post-copy: {}",
+                    crate::error_chain(&e)
+                );
+                let _ = conn.socket().shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// A copy of a lost-link error for the report (I/O errors do not clone).
+fn clone_io(e: &MigrationError) -> MigrationError {
+    match e {
+        MigrationError::Protocol(protocol::ProtocolError::Io(io)) => MigrationError::Protocol(
+            protocol::ProtocolError::Io(std::io::Error::new(io.kind(), io.to_string())),
+        ),
+        _ => MigrationError::StreamClosed,
+    }
+}
+
+/// Installs pages from `reader` until `Complete`.
+fn receive_pages(
+    reader: &mut Conn,
+    memory: &TargetMemory,
+    uffd: &Userfault,
+    needed: &Needed,
+    progress: &ProgressHandle,
+    received: &mut u64,
+) -> Result<(), MigrationError> {
+    let mut payload = Vec::new();
+    loop {
+        let header = protocol::read_frame(reader, &mut payload)?;
+        *received += (protocol::HEADER_LEN + payload.len()) as u64;
+        match header.command {
+            Command::Pages => {
+                for run in protocol::parse_pages(&payload)? {
+                    let len = u64::from(run.pages) * PAGE_SIZE as u64;
+                    let (r, region) = memory.find(run.gpa, len)?;
+                    let dst = region.host_ptr(run.gpa);
+                    // A page sent again after a reconnection may be here
+                    // already: `copy` and `zero` leave present pages alone.
+                    match run.data {
+                        Some(data) => uffd.copy(dst, data)?,
+                        None => uffd.zero(dst, len)?,
+                    }
+                    let first = (run.gpa - region.gpa) / PAGE_SIZE as u64;
+                    for p in first..first + u64::from(run.pages) {
+                        needed.clear(r, p);
+                    }
+                }
+                progress.update(|p| p.transferred_bytes = *received);
+            }
+            Command::Complete => return Ok(()),
+            Command::Abort => {
+                return Err(MigrationError::PeerAbort(
+                    String::from_utf8_lossy(&payload).into_owned(),
+                ))
+            }
+            got => {
+                return Err(protocol::ProtocolError::Unexpected {
+                    got,
+                    expected: "Pages or Complete",
+                }
+                .into())
+            }
+        }
+    }
 }
 
 fn send_locked(w: &Mutex<Conn>, command: Command, payload: &[u8]) -> Result<(), MigrationError> {
@@ -500,7 +909,10 @@ fn send_locked(w: &Mutex<Conn>, command: Command, payload: &[u8]) -> Result<(), 
         .map_err(|e| MigrationError::Protocol(protocol::ProtocolError::Io(e)))
 }
 
-/// The target after `PostCopy`: fault in what is missing while the guest runs.
+/// The target after `PostCopy`: fault in what is missing while the guest
+/// runs. With `recovery`, a lost link waits for the source to reconnect
+/// ([`rejoin_target`]) instead of losing the guest.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn target_run<T: TargetVm>(
     stream: &mut Conn,
     vm: &T,
@@ -509,20 +921,10 @@ pub(super) fn target_run<T: TargetVm>(
     needed_payload: &[u8],
     progress: &ProgressHandle,
     mut received: u64,
+    recovery: Option<Recovery<'_>>,
 ) -> Result<(), MigrationError> {
     let runs = protocol::parse_page_runs(needed_payload)?;
-    let needed = Needed {
-        bits: memory
-            .regions
-            .iter()
-            .map(|r| {
-                (0..(r.size / PAGE_SIZE as u64).div_ceil(64))
-                    .map(|_| AtomicU64::new(0))
-                    .collect()
-            })
-            .collect(),
-        regions: memory.regions.clone(),
-    };
+    let needed = Needed::new(&memory.regions);
     for (gpa, pages) in &runs {
         let len = u64::from(*pages) * PAGE_SIZE as u64;
         let (r, region) = memory.find(*gpa, len)?;
@@ -555,6 +957,10 @@ pub(super) fn target_run<T: TargetVm>(
     let stop = AtomicBool::new(false);
     // Set just before the ranges are unregistered at the end.
     let released = AtomicBool::new(false);
+    // The guest runs here (told to a reconnecting source).
+    let running = AtomicBool::new(false);
+    // Restoring or resuming failed: no point waiting for the source.
+    let failed = AtomicBool::new(false);
 
     let outcome = std::thread::scope(|s| {
         let fault_thread = s.spawn(|| -> Result<(), MigrationError> {
@@ -565,6 +971,7 @@ pub(super) fn target_run<T: TargetVm>(
                         continue;
                     };
                     if needed.is_needed(r, page) {
+                        needed.mark_requested(r, page);
                         requests.push(needed.regions[r].gpa + page * PAGE_SIZE as u64);
                     } else {
                         // Never sent as data: it was zero on the source.
@@ -580,11 +987,20 @@ pub(super) fn target_run<T: TargetVm>(
                     }
                 }
                 if !requests.is_empty() {
-                    send_locked(
+                    let sent = send_locked(
                         &writer,
                         Command::PageRequest,
                         &protocol::encode_page_request(&requests),
-                    )?;
+                    );
+                    match sent {
+                        Ok(()) => {}
+                        // The receive thread sees the lost link too and
+                        // asks again for these on the next connection.
+                        Err(e) if recovery.is_some() => {
+                            tracing::debug!("page request not sent: {}", crate::error_chain(&e))
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
             }
             Ok(())
@@ -594,45 +1010,40 @@ pub(super) fn target_run<T: TargetVm>(
         // restoring the state may itself fault on a missing page, whose data
         // can only arrive if someone keeps reading the stream.
         let mut reader = stream.try_clone().map_err(MigrationError::Socket)?;
-        let (memory, uffd, needed) = (&memory, &uffd, &needed);
-        let received_before = received;
+        let (memory, uffd, needed, writer, running, failed, recovery) = (
+            &memory, &uffd, &needed, &writer, &running, &failed, &recovery,
+        );
         let receive_thread = s.spawn(move || -> Result<u64, MigrationError> {
-            let mut received = received_before;
-            let mut payload = Vec::new();
+            let mut received = received;
+            // While recovering: when the source must be back by.
+            let mut deadline: Option<Instant> = None;
             loop {
-                let header = protocol::read_frame(&mut reader, &mut payload)?;
-                received += (protocol::HEADER_LEN + payload.len()) as u64;
-                match header.command {
-                    Command::Pages => {
-                        for run in protocol::parse_pages(&payload)? {
-                            let len = u64::from(run.pages) * PAGE_SIZE as u64;
-                            let (r, region) = memory.find(run.gpa, len)?;
-                            let dst = region.host_ptr(run.gpa);
-                            match run.data {
-                                Some(data) => uffd.copy(dst, data)?,
-                                None => uffd.zero(dst, len)?,
-                            }
-                            let first = (run.gpa - region.gpa) / PAGE_SIZE as u64;
-                            for p in first..first + u64::from(run.pages) {
-                                needed.clear(r, p);
-                            }
-                        }
-                        progress.update(|p| p.transferred_bytes = received);
-                    }
-                    Command::Complete => return Ok(received),
-                    Command::Abort => {
-                        return Err(MigrationError::PeerAbort(
-                            String::from_utf8_lossy(&payload).into_owned(),
-                        ))
-                    }
-                    got => {
-                        return Err(protocol::ProtocolError::Unexpected {
-                            got,
-                            expected: "Pages or Complete",
-                        }
-                        .into())
-                    }
+                let before = received;
+                let e =
+                    match receive_pages(&mut reader, memory, uffd, needed, progress, &mut received)
+                    {
+                        Ok(()) => return Ok(received),
+                        Err(e) => e,
+                    };
+                // A resumed connection that ends before it carried a frame
+                // was one the source had already given up on (it dials
+                // again when our answer is slow): keep waiting for the next.
+                let stale = deadline.is_some() && received == before;
+                let rec = match recovery {
+                    Some(rec) if (link_lost(&e) || stale) && !failed.load(Ordering::Acquire) => rec,
+                    _ => return Err(e),
+                };
+                if !stale {
+                    deadline = Some(Instant::now() + rec.timeout);
                 }
+                reader = rejoin_target(
+                    rec,
+                    &e,
+                    &reader,
+                    deadline.expect("set above"),
+                    (needed, running, writer, failed),
+                    progress,
+                )?;
             }
         });
         let started = (|| -> Result<(), MigrationError> {
@@ -642,13 +1053,22 @@ pub(super) fn target_run<T: TargetVm>(
             vm.activate_disks_unlocked()
                 .map_err(MigrationError::DiskLocks)?;
             vm.resume().map_err(MigrationError::Resume)?;
-            send_locked(&writer, Command::Activated, &[])?;
+            running.store(true, Ordering::Release);
+            match send_locked(writer, Command::Activated, &[]) {
+                Ok(()) => {}
+                // A reconnecting source learns it from ResumeAck.
+                Err(e) if recovery.is_some() => {
+                    tracing::warn!("Activated not sent: {}", crate::error_chain(&e))
+                }
+                Err(e) => return Err(e),
+            }
             vm.announce();
             progress.update(|p| p.stage = Stage::PostCopy);
             Ok(())
         })();
         if started.is_err() {
             // Unblock the receive thread.
+            failed.store(true, Ordering::Release);
             stream.shutdown();
         }
         let joined = receive_thread.join();

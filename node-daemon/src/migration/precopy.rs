@@ -51,6 +51,24 @@ pub struct SendOptions {
     /// Disks (indices in `--disk` order) on node-local storage, copied in
     /// the stream ([`super::storage`]); the others are on shared storage.
     pub disks: Vec<usize>,
+    /// How to connect to the target again when the link is lost during
+    /// post-copy (`None`: a lost link loses the guest).
+    pub reconnect: Option<Reconnect>,
+    /// How long to keep dialling the target after such a loss.
+    pub recover_timeout: Duration,
+}
+
+/// Dials the target again (one attempt, bounded by the given timeout, TLS
+/// handshake included); see [`super::postcopy`] on recovery.
+#[derive(Clone)]
+pub struct Reconnect(
+    pub std::sync::Arc<dyn Fn(Duration) -> Result<Conn, MigrationError> + Send + Sync>,
+);
+
+impl std::fmt::Debug for Reconnect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reconnect")
+    }
 }
 
 impl Default for SendOptions {
@@ -62,6 +80,8 @@ impl Default for SendOptions {
             completion_timeout: Duration::from_secs(600),
             stall_timeout: Duration::from_secs(10),
             disks: Vec::new(),
+            reconnect: None,
+            recover_timeout: postcopy::RECOVER_TIMEOUT,
         }
     }
 }
@@ -167,6 +187,28 @@ impl<V: SourceVm> Source<'_, V> {
             }
             .into()),
         }
+    }
+
+    /// Carries on over `conn`, a new connection to the same target: the old
+    /// stream is shut down (its reader thread ends), frames go out on the
+    /// new one with the same byte count and cap, and a new reader thread
+    /// feeds [`Source::incoming`]. A batch cut short by the break is dropped;
+    /// the target says what it still needs.
+    pub fn replace_stream(&mut self, conn: Conn) -> Result<(), MigrationError> {
+        transport::tune(conn.socket(), self.opts.stall_timeout).map_err(MigrationError::Socket)?;
+        let read_half = conn.try_clone().map_err(MigrationError::Socket)?;
+        let mut writer = FrameWriter::new(conn, self.opts.bandwidth_limit);
+        writer.bytes_sent = self.writer.bytes_sent;
+        writer.version = self.writer.version;
+        std::mem::replace(&mut self.writer, writer).abandon();
+        let (tx, rx) = channel();
+        std::thread::Builder::new()
+            .name("migrate-recv".into())
+            .spawn(move || transport::reader_loop(read_half, tx))
+            .map_err(MigrationError::Socket)?;
+        self.incoming = rx;
+        self.batch.clear();
+        Ok(())
     }
 
     /// Sends the batch built so far.

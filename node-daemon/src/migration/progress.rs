@@ -74,6 +74,10 @@ pub struct Progress {
     /// never resume; the VM is lost and must be restarted.
     #[serde(default)]
     pub guest_lost: bool,
+    /// Post-copy lost its link and waits for it to come back (until the
+    /// recovery timeout): vCPUs that touch a page still on the source wait.
+    #[serde(default)]
+    pub reconnecting: bool,
 }
 
 /// Final figures of a migration.

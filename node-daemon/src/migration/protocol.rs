@@ -62,6 +62,23 @@
 //!     T->>S: Ready (all memory local, userfaultfd released)
 //! ```
 //!
+//! If the link fails during post-copy without either VMM closing its end
+//! (no data and no answer for the stall timeout), both keep the guest:
+//! the target's vCPUs that touch a missing page wait, the source keeps its
+//! copy, and the source dials the target's address again until the
+//! recovery timeout ([`super::postcopy`] has the outcomes):
+//!
+//! ```mermaid
+//! sequenceDiagram
+//!     participant S as Source VMM
+//!     participant T as Target VMM
+//!     Note over S,T: link lost (stall timeout), old connection dropped
+//!     S->>T: Resume (new connection; VM name)
+//!     T->>S: ResumeAck (guest running here?, runs of pages still missing)
+//!     T->>S: PageRequest (pages faulted before the break, not yet arrived)
+//!     S->>T: Pages (those first, then the rest), Complete ...
+//! ```
+//!
 //! Either side may send `Abort` before `Commit` (pre-copy) or before
 //! `Activated` (post-copy); the source then resumes the guest, and nothing is
 //! lost. After that point the guest belongs to the target.
@@ -77,15 +94,21 @@
 //! its Hello as version 2: a memory-only migration still reaches a version 1
 //! target, and a version 1 target refuses a storage migration with
 //! [`ProtocolError::Version`] at the Hello, before it builds anything.
+//!
+//! Version 3 adds post-copy recovery ([`Command::Resume`],
+//! [`Command::ResumeAck`]), sent only on a connection that resumes a
+//! post-copy migration; the first connection is unchanged.
 
 use std::io::{Read, Write};
 
 /// Frame magic, "GDWT".
 pub const MAGIC: u32 = 0x4744_5754;
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// The first version with live storage migration ([`Command::DiskBlocks`]).
 pub const STORAGE_VERSION: u16 = 2;
+/// The first version with post-copy recovery ([`Command::Resume`]).
+pub const RECOVERY_VERSION: u16 = 3;
 /// The oldest version this build accepts from a peer.
 pub const MIN_VERSION: u16 = 1;
 /// Size of the fixed frame header.
@@ -170,6 +193,12 @@ pub enum Command {
     PostCopy = 12,
     /// Source → target: blocks of one disk (binary runs; version 2).
     DiskBlocks = 13,
+    /// Source → target, first frame of a new connection: resume the
+    /// post-copy migration of this VM (JSON [`Resume`]; version 3).
+    Resume = 14,
+    /// Target → source: whether the guest runs here, and the pages still
+    /// missing ([`encode_resume_ack`]; version 3).
+    ResumeAck = 15,
 }
 
 impl Command {
@@ -177,6 +206,7 @@ impl Command {
     pub fn since(self) -> u16 {
         match self {
             Command::DiskBlocks => STORAGE_VERSION,
+            Command::Resume | Command::ResumeAck => RECOVERY_VERSION,
             _ => MIN_VERSION,
         }
     }
@@ -201,6 +231,8 @@ impl TryFrom<u16> for Command {
             11 => PageRequest,
             12 => PostCopy,
             13 => DiskBlocks,
+            14 => Resume,
+            15 => ResumeAck,
             other => return Err(ProtocolError::UnknownCommand(other)),
         })
     }
@@ -678,6 +710,43 @@ pub fn parse_page_runs(payload: &[u8]) -> Result<Vec<(u64, u32)>, ProtocolError>
         .collect()
 }
 
+/// What a source sends to resume a post-copy migration on a new connection.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Resume {
+    /// The VM being migrated (the target refuses another).
+    pub vm_name: String,
+}
+
+/// Encodes a [`Command::ResumeAck`]: one byte, 1 when the guest already runs
+/// on the target, seven zero bytes, then the runs of pages the target still
+/// needs ([`encode_page_runs`]).
+pub fn encode_resume_ack(activated: bool, runs: &[(u64, u32)]) -> Vec<u8> {
+    let mut out = vec![0u8; 8];
+    out[0] = u8::from(activated);
+    out.extend_from_slice(&encode_page_runs(runs));
+    out
+}
+
+/// Decodes a [`Command::ResumeAck`] payload.
+pub fn parse_resume_ack(payload: &[u8]) -> Result<(bool, Vec<(u64, u32)>), ProtocolError> {
+    let bad = |reason| ProtocolError::Malformed {
+        command: Command::ResumeAck,
+        reason,
+    };
+    let (head, runs) = payload
+        .split_at_checked(8)
+        .ok_or(bad("shorter than 8 bytes"))?;
+    if head[0] > 1 || head[1..] != [0; 7] {
+        return Err(bad("bad flags"));
+    }
+    let runs = parse_page_runs(runs).map_err(|e| match e {
+        ProtocolError::Malformed { reason, .. } => bad(reason),
+        other => other,
+    })?;
+    Ok((head[0] == 1, runs))
+}
+
 /// Encodes a [`Command::RoundEnd`]: the round number and the pages it sent.
 pub fn encode_round_end(round: u32, pages: u64) -> [u8; 12] {
     let mut out = [0u8; 12];
@@ -736,7 +805,7 @@ mod tests {
 
     #[test]
     fn every_command_decodes_to_itself() {
-        for code in 1..=13u16 {
+        for code in 1..=15u16 {
             let command = Command::try_from(code).unwrap();
             assert_eq!(command as u16, code);
         }
@@ -745,8 +814,8 @@ mod tests {
             Err(ProtocolError::UnknownCommand(0))
         ));
         assert!(matches!(
-            Command::try_from(14),
-            Err(ProtocolError::UnknownCommand(14))
+            Command::try_from(16),
+            Err(ProtocolError::UnknownCommand(16))
         ));
     }
 
@@ -879,6 +948,19 @@ mod tests {
         );
         assert!(parse_page_request(&[0; 7]).is_err());
         assert!(parse_page_request(&1u64.to_le_bytes()).is_err());
+        assert_eq!(
+            parse_resume_ack(&encode_resume_ack(true, &runs)).unwrap(),
+            (true, runs.clone())
+        );
+        assert_eq!(
+            parse_resume_ack(&encode_resume_ack(false, &[])).unwrap(),
+            (false, vec![])
+        );
+        assert!(parse_resume_ack(&[1; 7]).is_err());
+        assert!(parse_resume_ack(&[2, 0, 0, 0, 0, 0, 0, 0]).is_err());
+        let mut odd = encode_resume_ack(false, &runs);
+        odd.pop();
+        assert!(parse_resume_ack(&odd).is_err());
         let hello = Hello {
             vm_name: "demo".into(),
             memory: vec![(0, 256 << 20)],

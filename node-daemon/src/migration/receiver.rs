@@ -29,6 +29,9 @@ pub struct ReceiveOptions {
     pub expected_vm: Option<String>,
     /// Fail when the source is silent this long.
     pub stall_timeout: Duration,
+    /// In post-copy, after the link was lost, how long to wait for the
+    /// source to connect again ([`super::postcopy`]; needs a [`Rejoin`]).
+    pub recover_timeout: Duration,
 }
 
 impl Default for ReceiveOptions {
@@ -36,9 +39,16 @@ impl Default for ReceiveOptions {
         ReceiveOptions {
             expected_vm: None,
             stall_timeout: Duration::from_secs(10),
+            recover_timeout: super::postcopy::RECOVER_TIMEOUT,
         }
     }
 }
+
+/// How the target takes the source's next connection when a post-copy link
+/// is lost: waits until the deadline for a connection (TLS handshake done)
+/// on the address the migration came in on; `None` if none came.
+pub type Rejoin<'a> =
+    dyn Fn(std::time::Instant) -> Result<Option<Conn>, MigrationError> + Sync + 'a;
 
 /// The receiver's states; [`ReceiverState::advance`] refuses any other order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,10 +174,26 @@ fn send(stream: &mut Conn, command: Command, payload: &[u8]) -> Result<(), Migra
 /// building the VM with `build` from the source's Hello. Returns the VM
 /// running the guest.
 pub fn receive<T, F>(
+    stream: Conn,
+    build: F,
+    opts: &ReceiveOptions,
+    progress: &ProgressHandle,
+) -> Result<T, MigrationError>
+where
+    T: TargetVm,
+    F: FnOnce(&Hello) -> Result<T, VmError>,
+{
+    receive_recoverable(stream, build, opts, progress, None)
+}
+
+/// [`receive`], and if the link is lost during post-copy, takes the
+/// source's next connection from `rejoin` and carries on.
+pub fn receive_recoverable<T, F>(
     mut stream: Conn,
     build: F,
     opts: &ReceiveOptions,
     progress: &ProgressHandle,
+    rejoin: Option<&Rejoin<'_>>,
 ) -> Result<T, MigrationError>
 where
     T: TargetVm,
@@ -180,7 +206,7 @@ where
         .set_read_timeout(Some(opts.stall_timeout))
         .and_then(|()| stream.socket().set_nodelay(true))
         .map_err(MigrationError::Socket)?;
-    let result = receive_inner(&mut stream, build, opts, progress);
+    let result = receive_inner(&mut stream, build, opts, progress, rejoin);
     if let Err(e) = &result {
         // Tell the source why, so it resumes the guest at once instead of
         // waiting for a timeout. Best effort: the stream may be gone.
@@ -202,6 +228,7 @@ fn receive_inner<T, F>(
     build: F,
     opts: &ReceiveOptions,
     progress: &ProgressHandle,
+    rejoin: Option<&Rejoin<'_>>,
 ) -> Result<T, MigrationError>
 where
     T: TargetVm,
@@ -326,7 +353,15 @@ where
                     expected: "State before PostCopy",
                 })?;
                 state = state.advance(ReceiverState::PostCopy)?;
-                postcopy::target_run(stream, &vm, memory, &s, &payload, progress, received)?;
+                let recovery = rejoin.map(|rejoin| postcopy::Recovery {
+                    rejoin,
+                    vm_name: &hello.vm_name,
+                    timeout: opts.recover_timeout,
+                    stall_timeout: opts.stall_timeout,
+                });
+                postcopy::target_run(
+                    stream, &vm, memory, &s, &payload, progress, received, recovery,
+                )?;
                 state.advance(ReceiverState::Running)?;
                 return Ok(vm);
             }

@@ -757,3 +757,286 @@ fn tls_target_refuses_a_client_without_a_certificate() {
     });
     assert!(refused.is_err(), "client was not told: {refused:?}");
 }
+
+/// A TCP relay between source and target standing for the network: while
+/// `cut` is set it holds every byte in both directions and forwards no new
+/// connection (as a link that is down does: nothing is refused or reset, it
+/// just goes quiet); cleared, everything flows again.
+struct Relay {
+    addr: std::net::SocketAddr,
+    cut: Arc<AtomicBool>,
+    connections: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Relay {
+    fn new(target: std::net::SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let relay = Relay {
+            addr: listener.local_addr().unwrap(),
+            cut: Arc::default(),
+            connections: Arc::default(),
+            stop: Arc::default(),
+        };
+        let (cut, count, stop) = (
+            relay.cut.clone(),
+            relay.connections.clone(),
+            relay.stop.clone(),
+        );
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((near, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                near.set_nonblocking(false).unwrap();
+                count.fetch_add(1, Ordering::Relaxed);
+                let (cut, stop) = (cut.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    // A connection made while the link is down waits for it.
+                    while cut.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    let Ok(far) = TcpStream::connect(target) else {
+                        return;
+                    };
+                    for (from, to) in [
+                        (near.try_clone().unwrap(), far.try_clone().unwrap()),
+                        (far, near),
+                    ] {
+                        let (cut, stop) = (cut.clone(), stop.clone());
+                        std::thread::spawn(move || Relay::pump(from, to, &cut, &stop));
+                    }
+                });
+            }
+        });
+        relay
+    }
+
+    /// Copies `from` to `to` except while cut; either end closing closes both.
+    fn pump(mut from: TcpStream, mut to: TcpStream, cut: &AtomicBool, stop: &AtomicBool) {
+        use std::io::{Read, Write};
+        from.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let mut buf = vec![0u8; 64 << 10];
+        while !stop.load(Ordering::Relaxed) {
+            if cut.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            match from.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    // Bytes read just before the cut are held until it ends.
+                    while cut.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => break,
+            }
+        }
+        let _ = from.shutdown(std::net::Shutdown::Both);
+        let _ = to.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+struct Recovered {
+    pair: Pair,
+    connections: u64,
+    reconnecting_seen: bool,
+}
+
+/// A post-copy migration through a [`Relay`] whose link is cut for `cut_for`
+/// (`None`: for good) once the source is in post-copy. Stall timeouts of
+/// 1 s, recovery timeout `recover`.
+fn post_copy_with_link_cut(cut_for: Option<Duration>, recover: Duration) -> Recovered {
+    use super::progress::Stage;
+    if !super::postcopy::available() {
+        panic!("userfaultfd is not available here; post-copy needs root or vm.unprivileged_userfaultfd=1");
+    }
+    let source = TestVm::new(64);
+    for p in (0..source.pages()).step_by(8) {
+        // SAFETY: p < pages.
+        unsafe { *source.mem.page(p) = 7 + p as u64 };
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let guest = source.run_guest(8192, stop.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let relay = Relay::new(listener.local_addr().unwrap());
+    let target_slot: Arc<Mutex<Option<Arc<TestVm>>>> = Arc::default();
+    let slot = target_slot.clone();
+    let receive_opts = ReceiveOptions {
+        stall_timeout: Duration::from_secs(1),
+        recover_timeout: recover,
+        ..ReceiveOptions::default()
+    };
+    let receiver = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let rejoin =
+            |deadline| super::vmm::rejoin(&listener, None, Duration::from_secs(1), deadline);
+        super::receiver::receive_recoverable(
+            Conn::plain(stream),
+            |hello| {
+                let mib = hello.config["mib"].as_u64().unwrap() as usize;
+                let vm = TestVm::new(mib);
+                *slot.lock().unwrap() = Some(vm.clone());
+                Ok(vm)
+            },
+            &receive_opts,
+            &ProgressHandle::default(),
+            Some(&rejoin),
+        )
+        .map(drop)
+    });
+    let relay_addr = relay.addr;
+    let send_opts = SendOptions {
+        vm_name: "test".into(),
+        policy: Policy {
+            max_downtime: Duration::from_nanos(1),
+            allow_auto_converge: false,
+            allow_post_copy: true,
+            max_rounds: 2,
+        },
+        // Slow enough that post-copy lasts a few seconds.
+        bandwidth_limit: Some(16 << 20),
+        stall_timeout: Duration::from_secs(1),
+        recover_timeout: recover,
+        reconnect: Some(super::precopy::Reconnect(Arc::new(move |timeout| {
+            super::vmm::dial(&relay_addr.to_string(), timeout, None)
+        }))),
+        ..SendOptions::default()
+    };
+    let progress = Arc::new(ProgressHandle::default());
+    let watcher = {
+        let (progress, cut) = (progress.clone(), relay.cut.clone());
+        std::thread::spawn(move || {
+            let mut seen = false;
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while progress.get().stage != Stage::PostCopy {
+                if std::time::Instant::now() > deadline || progress.get().stage == Stage::Failed {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            cut.store(true, Ordering::Relaxed);
+            let start = std::time::Instant::now();
+            while cut_for.is_none_or(|d| start.elapsed() < d) {
+                seen |= progress.get().reconnecting;
+                if matches!(progress.get().stage, Stage::Failed | Stage::Completed) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            cut.store(false, Ordering::Relaxed);
+            seen
+        })
+    };
+    let result = send(
+        &*source,
+        Conn::plain(TcpStream::connect(relay.addr).unwrap()),
+        &send_opts,
+        &progress,
+        &AtomicBool::new(false),
+    );
+    let received = receiver.join().unwrap();
+    let reconnecting_seen = watcher.join().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    SourceVm::resume(&*source);
+    guest.join().unwrap();
+    let target = target_slot.lock().unwrap().clone().unwrap();
+    Recovered {
+        connections: relay.connections.load(Ordering::Relaxed),
+        reconnecting_seen,
+        pair: Pair {
+            source,
+            target,
+            result,
+            received,
+        },
+    }
+}
+
+#[test]
+fn post_copy_resumes_after_the_link_comes_back() {
+    let run = post_copy_with_link_cut(Some(Duration::from_secs(3)), Duration::from_secs(30));
+    let pair = run.pair;
+    let result = pair.result.unwrap();
+    pair.received.unwrap();
+    assert_eq!(result.mode, ModeUsed::PostCopy);
+    assert!(run.connections >= 2, "never reconnected");
+    assert!(
+        run.reconnecting_seen,
+        "progress never said it was reconnecting"
+    );
+    // Nothing was lost or corrupted: the target holds the source's memory,
+    // and what its guest read while pages were arriving is what the source had.
+    assert!(
+        pair.source.bytes() == pair.target.bytes(),
+        "target memory differs"
+    );
+    let seen = pair
+        .target
+        .toucher
+        .lock()
+        .unwrap()
+        .take()
+        .unwrap()
+        .join()
+        .unwrap();
+    for (i, value) in seen.iter().enumerate() {
+        let page = pair.source.pages() - 1 - i;
+        // SAFETY: page < pages.
+        let expected = unsafe { *pair.source.mem.page(page) };
+        assert_eq!(
+            *value, expected,
+            "page {page} read wrong data on the target"
+        );
+    }
+}
+
+#[test]
+fn post_copy_link_gone_past_the_recovery_timeout_is_reported_on_both_sides() {
+    let run = post_copy_with_link_cut(None, Duration::from_secs(2));
+    let pair = run.pair;
+    for (side, err) in [
+        ("source", pair.result.map(drop).unwrap_err()),
+        ("target", pair.received.unwrap_err()),
+    ] {
+        let chain = crate::error_chain(&err);
+        // The cut may come before the source heard Activated (then it
+        // cannot know whether the guest ran there: CommitUnknown).
+        assert!(
+            matches!(
+                &err,
+                MigrationError::PostCopyLost(inner) | MigrationError::CommitUnknown(inner)
+                    if matches!(**inner, MigrationError::LinkNotBack(..))
+            ),
+            "{side}: {chain}"
+        );
+        assert!(
+            chain.contains("did not come back within 2s"),
+            "{side}: {chain}"
+        );
+    }
+    // The target's guest waits on the page it needs: release it so the
+    // toucher thread (which faults) can end; the ranges were unregistered.
+    let toucher = pair.target.toucher.lock().unwrap().take();
+    if let Some(t) = toucher {
+        t.join().unwrap();
+    }
+}

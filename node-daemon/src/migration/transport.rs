@@ -226,6 +226,13 @@ impl FrameWriter {
         }
     }
 
+    /// Shuts a stream whose link is lost down at once, without a TLS
+    /// close_notify (which could wait for the stall timeout behind a full
+    /// send buffer), ending the reader thread.
+    pub fn abandon(&self) {
+        let _ = self.stream.socket().shutdown(std::net::Shutdown::Both);
+    }
+
     /// Flushes and shuts the stream down in both directions, ending the
     /// reader thread.
     pub fn close(&mut self) {

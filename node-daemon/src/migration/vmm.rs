@@ -245,23 +245,79 @@ pub fn receive_incoming(
 ) -> Result<IncomingVm, super::MigrationError> {
     let (stream, peer) = listener.accept().map_err(super::MigrationError::Socket)?;
     tracing::info!(%peer, tls = tls.is_some(), "incoming migration");
-    let conn = match tls {
-        None => Conn::plain(stream),
-        Some(identity) => {
-            // A silent peer must not hold the handshake forever.
-            stream
-                .set_read_timeout(Some(opts.stall_timeout))
-                .map_err(super::MigrationError::Socket)?;
-            let session = tls::accept(&stream, identity)?;
-            Conn::tls(stream, session)
-        }
-    };
-    super::receiver::receive(
+    let conn = secure(stream, tls, opts.stall_timeout)?;
+    // A post-copy whose link is lost resumes on the next connection here.
+    let rejoin = |deadline: std::time::Instant| rejoin(listener, tls, opts.stall_timeout, deadline);
+    super::receiver::receive_recoverable(
         conn,
         |hello| IncomingVm::build(&hello.config, overrides, runtime),
         opts,
         progress,
+        Some(&rejoin),
     )
+}
+
+/// The connection `stream`, after the TLS handshake when `tls` is set.
+fn secure(
+    stream: std::net::TcpStream,
+    tls: Option<&TlsIdentity>,
+    stall_timeout: std::time::Duration,
+) -> Result<Conn, super::MigrationError> {
+    Ok(match tls {
+        None => Conn::plain(stream),
+        Some(identity) => {
+            // A silent peer must not hold the handshake forever.
+            stream
+                .set_read_timeout(Some(stall_timeout))
+                .map_err(super::MigrationError::Socket)?;
+            let session = tls::accept(&stream, identity)?;
+            Conn::tls(stream, session)
+        }
+    })
+}
+
+/// Waits on `listener` until `deadline` for the source to connect again
+/// (post-copy recovery). Of the connections waiting, the newest is taken
+/// (the source gives up on one whose answer is slow and dials again); one
+/// that fails the TLS handshake is refused and the wait goes on.
+pub(crate) fn rejoin(
+    listener: &std::net::TcpListener,
+    tls: Option<&TlsIdentity>,
+    stall_timeout: std::time::Duration,
+    deadline: std::time::Instant,
+) -> Result<Option<Conn>, super::MigrationError> {
+    listener
+        .set_nonblocking(true)
+        .map_err(super::MigrationError::Socket)?;
+    while std::time::Instant::now() < deadline {
+        let mut newest = None;
+        loop {
+            match listener.accept() {
+                Ok(accepted) => newest = Some(accepted),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(super::MigrationError::Socket(e)),
+            }
+        }
+        let Some((stream, peer)) = newest else {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            continue;
+        };
+        stream
+            .set_nonblocking(false)
+            .map_err(super::MigrationError::Socket)?;
+        match secure(stream, tls, stall_timeout) {
+            Ok(conn) => {
+                tracing::info!(%peer, "connection to resume post-copy");
+                return Ok(Some(conn));
+            }
+            Err(e) => tracing::warn!(
+                %peer,
+                "refused a connection to resume post-copy: {}",
+                crate::error_chain(&e)
+            ),
+        }
+    }
+    Ok(None)
 }
 
 /// An outgoing migration running in its own thread.
@@ -293,6 +349,11 @@ pub fn start_outgoing(
     tls: Option<&OutgoingTls>,
 ) -> Result<Outgoing, super::MigrationError> {
     let stream = dial(addr, opts.stall_timeout, tls)?;
+    let mut opts = opts;
+    let (target, tls_again) = (addr.to_string(), tls.cloned());
+    opts.reconnect = Some(super::precopy::Reconnect(std::sync::Arc::new(
+        move |timeout| dial(&target, timeout, tls_again.as_ref()),
+    )));
     let progress = std::sync::Arc::new(super::ProgressHandle::default());
     let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (p, c) = (progress.clone(), cancel.clone());

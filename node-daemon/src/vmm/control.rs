@@ -119,6 +119,10 @@ pub enum Command {
         /// seconds (default 10).
         #[serde(default)]
         stall_timeout_s: Option<u64>,
+        /// In post-copy, how long to keep dialling the target after the
+        /// link was lost (default 60; 0: a lost link loses the guest).
+        #[serde(default)]
+        recover_timeout_s: Option<u64>,
         /// With TLS: the name the target's certificate must carry (default:
         /// the host part of `addr`, an IP address as an IP SAN).
         #[serde(default)]
@@ -168,6 +172,7 @@ fn migrate_send(vmm: &Arc<Vmm>, cmd: Command) -> Result<Value, String> {
         allow_post_copy,
         timeout_s,
         stall_timeout_s,
+        recover_timeout_s,
         tls_server_name,
         copy_disks,
     } = cmd
@@ -203,6 +208,11 @@ fn migrate_send(vmm: &Arc<Vmm>, cmd: Command) -> Result<Value, String> {
         completion_timeout: std::time::Duration::from_secs(timeout_s.unwrap_or(600)),
         stall_timeout: std::time::Duration::from_secs(stall_timeout_s.unwrap_or(10)),
         disks: copy_disks,
+        recover_timeout: recover_timeout_s
+            .map(std::time::Duration::from_secs)
+            .unwrap_or(crate::migration::postcopy::RECOVER_TIMEOUT),
+        // start_outgoing sets how to dial the target again.
+        reconnect: None,
     };
     let out = crate::migration::vmm::start_outgoing(vmm.clone(), &addr, opts, tls.as_ref())
         .map_err(|e| error_chain(&e))?;
