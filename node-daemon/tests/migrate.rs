@@ -434,6 +434,72 @@ fn fast_dirtier_completes_with_auto_converge() {
     );
 }
 
+/// Post-copy recovery (`node-daemon/src/migration/postcopy.rs`): the link
+/// between the nodes goes down in post-copy for longer than the stall
+/// timeout; both VMMs keep the guest, the source dials the target again
+/// once the link is back, and the migration completes with nothing lost.
+#[test]
+fn link_cut_during_post_copy_resumes_when_the_link_returns() {
+    common::require_kvm();
+    let t = topology();
+    t.a.shape(&t.link_a, "50mbit", "64kb", "20ms").unwrap();
+    let dir = Scratch::new("mig-pc-cut");
+    let src = start_source(&t, &dir, 160, "hb_ms=20 dirty_mib=32 dirty_rate=0");
+    let stream = watch_stream(&t);
+    let target = start_target(&t, &dir);
+    let r = src.api(json!({
+        "cmd": "migrate-send",
+        "addr": format!("{TARGET_IP}:{}", target.port),
+        "allow_auto_converge": false,
+        "allow_post_copy": true,
+        "stall_timeout_s": 2,
+        "recover_timeout_s": 60,
+        "timeout_s": 120
+    }));
+    assert_eq!(r["ok"], true, "{r}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = src.api(json!({"cmd": "migrate-status"}))["result"].clone();
+        if s["stage"] == "PostCopy" && s["memory_remaining_bytes"].as_u64().unwrap_or(0) > 16 << 20
+        {
+            break;
+        }
+        assert!(
+            s["stage"] != "Completed" && s["stage"] != "Failed" && Instant::now() < deadline,
+            "no post-copy phase to cut: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t.a.cut(&t.link_a).unwrap();
+    // Longer than the source's stall timeout (2 s): it gives the connection
+    // up and dials again until the link is back.
+    let cut_at = Instant::now();
+    let mut reconnecting = false;
+    let mut restored = false;
+    let result = loop {
+        let s = src.api(json!({"cmd": "migrate-status"}))["result"].clone();
+        reconnecting |= s["reconnecting"] == true;
+        if !restored && cut_at.elapsed() >= Duration::from_secs(6) {
+            assert_ne!(s["stage"], "Failed", "gave up while the link was down: {s}");
+            t.a.restore(&t.link_a).unwrap();
+            restored = true;
+        }
+        if restored && matches!(s["stage"].as_str(), Some("Completed" | "Failed")) {
+            break s;
+        }
+        assert!(
+            cut_at.elapsed() < Duration::from_secs(120),
+            "migration did not end: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(reconnecting, "the source never said it was reconnecting");
+    eprintln!("post-copy with a 6 s link cut: {result}");
+    assert_eq!(result["stage"], "Completed", "{result}");
+    assert_eq!(result["result"]["mode"], "PostCopy", "{result}");
+    check_moved(src, &target, stream, true);
+}
+
 /// The source keeps running its guest after a failed migration, and the
 /// target leaves no tap behind.
 fn check_stayed(src: &mut Vm, t: &Topology, target: &mut Target, status: &Value) {

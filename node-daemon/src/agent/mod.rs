@@ -111,6 +111,8 @@ struct Agent {
     children: Mutex<Children>,
     /// When each migration's progress was last written.
     reported: Mutex<HashMap<String, Instant>>,
+    /// Outgoing migrations whose post-copy link is lost (the VMM redials).
+    reconnecting: Mutex<std::collections::HashSet<String>>,
     /// Cold migrations this agent sends or receives.
     cold: cold::ColdTasks,
     lease: Arc<LeaseHealth>,
@@ -200,6 +202,7 @@ pub async fn run(
         incoming,
         children: Mutex::new(Children::default()),
         reported: Mutex::new(HashMap::new()),
+        reconnecting: Mutex::default(),
         cold: Mutex::new(HashMap::new()),
         lease,
     });
@@ -1091,6 +1094,29 @@ impl Agent {
         }
         // Progress at most twice a second, and whenever the phase moves.
         let key = format!("{}/{}", m.namespace().unwrap_or_default(), m.name_any());
+        let lost = progress["reconnecting"].as_bool() == Some(true);
+        let was_lost = if lost {
+            !self.reconnecting.lock().unwrap().insert(key.clone())
+        } else {
+            self.reconnecting.lock().unwrap().remove(&key)
+        };
+        if lost != was_lost {
+            let (kind, reason, note) = if lost {
+                (
+                    EventType::Warning,
+                    "LinkLost",
+                    "The migration link was lost in post-copy; the guest runs on the target and its vCPUs that need pages still here wait; the source dials the target again (up to 60 s by default)",
+                )
+            } else {
+                (
+                    EventType::Normal,
+                    "LinkRestored",
+                    "The migration link is back; post-copy carries on",
+                )
+            };
+            self.event(m, kind, reason, "Migrate", note.to_string())
+                .await;
+        }
         let phase = decide::next_phase(status.phase, wanted);
         let due = self
             .reported

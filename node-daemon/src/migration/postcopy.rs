@@ -10,6 +10,41 @@
 //! without asking. A page's "still needed" bit is cleared only after its data
 //! is installed, so the fault thread can never zero-fill a page whose data is
 //! on its way.
+//!
+//! ## When the link fails
+//!
+//! In post-copy the guest's memory is split between the two VMMs, so a
+//! broken connection must not end the migration while both still run.
+//! When the connection breaks, closes or stays quiet for the stall timeout
+//! ([`connection_lost`]):
+//!
+//! - the target keeps the guest running; a vCPU that touches a page still on
+//!   the source waits in its fault (the rest of the guest runs on); the
+//!   target waits on the port the migration came in on for the source to
+//!   connect again;
+//! - the source keeps its paused copy and dials the target's address again,
+//!   every 200 ms (each attempt bounded by 2 s), and on a new connection sends
+//!   `Resume`; the target answers `ResumeAck` with whether the guest already
+//!   runs there and the runs of pages it still lacks (pages in flight on the
+//!   old connection are lost with it), and asks again for the pages its
+//!   vCPUs wait for; the source carries on from that list;
+//! - progress says `reconnecting` meanwhile (the node agent turns it into
+//!   `LinkLost` / `LinkRestored` Events on the VMMigration).
+//!
+//! Outcomes:
+//!
+//! | what happened | outcome |
+//! |---|---|
+//! | link back within the recovery timeout ([`RECOVER_TIMEOUT`], 60 s; `migrate-send` `recover_timeout_s`) | the migration completes; nothing is lost (pages are only ever installed into missing pages, so a page sent twice is ignored) |
+//! | link not back in time | both sides fail with `LinkNotBack` inside `PostCopyLost` (or `CommitUnknown` if the source never heard that the guest runs); the source exits as failed a few seconds later and the VM is restarted as its `runStrategy` says: its memory is lost, its disks are not; nothing runs twice |
+//! | target VMM gone (the source's dial is refused) | at once, as above |
+//! | source VMM gone | the target waits until the recovery timeout (in a cluster the node agents end the migration sooner) and fails as above |
+//!
+//! A link that is down for less than the stall timeout (10 s by default) is
+//! bridged by TCP itself, without a new connection. In a cluster, a node
+//! cut off entirely (API server included) fences itself after its Lease
+//! runs out (8 s) and HA restarts its VMs elsewhere; recovery is what
+//! carries a migration over a failure of the migration network alone.
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -293,23 +328,24 @@ pub fn available() -> bool {
 /// [`SendOptions::recover_timeout`]: super::precopy::SendOptions::recover_timeout
 pub const RECOVER_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Whether `e` is a lost link: nothing heard or acknowledged for the stall
-/// timeout, or the network reporting the peer unreachable. Both VMMs then
-/// still hold the guest and post-copy can resume on a new connection. A
-/// peer that closed or reset its end (its VMM exited) is not a lost link:
-/// nothing can resume with it.
-pub(super) fn link_lost(e: &MigrationError) -> bool {
-    use std::io::ErrorKind::*;
-    let MigrationError::Protocol(protocol::ProtocolError::Io(io)) = e else {
-        return false;
-    };
-    matches!(
-        io.kind(),
-        WouldBlock | TimedOut | HostUnreachable | NetworkUnreachable
-    ) || matches!(
-        io.raw_os_error(),
-        Some(libc::ETIMEDOUT | libc::EHOSTUNREACH | libc::ENETUNREACH)
-    )
+/// Whether `e` means the connection is gone (it broke, closed, or went
+/// quiet for the stall timeout) rather than that the peer refused
+/// something (an `Abort`, a malformed frame, a failed TLS record). With a
+/// way to reconnect, post-copy then tries to carry on over a new
+/// connection: a lost link looks, from either end, like a quiet
+/// connection and, once it is back, like one the other end has closed.
+/// Whether the peer itself is still there is settled by the new
+/// connection: the source's dial is refused when the target VMM is gone;
+/// the target waits for the source until the recovery timeout (in a
+/// cluster the node agents end the migration sooner when a VMM died).
+pub(super) fn connection_lost(e: &MigrationError) -> bool {
+    match e {
+        MigrationError::StreamClosed => true,
+        MigrationError::Protocol(protocol::ProtocolError::Io(io)) => !io
+            .get_ref()
+            .is_some_and(|inner| inner.is::<super::tls::SessionError>()),
+        _ => false,
+    }
 }
 
 /// Where the source stands in post-copy.
@@ -358,7 +394,7 @@ impl Serve {
 /// the guest to us; any other failure leaves it unknown (the target may have
 /// resumed), so the source stays paused.
 ///
-/// If the link is lost ([`link_lost`]) and the options say how to reconnect,
+/// If the connection is lost ([`connection_lost`]) and the options say how to reconnect,
 /// the source dials the target again until the recovery timeout, and carries
 /// on with what the target says it still needs ([`rejoin`]).
 pub(super) fn source_serve<V: SourceVm>(
@@ -395,7 +431,7 @@ pub(super) fn source_serve<V: SourceVm>(
             Ok(()) => break,
             Err(e) => e,
         };
-        let recoverable = link_lost(&e) && src.opts.reconnect.is_some();
+        let recoverable = connection_lost(&e) && src.opts.reconnect.is_some();
         let e = if recoverable {
             match rejoin(src, &e) {
                 Ok((activated, runs)) => {
@@ -1025,15 +1061,15 @@ pub(super) fn target_run<T: TargetVm>(
                         Ok(()) => return Ok(received),
                         Err(e) => e,
                     };
-                // A resumed connection that ends before it carried a frame
-                // was one the source had already given up on (it dials
-                // again when our answer is slow): keep waiting for the next.
-                let stale = deadline.is_some() && received == before;
                 let rec = match recovery {
-                    Some(rec) if (link_lost(&e) || stale) && !failed.load(Ordering::Acquire) => rec,
+                    Some(rec) if connection_lost(&e) && !failed.load(Ordering::Acquire) => rec,
                     _ => return Err(e),
                 };
-                if !stale {
+                // A new loss once frames flow again; a resumed connection
+                // that ends before it carried a frame was one the source had
+                // already given up on (it dials again when our answer is
+                // slow): the same loss, the same deadline.
+                if deadline.is_none() || received != before {
                     deadline = Some(Instant::now() + rec.timeout);
                 }
                 reader = rejoin_target(

@@ -885,6 +885,8 @@ fn post_copy_with_link_cut(cut_for: Option<Duration>, recover: Duration) -> Reco
         recover_timeout: recover,
         ..ReceiveOptions::default()
     };
+    let target_progress = Arc::new(ProgressHandle::default());
+    let tp = target_progress.clone();
     let receiver = std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
         let rejoin =
@@ -898,7 +900,7 @@ fn post_copy_with_link_cut(cut_for: Option<Duration>, recover: Duration) -> Reco
                 Ok(vm)
             },
             &receive_opts,
-            &ProgressHandle::default(),
+            &tp,
             Some(&rejoin),
         )
         .map(drop)
@@ -925,22 +927,24 @@ fn post_copy_with_link_cut(cut_for: Option<Duration>, recover: Duration) -> Reco
     let watcher = {
         let (progress, cut) = (progress.clone(), relay.cut.clone());
         std::thread::spawn(move || {
-            let mut seen = false;
+            let ended = || matches!(progress.get().stage, Stage::Failed | Stage::Completed);
             let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            while progress.get().stage != Stage::PostCopy {
-                if std::time::Instant::now() > deadline || progress.get().stage == Stage::Failed {
+            // Cut once the guest runs on the target.
+            while target_progress.get().stage != Stage::PostCopy {
+                if std::time::Instant::now() > deadline || ended() {
                     return false;
                 }
-                std::thread::sleep(Duration::from_millis(5));
+                std::thread::sleep(Duration::from_millis(2));
             }
             cut.store(true, Ordering::Relaxed);
             let start = std::time::Instant::now();
-            while cut_for.is_none_or(|d| start.elapsed() < d) {
+            let mut seen = false;
+            while !ended() {
                 seen |= progress.get().reconnecting;
-                if matches!(progress.get().stage, Stage::Failed | Stage::Completed) {
-                    break;
+                if cut_for.is_some_and(|d| start.elapsed() >= d) {
+                    cut.store(false, Ordering::Relaxed);
                 }
-                std::thread::sleep(Duration::from_millis(10));
+                std::thread::sleep(Duration::from_millis(5));
             }
             cut.store(false, Ordering::Relaxed);
             seen
