@@ -1,17 +1,22 @@
 //! The VMM's seccomp sandbox: a VMM runs with its filter installed, a guest
 //! runs normally under it, and a system call outside the allow list kills
 //! the VMM with SIGSYS (exit status 128 + 31 under the agent's shell, which
-//! the agent reports as `SandboxViolation`).
+//! the agent reports as `SandboxViolation`). And its mount namespace: a VMM
+//! the agent starts sees its own VM's files only, and writes only to them.
 
 mod common;
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{guest, start_vm, Scratch, BOOT, VMM};
+use common::{guest, require_kvm, start_vm, Scratch, BOOT, VMM};
+use godwit_crds::contract::Machine;
+use godwit_e2e::guest::Console;
+use godwit_node::agent::local::{self, node_jail, Runner, VmDir};
 
 fn args(extra: &[&str]) -> Vec<String> {
     let g = guest().display().to_string();
@@ -69,4 +74,138 @@ fn the_deny_list_only_names_allowed_calls() {
         err.contains("\"execve\" is not a system call the VMM allows"),
         "{err}"
     );
+}
+
+/// The VMM under the agent's `sh` wrapper `sh_pid`, once it runs.
+fn vmm_under(sh_pid: u32) -> u32 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let children = std::fs::read_to_string(format!("/proc/{sh_pid}/task/{sh_pid}/children"))
+            .unwrap_or_default();
+        if let Some(pid) = children.split_whitespace().next() {
+            let pid: u32 = pid.parse().unwrap();
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+            if exe.ends_with("godwit-vmm") {
+                return pid;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no VMM under the wrapper {sh_pid}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Stops the VM (its whole process group) when the test ends, passed or not.
+struct Stop(VmDir, std::process::Child);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        local::stop(&self.0, Duration::from_secs(2));
+        let _ = self.1.wait();
+    }
+}
+
+#[test]
+fn a_vmm_the_agent_starts_sees_only_its_own_vm() {
+    require_kvm();
+    let scratch = Scratch::new("jail");
+    let root = scratch.0.canonicalize().unwrap();
+    let state = root.join("state");
+    let shared = root.join("shared");
+    let a = VmDir::new(&state, &shared, "ns", "a");
+    let b = VmDir::new(&state, &shared, "ns", "b");
+    // Another VM on the node, with a file and a shared disk.
+    b.create().unwrap();
+    std::fs::write(b.file("secret"), "B's").unwrap();
+    std::fs::create_dir_all(&b.shared).unwrap();
+    std::fs::write(b.shared.join("data.raw"), "B's disk").unwrap();
+    std::fs::create_dir_all(&a.shared).unwrap();
+    // A secret the agent holds (as the migration CA is).
+    let ca = root.join("ca");
+    std::fs::create_dir_all(&ca).unwrap();
+    std::fs::write(ca.join("ca.key"), "key").unwrap();
+    let machine = Machine {
+        cpu: 1,
+        memory_bytes: 64 << 20,
+        kernel: guest().display().to_string(),
+        cmdline: "hb_ms=50".into(),
+        ..Default::default()
+    };
+    let runner = Runner {
+        vmm_binary: VMM.into(),
+        tls: None,
+        jail: Some(node_jail(&state, &shared, std::slice::from_ref(&ca))),
+    };
+    let sh = runner.boot(&a, &machine).unwrap();
+    let sh_pid = sh.id();
+    let _stop = Stop(a.clone(), sh);
+    let vmm = vmm_under(sh_pid);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !a.file("console.sock").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no console socket: {}",
+            local::tail(&a.file("vmm.log"), 5)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // What the VMM sees, through its own root (its mount namespace).
+    let seen = |p: &std::path::Path| {
+        std::path::PathBuf::from(format!("/proc/{vmm}/root")).join(p.strip_prefix("/").unwrap())
+    };
+    assert!(seen(&a.file("machine.json")).exists(), "A's own files");
+    for hidden in [
+        b.path.clone(),
+        b.file("secret"),
+        b.shared.clone(),
+        b.shared.join("data.raw"),
+        ca.join("ca.key"),
+    ] {
+        assert!(!seen(&hidden).exists(), "{} is visible", hidden.display());
+        assert!(hidden.exists(), "{} is gone on the host", hidden.display());
+    }
+    let listing: Vec<_> = std::fs::read_dir(seen(&state.join("vms/ns")))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(listing, ["a"], "VM directories the VMM sees");
+    // A's directories are writable, and are A's real ones.
+    std::fs::write(seen(&a.file("probe")), "from inside").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(a.file("probe")).unwrap(),
+        "from inside"
+    );
+    std::fs::write(seen(&a.shared.join("probe")), "x").unwrap();
+    assert!(a.shared.join("probe").exists());
+    // Everything else is read-only, even for root.
+    for elsewhere in [
+        root.join("probe"),
+        state.join("probe"),
+        PathBuf::from("/probe"),
+    ] {
+        let e = std::fs::write(seen(&elsewhere), "x").unwrap_err();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::EROFS),
+            "{}: {e}",
+            elsewhere.display()
+        );
+    }
+    // Nothing of this reached the host's mounts.
+    let host = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!host.contains("godwit-hidden"), "{host}");
+    // The capability bound still holds (set after the mounts).
+    let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap();
+    assert!(
+        status.contains("CapBnd:\t0000000000001000"),
+        "bounding set:\n{status}"
+    );
+
+    // The guest runs.
+    let stream = UnixStream::connect(a.file("console.sock")).unwrap();
+    let mut console = Console::new(stream.try_clone().unwrap(), stream);
+    console.heartbeats(3, BOOT).unwrap();
 }

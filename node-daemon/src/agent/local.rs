@@ -20,7 +20,11 @@
 //! which every node sees; only deleting the VM removes them.
 //!
 //! VMM processes run in their own session (`setsid`), so they outlive the
-//! agent: a daemon restart or upgrade leaves the guests running.
+//! agent: a daemon restart or upgrade leaves the guests running. Each runs in
+//! its own mount namespace ([`node_jail`], [`crate::vmm::jail`]): it sees its
+//! own VM's directories and no other VM's, no service account token, and
+//! writes only to its own files; then with no capability but
+//! `CAP_NET_ADMIN` ([`crate::vmm::sandbox`]).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -35,6 +39,8 @@ use std::time::{Duration, Instant};
 use godwit_crds::contract::{Machine, MachineDiskSource};
 use godwit_crds::vm::{ImageFormat, StorageKind};
 use serde_json::{json, Value};
+
+use crate::vmm::jail::{Access, Jail, JailPolicy};
 
 /// Errors of local VM management.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +57,9 @@ pub enum LocalError {
     /// The node's template cache could not provide a template's image.
     #[error("template image {0}")]
     Template(String, #[source] crate::storage::StorageError),
+    /// The VMM's mount namespace could not be prepared.
+    #[error("Cannot prepare the mount namespace of the VMM of {0}")]
+    Jail(PathBuf, #[source] crate::vmm::jail::JailError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LocalError {
@@ -197,6 +206,28 @@ pub struct Runner {
     pub vmm_binary: PathBuf,
     /// The node's migration identity (mutual TLS), if configured.
     pub tls: Option<crate::migration::tls::TlsFiles>,
+    /// What every VMM's mount namespace hides ([`node_jail`]); each VMM
+    /// keeps its own files on top. `None`: VMMs share the agent's mounts.
+    pub jail: Option<JailPolicy>,
+}
+
+/// The mount namespace policy of this node's VMMs ([`crate::vmm::jail`]):
+/// every VM's directory and shared directory hidden (each VMM gets its own
+/// back), the service account's token and `secrets` (e.g. the migration CA)
+/// hidden, everything else read-only.
+pub fn node_jail(state_dir: &Path, shared_dir: &Path, secrets: &[PathBuf]) -> JailPolicy {
+    let mut hide = vec![
+        state_dir.join("vms"),
+        shared_dir.to_path_buf(),
+        PathBuf::from("/run/secrets"),
+        PathBuf::from("/var/run/secrets"),
+    ];
+    hide.extend(secrets.iter().cloned());
+    JailPolicy {
+        hide,
+        keep: Vec::new(),
+        read_only_root: true,
+    }
 }
 
 /// The VMM's exit status is written by the `sh` that runs it, so it is known
@@ -204,7 +235,46 @@ pub struct Runner {
 const WRAPPER: &str = r#""$0" "$@"; echo $? > "$GODWIT_EXIT_FILE""#;
 
 impl Runner {
-    fn spawn(&self, dir: &VmDir, args: &[String]) -> Result<Child, LocalError> {
+    /// What the VMM of `dir` keeps in its mount namespace: its directories
+    /// and `disks` writable, everything else it is given to read.
+    fn keep(
+        &self,
+        dir: &VmDir,
+        machine: &Machine,
+        disks: &[(PathBuf, bool)],
+    ) -> Vec<(PathBuf, Access)> {
+        let mut keep = vec![
+            (dir.path.clone(), Access::ReadWrite),
+            (dir.shared.clone(), Access::ReadWrite),
+            (dir.cache.clone(), Access::ReadOnly),
+            (self.vmm_binary.clone(), Access::ReadOnly),
+            (PathBuf::from(&machine.kernel), Access::ReadOnly),
+        ];
+        if let Some(initrd) = &machine.initrd {
+            keep.push((PathBuf::from(initrd), Access::ReadOnly));
+        }
+        for (path, read_only) in disks {
+            let access = if *read_only {
+                Access::ReadOnly
+            } else {
+                Access::ReadWrite
+            };
+            keep.push((path.clone(), access));
+        }
+        if let Some(tls) = &self.tls {
+            for f in [&tls.cert, &tls.key, &tls.ca] {
+                keep.push((f.clone(), Access::ReadOnly));
+            }
+        }
+        keep
+    }
+
+    fn spawn(
+        &self,
+        dir: &VmDir,
+        args: &[String],
+        keep: Vec<(PathBuf, Access)>,
+    ) -> Result<Child, LocalError> {
         for f in ["exit", "stop-requested", "api.sock", "console.sock"] {
             let _ = fs::remove_file(dir.file(f));
         }
@@ -223,12 +293,27 @@ impl Runner {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err);
-        // SAFETY: setsid and prctl are async-signal-safe; nothing else runs
-        // between fork and exec.
+        let jail = match &self.jail {
+            Some(policy) => {
+                let policy = JailPolicy {
+                    keep,
+                    ..policy.clone()
+                };
+                Some(Jail::prepare(&policy).map_err(|e| LocalError::Jail(dir.path.clone(), e))?)
+            }
+            None => None,
+        };
+        // SAFETY: setsid, prctl and what `Jail::enter_for_exec` does (mount,
+        // unshare, mkdir, open on prepared paths) are async-signal-safe;
+        // nothing else runs between fork and exec.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // Mounting needs CAP_SYS_ADMIN: before the bounding set goes.
+                if let Some(jail) = &jail {
+                    jail.enter_for_exec()?;
                 }
                 // The VMM keeps only the capabilities it needs.
                 crate::vmm::sandbox::bound_capabilities_for_exec()
@@ -259,12 +344,14 @@ impl Runner {
         if let Some(initrd) = &machine.initrd {
             args.extend(["--initrd".into(), initrd.clone()]);
         }
+        let mut disks = Vec::new();
         for disk in &machine.disks {
             let path = provision_disk(dir, disk)?;
             args.extend(["--disk".into(), disk_arg(&path, disk.read_only)]);
+            disks.push((path, disk.read_only));
         }
         args.extend(self.common_args(dir, machine));
-        self.spawn(dir, &args)
+        self.spawn(dir, &args, self.keep(dir, machine, &disks))
     }
 
     /// Starts a VMM that waits for `machine`'s migration on `addr`; with
@@ -283,11 +370,13 @@ impl Runner {
         write_machine(dir, machine)?;
         let mut args = vec!["--incoming".to_string(), addr.to_string()];
         let paths = super::disks::prepare_target(dir, machine, copy_disks)?;
+        let mut disks = Vec::new();
         for (disk, path) in machine.disks.iter().zip(paths) {
             args.extend(["--disk".into(), disk_arg(&path, disk.read_only)]);
+            disks.push((path, disk.read_only));
         }
         args.extend(self.common_args(dir, machine));
-        self.spawn(dir, &args)
+        self.spawn(dir, &args, self.keep(dir, machine, &disks))
     }
 
     fn common_args(&self, dir: &VmDir, machine: &Machine) -> Vec<String> {

@@ -193,6 +193,11 @@ pub async fn run(
         runner: Runner {
             vmm_binary: cfg.vmm_binary.clone(),
             tls: migration_tls,
+            jail: Some(local::node_jail(
+                &cfg.state_dir,
+                &cfg.shared_dir,
+                cfg.migration_ca_dir.as_slice(),
+            )),
         },
         cfg,
         client,

@@ -13,6 +13,7 @@ pub mod boot;
 pub mod control;
 pub mod devices;
 pub mod dirty;
+pub mod jail;
 pub mod memory;
 pub mod private_socket;
 pub mod sandbox;

@@ -19,6 +19,12 @@
 //! suites start (boot, disks, network, snapshots, storage, plain, TLS and
 //! post-copy migrations), by thread name; the calls the loader makes before
 //! `main` are not on them. The suites then run with the filter on.
+//!
+//! The node agent confines a VMM further before it even starts: its own
+//! mount namespace, where it sees only its own VM's files and writes only
+//! to them ([`super::jail`]), and a capability bounding set of
+//! `CAP_NET_ADMIN` alone ([`bound_capabilities_for_exec`]), in that order in
+//! the child between `fork` and `exec` (mounting needs `CAP_SYS_ADMIN`).
 
 use std::collections::BTreeMap;
 
