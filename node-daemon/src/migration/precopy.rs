@@ -144,6 +144,9 @@ pub(super) struct Source<'a, V: SourceVm> {
     /// the post-copy loop, not errors.
     pub in_postcopy: bool,
     batch: PageBatch,
+    /// Connections given up after a lost post-copy link, shut down when
+    /// the migration ends.
+    retired: Vec<FrameWriter>,
 }
 
 impl<V: SourceVm> Source<'_, V> {
@@ -190,7 +193,7 @@ impl<V: SourceVm> Source<'_, V> {
     }
 
     /// Carries on over `conn`, a new connection to the same target: the old
-    /// stream is shut down (its reader thread ends), frames go out on the
+    /// stream is retired (shut down when the migration ends), frames go out on the
     /// new one with the same byte count and cap, and a new reader thread
     /// feeds [`Source::incoming`]. A batch cut short by the break is dropped;
     /// the target says what it still needs.
@@ -200,7 +203,10 @@ impl<V: SourceVm> Source<'_, V> {
         let mut writer = FrameWriter::new(conn, self.opts.bandwidth_limit);
         writer.bytes_sent = self.writer.bytes_sent;
         writer.version = self.writer.version;
-        std::mem::replace(&mut self.writer, writer).abandon();
+        // Kept open, not shut down: a FIN reaching the target once the link
+        // is back would read as the source having gone away.
+        let old = std::mem::replace(&mut self.writer, writer);
+        self.retired.push(old);
         let (tx, rx) = channel();
         std::thread::Builder::new()
             .name("migrate-recv".into())
@@ -398,6 +404,7 @@ pub fn send<V: SourceVm>(
         zero_pages: 0,
         in_postcopy: false,
         batch: PageBatch::with_capacity(BATCH_BYTES + PAGE_SIZE),
+        retired: Vec::new(),
         regions,
     };
     let memory_total: u64 = src.regions.iter().map(|r| r.size).sum();
@@ -436,6 +443,9 @@ pub fn send<V: SourceVm>(
             let _ = vm.set_dirty_log(false);
         }
         src.writer.close();
+        for old in &src.retired {
+            old.abandon();
+        }
         result
     });
     match &outcome {
