@@ -200,5 +200,22 @@ pub enum MigrationError {
     Userfault(&'static str, #[source] std::io::Error),
 }
 
+impl MigrationError {
+    /// What a frame other than the awaited one means: the peer's `Abort`
+    /// (with its reason), or a protocol violation.
+    pub(crate) fn unexpected(
+        got: protocol::Command,
+        payload: &[u8],
+        expected: &'static str,
+    ) -> MigrationError {
+        match got {
+            protocol::Command::Abort => {
+                MigrationError::PeerAbort(String::from_utf8_lossy(payload).into_owned())
+            }
+            got => ProtocolError::Unexpected { got, expected }.into(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -535,17 +535,12 @@ fn push<V: SourceVm>(
                         return Ok(());
                     }
                 }
-                Some((Command::Abort, reason)) => {
-                    return Err(MigrationError::PeerAbort(
-                        String::from_utf8_lossy(&reason).into_owned(),
-                    ))
-                }
-                Some((got, _)) => {
-                    return Err(protocol::ProtocolError::Unexpected {
+                Some((got, payload)) => {
+                    return Err(MigrationError::unexpected(
                         got,
-                        expected: "PageRequest or Activated",
-                    }
-                    .into())
+                        &payload,
+                        "PageRequest or Activated",
+                    ))
                 }
             }
             if serve.remaining == 0 && serve.activated.is_some() {
@@ -591,18 +586,7 @@ fn finish<V: SourceVm>(src: &mut Source<'_, V>) -> Result<(), MigrationError> {
         match super::transport::recv_timeout(&src.incoming, src.opts.stall_timeout)? {
             (Command::Ready, _) => return Ok(()),
             (Command::PageRequest, _) => continue,
-            (Command::Abort, reason) => {
-                return Err(MigrationError::PeerAbort(
-                    String::from_utf8_lossy(&reason).into_owned(),
-                ))
-            }
-            (got, _) => {
-                return Err(protocol::ProtocolError::Unexpected {
-                    got,
-                    expected: "Ready",
-                }
-                .into())
-            }
+            (got, payload) => return Err(MigrationError::unexpected(got, &payload, "Ready")),
         }
     }
 }
@@ -940,17 +924,12 @@ fn receive_pages(
                 progress.update(|p| p.transferred_bytes = *received);
             }
             Command::Complete => return Ok(()),
-            Command::Abort => {
-                return Err(MigrationError::PeerAbort(
-                    String::from_utf8_lossy(&payload).into_owned(),
-                ))
-            }
             got => {
-                return Err(protocol::ProtocolError::Unexpected {
+                return Err(MigrationError::unexpected(
                     got,
-                    expected: "Pages or Complete",
-                }
-                .into())
+                    &payload,
+                    "Pages or Complete",
+                ))
             }
         }
     }

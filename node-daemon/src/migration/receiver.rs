@@ -317,20 +317,12 @@ where
                 progress.update(|p| p.stage = Stage::Committing);
                 send(stream, Command::Ready, &[])?;
                 let header = protocol::read_frame(stream, &mut payload)?;
-                match header.command {
-                    Command::Commit => {}
-                    Command::Abort => {
-                        return Err(MigrationError::PeerAbort(
-                            String::from_utf8_lossy(&payload).into_owned(),
-                        ))
-                    }
-                    got => {
-                        return Err(protocol::ProtocolError::Unexpected {
-                            got,
-                            expected: "Commit",
-                        }
-                        .into())
-                    }
+                if header.command != Command::Commit {
+                    return Err(MigrationError::unexpected(
+                        header.command,
+                        &payload,
+                        "Commit",
+                    ));
                 }
                 // Lock hand-over (storage::lock): the source released its
                 // locks before Commit; take them before the guest runs.
