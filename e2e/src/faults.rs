@@ -29,13 +29,13 @@
 //! | target agent killed (back after 2 s) | moves | moves |
 //! | operator killed (back after 2 s) | moves: the agents finish, the operator settles the VM when back | moves |
 //! | migration link cut for 4 s | moves: TCP retransmits, shorter than the stall timeout | moves (the target's vCPUs wait for pages meanwhile) |
+//! | link slowed to 4 Mbit/s for 6 s | moves | moves |
 //!
 //! (A cut of the node's whole link longer than its Lease — 8 s — is a lost
 //! node: it fences itself and HA restarts its VMs, see `e2e/tests/ha.rs`. A
 //! post-copy migration whose link alone is lost for longer than the stall
 //! timeout reconnects: `node-daemon/tests/migrate.rs`
 //! `link_cut_during_post_copy_resumes_when_the_link_returns`.)
-//! | link slowed to 4 Mbit/s for 6 s | moves | moves |
 //!
 //! Not injected here: `PreparingTarget` (it lasts well under a second once
 //! the target agent answers), `StopAndCopy` and `Committing` (tens of

@@ -3,6 +3,8 @@
 //! the VMM with SIGSYS (exit status 128 + 31 under the agent's shell, which
 //! the agent reports as `SandboxViolation`). And its mount namespace: a VMM
 //! the agent starts sees its own VM's files only, and writes only to them.
+//! And its user: a VMM the agent starts as its VM's own user runs with no
+//! capability, on the descriptors the agent handed it.
 
 mod common;
 
@@ -137,6 +139,7 @@ fn a_vmm_the_agent_starts_sees_only_its_own_vm() {
         vmm_binary: VMM.into(),
         tls: None,
         jail: Some(node_jail(&state, &shared, std::slice::from_ref(&ca))),
+        users: None,
     };
     let sh = runner.boot(&a, &machine).unwrap();
     let sh_pid = sh.id();
@@ -208,4 +211,124 @@ fn a_vmm_the_agent_starts_sees_only_its_own_vm() {
     let stream = UnixStream::connect(a.file("console.sock")).unwrap();
     let mut console = Console::new(stream.try_clone().unwrap(), stream);
     console.heartbeats(3, BOOT).unwrap();
+}
+
+/// A status line's fields (`Uid:\t1\t1\t1\t1` → `["1", "1", "1", "1"]`).
+fn status_field(status: &str, name: &str) -> Vec<String> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in\n{status}"))
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn a_vmm_the_agent_starts_as_its_own_user_runs_with_no_capability() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    require_kvm();
+    let scratch = Scratch::new("user");
+    let root = scratch.0.canonicalize().unwrap();
+    let state = root.join("state");
+    let shared = root.join("shared");
+    let vm = VmDir::new(&state, &shared, "ns", "a");
+    // The binary and the kernel in a directory closed to others, as a
+    // build tree under /root is: the agent hands them over as descriptors.
+    let private = root.join("private");
+    std::fs::create_dir_all(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let binary = private.join("godwit-vmm");
+    std::fs::copy(VMM, &binary).unwrap();
+    let kernel = private.join("guest.elf");
+    std::fs::copy(guest(), &kernel).unwrap();
+    // A migration identity whose key only root can read (as the agent
+    // issues it): the VMM gets it on a pipe.
+    let ca = root.join("ca");
+    godwit_e2e::cluster::write_migration_ca(&ca).unwrap();
+    let tls = godwit_node::agent::tls::issue(&ca, &root.join("tls"), "node-a", "10.0.0.1").unwrap();
+    assert_eq!(
+        std::fs::metadata(&tls.key).unwrap().permissions().mode() & 0o077,
+        0,
+        "the key must be closed to others for this test"
+    );
+    let machine = Machine {
+        cpu: 1,
+        memory_bytes: 64 << 20,
+        kernel: kernel.display().to_string(),
+        cmdline: "hb_ms=50".into(),
+        ..Default::default()
+    };
+    let users = local::VmmUsers::new(2_000_000_000).unwrap();
+    let uid = users.of("ns", "a");
+    assert!(uid >= 2_000_000_000, "uid {uid}");
+    let runner = Runner {
+        vmm_binary: binary.clone(),
+        tls: Some(tls.clone()),
+        jail: Some(node_jail(&state, &shared, std::slice::from_ref(&ca))),
+        users: Some(users),
+    };
+    let sh = runner.boot(&vm, &machine).unwrap();
+    let sh_pid = sh.id();
+    let _stop = Stop(vm.clone(), sh);
+    let vmm = vmm_under(sh_pid);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !vm.file("console.sock").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no console socket: {}",
+            local::tail(&vm.file("vmm.log"), 5)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap();
+    let id = uid.to_string();
+    assert_eq!(status_field(&status, "Uid"), [id.as_str(); 4], "{status}");
+    assert_eq!(status_field(&status, "Gid"), [id.as_str(); 4], "{status}");
+    assert!(status_field(&status, "Groups").is_empty(), "{status}");
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(
+            status_field(&status, set),
+            ["0000000000000000"],
+            "{set}:\n{status}"
+        );
+    }
+    assert_eq!(status_field(&status, "NoNewPrivs"), ["1"]);
+    assert_eq!(status_field(&status, "Seccomp"), ["2"]);
+    // It got /dev/kvm and /dev/userfaultfd from the agent, open.
+    let fds: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{vmm}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .collect();
+    assert!(
+        fds.iter().any(|p| p == std::path::Path::new("/dev/kvm")),
+        "{fds:?}"
+    );
+    // The key went over a pipe: neither its path nor the key's text is on
+    // the command line.
+    let argv = String::from_utf8_lossy(&std::fs::read(format!("/proc/{vmm}/cmdline")).unwrap())
+        .replace('\0', " ");
+    assert!(
+        argv.contains("--tls-fd") && argv.contains("--kvm-fd"),
+        "{argv}"
+    );
+    assert!(!argv.contains(&tls.key.display().to_string()), "{argv}");
+    assert!(
+        argv.contains("/proc/self/fd/"),
+        "the kernel in a closed directory: {argv}"
+    );
+    // Its directory is its own (0700), and the files it made there too.
+    let meta = std::fs::metadata(&vm.path).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (uid, 0o700));
+    assert_eq!(
+        std::fs::metadata(vm.file("console.sock")).unwrap().uid(),
+        uid
+    );
+    // The guest runs, and the control socket answers the agent.
+    let stream = UnixStream::connect(vm.file("console.sock")).unwrap();
+    let mut console = Console::new(stream.try_clone().unwrap(), stream);
+    console.heartbeats(3, BOOT).unwrap();
+    let stats = local::control(&vm.api_sock(), "stats", serde_json::json!({})).unwrap();
+    assert!(stats.is_object(), "{stats}");
 }

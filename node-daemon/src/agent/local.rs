@@ -23,8 +23,9 @@
 //! agent: a daemon restart or upgrade leaves the guests running. Each runs in
 //! its own mount namespace ([`node_jail`], [`crate::vmm::jail`]): it sees its
 //! own VM's directories and no other VM's, no service account token, and
-//! writes only to its own files; then with no capability but
-//! `CAP_NET_ADMIN` ([`crate::vmm::sandbox`]).
+//! writes only to its own files; then as its VM's own user with no
+//! capability at all ([`VmmUsers`]; or, as root, with none but
+//! `CAP_NET_ADMIN`, [`crate::vmm::sandbox`]).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -209,6 +210,105 @@ pub struct Runner {
     /// What every VMM's mount namespace hides ([`node_jail`]); each VMM
     /// keeps its own files on top. `None`: VMMs share the agent's mounts.
     pub jail: Option<JailPolicy>,
+    /// Run each VMM as its own unprivileged user ([`VmmUsers`]); `None`:
+    /// as root, with `CAP_NET_ADMIN` alone.
+    pub users: Option<VmmUsers>,
+}
+
+/// How many users a [`VmmUsers`] range holds.
+pub const VMM_USER_SLOTS: u32 = 65536;
+
+/// The users VMMs run as: VM `namespace/name` runs as uid (and gid)
+/// `base + hash(namespace/name) % 65536`, on every node alike, so a shared
+/// disk belongs to the same user wherever its VM runs. Two VMs whose hashes
+/// collide share a user; each still sees only its own files (its mount
+/// namespace), and neither can trace the other (`PR_SET_DUMPABLE` 0).
+///
+/// The agent stays root: it opens `/dev/kvm` and `/dev/userfaultfd`, makes
+/// the taps, reads the migration key, and hands the VMM the open
+/// descriptors ([`crate::vmm::handed`]); it gives the VM's directories and
+/// writable disks to the VM's user. Read-only files (binary, kernel,
+/// template images) must be readable by others; the binary, kernel and
+/// initrd are handed over as descriptors (`/proc/self/fd/N`) when a
+/// directory on their path is closed to others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmmUsers {
+    /// The first uid of the range.
+    pub base: u32,
+}
+
+impl VmmUsers {
+    /// A range from `base`: it must not hold root and must fit in 32 bits.
+    pub fn new(base: u32) -> Result<VmmUsers, String> {
+        if base == 0
+            || base
+                .checked_add(VMM_USER_SLOTS)
+                .is_none_or(|end| end == u32::MAX)
+        {
+            return Err(format!(
+                "VMM user range {base}..{base}+{VMM_USER_SLOTS} must start above 0 and end below {}",
+                u32::MAX
+            ));
+        }
+        Ok(VmmUsers { base })
+    }
+
+    /// The uid (and gid) of VM `namespace/name`'s VMM.
+    pub fn of(&self, namespace: &str, name: &str) -> u32 {
+        self.base + vm_hash(namespace, name) % VMM_USER_SLOTS
+    }
+}
+
+/// What the agent hands a VMM that runs as its own user: open descriptors,
+/// and the flags that name them ([`crate::vmm::handed`]).
+#[derive(Default)]
+struct Handover {
+    fds: Vec<std::os::fd::OwnedFd>,
+    args: Vec<String>,
+}
+
+impl Handover {
+    fn pass(&mut self, fd: impl Into<std::os::fd::OwnedFd>) -> i32 {
+        use std::os::fd::AsRawFd;
+        let fd = fd.into();
+        let n = fd.as_raw_fd();
+        self.fds.push(fd);
+        n
+    }
+
+    /// `path` itself when every directory on its way lets others through
+    /// and the file lets them `need` (mode bits for others), else an open
+    /// descriptor of it as `/proc/self/fd/N`.
+    fn reachable(&mut self, path: &Path, need: u32) -> Result<String, LocalError> {
+        use std::os::unix::fs::PermissionsExt;
+        let open_to_others = path.ancestors().skip(1).all(|d| {
+            d.as_os_str().is_empty()
+                || fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0)
+        }) && fs::metadata(path)
+            .is_ok_and(|m| m.permissions().mode() & need == need);
+        if open_to_others {
+            return Ok(path.display().to_string());
+        }
+        let file = fs::File::open(path).map_err(io(format!("open {}", path.display())))?;
+        Ok(format!("/proc/self/fd/{}", self.pass(file)))
+    }
+}
+
+/// Gives `path` (not following symbolic links), and everything under it
+/// when it is a directory, to user and group `uid`.
+fn give_tree(path: &Path, uid: u32) -> Result<(), LocalError> {
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    std::os::unix::fs::lchown(path, Some(uid), Some(uid))
+        .map_err(io(format!("chown {uid} {}", path.display())))?;
+    if meta.is_dir() {
+        for entry in fs::read_dir(path).map_err(io(format!("list {}", path.display())))? {
+            let entry = entry.map_err(io(format!("list {}", path.display())))?;
+            give_tree(&entry.path(), uid)?;
+        }
+    }
+    Ok(())
 }
 
 /// The mount namespace policy of this node's VMMs ([`crate::vmm::jail`]):
@@ -261,7 +361,7 @@ impl Runner {
             };
             keep.push((path.clone(), access));
         }
-        if let Some(tls) = &self.tls {
+        if let (Some(tls), None) = (&self.tls, self.users) {
             for f in [&tls.cert, &tls.key, &tls.ca] {
                 keep.push((f.clone(), Access::ReadOnly));
             }
@@ -269,9 +369,57 @@ impl Runner {
         keep
     }
 
+    /// Opens what a VMM running as `uid` cannot open itself, and gives it
+    /// its files (see [`VmmUsers`]).
+    fn hand_over(
+        &self,
+        dir: &VmDir,
+        machine: &Machine,
+        keep: &[(PathBuf, Access)],
+        uid: u32,
+    ) -> Result<Handover, LocalError> {
+        let mut h = Handover::default();
+        let rw = |path: &str| fs::OpenOptions::new().read(true).write(true).open(path);
+        let kvm = rw("/dev/kvm").map_err(io("open /dev/kvm"))?;
+        let n = h.pass(kvm);
+        h.args.extend(["--kvm-fd".into(), n.to_string()]);
+        if Path::new("/dev/userfaultfd").exists() {
+            let uffd = rw("/dev/userfaultfd").map_err(io("open /dev/userfaultfd"))?;
+            let n = h.pass(uffd);
+            h.args.extend(["--userfaultfd-fd".into(), n.to_string()]);
+        }
+        for (i, nic) in machine.networks.iter().enumerate() {
+            let name = tap_name(&dir.namespace, &dir.name, i);
+            let bridge = Some(nic.bridge.as_str()).filter(|b| !b.is_empty());
+            let tap = crate::vmm::devices::virtio::net::tap::Tap::create_for_vmm(&name, bridge)
+                .map_err(|e| LocalError::Start(crate::error_chain(&e)))?;
+            let n = h.pass(tap.file);
+            h.args.extend(["--tap-fd".into(), format!("{name}={n}")]);
+        }
+        if let Some(files) = &self.tls {
+            let pem = crate::migration::tls::TlsPem::read(files)
+                .map_err(io("read the migration identity"))?;
+            let n = h.pass(pipe_with(
+                &serde_json::to_vec(&pem).expect("PEM text serialises"),
+            )?);
+            h.args.extend(["--tls-fd".into(), n.to_string()]);
+        }
+        // Its directories and writable disks become the VM user's: 0700
+        // directories, so no other VM's user gets in.
+        give_tree(&dir.path, uid)?;
+        give_tree(&dir.shared, uid)?;
+        for (path, access) in keep {
+            if *access == Access::ReadWrite {
+                give_tree(path, uid)?;
+            }
+        }
+        Ok(h)
+    }
+
     fn spawn(
         &self,
         dir: &VmDir,
+        machine: &Machine,
         args: &[String],
         keep: Vec<(PathBuf, Access)>,
     ) -> Result<Child, LocalError> {
@@ -284,11 +432,37 @@ impl Runner {
             .open(dir.file("vmm.log"))
             .map_err(io(format!("open {}", dir.file("vmm.log").display())))?;
         let err = log.try_clone().map_err(io("dup vmm.log"))?;
+        let uid = self.users.map(|u| u.of(&dir.namespace, &dir.name));
+        let mut handover = match uid {
+            Some(uid) => self.hand_over(dir, machine, &keep, uid)?,
+            None => Handover::default(),
+        };
+        let binary = match uid {
+            Some(_) => handover.reachable(&self.vmm_binary, 0o005)?,
+            None => self.vmm_binary.display().to_string(),
+        };
+        let mut args = args.to_vec();
+        if uid.is_some() {
+            for flag in ["--kernel", "--initrd"] {
+                if let Some(i) = args.iter().position(|a| a == flag) {
+                    args[i + 1] = handover.reachable(Path::new(&args[i + 1]), 0o004)?;
+                }
+            }
+        }
+        args.extend(handover.args.iter().cloned());
+        let inherited: Vec<i32> = {
+            use std::os::fd::AsRawFd;
+            handover.fds.iter().map(|f| f.as_raw_fd()).collect()
+        };
+        let capabilities: &'static [u32] = match uid {
+            Some(_) => &[],
+            None => crate::vmm::sandbox::VMM_CAPABILITIES,
+        };
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
             .arg(WRAPPER)
-            .arg(&self.vmm_binary)
-            .args(args)
+            .arg(&binary)
+            .args(&args)
             .env("GODWIT_EXIT_FILE", dir.file("exit"))
             .stdin(Stdio::null())
             .stdout(log)
@@ -308,6 +482,13 @@ impl Runner {
         // nothing else runs between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
+                // The handed descriptors survive the exec.
+                for &fd in &inherited {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -316,12 +497,18 @@ impl Runner {
                     jail.enter_for_exec()?;
                 }
                 // The VMM keeps only the capabilities it needs.
-                crate::vmm::sandbox::bound_capabilities_for_exec()
+                crate::vmm::sandbox::bound_capabilities_for_exec(capabilities)?;
+                match uid {
+                    Some(uid) => crate::vmm::sandbox::become_user_for_exec(uid),
+                    None => Ok(()),
+                }
             });
         }
         let child = cmd
             .spawn()
             .map_err(io(format!("run {}", self.vmm_binary.display())))?;
+        // The VMM holds the descriptors now (a tap lives as long as it does).
+        drop(handover);
         fs::write(dir.file("pid"), child.id().to_string()).map_err(io("write pid"))?;
         Ok(child)
     }
@@ -351,7 +538,7 @@ impl Runner {
             disks.push((path, disk.read_only));
         }
         args.extend(self.common_args(dir, machine));
-        self.spawn(dir, &args, self.keep(dir, machine, &disks))
+        self.spawn(dir, machine, &args, self.keep(dir, machine, &disks))
     }
 
     /// Starts a VMM that waits for `machine`'s migration on `addr`; with
@@ -376,7 +563,7 @@ impl Runner {
             disks.push((path, disk.read_only));
         }
         args.extend(self.common_args(dir, machine));
-        self.spawn(dir, &args, self.keep(dir, machine, &disks))
+        self.spawn(dir, machine, &args, self.keep(dir, machine, &disks))
     }
 
     fn common_args(&self, dir: &VmDir, machine: &Machine) -> Vec<String> {
@@ -388,7 +575,9 @@ impl Runner {
             "--api-sock".into(),
             dir.api_sock().display().to_string(),
         ];
-        if let Some(tls) = &self.tls {
+        // A VMM that runs as its own user gets the identity on a pipe
+        // (`Runner::hand_over`).
+        if let (Some(tls), None) = (&self.tls, self.users) {
             for (flag, path) in [
                 ("--tls-cert", &tls.cert),
                 ("--tls-key", &tls.key),
@@ -425,12 +614,45 @@ fn disk_arg(path: &Path, read_only: bool) -> String {
 /// A tap name for NIC `index` of VM `namespace/name`: unique on the node,
 /// stable across restarts, within the kernel's 15 characters.
 pub fn tap_name(namespace: &str, name: &str, index: usize) -> String {
+    format!("gwt{:08x}n{index}", vm_hash(namespace, name))
+}
+
+/// FNV-1a of `namespace/name`.
+fn vm_hash(namespace: &str, name: &str) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
     for b in namespace.bytes().chain([b'/']).chain(name.bytes()) {
         h ^= u32::from(b);
         h = h.wrapping_mul(0x0100_0193);
     }
-    format!("gwt{h:08x}n{index}")
+    h
+}
+
+/// A pipe whose read end holds `bytes` (the write end is closed).
+fn pipe_with(bytes: &[u8]) -> Result<std::os::fd::OwnedFd, LocalError> {
+    use std::os::fd::FromRawFd;
+    // The pipe must hold it all: nobody reads until the VMM runs.
+    if bytes.len() > 60 * 1024 {
+        return Err(LocalError::Start(format!(
+            "the migration identity is {} bytes; at most 60 KiB can be handed over",
+            bytes.len()
+        )));
+    }
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills `fds` with two new descriptors or fails.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io("pipe")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: both are new descriptors owned by nothing else.
+    let (read, write) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    fs::File::from(write)
+        .write_all(bytes)
+        .map_err(io("write the migration identity to its pipe"))?;
+    Ok(read)
 }
 
 /// Makes disk `disk` exist, and returns its path. A disk that exists is kept

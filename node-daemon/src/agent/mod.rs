@@ -87,6 +87,8 @@ pub struct AgentConfig {
     pub migration_ports: (u16, u16),
     /// The migration CA (see [`tls`]); `None`: plain TCP migrations.
     pub migration_ca_dir: Option<PathBuf>,
+    /// The users VMMs run as ([`local::VmmUsers`]); `None`: root.
+    pub vmm_users: Option<local::VmmUsers>,
 }
 
 /// The agent's failures that end it (everything else is retried).
@@ -198,6 +200,7 @@ pub async fn run(
                 &cfg.shared_dir,
                 cfg.migration_ca_dir.as_slice(),
             )),
+            users: cfg.vmm_users,
         },
         cfg,
         client,
@@ -945,7 +948,7 @@ impl Agent {
         } else {
             Vec::new()
         };
-        let args = json!({
+        let mut args = json!({
             "addr": addr,
             "vm_name": m.spec.vm_name,
             "copy_disks": copy_disks,
@@ -955,6 +958,12 @@ impl Agent {
             "allow_post_copy": policy.allow_post_copy.unwrap_or(true),
             "timeout_s": policy.completion_timeout_seconds.unwrap_or(MigrationPolicy::DEFAULT_COMPLETION_TIMEOUT_SECONDS),
         });
+        // The identity as it is now (a renewed certificate is used at once),
+        // as PEM text: a VMM that runs as its own user cannot read the key.
+        if let Some(files) = &self.runner.tls {
+            let pem = crate::migration::tls::TlsPem::read(files)?;
+            args["tls"] = serde_json::to_value(pem).expect("PEM text serialises");
+        }
         std::fs::write(dir.file("outgoing"), m.name_any())?;
         let _ = std::fs::remove_file(dir.file("outgoing-result"));
         let sock = dir.api_sock();

@@ -6,16 +6,21 @@
 //! `ca.key`) and mounts it into the node daemon; `godwit-node
 //! --migration-ca-dir` points at it. At every start the agent issues a fresh
 //! key and certificate (SANs: the node's name and migration address, valid
-//! for [`VALIDITY_DAYS`]) into `<state-dir>/tls/` (mode 0600, root only) and
-//! starts each VMM with `--tls-cert/--tls-key/--tls-ca`. The CA key never
-//! leaves the node daemon.
+//! for [`VALIDITY_DAYS`]) into `<state-dir>/tls/` (mode 0600, root only). A
+//! VMM that runs as its VM's own user gets the identity as PEM text on a
+//! pipe when it starts (it needs it to accept an incoming migration); a VMM
+//! run as root (`--vmm-users root`) is given the files
+//! (`--tls-cert/--tls-key/--tls-ca`). Either way the agent sends the
+//! identity as it is now with every `migrate-send`, so a source always
+//! uses the node's current certificate. The CA key never leaves the node
+//! daemon.
 //!
 //! Rotation: put the new CA certificate next to the old one in `ca.crt` (a
 //! PEM bundle: both are trusted), roll the DaemonSet so every node holds a
-//! certificate from the new CA (VMMs started from then on use it; running
-//! VMMs keep the identity they started with, still trusted), then remove the
-//! old CA from the bundle and roll again once no VMM from before the first
-//! roll is left.
+//! certificate from the new CA (a running VMM sends its next migration with
+//! it; as a target it presents what it was started with, still trusted),
+//! then remove the old CA from the bundle and roll again once no VMM that
+//! waits for a migration from before the first roll is left.
 
 use std::fs;
 use std::io::Write;

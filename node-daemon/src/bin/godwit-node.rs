@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use godwit_node::agent::local::VmmUsers;
 use godwit_node::agent::{self, AgentConfig};
 use godwit_node::error_chain;
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -73,6 +74,12 @@ struct Args {
     /// mutual TLS. Without it migrations are plain TCP.
     #[arg(long, env = "GODWIT_MIGRATION_CA_DIR")]
     migration_ca_dir: Option<PathBuf>,
+    /// The users VMMs run as: each VM gets uid (and gid) BASE + a hash of
+    /// its namespace/name modulo 65536, and the agent hands it /dev/kvm,
+    /// /dev/userfaultfd, its taps and its migration identity as open
+    /// descriptors; `root` runs VMMs as root with CAP_NET_ADMIN alone.
+    #[arg(long, default_value = "2000000000", value_parser = parse_vmm_users)]
+    vmm_users: VmmUsersArg,
 }
 
 /// How log lines are written.
@@ -104,6 +111,20 @@ fn host_memory_mib() -> u64 {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0);
     (kib / 1024).saturating_sub(1024)
+}
+
+/// `--vmm-users`: a base uid, or `root`.
+#[derive(Clone, Copy, Debug)]
+struct VmmUsersArg(Option<VmmUsers>);
+
+fn parse_vmm_users(s: &str) -> Result<VmmUsersArg, String> {
+    if s == "root" {
+        return Ok(VmmUsersArg(None));
+    }
+    let base = s
+        .parse()
+        .map_err(|_| format!("{s:?}: give a base uid (e.g. 2000000000) or root"))?;
+    VmmUsers::new(base).map(|u| VmmUsersArg(Some(u)))
 }
 
 fn fail(msg: String) -> ! {
@@ -181,6 +202,7 @@ async fn main() {
         memory_bytes: args.memory_mib.unwrap_or_else(host_memory_mib) << 20,
         migration_ports: args.migration_ports,
         migration_ca_dir: args.migration_ca_dir,
+        vmm_users: args.vmm_users.0,
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 
 use godwit_node::error_chain;
-use godwit_node::migration::tls::{TlsFiles, TlsIdentity};
+use godwit_node::migration::tls::{TlsFiles, TlsIdentity, TlsPem};
 use godwit_node::vmm::devices::GuestExit;
 use godwit_node::vmm::vm::VmExit;
-use godwit_node::vmm::{control, sandbox};
+use godwit_node::vmm::{control, handed, sandbox};
 use godwit_node::vmm::{BuildMode, DiskConfig, NetConfig, RuntimeConfig, VmConfig, Vmm};
 
 const AFTER_HELP: &str = "\
@@ -50,6 +50,11 @@ default, the host part of addr (an IP address must be an IP SAN of the
 target's certificate); migrate-send's \"tls_server_name\" names another.
 Start every VMM of a node with the node's identity; without the flags the
 stream is plain TCP, as before.
+
+Running as an unprivileged user: the node agent opens what only root may
+open and hands the descriptors over: --kvm-fd, --userfaultfd-fd, --tap-fd
+NAME=FD (a tap already up and on its bridge) and --tls-fd (the identity as
+JSON PEM text on a pipe; migrate-send's \"tls\" renews it).
 
 Exit: status 0 when the guest resets (i8042 0xFE to port 0x64, triple fault)
 or writes 0 to the debug-exit port 0xF4 (a non-zero byte N there exits with N);
@@ -122,6 +127,21 @@ struct Args {
     /// Migration TLS: the CA that signs every node's certificate (PEM).
     #[arg(long, requires_all = ["tls_cert", "tls_key"])]
     tls_ca: Option<PathBuf>,
+    /// Migration TLS from the node agent: a pipe carrying
+    /// {"cert","key","ca"} (PEM text) as JSON, read to its end at start.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
+    tls_fd: Option<i32>,
+    /// An open /dev/kvm inherited from the node agent (a VMM running as its
+    /// own user cannot open the device).
+    #[arg(long)]
+    kvm_fd: Option<i32>,
+    /// An open /dev/userfaultfd inherited from the node agent (post-copy).
+    #[arg(long)]
+    userfaultfd_fd: Option<i32>,
+    /// A tap the node agent created, brought up and attached: NAME=FD
+    /// (repeatable); the --net with tap=NAME uses it.
+    #[arg(long, value_parser = parse_tap_fd)]
+    tap_fd: Vec<(String, i32)>,
     /// The seccomp sandbox: `on` kills the VMM on a system call it never
     /// makes, `log` only logs such calls to the kernel log, `off` disables it.
     #[arg(long, value_enum, default_value = "on", env = "GODWIT_VMM_SECCOMP")]
@@ -189,6 +209,45 @@ fn parse_net(s: &str) -> Result<NetConfig, String> {
     Ok(n)
 }
 
+fn parse_tap_fd(s: &str) -> Result<(String, i32), String> {
+    let (name, fd) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: use NAME=FD"))?;
+    let fd = fd
+        .parse()
+        .map_err(|_| format!("{fd:?} is not a descriptor number; use NAME=FD"))?;
+    if name.is_empty() {
+        return Err("empty tap name; use NAME=FD".into());
+    }
+    Ok((name.to_string(), fd))
+}
+
+/// Adopts what the node agent handed over (see `vmm::handed`) and returns
+/// the migration identity it sent, if any.
+fn adopt_handed(args: &Args) -> Option<TlsPem> {
+    let fail_on = |e: &dyn std::error::Error| fail(error_chain(e));
+    if let Some(fd) = args.kvm_fd {
+        handed::set_kvm(fd).unwrap_or_else(|e| fail_on(&e));
+    }
+    if let Some(fd) = args.userfaultfd_fd {
+        handed::set_userfaultfd_device(fd).unwrap_or_else(|e| fail_on(&e));
+    }
+    for (name, fd) in &args.tap_fd {
+        handed::add_tap(name, *fd).unwrap_or_else(|e| fail_on(&e));
+    }
+    let fd = args.tls_fd?;
+    let bytes = handed::read_pipe("TLS", fd).unwrap_or_else(|e| {
+        fail(format!(
+            "cannot read the migration identity from descriptor {fd}: {e}"
+        ))
+    });
+    Some(serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+        fail(format!(
+            "descriptor {fd} does not carry a migration identity ({{\"cert\",\"key\",\"ca\"}} PEM text): {e}"
+        ))
+    }))
+}
+
 static TERM: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_term(_: libc::c_int) {
@@ -212,16 +271,19 @@ fn main() {
     sandbox::Sandbox::new(args.seccomp, &args.seccomp_deny)
         .and_then(|s| s.install())
         .unwrap_or_else(|e| fail(error_chain(&e)));
+    // Guest memory stays out of core dumps, and no other process of the
+    // same user may ptrace this one or read its memory.
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    let handed_tls = adopt_handed(&args);
     let runtime = RuntimeConfig {
         serial_log: args.serial_log.clone(),
         console_sock: args.console_sock.clone(),
         api_sock: args.api_sock.clone(),
     };
+    use_identity(&args, handed_tls.clone());
     if let Some(addr) = &args.incoming {
-        receive_and_run(&args, addr, runtime);
-    }
-    if let Some(files) = args.tls_files() {
-        control::use_migration_tls(files).unwrap_or_else(|e| fail(error_chain(&e)));
+        receive_and_run(&args, addr, handed_tls, runtime);
     }
     let built = match &args.restore {
         Some(dir) => Vmm::restore_snapshot(dir, &runtime),
@@ -253,6 +315,17 @@ fn main() {
     run(vmm, exits, &runtime, args.timeout_s);
 }
 
+/// Makes outgoing migrations use the identity given (files or the agent's
+/// PEM text), checked now: a bad one is exit 2 at once.
+fn use_identity(args: &Args, handed: Option<TlsPem>) {
+    let used = match (handed, args.tls_files()) {
+        (Some(pem), _) => control::use_migration_identity(pem),
+        (None, Some(files)) => control::use_migration_tls(files),
+        (None, None) => return,
+    };
+    used.unwrap_or_else(|e| fail(error_chain(&e)));
+}
+
 fn install_signal_handlers() {
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
@@ -263,12 +336,15 @@ fn install_signal_handlers() {
 
 /// Waits for one incoming migration, then runs the received VM. Exits 3 when
 /// the migration fails (the guest keeps running on the source).
-fn receive_and_run(args: &Args, addr: &str, runtime: RuntimeConfig) -> ! {
+fn receive_and_run(args: &Args, addr: &str, handed: Option<TlsPem>, runtime: RuntimeConfig) -> ! {
     use godwit_node::migration::{receiver::ReceiveOptions, vmm, ProgressHandle};
     // Check the identity before listening, so a bad file is exit 2 at once.
-    let tls = args
-        .tls_files()
-        .map(|files| TlsIdentity::load(&files).unwrap_or_else(|e| fail(error_chain(&e))));
+    let tls = match (&handed, args.tls_files()) {
+        (Some(pem), _) => Some(TlsIdentity::from_pem(pem)),
+        (None, Some(files)) => Some(TlsIdentity::load(&files)),
+        (None, None) => None,
+    }
+    .map(|identity| identity.unwrap_or_else(|e| fail(error_chain(&e))));
     let listener = std::net::TcpListener::bind(addr).unwrap_or_else(|e| {
         fail(format!(
             "cannot listen for the migration on {addr}: {e}; check --incoming"

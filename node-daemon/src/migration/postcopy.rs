@@ -142,14 +142,22 @@ fn ioctl<T>(fd: &OwnedFd, request: libc::c_ulong, arg: &mut T) -> std::io::Resul
 /// `USERFAULTFD_IOC_NEW`: `_IO(0xAA, 0x00)` on /dev/userfaultfd.
 const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
 
-/// A userfaultfd from /dev/userfaultfd.
+/// A userfaultfd from /dev/userfaultfd: the one the node agent handed over
+/// ([`crate::vmm::handed`]), or opened here.
 fn from_device(flags: libc::c_int) -> std::io::Result<i32> {
-    let dev = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/userfaultfd")?;
+    let opened;
+    let dev = match crate::vmm::handed::userfaultfd_device() {
+        Some(fd) => fd.as_raw_fd(),
+        None => {
+            opened = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/userfaultfd")?;
+            opened.as_raw_fd()
+        }
+    };
     // SAFETY: the ioctl takes the flags by value and returns a new fd or -1.
-    let raw = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, flags) };
+    let raw = unsafe { libc::ioctl(dev, USERFAULTFD_IOC_NEW, flags) };
     if raw < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -165,7 +173,8 @@ impl Userfault {
     /// started by the node agent has no such capability (see
     /// `vmm::sandbox::bound_capabilities_for_exec`), so on `EPERM` the fd
     /// comes from `/dev/userfaultfd` (Linux 6.1+), which file permissions
-    /// guard instead (root only).
+    /// guard instead (root only: a VMM running as its own user gets the
+    /// device from the agent).
     pub fn new() -> Result<Userfault, MigrationError> {
         let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
         // SAFETY: the syscall takes only flags and returns a new fd or -1.

@@ -1,10 +1,11 @@
 //! Mutual TLS on the migration stream.
 //!
 //! A node has one migration identity: a certificate (with its chain) and key,
-//! and a CA bundle that the other nodes' certificates must chain to. The node
-//! agent starts every `godwit-vmm` with the same three files (`--tls-cert`,
-//! `--tls-key`, `--tls-ca`); a VMM started with them takes part in migrations
-//! only over TLS 1.2/1.3, in both roles:
+//! and a CA bundle that the other nodes' certificates must chain to. A VMM
+//! gets it as three files (`--tls-cert`, `--tls-key`, `--tls-ca`) or, from a
+//! node agent that runs it as an unprivileged user, as PEM text ([`TlsPem`]:
+//! `--tls-fd` at start, and the `tls` of each `migrate-send`); a VMM given
+//! one takes part in migrations only over TLS 1.2/1.3, in both roles:
 //!
 //! - as the target (`--incoming`), it requires a client certificate that
 //!   chains to the CA, and refuses a peer without one, with one from another
@@ -192,34 +193,113 @@ fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'sta
         .map_err(pem_err)
 }
 
+/// A migration identity as PEM text: what the node agent hands a VMM that
+/// runs as its own user and cannot read the key file (`--tls-fd`, and the
+/// `tls` of each `migrate-send`, so a rotated certificate reaches VMMs that
+/// are already running). Its `Debug` hides the key.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsPem {
+    /// The node's certificate, then its chain.
+    pub cert: String,
+    /// Its private key.
+    pub key: String,
+    /// The CA certificates.
+    pub ca: String,
+}
+
+impl std::fmt::Debug for TlsPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsPem")
+            .field("cert", &format_args!("{} bytes", self.cert.len()))
+            .field("key", &format_args!("(hidden)"))
+            .field("ca", &format_args!("{} bytes", self.ca.len()))
+            .finish()
+    }
+}
+
+impl TlsPem {
+    /// Reads the three files as they are now.
+    pub fn read(files: &TlsFiles) -> io::Result<TlsPem> {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p)
+                .map_err(|e| io::Error::new(e.kind(), format!("read {}: {e}", p.display())))
+        };
+        Ok(TlsPem {
+            cert: read(&files.cert)?,
+            key: read(&files.key)?,
+            ca: read(&files.ca)?,
+        })
+    }
+}
+
 impl TlsIdentity {
     /// Reads the files and builds the server (client auth required) and
     /// client configurations.
     pub fn load(files: &TlsFiles) -> Result<TlsIdentity, TlsError> {
         let certs = read_certs("certificate", &files.cert)?;
-        if certs.is_empty() {
-            return Err(TlsError::NoCertificate(files.cert.clone()));
-        }
         let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|source| TlsError::ReadPem {
             what: "private key",
             path: files.key.clone(),
             source,
         })?;
+        let ca = read_certs("CA", &files.ca)?;
+        TlsIdentity::build(certs, key, ca, files)
+    }
+
+    /// Builds the identity from PEM text handed over by the node agent.
+    pub fn from_pem(pem: &TlsPem) -> Result<TlsIdentity, TlsError> {
+        let names = TlsFiles {
+            cert: PathBuf::from("the certificate the node agent handed over"),
+            key: PathBuf::from("the key the node agent handed over"),
+            ca: PathBuf::from("the CA the node agent handed over"),
+        };
+        let certs = |what, text: &str, path: &Path| {
+            CertificateDer::pem_slice_iter(text.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|source| TlsError::ReadPem {
+                    what,
+                    path: path.to_path_buf(),
+                    source,
+                })
+        };
+        let cert = certs("certificate", &pem.cert, &names.cert)?;
+        let key = PrivateKeyDer::from_pem_slice(pem.key.as_bytes()).map_err(|source| {
+            TlsError::ReadPem {
+                what: "private key",
+                path: names.key.clone(),
+                source,
+            }
+        })?;
+        let ca = certs("CA", &pem.ca, &names.ca)?;
+        TlsIdentity::build(cert, key, ca, &names)
+    }
+
+    /// The server (client auth required) and client configurations; `names`
+    /// say where each part came from, for errors.
+    fn build(
+        certs: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        ca: Vec<CertificateDer<'static>>,
+        names: &TlsFiles,
+    ) -> Result<TlsIdentity, TlsError> {
+        if certs.is_empty() {
+            return Err(TlsError::NoCertificate(names.cert.clone()));
+        }
         let mut roots = RootCertStore::empty();
-        let (added, _ignored) = roots.add_parsable_certificates(read_certs("CA", &files.ca)?);
+        let (added, _ignored) = roots.add_parsable_certificates(ca);
         if added == 0 {
-            return Err(TlsError::NoCa(files.ca.clone()));
+            return Err(TlsError::NoCa(names.ca.clone()));
         }
         let roots = Arc::new(roots);
         let identity = |source| TlsError::Identity {
-            cert: files.cert.clone(),
-            key: files.key.clone(),
+            cert: names.cert.clone(),
+            key: names.key.clone(),
             source,
         };
         let verifier =
             rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
                 .build()
-                .map_err(|e| TlsError::Verifier(files.ca.clone(), e))?;
+                .map_err(|e| TlsError::Verifier(names.ca.clone(), e))?;
         let server = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(identity)?

@@ -25,6 +25,8 @@
 //! A VMM started with `--tls-cert/--tls-key/--tls-ca` migrates over mutual
 //! TLS only (see [`crate::migration::tls`]); `tls_server_name` then names what
 //! the target's certificate must carry (default: the host part of `addr`).
+//! `tls {cert, key, ca}` (PEM text) gives the identity in the request
+//! instead: the node agent's way to reach a VMM that cannot read the key.
 //! Unknown commands get an error, not a hang up.
 
 use std::io::{BufRead, BufReader, Write};
@@ -37,7 +39,7 @@ use serde_json::{json, Value};
 
 use super::{Vmm, VmmError};
 use crate::error_chain;
-use crate::migration::tls::{TlsError, TlsFiles, TlsIdentity};
+use crate::migration::tls::{TlsError, TlsFiles, TlsIdentity, TlsPem};
 use crate::migration::vmm::OutgoingTls;
 
 /// API version this VMM speaks.
@@ -127,6 +129,11 @@ pub enum Command {
         /// the host part of `addr`, an IP address as an IP SAN).
         #[serde(default)]
         tls_server_name: Option<String>,
+        /// The migration identity as PEM, from the node agent: it replaces
+        /// the one this VMM was started with (a renewed certificate reaches
+        /// a VMM that runs as its own user and cannot read the key file).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls: Option<Box<TlsPem>>,
         /// Disks on node-local storage to copy in the stream (indices in
         /// `--disk` order; default none: every disk is on shared storage).
         /// The target's `--disk` for each must exist with the same size.
@@ -150,16 +157,45 @@ pub const LOST_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 static OUTGOING: std::sync::Mutex<Option<crate::migration::vmm::Outgoing>> =
     std::sync::Mutex::new(None);
 
-/// This VMM's migration identity, when it was started with one.
-static MIGRATION_TLS: std::sync::OnceLock<TlsFiles> = std::sync::OnceLock::new();
+/// Where this VMM's migration identity comes from.
+#[derive(Clone, Debug)]
+enum Identity {
+    /// PEM files, read again at each migration (renewed certificates are
+    /// used).
+    Files(TlsFiles),
+    /// PEM text the node agent handed over (`--tls-fd`, or the last
+    /// `migrate-send` that carried `tls`).
+    Pem(TlsPem),
+}
+
+impl Identity {
+    fn load(&self) -> Result<TlsIdentity, TlsError> {
+        match self {
+            Identity::Files(files) => TlsIdentity::load(files),
+            Identity::Pem(pem) => TlsIdentity::from_pem(pem),
+        }
+    }
+}
+
+/// This VMM's migration identity, when it was given one.
+static MIGRATION_TLS: std::sync::Mutex<Option<Identity>> = std::sync::Mutex::new(None);
+
+fn set_identity(identity: Identity) -> Result<(), TlsError> {
+    identity.load()?;
+    *MIGRATION_TLS.lock().unwrap_or_else(|p| p.into_inner()) = Some(identity);
+    Ok(())
+}
 
 /// Makes every outgoing migration of this process use mutual TLS with the
 /// identity in `files` (checked now; read again at each migration, so that
-/// renewed certificates are used). Call once, before serving the socket.
+/// renewed certificates are used). Call before serving the socket.
 pub fn use_migration_tls(files: TlsFiles) -> Result<(), TlsError> {
-    TlsIdentity::load(&files)?;
-    let _ = MIGRATION_TLS.set(files);
-    Ok(())
+    set_identity(Identity::Files(files))
+}
+
+/// As [`use_migration_tls`], with the identity as PEM text (checked now).
+pub fn use_migration_identity(pem: TlsPem) -> Result<(), TlsError> {
+    set_identity(Identity::Pem(pem))
 }
 
 fn migrate_send(vmm: &Arc<Vmm>, cmd: Command) -> Result<Value, String> {
@@ -174,14 +210,22 @@ fn migrate_send(vmm: &Arc<Vmm>, cmd: Command) -> Result<Value, String> {
         stall_timeout_s,
         recover_timeout_s,
         tls_server_name,
+        tls,
         copy_disks,
     } = cmd
     else {
         unreachable!("called with migrate-send only")
     };
-    let tls = match (MIGRATION_TLS.get(), tls_server_name) {
-        (Some(files), server_name) => Some(OutgoingTls {
-            identity: TlsIdentity::load(files).map_err(|e| error_chain(&e))?,
+    if let Some(pem) = tls {
+        use_migration_identity(*pem).map_err(|e| error_chain(&e))?;
+    }
+    let identity = MIGRATION_TLS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let tls = match (identity, tls_server_name) {
+        (Some(identity), server_name) => Some(OutgoingTls {
+            identity: identity.load().map_err(|e| error_chain(&e))?,
             server_name,
         }),
         (None, Some(_)) => {

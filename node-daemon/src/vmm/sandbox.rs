@@ -275,22 +275,24 @@ pub fn enter_vcpu() {
 /// The exit status a shell reports for a process killed by `SIGSYS`.
 pub const SIGSYS_SHELL_STATUS: i32 = 128 + libc::SIGSYS;
 
-/// The one capability a VMM keeps: creating its taps and putting them on
-/// their bridge (`TUNSETIFF`, `SIOCSIFFLAGS`, `SIOCBRADDIF`).
+/// The one capability a VMM that runs as root keeps: creating its taps and
+/// putting them on their bridge (`TUNSETIFF`, `SIOCSIFFLAGS`,
+/// `SIOCBRADDIF`). A VMM that runs as its own user keeps none: the agent
+/// made its taps ([`super::handed`]).
 pub const VMM_CAPABILITIES: &[u32] = &[12 /* CAP_NET_ADMIN */];
 
-/// Drops every capability but [`VMM_CAPABILITIES`] from the calling
-/// thread's bounding set, so that a program it `exec`s next — even as root —
-/// gets no other capability, in any of its threads. Meant for the child
-/// between `fork` and `exec` (only `prctl`: async-signal-safe). The VMM still
-/// runs as root, which owns /dev/kvm, the state directory and
-/// /dev/userfaultfd, but can no longer override file permissions, mount,
-/// trace other processes, load modules and so on.
-pub fn bound_capabilities_for_exec() -> std::io::Result<()> {
+/// Drops every capability but `keep` (for a VMM run as root,
+/// [`VMM_CAPABILITIES`]) from the calling thread's bounding set, so that a
+/// program it `exec`s next — even as root — gets no other capability, in
+/// any of its threads. Meant for the child between `fork` and `exec` (only
+/// `prctl`: async-signal-safe). A VMM still running as root owns /dev/kvm,
+/// the state directory and /dev/userfaultfd, but can no longer override
+/// file permissions, mount, trace other processes, load modules and so on.
+pub fn bound_capabilities_for_exec(keep: &[u32]) -> std::io::Result<()> {
     // Up to the highest capability any kernel defines; a number this kernel
     // does not know answers EINVAL, which ends the loop.
     for cap in 0..64u32 {
-        if VMM_CAPABILITIES.contains(&cap) {
+        if keep.contains(&cap) {
             continue;
         }
         // SAFETY: prctl with plain integer arguments.
@@ -313,6 +315,35 @@ pub fn bound_capabilities_for_exec() -> std::io::Result<()> {
             0,
         )
     };
+    Ok(())
+}
+
+/// Becomes user and group `uid` with no supplementary groups, for good:
+/// real, effective and saved ids, so every capability is gone and cannot
+/// come back (`no_new_privs` too: no set-user-id program gives them back).
+/// Meant for the child between `fork` and `exec`, last (only system calls:
+/// async-signal-safe).
+pub fn become_user_for_exec(uid: u32) -> std::io::Result<()> {
+    let check = |r: libc::c_long| {
+        if r != 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    // SAFETY: plain system calls with integer arguments (setgroups with an
+    // empty list); glibc's set*id wrappers would synchronise other threads,
+    // which a forked child does not have, so the raw calls are used.
+    unsafe {
+        check(libc::syscall(
+            libc::SYS_setgroups,
+            0,
+            std::ptr::null::<libc::gid_t>(),
+        ))?;
+        check(libc::syscall(libc::SYS_setresgid, uid, uid, uid))?;
+        check(libc::syscall(libc::SYS_setresuid, uid, uid, uid))?;
+        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long)?;
+    }
     Ok(())
 }
 

@@ -73,9 +73,10 @@ pub enum VmError {
     SpawnVcpu(#[source] std::io::Error),
 }
 
-/// Opens /dev/kvm and creates a VM with irqchip and PIT.
+/// Opens /dev/kvm (or uses the one the agent handed over) and creates a VM
+/// with irqchip and PIT.
 pub fn create() -> Result<(Kvm, VmFd), VmError> {
-    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let kvm = super::handed::kvm().map_err(VmError::OpenKvm)?;
     let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
     vm.set_tss_address(0xfffb_d000)
         .map_err(VmError::SetTssAddress)?;

@@ -40,6 +40,10 @@ pub struct Tap {
     pub file: File,
     /// Interface name.
     pub name: String,
+    /// The node agent created it, brought it up and attached it to its
+    /// bridge ([`crate::vmm::handed`]): [`Tap::up`] and [`Tap::attach`]
+    /// have nothing left to do.
+    pub handed: bool,
 }
 
 /// Whether `bridge` exists and is a bridge.
@@ -75,6 +79,15 @@ impl Tap {
     /// tap); an empty name lets the kernel pick `tapN`.
     pub fn open(name: &str) -> Result<Tap, VirtioError> {
         let err = |e| VirtioError::CreateTap(name.to_string(), e);
+        if let Some(fd) = crate::vmm::handed::take_tap(name) {
+            let file = File::from(fd);
+            set_nonblocking(&file).map_err(err)?;
+            return Ok(Tap {
+                file,
+                name: name.to_string(),
+                handed: true,
+            });
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -87,11 +100,27 @@ impl Tap {
         Ok(Tap {
             file,
             name: ifr.name(),
+            handed: false,
         })
+    }
+
+    /// Creates tap `name` (as [`Tap::open`] does without a handed one),
+    /// adds it to `bridge` and brings it up: what the node agent does
+    /// before it hands the tap to an unprivileged VMM.
+    pub fn create_for_vmm(name: &str, bridge: Option<&str>) -> Result<Tap, VirtioError> {
+        let tap = Tap::open(name)?;
+        if let Some(b) = bridge {
+            tap.attach(b)?;
+        }
+        tap.up()?;
+        Ok(tap)
     }
 
     /// Sets the interface up.
     pub fn up(&self) -> Result<(), VirtioError> {
+        if self.handed {
+            return Ok(());
+        }
         let err = |e| VirtioError::TapUp(self.name.clone(), e);
         let sock = ctl_socket().map_err(err)?;
         let mut ifr = IfReq::new(&self.name);
@@ -103,6 +132,9 @@ impl Tap {
 
     /// Adds the tap to `bridge`.
     pub fn attach(&self, bridge: &str) -> Result<(), VirtioError> {
+        if self.handed {
+            return Ok(());
+        }
         if !bridge_exists(bridge) {
             return Err(VirtioError::NoBridge(bridge.to_string()));
         }
@@ -115,6 +147,17 @@ impl Tap {
         br.data[..4].copy_from_slice(&index.to_ne_bytes());
         ioctl(&sock, SIOCBRADDIF, &mut br).map_err(err)
     }
+}
+
+fn set_nonblocking(file: &File) -> std::io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL only read and set the file's status flags.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0
+        || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 trait NonBlock {
