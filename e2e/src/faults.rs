@@ -30,6 +30,7 @@
 //! | operator killed (back after 2 s) | moves: the agents finish, the operator settles the VM when back | moves |
 //! | migration link cut for 4 s | moves: TCP retransmits, shorter than the stall timeout | moves (the target's vCPUs wait for pages meanwhile) |
 //! | link slowed to 4 Mbit/s for 6 s | moves | moves |
+//! | target disk full (VM on `storage: Local` moved with `storage: Copy`: 40 MiB written, 32 MiB of room) | stays on the source; the VMMigration says "No space left on device" | — (disks are copied before post-copy) |
 //!
 //! (A cut of the node's whole link longer than its Lease — 8 s — is a lost
 //! node: it fences itself and HA restarts its VMs, see `e2e/tests/ha.rs`. A
@@ -74,11 +75,16 @@ pub enum Fault {
     LinkCut,
     /// The target node's link at 4 Mbit/s for 6 s.
     LinkSlowed,
+    /// The target node's VM storage too small: the VM is on `storage:
+    /// Local` and moves with `storage: Copy`; its guest wrote 40 MiB to its
+    /// disk, and the target's `<state-dir>/vms` is a 32 MiB tmpfs, so the
+    /// copy runs out of space in PreCopy.
+    TargetDiskFull,
 }
 
 impl Fault {
     /// Every fault, in table order.
-    pub const ALL: [Fault; 7] = [
+    pub const ALL: [Fault; 8] = [
         Fault::SourceVmmKilled,
         Fault::TargetVmmKilled,
         Fault::SourceAgentKilled,
@@ -86,7 +92,14 @@ impl Fault {
         Fault::OperatorKilled,
         Fault::LinkCut,
         Fault::LinkSlowed,
+        Fault::TargetDiskFull,
     ];
+
+    /// Whether the fault can strike in `phase`: disks are copied before
+    /// post-copy starts, so a full target disk is a pre-copy cell only.
+    pub fn applies(self, phase: Phase) -> bool {
+        !(self == Fault::TargetDiskFull && phase == Phase::PostCopy)
+    }
 
     /// A short name.
     pub fn name(self) -> &'static str {
@@ -98,6 +111,7 @@ impl Fault {
             Fault::OperatorKilled => "operator-killed",
             Fault::LinkCut => "link-cut",
             Fault::LinkSlowed => "link-slowed",
+            Fault::TargetDiskFull => "target-disk-full",
         }
     }
 }
@@ -152,6 +166,7 @@ pub enum Outcome {
 pub fn expected(fault: Fault, phase: Phase) -> Outcome {
     match (fault, phase) {
         (Fault::SourceVmmKilled, _) => Outcome::Restarted,
+        (Fault::TargetDiskFull, _) => Outcome::StaysOnSource,
         (Fault::TargetVmmKilled, Phase::PreCopy) => Outcome::StaysOnSource,
         (Fault::TargetVmmKilled, Phase::PostCopy) => Outcome::Restarted,
         _ => Outcome::MovesToTarget,
@@ -288,11 +303,68 @@ fn kill_vmm(wrapper: i32) {
     }
 }
 
-fn migration_yaml(name: &str, phase: Phase) -> String {
+fn migration_yaml(name: &str, phase: Phase, copy_disks: bool) -> String {
     format!(
-        "apiVersion: godwit.dev/v1alpha1\nkind: VMMigration\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  vmName: demo\n  policy:\n{}",
+        "apiVersion: godwit.dev/v1alpha1\nkind: VMMigration\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  vmName: demo\n{}  policy:\n{}",
+        if copy_disks { "  storage: Copy\n" } else { "" },
         phase.policy()
     )
+}
+
+/// The size of the tmpfs a [`Fault::TargetDiskFull`] cell puts over the
+/// target's VM storage.
+const SMALL_DISK: &str = "32m";
+
+/// Mounts a [`SMALL_DISK`] tmpfs over node `k`'s `<state-dir>/vms`, and
+/// restarts its agent: `ip netns exec` gives each agent a copy of the
+/// mounts as they were when it started.
+fn mount_small_disk(g: &mut Godwit, k: usize) -> anyhow::Result<std::path::PathBuf> {
+    let vms = g.cluster.node_state_dir(k).join("vms");
+    std::fs::create_dir_all(&vms)?;
+    let out = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={SMALL_DISK},mode=0755"),
+            "godwit-small",
+        ])
+        .arg(&vms)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "mount a tmpfs on {}: {}",
+            vms.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    g.cluster.kill_agent(k);
+    g.cluster.start_agent(k)?;
+    Ok(vms)
+}
+
+/// Undoes [`mount_small_disk`] on every node where it is mounted (lazily:
+/// a process still holding a file there keeps it until it lets go), and
+/// restarts that node's agent, so that it sees the node's storage again.
+fn unmount_small_disks(g: &mut Godwit) -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for k in 0..2 {
+        let vms = g.cluster.node_state_dir(k).join("vms");
+        let at = format!(" {} ", vms.display());
+        if mounts
+            .lines()
+            .any(|l| l.contains(&at) && l.contains("godwit-small"))
+        {
+            let Ok(path) = std::ffi::CString::new(vms.as_os_str().as_encoded_bytes()) else {
+                continue;
+            };
+            // SAFETY: umount2 on a path we mounted.
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+            g.cluster.kill_agent(k);
+            g.cluster.start_agent(k)?;
+        }
+    }
+    Ok(())
 }
 
 /// A place in a console log: its file (inode) and length.
@@ -350,7 +422,14 @@ fn ask(g: &Godwit, dir: &std::path::Path, line: &str, ok: &str, bad: &str) -> an
 type Repair = Box<dyn FnOnce(&mut Godwit) -> anyhow::Result<()>>;
 
 fn cell(g: &mut Godwit, n: usize, fault: Fault, phase: Phase) -> anyhow::Result<Seen> {
-    g.apply(&g.example(EXAMPLE_VM))?;
+    let copy_disks = fault == Fault::TargetDiskFull;
+    let manifest = g.example(EXAMPLE_VM);
+    let manifest = if copy_disks {
+        manifest.replace("storage: Shared", "storage: Local")
+    } else {
+        manifest
+    };
+    g.apply(&manifest)?;
     let vm = g.wait_running("demo", Duration::from_secs(90))?;
     let from = vm["status"]["nodeName"]
         .as_str()
@@ -376,9 +455,20 @@ fn cell(g: &mut Godwit, n: usize, fault: Fault, phase: Phase) -> anyhow::Result<
         "BLK write bad",
     )?;
     let src_pid = vmm_pid(&dirs[i]).context("the source VMM's pid")?;
+    if fault == Fault::TargetDiskFull {
+        // More than the target has room for.
+        ask(
+            g,
+            &dirs[i],
+            &format!("blkwrite 8192 81920 {}", seed + 50),
+            "BLK write ok sector=8192",
+            "BLK write bad",
+        )?;
+        mount_small_disk(g, j)?;
+    }
 
     let name = format!("fault-{n}");
-    g.apply(&migration_yaml(&name, phase))?;
+    g.apply(&migration_yaml(&name, phase, copy_disks))?;
     let watch = g.watch("vmmig", &name)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -449,6 +539,8 @@ fn cell(g: &mut Godwit, n: usize, fault: Fault, phase: Phase) -> anyhow::Result<
                 }),
             ))
         }
+        // In place before the migration started; it strikes now.
+        Fault::TargetDiskFull => None,
         Fault::LinkSlowed => {
             let fabric = &g.cluster.fabric;
             fabric.nodes[j].shape(fabric, "4mbit")?;
@@ -572,13 +664,17 @@ fn cell(g: &mut Godwit, n: usize, fault: Fault, phase: Phase) -> anyhow::Result<
     // A second VMM appearing during the guest checks counts too.
     std::thread::sleep(Duration::from_millis(200));
     let longest_gap = watcher.stop()?;
+    let reason = mig["status"]["failureReason"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    if fault == Fault::TargetDiskFull && !reason.contains("No space left") {
+        bail!("the VMMigration ended {migration_phase} without saying the target disk is full: {reason:?}");
+    }
     Ok(Seen {
         outcome,
         migration_phase,
-        reason: mig["status"]["failureReason"]
-            .as_str()
-            .unwrap_or("")
-            .to_string(),
+        reason,
         longest_gap_ms: longest_gap.as_millis() as u64,
         settled_ms,
     })
@@ -630,7 +726,8 @@ fn cleanup(g: &mut Godwit) -> anyhow::Result<()> {
             .map(|d| vmm_pid(d).filter(|&p| alive(p)))
             .collect();
         format!("left: {vm:?}; migrations: {}; VMMs: {pids:?}", migs.trim())
-    })
+    })?;
+    unmount_small_disks(g)
 }
 
 /// Samples the VM's VMM processes on both nodes every 10 ms in a thread.

@@ -25,8 +25,9 @@
 //!   `godwit_e2e::failover`).
 //!
 //! - `bench faults [--json]`: the fault-injection matrix (see
-//!   `godwit_e2e::faults`): every fault in PreCopy and in PostCopy, each
-//!   cell checked; a table with cells passed / total.
+//!   `godwit_e2e::faults`): every fault in PreCopy and in PostCopy (a full
+//!   target disk in PreCopy only), each cell checked; a table with cells
+//!   passed / total.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -65,6 +66,10 @@ struct FaultsArgs {
     /// One JSON line per cell and a summary line instead of a table.
     #[arg(long)]
     json: bool,
+    /// Run only these cells: a fault (`target-disk-full`) or a fault and a
+    /// phase (`link-cut/PostCopy`); repeatable.
+    #[arg(long)]
+    only: Vec<String>,
 }
 
 fn faults(a: FaultsArgs) -> Result<()> {
@@ -73,7 +78,15 @@ fn faults(a: FaultsArgs) -> Result<()> {
     let cells: Vec<(Fault, Phase)> = Phase::ALL
         .iter()
         .flat_map(|&p| Fault::ALL.iter().map(move |&f| (f, p)))
+        .filter(|&(f, p)| f.applies(p))
+        .filter(|&(f, p)| {
+            a.only.is_empty()
+                || a.only
+                    .iter()
+                    .any(|o| *o == f.name() || *o == format!("{}/{}", f.name(), p.name()))
+        })
         .collect();
+    anyhow::ensure!(!cells.is_empty(), "no cell matches --only {:?}", a.only);
     let reports = faults::run(&dir, &cells)?;
     anyhow::ensure!(!reports.is_empty(), "no cell ran");
     let passed = reports.iter().filter(|r| r.passed()).count();
