@@ -25,6 +25,9 @@ fn quick_fault_cells_hold() {
         (Fault::LinkCut, Phase::PostCopy),
         // The only complete copy of memory is lost: HA's restart.
         (Fault::SourceVmmKilled, Phase::PostCopy),
+        // The target has no room for the disk: the guest stays, and the
+        // VMMigration says why.
+        (Fault::TargetDiskFull, Phase::PreCopy),
     ];
     let reports = faults::run(&dir, &cells).expect("the local cluster runs");
     faults::print(&reports);
