@@ -173,10 +173,20 @@ impl Godwit {
     }
 
     /// Waits until VM `name` is Running; returns its object.
+    /// On a timeout the error says where the VM got to: its status
+    /// (phase, node, conditions with their messages).
     pub fn wait_running(&self, name: &str, timeout: Duration) -> anyhow::Result<Value> {
         self.wait(&format!("VM {name} to run"), timeout, || {
             let vm = self.get("vm", name)?;
             Ok(vm.filter(|v| v["status"]["phase"] == "Running"))
+        })
+        .map_err(|e| {
+            let status = match self.get("vm", name) {
+                Ok(Some(vm)) => vm["status"].to_string(),
+                Ok(None) => "no such VM".into(),
+                Err(e) => format!("cannot read it: {e:#}"),
+            };
+            e.context(format!("VM {name}'s status: {status}"))
         })
     }
 

@@ -128,9 +128,14 @@ fn drs_spreads_loaded_vms_and_keeps_anti_affinity() {
     let guard = g.wait_running("guard", Duration::from_secs(60)).unwrap();
     let guard_node = node_of(&guard);
     assert_eq!(guard_node, names[1]);
+    // heavy-a first, with nodes 0 and 1 open: the guard's anti-affinity
+    // (symmetric) keeps it off node 1. Only then node 1 goes into
+    // maintenance: the guard cannot leave (node 0 holds heavy-a, node 2 is
+    // in maintenance) and stays. (Maintenance on node 1 before heavy-a
+    // runs would let the guard move to node 0 first, and heavy-a would
+    // then have no node.)
     label(&names[0], "godwit.dev/maintenance-");
-    label(&names[1], "godwit.dev/maintenance=true");
-    for (name, ip) in HEAVY {
+    let heavy = |name: &str, ip: &str| {
         g.apply(&manifest(
             &g,
             name,
@@ -139,8 +144,16 @@ fn drs_spreads_loaded_vms_and_keeps_anti_affinity() {
             "",
         ))
         .unwrap();
+    };
+    let (first, rest) = HEAVY.split_first().expect("three heavy VMs");
+    heavy(first.0, first.1);
+    let vm = g.wait_running(first.0, Duration::from_secs(60)).unwrap();
+    assert_eq!(node_of(&vm), names[0], "{} avoids the guard", first.0);
+    label(&names[1], "godwit.dev/maintenance=true");
+    for (name, ip) in rest {
+        heavy(name, ip);
     }
-    for (name, _) in HEAVY {
+    for (name, _) in rest {
         let vm = g.wait_running(name, Duration::from_secs(60)).unwrap();
         assert_eq!(
             node_of(&vm),

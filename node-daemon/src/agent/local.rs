@@ -230,7 +230,8 @@ pub const VMM_USER_SLOTS: u32 = 65536;
 /// writable disks to the VM's user. Read-only files (binary, kernel,
 /// template images) must be readable by others; the binary, kernel and
 /// initrd are handed over as descriptors (`/proc/self/fd/N`) when a
-/// directory on their path is closed to others.
+/// directory on their path is closed to others. Shared storage must let
+/// the node's root change owners (no `root_squash` on NFS).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VmmUsers {
     /// The first uid of the range.
@@ -404,8 +405,8 @@ impl Runner {
             )?);
             h.args.extend(["--tls-fd".into(), n.to_string()]);
         }
-        // Its directories and writable disks become the VM user's: 0700
-        // directories, so no other VM's user gets in.
+        // Its directories and writable disks become the VM user's (its VM
+        // directory is 0700, `VmDir::create`: no other VM's user gets in).
         give_tree(&dir.path, uid)?;
         give_tree(&dir.shared, uid)?;
         for (path, access) in keep {
@@ -477,9 +478,10 @@ impl Runner {
             }
             None => None,
         };
-        // SAFETY: setsid, prctl and what `Jail::enter_for_exec` does (mount,
-        // unshare, mkdir, open on prepared paths) are async-signal-safe;
-        // nothing else runs between fork and exec.
+        // SAFETY: fcntl, setsid, prctl, the raw set*id calls and what
+        // `Jail::enter_for_exec` does (mount, unshare, mkdir, open on
+        // prepared paths) are async-signal-safe; nothing else runs between
+        // fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 // The handed descriptors survive the exec.
