@@ -99,6 +99,25 @@ fn vmm_under(sh_pid: u32) -> u32 {
     }
 }
 
+/// Boots `machine` in `dir` as the agent does, and waits for its console:
+/// the guard that stops it, and the VMM's pid.
+fn boot(runner: &Runner, dir: &VmDir, machine: &Machine) -> (Stop, u32) {
+    let sh = runner.boot(dir, machine).unwrap();
+    let sh_pid = sh.id();
+    let stop = Stop(dir.clone(), sh);
+    let vmm = vmm_under(sh_pid);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !dir.file("console.sock").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no console socket: {}",
+            local::tail(&dir.file("vmm.log"), 5)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (stop, vmm)
+}
+
 /// Stops the VM (its whole process group) when the test ends, passed or not.
 struct Stop(VmDir, std::process::Child);
 
@@ -141,19 +160,7 @@ fn a_vmm_the_agent_starts_sees_only_its_own_vm() {
         jail: Some(node_jail(&state, &shared, std::slice::from_ref(&ca))),
         users: None,
     };
-    let sh = runner.boot(&a, &machine).unwrap();
-    let sh_pid = sh.id();
-    let _stop = Stop(a.clone(), sh);
-    let vmm = vmm_under(sh_pid);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !a.file("console.sock").exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no console socket: {}",
-            local::tail(&a.file("vmm.log"), 5)
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (_stop, vmm) = boot(&runner, &a, &machine);
 
     // What the VMM sees, through its own root (its mount namespace).
     let seen = |p: &std::path::Path| {
@@ -268,19 +275,7 @@ fn a_vmm_the_agent_starts_as_its_own_user_runs_with_no_capability() {
         jail: Some(node_jail(&state, &shared, std::slice::from_ref(&ca))),
         users: Some(users),
     };
-    let sh = runner.boot(&vm, &machine).unwrap();
-    let sh_pid = sh.id();
-    let _stop = Stop(vm.clone(), sh);
-    let vmm = vmm_under(sh_pid);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !vm.file("console.sock").exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no console socket: {}",
-            local::tail(&vm.file("vmm.log"), 5)
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (_stop, vmm) = boot(&runner, &vm, &machine);
 
     let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap();
     let id = uid.to_string();
