@@ -398,7 +398,8 @@ impl Runner {
             h.args.extend(["--tap-fd".into(), format!("{name}={n}")]);
         }
         if let Some(files) = &self.tls {
-            let pem = crate::migration::tls::TlsPem::read(files)
+            let pem = files
+                .read_pem()
                 .map_err(io("read the migration identity"))?;
             let n = h.pass(pipe_with(
                 &serde_json::to_vec(&pem).expect("PEM text serialises"),

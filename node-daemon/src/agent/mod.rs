@@ -961,7 +961,7 @@ impl Agent {
         // The identity as it is now (a renewed certificate is used at once),
         // as PEM text: a VMM that runs as its own user cannot read the key.
         if let Some(files) = &self.runner.tls {
-            let pem = crate::migration::tls::TlsPem::read(files)?;
+            let pem = files.read_pem()?;
             args["tls"] = serde_json::to_value(pem).expect("PEM text serialises");
         }
         std::fs::write(dir.file("outgoing"), m.name_any())?;

@@ -15,7 +15,7 @@
 //!   one;
 //! - `--tls-fd N`: the migration identity as JSON (cert, key and CA PEM) on
 //!   a pipe, so the key file itself can stay root-only (see
-//!   `control::use_migration_identity`).
+//!   `control::MigrationIdentity::from_pem`).
 //!
 //! Without these flags the VMM opens what it needs itself, as before.
 

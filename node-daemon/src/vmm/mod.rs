@@ -161,24 +161,8 @@ pub enum VmmError {
     Storage(#[from] crate::storage::StorageError),
 }
 
-/// Snapshot of the VMM's counters.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Stats {
-    /// Guest RAM in MiB.
-    pub memory_mib: u64,
-    /// Per-vCPU exits: (all, port I/O, MMIO).
-    pub vcpu_exits: Vec<(u64, u64, u64)>,
-    /// Seconds since the process built the VM.
-    pub uptime_s: f64,
-    /// Pages in the last dirty set taken.
-    pub dirty_pages_last: u64,
-    /// Dirty sets taken so far.
-    pub dirty_takes: u64,
-    /// Whether the vCPUs are paused.
-    pub paused: bool,
-    /// Whether KVM dirty logging is on.
-    pub dirty_log: bool,
-}
+/// The VMM's counters, as `stats` returns them.
+pub use godwit_vmm_control::Stats;
 
 /// How [`Vmm::build`] prepares the VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -460,12 +444,12 @@ impl Vmm {
         }
     }
 
-    /// Asks the main loop to stop the VM (used by the control socket).
     /// Ends the VMM as failed with `message` (exit status 1).
     pub fn fail(&self, message: String) {
         let _ = self.exit_tx.send(VmExit::Failed(message));
     }
 
+    /// Asks the main loop to stop the VM (used by the control socket).
     pub fn request_stop(&self) {
         let _ = self
             .exit_tx
