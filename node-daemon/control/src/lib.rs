@@ -22,7 +22,9 @@
 //!   its end;
 //! - [`TlsPem`]: the migration identity the agent hands a VMM;
 //! - [`client`]: [`ControlClient`], one request per connection, typed
-//!   results, one error type.
+//!   results, one error type;
+//! - `status` (feature `crds`): `From` conversions of the progress to a
+//!   `VMMigration`'s status, for the node agent.
 //!
 //! The format is version 1, unchanged since the first release that had a
 //! control socket; `tests/recorded.rs` holds request and response lines
@@ -32,6 +34,8 @@ pub mod client;
 pub mod progress;
 pub mod protocol;
 pub mod results;
+#[cfg(feature = "crds")]
+pub mod status;
 mod tls;
 
 pub use client::{ControlClient, ControlError};
