@@ -32,9 +32,9 @@ use super::decide::MigrationFacts;
 use super::local::{self, VmDir};
 use super::{disks, free_port, key, Agent};
 use crate::migration::cold::{self, ColdDisk, ColdOptions};
+use crate::migration::connect::{dial, OutgoingTls};
 use crate::migration::tls::{self, TlsIdentity};
 use crate::migration::transport::Conn;
-use crate::migration::vmm::{dial, OutgoingTls};
 use crate::migration::{MigrationError, ProgressHandle};
 use crate::storage::DiskImage;
 

@@ -337,7 +337,8 @@ fn install_signal_handlers() {
 /// Waits for one incoming migration, then runs the received VM. Exits 3 when
 /// the migration fails (the guest keeps running on the source).
 fn receive_and_run(args: &Args, addr: &str, handed: Option<TlsPem>, runtime: RuntimeConfig) -> ! {
-    use godwit_node::migration::{receiver::ReceiveOptions, vmm, ProgressHandle};
+    use godwit_node::migration::{ProgressHandle, ReceiveOptions};
+    use godwit_node::vmm::migrate;
     // Check the identity before listening, so a bad file is exit 2 at once.
     let tls = match (&handed, args.tls_files()) {
         (Some(pem), _) => Some(TlsIdentity::from_pem(pem)),
@@ -360,14 +361,14 @@ fn receive_and_run(args: &Args, addr: &str, handed: Option<TlsPem>, runtime: Run
     }
     // Callers read the address from this line: keep its form.
     println!("godwit-vmm: waiting for a migration on {local}");
-    let overrides = vmm::TargetOverrides {
+    let overrides = migrate::TargetOverrides {
         taps: args.net.iter().map(|n| n.tap.clone()).collect(),
         bridges: args.net.iter().map(|n| n.bridge.clone()).collect(),
         disks: args.disk.iter().map(|d| Some(d.path.clone())).collect(),
         start_paused: args.paused,
     };
     let progress = ProgressHandle::default();
-    let incoming = vmm::receive_incoming(
+    let incoming = migrate::receive_incoming(
         &listener,
         &overrides,
         runtime.clone(),
@@ -384,7 +385,7 @@ fn receive_and_run(args: &Args, addr: &str, handed: Option<TlsPem>, runtime: Run
     });
     drop(listener);
     eprintln!("godwit-vmm: migration received; the guest runs here");
-    let vmm::IncomingVm { vmm, exits, .. } = incoming;
+    let migrate::IncomingVm { vmm, exits, .. } = incoming;
     run(Arc::new(vmm), exits, &runtime, args.timeout_s);
 }
 

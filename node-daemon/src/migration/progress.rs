@@ -115,7 +115,7 @@ pub struct StorageResult {
     /// only the overlay's own clusters were sent).
     pub base_on_target: Vec<bool>,
     /// Bytes the bulk copy had to cover (allocated ranges, see
-    /// [`crate::storage::migrate::copy_extents`]).
+    /// [`crate::storage::copy::copy_extents`]).
     pub allocated_bytes: u64,
     /// Bytes of disk frames sent (headers, zero runs and data), bulk and
     /// dirty rounds.

@@ -39,8 +39,8 @@ use serde_json::{json, Value};
 
 use super::{Vmm, VmmError};
 use crate::error_chain;
+use crate::migration::connect::OutgoingTls;
 use crate::migration::tls::{TlsError, TlsFiles, TlsIdentity, TlsPem};
-use crate::migration::vmm::OutgoingTls;
 
 /// API version this VMM speaks.
 pub const API_VERSION: u32 = 1;
@@ -154,7 +154,7 @@ pub const MIGRATED_GRACE: std::time::Duration = std::time::Duration::from_secs(3
 pub const LOST_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The outgoing migration of this process, if one was started.
-static OUTGOING: std::sync::Mutex<Option<crate::migration::vmm::Outgoing>> =
+static OUTGOING: std::sync::Mutex<Option<super::migrate::OutgoingMigration>> =
     std::sync::Mutex::new(None);
 
 /// Where this VMM's migration identity comes from.
@@ -238,7 +238,7 @@ fn migrate_send(vmm: &Arc<Vmm>, cmd: Command) -> Result<Value, String> {
         return Err("A migration is already running; see migrate-status".into());
     }
     let defaults = crate::migration::convergence::Policy::default();
-    let opts = crate::migration::precopy::SendOptions {
+    let opts = crate::migration::SendOptions {
         vm_name: vm_name.unwrap_or_default(),
         policy: crate::migration::convergence::Policy {
             max_downtime: max_downtime_ms
@@ -254,11 +254,11 @@ fn migrate_send(vmm: &Arc<Vmm>, cmd: Command) -> Result<Value, String> {
         disks: copy_disks,
         recover_timeout: recover_timeout_s
             .map(std::time::Duration::from_secs)
-            .unwrap_or(crate::migration::postcopy::RECOVER_TIMEOUT),
+            .unwrap_or(crate::migration::RECOVER_TIMEOUT),
         // start_outgoing sets how to dial the target again.
         reconnect: None,
     };
-    let out = crate::migration::vmm::start_outgoing(vmm.clone(), &addr, opts, tls.as_ref())
+    let out = super::migrate::start_outgoing(vmm.clone(), &addr, opts, tls.as_ref())
         .map_err(|e| error_chain(&e))?;
     *slot = Some(out);
     // When it ends well the guest runs on the target: stop the vCPUs for
