@@ -3,12 +3,12 @@
 //!
 //! Round 0 sends all of guest RAM (zero pages as run headers only); each
 //! later round sends the pages the guest dirtied during the one before,
-//! after the disks' dirty blocks ([`RoundDisks`]). A round ends when the
+//! after the disks' dirty blocks (`RoundDisks`). A round ends when the
 //! target has received it all; then [`super::convergence`] decides: another
-//! round, a throttle on the vCPUs ([`Throttle`], auto-converge), the
-//! switch to stop-and-copy, or the switch to post-copy. [`iterate`] returns
+//! round, a throttle on the vCPUs (`Throttle`, auto-converge), the
+//! switch to stop-and-copy, or the switch to post-copy. `iterate` returns
 //! at a switch with the pages still to send; once the guest is paused,
-//! [`stop_and_copy`] sends them and saves the state. What comes around these
+//! `stop_and_copy` sends them and saves the state. What comes around these
 //! (the Hello, the commit handshake, post-copy) is [`super::sender`]'s.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};

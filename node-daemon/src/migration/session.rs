@@ -1,12 +1,12 @@
 //! What one live migration carries from phase to phase, on each end.
 //!
-//! The source's session is [`Source`]: the guest, its RAM regions, the
+//! The source's session is `Source`: the guest, its RAM regions, the
 //! frame writer and the frames the target sends back, the options and the
 //! progress, the state ([`SenderState`]) and the page batch being built.
 //! Every source-side phase (pre-copy, the disk copy, post-copy) works on it.
 //! The target's is smaller: the options ([`ReceiveOptions`]), the state
 //! ([`ReceiverState`]) and guest memory with what has arrived
-//! ([`TargetMemory`]).
+//! (`TargetMemory`).
 //!
 //! The two state machines refuse any order the protocol does not have:
 //!

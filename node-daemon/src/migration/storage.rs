@@ -1,9 +1,9 @@
 //! Live storage migration, a phase of the source and the target: node-local
 //! disks travel in the migration stream, next to memory, as
-//! [`Command::DiskBlocks`] frames. The source copies with [`DiskSender`]
+//! [`Command::DiskBlocks`] frames. The source copies with `DiskSender`
 //! (the bulk copy, then each round's dirty blocks through
-//! [`RoundDisks`]); the target answers the offers ([`accept`]), writes
-//! ([`apply`]) and flushes ([`flush`]).
+//! `RoundDisks`); the target answers the offers (`accept`), writes
+//! (`apply`) and flushes (`flush`).
 //!
 //! ```text
 //!  Hello(disks: index, size, base digest) -> HelloAck(base present per disk)

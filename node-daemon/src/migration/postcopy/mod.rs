@@ -16,7 +16,7 @@
 //! In post-copy the guest's memory is split between the two VMMs, so a
 //! broken connection must not end the migration while both still run.
 //! When the connection breaks, closes or stays quiet for the stall timeout
-//! ([`recovery::connection_lost`]):
+//! (`recovery::connection_lost`):
 //!
 //! - the target keeps the guest running; a vCPU that touches a page still on
 //!   the source waits in its fault (the rest of the guest runs on); the

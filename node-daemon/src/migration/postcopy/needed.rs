@@ -1,5 +1,5 @@
 //! The target's record, during post-copy, of which pages are still on the
-//! source ([`Needed`]): one bit per page that the fault thread reads and the
+//! source (`Needed`): one bit per page that the fault thread reads and the
 //! receive thread clears once the page is installed, and one bit per page
 //! the fault thread has asked for (asked again on a new connection if it
 //! has not arrived).

@@ -2,13 +2,13 @@
 //! guest's memory is split between the two VMMs (the outcomes are in
 //! [`super`]'s docs).
 //!
-//! - Which failures count as a lost link: [`connection_lost`] (the source
-//!   decides on it) and [`link_quiet`] (the target waits only for a quiet
+//! - Which failures count as a lost link: `connection_lost` (the source
+//!   decides on it) and `link_quiet` (the target waits only for a quiet
 //!   link, never for a source that closed its end).
 //! - The source dials the target again and sends `Resume`
-//!   ([`reconnect_source`]); the target takes the newest connection,
+//!   (`reconnect_source`); the target takes the newest connection,
 //!   answers `ResumeAck` with what it still lacks and asks again for the
-//!   pages its vCPUs wait for ([`reconnect_target`]).
+//!   pages its vCPUs wait for (`reconnect_target`).
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
