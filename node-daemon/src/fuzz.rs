@@ -10,9 +10,9 @@
 //!   migration;
 //! - [`control_request`]: one line on a VMM's control socket.
 
+use crate::migration::guest::GuestRegion;
 use crate::migration::protocol::{self, Command, Hello, HelloAck, PAGE_SIZE};
-use crate::migration::receiver::TargetMemory;
-use crate::migration::vm::GuestRegion;
+use crate::migration::session::TargetMemory;
 
 /// Guest RAM of the fuzzed target: 16 pages at 0 and 16 pages at 1 MiB.
 const REGIONS: [(u64, usize); 2] = [(0, 16 * PAGE_SIZE), (1 << 20, 16 * PAGE_SIZE)];

@@ -344,7 +344,8 @@ fn receive_and_run(
     identity: Option<MigrationIdentity>,
     runtime: RuntimeConfig,
 ) -> ! {
-    use godwit_node::migration::{receiver::ReceiveOptions, vmm, ProgressHandle};
+    use godwit_node::migration::{ProgressHandle, ReceiveOptions};
+    use godwit_node::vmm::migrate;
     // Check the identity before listening, so a bad file is exit 2 at once.
     let tls = match (&handed, args.tls_files()) {
         (Some(pem), _) => Some(TlsIdentity::from_pem(pem)),
@@ -367,14 +368,14 @@ fn receive_and_run(
     }
     // Callers read the address from this line: keep its form.
     println!("godwit-vmm: waiting for a migration on {local}");
-    let overrides = vmm::TargetOverrides {
+    let overrides = migrate::TargetOverrides {
         taps: args.net.iter().map(|n| n.tap.clone()).collect(),
         bridges: args.net.iter().map(|n| n.bridge.clone()).collect(),
         disks: args.disk.iter().map(|d| Some(d.path.clone())).collect(),
         start_paused: args.paused,
     };
     let progress = ProgressHandle::default();
-    let incoming = vmm::receive_incoming(
+    let incoming = migrate::receive_incoming(
         &listener,
         &overrides,
         runtime.clone(),
@@ -391,7 +392,7 @@ fn receive_and_run(
     });
     drop(listener);
     eprintln!("godwit-vmm: migration received; the guest runs here");
-    let vmm::IncomingVm { vmm, exits, .. } = incoming;
+    let migrate::IncomingVm { vmm, exits, .. } = incoming;
     run(Arc::new(vmm), exits, identity, &runtime, args.timeout_s);
 }
 

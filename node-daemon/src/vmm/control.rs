@@ -34,10 +34,11 @@ use godwit_vmm_control::{
     VmmStatus,
 };
 
+use super::migrate::OutgoingMigration;
 use super::{Vmm, VmmError};
 use crate::error_chain;
+use crate::migration::connect::OutgoingTls;
 use crate::migration::tls::{TlsError, TlsFiles, TlsIdentity, TlsPem};
-use crate::migration::vmm::{Outgoing, OutgoingTls};
 
 /// How long a source whose guest moved keeps answering before it exits.
 pub const MIGRATED_GRACE: Duration = Duration::from_secs(30);
@@ -86,7 +87,7 @@ pub struct ControlServer {
     /// The identity outgoing migrations use; none: plain TCP.
     identity: Mutex<Option<MigrationIdentity>>,
     /// The outgoing migration of this process, once one was started.
-    outgoing: Mutex<Option<Outgoing>>,
+    outgoing: Mutex<Option<OutgoingMigration>>,
 }
 
 /// Locks `m`, taking over a lock whose holder panicked (the data are plain
@@ -284,7 +285,7 @@ impl ControlServer {
             return Err("A migration is already running; see migrate-status".into());
         }
         let defaults = crate::migration::convergence::Policy::default();
-        let opts = crate::migration::precopy::SendOptions {
+        let opts = crate::migration::SendOptions {
             vm_name: vm_name.unwrap_or_default(),
             policy: crate::migration::convergence::Policy {
                 max_downtime: max_downtime_ms
@@ -300,13 +301,12 @@ impl ControlServer {
             disks: copy_disks,
             recover_timeout: recover_timeout_s
                 .map(Duration::from_secs)
-                .unwrap_or(crate::migration::postcopy::RECOVER_TIMEOUT),
+                .unwrap_or(crate::migration::RECOVER_TIMEOUT),
             // start_outgoing sets how to dial the target again.
             reconnect: None,
         };
-        let out =
-            crate::migration::vmm::start_outgoing(self.vmm.clone(), &addr, opts, tls.as_ref())
-                .map_err(|e| error_chain(&e))?;
+        let out = super::migrate::start_outgoing(self.vmm.clone(), &addr, opts, tls.as_ref())
+            .map_err(|e| error_chain(&e))?;
         *slot = Some(out);
         drop(slot);
         let server = self.clone();

@@ -16,6 +16,7 @@ pub mod dirty;
 pub mod handed;
 pub mod jail;
 pub mod memory;
+pub mod migrate;
 pub mod private_socket;
 pub mod sandbox;
 pub mod state;
@@ -392,7 +393,7 @@ impl Vmm {
         }
         for t in &self.devices.virtio {
             if matches!(t.lock().unwrap().device, VirtioDevice::Net(_)) {
-                devices::virtio::net::spawn_rx(t.clone(), self.stop_io.clone())
+                devices::virtio::net::rx::spawn(t.clone(), self.stop_io.clone())
                     .map_err(VmError::SpawnVcpu)?;
             }
         }

@@ -33,10 +33,10 @@ use crate::agent::decide::MigrationFacts;
 use crate::agent::vm_dir::{self, VmDir};
 use crate::agent::{disks, report};
 use crate::migration::cold::{self, ColdDisk, ColdOptions};
+use crate::migration::connect::{dial, OutgoingTls};
 use crate::migration::progress::{Progress, ProgressHandle, Stage};
 use crate::migration::tls::{self, TlsIdentity};
 use crate::migration::transport::Conn;
-use crate::migration::vmm::{dial, OutgoingTls};
 use crate::migration::MigrationError;
 use crate::storage::DiskImage;
 
