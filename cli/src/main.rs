@@ -25,8 +25,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use godwit_crds::contract::{self, RESTART_ANNOTATION};
 use godwit_crds::{
-    MigrationMode, MigrationPhase, MigrationPolicy, RunStrategy, VMMigration, VMMigrationSpec,
-    VirtualMachine,
+    error_chain, MigrationMode, MigrationPhase, MigrationPolicy, RunStrategy, VMMigration,
+    VMMigrationSpec, VirtualMachine,
 };
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
@@ -144,16 +144,6 @@ pub enum CliError {
 fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> CliError {
     let what = what.into();
     move |e| CliError::Api(what, e)
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(&format!(": {c}"));
-        cause = c.source();
-    }
-    text
 }
 
 #[tokio::main(flavor = "current_thread")]

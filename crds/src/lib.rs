@@ -8,6 +8,7 @@
 
 pub mod common;
 pub mod contract;
+pub mod errors;
 pub mod migration;
 pub mod template;
 pub mod vm;
@@ -16,6 +17,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 
 pub use common::{parse_quantity, BootSpec, MigrationPolicy, QuantityError};
+pub use errors::error_chain;
 pub use migration::{
     MigrationMode, MigrationModeUsed, MigrationPhase, MigrationProgress, MigrationResult,
     StorageMode, VMMigration, VMMigrationSpec, VMMigrationStatus,

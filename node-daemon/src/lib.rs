@@ -11,16 +11,3 @@ pub mod fuzz;
 pub mod migration;
 pub mod storage;
 pub mod vmm;
-
-/// An error and its causes on one line (`outer: cause: root cause`), for
-/// status reports and command-line errors.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}

@@ -162,7 +162,9 @@ mod tests {
         let c = connect(&tcp, &client, "127.0.0.1", Duration::from_secs(5));
         drop(tcp);
         let s = t.join().unwrap();
-        c.map(|_| ()).map_err(|e| crate::error_chain(&e)).and(s)
+        c.map(|_| ())
+            .map_err(|e| godwit_crds::error_chain(&e))
+            .and(s)
     }
 
     #[test]
@@ -184,7 +186,7 @@ mod tests {
         // A CA directory without the key is refused with the path named.
         fs::remove_file(ca.join("ca.key")).unwrap();
         let err = issue(&ca, &root.join("d"), "node-d", "127.0.0.1").unwrap_err();
-        assert!(crate::error_chain(&err).contains("ca.key"), "{err}");
+        assert!(godwit_crds::error_chain(&err).contains("ca.key"), "{err}");
         let _ = fs::remove_dir_all(&root);
     }
 }

@@ -87,7 +87,7 @@ pub async fn reconcile(agent: &Agent, vm: &VirtualMachine) -> anyhow::Result<()>
                     let msg = format!(
                         "cannot start on {}: {}",
                         agent.cfg.node,
-                        crate::error_chain(&e)
+                        godwit_crds::error_chain(&e)
                     );
                     vm_phase(&api, vm, VmPhase::Failed, Some(("StartFailed", &msg))).await?;
                     agent

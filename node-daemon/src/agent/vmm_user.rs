@@ -135,7 +135,7 @@ pub fn hand_over(
         let name = tap_name(&dir.namespace, &dir.name, i);
         let bridge = Some(nic.bridge.as_str()).filter(|b| !b.is_empty());
         let tap = crate::vmm::devices::virtio::net::tap::Tap::create_for_vmm(&name, bridge)
-            .map_err(|e| VmmUserError::Start(crate::error_chain(&e)))?;
+            .map_err(|e| VmmUserError::Start(godwit_crds::error_chain(&e)))?;
         let n = h.pass(tap.file);
         h.args.extend(["--tap-fd".into(), format!("{name}={n}")]);
     }

@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use godwit_crds::error_chain;
 use godwit_node::agent::vmm_user::VmmUsers;
 use godwit_node::agent::{self, AgentConfig};
-use godwit_node::error_chain;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 const AFTER_HELP: &str = "\

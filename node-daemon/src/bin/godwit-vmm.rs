@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
-use godwit_node::error_chain;
+use godwit_crds::error_chain;
 use godwit_node::migration::tls::{TlsFiles, TlsIdentity, TlsPem};
 use godwit_node::vmm::control::{ControlServer, MigrationIdentity};
 use godwit_node::vmm::devices::GuestExit;

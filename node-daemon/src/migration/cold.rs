@@ -185,7 +185,7 @@ pub fn send(
         }
     });
     if let Err(e) = &outcome {
-        let _ = writer.send(Command::Abort, crate::error_chain(e).as_bytes());
+        let _ = writer.send(Command::Abort, godwit_crds::error_chain(e).as_bytes());
     }
     writer.close();
     match &outcome {
@@ -197,7 +197,7 @@ pub fn send(
         }),
         Err(e) => progress.update(|p| {
             p.stage = Stage::Failed;
-            p.error = Some(crate::error_chain(e));
+            p.error = Some(godwit_crds::error_chain(e));
         }),
     }
     outcome
@@ -401,7 +401,7 @@ pub fn receive(
     let outcome = receive_all(&mut conn, &mut writer, expected_vm, prepare, progress);
     if let Err(e) = &outcome {
         if !matches!(e, MigrationError::PeerAbort(_)) {
-            let _ = writer.send(Command::Abort, crate::error_chain(e).as_bytes());
+            let _ = writer.send(Command::Abort, godwit_crds::error_chain(e).as_bytes());
         }
     }
     writer.close();
@@ -717,9 +717,9 @@ mod tests {
             let base = p.with_file_name(format!("sha256-{}.raw", "cd".repeat(32)));
             create_overlay(p, &base).unwrap();
         });
-        let target_error = crate::error_chain(&received.expect_err("target refuses"));
+        let target_error = godwit_crds::error_chain(&received.expect_err("target refuses"));
         assert!(target_error.contains("reads differently"), "{target_error}");
-        let source_error = crate::error_chain(&sent.expect_err("source fails"));
+        let source_error = godwit_crds::error_chain(&sent.expect_err("source fails"));
         assert!(
             source_error.contains("reads differently") && source_error.contains("aborted"),
             "{source_error}"
@@ -735,7 +735,7 @@ mod tests {
             create_blank(p, 4 * MIB, ImageFormat::Raw).unwrap()
         });
         assert!(matches!(received, Err(MigrationError::DiskSize { .. })));
-        let e = crate::error_chain(&sent.expect_err("source fails"));
+        let e = godwit_crds::error_chain(&sent.expect_err("source fails"));
         assert!(e.contains("8388608 bytes on the source but 4194304"), "{e}");
     }
 

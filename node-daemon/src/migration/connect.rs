@@ -118,7 +118,7 @@ pub fn accept_newest(
             Err(e) => tracing::warn!(
                 %peer,
                 "refused a connection to resume post-copy: {}",
-                crate::error_chain(&e)
+                godwit_crds::error_chain(&e)
             ),
         }
     }

@@ -74,11 +74,11 @@ where
         let _ = send_frame(
             &mut stream,
             Command::Abort,
-            crate::error_chain(e).as_bytes(),
+            godwit_crds::error_chain(e).as_bytes(),
         );
         progress.update(|p| {
             p.stage = Stage::Failed;
-            p.error = Some(crate::error_chain(e));
+            p.error = Some(godwit_crds::error_chain(e));
         });
     }
     result

@@ -33,7 +33,7 @@ use super::protocol::{self, Command, Hello, HelloAck, STORAGE_VERSION};
 use super::session::{RoundDisks, SendOptions, SenderState, Source};
 use super::storage::{self, DiskSender};
 use super::transport::{self, Conn, Incoming};
-use crate::error_chain;
+use godwit_crds::error_chain;
 
 /// Migrates the running `vm` over `stream` (connected to a target VMM that
 /// called [`super::receiver::receive`]; plain or TLS, handshake done). On

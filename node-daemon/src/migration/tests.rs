@@ -638,12 +638,12 @@ fn tls_target_refuses_a_source_certificate_from_another_ca() {
     files.ca = pki.ca_path.clone();
     wire.source = Some(TlsIdentity::load(&files).unwrap());
     let pair = migrate_over(8, 64, opts(Policy::default()), None, wire);
-    let received = crate::error_chain(&pair.received.as_ref().unwrap_err());
+    let received = godwit_crds::error_chain(&pair.received.as_ref().unwrap_err());
     assert!(
         received.contains("certificate is not trusted"),
         "target: {received}"
     );
-    let sent = crate::error_chain(&pair.result.as_ref().unwrap_err());
+    let sent = godwit_crds::error_chain(&pair.result.as_ref().unwrap_err());
     assert!(
         sent.contains("refused this node's certificate"),
         "source: {sent}"
@@ -660,7 +660,7 @@ fn tls_source_refuses_a_target_it_cannot_verify() {
     files.ca = pki.ca_path.clone();
     wire.target = Some(TlsIdentity::load(&files).unwrap());
     let pair = migrate_over(8, 64, opts(Policy::default()), None, wire.clone());
-    let sent = crate::error_chain(&pair.result.as_ref().unwrap_err());
+    let sent = godwit_crds::error_chain(&pair.result.as_ref().unwrap_err());
     assert!(
         sent.contains("handshake with the migration target failed") && sent.contains("not trusted"),
         "source: {sent}"
@@ -672,7 +672,7 @@ fn tls_source_refuses_a_target_it_cannot_verify() {
     let mut wire = tls_wire(&pki);
     wire.server_name = "node-c";
     let pair = migrate_over(8, 64, opts(Policy::default()), None, wire);
-    let sent = crate::error_chain(&pair.result.as_ref().unwrap_err());
+    let sent = godwit_crds::error_chain(&pair.result.as_ref().unwrap_err());
     assert!(sent.contains("not trusted"), "source: {sent}");
     assert_source_runs(&pair);
 }
@@ -713,7 +713,7 @@ fn plain_target_refuses_a_tls_source_with_a_hint() {
         "{:?}",
         pair.received.err()
     );
-    let sent = crate::error_chain(&pair.result.as_ref().unwrap_err());
+    let sent = godwit_crds::error_chain(&pair.result.as_ref().unwrap_err());
     assert!(sent.contains("not speaking TLS"), "source: {sent}");
     assert_source_runs(&pair);
 }
@@ -752,7 +752,7 @@ fn tls_target_refuses_a_client_without_a_certificate() {
     // TLS 1.3: the client finishes its side before the server has judged it.
     let _ = client.complete_io(&mut tcp);
     let err = server.join().unwrap().unwrap_err();
-    let chain = crate::error_chain(&err);
+    let chain = godwit_crds::error_chain(&err);
     assert!(
         chain.contains("presented no certificate"),
         "target: {chain}"
@@ -1007,7 +1007,7 @@ fn post_copy_link_gone_past_the_recovery_timeout_is_reported_on_both_sides() {
         ("source", pair.result.map(drop).unwrap_err()),
         ("target", pair.received.unwrap_err()),
     ] {
-        let chain = crate::error_chain(&err);
+        let chain = godwit_crds::error_chain(&err);
         // The cut may come before the source heard Activated (then it
         // cannot know whether the guest ran there: CommitUnknown).
         assert!(

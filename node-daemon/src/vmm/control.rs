@@ -36,9 +36,9 @@ use godwit_vmm_control::{
 
 use super::migrate::OutgoingMigration;
 use super::{Vmm, VmmError};
-use crate::error_chain;
 use crate::migration::connect::OutgoingTls;
 use crate::migration::tls::{TlsError, TlsFiles, TlsIdentity, TlsPem};
+use godwit_crds::error_chain;
 
 /// How long a source whose guest moved keeps answering before it exits.
 pub const MIGRATED_GRACE: Duration = Duration::from_secs(30);

@@ -105,7 +105,7 @@ impl SourceVm for Vmm {
                 tracing::warn!(
                     disk = i,
                     "Cannot take the image lock back: {}",
-                    crate::error_chain(&e)
+                    godwit_crds::error_chain(&e)
                 );
             }
         }

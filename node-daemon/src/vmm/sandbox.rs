@@ -265,7 +265,7 @@ pub fn enter_vcpu() {
         if let Err(e) = seccompiler::apply_filter(program) {
             eprintln!(
                 "godwit-vmm: cannot sandbox a vCPU thread: {}",
-                crate::error_chain(&e)
+                godwit_crds::error_chain(&e)
             );
             std::process::exit(1);
         }

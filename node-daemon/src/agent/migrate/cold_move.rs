@@ -94,7 +94,7 @@ pub async fn prepare_target(
             match result {
                 Ok(()) => tracing::info!(vm = %vm_name, "cold migration received and verified"),
                 Err(e) => {
-                    tracing::warn!(vm = %vm_name, error = %crate::error_chain(&e), "cold migration failed on the target; removing what it wrote");
+                    tracing::warn!(vm = %vm_name, error = %godwit_crds::error_chain(&e), "cold migration failed on the target; removing what it wrote");
                     let _ = vm_dir::remove(&d, false);
                 }
             }
@@ -212,7 +212,7 @@ pub async fn source(
                 // A dial failure never reached `send`, which records its own.
                 task.progress.update(|p| {
                     p.stage = Stage::Failed;
-                    p.error.get_or_insert_with(|| crate::error_chain(e));
+                    p.error.get_or_insert_with(|| godwit_crds::error_chain(e));
                 });
             }
             drop(disks); // unlock before the result is seen
@@ -261,7 +261,7 @@ fn open_source(
                 "cannot open disk {:?} ({}) to copy it: {}",
                 machine.disks[i].name,
                 path.display(),
-                crate::error_chain(&e)
+                godwit_crds::error_chain(&e)
             )
         })?;
         open.push(ColdDisk {

@@ -86,7 +86,7 @@ pub async fn prepare(
             let msg = format!(
                 "target {} could not prepare: {}",
                 cfg.node,
-                crate::error_chain(&e)
+                godwit_crds::error_chain(&e)
             );
             let d = dir.clone();
             let _ = tokio::task::spawn_blocking(move || vm_dir::remove(&d, false)).await;

@@ -83,7 +83,7 @@ pub(crate) fn reconnect_source<V: SourceVm>(
     tracing::warn!(
         timeout = ?src.opts.recover_timeout,
         "post-copy link lost ({}); dialling the target again",
-        crate::error_chain(why)
+        godwit_crds::error_chain(why)
     );
     src.progress.update(|p| {
         p.reconnecting = true;
@@ -168,7 +168,7 @@ pub(crate) fn reconnect_target(
     tracing::warn!(
         timeout = ?rec.timeout,
         "post-copy link lost ({}); waiting for the source to reconnect",
-        crate::error_chain(why)
+        godwit_crds::error_chain(why)
     );
     let _ = old.socket().shutdown(std::net::Shutdown::Both);
     progress.update(|p| p.reconnecting = true);
@@ -243,7 +243,7 @@ pub(crate) fn reconnect_target(
             Err(e) => {
                 tracing::warn!(
                     "refused a connection to resume post-copy: {}",
-                    crate::error_chain(&e)
+                    godwit_crds::error_chain(&e)
                 );
                 let _ = conn.socket().shutdown(std::net::Shutdown::Both);
             }

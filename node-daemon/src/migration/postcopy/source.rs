@@ -114,7 +114,10 @@ pub(crate) fn serve<V: SourceVm>(
                     continue;
                 }
                 Err(again) => {
-                    tracing::warn!("post-copy not resumed: {}", crate::error_chain(&again));
+                    tracing::warn!(
+                        "post-copy not resumed: {}",
+                        godwit_crds::error_chain(&again)
+                    );
                     again
                 }
             }

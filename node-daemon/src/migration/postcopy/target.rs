@@ -149,7 +149,10 @@ pub(crate) fn run<T: TargetVm>(
                         // The receive thread sees the lost link too and
                         // asks again for these on the next connection.
                         Err(e) if recovery.is_some() => {
-                            tracing::debug!("page request not sent: {}", crate::error_chain(&e))
+                            tracing::debug!(
+                                "page request not sent: {}",
+                                godwit_crds::error_chain(&e)
+                            )
                         }
                         Err(e) => return Err(e),
                     }
@@ -221,7 +224,7 @@ pub(crate) fn run<T: TargetVm>(
                 Ok(()) => {}
                 // A reconnecting source learns it from ResumeAck.
                 Err(e) if recovery.is_some() => {
-                    tracing::warn!("Activated not sent: {}", crate::error_chain(&e))
+                    tracing::warn!("Activated not sent: {}", godwit_crds::error_chain(&e))
                 }
                 Err(e) => return Err(e),
             }

@@ -101,10 +101,10 @@ impl Block {
     fn activate_lazily(&mut self) {
         self.pending_activation = false;
         if let Err(e) = self.disk.reopen() {
-            tracing::warn!(path = %self.path.display(), "Cannot reopen the disk image on first use: {}", crate::error_chain(&e));
+            tracing::warn!(path = %self.path.display(), "Cannot reopen the disk image on first use: {}", godwit_crds::error_chain(&e));
         }
         if let Err(e) = self.disk.lock() {
-            tracing::warn!(path = %self.path.display(), "Running without the image lock ({}); the migration engine must hand it over", crate::error_chain(&e));
+            tracing::warn!(path = %self.path.display(), "Running without the image lock ({}); the migration engine must hand it over", godwit_crds::error_chain(&e));
         }
     }
 
