@@ -1,8 +1,9 @@
 //! The Godwit operator: the control plane that places VMs on nodes, provisions
 //! them from templates, orchestrates migrations, restarts VMs of lost nodes and
 //! balances load. Decisions are pure functions over plain data ([`scheduler`],
-//! [`vm_controller::decide_vm`], [`migration_controller::decide_migration`]);
-//! the controllers only read, decide and write.
+//! [`vm_controller::decide::next_vm_step`],
+//! [`migration_controller::decide::next_migration_step`]); the controllers
+//! only read, decide and write.
 //!
 //! - [`vm_controller`]: scheduling, the resolved machine, restarts by
 //!   `runStrategy`;
@@ -20,6 +21,7 @@ pub mod conditions;
 pub mod config;
 pub mod context;
 pub mod drs;
+pub mod errors;
 pub mod ha;
 pub mod labels;
 pub mod leader;
@@ -28,6 +30,7 @@ pub mod maintenance;
 pub mod metrics;
 pub mod migration_controller;
 pub mod nodes;
+pub mod restarts;
 pub mod scheduler;
 pub mod template;
 pub mod view;
@@ -127,3 +130,6 @@ impl Drop for AbortOnDrop {
         self.0.abort();
     }
 }
+
+#[cfg(test)]
+mod fixtures;
