@@ -1,5 +1,7 @@
 //! The cluster as the decisions see it: Godwit nodes with their readiness and
-//! capacity, the VMs that occupy them, and the migrations in flight.
+//! capacity, the VMs that occupy them, and the migrations in flight; and what
+//! a decision reads off one VM or migration (node, phase, resolved machine,
+//! conditions, node-local disks).
 //!
 //! [`Snapshot::fetch`] lists the objects from the API server (not from a
 //! watch cache: a placement must see the placement made a moment before, so

@@ -59,7 +59,7 @@ pub struct VmMove {
 }
 
 /// The operator's next step for a migration: what the control plane writes
-/// (the node agent's own decisions are `godwit_node::agent::decide`).
+/// (the node agent's own steps are decided in the node daemon).
 #[derive(Clone, Debug, PartialEq)]
 pub enum MigrationStep {
     /// Nothing to write now; look again after `requeue` if set.

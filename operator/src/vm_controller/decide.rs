@@ -83,7 +83,7 @@ pub struct VmInputs<'a> {
 }
 
 /// The operator's next step for a VM: what the control plane writes (the
-/// node agent's own decisions are `godwit_node::agent::decide`).
+/// node agent's own steps are decided in the node daemon).
 #[derive(Clone, Debug, PartialEq)]
 pub enum VmStep {
     /// Nothing to write.
