@@ -14,6 +14,14 @@
 //! - [`leader`]: only one operator instance decides at a time;
 //! - [`metrics`]: `/metrics` and `/healthz`.
 //!
+//! The VM and migration controllers are folders: `mod.rs` (watches, error
+//! policy, the reconcile that reads, decides and writes), `decide.rs` (pure
+//! decisions and their tests), `apply.rs` (the writes). Dependencies point
+//! down only: what several modules share lives in modules they all import,
+//! never in a sibling controller: [`view`] and [`scheduler`] (the cluster as
+//! plain data, placement), [`config`], [`context`], [`conditions`],
+//! [`restarts`] (the crash-loop backoff) and [`errors`] (cause chains).
+//!
 //! Start it in-process with [`run`] (leader election, metrics, controllers)
 //! or, under a leadership of your own, [`run_controllers`].
 
