@@ -1,11 +1,12 @@
-//! The operator's settings, from the command line or a test.
+//! The operator's settings, from the command line or a test: placement,
+//! migration limits, leader election timings and the DRS balancer's mode.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use godwit_crds::contract::DEFAULT_LEASE_NAMESPACE;
 
-use crate::drs::DrsConfig;
 use crate::scheduler::{Reserve, Strategy};
 
 /// Limits on migrations in flight (past `Pending`, not yet final).
@@ -22,6 +23,67 @@ impl Default for MigrationLimits {
         MigrationLimits {
             per_node: 2,
             per_cluster: 5,
+        }
+    }
+}
+
+/// What the balancer does with its plan.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DrsMode {
+    /// No balancing at all.
+    #[default]
+    Off,
+    /// Recommend only (Events, the status ConfigMap).
+    Manual,
+    /// Recommend and create the VMMigrations.
+    Automatic,
+}
+
+impl fmt::Display for DrsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DrsMode::Off => "off",
+            DrsMode::Manual => "manual",
+            DrsMode::Automatic => "automatic",
+        })
+    }
+}
+
+/// A DRS mode other than `off`, `manual` or `automatic`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown DRS mode {0:?}: use off, manual or automatic")]
+pub struct UnknownDrsMode(pub String);
+
+impl std::str::FromStr for DrsMode {
+    type Err = UnknownDrsMode;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" => Ok(DrsMode::Off),
+            "manual" => Ok(DrsMode::Manual),
+            "automatic" => Ok(DrsMode::Automatic),
+            other => Err(UnknownDrsMode(other.to_string())),
+        }
+    }
+}
+
+/// The balancer's settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DrsConfig {
+    /// Off, manual or automatic.
+    pub mode: DrsMode,
+    /// How often it looks.
+    pub interval: Duration,
+    /// The imbalance (standard deviation of node loads, 0..1) it tolerates.
+    pub threshold: f64,
+}
+
+impl Default for DrsConfig {
+    fn default() -> Self {
+        DrsConfig {
+            mode: DrsMode::Off,
+            interval: Duration::from_secs(300),
+            threshold: 0.1,
         }
     }
 }
@@ -76,4 +138,20 @@ pub fn default_id() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "godwit-operator".to_string());
     format!("{host}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_parse() {
+        assert_eq!("automatic".parse::<DrsMode>(), Ok(DrsMode::Automatic));
+        assert_eq!("manual".parse::<DrsMode>(), Ok(DrsMode::Manual));
+        assert!("sometimes"
+            .parse::<DrsMode>()
+            .unwrap_err()
+            .to_string()
+            .contains("off, manual or automatic"));
+    }
 }

@@ -1,5 +1,5 @@
-//! What both controllers share: the client, the settings, the event recorder,
-//! the metrics, and the placement lock.
+//! What every controller shares: the client, the settings, the event
+//! recorder ([`Note`]), the metrics, the placement lock and the restart counts.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 
 use crate::config::OperatorConfig;
 use crate::metrics::Metrics;
-use crate::vm_controller::{restart_delay, RESTART_RESET};
+use crate::restarts::{restart_delay, RESTART_RESET};
 
 /// The reporting controller on every Event the operator writes.
 pub const REPORTER: &str = "godwit-operator";
@@ -165,45 +165,5 @@ where
             warn!(controller = controller_name, "watch failed (retrying): {e}");
         }
         Some(other) => debug!(controller = controller_name, "{other}"),
-    }
-}
-
-/// Whether `error` (or a cause of it) is the API server's `409 Conflict`:
-/// the object changed since it was read, so the decision is made again on
-/// the new version. Expected when an agent writes at the same moment.
-pub fn is_conflict(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(error);
-    while let Some(e) = cause {
-        if let Some(kube::Error::Api(status)) = e.downcast_ref::<kube::Error>() {
-            if status.code == 409 {
-                return true;
-            }
-        }
-        cause = e.source();
-    }
-    false
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn conflicts_are_found_through_the_cause_chain() {
-        let conflict = kube::Error::Api(
-            kube::core::Status::failure("changed", "Conflict")
-                .with_code(409)
-                .boxed(),
-        );
-        let wrapped = crate::vm_controller::VmReconcileError::PatchStatus(conflict);
-        assert!(is_conflict(&wrapped));
-        let gone = kube::Error::Api(
-            kube::core::Status::failure("gone", "NotFound")
-                .with_code(404)
-                .boxed(),
-        );
-        assert!(!is_conflict(
-            &crate::vm_controller::VmReconcileError::PatchStatus(gone)
-        ));
     }
 }

@@ -26,7 +26,6 @@
 //! [`STATUS_CONFIGMAP`] in the operator's namespace (`--lease-namespace`).
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,77 +42,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::config::MigrationLimits;
+use crate::config::{DrsMode, MigrationLimits};
 use crate::context::{Context, Note};
-use crate::migration_controller::local_writable_disk;
 use crate::scheduler::{self, PlacedVm, Reserve, Strategy};
-use crate::view::{self, migration_phase, ClusterView, Snapshot};
+use crate::view::{self, local_writable_disk, migration_phase, ClusterView, Snapshot};
 
 /// The ConfigMap (in the operator's namespace) holding the last plan.
 pub const STATUS_CONFIGMAP: &str = "godwit-drs";
 /// How long after a migration the balancer waits for usage to settle.
 pub const SETTLE: Duration = Duration::from_secs(2 * USAGE_PERIOD_SECONDS + 2);
-
-/// What the balancer does with its plan.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum DrsMode {
-    /// No balancing at all.
-    #[default]
-    Off,
-    /// Recommend only (Events, the status ConfigMap).
-    Manual,
-    /// Recommend and create the VMMigrations.
-    Automatic,
-}
-
-impl fmt::Display for DrsMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            DrsMode::Off => "off",
-            DrsMode::Manual => "manual",
-            DrsMode::Automatic => "automatic",
-        })
-    }
-}
-
-/// A DRS mode other than `off`, `manual` or `automatic`.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown DRS mode {0:?}: use off, manual or automatic")]
-pub struct UnknownDrsMode(pub String);
-
-impl std::str::FromStr for DrsMode {
-    type Err = UnknownDrsMode;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "off" => Ok(DrsMode::Off),
-            "manual" => Ok(DrsMode::Manual),
-            "automatic" => Ok(DrsMode::Automatic),
-            other => Err(UnknownDrsMode(other.to_string())),
-        }
-    }
-}
-
-/// The balancer's settings.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct DrsConfig {
-    /// Off, manual or automatic.
-    pub mode: DrsMode,
-    /// How often it looks.
-    pub interval: Duration,
-    /// The imbalance (standard deviation of node loads, 0..1) it tolerates.
-    pub threshold: f64,
-}
-
-impl Default for DrsConfig {
-    fn default() -> Self {
-        DrsConfig {
-            mode: DrsMode::Off,
-            interval: Duration::from_secs(300),
-            threshold: 0.1,
-        }
-    }
-}
 
 /// One recommended move.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -486,17 +423,13 @@ async fn pass(ctx: &Context) -> Result<(), kube::Error> {
 
 #[cfg(test)]
 mod tests {
-    use godwit_crds::vm::{VmAffinity, VmAffinityTerm};
     use godwit_crds::{MigrationPhase, VMMigrationStatus};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     use super::*;
-    use crate::nodes::fixtures::{lease, node};
-    use crate::view::fixtures::{migration, placed_vm};
-
-    fn now() -> Timestamp {
-        Timestamp::from_second(1_700_000_000).unwrap()
-    }
+    use crate::fixtures::{
+        apart_from, migration, node, t0, view_of, vm, MigrationFixture, VmFixture,
+    };
 
     /// Three 4-CPU, 8 GiB nodes; `vms` with measured (cpu millis, rss MiB).
     fn plan(
@@ -506,16 +439,11 @@ mod tests {
         limits: MigrationLimits,
     ) -> DrsStatus {
         let list: Vec<VirtualMachine> = vms.iter().map(|(v, ..)| v.clone()).collect();
-        let snapshot = Snapshot {
-            nodes: vec![node("a", 4, 8), node("b", 4, 8), node("c", 4, 8)],
-            leases: ["a", "b", "c"]
-                .iter()
-                .map(|n| lease(n, now(), 10))
-                .collect(),
-            vms: list.clone(),
+        let cluster = view_of(
+            vec![node("a", 4, 8), node("b", 4, 8), node("c", 4, 8)],
+            list.clone(),
             migrations,
-        };
-        let cluster = ClusterView::build(&snapshot, now());
+        );
         let mut usage: BTreeMap<String, NodeUsage> = BTreeMap::new();
         for (vm, cpu, rss) in vms {
             let u = usage
@@ -537,7 +465,7 @@ mod tests {
             limits,
             Reserve::default(),
             Strategy::Spread,
-            now(),
+            t0(),
         )
     }
 
@@ -549,7 +477,7 @@ mod tests {
     }
 
     fn busy(name: &str, node: &str, mem_gi: u64) -> VirtualMachine {
-        placed_vm(name, node, VmPhase::Running, 1, mem_gi)
+        vm(name).on(node).running().sized(1, mem_gi)
     }
 
     #[test]
@@ -634,33 +562,21 @@ mod tests {
             (busy("v1", "a", 1), 1000, 100),
             (busy("v2", "a", 1), 1000, 100),
         ];
-        let running = migration(
-            "m",
-            "v1",
-            Some(VMMigrationStatus {
-                phase: MigrationPhase::PreCopy,
-                ..Default::default()
-            }),
-        );
+        let running = migration("m", "v1").phase(MigrationPhase::PreCopy);
         let s = plan(&vms, vec![running], 0.01, MigrationLimits::default());
         assert!(
             s.recommendations.is_empty() && s.note.contains("settle"),
             "{s:?}"
         );
         let ended = |ago: i64| {
-            migration(
-                "m",
-                "v1",
-                Some(VMMigrationStatus {
-                    phase: MigrationPhase::Succeeded,
-                    end_time: Some(Time(
-                        now()
-                            .checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(ago))
-                            .unwrap(),
-                    )),
-                    ..Default::default()
-                }),
-            )
+            migration("m", "v1").with_status(VMMigrationStatus {
+                phase: MigrationPhase::Succeeded,
+                end_time: Some(Time(
+                    t0().checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(ago))
+                        .unwrap(),
+                )),
+                ..Default::default()
+            })
         };
         assert!(plan(&vms, vec![ended(3)], 0.01, MigrationLimits::default())
             .recommendations
@@ -673,34 +589,14 @@ mod tests {
         );
     }
 
-    fn labelled(mut vm: VirtualMachine, app: &str) -> VirtualMachine {
-        vm.metadata
-            .labels
-            .get_or_insert_with(Default::default)
-            .insert("app".into(), app.into());
-        vm
-    }
-
-    fn apart_from(app: &str) -> Option<VmAffinity> {
-        Some(VmAffinity {
-            vm_anti_affinity: vec![VmAffinityTerm {
-                label_selector: LabelSelector {
-                    match_labels: Some([("app".to_string(), app.to_string())].into()),
-                    ..Default::default()
-                },
-            }],
-            ..Default::default()
-        })
-    }
-
     #[test]
     fn balancing_never_breaks_anti_affinity_or_affinity() {
         // guard on b keeps every "db" VM away from b; db-1 and db-2 keep apart.
-        let mut guard = labelled(busy("guard", "b", 1), "guard");
-        guard.spec.affinity = apart_from("db");
-        let mut db1 = labelled(busy("db-1", "a", 1), "db");
-        db1.spec.affinity = apart_from("db");
-        let db2 = labelled(busy("db-2", "c", 1), "db");
+        let mut guard = busy("guard", "b", 1).label("app", "guard");
+        guard.spec.affinity = Some(apart_from("db"));
+        let mut db1 = busy("db-1", "a", 1).label("app", "db");
+        db1.spec.affinity = Some(apart_from("db"));
+        let db2 = busy("db-2", "c", 1).label("app", "db");
         let web = busy("web", "a", 1);
         let vms = vec![
             (guard, 0, 10),
@@ -728,16 +624,5 @@ mod tests {
         let vms = vec![(pinned, 2000, 100), (busy("v", "a", 1), 10, 100)];
         let s = plan(&vms, vec![], 0.01, MigrationLimits::default());
         assert!(moves(&s).iter().all(|(vm, ..)| *vm != "pinned"), "{s:?}");
-    }
-
-    #[test]
-    fn modes_parse() {
-        assert_eq!("automatic".parse::<DrsMode>(), Ok(DrsMode::Automatic));
-        assert_eq!("manual".parse::<DrsMode>(), Ok(DrsMode::Manual));
-        assert!("sometimes"
-            .parse::<DrsMode>()
-            .unwrap_err()
-            .to_string()
-            .contains("off, manual or automatic"));
     }
 }

@@ -147,42 +147,27 @@ async fn fail_over(ctx: &Context, node: &str) -> Result<(), kube::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nodes::fixtures::{lease, node};
-    use godwit_crds::VirtualMachineStatus;
-
-    fn t(s: i64) -> Timestamp {
-        Timestamp::from_second(1_700_000_000 + s).unwrap()
-    }
+    use crate::fixtures::{at, lease, node, vm, VmFixture};
 
     #[test]
     fn a_node_is_lost_only_past_its_lease_and_the_fence_margin() {
         let nodes = vec![node("a", 4, 8), node("b", 4, 8), node("c", 4, 8)];
         // a renewed at 0 (10 s lease), b at 5; c never wrote a Lease.
-        let leases = vec![lease("a", t(0), 10), lease("b", t(5), 10)];
+        let leases = vec![lease("a", at(0), 10), lease("b", at(5), 10)];
         let margin = Duration::from_secs(2);
-        assert!(lost_nodes(&nodes, &leases, t(11), margin).is_empty());
-        assert_eq!(lost_nodes(&nodes, &leases, t(13), margin), ["a"]);
-        assert_eq!(lost_nodes(&nodes, &leases, t(18), margin), ["a", "b"]);
-    }
-
-    fn vm(name: &str, phase: VmPhase, priority: Option<i32>) -> VirtualMachine {
-        let mut vm = VirtualMachine::new(name, Default::default());
-        vm.spec.restart_priority = priority;
-        vm.status = Some(VirtualMachineStatus {
-            phase,
-            ..Default::default()
-        });
-        vm
+        assert!(lost_nodes(&nodes, &leases, at(11), margin).is_empty());
+        assert_eq!(lost_nodes(&nodes, &leases, at(13), margin), ["a"]);
+        assert_eq!(lost_nodes(&nodes, &leases, at(18), margin), ["a", "b"]);
     }
 
     #[test]
     fn running_vms_fail_over_by_priority_and_others_stay() {
         let vms = vec![
-            vm("low", VmPhase::Running, Some(-5)),
-            vm("stopped", VmPhase::Stopped, None),
-            vm("high", VmPhase::Starting, Some(100)),
-            vm("moving", VmPhase::Migrating, None),
-            vm("mid", VmPhase::Running, None),
+            vm("low").running().restart_priority(-5),
+            vm("stopped").phase(VmPhase::Stopped),
+            vm("high").phase(VmPhase::Starting).restart_priority(100),
+            vm("moving").phase(VmPhase::Migrating),
+            vm("mid").running(),
         ];
         let names: Vec<String> = to_fail_over(&vms).iter().map(|v| v.name_any()).collect();
         assert_eq!(names, ["high", "mid", "low"]);

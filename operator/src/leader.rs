@@ -237,34 +237,19 @@ impl Elector {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lease(holder: &str, renewed: Timestamp, seconds: i32) -> Lease {
-        Lease {
-            metadata: ObjectMeta::default(),
-            spec: Some(LeaseSpec {
-                holder_identity: Some(holder.into()),
-                renew_time: Some(MicroTime(renewed)),
-                lease_duration_seconds: Some(seconds),
-                ..Default::default()
-            }),
-        }
-    }
+    use crate::fixtures::{at, lease, t0};
 
     #[test]
     fn claims() {
-        let t = Timestamp::from_second(1_700_000_000).unwrap();
-        let later = |s: i64| Timestamp::from_second(1_700_000_000 + s).unwrap();
+        let t = t0();
         assert_eq!(claim(None, "a", t), Claim::Create);
+        assert_eq!(claim(Some(&lease("a", t, 15)), "a", at(60)), Claim::Renew);
         assert_eq!(
-            claim(Some(&lease("a", t, 15)), "a", later(60)),
-            Claim::Renew
-        );
-        assert_eq!(
-            claim(Some(&lease("b", t, 15)), "a", later(14)),
+            claim(Some(&lease("b", t, 15)), "a", at(14)),
             Claim::Wait { holder: "b".into() }
         );
         assert_eq!(
-            claim(Some(&lease("b", t, 15)), "a", later(15)),
+            claim(Some(&lease("b", t, 15)), "a", at(15)),
             Claim::TakeOver
         );
         assert_eq!(

@@ -1,8 +1,9 @@
 //! The Godwit operator: the control plane that places VMs on nodes, provisions
 //! them from templates, orchestrates migrations, restarts VMs of lost nodes and
 //! balances load. Decisions are pure functions over plain data ([`scheduler`],
-//! [`vm_controller::decide_vm`], [`migration_controller::decide_migration`]);
-//! the controllers only read, decide and write.
+//! [`vm_controller::decide::next_vm_step`],
+//! [`migration_controller::decide::next_migration_step`]); the controllers
+//! only read, decide and write.
 //!
 //! - [`vm_controller`]: scheduling, the resolved machine, restarts by
 //!   `runStrategy`;
@@ -13,6 +14,14 @@
 //! - [`leader`]: only one operator instance decides at a time;
 //! - [`metrics`]: `/metrics` and `/healthz`.
 //!
+//! The VM and migration controllers are folders: `mod.rs` (watches, error
+//! policy, the reconcile that reads, decides and writes), `decide.rs` (pure
+//! decisions and their tests), `apply.rs` (the writes). Dependencies point
+//! down only: what several modules share lives in modules they all import,
+//! never in a sibling controller: [`view`] and [`scheduler`] (the cluster as
+//! plain data, placement), [`config`], [`context`], [`conditions`],
+//! [`restarts`] (the crash-loop backoff) and [`errors`] (cause chains).
+//!
 //! Start it in-process with [`run`] (leader election, metrics, controllers)
 //! or, under a leadership of your own, [`run_controllers`].
 
@@ -20,6 +29,7 @@ pub mod conditions;
 pub mod config;
 pub mod context;
 pub mod drs;
+pub mod errors;
 pub mod ha;
 pub mod labels;
 pub mod leader;
@@ -28,6 +38,7 @@ pub mod maintenance;
 pub mod metrics;
 pub mod migration_controller;
 pub mod nodes;
+pub mod restarts;
 pub mod scheduler;
 pub mod template;
 pub mod view;
@@ -127,3 +138,6 @@ impl Drop for AbortOnDrop {
         self.0.abort();
     }
 }
+
+#[cfg(test)]
+mod fixtures;

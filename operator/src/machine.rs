@@ -99,66 +99,13 @@ pub fn build(
 }
 
 #[cfg(test)]
-pub(crate) mod fixtures {
-    use godwit_crds::template::{Customization, ImageSource, NetworkConfig};
-    use godwit_crds::vm::Network;
-    use godwit_crds::{BootSpec, ImageFormat, VMTemplateSpec, VMTemplateStatus};
-    use kube::api::ObjectMeta;
-
-    use super::*;
-
-    /// Template `base` in `default`: 1 vCPU, 1 GiB, a qcow2 image, one NIC
-    /// with a static address.
-    pub fn template() -> VMTemplate {
-        VMTemplate {
-            metadata: ObjectMeta {
-                name: Some("base".into()),
-                namespace: Some("default".into()),
-                ..Default::default()
-            },
-            spec: VMTemplateSpec {
-                image: ImageSource {
-                    source: "/images/base.qcow2".into(),
-                    sha256: None,
-                    format: ImageFormat::Qcow2,
-                },
-                boot: Some(BootSpec {
-                    kernel: "/k/guest.elf".into(),
-                    initrd: None,
-                    cmdline: Some("hb_ms=100".into()),
-                }),
-                cpu: Some(1),
-                memory: Some("1Gi".into()),
-                networks: vec![Network {
-                    name: "net0".into(),
-                    bridge: "godwit0".into(),
-                    mac: None,
-                }],
-                customization: Some(Customization {
-                    network: Some(NetworkConfig {
-                        address: Some("10.0.0.5/24".into()),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-            },
-            status: Some(VMTemplateStatus {
-                image_digest: Some("sha256:abc".into()),
-                ..Default::default()
-            }),
-        }
-    }
-}
-
-#[cfg(test)]
 mod tests {
     use godwit_crds::vm::{BlankDiskSource, Disk, DiskSource, ImageDiskSource, TemplateDiskSource};
     use godwit_crds::{ImageFormat, StorageKind};
 
-    use super::fixtures::template;
     use super::*;
+    use crate::fixtures::{template, vm};
     use crate::template::resolve;
-    use crate::view::fixtures::vm;
 
     fn disk(name: &str, source: DiskSource) -> Disk {
         Disk {

@@ -6,9 +6,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use godwit_crds::contract::DEFAULT_LEASE_NAMESPACE;
-use godwit_operator::drs::{DrsConfig, DrsMode};
+use godwit_operator::config::{self, DrsConfig, DrsMode};
+use godwit_operator::errors::error_chain;
 use godwit_operator::scheduler::{Reserve, Strategy};
-use godwit_operator::{config, MigrationLimits, OperatorConfig};
+use godwit_operator::{MigrationLimits, OperatorConfig};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use tracing::error;
 
@@ -79,13 +80,10 @@ async fn main() -> ExitCode {
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut text = e.to_string();
-            let mut cause = e.source();
-            while let Some(c) = cause {
-                text.push_str(&format!(": {c}"));
-                cause = c.source();
+            match error_chain(&*e) {
+                causes if causes.is_empty() => error!("{e}"),
+                causes => error!("{e}: {causes}"),
             }
-            error!("{text}");
             ExitCode::FAILURE
         }
     }

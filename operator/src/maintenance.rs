@@ -42,10 +42,9 @@ use tracing::{info, warn};
 
 use crate::config::MigrationLimits;
 use crate::context::{Context, Note};
-use crate::migration_controller::local_writable_disk;
 use crate::nodes;
 use crate::scheduler::{self, Reserve, Strategy};
-use crate::view::{self, migration_phase, ClusterView, Snapshot};
+use crate::view::{self, local_writable_disk, migration_phase, ClusterView, Snapshot};
 
 /// How often the maintenance loop looks at the nodes.
 pub const INTERVAL: Duration = Duration::from_secs(2);
@@ -468,17 +467,13 @@ fn vm_reference(namespace: &str, name: &str) -> k8s_openapi::api::core::v1::Obje
 
 #[cfg(test)]
 mod tests {
-    use godwit_crds::vm::{VmAffinity, VmAffinityTerm};
     use godwit_crds::VMMigrationStatus;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     use super::*;
-    use crate::nodes::fixtures::{lease, node};
-    use crate::view::fixtures::{migration, placed_vm};
-
-    fn now() -> Timestamp {
-        Timestamp::from_second(1_700_000_000).unwrap()
-    }
+    use crate::fixtures::{
+        apart_from, migration, node, t0, view_of, vm, MigrationFixture, VmFixture,
+    };
 
     fn cluster_of(vms: &[VirtualMachine], migrations: Vec<VMMigration>) -> ClusterView {
         let mut a = node("a", 8, 8);
@@ -487,16 +482,11 @@ mod tests {
             .as_mut()
             .unwrap()
             .insert(MAINTENANCE_LABEL.into(), "true".into());
-        let snapshot = Snapshot {
-            nodes: vec![a, node("b", 8, 8), node("c", 8, 8)],
-            leases: ["a", "b", "c"]
-                .iter()
-                .map(|n| lease(n, now(), 10))
-                .collect(),
-            vms: vms.to_vec(),
+        view_of(
+            vec![a, node("b", 8, 8), node("c", 8, 8)],
+            vms.to_vec(),
             migrations,
-        };
-        ClusterView::build(&snapshot, now())
+        )
     }
 
     fn decide(
@@ -512,7 +502,7 @@ mod tests {
             limits,
             Reserve::default(),
             Strategy::Spread,
-            now(),
+            t0(),
         )
     }
 
@@ -529,10 +519,10 @@ mod tests {
     #[test]
     fn live_migrate_vms_leave_within_the_node_slots() {
         let vms = vec![
-            placed_vm("v1", "a", VmPhase::Running, 1, 1),
-            placed_vm("v2", "a", VmPhase::Running, 1, 1),
-            placed_vm("v3", "a", VmPhase::Running, 1, 1),
-            placed_vm("elsewhere", "b", VmPhase::Running, 1, 1),
+            vm("v1").on("a").running(),
+            vm("v2").on("a").running(),
+            vm("v3").on("a").running(),
+            vm("elsewhere").on("b").running(),
         ];
         let e = decide(&vms, vec![], MigrationLimits::default());
         assert_eq!(migrated(&e.actions), ["v1", "v2"], "two slots per node");
@@ -555,24 +545,18 @@ mod tests {
 
     #[test]
     fn migrations_under_way_hold_slots_and_are_not_made_twice() {
-        let mut v1 = placed_vm("v1", "a", VmPhase::Migrating, 1, 1);
-        v1.status.as_mut().unwrap().migration = Some("v1-evacuate-1".into());
         let vms = vec![
-            v1,
-            placed_vm("v2", "a", VmPhase::Running, 1, 1),
-            placed_vm("v3", "a", VmPhase::Running, 1, 1),
+            vm("v1").on("a").migrating("v1-evacuate-1"),
+            vm("v2").on("a").running(),
+            vm("v3").on("a").running(),
         ];
-        let flying = migration(
-            "v1-evacuate-1",
-            "v1",
-            Some(VMMigrationStatus {
-                phase: MigrationPhase::PreCopy,
-                source_node: Some("a".into()),
-                target_node: Some("b".into()),
-                ..Default::default()
-            }),
-        );
-        let pending_v2 = migration("v2-evacuate-1", "v2", None);
+        let flying = migration("v1-evacuate-1", "v1").with_status(VMMigrationStatus {
+            phase: MigrationPhase::PreCopy,
+            source_node: Some("a".into()),
+            target_node: Some("b".into()),
+            ..Default::default()
+        });
+        let pending_v2 = migration("v2-evacuate-1", "v2");
         let e = decide(&vms, vec![flying, pending_v2], MigrationLimits::default());
         assert!(migrated(&e.actions).is_empty(), "{:?}", e.actions);
         assert_eq!((e.status.migrating, e.status.waiting), (2, 1));
@@ -580,13 +564,13 @@ mod tests {
 
     #[test]
     fn shutdown_vms_are_stopped_and_starting_ones_waited_for() {
-        let mut off = placed_vm("off", "a", VmPhase::Running, 1, 1);
+        let mut off = vm("off").on("a").running();
         off.spec.eviction_strategy = EvictionStrategy::Shutdown;
         let vms = vec![
             off,
-            placed_vm("booting", "a", VmPhase::Starting, 1, 1),
-            placed_vm("stopping", "a", VmPhase::Stopping, 1, 1),
-            placed_vm("stopped", "a", VmPhase::Stopped, 1, 1),
+            vm("booting").on("a").phase(VmPhase::Starting),
+            vm("stopping").on("a").phase(VmPhase::Stopping),
+            vm("stopped").on("a").phase(VmPhase::Stopped),
         ];
         let e = decide(&vms, vec![], MigrationLimits::default());
         assert_eq!(
@@ -603,8 +587,8 @@ mod tests {
     #[test]
     fn an_empty_node_says_so() {
         let vms = vec![
-            placed_vm("gone", "b", VmPhase::Running, 1, 1),
-            placed_vm("off", "a", VmPhase::Stopped, 1, 1),
+            vm("gone").on("b").running(),
+            vm("off").on("a").phase(VmPhase::Stopped),
         ];
         let e = decide(&vms, vec![], MigrationLimits::default());
         assert!(e.actions.is_empty());
@@ -616,50 +600,26 @@ mod tests {
 
     #[test]
     fn a_migration_coming_in_keeps_the_node_from_being_empty() {
-        let vms = vec![placed_vm("v", "b", VmPhase::Migrating, 1, 1)];
-        let incoming = migration(
-            "m",
-            "v",
-            Some(VMMigrationStatus {
-                phase: MigrationPhase::PreCopy,
-                source_node: Some("b".into()),
-                target_node: Some("a".into()),
-                ..Default::default()
-            }),
-        );
+        let vms = vec![vm("v").on("b").phase(VmPhase::Migrating)];
+        let incoming = migration("m", "v").with_status(VMMigrationStatus {
+            phase: MigrationPhase::PreCopy,
+            source_node: Some("b".into()),
+            target_node: Some("a".into()),
+            ..Default::default()
+        });
         let e = decide(&vms, vec![incoming], MigrationLimits::default());
         assert_eq!(e.status.phase, "Evacuating");
         assert_eq!(e.status.remaining, 1);
     }
 
-    fn with_label(mut vm: VirtualMachine, key: &str, value: &str) -> VirtualMachine {
-        vm.metadata
-            .labels
-            .get_or_insert_with(Default::default)
-            .insert(key.into(), value.into());
-        vm
-    }
-
-    fn apart_from(app: &str) -> VmAffinity {
-        VmAffinity {
-            vm_anti_affinity: vec![VmAffinityTerm {
-                label_selector: LabelSelector {
-                    match_labels: Some([("app".to_string(), app.to_string())].into()),
-                    ..Default::default()
-                },
-            }],
-            ..Default::default()
-        }
-    }
-
     #[test]
     fn evacuation_never_breaks_anti_affinity() {
         // db-0 on a must keep apart from db on b and c: nowhere to go.
-        let mut db0 = with_label(placed_vm("db-0", "a", VmPhase::Running, 1, 1), "app", "db");
+        let mut db0 = vm("db-0").on("a").running().label("app", "db");
         db0.spec.affinity = Some(apart_from("db"));
-        let db1 = with_label(placed_vm("db-1", "b", VmPhase::Running, 1, 1), "app", "db");
-        let db2 = with_label(placed_vm("db-2", "c", VmPhase::Running, 1, 1), "app", "db");
-        let web = placed_vm("web", "a", VmPhase::Running, 1, 1);
+        let db1 = vm("db-1").on("b").running().label("app", "db");
+        let db2 = vm("db-2").on("c").running().label("app", "db");
+        let web = vm("web").on("a").running();
         let vms = vec![db0, db1, db2, web];
         let e = decide(&vms, vec![], MigrationLimits::default());
         assert_eq!(migrated(&e.actions), ["web"]);
@@ -675,21 +635,16 @@ mod tests {
 
     #[test]
     fn a_failed_evacuation_is_retried_after_a_pause_with_a_new_name() {
-        let vms = vec![placed_vm("v", "a", VmPhase::Running, 1, 1)];
+        let vms = vec![vm("v").on("a").running()];
         let failed_at = |seconds_ago: i64| {
-            let mut m = migration(
-                "v-evacuate-1",
-                "v",
-                Some(VMMigrationStatus {
-                    phase: MigrationPhase::Failed,
-                    end_time: Some(Time(
-                        now()
-                            .checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(seconds_ago))
-                            .unwrap(),
-                    )),
-                    ..Default::default()
-                }),
-            );
+            let mut m = migration("v-evacuate-1", "v").with_status(VMMigrationStatus {
+                phase: MigrationPhase::Failed,
+                end_time: Some(Time(
+                    t0().checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(seconds_ago))
+                        .unwrap(),
+                )),
+                ..Default::default()
+            });
             m.metadata.labels = Some([(EVACUATION_LABEL.to_string(), "a".to_string())].into());
             m
         };
@@ -705,7 +660,7 @@ mod tests {
 
     #[test]
     fn nothing_moves_while_the_node_is_not_ready() {
-        let vms = vec![placed_vm("v", "a", VmPhase::Running, 1, 1)];
+        let vms = vec![vm("v").on("a").running()];
         let mut cluster = cluster_of(&vms, vec![]);
         cluster.nodes[0].ready = false;
         let e = plan(
@@ -715,7 +670,7 @@ mod tests {
             MigrationLimits::default(),
             Reserve::default(),
             Strategy::Spread,
-            now(),
+            t0(),
         );
         assert!(e.actions.is_empty());
         assert_eq!(e.status.phase, "NodeNotReady");

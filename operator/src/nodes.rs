@@ -127,68 +127,9 @@ pub fn node_info(node: &Node, lease: Option<&Lease>, now: Timestamp) -> NodeInfo
 }
 
 #[cfg(test)]
-pub(crate) mod fixtures {
-    use std::collections::BTreeMap;
-
-    use k8s_openapi::api::coordination::v1::LeaseSpec;
-    use k8s_openapi::api::core::v1::{NodeCondition, NodeStatus};
-    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-    use kube::api::ObjectMeta;
-
-    use super::*;
-
-    /// A Ready Godwit Node with `cpu` CPUs and `mem_gi` GiB allocatable.
-    pub fn node(name: &str, cpu: u32, mem_gi: u64) -> Node {
-        let alloc: BTreeMap<String, Quantity> = [
-            ("cpu".to_string(), Quantity(cpu.to_string())),
-            ("memory".to_string(), Quantity(format!("{mem_gi}Gi"))),
-        ]
-        .into();
-        Node {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                labels: Some([(NODE_LABEL.to_string(), name.to_string())].into()),
-                ..Default::default()
-            },
-            status: Some(NodeStatus {
-                allocatable: Some(alloc),
-                conditions: Some(vec![NodeCondition {
-                    type_: "Ready".into(),
-                    status: "True".into(),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    /// A node Lease renewed at `renewed`, lasting `seconds`.
-    pub fn lease(node: &str, renewed: Timestamp, seconds: i32) -> Lease {
-        Lease {
-            metadata: ObjectMeta {
-                name: Some(godwit_crds::contract::node_lease_name(node)),
-                ..Default::default()
-            },
-            spec: Some(LeaseSpec {
-                holder_identity: Some(node.into()),
-                renew_time: Some(MicroTime(renewed)),
-                lease_duration_seconds: Some(seconds),
-                ..Default::default()
-            }),
-        }
-    }
-}
-
-#[cfg(test)]
 mod tests {
-    use super::fixtures::{lease, node};
     use super::*;
-
-    fn at(seconds: i64) -> Timestamp {
-        Timestamp::from_second(1_700_000_000 + seconds).unwrap()
-    }
+    use crate::fixtures::{at, lease, node};
 
     #[test]
     fn ready_needs_the_condition_and_a_fresh_lease() {

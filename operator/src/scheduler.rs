@@ -381,8 +381,7 @@ pub fn best(verdicts: Vec<(String, Result<i64, Refusal>)>) -> Result<String, Uns
 #[cfg(test)]
 mod tests {
     use super::*;
-    use godwit_crds::vm::VmAffinityTerm;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+    use crate::fixtures::app_term;
 
     const GI: u64 = 1 << 30;
 
@@ -423,15 +422,6 @@ mod tests {
                 memory: mem_gi * GI,
             },
             ..Default::default()
-        }
-    }
-
-    fn app_term(app: &str) -> VmAffinityTerm {
-        VmAffinityTerm {
-            label_selector: LabelSelector {
-                match_labels: Some([("app".to_string(), app.to_string())].into()),
-                ..Default::default()
-            },
         }
     }
 

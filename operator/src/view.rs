@@ -1,5 +1,7 @@
 //! The cluster as the decisions see it: Godwit nodes with their readiness and
-//! capacity, the VMs that occupy them, and the migrations in flight.
+//! capacity, the VMs that occupy them, and the migrations in flight; and what
+//! a decision reads off one VM or migration (node, phase, resolved machine,
+//! conditions, node-local disks).
 //!
 //! [`Snapshot::fetch`] lists the objects from the API server (not from a
 //! watch cache: a placement must see the placement made a moment before, so
@@ -8,10 +10,13 @@
 
 use std::collections::BTreeMap;
 
-use godwit_crds::contract::{node_lease_name, Machine, NODE_LABEL, RESOLVED_ANNOTATION};
-use godwit_crds::{MigrationPhase, VMMigration, VirtualMachine, VmPhase};
+use godwit_crds::contract::{
+    node_lease_name, Machine, MachineDiskSource, NODE_LABEL, RESOLVED_ANNOTATION,
+};
+use godwit_crds::{MigrationPhase, StorageKind, VMMigration, VirtualMachine, VmPhase};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
@@ -158,6 +163,34 @@ pub fn vm_resources(vm: &VirtualMachine) -> Resources {
     }
 }
 
+/// The VM's status conditions (none before its first status).
+pub fn vm_conditions(vm: &VirtualMachine) -> &[Condition] {
+    vm.status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default()
+}
+
+/// A disk that only a storage copy can move: node-local and writable (a
+/// read-only image is expected on every node).
+pub fn local_writable_disk(vm: &VirtualMachine) -> Option<String> {
+    if let Some(machine) = resolved_machine(vm) {
+        return machine
+            .disks
+            .iter()
+            .find(|d| {
+                let image = matches!(d.source, MachineDiskSource::Image { .. });
+                d.storage == StorageKind::Local && !(d.read_only && image)
+            })
+            .map(|d| d.name.clone());
+    }
+    vm.spec
+        .disks
+        .iter()
+        .find(|d| d.storage == StorageKind::Local && !(d.read_only && d.source.image.is_some()))
+        .map(|d| d.name.clone())
+}
+
 /// The VM as the scheduler's request, needing `resources`.
 pub fn request_for(vm: &VirtualMachine, resources: Resources) -> Request {
     Request {
@@ -210,90 +243,11 @@ fn target_reservation(m: &VMMigration, vms: &[VirtualMachine]) -> Option<PlacedV
 }
 
 #[cfg(test)]
-pub(crate) mod fixtures {
-    use godwit_crds::vm::TemplateRef;
-    use godwit_crds::{VMMigrationSpec, VMMigrationStatus, VirtualMachineSpec};
-    use godwit_crds::{VirtualMachineStatus, VmPhase};
-    use kube::api::ObjectMeta;
-
-    use super::*;
-
-    /// A VM from template `base` in `default`, with uid `uid-<name>`.
-    pub fn vm(name: &str) -> VirtualMachine {
-        VirtualMachine {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some("default".into()),
-                uid: Some(format!("uid-{name}")),
-                generation: Some(1),
-                ..Default::default()
-            },
-            spec: VirtualMachineSpec {
-                template_ref: Some(TemplateRef {
-                    name: "base".into(),
-                }),
-                ..Default::default()
-            },
-            status: None,
-        }
-    }
-
-    /// `vm` placed on `node` in `phase`, resolved as `cpu` vCPUs and `mem_gi` GiB.
-    pub fn placed_vm(
-        name: &str,
-        node: &str,
-        phase: VmPhase,
-        cpu: u32,
-        mem_gi: u64,
-    ) -> VirtualMachine {
-        let mut v = vm(name);
-        v.metadata.labels = Some([(NODE_LABEL.to_string(), node.to_string())].into());
-        let machine = Machine {
-            cpu,
-            memory_bytes: mem_gi << 30,
-            kernel: "/k".into(),
-            ..Default::default()
-        };
-        v.metadata.annotations = Some(
-            [(
-                RESOLVED_ANNOTATION.to_string(),
-                serde_json::to_string(&machine).unwrap(),
-            )]
-            .into(),
-        );
-        v.status = Some(VirtualMachineStatus {
-            phase,
-            node_name: Some(node.into()),
-            ..Default::default()
-        });
-        v
-    }
-
-    /// A migration of `vm` in `default`, optionally with a status.
-    pub fn migration(name: &str, vm: &str, status: Option<VMMigrationStatus>) -> VMMigration {
-        VMMigration {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some("default".into()),
-                uid: Some(format!("uid-{name}")),
-                ..Default::default()
-            },
-            spec: VMMigrationSpec {
-                vm_name: vm.into(),
-                ..Default::default()
-            },
-            status,
-        }
-    }
-}
-
-#[cfg(test)]
 mod tests {
     use godwit_crds::VMMigrationStatus;
 
-    use super::fixtures::{migration, placed_vm, vm};
     use super::*;
-    use crate::nodes::fixtures::{lease, node};
+    use crate::fixtures::{lease, migration, node, vm, MigrationFixture, VmFixture};
 
     #[test]
     fn view_counts_running_vms_and_migration_targets_not_stopped_ones() {
@@ -304,22 +258,18 @@ mod tests {
             nodes: vec![node("b", 4, 8), node("a", 4, 8), other],
             leases: vec![lease("a", now, 10)],
             vms: vec![
-                placed_vm("run", "a", VmPhase::Running, 1, 2),
-                placed_vm("stopped", "a", VmPhase::Stopped, 1, 2),
+                vm("run").on("a").sized(1, 2).running(),
+                vm("stopped").on("a").sized(1, 2).phase(VmPhase::Stopped),
                 vm("pending"),
             ],
             migrations: vec![
-                migration(
-                    "m",
-                    "run",
-                    Some(VMMigrationStatus {
-                        phase: MigrationPhase::PreCopy,
-                        source_node: Some("a".into()),
-                        target_node: Some("b".into()),
-                        ..Default::default()
-                    }),
-                ),
-                migration("waiting", "run", None),
+                migration("m", "run").with_status(VMMigrationStatus {
+                    phase: MigrationPhase::PreCopy,
+                    source_node: Some("a".into()),
+                    target_node: Some("b".into()),
+                    ..Default::default()
+                }),
+                migration("waiting", "run"),
             ],
         };
         let view = ClusterView::build(&snapshot, now);

@@ -1,0 +1,287 @@
+//! The VM controller's writes: labels and the resolved machine on the VM,
+//! its status (phase, node, the `Scheduled` condition) through the status
+//! subresource with its resourceVersion as precondition, and the Events a
+//! human sees in `kubectl describe`.
+
+use std::time::Duration;
+
+use godwit_crds::contract::{NODE_LABEL, RESOLVED_ANNOTATION};
+use godwit_crds::{VirtualMachine, VmPhase};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch};
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::{debug, info, warn};
+
+use super::decide::{counts_as_crash, VmStep};
+use crate::conditions::{self, Wanted};
+use crate::context::{Context, Note};
+use crate::view;
+
+/// The condition type the operator keeps on every VM it schedules.
+pub const SCHEDULED: &str = "Scheduled";
+
+/// Why writing a VM's step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmWriteError {
+    /// The VM's labels or annotations could not be written.
+    #[error("Cannot patch VM metadata")]
+    PatchMetadata(#[source] kube::Error),
+    /// The VM's status could not be written.
+    #[error("Cannot patch VM status")]
+    PatchStatus(#[source] kube::Error),
+    /// A decision asked for a phase change the VM's life cycle forbids.
+    #[error("VM phase {from:?} cannot become {to:?}")]
+    Transition {
+        /// Current phase.
+        from: VmPhase,
+        /// Refused phase.
+        to: VmPhase,
+    },
+    /// The resolved machine could not be serialized.
+    #[error("Cannot serialize the resolved machine")]
+    Serialize(#[source] serde_json::Error),
+}
+
+/// Writes the step [`next_vm_step`](super::decide::next_vm_step) decided.
+pub async fn apply_step(
+    vm: &VirtualMachine,
+    step: VmStep,
+    ctx: &Context,
+) -> Result<Action, VmWriteError> {
+    let api =
+        Api::<VirtualMachine>::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
+    let name = vm.name_any();
+    let reference = vm.object_ref(&());
+    let now = Timestamp::now();
+    let requeue = Action::requeue(ctx.config.requeue);
+    match step {
+        VmStep::Nothing => Ok(requeue),
+        VmStep::Schedule {
+            node,
+            machine,
+            message,
+        } => {
+            check(vm, VmPhase::Scheduled)?;
+            let resolved = serde_json::to_string(&machine).map_err(VmWriteError::Serialize)?;
+            let labelled = patch_metadata(
+                &api,
+                vm,
+                json!({
+                    "labels": {NODE_LABEL: node},
+                    "annotations": {RESOLVED_ANNOTATION: resolved},
+                }),
+                ctx,
+            )
+            .await?;
+            let scheduled = Wanted::yes(SCHEDULED, "Scheduled", message.clone());
+            patch_status(
+                &api,
+                &labelled,
+                json!({
+                    "phase": VmPhase::Scheduled,
+                    "nodeName": node,
+                    "conditions": conditions::merge(view::vm_conditions(vm), &scheduled, vm.metadata.generation, now),
+                }),
+                ctx,
+            )
+            .await?;
+            info!(vm = %name, %node, "scheduled");
+            ctx.publish(&reference, "Schedule", &Note::normal("Scheduled", message))
+                .await;
+            Ok(requeue)
+        }
+        VmStep::Restart { node, message } => {
+            check(vm, VmPhase::Scheduled)?;
+            let restarted = Wanted::yes(SCHEDULED, "Restarted", message.clone());
+            patch_status(
+                &api,
+                vm,
+                json!({
+                    "phase": VmPhase::Scheduled,
+                    "nodeName": node,
+                    "conditions": conditions::merge(view::vm_conditions(vm), &restarted, vm.metadata.generation, now),
+                }),
+                ctx,
+            )
+            .await?;
+            if counts_as_crash(vm) {
+                ctx.restarted(&vm.uid().unwrap_or_default());
+            }
+            info!(vm = %name, %node, "restarting");
+            ctx.publish(&reference, "Restart", &Note::normal("Restarting", message))
+                .await;
+            Ok(requeue)
+        }
+        VmStep::Reschedule { message } => {
+            check(vm, VmPhase::Pending)?;
+            // The label goes first: a VM `Pending` without a label is simply
+            // scheduled, whatever happens between the two writes.
+            let unlabelled = if view::vm_node(vm).is_some() {
+                patch_metadata(&api, vm, json!({"labels": {NODE_LABEL: null}}), ctx).await?
+            } else {
+                vm.clone()
+            };
+            let pending = Wanted::no(SCHEDULED, "Rescheduling", message.clone());
+            patch_status(
+                &api,
+                &unlabelled,
+                json!({
+                    "phase": VmPhase::Pending,
+                    "nodeName": null,
+                    "conditions": conditions::merge(view::vm_conditions(vm), &pending, vm.metadata.generation, now),
+                }),
+                ctx,
+            )
+            .await?;
+            if view::vm_phase(vm) != VmPhase::Pending && counts_as_crash(vm) {
+                ctx.restarted(&vm.uid().unwrap_or_default());
+            }
+            info!(vm = %name, "rescheduling");
+            ctx.publish(
+                &reference,
+                "Restart",
+                &Note::normal("Rescheduling", message),
+            )
+            .await;
+            Ok(Action::requeue(Duration::from_millis(100)))
+        }
+        VmStep::Hold {
+            reason,
+            message,
+            warn,
+            retry,
+        } => {
+            let wanted = Wanted::no(SCHEDULED, reason, message.clone());
+            // Unchanged: write nothing and repeat no Event.
+            if !wanted.is_shown_in(view::vm_conditions(vm)) {
+                patch_status(
+                    &api,
+                    vm,
+                    json!({
+                        "phase": view::vm_phase(vm),
+                        "conditions": conditions::merge(view::vm_conditions(vm), &wanted, vm.metadata.generation, now),
+                    }),
+                    ctx,
+                )
+                .await?;
+                debug!(vm = %name, reason, "not scheduled: {message}");
+                let note = if warn {
+                    Note::warning(reason, message)
+                } else {
+                    Note::normal(reason, message)
+                };
+                ctx.publish(&reference, "Schedule", &note).await;
+            }
+            Ok(retry.map(Action::requeue).unwrap_or(requeue))
+        }
+        VmStep::Backoff { wait } => {
+            debug!(vm = %name, "restart in {wait:?}: it keeps stopping");
+            Ok(Action::requeue(wait))
+        }
+        VmStep::ForgetMigration { migration } => {
+            // A live migration's VM runs again where it is; a cold one's
+            // stays stopped.
+            let phase = match view::vm_phase(vm) {
+                VmPhase::Migrating => VmPhase::Running,
+                other => other,
+            };
+            check(vm, phase)?;
+            patch_status(&api, vm, json!({"phase": phase, "migration": null}), ctx).await?;
+            let message = format!(
+                "VMMigration {migration} is gone before it ended; the VM is {phase:?} on {}",
+                view::vm_node(vm).unwrap_or("its node")
+            );
+            warn!(vm = %name, "{message}");
+            ctx.publish(
+                &reference,
+                "Migrate",
+                &Note::warning("MigrationLost", message),
+            )
+            .await;
+            Ok(requeue)
+        }
+        VmStep::AnnounceDeletion { message } => {
+            let key = format!("delete/{}", vm.uid().unwrap_or_default());
+            if ctx.first_time(key) {
+                ctx.publish(&reference, "Delete", &Note::normal("Deleting", message))
+                    .await;
+            }
+            Ok(requeue)
+        }
+    }
+}
+
+fn check(vm: &VirtualMachine, to: VmPhase) -> Result<(), VmWriteError> {
+    let from = view::vm_phase(vm);
+    if from.can_transition_to(to) {
+        Ok(())
+    } else {
+        Err(VmWriteError::Transition { from, to })
+    }
+}
+
+/// Merge-patches `metadata` (with `vm`'s resourceVersion as precondition).
+async fn patch_metadata(
+    api: &Api<VirtualMachine>,
+    vm: &VirtualMachine,
+    mut metadata: serde_json::Value,
+    ctx: &Context,
+) -> Result<VirtualMachine, VmWriteError> {
+    metadata["resourceVersion"] = json!(vm.resource_version());
+    api.patch(
+        &vm.name_any(),
+        &ctx.patch_params(),
+        &Patch::Merge(json!({ "metadata": metadata })),
+    )
+    .await
+    .map_err(VmWriteError::PatchMetadata)
+}
+
+/// Merge-patches the status subresource (with `vm`'s resourceVersion as
+/// precondition, so a write based on a stale read fails and is retried).
+async fn patch_status(
+    api: &Api<VirtualMachine>,
+    vm: &VirtualMachine,
+    status: serde_json::Value,
+    ctx: &Context,
+) -> Result<VirtualMachine, VmWriteError> {
+    let mut status = status;
+    if let Some(generation) = vm.metadata.generation {
+        status["observedGeneration"] = json!(generation);
+    }
+    api.patch_status(
+        &vm.name_any(),
+        &ctx.patch_params(),
+        &Patch::Merge(json!({
+            "metadata": {"resourceVersion": vm.resource_version()},
+            "status": status,
+        })),
+    )
+    .await
+    .map_err(VmWriteError::PatchStatus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::errors::is_conflict;
+
+    #[test]
+    fn conflicts_are_found_through_the_cause_chain() {
+        let conflict = kube::Error::Api(
+            kube::core::Status::failure("changed", "Conflict")
+                .with_code(409)
+                .boxed(),
+        );
+        let wrapped = VmWriteError::PatchStatus(conflict);
+        assert!(is_conflict(&wrapped));
+        let gone = kube::Error::Api(
+            kube::core::Status::failure("gone", "NotFound")
+                .with_code(404)
+                .boxed(),
+        );
+        assert!(!is_conflict(&VmWriteError::PatchStatus(gone)));
+    }
+}
