@@ -26,12 +26,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use godwit_apiserver::{write_kubeconfig, ServerConfig, ServerThread};
 use k8s_openapi::api::core::v1::{Namespace, Node, NodeAddress, NodeCondition, NodeStatus};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, PostParams};
 
-use crate::apiserver::{write_kubeconfig, ServerConfig, ServerThread};
 use crate::nodes::Fabric;
 
 /// The API's address on the fabric, for agents inside node namespaces.
@@ -53,7 +53,7 @@ pub const NODE_USER: &str = "godwit-node";
 pub enum ClusterError {
     /// The API server did not start.
     #[error("Cannot start the API test server")]
-    ApiServer(#[from] crate::apiserver::ApiServerError),
+    ApiServer(#[from] godwit_apiserver::ApiServerError),
     /// A namespace, link or address could not be set up.
     #[error("Cannot set up the node network")]
     Network(#[from] crate::netns::NetnsError),

@@ -1,7 +1,6 @@
 //! Godwit end-to-end support: the test guest harness, the Kubernetes API test
 //! server, the local multi-node cluster and the benchmarks.
 
-pub mod apiserver;
 pub mod bench_migrate;
 pub mod bench_storage;
 pub mod bench_storage_migrate;

@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use godwit_e2e::apiserver::audit::AuditRecord;
+use godwit_apiserver::audit::AuditRecord;
 use godwit_e2e::cluster::{NODE_USER, OPERATOR_USER};
 use godwit_e2e::demo::{Godwit, EXAMPLE_MIGRATION, EXAMPLE_TEMPLATE, EXAMPLE_VM};
 use godwit_e2e::helm;

@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| godwit_e2e::apiserver::fuzz::request(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| godwit_apiserver::fuzz::request(data));

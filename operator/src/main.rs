@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use godwit_crds::contract::DEFAULT_LEASE_NAMESPACE;
+use godwit_crds::error_chain;
 use godwit_operator::config::{self, DrsConfig, DrsMode};
-use godwit_operator::errors::error_chain;
 use godwit_operator::scheduler::{Reserve, Strategy};
 use godwit_operator::{MigrationLimits, OperatorConfig};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -80,10 +80,7 @@ async fn main() -> ExitCode {
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            match error_chain(&*e) {
-                causes if causes.is_empty() => error!("{e}"),
-                causes => error!("{e}: {causes}"),
-            }
+            error!("{}", error_chain(&*e));
             ExitCode::FAILURE
         }
     }

@@ -62,6 +62,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use godwit_crds::error_chain;
 use godwit_crds::{VMMigration, VirtualMachine};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
@@ -72,7 +73,7 @@ use kube::ResourceExt;
 use tracing::{debug, warn};
 
 use crate::context::{log_outcome, Context};
-use crate::errors::{error_chain, is_conflict};
+use crate::errors::is_conflict;
 use crate::view::{migration_phase, ClusterView, Snapshot};
 use apply::{apply_step, MigrationWriteError};
 use decide::{has_finalizer, needs_cluster, next_migration_step, MigrationInputs};
@@ -131,7 +132,7 @@ fn error_policy(m: Arc<VMMigration>, error: &MigrationReconcileError, ctx: Arc<C
         debug!(migration = %m.name_any(), "changed meanwhile; deciding again");
         return Action::requeue(Duration::from_millis(200));
     }
-    warn!(migration = %m.name_any(), "reconcile failed: {error}: {}", error_chain(error));
+    warn!(migration = %m.name_any(), "reconcile failed: {}", error_chain(error));
     Action::requeue(Duration::from_secs(2))
 }
 

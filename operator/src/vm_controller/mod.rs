@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use godwit_crds::contract::NODE_LABEL;
+use godwit_crds::error_chain;
 use godwit_crds::{VMMigration, VMTemplate, VirtualMachine};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
@@ -48,7 +49,7 @@ use kube::ResourceExt;
 use tracing::{debug, warn};
 
 use crate::context::{log_outcome, Context};
-use crate::errors::{error_chain, is_conflict};
+use crate::errors::is_conflict;
 use crate::nodes;
 use crate::view::{ClusterView, Snapshot};
 use apply::{apply_step, VmWriteError};
@@ -156,7 +157,7 @@ fn error_policy(vm: Arc<VirtualMachine>, error: &VmReconcileError, ctx: Arc<Cont
         debug!(vm = %vm.name_any(), "changed meanwhile; deciding again");
         return Action::requeue(Duration::from_millis(200));
     }
-    warn!(vm = %vm.name_any(), "reconcile failed: {error}: {}", error_chain(error));
+    warn!(vm = %vm.name_any(), "reconcile failed: {}", error_chain(error));
     Action::requeue(Duration::from_secs(2))
 }
 

@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
+use godwit_apiserver::{serve, ApiServerHandle};
 use godwit_crds::contract::{node_lease_name, NODE_LABEL};
 use godwit_crds::{VMMigration, VMTemplate, VirtualMachine, VmPhase};
-use godwit_e2e::apiserver::{serve, ApiServerHandle};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{Namespace, Node, NodeCondition, NodeStatus};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use godwit_e2e::apiserver::{ServerConfig, ServerThread};
+use godwit_apiserver::{ServerConfig, ServerThread};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
@@ -581,7 +581,7 @@ fn built_in_kinds_generate_name_and_cascading_delete() {
 #[test]
 fn godwit_crds_examples_and_invalid_manifests() {
     let cluster = Cluster::start();
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let repo = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
     let crds = repo.join("crds");
     let out = cluster.ok(&["apply", "-f", &crds.display().to_string()]);
     assert_eq!(out.matches("created").count(), 3, "{out}");

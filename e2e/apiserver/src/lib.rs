@@ -43,6 +43,7 @@
 //! [`handlers`] lists the protocol-level ones.
 
 pub mod audit;
+mod base64;
 pub mod convert;
 pub mod crd;
 pub mod discovery;
@@ -69,7 +70,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
 use self::audit::{AuditLog, AuditRecord};
-use self::handlers::ServerState;
+use self::handlers::state::ServerState;
 
 /// Errors starting or running the test API server.
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +184,7 @@ pub async fn serve_with(
 ) -> Result<ApiServerHandle, ApiServerError> {
     let addr = listener.local_addr().map_err(ApiServerError::LocalAddr)?;
     let audit = AuditLog::new(config.audit_log.as_deref()).map_err(ApiServerError::Audit)?;
-    let state = Arc::new(ServerState::new(audit, config.bookmark_interval));
+    let state = Arc::new(handlers::new_state(audit, config.bookmark_interval));
     if let Ok(mut address) = state.address.write() {
         *address = addr.to_string();
     }
@@ -197,7 +198,7 @@ pub async fn serve_with(
                     let Ok((stream, _)) = accepted else { continue };
                     let state = accept_state.clone();
                     connections.spawn(async move {
-                        let service = service_fn(move |request| handlers::handle(state.clone(), request));
+                        let service = service_fn(move |request| handlers::router::handle(state.clone(), request));
                         let _ = http1::Builder::new()
                             .serve_connection(TokioIo::new(stream), service)
                             .await;

@@ -1,13 +1,13 @@
 //! `godwit-apiserver`: the in-memory Kubernetes API server used by Godwit's
 //! tests and local cluster. Test infrastructure only: no authentication, no
-//! persistence, plain HTTP. See `godwit_e2e::apiserver` for what it serves.
+//! persistence, plain HTTP. See the `godwit_apiserver` library for what it serves.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use godwit_e2e::apiserver::{serve_with, ServerConfig};
+use godwit_apiserver::{serve_with, ServerConfig};
 use tokio::net::TcpListener;
 
 /// In-memory Kubernetes API server for tests (plain HTTP, no auth).

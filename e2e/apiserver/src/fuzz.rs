@@ -12,8 +12,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::audit::AuditLog;
-use super::handlers::{handle_parts, ServerState};
+use crate::audit::AuditLog;
+use crate::handlers::new_state;
+use crate::handlers::router::handle_parts;
+use crate::handlers::state::ServerState;
 
 const CRDS: [&str; 3] = [
     include_str!("../../../crds/virtualmachines.yaml"),
@@ -36,7 +38,7 @@ fn serve(state: &Arc<ServerState>, method: &str, target: &str, content_type: &st
 /// A server state with the Godwit CRDs installed, as `kubectl apply -f crds/`
 /// leaves it.
 pub fn state_with_crds() -> Arc<ServerState> {
-    let state = Arc::new(ServerState::new(
+    let state = Arc::new(new_state(
         AuditLog::new(None).expect("an in-memory audit log"),
         Duration::from_secs(5),
     ));

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use godwit_e2e::apiserver::{serve, serve_with, ApiServerHandle, ServerConfig};
+use godwit_apiserver::{serve, serve_with, ApiServerHandle, ServerConfig};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -602,7 +602,7 @@ async fn typed_godwit_kinds_from_the_crds_crate() {
     for (_, crd) in godwit_crds::crds() {
         crds.create(&PostParams::default(), &crd).await.unwrap();
     }
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/vm.yaml");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/vm.yaml");
     let vm: VirtualMachine = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), "default");
     let created = vms.create(&PostParams::default(), &vm).await.unwrap();

@@ -11,7 +11,7 @@
 use chrono::{DateTime, SecondsFormat};
 use serde_json::{Map, Value};
 
-use super::handlers::base64;
+use crate::base64;
 
 /// Errors decoding a protobuf body.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -149,23 +149,7 @@ pub fn decode(body: &[u8]) -> Result<Value, ProtobufError> {
 
 /// Bytes fields are carried as base64 in JSON; decode them back for nesting.
 fn decode_base64_field(value: &Value) -> Vec<u8> {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = Vec::new();
-    let mut bits = 0u32;
-    let mut count = 0;
-    for byte in value.as_str().unwrap_or("").bytes().filter(|b| *b != b'=') {
-        let Some(v) = ALPHABET.iter().position(|c| *c == byte) else {
-            continue;
-        };
-        bits = (bits << 6) | v as u32;
-        count += 6;
-        if count >= 8 {
-            count -= 8;
-            out.push((bits >> count) as u8);
-            bits &= (1 << count) - 1;
-        }
-    }
-    out
+    base64::decode(value.as_str().unwrap_or(""))
 }
 
 fn varint(data: &[u8], pos: &mut usize) -> Result<u64, ProtobufError> {
@@ -226,7 +210,7 @@ fn decode_message(data: &[u8], schema: &[Field]) -> Result<Value, ProtobufError>
             // Go's protobuf encoding writes empty strings; JSON omits them.
             (Kind::Str, Wire::Bytes([])) => continue,
             (Kind::Str, Wire::Bytes(b)) => Value::String(String::from_utf8_lossy(b).into_owned()),
-            (Kind::Bytes, Wire::Bytes(b)) => Value::String(base64(b)),
+            (Kind::Bytes, Wire::Bytes(b)) => Value::String(base64::encode(b)),
             (Kind::Int, Wire::Varint(v)) => Value::from(v as i64),
             (Kind::Bool, Wire::Varint(v)) => Value::Bool(v != 0),
             (Kind::Msg(inner), Wire::Bytes(b)) => decode_message(b, inner)?,
@@ -246,7 +230,7 @@ fn decode_message(data: &[u8], schema: &[Field]) -> Result<Value, ProtobufError>
                 let raw = decode_base64_field(&entry["value"]);
                 let value = match field.kind {
                     Kind::StrMap => Value::String(String::from_utf8_lossy(&raw).into_owned()),
-                    _ => Value::String(base64(&raw)),
+                    _ => Value::String(base64::encode(&raw)),
                 };
                 object
                     .entry(field.name)
