@@ -17,13 +17,16 @@ use std::time::Duration;
 
 use godwit_crds::contract::CONSOLE_HELLO;
 
-use crate::CliError;
-
 /// The detach key: Ctrl-] (0x1d).
 pub const ESCAPE: u8 = 0x1d;
 
 /// How long output is still shown after the end of standard input.
 const LINGER: Duration = Duration::from_secs(1);
+
+/// Why the console could not be reached or relayed.
+#[derive(Debug, thiserror::Error)]
+#[error("Console: {0}")]
+pub struct ConsoleError(pub String);
 
 /// Where a console is.
 pub struct Target {
@@ -71,46 +74,46 @@ impl Drop for RawMode {
 }
 
 /// Connects and asks for the console; the stream once the daemon said OK.
-fn open(t: &Target) -> Result<TcpStream, CliError> {
+fn open(t: &Target) -> Result<TcpStream, ConsoleError> {
     let addr: std::net::SocketAddr = t
         .addr
         .parse()
-        .map_err(|e| CliError::Console(format!("bad address {}: {e}", t.addr)))?;
+        .map_err(|e| ConsoleError(format!("bad address {}: {e}", t.addr)))?;
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| {
-        CliError::Console(format!(
+        ConsoleError(format!(
             "cannot reach the node daemon of {} at {}: {e}; is godwit-node running there with --console-addr?",
             t.node, t.addr
         ))
     })?;
     let mut w = stream
         .try_clone()
-        .map_err(|e| CliError::Console(e.to_string()))?;
+        .map_err(|e| ConsoleError(e.to_string()))?;
     writeln!(w, "{CONSOLE_HELLO} {}/{}", t.namespace, t.name)
-        .map_err(|e| CliError::Console(format!("send the request: {e}")))?;
+        .map_err(|e| ConsoleError(format!("send the request: {e}")))?;
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| CliError::Console(e.to_string()))?;
+        .map_err(|e| ConsoleError(e.to_string()))?;
     // Read the answer byte by byte so no console output after it is consumed.
     let mut answer = Vec::new();
     let mut r = BufReader::with_capacity(1, &stream);
     r.read_until(b'\n', &mut answer)
-        .map_err(|e| CliError::Console(format!("no answer from {}: {e}", t.addr)))?;
+        .map_err(|e| ConsoleError(format!("no answer from {}: {e}", t.addr)))?;
     let answer = String::from_utf8_lossy(&answer).trim().to_string();
     if answer != "OK" {
         let why = answer.strip_prefix("ERR ").unwrap_or(&answer);
-        return Err(CliError::Console(format!(
+        return Err(ConsoleError(format!(
             "the node daemon of {} refused: {why}",
             t.node
         )));
     }
     stream
         .set_read_timeout(None)
-        .map_err(|e| CliError::Console(e.to_string()))?;
+        .map_err(|e| ConsoleError(e.to_string()))?;
     Ok(stream)
 }
 
 /// Attaches the terminal to the console until Ctrl-] or the end of the stream.
-pub fn attach(t: &Target) -> Result<(), CliError> {
+pub fn attach(t: &Target) -> Result<(), ConsoleError> {
     let mut stream = open(t)?;
     let stdin = std::io::stdin();
     let in_fd = stdin.as_raw_fd();
@@ -158,7 +161,7 @@ pub fn attach(t: &Target) -> Result<(), CliError> {
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            break Err(CliError::Console(format!("poll: {e}")));
+            break Err(ConsoleError(format!("poll: {e}")));
         }
         if fds[0].revents != 0 {
             match stream.read(&mut buf) {

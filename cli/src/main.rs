@@ -129,6 +129,9 @@ pub enum CliError {
     /// The console could not be reached or failed.
     #[error("Console: {0}")]
     Console(String),
+    /// Attaching to the console failed.
+    #[error(transparent)]
+    Attach(#[from] console::ConsoleError),
     /// A followed migration did not succeed.
     #[error("Migration {name} ended {phase:?}: {reason}")]
     MigrationEnded {
@@ -374,7 +377,8 @@ async fn console_cmd(ctx: &Ctx, name: &str, port: u16) -> Result<(), CliError> {
     };
     tokio::task::spawn_blocking(move || console::attach(&target))
         .await
-        .map_err(|e| CliError::Console(e.to_string()))?
+        .map_err(|e| CliError::Console(e.to_string()))??;
+    Ok(())
 }
 
 async fn status(ctx: &Ctx, name: &str) -> Result<(), CliError> {

@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
+use crate::progress::Progress;
 use crate::protocol::{Command, MigrateSend, Request, Response};
 use crate::results::{
     Cancelling, ChangedBlocks, DirtyLog, DirtySet, DiskTracking, Runs, Saved, Started, Stats,
     VmmStatus,
 };
-use crate::Progress;
 
 /// How long a call waits for its answer unless told otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);

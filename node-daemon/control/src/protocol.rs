@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::TlsPem;
+use crate::tls::TlsPem;
 
 /// The protocol version this crate speaks.
 pub const API_VERSION: u32 = 1;
