@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{guest, start_vm, Scratch, BOOT};
-use godwit_e2e::guest::parse_heartbeat;
+use godwit_testkit::guest::parse_heartbeat;
 use serde_json::json;
 
 #[test]

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{guest, start_vm, Scratch, BOOT};
-use godwit_e2e::guest::blk_sector;
+use godwit_testkit::guest::blk_sector;
 
 fn image(dir: &Scratch, name: &str) -> std::path::PathBuf {
     let p = dir.path(name);

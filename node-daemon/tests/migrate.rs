@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{guest, start_vm, Scratch, Vm, BOOT, VMM};
-use godwit_e2e::guest::{parse_heartbeat, Console};
-use godwit_e2e::netns::{unique_name, Netns, Veth};
+use godwit_testkit::guest::{parse_heartbeat, Console};
+use godwit_testkit::netns::{unique_name, Netns, Veth};
 use serde_json::{json, Value};
 
 const GUEST_IP: &str = "10.88.0.10";
@@ -170,7 +170,7 @@ fn start_target(t: &Topology, dir: &Scratch) -> Target {
 /// and checking, line by line, that the counter goes up by exactly one.
 struct StreamWatch {
     stop: Arc<AtomicBool>,
-    handle: std::thread::JoinHandle<Result<StreamReport, godwit_e2e::netns::NetnsError>>,
+    handle: std::thread::JoinHandle<Result<StreamReport, godwit_testkit::netns::NetnsError>>,
 }
 
 #[derive(Debug)]

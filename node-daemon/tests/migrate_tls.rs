@@ -1,5 +1,5 @@
 //! Live migration over mutual TLS between two godwit-vmm processes under real
-//! KVM, on two simulated nodes (`godwit_e2e::nodes`), with certificates made
+//! KVM, on two simulated nodes (`godwit_testkit::nodes`), with certificates made
 //! by a test CA at test time: a migration between nodes of one CA succeeds;
 //! a source with a certificate from another CA, a plain-TCP source and a
 //! client without a certificate are refused, the source's guest runs on, and
@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{guest, start_vm, Scratch, Vm, BOOT};
-use godwit_e2e::netns::unique_name;
-use godwit_e2e::nodes::{Fabric, Node};
-use godwit_e2e::vmmproc::VmmProc;
+use godwit_testkit::netns::unique_name;
+use godwit_testkit::nodes::{Fabric, Node};
+use godwit_testkit::vmmproc::VmmProc;
 use serde_json::{json, Value};
 
 /// A test CA that writes node identities as PEM files under a directory.
@@ -214,7 +214,7 @@ fn tls_migration_moves_a_dirtying_guest() {
     let log = std::fs::read_to_string(&src.serial_log).unwrap();
     let source_last = *log
         .lines()
-        .filter_map(|l| godwit_e2e::guest::parse_heartbeat(l.trim_end()).map(|h| h.counter))
+        .filter_map(|l| godwit_testkit::guest::parse_heartbeat(l.trim_end()).map(|h| h.counter))
         .collect::<Vec<_>>()
         .last()
         .expect("source heartbeats");

@@ -8,8 +8,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::{guest, start_vm, Scratch, BOOT};
-use godwit_e2e::guest::parse_heartbeat;
-use godwit_e2e::netns::{unique_name, Netns, Veth};
+use godwit_testkit::guest::parse_heartbeat;
+use godwit_testkit::netns::{unique_name, Netns, Veth};
 
 #[test]
 fn tcp_client_in_another_netns_streams_heartbeats() {

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use common::{guest, require_kvm, start_vm, Scratch, BOOT, VMM};
 use godwit_crds::contract::Machine;
-use godwit_e2e::guest::Console;
 use godwit_node::agent::local::{self, node_jail, Runner, VmDir};
+use godwit_testkit::guest::Console;
 
 fn args(extra: &[&str]) -> Vec<String> {
     let g = guest().display().to_string();
@@ -252,7 +252,7 @@ fn a_vmm_the_agent_starts_as_its_own_user_runs_with_no_capability() {
     // A migration identity whose key only root can read (as the agent
     // issues it): the VMM gets it on a pipe.
     let ca = root.join("ca");
-    godwit_e2e::cluster::write_migration_ca(&ca).unwrap();
+    godwit_testkit::ca::write_migration_ca(&ca).unwrap();
     let tls = godwit_node::agent::tls::issue(&ca, &root.join("tls"), "node-a", "10.0.0.1").unwrap();
     assert_eq!(
         std::fs::metadata(&tls.key).unwrap().permissions().mode() & 0o077,

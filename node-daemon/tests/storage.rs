@@ -15,10 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{guest, run_vmm, start_vm, Scratch, BOOT};
-use godwit_e2e::guest::blk_sector;
 use godwit_node::storage::image::{self, ImageFormat};
 use godwit_node::storage::template::sha256_file;
 use godwit_node::storage::{self, DiskImage, StorageError, TemplateCache};
+use godwit_testkit::guest::blk_sector;
 use serde_json::json;
 
 /// Runs qemu-img; returns (success, stdout + stderr).
@@ -726,7 +726,7 @@ fn full_disk_child() {
 
 #[test]
 fn a_vm_provisioned_from_a_template_gets_its_customization() {
-    use godwit_e2e::netns::{unique_name, Netns, Veth};
+    use godwit_testkit::netns::{unique_name, Netns, Veth};
     common::require_kvm();
     let dir = Scratch::new("stor-custom");
     let src = dir.path("template.raw");

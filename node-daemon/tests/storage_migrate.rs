@@ -15,9 +15,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{guest, start_vm, Scratch, Vm, BOOT, VMM};
-use godwit_e2e::guest::{blk_sector, Console};
-use godwit_e2e::netns::{unique_name, Netns, Veth};
 use godwit_node::storage::{self, ImageFormat, ImageLock, LockMode};
+use godwit_testkit::guest::{blk_sector, Console};
+use godwit_testkit::netns::{unique_name, Netns, Veth};
 use serde_json::{json, Value};
 
 const SOURCE_IP: &str = "10.89.0.1";

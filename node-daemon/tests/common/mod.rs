@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use godwit_e2e::guest::{guest_elf, Console};
+use godwit_testkit::guest::{guest_elf, Console};
 use serde_json::{json, Value};
 
 /// The godwit-vmm binary built with these tests.
