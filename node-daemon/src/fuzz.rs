@@ -10,9 +10,9 @@
 //!   migration;
 //! - [`control_request`]: one line on a VMM's control socket.
 
+use crate::migration::guest::GuestRegion;
 use crate::migration::protocol::{self, Command, Hello, HelloAck, PAGE_SIZE};
-use crate::migration::receiver::TargetMemory;
-use crate::migration::vm::GuestRegion;
+use crate::migration::session::TargetMemory;
 
 /// Guest RAM of the fuzzed target: 16 pages at 0 and 16 pages at 1 MiB.
 const REGIONS: [(u64, usize); 2] = [(0, 16 * PAGE_SIZE), (1 << 20, 16 * PAGE_SIZE)];
@@ -88,7 +88,7 @@ pub fn saved_state(data: &[u8]) {
 /// Parses one control-socket line.
 pub fn control_request(data: &[u8]) {
     if let Ok(line) = std::str::from_utf8(data) {
-        let _ = crate::vmm::control::parse_request(line);
+        let _ = godwit_vmm_control::parse_request(line);
     }
 }
 
@@ -131,8 +131,8 @@ mod tests {
     #[test]
     fn control_version_does_not_wrap() {
         // 2^32 + 1 once truncated to 1 and passed as the current version.
-        let err = crate::vmm::control::parse_request("{\"v\":4294967297,\"cmd\":\"status\"}")
-            .unwrap_err();
+        let err =
+            godwit_vmm_control::parse_request("{\"v\":4294967297,\"cmd\":\"status\"}").unwrap_err();
         assert!(err.contains("Unsupported API version 4294967297"), "{err}");
     }
 }

@@ -437,7 +437,7 @@ fn fast_dirtier_completes_with_auto_converge() {
     );
 }
 
-/// Post-copy recovery (`node-daemon/src/migration/postcopy.rs`): the link
+/// Post-copy recovery (`node-daemon/src/migration/postcopy/recovery.rs`): the link
 /// between the nodes goes down in post-copy for longer than the stall
 /// timeout; both VMMs keep the guest, the source dials the target again
 /// once the link is back, and the migration completes with nothing lost.

@@ -17,8 +17,10 @@ use std::time::Duration;
 
 use common::{guest, require_kvm, start_vm, Scratch, BOOT, VMM};
 use godwit_crds::contract::Machine;
-use godwit_node::agent::local::{self, node_jail, Runner, VmDir};
 use godwit_testkit::guest::Console;
+use godwit_node::agent::vm_dir::{self, VmDir};
+use godwit_node::agent::vmm_process::{self, node_jail, Runner};
+use godwit_node::agent::vmm_user::VmmUsers;
 
 fn args(extra: &[&str]) -> Vec<String> {
     let g = guest().display().to_string();
@@ -111,7 +113,7 @@ fn boot(runner: &Runner, dir: &VmDir, machine: &Machine) -> (Stop, u32) {
         assert!(
             std::time::Instant::now() < deadline,
             "no console socket: {}",
-            local::tail(&dir.file("vmm.log"), 5)
+            vm_dir::tail(&dir.file("vmm.log"), 5)
         );
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -123,7 +125,7 @@ struct Stop(VmDir, std::process::Child);
 
 impl Drop for Stop {
     fn drop(&mut self) {
-        local::stop(&self.0, Duration::from_secs(2));
+        vmm_process::stop(&self.0, Duration::from_secs(2));
         let _ = self.1.wait();
     }
 }
@@ -253,7 +255,8 @@ fn a_vmm_the_agent_starts_as_its_own_user_runs_with_no_capability() {
     // issues it): the VMM gets it on a pipe.
     let ca = root.join("ca");
     godwit_testkit::ca::write_migration_ca(&ca).unwrap();
-    let tls = godwit_node::agent::tls::issue(&ca, &root.join("tls"), "node-a", "10.0.0.1").unwrap();
+    let tls = godwit_node::agent::certificates::issue(&ca, &root.join("tls"), "node-a", "10.0.0.1")
+        .unwrap();
     assert_eq!(
         std::fs::metadata(&tls.key).unwrap().permissions().mode() & 0o077,
         0,
@@ -266,7 +269,7 @@ fn a_vmm_the_agent_starts_as_its_own_user_runs_with_no_capability() {
         cmdline: "hb_ms=50".into(),
         ..Default::default()
     };
-    let users = local::VmmUsers::new(2_000_000_000).unwrap();
+    let users = VmmUsers::new(2_000_000_000).unwrap();
     let uid = users.of("ns", "a");
     assert!(uid >= 2_000_000_000, "uid {uid}");
     let runner = Runner {
@@ -324,6 +327,6 @@ fn a_vmm_the_agent_starts_as_its_own_user_runs_with_no_capability() {
     let stream = UnixStream::connect(vm.file("console.sock")).unwrap();
     let mut console = Console::new(stream.try_clone().unwrap(), stream);
     console.heartbeats(3, BOOT).unwrap();
-    let stats = local::control(&vm.api_sock(), "stats", serde_json::json!({})).unwrap();
-    assert!(stats.is_object(), "{stats}");
+    let stats = vm.control().stats().unwrap();
+    assert!(stats.memory_mib > 0, "{stats:?}");
 }

@@ -1,11 +1,17 @@
-//! The agent's decisions, as pure functions of what the API says and what the
-//! node's VM directories say. The async loop in `agent` gathers both, calls
-//! these, and carries the answer out; running them again on the same input
-//! gives the same answer, so a lost update is simply redone on the next pass.
+//! The node's local decisions, as pure functions of what the API says and
+//! what the node's VM directories say: what to do on this node about a VM
+//! placed here ([`decide_node_vm`]) and about this node's side of a
+//! migration ([`decide_node_migration`]). (The operator decides
+//! cluster-wide, in its own controllers; these only ever act on this node.)
+//!
+//! The pass ([`super::pass`]) gathers both, calls these, and
+//! [`super::vm_reconcile`] and [`super::migrate`] carry the answer out;
+//! running them again on the same input gives the same answer, so a lost
+//! update is simply redone on the next pass.
 
 use godwit_crds::{MigrationPhase, RunStrategy, VmPhase};
 
-use super::local::LocalState;
+use super::vm_dir::LocalState;
 
 /// What the API says about a VM labelled for this node.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -26,9 +32,9 @@ pub struct VmFacts {
     pub reported_here: bool,
 }
 
-/// What to do about a VM labelled for this node.
+/// What this node does about a VM labelled for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum VmAction {
+pub enum NodeVmAction {
     /// Nothing to do.
     Nothing,
     /// Add the agent's finalizer before creating anything.
@@ -52,58 +58,58 @@ pub enum VmAction {
     Cleanup,
 }
 
-/// Decides what to do about a VM labelled for this node.
-pub fn decide_vm(vm: &VmFacts, local: &LocalState) -> VmAction {
+/// Decides what this node does about a VM labelled for it.
+pub fn decide_node_vm(vm: &VmFacts, local: &LocalState) -> NodeVmAction {
     if vm.deleting {
         if local.alive {
-            return VmAction::Stop;
+            return NodeVmAction::Stop;
         }
         return if vm.has_finalizer {
-            VmAction::Cleanup
+            NodeVmAction::Cleanup
         } else {
-            VmAction::Nothing
+            NodeVmAction::Nothing
         };
     }
     // While a migration moves the VM, the migration driver owns the VMM.
     if vm.migrating || vm.phase == VmPhase::Migrating {
-        return VmAction::Nothing;
+        return NodeVmAction::Nothing;
     }
     if local.alive {
         if vm.run_strategy == RunStrategy::Halted
             || matches!(vm.phase, VmPhase::Stopping | VmPhase::Stopped)
         {
             return if local.stop_requested && vm.phase == VmPhase::Stopping {
-                VmAction::Nothing // already stopping
+                NodeVmAction::Nothing // already stopping
             } else {
-                VmAction::Stop
+                NodeVmAction::Stop
             };
         }
         return match vm.phase {
             VmPhase::Scheduled | VmPhase::Provisioning | VmPhase::Starting => {
-                VmAction::ReportRunning
+                NodeVmAction::ReportRunning
             }
             // Received by a migration: the source wrote the status so far.
-            VmPhase::Running if !vm.reported_here => VmAction::ReportRunning,
-            _ => VmAction::Nothing,
+            VmPhase::Running if !vm.reported_here => NodeVmAction::ReportRunning,
+            _ => NodeVmAction::Nothing,
         };
     }
     // No VMM runs.
     match vm.phase {
         VmPhase::Scheduled if vm.run_strategy != RunStrategy::Halted && vm.has_machine => {
             if vm.has_finalizer {
-                VmAction::Start
+                NodeVmAction::Start
             } else {
-                VmAction::AddFinalizer
+                NodeVmAction::AddFinalizer
             }
         }
         VmPhase::Provisioning | VmPhase::Starting | VmPhase::Running | VmPhase::Stopping => {
-            VmAction::ReportExit {
+            NodeVmAction::ReportExit {
                 failed: failed_exit(vm.phase, local),
                 reason: exit_reason(local),
                 cause: exit_cause(vm.phase, local),
             }
         }
-        _ => VmAction::Nothing,
+        _ => NodeVmAction::Nothing,
     }
 }
 
@@ -164,7 +170,7 @@ pub struct MigrationFacts {
 
 /// What the source VMM says about its outgoing migration.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outgoing {
+pub enum SendState {
     /// No migration has been started in the VMM.
     NotStarted,
     /// It runs.
@@ -175,9 +181,9 @@ pub enum Outgoing {
     NoVmm,
 }
 
-/// What to do about a migration.
+/// What this node does about its side of a migration.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum MigrationAction {
+pub enum NodeMigrationAction {
     /// Nothing to do.
     Nothing,
     /// Target: start the incoming VMM and publish its address.
@@ -197,22 +203,22 @@ pub enum MigrationAction {
     End(MigrationPhase, String),
 }
 
-/// Decides what to do about a migration this node takes part in.
-pub fn decide_migration(
+/// Decides what this node does about a migration it takes part in.
+pub fn decide_node_migration(
     role: Role,
     m: &MigrationFacts,
     local: &LocalState,
-    outgoing: &Outgoing,
-) -> MigrationAction {
+    outgoing: &SendState,
+) -> NodeMigrationAction {
     use MigrationPhase::*;
     match role {
         Role::Target => {
             if m.phase.is_final() {
                 let ours = local.incoming.as_deref() == Some(m.name.as_str());
                 return if m.phase != Succeeded && ours && (local.alive || local.exists) {
-                    MigrationAction::DiscardIncoming
+                    NodeMigrationAction::DiscardIncoming
                 } else {
-                    MigrationAction::Nothing
+                    NodeMigrationAction::Nothing
                 };
             }
             if m.phase == PreparingTarget
@@ -220,41 +226,41 @@ pub fn decide_migration(
                 && !m.cancel_requested
                 && !local.alive
             {
-                return MigrationAction::PrepareTarget;
+                return NodeMigrationAction::PrepareTarget;
             }
-            MigrationAction::Nothing
+            NodeMigrationAction::Nothing
         }
         Role::Source => {
             if m.phase.is_final() || matches!(m.phase, Pending | Scheduling) {
-                return MigrationAction::Nothing;
+                return NodeMigrationAction::Nothing;
             }
             match outgoing {
-                Outgoing::NoVmm => MigrationAction::End(
+                SendState::NoVmm => NodeMigrationAction::End(
                     Failed,
                     "the VM's VMM is not running on the source node".into(),
                 ),
-                Outgoing::NotStarted => {
+                SendState::NotStarted => {
                     if m.cancel_requested {
-                        MigrationAction::End(
+                        NodeMigrationAction::End(
                             Cancelled,
                             "cancelled before any memory was sent; the VM stays on the source"
                                 .into(),
                         )
                     } else if m.phase == PreparingTarget && m.target_address.is_some() {
-                        MigrationAction::Send
+                        NodeMigrationAction::Send
                     } else if m.phase == PreparingTarget {
-                        MigrationAction::Nothing // waiting for the target
+                        NodeMigrationAction::Nothing // waiting for the target
                     } else {
-                        MigrationAction::End(
+                        NodeMigrationAction::End(
                             Failed,
                             "the source VMM has no record of this migration (it restarted?)".into(),
                         )
                     }
                 }
-                Outgoing::Running => MigrationAction::Follow {
+                SendState::Running => NodeMigrationAction::Follow {
                     cancel: m.cancel_requested && !matches!(m.phase, PostCopy | Committing),
                 },
-                Outgoing::Ended => MigrationAction::Follow { cancel: false },
+                SendState::Ended => NodeMigrationAction::Follow { cancel: false },
             }
         }
     }
@@ -313,37 +319,37 @@ mod tests {
         let mut v = vm(VmPhase::Scheduled);
         v.has_finalizer = false;
         let absent = LocalState::default();
-        assert_eq!(decide_vm(&v, &absent), VmAction::AddFinalizer);
+        assert_eq!(decide_node_vm(&v, &absent), NodeVmAction::AddFinalizer);
         v.has_finalizer = true;
-        assert_eq!(decide_vm(&v, &absent), VmAction::Start);
+        assert_eq!(decide_node_vm(&v, &absent), NodeVmAction::Start);
         v.phase = VmPhase::Starting;
-        assert_eq!(decide_vm(&v, &running()), VmAction::ReportRunning);
+        assert_eq!(decide_node_vm(&v, &running()), NodeVmAction::ReportRunning);
         v.phase = VmPhase::Running;
-        assert_eq!(decide_vm(&v, &running()), VmAction::Nothing);
+        assert_eq!(decide_node_vm(&v, &running()), NodeVmAction::Nothing);
         // A VM that arrived by migration is reported by its new node once.
         v.reported_here = false;
-        assert_eq!(decide_vm(&v, &running()), VmAction::ReportRunning);
+        assert_eq!(decide_node_vm(&v, &running()), NodeVmAction::ReportRunning);
         v.reported_here = true;
         // Without a resolved machine there is nothing to start yet.
         v.phase = VmPhase::Scheduled;
         v.has_machine = false;
-        assert_eq!(decide_vm(&v, &absent), VmAction::Nothing);
+        assert_eq!(decide_node_vm(&v, &absent), NodeVmAction::Nothing);
     }
 
     #[test]
     fn exits_are_stopped_or_failed() {
         let v = vm(VmPhase::Running);
         assert_eq!(
-            decide_vm(&v, &exited(0)),
-            VmAction::ReportExit {
+            decide_node_vm(&v, &exited(0)),
+            NodeVmAction::ReportExit {
                 failed: false,
                 reason: "the guest powered off".into(),
                 cause: "Stopped",
             }
         );
         assert_eq!(
-            decide_vm(&v, &exited(1)),
-            VmAction::ReportExit {
+            decide_node_vm(&v, &exited(1)),
+            NodeVmAction::ReportExit {
                 failed: true,
                 reason: "the VMM exited with status 1".into(),
                 cause: "Failed",
@@ -351,8 +357,8 @@ mod tests {
         );
         // Killed by its seccomp sandbox: the shell reports 128 + SIGSYS.
         assert!(matches!(
-            decide_vm(&v, &exited(159)),
-            VmAction::ReportExit {
+            decide_node_vm(&v, &exited(159)),
+            NodeVmAction::ReportExit {
                 failed: true,
                 cause: "SandboxViolation",
                 ..
@@ -361,22 +367,22 @@ mod tests {
         let mut asked = exited(0);
         asked.stop_requested = true;
         assert!(matches!(
-            decide_vm(&vm(VmPhase::Stopping), &asked),
-            VmAction::ReportExit { failed: false, .. }
+            decide_node_vm(&vm(VmPhase::Stopping), &asked),
+            NodeVmAction::ReportExit { failed: false, .. }
         ));
         // A Running VM whose directory vanished failed.
         assert!(matches!(
-            decide_vm(&v, &LocalState::default()),
-            VmAction::ReportExit { failed: true, .. }
+            decide_node_vm(&v, &LocalState::default()),
+            NodeVmAction::ReportExit { failed: true, .. }
         ));
         // Stopped and Failed VMs are the operator's to restart.
         assert_eq!(
-            decide_vm(&vm(VmPhase::Stopped), &exited(0)),
-            VmAction::Nothing
+            decide_node_vm(&vm(VmPhase::Stopped), &exited(0)),
+            NodeVmAction::Nothing
         );
         assert_eq!(
-            decide_vm(&vm(VmPhase::Failed), &exited(1)),
-            VmAction::Nothing
+            decide_node_vm(&vm(VmPhase::Failed), &exited(1)),
+            NodeVmAction::Nothing
         );
     }
 
@@ -384,21 +390,21 @@ mod tests {
     fn halted_and_deleted_vms_stop_and_deleted_ones_are_cleaned() {
         let mut v = vm(VmPhase::Running);
         v.run_strategy = RunStrategy::Halted;
-        assert_eq!(decide_vm(&v, &running()), VmAction::Stop);
+        assert_eq!(decide_node_vm(&v, &running()), NodeVmAction::Stop);
         let mut v = vm(VmPhase::Running);
         v.deleting = true;
-        assert_eq!(decide_vm(&v, &running()), VmAction::Stop);
-        assert_eq!(decide_vm(&v, &exited(0)), VmAction::Cleanup);
+        assert_eq!(decide_node_vm(&v, &running()), NodeVmAction::Stop);
+        assert_eq!(decide_node_vm(&v, &exited(0)), NodeVmAction::Cleanup);
         v.has_finalizer = false;
-        assert_eq!(decide_vm(&v, &exited(0)), VmAction::Nothing);
+        assert_eq!(decide_node_vm(&v, &exited(0)), NodeVmAction::Nothing);
     }
 
     #[test]
     fn a_migrating_vm_is_left_to_the_migration() {
         let mut v = vm(VmPhase::Migrating);
         v.migrating = true;
-        assert_eq!(decide_vm(&v, &exited(0)), VmAction::Nothing);
-        assert_eq!(decide_vm(&v, &running()), VmAction::Nothing);
+        assert_eq!(decide_node_vm(&v, &exited(0)), NodeVmAction::Nothing);
+        assert_eq!(decide_node_vm(&v, &running()), NodeVmAction::Nothing);
     }
 
     fn mig(phase: MigrationPhase) -> MigrationFacts {
@@ -412,16 +418,16 @@ mod tests {
     fn the_target_prepares_once_and_discards_what_did_not_move() {
         use MigrationPhase::*;
         let absent = LocalState::default();
-        let none = Outgoing::NoVmm;
+        let none = SendState::NoVmm;
         assert_eq!(
-            decide_migration(Role::Target, &mig(PreparingTarget), &absent, &none),
-            MigrationAction::PrepareTarget
+            decide_node_migration(Role::Target, &mig(PreparingTarget), &absent, &none),
+            NodeMigrationAction::PrepareTarget
         );
         let mut m = mig(PreparingTarget);
         m.target_address = Some("10.0.0.2:47000".into());
         assert_eq!(
-            decide_migration(Role::Target, &m, &absent, &none),
-            MigrationAction::Nothing
+            decide_node_migration(Role::Target, &m, &absent, &none),
+            NodeMigrationAction::Nothing
         );
         let mut incoming = running();
         incoming.incoming = Some("m1".into());
@@ -429,19 +435,19 @@ mod tests {
             let mut m = mig(end);
             m.name = "m1".into();
             assert_eq!(
-                decide_migration(Role::Target, &m, &incoming, &none),
-                MigrationAction::DiscardIncoming
+                decide_node_migration(Role::Target, &m, &incoming, &none),
+                NodeMigrationAction::DiscardIncoming
             );
             // An older migration's end does not discard a VM a later one brought.
             m.name = "m0".into();
             assert_eq!(
-                decide_migration(Role::Target, &m, &incoming, &none),
-                MigrationAction::Nothing
+                decide_node_migration(Role::Target, &m, &incoming, &none),
+                NodeMigrationAction::Nothing
             );
         }
         assert_eq!(
-            decide_migration(Role::Target, &mig(Succeeded), &incoming, &none),
-            MigrationAction::Nothing
+            decide_node_migration(Role::Target, &mig(Succeeded), &incoming, &none),
+            NodeMigrationAction::Nothing
         );
     }
 
@@ -451,38 +457,38 @@ mod tests {
         let vmm = running();
         let mut m = mig(PreparingTarget);
         assert_eq!(
-            decide_migration(Role::Source, &m, &vmm, &Outgoing::NotStarted),
-            MigrationAction::Nothing
+            decide_node_migration(Role::Source, &m, &vmm, &SendState::NotStarted),
+            NodeMigrationAction::Nothing
         );
         m.target_address = Some("10.0.0.2:47000".into());
         assert_eq!(
-            decide_migration(Role::Source, &m, &vmm, &Outgoing::NotStarted),
-            MigrationAction::Send
+            decide_node_migration(Role::Source, &m, &vmm, &SendState::NotStarted),
+            NodeMigrationAction::Send
         );
         m.cancel_requested = true;
         assert!(matches!(
-            decide_migration(Role::Source, &m, &vmm, &Outgoing::NotStarted),
-            MigrationAction::End(Cancelled, _)
+            decide_node_migration(Role::Source, &m, &vmm, &SendState::NotStarted),
+            NodeMigrationAction::End(Cancelled, _)
         ));
         let mut m = mig(PreCopy);
         m.cancel_requested = true;
         assert_eq!(
-            decide_migration(Role::Source, &m, &vmm, &Outgoing::Running),
-            MigrationAction::Follow { cancel: true }
+            decide_node_migration(Role::Source, &m, &vmm, &SendState::Running),
+            NodeMigrationAction::Follow { cancel: true }
         );
         // Past the point of no return a cancel is not passed on.
         m.phase = PostCopy;
         assert_eq!(
-            decide_migration(Role::Source, &m, &vmm, &Outgoing::Running),
-            MigrationAction::Follow { cancel: false }
+            decide_node_migration(Role::Source, &m, &vmm, &SendState::Running),
+            NodeMigrationAction::Follow { cancel: false }
         );
         assert!(matches!(
-            decide_migration(Role::Source, &mig(PreCopy), &vmm, &Outgoing::NoVmm),
-            MigrationAction::End(Failed, _)
+            decide_node_migration(Role::Source, &mig(PreCopy), &vmm, &SendState::NoVmm),
+            NodeMigrationAction::End(Failed, _)
         ));
         assert_eq!(
-            decide_migration(Role::Source, &mig(Succeeded), &vmm, &Outgoing::Ended),
-            MigrationAction::Nothing
+            decide_node_migration(Role::Source, &mig(Succeeded), &vmm, &SendState::Ended),
+            NodeMigrationAction::Nothing
         );
     }
 

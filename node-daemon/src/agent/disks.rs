@@ -1,5 +1,6 @@
-//! A VM's disk files on a node, which disks move with a VM, and the target's
-//! side of copying them.
+//! A VM's disk files on a node: where they are, how they are made
+//! ([`provision_disk`]), which disks move with a VM, and the target's side
+//! of copying them.
 //!
 //! Files: a template clone on node-local storage is a qcow2 overlay,
 //! `disks/<name>.qcow2`, on the template's image in the node's template cache
@@ -27,14 +28,32 @@
 //! that fails removes its VM directory and the disks in it; the source
 //! removes its own copies only once the VM is no longer placed on it.
 
+use std::fs;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use godwit_crds::contract::{Machine, MachineDisk, MachineDiskSource};
 use godwit_crds::{ImageFormat, StorageKind};
 
-use super::local::{provision_disk, LocalError, VmDir};
+use super::vm_dir::VmDir;
 use crate::storage::template::{self, CachedTemplate, TemplateCache};
+
+/// Errors making a VM's disks.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// A file operation failed.
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    /// The node's template cache could not provide a template's image.
+    #[error("template image {0}")]
+    Template(String, #[source] crate::storage::StorageError),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DiskError {
+    let what = what.into();
+    move |e| DiskError::Io(what, e)
+}
 
 /// The file of `disk` on this node (see the module docs).
 pub fn disk_file(dir: &VmDir, disk: &MachineDisk) -> PathBuf {
@@ -85,8 +104,8 @@ fn stat(path: &Path) -> std::io::Result<(u64, i128)> {
 
 /// The cache entry of the template image at `base`, bringing it into the
 /// node's cache on first use.
-pub fn cached_template(cache_dir: &Path, base: &Path) -> Result<CachedTemplate, LocalError> {
-    let err = |e| LocalError::Template(base.display().to_string(), e);
+pub fn cached_template(cache_dir: &Path, base: &Path) -> Result<CachedTemplate, DiskError> {
+    let err = |e| DiskError::Template(base.display().to_string(), e);
     let _one = CACHE_FILL.lock().unwrap_or_else(|p| p.into_inner());
     let cache = TemplateCache::new(cache_dir).map_err(err)?;
     let source = base.display().to_string();
@@ -94,7 +113,7 @@ pub fn cached_template(cache_dir: &Path, base: &Path) -> Result<CachedTemplate, 
         .join("sources")
         .join(format!("{:016x}.json", fnv(&source)));
     let (size, mtime_ns) =
-        stat(base).map_err(|e| LocalError::Io(format!("stat {}", base.display()), e))?;
+        stat(base).map_err(|e| DiskError::Io(format!("stat {}", base.display()), e))?;
     let memo: Option<SourceMemo> = std::fs::read(&memo_path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
@@ -123,9 +142,9 @@ pub fn cached_template(cache_dir: &Path, base: &Path) -> Result<CachedTemplate, 
 
 /// Creates at `dst` a qcow2 overlay on the cached copy of template image
 /// `base`.
-pub fn overlay_on_cached(dir: &VmDir, base: &Path, dst: &Path) -> Result<(), LocalError> {
+pub fn overlay_on_cached(dir: &VmDir, base: &Path, dst: &Path) -> Result<(), DiskError> {
     let t = cached_template(&dir.cache, base)?;
-    template::provision(&t, dst).map_err(|e| LocalError::Template(base.display().to_string(), e))
+    template::provision(&t, dst).map_err(|e| DiskError::Template(base.display().to_string(), e))
 }
 
 /// Whether `disk` is copied when its VM moves.
@@ -152,7 +171,7 @@ pub fn prepare_target(
     dir: &VmDir,
     machine: &Machine,
     copy: bool,
-) -> Result<Vec<PathBuf>, LocalError> {
+) -> Result<Vec<PathBuf>, DiskError> {
     machine
         .disks
         .iter()
@@ -168,9 +187,101 @@ pub fn prepare_target(
         .collect()
 }
 
+/// Makes disk `disk` exist, and returns its path. A disk that exists is kept
+/// (a restarted VM keeps what it wrote).
+pub fn provision_disk(dir: &VmDir, disk: &MachineDisk) -> Result<PathBuf, DiskError> {
+    let path = disk_file(dir, disk);
+    if matches!(disk.source, MachineDiskSource::Image { .. }) || path.exists() {
+        return Ok(path);
+    }
+    let parent = path.parent().expect("disk paths have a parent");
+    fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
+    // Build under a temporary name: a crash never leaves a half disk that
+    // looks finished.
+    let partial = path.with_extension("partial");
+    let made = match &disk.source {
+        MachineDiskSource::Clone { path: base, .. } if disk.storage == StorageKind::Local => {
+            overlay_on_cached(dir, Path::new(base), &partial)
+        }
+        MachineDiskSource::Clone { path: base, .. } => sparse_copy(Path::new(base), &partial),
+        MachineDiskSource::Blank { size_bytes } => fs::File::create(&partial)
+            .and_then(|f| f.set_len(*size_bytes))
+            .map_err(io(format!("create {}", partial.display()))),
+        MachineDiskSource::Image { .. } => unreachable!("returned above"),
+    };
+    if let Err(e) = made {
+        let _ = fs::remove_file(&partial);
+        return Err(e);
+    }
+    fs::rename(&partial, &path).map_err(io(format!("rename to {}", path.display())))?;
+    Ok(path)
+}
+
+/// Copies `src` to `dst` keeping holes: only the data extents are read and written.
+pub fn sparse_copy(src: &Path, dst: &Path) -> Result<(), DiskError> {
+    let from = fs::File::open(src).map_err(io(format!("open {}", src.display())))?;
+    let len = from
+        .metadata()
+        .map_err(io(format!("stat {}", src.display())))?
+        .len();
+    let to = fs::File::create(dst).map_err(io(format!("create {}", dst.display())))?;
+    to.set_len(len)
+        .map_err(io(format!("size {}", dst.display())))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&from);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos: i64 = 0;
+    while (pos as u64) < len {
+        // SAFETY: lseek on a descriptor we own.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: only a hole is left.
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { len as i64 } else { hole };
+        let mut off = data;
+        while off < end {
+            let n = ((end - off) as usize).min(buf.len());
+            from.read_exact_at(&mut buf[..n], off as u64)
+                .map_err(io(format!("read {}", src.display())))?;
+            // Zero blocks inside data extents stay holes too.
+            if buf[..n].iter().any(|&b| b != 0) {
+                to.write_all_at(&buf[..n], off as u64)
+                    .map_err(io(format!("write {}", dst.display())))?;
+            }
+            off += n as i64;
+        }
+        pos = end;
+    }
+    to.sync_all().map_err(io(format!("sync {}", dst.display())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sparse_copy_keeps_holes_and_data() {
+        let d = std::env::temp_dir().join(format!("godwit-local-sparse-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        let src = d.join("src");
+        let f = fs::File::create(&src).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(b"head", 0).unwrap();
+        f.write_all_at(&[7u8; 8192], 40 << 20).unwrap();
+        drop(f);
+        let dst = d.join("dst");
+        sparse_copy(&src, &dst).unwrap();
+        assert_eq!(fs::read(&src).unwrap(), fs::read(&dst).unwrap());
+        let blocks = |p: &Path| std::os::unix::fs::MetadataExt::blocks(&fs::metadata(p).unwrap());
+        assert!(
+            blocks(&dst) * 512 < 4 << 20,
+            "copy is not sparse: {} blocks",
+            blocks(&dst)
+        );
+        fs::remove_dir_all(&d).unwrap();
+    }
 
     fn disk(storage: StorageKind, read_only: bool, source: MachineDiskSource) -> MachineDisk {
         MachineDisk {

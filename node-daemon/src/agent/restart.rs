@@ -12,8 +12,8 @@ use godwit_crds::{VirtualMachine, VmPhase};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
-use super::decide::{VmAction, VmFacts};
-use super::local::{LocalState, VmDir};
+use super::decide::{NodeVmAction, VmFacts};
+use super::vm_dir::{LocalState, VmDir};
 
 /// Whether a restart requested at `requested` (RFC 3339) is newer than a
 /// VMM started at `started`.
@@ -30,13 +30,13 @@ pub fn requested_after(requested: &str, started: SystemTime) -> bool {
 /// `action` turned into a stop when a restart was asked for after this VMM
 /// started; otherwise `action` unchanged.
 pub fn adjust(
-    action: VmAction,
+    action: NodeVmAction,
     vm: &VirtualMachine,
     facts: &VmFacts,
     dir: &VmDir,
     local: &LocalState,
-) -> VmAction {
-    if action != VmAction::Nothing
+) -> NodeVmAction {
+    if action != NodeVmAction::Nothing
         || !local.alive
         || facts.phase != VmPhase::Running
         || facts.migrating
@@ -55,7 +55,7 @@ pub fn adjust(
                 requested = %requested,
                 "restart requested: stopping the VMM (the operator starts it again)"
             );
-            VmAction::Stop
+            NodeVmAction::Stop
         }
         _ => action,
     }

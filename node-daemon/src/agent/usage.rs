@@ -18,7 +18,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::Client;
 use serde_json::json;
 
-use super::local::VmDir;
+use super::vm_dir::VmDir;
 
 /// CPU time (user + system, all threads) in clock ticks, from the text of
 /// `/proc/<pid>/stat`.

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use godwit_node::agent::local::VmmUsers;
+use godwit_node::agent::vmm_user::VmmUsers;
 use godwit_node::agent::{self, AgentConfig};
 use godwit_node::error_chain;
 use kube::config::{KubeConfigOptions, Kubeconfig};

@@ -9,9 +9,10 @@ use clap::Parser;
 
 use godwit_node::error_chain;
 use godwit_node::migration::tls::{TlsFiles, TlsIdentity, TlsPem};
+use godwit_node::vmm::control::{ControlServer, MigrationIdentity};
 use godwit_node::vmm::devices::GuestExit;
 use godwit_node::vmm::vm::VmExit;
-use godwit_node::vmm::{control, handed, sandbox};
+use godwit_node::vmm::{handed, sandbox};
 use godwit_node::vmm::{BuildMode, DiskConfig, NetConfig, RuntimeConfig, VmConfig, Vmm};
 
 const AFTER_HELP: &str = "\
@@ -281,9 +282,9 @@ fn main() {
         console_sock: args.console_sock.clone(),
         api_sock: args.api_sock.clone(),
     };
-    use_identity(&args, handed_tls.clone());
+    let identity = migration_identity(&args, handed_tls.clone());
     if let Some(addr) = &args.incoming {
-        receive_and_run(&args, addr, handed_tls, runtime);
+        receive_and_run(&args, addr, handed_tls, identity, runtime);
     }
     let built = match &args.restore {
         Some(dir) => Vmm::restore_snapshot(dir, &runtime),
@@ -312,18 +313,18 @@ fn main() {
     install_signal_handlers();
     vmm.start(&runtime, args.paused)
         .unwrap_or_else(|e| fail(error_chain(&e)));
-    run(vmm, exits, &runtime, args.timeout_s);
+    run(vmm, exits, identity, &runtime, args.timeout_s);
 }
 
-/// Makes outgoing migrations use the identity given (files or the agent's
-/// PEM text), checked now: a bad one is exit 2 at once.
-fn use_identity(args: &Args, handed: Option<TlsPem>) {
-    let used = match (handed, args.tls_files()) {
-        (Some(pem), _) => control::use_migration_identity(pem),
-        (None, Some(files)) => control::use_migration_tls(files),
-        (None, None) => return,
+/// The identity outgoing migrations use (files or the agent's PEM text),
+/// checked now: a bad one is exit 2 at once.
+fn migration_identity(args: &Args, handed: Option<TlsPem>) -> Option<MigrationIdentity> {
+    let identity = match (handed, args.tls_files()) {
+        (Some(pem), _) => MigrationIdentity::from_pem(pem),
+        (None, Some(files)) => MigrationIdentity::from_files(files),
+        (None, None) => return None,
     };
-    used.unwrap_or_else(|e| fail(error_chain(&e)));
+    Some(identity.unwrap_or_else(|e| fail(error_chain(&e))))
 }
 
 fn install_signal_handlers() {
@@ -336,8 +337,15 @@ fn install_signal_handlers() {
 
 /// Waits for one incoming migration, then runs the received VM. Exits 3 when
 /// the migration fails (the guest keeps running on the source).
-fn receive_and_run(args: &Args, addr: &str, handed: Option<TlsPem>, runtime: RuntimeConfig) -> ! {
-    use godwit_node::migration::{receiver::ReceiveOptions, vmm, ProgressHandle};
+fn receive_and_run(
+    args: &Args,
+    addr: &str,
+    handed: Option<TlsPem>,
+    identity: Option<MigrationIdentity>,
+    runtime: RuntimeConfig,
+) -> ! {
+    use godwit_node::migration::{ProgressHandle, ReceiveOptions};
+    use godwit_node::vmm::migrate;
     // Check the identity before listening, so a bad file is exit 2 at once.
     let tls = match (&handed, args.tls_files()) {
         (Some(pem), _) => Some(TlsIdentity::from_pem(pem)),
@@ -360,14 +368,14 @@ fn receive_and_run(args: &Args, addr: &str, handed: Option<TlsPem>, runtime: Run
     }
     // Callers read the address from this line: keep its form.
     println!("godwit-vmm: waiting for a migration on {local}");
-    let overrides = vmm::TargetOverrides {
+    let overrides = migrate::TargetOverrides {
         taps: args.net.iter().map(|n| n.tap.clone()).collect(),
         bridges: args.net.iter().map(|n| n.bridge.clone()).collect(),
         disks: args.disk.iter().map(|d| Some(d.path.clone())).collect(),
         start_paused: args.paused,
     };
     let progress = ProgressHandle::default();
-    let incoming = vmm::receive_incoming(
+    let incoming = migrate::receive_incoming(
         &listener,
         &overrides,
         runtime.clone(),
@@ -384,20 +392,23 @@ fn receive_and_run(args: &Args, addr: &str, handed: Option<TlsPem>, runtime: Run
     });
     drop(listener);
     eprintln!("godwit-vmm: migration received; the guest runs here");
-    let vmm::IncomingVm { vmm, exits, .. } = incoming;
-    run(Arc::new(vmm), exits, &runtime, args.timeout_s);
+    let migrate::IncomingVm { vmm, exits, .. } = incoming;
+    run(Arc::new(vmm), exits, identity, &runtime, args.timeout_s);
 }
 
 /// Serves the control socket and waits for the VM to end; exits the process.
 fn run(
     vmm: Arc<Vmm>,
     exits: std::sync::mpsc::Receiver<VmExit>,
+    identity: Option<MigrationIdentity>,
     runtime: &RuntimeConfig,
     timeout_s: Option<u64>,
 ) -> ! {
     // The control socket appears last: once it exists, so does the console.
     if let Some(p) = &runtime.api_sock {
-        control::serve(vmm.clone(), p).unwrap_or_else(|e| fail(error_chain(&e)));
+        ControlServer::new(vmm.clone(), identity)
+            .serve(p)
+            .unwrap_or_else(|e| fail(error_chain(&e)));
     }
 
     let deadline = timeout_s.map(|s| Instant::now() + Duration::from_secs(s));

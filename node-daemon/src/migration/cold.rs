@@ -19,7 +19,7 @@
 //! ```
 //!
 //! What travels is what live storage migration sends in its bulk copy
-//! ([`crate::storage::migrate::copy_extents`]): holes and unallocated
+//! ([`crate::storage::copy::copy_extents`]): holes and unallocated
 //! clusters stay behind, and when the target caches the template base an
 //! overlay sits on, only the overlay's own clusters go.
 //!
@@ -37,14 +37,14 @@ use std::time::{Duration, Instant};
 
 use ring::digest::{Context, SHA256};
 
-use super::precopy::BATCH_BYTES;
+use super::error::MigrationError;
 use super::progress::{MigrationResult, ModeUsed, ProgressHandle, Stage, StorageResult};
 use super::protocol::{
     self, read_frame, Command, DiskAccept, DiskBatch, DiskOffer, ProtocolError, DISK_SECTOR,
 };
+use super::session::{command_name, BATCH_BYTES};
 use super::transport::{self, Conn, FrameWriter, Incoming};
-use super::MigrationError;
-use crate::storage::migrate::{base_digest, copy_extents};
+use crate::storage::copy::{base_digest, copy_extents};
 use crate::storage::DiskImage;
 
 /// Bytes read per disk chunk (sending and hashing).
@@ -335,7 +335,7 @@ fn expect(
         (got, payload) if got == expected => Ok(payload),
         (got, _) => Err(ProtocolError::Unexpected {
             got,
-            expected: super::precopy::command_name(expected),
+            expected: command_name(expected),
         }
         .into()),
     }

@@ -16,7 +16,7 @@
 //! [`MAX_PAYLOAD`] the same way, so a malformed stream ends the migration with an
 //! error instead of a guess.
 //!
-//! A live migration, as the source ([`super::precopy`]) and target
+//! A live migration, as the source ([`super::sender`]) and target
 //! ([`super::receiver`]) drive it:
 //!
 //! ```mermaid

@@ -1,5 +1,9 @@
-//! Live storage migration: node-local disks travel in the migration stream,
-//! next to memory, as [`Command::DiskBlocks`] frames.
+//! Live storage migration, a phase of the source and the target: node-local
+//! disks travel in the migration stream, next to memory, as
+//! [`Command::DiskBlocks`] frames. The source copies with `DiskSender`
+//! (the bulk copy, then each round's dirty blocks through
+//! `RoundDisks`); the target answers the offers (`accept`), writes
+//! (`apply`) and flushes (`flush`).
 //!
 //! ```text
 //!  Hello(disks: index, size, base digest) -> HelloAck(base present per disk)
@@ -10,7 +14,7 @@
 //! ```
 //!
 //! What travels. The bulk copy sends the ranges allocated in the disk
-//! ([`crate::storage::migrate::copy_extents`]): holes of a raw file and
+//! ([`crate::storage::copy::copy_extents`]): holes of a raw file and
 //! unallocated qcow2 clusters are not sent. When the target's disk is an
 //! overlay on the same template base (same digest, from the cache's file
 //! names) only the overlay's own clusters travel; otherwise the whole
@@ -25,16 +29,14 @@
 //! downtime like dirty pages (as `bytes / 4096` pages), so convergence
 //! waits for both.
 //!
-//! Dirty rounds or write mirroring? The issue asks to measure both and keep
-//! the one with the lower downtime. Rounds were built; mirroring was not
-//! (no time in this session). Rounds were chosen because they reuse the
-//! memory loop's decision (pause when the remaining set fits the downtime
-//! budget), keep the guest's write path free of network round-trips (a
-//! mirrored write completes only when the target has it, so a guest on a
-//! slow link writes at link speed for the whole migration), and give the
-//! final set a bound: what the guest dirtied in one short round. The
-//! figures measured are in the README of `bench storage` (the final dirty
-//! set and the downtime with and without disks).
+//! Why dirty rounds and not write mirroring: rounds reuse the memory loop's
+//! decision (pause when the remaining set fits the downtime budget), keep
+//! the guest's write path free of network round-trips (a mirrored write
+//! completes only when the target has it, so a guest on a slow link would
+//! write at link speed for the whole migration), and bound the final set
+//! by what the guest dirties in one short round. `bench storage` measures
+//! the final dirty set and the downtime with and without disks
+//! (`docs/migration.md`).
 //!
 //! Post-copy is turned off for a migration that copies disks: the guest
 //! would run on the target before its disk has arrived, and disk reads do
@@ -44,10 +46,11 @@
 //! guest resumes, its disk never stopped being the source's; the target
 //! drops what it wrote with the VM (the caller removes the file).
 
-use super::precopy::{Source, BATCH_BYTES};
+use super::error::MigrationError;
+use super::guest::{SourceVm, TargetVm};
+use super::progress::StorageResult;
 use super::protocol::{self, Command, DiskAccept, DiskBatch, DiskOffer, DISK_SECTOR};
-use super::vm::{SourceVm, TargetVm};
-use super::MigrationError;
+use super::session::{RoundDisks, Source, BATCH_BYTES};
 use crate::storage::ChangedBlocks;
 
 /// Bytes read and sent per run: a multiple of the CBT block.
@@ -69,7 +72,7 @@ pub(super) struct DiskSender {
     pub tracking: bool,
     /// The image locks were released for the hand-over.
     pub released: bool,
-    pub result: super::progress::StorageResult,
+    pub result: StorageResult,
 }
 
 /// What the source offers for `indices` in its Hello.
@@ -134,10 +137,10 @@ impl DiskSender {
             }
         }
     }
+}
 
-    /// Moves what the guest wrote since the last call into the pending
-    /// sets; returns the pending bytes.
-    pub fn collect<V: SourceVm>(&mut self, vm: &V) -> Result<u64, MigrationError> {
+impl<V: SourceVm> RoundDisks<V> for DiskSender {
+    fn collect(&mut self, vm: &V) -> Result<u64, MigrationError> {
         let mut bytes = 0;
         for d in &mut self.disks {
             let c = vm
@@ -150,6 +153,20 @@ impl DiskSender {
             bytes += d.pending.as_ref().map_or(0, ChangedBlocks::bytes);
         }
         Ok(bytes)
+    }
+
+    fn send_pending(&mut self, src: &mut Source<'_, V>) -> Result<u64, MigrationError> {
+        let before = src.writer.bytes_sent;
+        for d in &mut self.disks {
+            if let Some(p) = d.pending.take() {
+                let ranges = p.ranges();
+                self.result.dirty_bytes_sent += p.bytes();
+                send_ranges(src, d.index, d.size, &ranges)?;
+            }
+        }
+        let sent = src.writer.bytes_sent - before;
+        self.result.bytes_sent += sent;
+        Ok(sent)
     }
 }
 
@@ -169,24 +186,6 @@ pub(super) fn send_bulk<V: SourceVm>(
     }
     disks.result.bytes_sent += src.writer.bytes_sent - before;
     Ok(())
-}
-
-/// Sends the pending dirty blocks of every disk; returns the bytes sent.
-pub(super) fn send_pending<V: SourceVm>(
-    src: &mut Source<'_, V>,
-    disks: &mut DiskSender,
-) -> Result<u64, MigrationError> {
-    let before = src.writer.bytes_sent;
-    for d in &mut disks.disks {
-        if let Some(p) = d.pending.take() {
-            let ranges = p.ranges();
-            disks.result.dirty_bytes_sent += p.bytes();
-            send_ranges(src, d.index, d.size, &ranges)?;
-        }
-    }
-    let sent = src.writer.bytes_sent - before;
-    disks.result.bytes_sent += sent;
-    Ok(sent)
 }
 
 /// Reads `ranges` of disk `index` and sends them, zero chunks as zero runs.

@@ -10,13 +10,15 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 
 use super::convergence::Policy;
-use super::precopy::{send, SendOptions};
+use super::guest::{DirtyPages, GuestError, GuestRegion, SourceVm, TargetVm};
 use super::progress::{ModeUsed, ProgressHandle};
 use super::protocol::{self, Command, PAGE_SIZE};
-use super::receiver::{receive, ReceiveOptions};
+use super::receiver::receive;
+use super::sender::send;
+use super::session::{ReceiveOptions, SendOptions};
 use super::tls::{self, TlsFiles, TlsIdentity};
 use super::transport::Conn;
-use super::vm::{DirtyPages, GuestRegion, SourceVm, TargetVm, VmError};
+use super::userfaultfd::Userfault;
 use super::MigrationError;
 
 /// Anonymous private memory, unmapped on drop.
@@ -166,14 +168,14 @@ impl SourceVm for TestVm {
     fn config(&self) -> serde_json::Value {
         serde_json::json!({"mib": self.mem.len >> 20})
     }
-    fn set_dirty_log(&self, on: bool) -> Result<(), VmError> {
+    fn set_dirty_log(&self, on: bool) -> Result<(), GuestError> {
         for w in &self.dirty {
             w.store(0, Ordering::Relaxed);
         }
         self.logging.store(on, Ordering::Relaxed);
         Ok(())
     }
-    fn take_dirty(&self) -> Result<Vec<DirtyPages>, VmError> {
+    fn take_dirty(&self) -> Result<Vec<DirtyPages>, GuestError> {
         Ok(vec![DirtyPages {
             gpa: 0,
             bitmap: self
@@ -190,7 +192,7 @@ impl SourceVm for TestVm {
     fn resume(&self) {
         self.paused.store(false, Ordering::Relaxed);
     }
-    fn save_state(&self) -> Result<Vec<u8>, VmError> {
+    fn save_state(&self) -> Result<Vec<u8>, GuestError> {
         Ok(self
             .generation
             .load(Ordering::Relaxed)
@@ -203,11 +205,11 @@ impl TargetVm for TestVm {
     fn regions(&self) -> Vec<GuestRegion> {
         SourceVm::regions(self)
     }
-    fn restore_state(&self, state: &[u8]) -> Result<(), VmError> {
+    fn restore_state(&self, state: &[u8]) -> Result<(), GuestError> {
         *self.restored.lock().unwrap() = Some(state.to_vec());
         Ok(())
     }
-    fn resume(&self) -> Result<(), VmError> {
+    fn resume(&self) -> Result<(), GuestError> {
         let base = self.mem.ptr as usize;
         let pages = self.pages();
         *self.toucher.lock().unwrap() = Some(std::thread::spawn(move || {
@@ -409,7 +411,7 @@ fn assert_post_copy_arrived_intact(pair: &Pair) {
 
 #[test]
 fn post_copy_faults_pages_in_and_ends_identical() {
-    if !super::postcopy::available() {
+    if !Userfault::available(None) {
         panic!("userfaultfd is not available here; post-copy needs root or vm.unprivileged_userfaultfd=1");
     }
     let policy = Policy {
@@ -608,7 +610,7 @@ fn tls_busy_guest_converges_and_target_matches_source() {
 
 #[test]
 fn tls_post_copy_reads_and_writes_one_session_from_two_threads() {
-    assert!(super::postcopy::available(), "post-copy needs userfaultfd");
+    assert!(Userfault::available(None), "post-copy needs userfaultfd");
     let pki = Pki::new("postcopy");
     let policy = Policy {
         max_downtime: Duration::from_nanos(1),
@@ -871,7 +873,7 @@ struct Recovered {
 /// 1 s, recovery timeout `recover`.
 fn post_copy_with_link_cut(cut_for: Option<Duration>, recover: Duration) -> Recovered {
     use super::progress::Stage;
-    if !super::postcopy::available() {
+    if !Userfault::available(None) {
         panic!("userfaultfd is not available here; post-copy needs root or vm.unprivileged_userfaultfd=1");
     }
     let source = TestVm::new(64);
@@ -894,8 +896,9 @@ fn post_copy_with_link_cut(cut_for: Option<Duration>, recover: Duration) -> Reco
     let tp = target_progress.clone();
     let receiver = std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
-        let rejoin =
-            |deadline| super::vmm::rejoin(&listener, None, Duration::from_secs(1), deadline);
+        let rejoin = |deadline| {
+            super::connect::accept_newest(&listener, None, Duration::from_secs(1), deadline)
+        };
         super::receiver::receive_recoverable(
             Conn::plain(stream),
             |hello| {
@@ -923,8 +926,8 @@ fn post_copy_with_link_cut(cut_for: Option<Duration>, recover: Duration) -> Reco
         bandwidth_limit: Some(16 << 20),
         stall_timeout: Duration::from_secs(1),
         recover_timeout: recover,
-        reconnect: Some(super::precopy::Reconnect(Arc::new(move |timeout| {
-            super::vmm::dial(&relay_addr.to_string(), timeout, None)
+        reconnect: Some(super::session::Reconnect(Arc::new(move |timeout| {
+            super::connect::dial(&relay_addr.to_string(), timeout, None)
         }))),
         ..SendOptions::default()
     };

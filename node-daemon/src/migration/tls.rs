@@ -193,42 +193,14 @@ fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'sta
         .map_err(pem_err)
 }
 
-/// A migration identity as PEM text: what the node agent hands a VMM that
-/// runs as its own user and cannot read the key file (`--tls-fd`, and the
-/// `tls` of each `migrate-send`, so a rotated certificate reaches VMMs that
-/// are already running). Its `Debug` hides the key.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TlsPem {
-    /// The node's certificate, then its chain.
-    pub cert: String,
-    /// Its private key.
-    pub key: String,
-    /// The CA certificates.
-    pub ca: String,
-}
+/// The identity as PEM text, as the node agent hands it over: the control
+/// protocol's type.
+pub use godwit_vmm_control::TlsPem;
 
-impl std::fmt::Debug for TlsPem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsPem")
-            .field("cert", &format_args!("{} bytes", self.cert.len()))
-            .field("key", &format_args!("(hidden)"))
-            .field("ca", &format_args!("{} bytes", self.ca.len()))
-            .finish()
-    }
-}
-
-impl TlsPem {
+impl TlsFiles {
     /// Reads the three files as they are now.
-    pub fn read(files: &TlsFiles) -> io::Result<TlsPem> {
-        let read = |p: &Path| {
-            std::fs::read_to_string(p)
-                .map_err(|e| io::Error::new(e.kind(), format!("read {}: {e}", p.display())))
-        };
-        Ok(TlsPem {
-            cert: read(&files.cert)?,
-            key: read(&files.key)?,
-            ca: read(&files.ca)?,
-        })
+    pub fn read_pem(&self) -> io::Result<TlsPem> {
+        TlsPem::read(&self.cert, &self.key, &self.ca)
     }
 }
 

@@ -22,14 +22,14 @@
 //! one may hold the exclusive lock. The order the migration engine keeps:
 //!
 //! 1. The target builds the VM in incoming mode *without* taking locks
-//!    ([`crate::vmm::BuildMode::Incoming`] opens disks unlocked).
+//!    (`vmm::BuildMode::Incoming` opens disks unlocked).
 //! 2. When the source has decided to commit (the target reported Ready),
 //!    its vCPUs are stopped for good: it flushes and calls
-//!    [`crate::vmm::Vmm::release_disks`], then sends Commit
-//!    ([`crate::migration::precopy`]). Should Commit not go out, it takes
+//!    `vmm::Vmm::release_disks`, then sends Commit
+//!    (`migration::sender`). Should Commit not go out, it takes
 //!    the locks back before it resumes the guest.
 //! 3. On Commit, before it runs the guest, the target calls
-//!    [`crate::vmm::Vmm::activate_disks`] ([`crate::migration::receiver`]),
+//!    `vmm::Vmm::activate_disks` (`migration::receiver`),
 //!    which reopens each image (a qcow2 image's metadata may have changed
 //!    while the source ran) and takes the locks. If that fails, the target
 //!    does not resume the guest.
@@ -177,6 +177,19 @@ pub fn holder(path: &Path) -> Option<String> {
         }
     }
     None
+}
+
+/// Removes a VM's disk image. Refused (with [`StorageError::Locked`]) while
+/// a VMM has it open: a running VM's disk is never deleted under it. A disk
+/// that does not exist is not an error (removal is idempotent).
+pub fn remove(path: &Path) -> Result<(), StorageError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let lock = ImageLock::acquire(path, LockMode::Exclusive)?;
+    std::fs::remove_file(path).map_err(|e| io_error(path, "write", e))?;
+    drop(lock);
+    Ok(())
 }
 
 #[cfg(test)]

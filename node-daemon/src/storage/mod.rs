@@ -5,8 +5,11 @@
 //!   copies (and why qcow2 goes through the imago crate).
 //! - [`disk`]: an open image as the virtio-blk device uses it (reads and
 //!   writes on the virtual disk, flush, allocated extents).
-//! - [`migrate`]: what storage migration sends (base identity, extents).
-//! - [`lock`]: image locks, the split-brain guard for shared storage, and
+//! - [`copy`]: what a copy of an image to another node sends (which
+//!   template base an overlay sits on, which ranges are allocated); live
+//!   and cold storage migration both use it.
+//! - [`lock`]: image locks, the split-brain guard for shared storage,
+//!   removal of an image only when no VMM holds it, and
 //!   the lock hand-over order at live migration.
 //! - [`cbt`]: changed-block tracking at a fixed 64 KiB granularity.
 //! - [`template`]: the per-node template cache (local files and http(s)
@@ -32,10 +35,10 @@
 
 pub mod cbt;
 pub mod config_disk;
+pub mod copy;
 pub mod disk;
 pub mod image;
 pub mod lock;
-pub mod migrate;
 pub mod template;
 
 use std::path::Path;
@@ -44,7 +47,7 @@ pub use cbt::{ChangedBlocks, DirtyBlocks, CBT_BLOCK};
 pub use config_disk::{config_disk, Customization};
 pub use disk::DiskImage;
 pub use image::{ImageFormat, ImageInfo};
-pub use lock::{ImageLock, LockMode};
+pub use lock::{remove, ImageLock, LockMode};
 pub use template::{provision, CachedTemplate, Progress, TemplateCache};
 
 /// Errors of the storage layer.
@@ -149,17 +152,4 @@ pub(crate) fn io_error(path: &Path, op: &str, e: std::io::Error) -> StorageError
 /// a sparse raw file or a qcow2 image. Nothing is left behind on failure.
 pub fn blank(size: u64, format: ImageFormat, dst: &Path) -> Result<(), StorageError> {
     image::create_blank(dst, size, format)
-}
-
-/// Removes a VM's disk image. Refused (with [`StorageError::Locked`]) while
-/// a VMM has it open: a running VM's disk is never deleted under it. A disk
-/// that does not exist is not an error (removal is idempotent).
-pub fn remove(path: &Path) -> Result<(), StorageError> {
-    if !path.exists() {
-        return Ok(());
-    }
-    let lock = ImageLock::acquire(path, LockMode::Exclusive)?;
-    std::fs::remove_file(path).map_err(|e| io_error(path, "write", e))?;
-    drop(lock);
-    Ok(())
 }

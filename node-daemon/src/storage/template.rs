@@ -209,7 +209,7 @@ impl TemplateCache {
     /// so the agent removes a template only when no VM on the node uses it.
     pub fn remove(&self, digest: &str) -> Result<(), StorageError> {
         if let Some(t) = self.get(digest)? {
-            super::remove(&t.path)?;
+            super::lock::remove(&t.path)?;
         }
         Ok(())
     }

@@ -3,7 +3,7 @@
 //! `/dev/kvm`, `/dev/net/tun` and `/dev/userfaultfd` are usually root-only,
 //! and creating a tap or adding it to a bridge needs `CAP_NET_ADMIN`. So the
 //! agent (root) opens the devices, creates and attaches each tap, and starts
-//! the VMM under its own user (`agent::local::VmmUser`) with the open
+//! the VMM under its own user (`agent::vmm_user::VmmUsers`) with the open
 //! descriptors inherited and named on the command line:
 //!
 //! - `--kvm-fd N`: `/dev/kvm`; every VM the process creates uses a `dup` of
@@ -15,7 +15,7 @@
 //!   one;
 //! - `--tls-fd N`: the migration identity as JSON (cert, key and CA PEM) on
 //!   a pipe, so the key file itself can stay root-only (see
-//!   `control::use_migration_identity`).
+//!   `control::MigrationIdentity::from_pem`).
 //!
 //! Without these flags the VMM opens what it needs itself, as before.
 

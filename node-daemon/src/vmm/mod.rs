@@ -16,6 +16,7 @@ pub mod dirty;
 pub mod handed;
 pub mod jail;
 pub mod memory;
+pub mod migrate;
 pub mod private_socket;
 pub mod sandbox;
 pub mod state;
@@ -161,24 +162,8 @@ pub enum VmmError {
     Storage(#[from] crate::storage::StorageError),
 }
 
-/// Snapshot of the VMM's counters.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Stats {
-    /// Guest RAM in MiB.
-    pub memory_mib: u64,
-    /// Per-vCPU exits: (all, port I/O, MMIO).
-    pub vcpu_exits: Vec<(u64, u64, u64)>,
-    /// Seconds since the process built the VM.
-    pub uptime_s: f64,
-    /// Pages in the last dirty set taken.
-    pub dirty_pages_last: u64,
-    /// Dirty sets taken so far.
-    pub dirty_takes: u64,
-    /// Whether the vCPUs are paused.
-    pub paused: bool,
-    /// Whether KVM dirty logging is on.
-    pub dirty_log: bool,
-}
+/// The VMM's counters, as `stats` returns them.
+pub use godwit_vmm_control::Stats;
 
 /// How [`Vmm::build`] prepares the VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -408,7 +393,7 @@ impl Vmm {
         }
         for t in &self.devices.virtio {
             if matches!(t.lock().unwrap().device, VirtioDevice::Net(_)) {
-                devices::virtio::net::spawn_rx(t.clone(), self.stop_io.clone())
+                devices::virtio::net::rx::spawn(t.clone(), self.stop_io.clone())
                     .map_err(VmError::SpawnVcpu)?;
             }
         }
@@ -460,12 +445,12 @@ impl Vmm {
         }
     }
 
-    /// Asks the main loop to stop the VM (used by the control socket).
     /// Ends the VMM as failed with `message` (exit status 1).
     pub fn fail(&self, message: String) {
         let _ = self.exit_tx.send(VmExit::Failed(message));
     }
 
+    /// Asks the main loop to stop the VM (used by the control socket).
     pub fn request_stop(&self) {
         let _ = self
             .exit_tx

@@ -7,7 +7,7 @@
 //! `fchmod`ed before `bind`, and Linux gives the file the socket's own mode
 //! (less the umask), so there is no moment when it is open to others and the
 //! sandboxed VMM needs no `chmod` by path. The agent also keeps every VM
-//! directory `0700` (see `agent::local`).
+//! directory `0700` (see `agent::vm_dir`).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;

@@ -1,6 +1,7 @@
-//! What live and cold storage migration need from an image: which template
-//! base an overlay sits on (so the target can tell whether it holds the
-//! same base) and which byte ranges must travel.
+//! What a copy of an image to another node sends: which template base an
+//! overlay sits on (so the target can tell whether it holds the same base)
+//! and which byte ranges must travel. Live and cold storage migration both
+//! copy through these.
 //!
 //! A base image is identified by the template cache's file name,
 //! `sha256-<hex>.<format>` ([`super::template`]): the digest is in the name,

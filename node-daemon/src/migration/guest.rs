@@ -1,18 +1,21 @@
-//! What the migration engine needs from a VM, as two small traits: the source
-//! reads memory and the dirty set and can pause; the target exposes memory to
-//! fill and restores state. The VMM implements both; unit tests use plain
-//! memory buffers.
+//! The guest as the migration engine sees it: two small traits, [`SourceVm`]
+//! (read memory and the dirty set, pause, save the state, read the disks)
+//! and [`TargetVm`] (expose memory to fill, write the disks, restore the
+//! state, run), and the plain types they trade in ([`GuestRegion`],
+//! [`DirtyPages`]). The VMM implements both (`vmm::migrate`); the engine's
+//! unit tests implement them over plain memory buffers, so the whole engine
+//! runs without KVM.
 
 use std::error::Error;
 
 use crate::storage::ChangedBlocks;
 
-fn no_disks() -> VmError {
+fn no_disks() -> GuestError {
     "this VM has no disks the migration engine can copy".into()
 }
 
-/// An error from the VM side, boxed: the engine only reports it.
-pub type VmError = Box<dyn Error + Send + Sync>;
+/// An error from the guest's side, boxed: the engine only reports it.
+pub type GuestError = Box<dyn Error + Send + Sync>;
 
 /// One guest RAM region as the host sees it.
 #[derive(Clone, Copy, Debug)]
@@ -105,51 +108,51 @@ pub trait SourceVm: Sync {
     /// The VM's configuration, from which the target builds the same VM.
     fn config(&self) -> serde_json::Value;
     /// Turns dirty logging on (clearing the dirty set) or off.
-    fn set_dirty_log(&self, on: bool) -> Result<(), VmError>;
+    fn set_dirty_log(&self, on: bool) -> Result<(), GuestError>;
     /// Pages written since the last call, by vCPUs or devices; clears them.
     /// One entry per region, in [`SourceVm::regions`] order.
-    fn take_dirty(&self) -> Result<Vec<DirtyPages>, VmError>;
+    fn take_dirty(&self) -> Result<Vec<DirtyPages>, GuestError>;
     /// Stops the vCPUs (returns once none runs).
     fn pause(&self);
     /// Lets the vCPUs run again.
     fn resume(&self);
     /// The paused VM's vCPU, VM and device state.
-    fn save_state(&self) -> Result<Vec<u8>, VmError>;
+    fn save_state(&self) -> Result<Vec<u8>, GuestError>;
 
     // Live storage migration (see [`super::storage`]); VMs without disks
     // keep the defaults.
 
     /// Disk `disk`'s virtual size and, for a qcow2 overlay on a cached
     /// template base, the base's sha256 (hex).
-    fn disk_describe(&self, disk: usize) -> Result<(u64, Option<String>), VmError> {
+    fn disk_describe(&self, disk: usize) -> Result<(u64, Option<String>), GuestError> {
         let _ = disk;
         Err(no_disks())
     }
     /// Turns changed-block tracking of disk `disk` on (clearing it) or off.
-    fn disk_track(&self, disk: usize, on: bool) -> Result<(), VmError> {
+    fn disk_track(&self, disk: usize, on: bool) -> Result<(), GuestError> {
         let _ = (disk, on);
         Err(no_disks())
     }
     /// The byte ranges of disk `disk` that must be copied: those allocated
     /// in its own image only (`own_only`, the target holds the base), or in
     /// any image of its backing chain.
-    fn disk_extents(&self, disk: usize, own_only: bool) -> Result<Vec<(u64, u64)>, VmError> {
+    fn disk_extents(&self, disk: usize, own_only: bool) -> Result<Vec<(u64, u64)>, GuestError> {
         let _ = (disk, own_only);
         Err(no_disks())
     }
     /// Reads `buf.len()` bytes of disk `disk` at `offset`, as the guest sees them.
-    fn disk_read(&self, disk: usize, buf: &mut [u8], offset: u64) -> Result<(), VmError> {
+    fn disk_read(&self, disk: usize, buf: &mut [u8], offset: u64) -> Result<(), GuestError> {
         let _ = (disk, buf, offset);
         Err(no_disks())
     }
     /// The blocks of disk `disk` written since the last call; clears them.
-    fn disk_take_dirty(&self, disk: usize) -> Result<ChangedBlocks, VmError> {
+    fn disk_take_dirty(&self, disk: usize) -> Result<ChangedBlocks, GuestError> {
         let _ = disk;
         Err(no_disks())
     }
     /// Flushes every disk and releases its image locks (after the decision
     /// to commit, before Commit is sent; see [`crate::storage::lock`]).
-    fn release_disks(&self) -> Result<(), VmError> {
+    fn release_disks(&self) -> Result<(), GuestError> {
         Ok(())
     }
     /// Takes the image locks again (the commit did not happen after all).
@@ -161,41 +164,41 @@ pub trait TargetVm: Sync {
     /// Guest RAM regions (must match the source's layout).
     fn regions(&self) -> Vec<GuestRegion>;
     /// Puts the source's vCPU, VM and device state in place (vCPUs not running).
-    fn restore_state(&self, state: &[u8]) -> Result<(), VmError>;
+    fn restore_state(&self, state: &[u8]) -> Result<(), GuestError>;
     /// Starts the vCPUs.
-    fn resume(&self) -> Result<(), VmError>;
+    fn resume(&self) -> Result<(), GuestError>;
     /// Tells the network the VM is here now (gratuitous ARP / RARP per NIC).
     fn announce(&self);
 
     /// Disk `disk`'s virtual size and, for a qcow2 overlay on a cached
     /// template base, the base's sha256 (hex).
-    fn disk_describe(&self, disk: usize) -> Result<(u64, Option<String>), VmError> {
+    fn disk_describe(&self, disk: usize) -> Result<(u64, Option<String>), GuestError> {
         let _ = disk;
         Err(no_disks())
     }
     /// Writes `data` at `offset` of disk `disk`.
-    fn disk_write(&self, disk: usize, data: &[u8], offset: u64) -> Result<(), VmError> {
+    fn disk_write(&self, disk: usize, data: &[u8], offset: u64) -> Result<(), GuestError> {
         let _ = (disk, data, offset);
         Err(no_disks())
     }
     /// Makes the disk writes durable.
-    fn disk_flush(&self, disk: usize) -> Result<(), VmError> {
+    fn disk_flush(&self, disk: usize) -> Result<(), GuestError> {
         let _ = disk;
         Err(no_disks())
     }
     /// Reopens the disks and takes their image locks, after Commit and
     /// before the guest runs; the guest must not run if this fails.
-    fn activate_disks(&self) -> Result<(), VmError> {
+    fn activate_disks(&self) -> Result<(), GuestError> {
         Ok(())
     }
     /// Post-copy, before the guest runs here: reopens the disks and takes
     /// the image locks that are free (the source keeps its own until it
     /// has sent everything).
-    fn activate_disks_unlocked(&self) -> Result<(), VmError> {
+    fn activate_disks_unlocked(&self) -> Result<(), GuestError> {
         Ok(())
     }
     /// Takes the image locks (post-copy, once the source let them go).
-    fn lock_disks(&self) -> Result<(), VmError> {
+    fn lock_disks(&self) -> Result<(), GuestError> {
         Ok(())
     }
 }
@@ -207,10 +210,10 @@ impl<T: SourceVm + Send> SourceVm for std::sync::Arc<T> {
     fn config(&self) -> serde_json::Value {
         (**self).config()
     }
-    fn set_dirty_log(&self, on: bool) -> Result<(), VmError> {
+    fn set_dirty_log(&self, on: bool) -> Result<(), GuestError> {
         (**self).set_dirty_log(on)
     }
-    fn take_dirty(&self) -> Result<Vec<DirtyPages>, VmError> {
+    fn take_dirty(&self) -> Result<Vec<DirtyPages>, GuestError> {
         (**self).take_dirty()
     }
     fn pause(&self) {
@@ -219,25 +222,25 @@ impl<T: SourceVm + Send> SourceVm for std::sync::Arc<T> {
     fn resume(&self) {
         (**self).resume()
     }
-    fn save_state(&self) -> Result<Vec<u8>, VmError> {
+    fn save_state(&self) -> Result<Vec<u8>, GuestError> {
         (**self).save_state()
     }
-    fn disk_describe(&self, disk: usize) -> Result<(u64, Option<String>), VmError> {
+    fn disk_describe(&self, disk: usize) -> Result<(u64, Option<String>), GuestError> {
         (**self).disk_describe(disk)
     }
-    fn disk_track(&self, disk: usize, on: bool) -> Result<(), VmError> {
+    fn disk_track(&self, disk: usize, on: bool) -> Result<(), GuestError> {
         (**self).disk_track(disk, on)
     }
-    fn disk_extents(&self, disk: usize, own_only: bool) -> Result<Vec<(u64, u64)>, VmError> {
+    fn disk_extents(&self, disk: usize, own_only: bool) -> Result<Vec<(u64, u64)>, GuestError> {
         (**self).disk_extents(disk, own_only)
     }
-    fn disk_read(&self, disk: usize, buf: &mut [u8], offset: u64) -> Result<(), VmError> {
+    fn disk_read(&self, disk: usize, buf: &mut [u8], offset: u64) -> Result<(), GuestError> {
         (**self).disk_read(disk, buf, offset)
     }
-    fn disk_take_dirty(&self, disk: usize) -> Result<ChangedBlocks, VmError> {
+    fn disk_take_dirty(&self, disk: usize) -> Result<ChangedBlocks, GuestError> {
         (**self).disk_take_dirty(disk)
     }
-    fn release_disks(&self) -> Result<(), VmError> {
+    fn release_disks(&self) -> Result<(), GuestError> {
         (**self).release_disks()
     }
     fn relock_disks(&self) {
@@ -249,31 +252,31 @@ impl<T: TargetVm + Send> TargetVm for std::sync::Arc<T> {
     fn regions(&self) -> Vec<GuestRegion> {
         (**self).regions()
     }
-    fn restore_state(&self, state: &[u8]) -> Result<(), VmError> {
+    fn restore_state(&self, state: &[u8]) -> Result<(), GuestError> {
         (**self).restore_state(state)
     }
-    fn resume(&self) -> Result<(), VmError> {
+    fn resume(&self) -> Result<(), GuestError> {
         (**self).resume()
     }
     fn announce(&self) {
         (**self).announce()
     }
-    fn disk_describe(&self, disk: usize) -> Result<(u64, Option<String>), VmError> {
+    fn disk_describe(&self, disk: usize) -> Result<(u64, Option<String>), GuestError> {
         (**self).disk_describe(disk)
     }
-    fn disk_write(&self, disk: usize, data: &[u8], offset: u64) -> Result<(), VmError> {
+    fn disk_write(&self, disk: usize, data: &[u8], offset: u64) -> Result<(), GuestError> {
         (**self).disk_write(disk, data, offset)
     }
-    fn disk_flush(&self, disk: usize) -> Result<(), VmError> {
+    fn disk_flush(&self, disk: usize) -> Result<(), GuestError> {
         (**self).disk_flush(disk)
     }
-    fn activate_disks(&self) -> Result<(), VmError> {
+    fn activate_disks(&self) -> Result<(), GuestError> {
         (**self).activate_disks()
     }
-    fn activate_disks_unlocked(&self) -> Result<(), VmError> {
+    fn activate_disks_unlocked(&self) -> Result<(), GuestError> {
         (**self).activate_disks_unlocked()
     }
-    fn lock_disks(&self) -> Result<(), VmError> {
+    fn lock_disks(&self) -> Result<(), GuestError> {
         (**self).lock_disks()
     }
 }

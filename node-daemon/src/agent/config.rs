@@ -1,0 +1,34 @@
+//! How the agent runs: what the `godwit-node` command line sets.
+
+use std::path::PathBuf;
+
+use super::vmm_user::VmmUsers;
+
+/// How the agent runs.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// This node's name (the Node object and the `godwit.dev/node` label value).
+    pub node: String,
+    /// The address migration streams to this node use.
+    pub node_ip: String,
+    /// Node-local state: VM directories and local disks.
+    pub state_dir: PathBuf,
+    /// A directory every node sees, for shared disks.
+    pub shared_dir: PathBuf,
+    /// The `godwit-vmm` binary.
+    pub vmm_binary: PathBuf,
+    /// Namespace of the node Leases.
+    pub lease_namespace: String,
+    /// Lease duration.
+    pub lease_seconds: i32,
+    /// vCPUs offered to VMs.
+    pub cpu: u64,
+    /// Bytes of memory offered to VMs.
+    pub memory_bytes: u64,
+    /// Ports incoming migrations listen on (`first..=last`).
+    pub migration_ports: (u16, u16),
+    /// The migration CA (see [`super::certificates`]); `None`: plain TCP migrations.
+    pub migration_ca_dir: Option<PathBuf>,
+    /// The users VMMs run as ([`VmmUsers`]); `None`: root.
+    pub vmm_users: Option<VmmUsers>,
+}

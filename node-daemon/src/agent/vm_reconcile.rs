@@ -1,0 +1,259 @@
+//! A VM on this node: starting, stopping and cleaning up its VMM as
+//! [`decide_node_vm`] says, and writing what happened into the VM's status
+//! (phase, addresses, the Ready condition) and Events.
+
+use std::time::Duration;
+
+use godwit_crds::contract::{self, Machine};
+use godwit_crds::vm::VmAddress;
+use godwit_crds::{VirtualMachine, VmPhase};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use super::context::{now_time, Agent};
+use super::decide::{decide_node_vm, NodeVmAction, VmFacts};
+use super::vm_dir::{self, VmDir};
+use super::{restart, vmm_process};
+
+/// Makes this node match VM `vm`: what [`decide_node_vm`] says, carried out.
+pub async fn reconcile(agent: &Agent, vm: &VirtualMachine) -> anyhow::Result<()> {
+    let ns = vm.namespace().unwrap_or_default();
+    let name = vm.name_any();
+    let dir = agent.dir(&ns, &name);
+    let local = dir.state();
+    let machine: Option<Machine> = vm
+        .annotations()
+        .get(contract::RESOLVED_ANNOTATION)
+        .and_then(|a| serde_json::from_str(a).ok());
+    let status = vm.status.clone().unwrap_or_default();
+    let facts = VmFacts {
+        phase: status.phase,
+        run_strategy: vm.spec.run_strategy,
+        deleting: vm.meta().deletion_timestamp.is_some(),
+        has_finalizer: vm
+            .finalizers()
+            .iter()
+            .any(|f| f == contract::AGENT_FINALIZER),
+        has_machine: machine.is_some(),
+        migrating: status.migration.is_some(),
+        reported_here: status.conditions.iter().any(|c| {
+            c.type_ == "Ready" && c.status == "True" && c.message == agent.running_message()
+        }),
+    };
+    let action = decide_node_vm(&facts, &local);
+    let action = restart::adjust(action, vm, &facts, &dir, &local);
+    let api: Api<VirtualMachine> = Api::namespaced(agent.client.clone(), &ns);
+    match action {
+        NodeVmAction::Nothing => {}
+        NodeVmAction::AddFinalizer => {
+            let mut finalizers = vm.finalizers().to_vec();
+            finalizers.push(contract::AGENT_FINALIZER.into());
+            let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": vm.resource_version()}});
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+        }
+        NodeVmAction::Start => {
+            if agent.fenced() {
+                return Ok(());
+            }
+            let machine = machine.expect("decided to start only with a machine");
+            vm_phase(&api, vm, VmPhase::Provisioning, None).await?;
+            let runner = agent.runner.clone();
+            let d = dir.clone();
+            let m = machine.clone();
+            match tokio::task::spawn_blocking(move || runner.boot(&d, &m)).await? {
+                Ok(child) => {
+                    agent.children.lock().unwrap().insert(&dir, child);
+                    vm_phase(&api, vm, VmPhase::Starting, None).await?;
+                    agent
+                        .event(
+                            vm,
+                            EventType::Normal,
+                            "Starting",
+                            "Start",
+                            format!(
+                                "Starting the VMM on {} ({} vCPU, {} MiB)",
+                                agent.cfg.node,
+                                machine.cpu,
+                                machine.memory_bytes >> 20
+                            ),
+                        )
+                        .await;
+                }
+                Err(e) => {
+                    let msg = format!(
+                        "cannot start on {}: {}",
+                        agent.cfg.node,
+                        crate::error_chain(&e)
+                    );
+                    vm_phase(&api, vm, VmPhase::Failed, Some(("StartFailed", &msg))).await?;
+                    agent
+                        .event(vm, EventType::Warning, "StartFailed", "Start", msg)
+                        .await;
+                }
+            }
+        }
+        NodeVmAction::ReportRunning => {
+            // The control socket appears once the VMM is up.
+            let vmm = dir.control();
+            let up = tokio::task::spawn_blocking(move || vmm.status()).await?;
+            if up.is_ok() {
+                report_running(agent, &api, vm, &dir).await?;
+            }
+        }
+        NodeVmAction::Stop => {
+            if status.phase != VmPhase::Stopping
+                && status.phase.can_transition_to(VmPhase::Stopping)
+            {
+                vm_phase(&api, vm, VmPhase::Stopping, None).await?;
+                agent
+                    .event(
+                        vm,
+                        EventType::Normal,
+                        "Stopping",
+                        "Stop",
+                        format!("Stopping the VM on {}", agent.cfg.node),
+                    )
+                    .await;
+            }
+            let d = dir.clone();
+            tokio::task::spawn_blocking(move || vmm_process::stop(&d, Duration::from_secs(5)))
+                .await?;
+        }
+        NodeVmAction::ReportExit {
+            failed,
+            reason,
+            cause: why,
+        } => {
+            let phase = if failed {
+                VmPhase::Failed
+            } else {
+                VmPhase::Stopped
+            };
+            let detail = format!(
+                "{reason} on {}; console: {}",
+                agent.cfg.node,
+                vm_dir::tail(&dir.file("console.log"), 2)
+            );
+            // Stopping → Stopped; anything else → Stopping → Stopped.
+            if phase == VmPhase::Stopped && !status.phase.can_transition_to(VmPhase::Stopped) {
+                vm_phase(&api, vm, VmPhase::Stopping, None).await?;
+            }
+            vm_phase(&api, vm, phase, Some((why, &detail))).await?;
+            let kind = if failed {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            };
+            agent.event(vm, kind, why, "Exit", detail).await;
+        }
+        NodeVmAction::Cleanup => {
+            let d = dir.clone();
+            tokio::task::spawn_blocking(move || vm_dir::remove(&d, true)).await??;
+            let finalizers: Vec<String> = vm
+                .finalizers()
+                .iter()
+                .filter(|f| *f != contract::AGENT_FINALIZER)
+                .cloned()
+                .collect();
+            let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": vm.resource_version()}});
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            agent
+                .event(
+                    vm,
+                    EventType::Normal,
+                    "Deleted",
+                    "Delete",
+                    format!("VMM stopped and disks removed on {}", agent.cfg.node),
+                )
+                .await;
+        }
+    }
+    Ok(())
+}
+
+/// Reports VM `vm` Running here: its addresses and the Ready condition.
+async fn report_running(
+    agent: &Agent,
+    api: &Api<VirtualMachine>,
+    vm: &VirtualMachine,
+    dir: &VmDir,
+) -> anyhow::Result<()> {
+    let machine = dir.machine().unwrap_or_default();
+    let addresses: Vec<VmAddress> = machine
+        .networks
+        .iter()
+        .map(|n| VmAddress {
+            network: n.name.clone(),
+            mac: Some(n.mac.clone()),
+            ip: n
+                .ip
+                .as_ref()
+                .map(|ip| ip.split('/').next().unwrap_or(ip).to_string()),
+        })
+        .collect();
+    let phase = vm.status.as_ref().map(|s| s.phase).unwrap_or_default();
+    if phase == VmPhase::Scheduled {
+        // Adopted (or started by an agent that died) before it said so.
+        vm_phase(api, vm, VmPhase::Starting, None).await?;
+    }
+    let patch = json!({"status": {
+        "phase": VmPhase::Running,
+        "nodeName": agent.cfg.node,
+        "addresses": addresses,
+        "conditions": [ready(true, "Running", &agent.running_message())],
+    }});
+    api.patch_status(
+        &vm.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    agent
+        .event(
+            vm,
+            EventType::Normal,
+            "Started",
+            "Start",
+            format!("Running on {}", agent.cfg.node),
+        )
+        .await;
+    Ok(())
+}
+
+/// Writes `phase` into VM `vm`'s status, with a not-Ready `condition`
+/// (reason, message) when given.
+async fn vm_phase(
+    api: &Api<VirtualMachine>,
+    vm: &VirtualMachine,
+    phase: VmPhase,
+    condition: Option<(&str, &str)>,
+) -> anyhow::Result<()> {
+    let mut status = json!({"phase": phase});
+    if let Some((reason, message)) = condition {
+        status["conditions"] = json!([ready(false, reason, message)]);
+    }
+    api.patch_status(
+        &vm.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&json!({ "status": status })),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The VM's Ready condition.
+fn ready(ok: bool, reason: &str, message: &str) -> Condition {
+    Condition {
+        type_: "Ready".into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: now_time(),
+        observed_generation: None,
+    }
+}
