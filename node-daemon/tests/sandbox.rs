@@ -17,10 +17,11 @@ use std::time::Duration;
 
 use common::{guest, require_kvm, start_vm, Scratch, BOOT, VMM};
 use godwit_crds::contract::Machine;
-use godwit_testkit::guest::Console;
 use godwit_node::agent::vm_dir::{self, VmDir};
 use godwit_node::agent::vmm_process::{self, node_jail, Runner};
 use godwit_node::agent::vmm_user::VmmUsers;
+use godwit_testkit::guest::Console;
+use godwit_vmm_control::Command as Cmd;
 
 fn args(extra: &[&str]) -> Vec<String> {
     let g = guest().display().to_string();
@@ -51,7 +52,7 @@ fn a_forbidden_system_call_kills_the_vmm() {
     );
     // The guest runs normally inside the sandbox.
     vm.console.heartbeats(3, BOOT).unwrap();
-    let r = vm.api(serde_json::json!({"cmd": "stats"}));
+    let r = vm.api(Cmd::Stats);
     assert_eq!(r["ok"], true, "{r}");
     // save-state into a new directory makes the VMM call mkdir.
     let snap = dir.path("snap/new");

@@ -24,6 +24,7 @@ use anyhow::{bail, Result};
 use godwit_node::storage::{self, ImageFormat};
 use godwit_testkit::guest::blk_sector;
 use godwit_testkit::vmmproc::VmmProc;
+use godwit_vmm_control::{MigrateSend, Stage};
 use serde_json::{json, Value};
 
 const DISK: u64 = 256 << 20;
@@ -183,7 +184,8 @@ pub fn run_one(
         .stderr_to_file()
         .boot()?;
     let mut con = src.console(Duration::from_secs(20))?;
-    src.api(json!({"cmd": "resume"}))?;
+    let control = src.control();
+    control.resume()?;
     con.wait_prefix("READY", Duration::from_secs(60))?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -224,25 +226,24 @@ pub fn run_one(
     } else {
         vec![0]
     };
-    let r = src.api(json!({
-        "cmd": "migrate-send",
-        "addr": format!("127.0.0.1:{port}"),
-        "copy_disks": copy,
-        "allow_post_copy": false,
-    }))?;
-    if r["ok"] != true {
-        bail!("migrate-send: {r}");
-    }
+    control.migrate_send(MigrateSend {
+        copy_disks: copy,
+        allow_post_copy: Some(false),
+        ..MigrateSend::to(format!("127.0.0.1:{port}"))
+    })?;
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
-        let st = src.api(json!({"cmd": "migrate-status"}))?["result"].clone();
-        match st["stage"].as_str() {
-            Some("Completed") => break st,
-            Some("Failed") => bail!("migration failed: {}", st["error"]),
+        let st = control.migrate_status()?;
+        match st.stage {
+            Stage::Completed => break st,
+            Stage::Failed => bail!(
+                "migration failed: {}",
+                st.error.as_deref().unwrap_or("no reason given")
+            ),
             _ => {}
         }
         if Instant::now() > deadline {
-            bail!("migration did not end: {st}");
+            bail!("migration did not end: {st:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -252,7 +253,7 @@ pub fn run_one(
     drop(src);
     Ok(StorageMigrateResult {
         mode,
-        result: status["result"].clone(),
+        result: serde_json::to_value(status.result).expect("figures serialise"),
         writes: writes.load(Ordering::Relaxed),
     })
 }

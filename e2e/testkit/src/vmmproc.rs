@@ -1,16 +1,19 @@
 //! `godwit-vmm` processes driven from outside, as the node agent, the demo,
 //! the benchmarks and the tests drive them: boot a guest (in a node's
 //! namespace, if given), wait for an incoming migration, talk to the control
-//! socket, attach to the console. Every process is killed and every file
+//! socket (through `godwit-vmm-control`'s client), attach to the console. Every process is killed and every file
 //! removed on drop.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use godwit_vmm_control::{
+    Command as ControlCommand, ControlClient, ControlError, MigrateSend, Progress, Response, Stage,
+};
+use serde_json::Value;
 
 use crate::guest::{parse_heartbeat, Console};
 use crate::netns::Netns;
@@ -30,12 +33,28 @@ pub enum VmmProcError {
     /// A wait ran out.
     #[error("Timed out waiting for {0}")]
     Timeout(String),
-    /// The control socket failed.
-    #[error("Control socket {0} failed")]
-    Api(String, #[source] std::io::Error),
-    /// The control socket answered something that is not JSON.
-    #[error("Control socket answered {0:?}")]
-    BadReply(String),
+    /// The console socket could not be shared between reader and writer.
+    #[error("Console socket {0} failed")]
+    Console(String, #[source] std::io::Error),
+    /// A control call failed.
+    #[error("Control call failed")]
+    Control(#[from] ControlError),
+}
+
+/// How long the test kit's control calls wait for an answer.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One control call answered as the whole response envelope
+/// (`{"v":1,"ok":true,"result":..}` or `{"v":1,"ok":false,"error":..}`),
+/// whether the VMM accepted the command or refused it: for tests that
+/// check either. A call that reached no answer is an error.
+pub fn call_envelope(client: &ControlClient, cmd: ControlCommand) -> Result<Value, ControlError> {
+    let response = match client.call(cmd) {
+        Ok(result) => Response::ok(result),
+        Err(ControlError::Refused { reason, .. }) => Response::err(reason),
+        Err(e) => return Err(e),
+    };
+    Ok(serde_json::to_value(response).expect("responses serialise"))
 }
 
 /// Where the godwit-vmm binary is: `$GODWIT_VMM`, else next to the running
@@ -63,7 +82,7 @@ pub fn attach_console(path: &Path, timeout: Duration) -> Result<Console, VmmProc
         if let Ok(s) = UnixStream::connect(path) {
             let w = s
                 .try_clone()
-                .map_err(|e| VmmProcError::Api(path.display().to_string(), e))?;
+                .map_err(|e| VmmProcError::Console(path.display().to_string(), e))?;
             return Ok(Console::new(s, w));
         }
         if Instant::now() > deadline {
@@ -317,16 +336,9 @@ impl VmmProc {
         text
     }
 
-    /// One control request (`"v"` is added); returns the whole response.
-    pub fn api(&self, mut request: Value) -> Result<Value, VmmProcError> {
-        request["v"] = json!(1);
-        let err = |e| VmmProcError::Api(self.api.display().to_string(), e);
-        let mut s = UnixStream::connect(&self.api).map_err(err)?;
-        s.write_all(format!("{request}\n").as_bytes())
-            .map_err(err)?;
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).map_err(err)?;
-        serde_json::from_str(&line).map_err(|_| VmmProcError::BadReply(line))
+    /// The client of this VMM's control socket.
+    pub fn control(&self) -> ControlClient {
+        ControlClient::new(&self.api).with_timeout(CONTROL_TIMEOUT)
     }
 
     /// Attaches to the console, waiting up to `timeout` for its socket.
@@ -343,32 +355,23 @@ impl VmmProc {
             .collect()
     }
 
-    /// Starts a live migration to `addr` with `options` (extra migrate-send
-    /// fields) and polls its status every `poll`, handing each to `on_progress`,
-    /// until it completes or fails; returns the final status.
+    /// Starts the live migration `send` and polls its status every `poll`,
+    /// handing each to `on_progress`, until it completes or fails; returns
+    /// the final status.
     pub fn migrate(
         &self,
-        addr: &str,
-        options: Value,
+        send: MigrateSend,
         poll: Duration,
         timeout: Duration,
-        mut on_progress: impl FnMut(&Value),
-    ) -> Result<Value, VmmProcError> {
-        let mut req = json!({"cmd": "migrate-send", "addr": addr});
-        if let Some(o) = options.as_object() {
-            for (k, v) in o {
-                req[k] = v.clone();
-            }
-        }
-        let r = self.api(req)?;
-        if r["ok"] != true {
-            return Err(VmmProcError::BadReply(r.to_string()));
-        }
+        mut on_progress: impl FnMut(&Progress),
+    ) -> Result<Progress, VmmProcError> {
+        let control = self.control();
+        control.migrate_send(send)?;
         let deadline = Instant::now() + timeout;
         loop {
-            let status = self.api(json!({"cmd": "migrate-status"}))?["result"].clone();
+            let status = control.migrate_status()?;
             on_progress(&status);
-            if matches!(status["stage"].as_str(), Some("Completed" | "Failed")) {
+            if matches!(status.stage, Stage::Completed | Stage::Failed) {
                 return Ok(status);
             }
             if Instant::now() > deadline {

@@ -4,6 +4,7 @@ use godwit_testkit::guest::GuestError;
 use godwit_testkit::netns::NetnsError;
 use godwit_testkit::qemu::QemuError;
 use godwit_testkit::vmmproc::VmmProcError;
+use godwit_vmm_control::ControlError;
 
 /// Errors of the migration benchmark.
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +17,8 @@ pub enum BenchError {
     Guest(#[from] GuestError),
     #[error("godwit-vmm process failed")]
     VmmProc(#[from] VmmProcError),
+    #[error("godwit-vmm control call failed")]
+    Control(#[from] ControlError),
     #[error("I/O failed: {0}")]
     Io(String, #[source] std::io::Error),
     #[error("godwit-vmm: {0}")]

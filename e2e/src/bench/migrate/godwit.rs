@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use godwit_testkit::guest::{guest_elf, Line};
 use godwit_testkit::qemu::ScratchDir;
 use godwit_testkit::vmmproc::{attach_console, VmmProc};
-use serde_json::{json, Value};
+use godwit_vmm_control::{MigrateSend, Stage};
 
 use super::error::BenchError;
 use super::report::{missing_heartbeats, observed_pause, RunResult};
@@ -198,10 +198,8 @@ pub(super) fn godwit_run(
     let mut src_console = src
         .console(Duration::from_secs(30))
         .map_err(|e| BenchError::Vmm(format!("no source console ({e}): {}", src.stderr())))?;
-    let ok = src.api(json!({"cmd": "resume"}))?;
-    if ok["ok"] != true {
-        return Err(BenchError::Vmm(format!("resume: {ok}")));
-    }
+    let control = src.control();
+    control.resume()?;
     src_console.wait_prefix("READY", BOOT)?;
     warm_up(&mut src_console, s)?;
 
@@ -212,51 +210,44 @@ pub(super) fn godwit_run(
         let _ = tx.send(attach_console(&poll_path, timeout + Duration::from_secs(10)).ok());
     });
     let start = Instant::now();
-    let resp = src.api(json!({
-        "cmd": "migrate-send",
-        "addr": format!("{DST_IP}:{port}"),
-        "timeout_s": timeout.as_secs(),
-    }))?;
-    if resp["ok"] != true {
-        return Err(BenchError::Vmm(format!("migrate-send: {resp}")));
-    }
+    control.migrate_send(MigrateSend {
+        timeout_s: Some(timeout.as_secs()),
+        ..MigrateSend::to(format!("{DST_IP}:{port}"))
+    })?;
     let deadline = start + timeout + Duration::from_secs(5);
     let mut status;
     loop {
-        status = src.api(json!({"cmd": "migrate-status"}))?["result"].clone();
+        status = control.migrate_status()?;
         // Keep the console's line list current (timestamps come from its reader thread).
         let _ = src_console.next_line(Duration::from_millis(20));
-        match status["stage"].as_str() {
-            Some("Completed") | Some("Failed") => break,
-            _ => {}
+        if matches!(status.stage, Stage::Completed | Stage::Failed) {
+            break;
         }
         if Instant::now() >= deadline {
-            let _ = src.api(json!({"cmd": "migrate-cancel"}));
+            let _ = control.migrate_cancel();
             break;
         }
     }
-    r.converged = status["stage"] == "Completed";
-    let res = &status["result"];
-    if r.converged {
-        r.total_ms = res["total_ms"].as_f64().unwrap_or(0.0);
-        r.downtime_ms = res["downtime_ms"].as_f64();
-        r.bytes_sent = res["bytes_sent"].as_u64().unwrap_or(0);
-        r.rounds = res["rounds"].as_u64().unwrap_or(0);
-        r.mode = match &res["mode"] {
-            Value::String(m) => m.clone(),
-            other => other.to_string(),
-        };
-        if !res["downtime_breakdown"].is_null() {
-            r.breakdown = Some(res["downtime_breakdown"].clone());
+    r.converged = status.stage == Stage::Completed;
+    match status.result.filter(|_| r.converged) {
+        Some(res) => {
+            r.total_ms = res.total_ms as f64;
+            r.downtime_ms = Some(res.downtime_ms);
+            r.bytes_sent = res.bytes_sent;
+            r.rounds = res.rounds.into();
+            r.mode = format!("{:?}", res.mode);
+            r.breakdown = res
+                .downtime_breakdown
+                .map(|b| serde_json::to_value(b).expect("figures serialise"));
         }
-    } else {
-        r.total_ms = start.elapsed().as_secs_f64() * 1000.0;
-        r.bytes_sent = status["progress"]["bytes_sent"].as_u64().unwrap_or(0);
-        r.rounds = status["progress"]["round"].as_u64().unwrap_or(0);
-        r.error = status["error"]
-            .as_str()
-            .map(String::from)
-            .or_else(|| Some(format!("stage {}", status["stage"])));
+        None => {
+            r.total_ms = start.elapsed().as_secs_f64() * 1000.0;
+            r.bytes_sent = status.transferred_bytes;
+            r.rounds = status.round.into();
+            r.error = status
+                .error
+                .or_else(|| Some(format!("stage {:?}", status.stage)));
+        }
     }
     let mut dst_console = rx.recv().ok().flatten();
     let _ = poller.join();
@@ -282,7 +273,7 @@ pub(super) fn godwit_run(
     }
     r.observed_pause_ms = observed_pause(&all, start);
     r.hb_missing = missing_heartbeats(&all, start);
-    let _ = src.api(json!({"cmd": "stop"}));
+    let _ = control.stop();
     drop(dst_console);
     drop(src);
     drop(dst);
