@@ -24,7 +24,6 @@
 //! `godwit`, config `tls`, to measure what the encryption costs.
 //!
 //! A benchmark prints numbers; nothing here asserts on time.
-
 //!
 //! Modules: [`scenario`] (the guests), [`topology`] (the namespaces and the
 //! link), `godwit` and `qemu` (one run of each engine), [`report`] (what a
