@@ -1,5 +1,5 @@
 //! The local cluster: a Kubernetes API test server, Godwit's CRDs, and
-//! simulated nodes (network namespaces on one L2 segment, see [`crate::nodes`])
+//! simulated nodes (network namespaces on one L2 segment, see [`godwit_testkit::nodes`])
 //! registered as Node objects, with kubeconfigs for `kubectl` on the host and
 //! for agents inside the node namespaces. [`LocalCluster::down`] (or drop)
 //! removes every namespace, link, thread and file it made.
@@ -32,7 +32,9 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, PostParams};
 
-use crate::nodes::Fabric;
+use godwit_testkit::ca::{write_migration_ca, CaError};
+use godwit_testkit::nodes::Fabric;
+use godwit_testkit::process::alive;
 
 /// The API's address on the fabric, for agents inside node namespaces.
 pub const API_IP: &str = "10.88.0.254";
@@ -56,7 +58,7 @@ pub enum ClusterError {
     ApiServer(#[from] godwit_apiserver::ApiServerError),
     /// A namespace, link or address could not be set up.
     #[error("Cannot set up the node network")]
-    Network(#[from] crate::netns::NetnsError),
+    Network(#[from] godwit_testkit::netns::NetnsError),
     /// The forwarder could not listen on the fabric.
     #[error("Cannot listen on the fabric for node agents")]
     Forwarder(#[source] std::io::Error),
@@ -66,6 +68,9 @@ pub enum ClusterError {
     /// A file could not be written.
     #[error("Cannot write {0}")]
     Write(String, #[source] std::io::Error),
+    /// The migration CA could not be made.
+    #[error("Cannot make the migration CA")]
+    MigrationCa(#[from] CaError),
     /// A Godwit binary could not be started.
     #[error("Cannot start {0} (build it with `cargo build --release -p godwit-node -p godwit-operator`)")]
     Start(String, #[source] std::io::Error),
@@ -509,7 +514,7 @@ fn kill_vmms(nodes: &Path) {
         }
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while std::time::Instant::now() < deadline && pids.iter().any(|p| crate::failover::alive(*p)) {
+    while std::time::Instant::now() < deadline && pids.iter().any(|p| alive(*p)) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -618,23 +623,4 @@ fn relay(a: TcpStream, b: TcpStream) {
         pipe(a, b2);
         pipe(b, a2);
     }
-}
-
-/// Writes a fresh migration CA (`ca.crt`, `ca.key`) into `dir`, as the chart
-/// generates one at install.
-pub fn write_migration_ca(dir: &Path) -> Result<(), ClusterError> {
-    let key = rcgen::KeyPair::generate().expect("an ECDSA key");
-    let mut params = rcgen::CertificateParams::default();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "godwit-migration-ca");
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let cert = params.self_signed(&key).expect("a self-signed CA");
-    let write = |name: &str, text: String| {
-        let p = dir.join(name);
-        std::fs::write(&p, text).map_err(|e| ClusterError::Write(p.display().to_string(), e))
-    };
-    std::fs::create_dir_all(dir).map_err(|e| ClusterError::Write(dir.display().to_string(), e))?;
-    write("ca.crt", cert.pem())?;
-    write("ca.key", key.serialize_pem())
 }

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::demo::Godwit;
+use godwit_testkit::process::alive;
+
+use crate::driver::ClusterDriver;
 
 /// One failover.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -33,18 +35,10 @@ fn vmm_pid(dir: &Path) -> Option<i32> {
         .ok()
 }
 
-/// Whether process `pid` runs (gone, or a zombie waiting to be reaped, does not).
-pub fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit_once(") ")
-            .is_some_and(|(_, r)| !r.starts_with('Z'))
-    })
-}
-
 /// Cuts off the node VM `default/name` runs on, waits until it runs on
 /// another node, then reconnects the node and checks it did not start the VM
 /// again.
-pub fn fail_over(g: &Godwit, name: &str) -> anyhow::Result<Failover> {
+pub fn fail_over(g: &ClusterDriver, name: &str) -> anyhow::Result<Failover> {
     let vm = g.wait_running(name, Duration::from_secs(90))?;
     let from = vm["status"]["nodeName"]
         .as_str()

@@ -55,8 +55,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::Value;
 
-use crate::demo::{Godwit, EXAMPLE_TEMPLATE, EXAMPLE_VM};
-use crate::failover::alive;
+use godwit_testkit::process::alive;
+
+use crate::driver::{type_at, ClusterDriver, EXAMPLE_TEMPLATE, EXAMPLE_VM};
 
 /// What goes wrong.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -218,7 +219,7 @@ pub const MAX_GAP: Duration = Duration::from_secs(30);
 
 /// Runs `cells` on a fresh two-node cluster in `dir`.
 pub fn run(dir: &std::path::Path, cells: &[(Fault, Phase)]) -> anyhow::Result<Vec<CellReport>> {
-    let mut g = Godwit::up(2, dir)?;
+    let mut g = ClusterDriver::up(2, dir)?;
     g.apply(&g.example(EXAMPLE_TEMPLATE))?;
     let mut reports = Vec::new();
     for (n, &(fault, phase)) in cells.iter().enumerate() {
@@ -318,7 +319,7 @@ const SMALL_DISK: &str = "32m";
 /// Mounts a [`SMALL_DISK`] tmpfs over node `k`'s `<state-dir>/vms`, and
 /// restarts its agent: `ip netns exec` gives each agent a copy of the
 /// mounts as they were when it started.
-fn mount_small_disk(g: &mut Godwit, k: usize) -> anyhow::Result<std::path::PathBuf> {
+fn mount_small_disk(g: &mut ClusterDriver, k: usize) -> anyhow::Result<std::path::PathBuf> {
     let vms = g.cluster.node_state_dir(k).join("vms");
     std::fs::create_dir_all(&vms)?;
     let out = std::process::Command::new("mount")
@@ -346,7 +347,7 @@ fn mount_small_disk(g: &mut Godwit, k: usize) -> anyhow::Result<std::path::PathB
 /// Undoes [`mount_small_disk`] on every node where it is mounted (lazily:
 /// a process still holding a file there keeps it until it lets go), and
 /// restarts that node's agent, so that it sees the node's storage again.
-fn unmount_small_disks(g: &mut Godwit) -> anyhow::Result<()> {
+fn unmount_small_disks(g: &mut ClusterDriver) -> anyhow::Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     for k in 0..2 {
         let vms = g.cluster.node_state_dir(k).join("vms");
@@ -390,9 +391,15 @@ fn console_len(dir: &std::path::Path) -> Mark {
 
 /// Types `line` at the console of the VM in `dir` and waits for `ok` (or
 /// fails on `bad`) in what the console prints after it.
-fn ask(g: &Godwit, dir: &std::path::Path, line: &str, ok: &str, bad: &str) -> anyhow::Result<()> {
+fn ask(
+    g: &ClusterDriver,
+    dir: &std::path::Path,
+    line: &str,
+    ok: &str,
+    bad: &str,
+) -> anyhow::Result<()> {
     let from = console_len(dir);
-    crate::demo::type_at(dir, line)?;
+    type_at(dir, line)?;
     g.wait(
         &format!("{ok:?} after {line:?}"),
         Duration::from_secs(60),
@@ -419,9 +426,9 @@ fn ask(g: &Godwit, dir: &std::path::Path, line: &str, ok: &str, bad: &str) -> an
 }
 
 /// What undoes a fault (restarts a process, restores a link).
-type Repair = Box<dyn FnOnce(&mut Godwit) -> anyhow::Result<()>>;
+type Repair = Box<dyn FnOnce(&mut ClusterDriver) -> anyhow::Result<()>>;
 
-fn cell(g: &mut Godwit, n: usize, fault: Fault, phase: Phase) -> anyhow::Result<Seen> {
+fn cell(g: &mut ClusterDriver, n: usize, fault: Fault, phase: Phase) -> anyhow::Result<Seen> {
     let copy_disks = fault == Fault::TargetDiskFull;
     let manifest = g.example(EXAMPLE_VM);
     let manifest = if copy_disks {
@@ -524,21 +531,21 @@ fn cell(g: &mut Godwit, n: usize, fault: Fault, phase: Phase) -> anyhow::Result<
             g.cluster.kill_agent(k);
             Some((
                 Duration::from_secs(2),
-                Box::new(move |g: &mut Godwit| Ok(g.cluster.start_agent(k)?)),
+                Box::new(move |g: &mut ClusterDriver| Ok(g.cluster.start_agent(k)?)),
             ))
         }
         Fault::OperatorKilled => {
             g.cluster.kill_operator();
             Some((
                 Duration::from_secs(2),
-                Box::new(|g: &mut Godwit| Ok(g.cluster.start_operator()?)),
+                Box::new(|g: &mut ClusterDriver| Ok(g.cluster.start_operator()?)),
             ))
         }
         Fault::LinkCut => {
             g.cluster.fabric.nodes[j].cut()?;
             Some((
                 Duration::from_secs(4),
-                Box::new(move |g: &mut Godwit| {
+                Box::new(move |g: &mut ClusterDriver| {
                     let node = &g.cluster.fabric.nodes[j];
                     Ok(node.ns.restore(&node.uplink)?)
                 }),
@@ -551,7 +558,7 @@ fn cell(g: &mut Godwit, n: usize, fault: Fault, phase: Phase) -> anyhow::Result<
             fabric.nodes[j].shape(fabric, "4mbit")?;
             Some((
                 Duration::from_secs(6),
-                Box::new(move |g: &mut Godwit| {
+                Box::new(move |g: &mut ClusterDriver| {
                     let fabric = &g.cluster.fabric;
                     Ok(fabric.nodes[j].unshape(fabric)?)
                 }),
@@ -687,7 +694,7 @@ fn cell(g: &mut Godwit, n: usize, fault: Fault, phase: Phase) -> anyhow::Result<
 
 /// Deletes the VM and its migrations, restores every process and link, and
 /// waits until no VMM of the VM is left.
-fn cleanup(g: &mut Godwit) -> anyhow::Result<()> {
+fn cleanup(g: &mut ClusterDriver) -> anyhow::Result<()> {
     g.cluster.ensure_running()?;
     for k in 0..2 {
         let node = &g.cluster.fabric.nodes[k];

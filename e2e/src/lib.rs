@@ -1,16 +1,20 @@
-//! Godwit end-to-end support: the test guest harness, the Kubernetes API test
-//! server, the local multi-node cluster and the benchmarks.
+//! Godwit end-to-end: the local multi-node cluster and its driver, the demo,
+//! the fault matrix and the benchmarks. The Kubernetes API test server is
+//! the `godwit-apiserver` crate; what VMM-level tests share (the test guest,
+//! network namespaces, simulated nodes, VMM and QEMU processes) is the
+//! `godwit-testkit` crate.
+//!
+//! - [`cluster`]: a [`cluster::LocalCluster`] (API server, nodes, operator,
+//!   agents);
+//! - [`driver`]: a [`driver::ClusterDriver`] drives Godwit on it as a user does;
+//! - [`demo`], [`failover`], [`faults`]: scenarios on the driver;
+//! - [`bench`]: the benchmarks of the `bench` binary;
+//! - [`helm`]: the chart rendered and installed through Helm's SDK.
 
-pub mod bench_migrate;
-pub mod bench_storage;
-pub mod bench_storage_migrate;
+pub mod bench;
 pub mod cluster;
 pub mod demo;
+pub mod driver;
 pub mod failover;
 pub mod faults;
-pub mod guest;
 pub mod helm;
-pub mod netns;
-pub mod nodes;
-pub mod qemu;
-pub mod vmmproc;

@@ -17,10 +17,10 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use godwit_e2e::cluster::godwit_binary;
-use godwit_e2e::demo::{Godwit, EXAMPLE_TEMPLATE, EXAMPLE_VM};
+use godwit_e2e::driver::{ClusterDriver, EXAMPLE_TEMPLATE, EXAMPLE_VM};
 
 /// `kubectl <args>` on the host with the plugin on PATH and the cluster's kubeconfig.
-fn kubectl(g: &Godwit, plugin_dir: &Path, args: &[&str]) -> Output {
+fn kubectl(g: &ClusterDriver, plugin_dir: &Path, args: &[&str]) -> Output {
     Command::new("kubectl")
         .args(args)
         .env("PATH", path_with(plugin_dir))
@@ -126,7 +126,7 @@ fn kubectl_godwit_migrates_with_progress_attaches_the_console_and_counts_metrics
     );
     let plugin_dir: PathBuf = plugin.parent().unwrap().to_path_buf();
     let dir = std::env::temp_dir().join(format!("godwit-cli-{}", std::process::id()));
-    let g = Godwit::up(2, &dir).expect("local cluster with Godwit");
+    let g = ClusterDriver::up(2, &dir).expect("local cluster with Godwit");
 
     // A VM that does not exist: a clear error that says what to do.
     let out = kubectl(&g, &plugin_dir, &["godwit", "migrate", "nope", "--follow"]);
@@ -349,7 +349,7 @@ fn kubectl_godwit_migrates_with_progress_attaches_the_console_and_counts_metrics
     }
 
     // restart: the VMM is replaced (a new process group) and the VM runs again.
-    let pid_of = |g: &Godwit| -> Option<String> {
+    let pid_of = |g: &ClusterDriver| -> Option<String> {
         let vm = g.get("vm", "demo").ok()??;
         let node = vm["status"]["nodeName"].as_str()?.to_string();
         let i = g.node_index(&node).ok()?;

@@ -14,7 +14,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use godwit_e2e::demo::{console_has, type_at, Godwit, EXAMPLE_TEMPLATE, EXAMPLE_VM};
+use godwit_e2e::driver::{console_has, type_at, ClusterDriver, EXAMPLE_TEMPLATE, EXAMPLE_VM};
 
 fn cold_migration(name: &str) -> String {
     format!(
@@ -35,7 +35,7 @@ fn qemu_img(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-fn run_strategy(g: &Godwit, strategy: &str) {
+fn run_strategy(g: &ClusterDriver, strategy: &str) {
     let patch = format!("{{\"spec\":{{\"runStrategy\":\"{strategy}\"}}}}");
     g.kubectl(
         &["patch", "vm", "demo", "--type", "merge", "-p", &patch],
@@ -44,7 +44,7 @@ fn run_strategy(g: &Godwit, strategy: &str) {
     .unwrap();
 }
 
-fn wait_final(g: &Godwit, name: &str) -> serde_json::Value {
+fn wait_final(g: &ClusterDriver, name: &str) -> serde_json::Value {
     g.wait("the migration to end", Duration::from_secs(120), || {
         let m = g.get("vmmigration", name)?;
         Ok(m.filter(|m| {
@@ -60,7 +60,7 @@ fn wait_final(g: &Godwit, name: &str) -> serde_json::Value {
 #[test]
 fn a_stopped_vm_moves_with_its_disk_verified_and_the_source_copy_goes() {
     let dir = std::env::temp_dir().join(format!("godwit-cold-{}", std::process::id()));
-    let g = Godwit::up(2, &dir).expect("local cluster with Godwit");
+    let g = ClusterDriver::up(2, &dir).expect("local cluster with Godwit");
     g.apply(&g.example(EXAMPLE_TEMPLATE)).unwrap();
     let local_vm = g
         .example(EXAMPLE_VM)

@@ -16,7 +16,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use godwit_e2e::demo::Godwit;
+use godwit_e2e::driver::ClusterDriver;
 use serde_json::Value;
 
 const HEAVY: [(&str, &str); 3] = [
@@ -25,7 +25,7 @@ const HEAVY: [(&str, &str); 3] = [
     ("heavy-c", "10.88.0.33"),
 ];
 
-fn manifest(g: &Godwit, name: &str, ip: &str, cmdline: &str, affinity: &str) -> String {
+fn manifest(g: &ClusterDriver, name: &str, ip: &str, cmdline: &str, affinity: &str) -> String {
     g.example(&format!(
         r#"apiVersion: godwit.dev/v1alpha1
 kind: VMTemplate
@@ -82,7 +82,7 @@ fn node_of(vm: &Value) -> String {
 fn drs_spreads_loaded_vms_and_keeps_anti_affinity() {
     let started = Instant::now();
     let dir = std::env::temp_dir().join(format!("godwit-drs-{}", std::process::id()));
-    let g = Godwit::up_with(
+    let g = ClusterDriver::up_with(
         3,
         &dir,
         &[

@@ -7,12 +7,12 @@
 //! Needs the release binaries (`cargo build --release -p godwit-node -p
 //! godwit-operator --bins`, as e2e/test.sh does) and /dev/kvm.
 
-use godwit_e2e::demo::{Godwit, EXAMPLE_TEMPLATE, EXAMPLE_VM};
+use godwit_e2e::driver::{ClusterDriver, EXAMPLE_TEMPLATE, EXAMPLE_VM};
 
 #[test]
 fn a_lost_nodes_vm_runs_again_elsewhere_and_never_twice() {
     let dir = std::env::temp_dir().join(format!("godwit-ha-{}", std::process::id()));
-    let g = Godwit::up(2, &dir).expect("local cluster with Godwit");
+    let g = ClusterDriver::up(2, &dir).expect("local cluster with Godwit");
     g.apply(&g.example(EXAMPLE_TEMPLATE)).unwrap();
     g.apply(&g.example(EXAMPLE_VM)).unwrap();
     let f = godwit_e2e::failover::fail_over(&g, "demo").expect("failover");

@@ -12,8 +12,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use godwit_e2e::demo::{Godwit, EXAMPLE_TEMPLATE, EXAMPLE_VM};
-use godwit_e2e::guest::parse_heartbeat;
+use godwit_e2e::driver::{ClusterDriver, EXAMPLE_TEMPLATE, EXAMPLE_VM};
+use godwit_testkit::guest::parse_heartbeat;
 
 fn last_heartbeat(console: &Path) -> u64 {
     std::fs::read_to_string(console)
@@ -25,7 +25,7 @@ fn last_heartbeat(console: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-use godwit_e2e::failover::alive;
+use godwit_testkit::process::alive;
 
 const SLOW_MIGRATION: &str = r#"
 apiVersion: godwit.dev/v1alpha1
@@ -44,7 +44,7 @@ spec:
 #[test]
 fn vm_runs_survives_an_agent_restart_a_cancelled_migration_and_is_deleted() {
     let dir = std::env::temp_dir().join(format!("godwit-lifecycle-{}", std::process::id()));
-    let mut g = Godwit::up(2, &dir).expect("local cluster with Godwit");
+    let mut g = ClusterDriver::up(2, &dir).expect("local cluster with Godwit");
 
     // Apply: the VM runs on a node, with the template's customization.
     g.apply(&g.example(EXAMPLE_TEMPLATE)).unwrap();
@@ -192,7 +192,7 @@ fn vm_runs_survives_an_agent_restart_a_cancelled_migration_and_is_deleted() {
 #[test]
 fn a_node_cut_off_from_the_api_fences_itself_and_the_vm_restarts_after() {
     let dir = std::env::temp_dir().join(format!("godwit-fencing-{}", std::process::id()));
-    let g = Godwit::up(1, &dir).expect("local cluster with Godwit");
+    let g = ClusterDriver::up(1, &dir).expect("local cluster with Godwit");
     g.apply(&g.example(EXAMPLE_TEMPLATE)).unwrap();
     g.apply(&g.example(EXAMPLE_VM)).unwrap();
     g.wait_running("demo", Duration::from_secs(90)).unwrap();

@@ -17,7 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use godwit_e2e::demo::{watch, Godwit};
+use godwit_e2e::driver::ClusterDriver;
+use godwit_testkit::guest::watch_heartbeats;
 use serde_json::Value;
 
 const VMS: [(&str, &str); 3] = [
@@ -29,7 +30,7 @@ const VMS: [(&str, &str); 3] = [
 /// A template (with the VM's own address) and a VM, as one manifest. The
 /// guest writes 16 MiB at 2000 pages/s: real dirtying, yet three migrations
 /// on a 2-core runner converge quickly.
-fn manifest(g: &Godwit, name: &str, ip: &str) -> String {
+fn manifest(g: &ClusterDriver, name: &str, ip: &str) -> String {
     g.example(&format!(
         r#"apiVersion: godwit.dev/v1alpha1
 kind: VMTemplate
@@ -81,7 +82,7 @@ fn node_of(vm: &Value) -> String {
         .to_string()
 }
 
-fn maintenance_status(g: &Godwit, node: &str) -> Option<Value> {
+fn maintenance_status(g: &ClusterDriver, node: &str) -> Option<Value> {
     let n = g.get("node", node).ok()??;
     let text = n["metadata"]["annotations"]["godwit.dev/maintenance-status"].as_str()?;
     serde_json::from_str(text).ok()
@@ -91,7 +92,7 @@ fn maintenance_status(g: &Godwit, node: &str) -> Option<Value> {
 fn a_node_in_maintenance_is_emptied_by_live_migration() {
     let started = Instant::now();
     let dir = std::env::temp_dir().join(format!("godwit-maint-{}", std::process::id()));
-    let g = Godwit::up(3, &dir).expect("local cluster with Godwit");
+    let g = ClusterDriver::up(3, &dir).expect("local cluster with Godwit");
     let names: Vec<String> = g
         .cluster
         .fabric
@@ -132,7 +133,7 @@ fn a_node_in_maintenance_is_emptied_by_live_migration() {
             .cluster
             .fabric
             .client
-            .spawn_in(move || watch(&addr, &s, &l))
+            .spawn_in(move || watch_heartbeats(&addr, &s, &l))
             .unwrap();
         clients.push((name, last, handle));
     }

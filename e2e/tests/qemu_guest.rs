@@ -11,9 +11,9 @@ use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use godwit_e2e::guest::{blk_sector, field, parse_heartbeat, Heartbeat};
-use godwit_e2e::netns::{Netns, Veth};
-use godwit_e2e::qemu::{free_port, Qemu, QemuConfig, ScratchDir};
+use godwit_testkit::guest::{blk_sector, field, parse_heartbeat, Heartbeat};
+use godwit_testkit::netns::{Netns, Veth};
+use godwit_testkit::qemu::{free_port, Qemu, QemuConfig, ScratchDir};
 use serde_json::json;
 
 const BOOT: Duration = Duration::from_secs(60);

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use godwit_apiserver::audit::AuditRecord;
 use godwit_e2e::cluster::{NODE_USER, OPERATOR_USER};
-use godwit_e2e::demo::{Godwit, EXAMPLE_MIGRATION, EXAMPLE_TEMPLATE, EXAMPLE_VM};
+use godwit_e2e::driver::{ClusterDriver, EXAMPLE_MIGRATION, EXAMPLE_TEMPLATE, EXAMPLE_VM};
 use godwit_e2e::helm;
 use serde_json::Value;
 
@@ -140,7 +140,7 @@ fn denied(grants: &BTreeMap<String, Vec<Grant>>, records: &[AuditRecord]) -> Vec
 }
 
 /// The requests of the operator and the agents in `g` so far.
-fn requests(g: &Godwit) -> Vec<AuditRecord> {
+fn requests(g: &ClusterDriver) -> Vec<AuditRecord> {
     g.cluster
         .api
         .requests()
@@ -152,7 +152,7 @@ fn requests(g: &Godwit) -> Vec<AuditRecord> {
 /// A VM from a template runs, migrates live, and is deleted.
 fn migrate_and_delete() -> Vec<AuditRecord> {
     let dir = std::env::temp_dir().join(format!("godwit-rbac-{}", std::process::id()));
-    let g = Godwit::up(2, &dir).expect("local cluster with Godwit");
+    let g = ClusterDriver::up(2, &dir).expect("local cluster with Godwit");
     g.apply(&g.example(EXAMPLE_TEMPLATE)).unwrap();
     g.apply(&g.example(EXAMPLE_VM)).unwrap();
     g.wait_running("demo", Duration::from_secs(90)).unwrap();
@@ -177,7 +177,7 @@ fn migrate_and_delete() -> Vec<AuditRecord> {
 /// that the two flows do not depend on each other.
 fn fail_over_and_delete() -> Vec<AuditRecord> {
     let dir = std::env::temp_dir().join(format!("godwit-rbac-ha-{}", std::process::id()));
-    let g = Godwit::up(2, &dir).expect("local cluster with Godwit");
+    let g = ClusterDriver::up(2, &dir).expect("local cluster with Godwit");
     g.apply(&g.example(EXAMPLE_TEMPLATE)).unwrap();
     g.apply(&g.example(EXAMPLE_VM)).unwrap();
     godwit_e2e::failover::fail_over(&g, "demo").expect("failover");
@@ -185,7 +185,7 @@ fn fail_over_and_delete() -> Vec<AuditRecord> {
     requests(&g)
 }
 
-fn delete_demo(g: &Godwit) {
+fn delete_demo(g: &ClusterDriver) {
     g.kubectl(
         &["delete", "vm", "demo", "--wait=true", "--timeout=60s"],
         None,

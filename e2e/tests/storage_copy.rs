@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use godwit_e2e::demo::{console_has, type_at, Godwit, EXAMPLE_TEMPLATE, EXAMPLE_VM};
+use godwit_e2e::driver::{console_has, type_at, ClusterDriver, EXAMPLE_TEMPLATE, EXAMPLE_VM};
 
 fn migration(name: &str, storage: Option<&str>) -> String {
     let storage = storage
@@ -23,7 +23,7 @@ fn migration(name: &str, storage: Option<&str>) -> String {
 #[test]
 fn a_vm_on_local_storage_moves_with_its_disk() {
     let dir = std::env::temp_dir().join(format!("godwit-storage-copy-{}", std::process::id()));
-    let g = Godwit::up(2, &dir).expect("local cluster with Godwit");
+    let g = ClusterDriver::up(2, &dir).expect("local cluster with Godwit");
     g.apply(&g.example(EXAMPLE_TEMPLATE)).unwrap();
     let local_vm = g
         .example(EXAMPLE_VM)

@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{guest, start_vm, Scratch, BOOT};
-use godwit_e2e::guest::parse_heartbeat;
-use serde_json::json;
+use godwit_testkit::guest::parse_heartbeat;
+use godwit_vmm_control::Command as Cmd;
 
 #[test]
 fn boots_to_heartbeats_with_two_cpus() {
@@ -44,13 +44,13 @@ fn boots_to_heartbeats_with_two_cpus() {
     assert!(log.contains("CPUS 2"));
     assert!(log.lines().any(|l| parse_heartbeat(l.trim_end()).is_some()));
 
-    let stats = vm.api(json!({"cmd": "stats"}));
+    let stats = vm.api(Cmd::Stats);
     assert_eq!(stats["ok"], true);
     assert!(
         stats["result"]["vcpu_exits"][0][1].as_u64().unwrap() > 0,
         "{stats}"
     );
-    let r = vm.api(json!({"cmd": "stop"}));
+    let r = vm.api(Cmd::Stop);
     assert_eq!(r["ok"], true);
     let st = vm.wait_exit(Duration::from_secs(10));
     assert!(st.success(), "{st}");
@@ -74,17 +74,13 @@ fn pause_resume_and_dirty_log() {
     .collect();
     let mut vm = start_vm(&dir, "vm", &[], &args);
     vm.console.heartbeats(2, BOOT).unwrap();
-    assert_eq!(
-        vm.api(json!({"cmd": "take-dirty"}))["ok"],
-        false,
-        "dirty log starts off"
-    );
-    assert_eq!(vm.api(json!({"cmd": "dirty-log-start"}))["ok"], true);
+    assert_eq!(vm.api(Cmd::TakeDirty)["ok"], false, "dirty log starts off");
+    assert_eq!(vm.api(Cmd::DirtyLogStart)["ok"], true);
     std::thread::sleep(Duration::from_millis(300));
-    let d = vm.api(json!({"cmd": "take-dirty"}));
+    let d = vm.api(Cmd::TakeDirty);
     assert!(d["result"]["dirty_pages"].as_u64().unwrap() > 10, "{d}");
 
-    assert_eq!(vm.api(json!({"cmd": "pause"}))["result"]["state"], "paused");
+    assert_eq!(vm.api(Cmd::Pause)["result"]["state"], "paused");
     // Paused: no heartbeat for a while (drain what was in flight first).
     std::thread::sleep(Duration::from_millis(100));
     while vm
@@ -98,15 +94,15 @@ fn pause_resume_and_dirty_log() {
         .next_line(Duration::from_millis(400))
         .unwrap()
         .is_none());
-    let d = vm.api(json!({"cmd": "take-dirty"}));
-    let d2 = vm.api(json!({"cmd": "take-dirty"}));
+    let d = vm.api(Cmd::TakeDirty);
+    let d2 = vm.api(Cmd::TakeDirty);
     assert_eq!(
         d2["result"]["dirty_pages"], 0,
         "paused guest dirtied pages: {d} {d2}"
     );
-    assert_eq!(vm.api(json!({"cmd": "resume"}))["ok"], true);
+    assert_eq!(vm.api(Cmd::Resume)["ok"], true);
     vm.console.heartbeats(2, Duration::from_secs(5)).unwrap();
-    let bad = vm.api(json!({"v": 1, "cmd": "fly"}));
+    let bad = vm.raw(r#"{"v": 1, "cmd": "fly"}"#);
     assert_eq!(bad["ok"], false);
     let mut s = std::os::unix::net::UnixStream::connect(&vm.api).unwrap();
     use std::io::{BufRead, Write};

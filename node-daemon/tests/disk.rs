@@ -6,7 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{guest, start_vm, Scratch, BOOT};
-use godwit_e2e::guest::blk_sector;
+use godwit_testkit::guest::blk_sector;
+use godwit_vmm_control::Command as Cmd;
 
 fn image(dir: &Scratch, name: &str) -> std::path::PathBuf {
     let p = dir.path(name);
@@ -47,7 +48,7 @@ fn guest_disk_pattern_reaches_the_image() {
         data[..8 * 512].iter().all(|b| *b == 0),
         "write outside the range"
     );
-    vm.api(serde_json::json!({"cmd": "stop"}));
+    vm.api(Cmd::Stop);
     vm.wait_exit(Duration::from_secs(10));
 }
 

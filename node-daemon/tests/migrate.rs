@@ -21,9 +21,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{guest, start_vm, Scratch, Vm, BOOT, VMM};
-use godwit_e2e::guest::{parse_heartbeat, Console};
-use godwit_e2e::netns::{unique_name, Netns, Veth};
-use serde_json::{json, Value};
+use godwit_testkit::guest::{parse_heartbeat, Console};
+use godwit_testkit::netns::{unique_name, Netns, Veth};
+use godwit_vmm_control::{Command as Cmd, MigrateSend};
+use serde_json::Value;
 
 const GUEST_IP: &str = "10.88.0.10";
 const GUEST_PORT: u16 = 7000;
@@ -170,7 +171,7 @@ fn start_target(t: &Topology, dir: &Scratch) -> Target {
 /// and checking, line by line, that the counter goes up by exactly one.
 struct StreamWatch {
     stop: Arc<AtomicBool>,
-    handle: std::thread::JoinHandle<Result<StreamReport, godwit_e2e::netns::NetnsError>>,
+    handle: std::thread::JoinHandle<Result<StreamReport, godwit_testkit::netns::NetnsError>>,
 }
 
 #[derive(Debug)]
@@ -253,12 +254,12 @@ impl StreamWatch {
 
 /// Sends migrate-send and waits for the migration to end; returns the final
 /// migrate-status result (or the last one seen before the source exited).
-fn migrate(src: &Vm, target: &Target, extra: Value) -> Value {
-    let mut req = json!({"cmd": "migrate-send", "addr": format!("{TARGET_IP}:{}", target.port)});
-    for (k, v) in extra.as_object().unwrap() {
-        req[k] = v.clone();
-    }
-    let r = src.api(req);
+fn migrate(src: &Vm, target: &Target, extra: MigrateSend) -> Value {
+    let req = MigrateSend {
+        addr: format!("{TARGET_IP}:{}", target.port),
+        ..extra
+    };
+    let r = src.api(Cmd::MigrateSend(req));
     assert_eq!(r["ok"], true, "migrate-send: {r}");
     wait_migration(src, Duration::from_secs(120))
 }
@@ -266,7 +267,7 @@ fn migrate(src: &Vm, target: &Target, extra: Value) -> Value {
 fn wait_migration(src: &Vm, timeout: Duration) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
-        let r = src.api(json!({"cmd": "migrate-status"}));
+        let r = src.api(Cmd::MigrateStatus);
         let status = r["result"].clone();
         match status["stage"].as_str() {
             Some("Completed") | Some("Failed") => return status,
@@ -308,9 +309,9 @@ fn log_counters(path: &PathBuf) -> Vec<u64> {
 /// heartbeat continues where the source's stopped, MEMCHECK passes on the
 /// target, and the TCP stream saw every counter once, in order.
 fn check_moved(mut src: Vm, target: &Target, stream: Option<StreamWatch>, workload: bool) {
-    let r = src.api(json!({"cmd": "status"}));
+    let r = src.api(Cmd::Status);
     assert_eq!(r["ok"], true, "{r}");
-    src.api(json!({"cmd": "stop"}));
+    src.api(Cmd::Stop);
     let status = src.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "source exited with {status}");
     let mut con = attach(&target.console);
@@ -373,7 +374,7 @@ fn idle_guest_moves_with_its_tcp_connection() {
     let src = start_source(&t, &dir, 256, "hb_ms=20");
     let stream = watch_stream(&t);
     let target = start_target(&t, &dir);
-    let result = migrate(&src, &target, json!({}));
+    let result = migrate(&src, &target, MigrateSend::default());
     eprintln!("idle migration: {result}");
     assert_eq!(result["stage"], "Completed", "{result}");
     assert_eq!(result["result"]["mode"], "PreCopy", "{result}");
@@ -393,13 +394,13 @@ fn dirtying_guest_moves_over_a_1gbit_link() {
         .unwrap();
     let stream = watch_stream(&t);
     let target = start_target(&t, &dir);
-    let result = migrate(&src, &target, json!({}));
+    let result = migrate(&src, &target, MigrateSend::default());
     eprintln!("dirty migration over 1gbit: {result}");
     assert_eq!(result["stage"], "Completed", "{result}");
     check_moved(src, &target, Some(stream), true);
 }
 
-fn fast_dirtier_over_slow_link(name: &str, policy: Value, expect_mode: &str) {
+fn fast_dirtier_over_slow_link(name: &str, policy: MigrateSend, expect_mode: &str) {
     common::require_kvm();
     let t = topology();
     // 50 Mbit/s carries about 6 MB/s; the guest rewrites its 32 MiB working
@@ -410,8 +411,10 @@ fn fast_dirtier_over_slow_link(name: &str, policy: Value, expect_mode: &str) {
     let src = start_source(&t, &dir, 160, "hb_ms=20 dirty_mib=32 dirty_rate=0");
     let stream = watch_stream(&t);
     let target = start_target(&t, &dir);
-    let mut extra = policy;
-    extra["timeout_s"] = json!(90);
+    let extra = MigrateSend {
+        timeout_s: Some(90),
+        ..policy
+    };
     let result = migrate(&src, &target, extra);
     eprintln!("{name}: {result}");
     assert_eq!(result["stage"], "Completed", "{result}");
@@ -423,7 +426,11 @@ fn fast_dirtier_over_slow_link(name: &str, policy: Value, expect_mode: &str) {
 fn fast_dirtier_completes_with_post_copy() {
     fast_dirtier_over_slow_link(
         "mig-postcopy",
-        json!({"allow_auto_converge": false, "allow_post_copy": true}),
+        MigrateSend {
+            allow_auto_converge: Some(false),
+            allow_post_copy: Some(true),
+            ..MigrateSend::default()
+        },
         "PostCopy",
     );
 }
@@ -432,7 +439,11 @@ fn fast_dirtier_completes_with_post_copy() {
 fn fast_dirtier_completes_with_auto_converge() {
     fast_dirtier_over_slow_link(
         "mig-autoconv",
-        json!({"allow_auto_converge": true, "allow_post_copy": false}),
+        MigrateSend {
+            allow_auto_converge: Some(true),
+            allow_post_copy: Some(false),
+            ..MigrateSend::default()
+        },
         "AutoConverge",
     );
 }
@@ -451,19 +462,18 @@ fn link_cut_during_post_copy_resumes_when_the_link_returns() {
     // No TCP client: vCPUs waiting for pages can hold the guest's stack
     // longer than a client's read timeout while the link is down.
     let target = start_target(&t, &dir);
-    let r = src.api(json!({
-        "cmd": "migrate-send",
-        "addr": format!("{TARGET_IP}:{}", target.port),
-        "allow_auto_converge": false,
-        "allow_post_copy": true,
-        "stall_timeout_s": 2,
-        "recover_timeout_s": 60,
-        "timeout_s": 120
+    let r = src.api(Cmd::MigrateSend(MigrateSend {
+        allow_auto_converge: Some(false),
+        allow_post_copy: Some(true),
+        stall_timeout_s: Some(2),
+        recover_timeout_s: Some(60),
+        timeout_s: Some(120),
+        ..MigrateSend::to(format!("{TARGET_IP}:{}", target.port))
     }));
     assert_eq!(r["ok"], true, "{r}");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let s = src.api(json!({"cmd": "migrate-status"}))["result"].clone();
+        let s = src.api(Cmd::MigrateStatus)["result"].clone();
         if s["stage"] == "PostCopy" && s["memory_remaining_bytes"].as_u64().unwrap_or(0) > 16 << 20
         {
             break;
@@ -481,7 +491,7 @@ fn link_cut_during_post_copy_resumes_when_the_link_returns() {
     let mut reconnecting = false;
     let mut restored = false;
     let result = loop {
-        let s = src.api(json!({"cmd": "migrate-status"}))["result"].clone();
+        let s = src.api(Cmd::MigrateStatus)["result"].clone();
         reconnecting |= s["reconnecting"] == true;
         if !restored && cut_at.elapsed() >= Duration::from_secs(6) {
             assert_ne!(s["stage"], "Failed", "gave up while the link was down: {s}");
@@ -518,7 +528,7 @@ fn check_stayed(src: &mut Vm, t: &Topology, target: &mut Target, status: &Value)
         .0
         .counter;
     assert!(after > before, "source guest does not run");
-    let r = src.api(json!({"cmd": "status"}));
+    let r = src.api(Cmd::Status);
     assert_eq!(r["result"]["state"], "running", "{r}");
     let deadline = Instant::now() + Duration::from_secs(20);
     while target.child.try_wait().unwrap().is_none() {
@@ -536,7 +546,7 @@ fn check_stayed(src: &mut Vm, t: &Topology, target: &mut Target, status: &Value)
 fn wait_transferred(src: &Vm, bytes: u64) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let s = src.api(json!({"cmd": "migrate-status"}));
+        let s = src.api(Cmd::MigrateStatus);
         if s["result"]["transferred_bytes"].as_u64().unwrap_or(0) > bytes {
             return;
         }
@@ -553,7 +563,10 @@ fn target_killed_during_precopy_leaves_the_guest_on_the_source() {
     let dir = Scratch::new("mig-kill");
     let mut src = start_source(&t, &dir, 256, "hb_ms=20 dirty_mib=96 dirty_rate=0");
     let mut target = start_target(&t, &dir);
-    let r = src.api(json!({"cmd": "migrate-send", "addr": format!("{TARGET_IP}:{}", target.port), "allow_post_copy": false}));
+    let r = src.api(Cmd::MigrateSend(MigrateSend {
+        allow_post_copy: Some(false),
+        ..MigrateSend::to(format!("{TARGET_IP}:{}", target.port))
+    }));
     assert_eq!(r["ok"], true, "{r}");
     // Wait until pages flow, then kill the target.
     wait_transferred(&src, 8 << 20);
@@ -570,11 +583,10 @@ fn link_cut_during_precopy_leaves_the_guest_on_the_source() {
     let dir = Scratch::new("mig-cut");
     let mut src = start_source(&t, &dir, 256, "hb_ms=20 dirty_mib=96 dirty_rate=0");
     let mut target = start_target(&t, &dir);
-    let r = src.api(json!({
-        "cmd": "migrate-send",
-        "addr": format!("{TARGET_IP}:{}", target.port),
-        "allow_post_copy": false,
-        "stall_timeout_s": 2
+    let r = src.api(Cmd::MigrateSend(MigrateSend {
+        allow_post_copy: Some(false),
+        stall_timeout_s: Some(2),
+        ..MigrateSend::to(format!("{TARGET_IP}:{}", target.port))
     }));
     assert_eq!(r["ok"], true, "{r}");
     wait_transferred(&src, 8 << 20);

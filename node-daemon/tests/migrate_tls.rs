@@ -1,5 +1,5 @@
 //! Live migration over mutual TLS between two godwit-vmm processes under real
-//! KVM, on two simulated nodes (`godwit_e2e::nodes`), with certificates made
+//! KVM, on two simulated nodes (`godwit_testkit::nodes`), with certificates made
 //! by a test CA at test time: a migration between nodes of one CA succeeds;
 //! a source with a certificate from another CA, a plain-TCP source and a
 //! client without a certificate are refused, the source's guest runs on, and
@@ -11,10 +11,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{guest, start_vm, Scratch, Vm, BOOT};
-use godwit_e2e::netns::unique_name;
-use godwit_e2e::nodes::{Fabric, Node};
-use godwit_e2e::vmmproc::VmmProc;
-use serde_json::{json, Value};
+use godwit_testkit::netns::unique_name;
+use godwit_testkit::nodes::{Fabric, Node};
+use godwit_testkit::vmmproc::VmmProc;
+use godwit_vmm_control::{Command as Cmd, MigrateSend};
+use serde_json::Value;
 
 /// A test CA that writes node identities as PEM files under a directory.
 struct Pki {
@@ -148,7 +149,7 @@ fn start_target(f: &Fabric, dir: &Scratch, extra: &[String]) -> Target {
 fn wait_migration(src: &Vm, timeout: Duration) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
-        let status = src.api(json!({"cmd": "migrate-status"}))["result"].clone();
+        let status = src.api(Cmd::MigrateStatus)["result"].clone();
         if matches!(status["stage"].as_str(), Some("Completed" | "Failed")) {
             return status;
         }
@@ -182,7 +183,7 @@ fn assert_target_left_nothing(f: &Fabric, target: &mut Target) {
 
 /// The source's guest keeps running after a refused migration.
 fn assert_source_runs(src: &mut Vm) {
-    let r = src.api(json!({"cmd": "status"}));
+    let r = src.api(Cmd::Status);
     assert_eq!(r["result"]["state"], "running", "{r}");
     let beats = src
         .console
@@ -200,13 +201,13 @@ fn tls_migration_moves_a_dirtying_guest() {
     let (a, b) = (pki.node(&f.nodes[0]), pki.node(&f.nodes[1]));
     let mut src = start_source(&f, &dir, 32, &a.args());
     let target = start_target(&f, &dir, &b.args());
-    let r = src.api(json!({"cmd": "migrate-send", "addr": target.addr}));
+    let r = src.api(Cmd::MigrateSend(MigrateSend::to(target.addr.clone())));
     assert_eq!(r["ok"], true, "migrate-send: {r}");
     let status = wait_migration(&src, Duration::from_secs(120));
     eprintln!("tls migration: {status}");
     assert_eq!(status["stage"], "Completed", "{status}");
 
-    src.api(json!({"cmd": "stop"}));
+    src.api(Cmd::Stop);
     assert!(src.wait_exit(Duration::from_secs(10)).success());
     let mut con = target.vmm.console(Duration::from_secs(20)).unwrap();
     con.heartbeats(5, Duration::from_secs(20))
@@ -214,7 +215,7 @@ fn tls_migration_moves_a_dirtying_guest() {
     let log = std::fs::read_to_string(&src.serial_log).unwrap();
     let source_last = *log
         .lines()
-        .filter_map(|l| godwit_e2e::guest::parse_heartbeat(l.trim_end()).map(|h| h.counter))
+        .filter_map(|l| godwit_testkit::guest::parse_heartbeat(l.trim_end()).map(|h| h.counter))
         .collect::<Vec<_>>()
         .last()
         .expect("source heartbeats");
@@ -252,7 +253,7 @@ fn tls_target_refuses_a_source_certificate_from_another_ca() {
     let b = pki.node(&f.nodes[1]);
     let mut src = start_source(&f, &dir, 16, &a.args());
     let mut target = start_target(&f, &dir, &b.args());
-    let r = src.api(json!({"cmd": "migrate-send", "addr": target.addr}));
+    let r = src.api(Cmd::MigrateSend(MigrateSend::to(target.addr.clone())));
     let error = if r["ok"] == true {
         let status = wait_migration(&src, Duration::from_secs(30));
         assert_eq!(status["stage"], "Failed", "{status}");
@@ -280,7 +281,7 @@ fn tls_source_refuses_a_target_certificate_from_another_ca() {
     b.ca = pki.ca.clone();
     let mut src = start_source(&f, &dir, 16, &a.args());
     let mut target = start_target(&f, &dir, &b.args());
-    let r = src.api(json!({"cmd": "migrate-send", "addr": target.addr}));
+    let r = src.api(Cmd::MigrateSend(MigrateSend::to(target.addr.clone())));
     assert_eq!(r["ok"], false, "{r}");
     let error = r["error"].as_str().unwrap_or_default();
     assert!(
@@ -301,7 +302,7 @@ fn tls_target_refuses_a_plain_tcp_source() {
     let b = pki.node(&f.nodes[1]);
     let mut src = start_source(&f, &dir, 16, &[]);
     let mut target = start_target(&f, &dir, &b.args());
-    let r = src.api(json!({"cmd": "migrate-send", "addr": target.addr}));
+    let r = src.api(Cmd::MigrateSend(MigrateSend::to(target.addr.clone())));
     assert_eq!(r["ok"], true, "migrate-send: {r}");
     let status = wait_migration(&src, Duration::from_secs(30));
     assert_eq!(status["stage"], "Failed", "{status}");

@@ -8,8 +8,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::{guest, start_vm, Scratch, BOOT};
-use godwit_e2e::guest::parse_heartbeat;
-use godwit_e2e::netns::{unique_name, Netns, Veth};
+use godwit_testkit::guest::parse_heartbeat;
+use godwit_testkit::netns::{unique_name, Netns, Veth};
+use godwit_vmm_control::Command as Cmd;
 
 #[test]
 fn tcp_client_in_another_netns_streams_heartbeats() {
@@ -78,6 +79,6 @@ fn tcp_client_in_another_netns_streams_heartbeats() {
     for w in counters.windows(2) {
         assert_eq!(w[1], w[0] + 1, "counter stream has a gap: {counters:?}");
     }
-    vm.api(serde_json::json!({"cmd": "stop"}));
+    vm.api(Cmd::Stop);
     vm.wait_exit(Duration::from_secs(10));
 }

@@ -17,10 +17,11 @@ use std::time::Duration;
 
 use common::{guest, require_kvm, start_vm, Scratch, BOOT, VMM};
 use godwit_crds::contract::Machine;
-use godwit_e2e::guest::Console;
 use godwit_node::agent::vm_dir::{self, VmDir};
 use godwit_node::agent::vmm_process::{self, node_jail, Runner};
 use godwit_node::agent::vmm_user::VmmUsers;
+use godwit_testkit::guest::Console;
+use godwit_vmm_control::Command as Cmd;
 
 fn args(extra: &[&str]) -> Vec<String> {
     let g = guest().display().to_string();
@@ -51,7 +52,7 @@ fn a_forbidden_system_call_kills_the_vmm() {
     );
     // The guest runs normally inside the sandbox.
     vm.console.heartbeats(3, BOOT).unwrap();
-    let r = vm.api(serde_json::json!({"cmd": "stats"}));
+    let r = vm.api(Cmd::Stats);
     assert_eq!(r["ok"], true, "{r}");
     // save-state into a new directory makes the VMM call mkdir.
     let snap = dir.path("snap/new");
@@ -254,7 +255,7 @@ fn a_vmm_the_agent_starts_as_its_own_user_runs_with_no_capability() {
     // A migration identity whose key only root can read (as the agent
     // issues it): the VMM gets it on a pipe.
     let ca = root.join("ca");
-    godwit_e2e::cluster::write_migration_ca(&ca).unwrap();
+    godwit_testkit::ca::write_migration_ca(&ca).unwrap();
     let tls = godwit_node::agent::certificates::issue(&ca, &root.join("tls"), "node-a", "10.0.0.1")
         .unwrap();
     assert_eq!(

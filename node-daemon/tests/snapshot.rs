@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::{guest, start_vm, Scratch, BOOT};
-use godwit_e2e::guest::{parse_heartbeat, Heartbeat};
-use serde_json::json;
+use godwit_testkit::guest::{parse_heartbeat, Heartbeat};
+use godwit_vmm_control::Command as Cmd;
 
 #[test]
 fn snapshot_restores_in_a_fresh_process() {
@@ -39,9 +39,9 @@ fn snapshot_restores_in_a_fresh_process() {
     assert!(pre.text.starts_with("MEMCHECK ok"), "{}", pre.text);
 
     let snap = dir.path("snap");
-    let r = src.api(json!({"cmd": "save-state", "dir": snap}));
+    let r = src.api(Cmd::SaveState { dir: snap.clone() });
     assert_eq!(r["ok"], true, "{r}");
-    assert_eq!(src.api(json!({"cmd": "stop"}))["ok"], true);
+    assert_eq!(src.api(Cmd::Stop)["ok"], true);
     assert!(src.wait_exit(Duration::from_secs(10)).success());
     // Drain the source console: the last heartbeat it printed.
     while src
@@ -79,6 +79,6 @@ fn snapshot_restores_in_a_fresh_process() {
         .wait_prefix("MEMCHECK", Duration::from_secs(10))
         .unwrap();
     assert!(post.text.starts_with("MEMCHECK ok"), "{}", post.text);
-    assert_eq!(dst.api(json!({"cmd": "stop"}))["ok"], true);
+    assert_eq!(dst.api(Cmd::Stop)["ok"], true);
     assert!(dst.wait_exit(Duration::from_secs(10)).success());
 }

@@ -15,10 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{guest, run_vmm, start_vm, Scratch, BOOT};
-use godwit_e2e::guest::blk_sector;
 use godwit_node::storage::image::{self, ImageFormat};
 use godwit_node::storage::template::sha256_file;
 use godwit_node::storage::{self, DiskImage, StorageError, TemplateCache};
+use godwit_testkit::guest::blk_sector;
+use godwit_vmm_control::Command as Cmd;
 use serde_json::json;
 
 /// Runs qemu-img; returns (success, stdout + stderr).
@@ -122,7 +123,7 @@ fn boot_verify_write(dir: &Scratch, disk: &Path, verify: (u64, u64, u64), write:
         })
         .unwrap();
     assert_eq!(v.text, want);
-    let r = vm.api(json!({"cmd": "stop"}));
+    let r = vm.api(Cmd::Stop);
     assert_eq!(r["ok"], true, "{r}");
     assert!(vm.wait_exit(Duration::from_secs(10)).success());
 }
@@ -244,7 +245,7 @@ fn a_second_vmm_cannot_open_a_disk_in_use() {
     let (ok, text) = qemu_img(&["info", disk.to_str().unwrap()]);
     assert!(!ok && text.contains("lock"), "{text}");
 
-    vm.api(json!({"cmd": "stop"}));
+    vm.api(Cmd::Stop);
     vm.wait_exit(Duration::from_secs(10));
     // Released when the VMM exits.
     DiskImage::open(&disk, None, false, true).unwrap();
@@ -264,13 +265,13 @@ fn changed_block_tracking_reports_exactly_the_guest_writes() {
         &vm_args("hb_ms=100", &[format!("path={}", disk.display())]),
     );
     vm.console.wait_prefix("READY", BOOT).unwrap();
-    let r = vm.api(json!({"cmd": "disk-take-dirty", "disk": 0}));
+    let r = vm.api(Cmd::DiskTakeDirty { disk: 0 });
     assert_eq!(r["ok"], false, "{r}");
     assert!(r["error"]
         .as_str()
         .unwrap()
         .contains("send disk-dirty-start"));
-    let r = vm.api(json!({"cmd": "disk-dirty-start", "disk": 0}));
+    let r = vm.api(Cmd::DiskDirtyStart { disk: 0 });
     assert_eq!(r["ok"], true, "{r}");
     // Sectors 256..264 are bytes 128 KiB..132 KiB: block 2. Sectors
     // 1000..1300 are bytes 500 KiB..650 KiB: blocks 7 to 10.
@@ -285,7 +286,7 @@ fn changed_block_tracking_reports_exactly_the_guest_writes() {
             .unwrap();
         assert!(l.text.starts_with("BLK write ok"), "{}", l.text);
     }
-    let r = vm.api(json!({"cmd": "disk-take-dirty", "disk": 0}));
+    let r = vm.api(Cmd::DiskTakeDirty { disk: 0 });
     assert_eq!(r["ok"], true, "{r}");
     let res = &r["result"];
     assert_eq!(res["granularity"], 65536);
@@ -298,17 +299,17 @@ fn changed_block_tracking_reports_exactly_the_guest_writes() {
     // Taken means cleared; reads do not dirty.
     vm.console.send("blkverify 256 8 77").unwrap();
     vm.console.wait_prefix("BLK verify", BOOT).unwrap();
-    let r = vm.api(json!({"cmd": "disk-take-dirty", "disk": 0}));
+    let r = vm.api(Cmd::DiskTakeDirty { disk: 0 });
     assert_eq!(r["result"]["blocks"], 0, "{r}");
     vm.console.send("blkwrite 40000 1 5").unwrap(); // byte 20480000: block 312
     vm.console.wait_prefix("BLK write", BOOT).unwrap();
-    let r = vm.api(json!({"cmd": "disk-take-dirty", "disk": 0}));
+    let r = vm.api(Cmd::DiskTakeDirty { disk: 0 });
     assert_eq!(r["result"]["ranges"], json!([[312 * 65536, 65536]]), "{r}");
-    let r = vm.api(json!({"cmd": "disk-take-dirty", "disk": 3}));
+    let r = vm.api(Cmd::DiskTakeDirty { disk: 3 });
     assert!(r["error"].as_str().unwrap().contains("No disk 3"), "{r}");
-    let r = vm.api(json!({"cmd": "disk-dirty-stop", "disk": 0}));
+    let r = vm.api(Cmd::DiskDirtyStop { disk: 0 });
     assert_eq!(r["ok"], true, "{r}");
-    vm.api(json!({"cmd": "stop"}));
+    vm.api(Cmd::Stop);
     vm.wait_exit(Duration::from_secs(10));
     check(&disk);
 }
@@ -726,7 +727,7 @@ fn full_disk_child() {
 
 #[test]
 fn a_vm_provisioned_from_a_template_gets_its_customization() {
-    use godwit_e2e::netns::{unique_name, Netns, Veth};
+    use godwit_testkit::netns::{unique_name, Netns, Veth};
     common::require_kvm();
     let dir = Scratch::new("stor-custom");
     let src = dir.path("template.raw");
@@ -827,7 +828,7 @@ fn a_vm_provisioned_from_a_template_gets_its_customization() {
         .count();
     assert_eq!(blks, 2);
     assert_eq!(storage::config_disk::read_config_disk(&cfg).unwrap(), c);
-    vm.api(json!({"cmd": "stop"}));
+    vm.api(Cmd::Stop);
     vm.wait_exit(Duration::from_secs(10));
     check(&root);
     assert_eq!(sha256_file(&t.path).unwrap(), digest);
@@ -850,14 +851,14 @@ fn a_snapshot_of_a_running_vm_cannot_run_beside_it() {
     let w = vm.console.wait_prefix("BLK write", BOOT).unwrap();
     assert!(w.text.starts_with("BLK write ok"), "{}", w.text);
     let snap = dir.path("snap");
-    let r = vm.api(json!({"cmd": "save-state", "dir": snap}));
+    let r = vm.api(Cmd::SaveState { dir: snap.clone() });
     assert_eq!(r["ok"], true, "{r}");
     // The paused source still holds its disk.
     let out = run_vmm(&["--restore", snap.to_str().unwrap(), "--timeout-s", "5"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("is locked by pid"), "{err}");
-    vm.api(json!({"cmd": "stop"}));
+    vm.api(Cmd::Stop);
     vm.wait_exit(Duration::from_secs(10));
     // Once it is gone the snapshot runs and finds the guest's data.
     let mut vm2 = start_vm(
@@ -872,7 +873,7 @@ fn a_snapshot_of_a_running_vm_cannot_run_beside_it() {
         .wait_for("the pattern", BOOT, |t| t.starts_with("BLK verify"))
         .unwrap();
     assert_eq!(v.text, "BLK verify ok sector=64 count=16 seed=21");
-    vm2.api(json!({"cmd": "stop"}));
+    vm2.api(Cmd::Stop);
     vm2.wait_exit(Duration::from_secs(10));
     check(&disk);
 }

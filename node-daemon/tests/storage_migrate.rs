@@ -15,9 +15,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{guest, start_vm, Scratch, Vm, BOOT, VMM};
-use godwit_e2e::guest::{blk_sector, Console};
-use godwit_e2e::netns::{unique_name, Netns, Veth};
 use godwit_node::storage::{self, ImageFormat, ImageLock, LockMode};
+use godwit_testkit::guest::{blk_sector, Console};
+use godwit_testkit::netns::{unique_name, Netns, Veth};
+use godwit_vmm_control::{Command as Cmd, MigrateSend};
 use serde_json::{json, Value};
 
 const SOURCE_IP: &str = "10.89.0.1";
@@ -147,18 +148,8 @@ fn start_source(n: &Nodes, dir: &Scratch, disk: &Path) -> Vm {
     vm
 }
 
-fn api(path: &Path, mut req: Value) -> Value {
-    use std::io::Write;
-    req["v"] = json!(1);
-    let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect control socket");
-    s.write_all(format!("{req}\n").as_bytes()).unwrap();
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).unwrap();
-    serde_json::from_str(&line).unwrap()
-}
-
 fn status(src: &Vm) -> Value {
-    src.api(json!({"cmd": "migrate-status"}))["result"].clone()
+    src.api(Cmd::MigrateStatus)["result"].clone()
 }
 
 fn ended(s: &Value) -> bool {
@@ -196,15 +187,12 @@ fn blk_ok(console: &mut Console, command: &str) {
 /// After a failed migration: the VM runs on the source, its boot pattern
 /// reads back, and changed-block tracking is off again.
 fn still_on_source(src: &mut Vm) {
-    assert_eq!(
-        src.api(json!({"cmd": "status"}))["result"]["state"],
-        "running"
-    );
+    assert_eq!(src.api(Cmd::Status)["result"]["state"], "running");
     src.console
         .heartbeats(2, Duration::from_secs(10))
         .expect("the guest runs on the source");
     blk_ok(&mut src.console, "blkverify 0 256 1");
-    let r = src.api(json!({"cmd": "disk-take-dirty", "disk": 0}));
+    let r = src.api(Cmd::DiskTakeDirty { disk: 0 });
     assert_eq!(r["ok"], false, "tracking left on: {r}");
 }
 
@@ -279,13 +267,12 @@ fn storage_migration(base_on_target: bool) {
     let n = nodes();
     let mut src = start_source(&n, &dir, &src_disk);
     let target = start_target(&n, &dir, &dst_disk);
-    let r = src.api(json!({
-        "cmd": "migrate-send",
-        "addr": format!("{TARGET_IP}:{}", target.port),
-        "copy_disks": [0],
+    let r = src.api(Cmd::MigrateSend(MigrateSend {
+        copy_disks: vec![0],
         // A slow link, so that the guest writes during the bulk copy and
         // the rounds.
-        "bandwidth_mbps": 16,
+        bandwidth_mbps: Some(16),
+        ..MigrateSend::to(format!("{TARGET_IP}:{}", target.port))
     }));
     assert_eq!(r["ok"], true, "migrate-send: {r}");
     let (seeds, unknown, st) = churn_until_done(&mut src);
@@ -353,7 +340,7 @@ fn storage_migration(base_on_target: bool) {
     // Run the guest on the target; it verifies what it wrote.
     let con = std::os::unix::net::UnixStream::connect(&target.console).unwrap();
     let mut con = Console::new(con.try_clone().unwrap(), con);
-    let r = api(&target.api, json!({"cmd": "resume"}));
+    let r = common::call(&target.api, Cmd::Resume);
     assert_eq!(r["ok"], true, "{r}");
     let mut verify = |sector: u64, count: u64, seed: u64| {
         con.send(&format!("blkverify {sector} {count} {seed}"))
@@ -405,12 +392,11 @@ fn broken_storage_migration_leaves_the_vm_on_the_source() {
     let n = nodes();
     let mut src = start_source(&n, &dir, &src_disk);
     let mut target = start_target(&n, &dir, &dst_disk);
-    let r = src.api(json!({
-        "cmd": "migrate-send",
-        "addr": format!("{TARGET_IP}:{}", target.port),
-        "copy_disks": [0],
+    let r = src.api(Cmd::MigrateSend(MigrateSend {
+        copy_disks: vec![0],
         // 4 MiB of base data at 8 Mbit/s: the copy takes seconds.
-        "bandwidth_mbps": 8,
+        bandwidth_mbps: Some(8),
+        ..MigrateSend::to(format!("{TARGET_IP}:{}", target.port))
     }));
     assert_eq!(r["ok"], true, "migrate-send: {r}");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -432,7 +418,7 @@ fn broken_storage_migration_leaves_the_vm_on_the_source() {
     assert!(matches!(e, storage::StorageError::Locked { .. }), "{e}");
     still_on_source(&mut src);
     blk_ok(&mut src.console, &format!("blkwrite {CHURN_AT} 64 9"));
-    src.api(json!({"cmd": "stop"}));
+    src.api(Cmd::Stop);
     src.wait_exit(Duration::from_secs(10));
     let out = Command::new("qemu-img")
         .args(["check"])
@@ -462,10 +448,10 @@ fn shared_disk_lock_moves_to_the_target() {
     assert!(holder.contains(&format!("pid {src_pid} ")), "{holder}");
     // Both VMMs see the same file: the target opens it (unlocked) too.
     let target = start_target(&n, &dir, &shared);
-    let r = src.api(json!({
-        "cmd": "migrate-send",
-        "addr": format!("{TARGET_IP}:{}", target.port),
-    }));
+    let r = src.api(Cmd::MigrateSend(MigrateSend::to(format!(
+        "{TARGET_IP}:{}",
+        target.port
+    ))));
     assert_eq!(r["ok"], true, "migrate-send: {r}");
     let s = loop {
         let s = status(&src);
@@ -489,7 +475,7 @@ fn shared_disk_lock_moves_to_the_target() {
     // The guest runs there on the same disk.
     let con = std::os::unix::net::UnixStream::connect(&target.console).unwrap();
     let mut con = Console::new(con.try_clone().unwrap(), con);
-    assert_eq!(api(&target.api, json!({"cmd": "resume"}))["ok"], true);
+    assert_eq!(common::call(&target.api, Cmd::Resume)["ok"], true);
     blk_ok(&mut con, &format!("blkverify {OVERLAY_AT} 256 2"));
 }
 
@@ -536,10 +522,9 @@ fn a_full_target_disk_fails_the_migration_and_the_source_keeps_the_vm() {
     let n = nodes();
     let mut src = start_source(&n, &dir, &src_disk);
     let mut target = start_target(&n, &dir, &dst_disk);
-    let r = src.api(json!({
-        "cmd": "migrate-send",
-        "addr": format!("{TARGET_IP}:{}", target.port),
-        "copy_disks": [0],
+    let r = src.api(Cmd::MigrateSend(MigrateSend {
+        copy_disks: vec![0],
+        ..MigrateSend::to(format!("{TARGET_IP}:{}", target.port))
     }));
     assert_eq!(r["ok"], true, "migrate-send: {r}");
     let s = wait_failed(&src);
@@ -559,7 +544,7 @@ fn a_full_target_disk_fails_the_migration_and_the_source_keeps_the_vm() {
     };
     assert!(!code.success(), "the target VMM exited {code}");
     still_on_source(&mut src);
-    src.api(json!({"cmd": "stop"}));
+    src.api(Cmd::Stop);
     src.wait_exit(Duration::from_secs(10));
     drop(full);
 }

@@ -9,13 +9,13 @@
 //! - `bench migrate [--json] [--quick]`: live migration of the test guest,
 //!   godwit-vmm vs QEMU (default and best settings), idle and dirtying 1 GiB
 //!   guests over an unlimited and a 1 Gbit/s veth between two network
-//!   namespaces (see `godwit_e2e::bench_migrate`).
+//!   namespaces (see `godwit_e2e::bench::migrate`).
 //!
 //! - `bench storage [--json]`: provisioning time from a cached template
 //!   (1 GiB and 20 GiB, sparse and fully written; see
-//!   `godwit_e2e::bench_storage`), then live storage migration with and
+//!   `godwit_e2e::bench::storage`), then live storage migration with and
 //!   without the base image on the target against a memory-only migration
-//!   of the same workload (`godwit_e2e::bench_storage_migrate`; skip with
+//!   of the same workload (`godwit_e2e::bench::storage_migrate`; skip with
 //!   `--no-migrate`).
 //!
 //! - `bench failover [--runs N] [--json]`: HA on a two-node local cluster
@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use godwit_e2e::guest::{guest_elf, parse_heartbeat};
+use godwit_testkit::guest::{guest_elf, parse_heartbeat};
 use serde_json::json;
 
 /// Godwit benchmarks.
@@ -136,10 +136,10 @@ struct FailoverArgs {
 }
 
 fn failover(a: FailoverArgs) -> Result<()> {
-    use godwit_e2e::demo::{Godwit, EXAMPLE_TEMPLATE, EXAMPLE_VM};
+    use godwit_e2e::driver::{ClusterDriver, EXAMPLE_TEMPLATE, EXAMPLE_VM};
     anyhow::ensure!(a.runs > 0, "--runs must be at least 1");
     let dir = std::env::temp_dir().join(format!("godwit-bench-failover-{}", std::process::id()));
-    let g = Godwit::up(2, &dir)?;
+    let g = ClusterDriver::up(2, &dir)?;
     g.apply(&g.example(EXAMPLE_TEMPLATE))?;
     g.apply(&g.example(EXAMPLE_VM))?;
     let mut times = Vec::new();
@@ -197,7 +197,7 @@ struct StorageArgs {
 }
 
 fn storage(a: StorageArgs) -> Result<()> {
-    use godwit_e2e::bench_storage::{run, Options, ProvisionResult};
+    use godwit_e2e::bench::storage::{run, Options, ProvisionResult};
     let opts = Options {
         sizes_gib: a.sizes_gib,
         runs: a.runs,
@@ -227,9 +227,9 @@ fn storage(a: StorageArgs) -> Result<()> {
     if a.no_migrate {
         return Ok(());
     }
-    use godwit_e2e::bench_storage_migrate::{run as migrate, StorageMigrateResult};
-    let vmm = godwit_e2e::bench_migrate::vmm_binary(None)?;
-    let guest = godwit_e2e::guest::guest_elf()?;
+    use godwit_e2e::bench::storage_migrate::{run as migrate, StorageMigrateResult};
+    let vmm = godwit_e2e::bench::migrate::vmm_binary(None)?;
+    let guest = godwit_testkit::guest::guest_elf()?;
     if !a.json {
         println!();
         println!("{}", StorageMigrateResult::header());
@@ -266,7 +266,7 @@ struct MigrateArgs {
 }
 
 fn migrate(a: MigrateArgs) -> Result<()> {
-    use godwit_e2e::bench_migrate::{run, Options, RunResult};
+    use godwit_e2e::bench::migrate::{run, Options, RunResult};
     let opts = Options {
         quick: a.quick,
         vmm: a.vmm,

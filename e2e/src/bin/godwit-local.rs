@@ -49,8 +49,8 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 fn up(nodes: usize, dir: &std::path::Path) -> anyhow::Result<()> {
-    use godwit_e2e::demo::{Godwit, EXAMPLE_MIGRATION, EXAMPLE_TEMPLATE, EXAMPLE_VM};
-    let godwit = Godwit::up(nodes, dir)?;
+    use godwit_e2e::driver::{ClusterDriver, EXAMPLE_MIGRATION, EXAMPLE_TEMPLATE, EXAMPLE_VM};
+    let godwit = ClusterDriver::up(nodes, dir)?;
     let examples = dir.join("examples");
     std::fs::create_dir_all(&examples)?;
     for (file, text) in [

@@ -5,14 +5,15 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use godwit_e2e::guest::{guest_elf, Console};
-use serde_json::{json, Value};
+use godwit_testkit::guest::{guest_elf, Console};
+use godwit_testkit::vmmproc::{call_envelope, CONTROL_TIMEOUT};
+use godwit_vmm_control::{Command as Cmd, ControlClient};
+use serde_json::Value;
 
 /// The godwit-vmm binary built with these tests.
 pub const VMM: &str = env!("CARGO_BIN_EXE_godwit-vmm");
@@ -59,6 +60,17 @@ pub struct Vm {
     pub api: PathBuf,
     pub console: Console,
     pub serial_log: PathBuf,
+}
+
+/// The client of the control socket at `api`.
+pub fn control(api: &Path) -> ControlClient {
+    ControlClient::new(api).with_timeout(CONTROL_TIMEOUT)
+}
+
+/// One control call to the socket at `api`; returns the response object
+/// (`ok` with its `result`, or not `ok` with the VMM's `error`).
+pub fn call(api: &Path, cmd: Cmd) -> Value {
+    call_envelope(&control(api), cmd).unwrap_or_else(|e| panic!("control call: {e}"))
 }
 
 /// Runs the VMM with the capabilities the node agent leaves it (only
@@ -119,20 +131,30 @@ pub fn start_vm(dir: &Scratch, tag: &str, prefix: &[&str], args: &[String]) -> V
         console,
         serial_log: log,
     };
-    let r = vm.api(json!({"cmd": "resume"}));
+    let r = vm.api(Cmd::Resume);
     assert_eq!(r["ok"], true, "resume: {r}");
     vm
 }
 
 impl Vm {
-    /// One control request; returns the response object.
-    pub fn api(&self, mut req: Value) -> Value {
-        req["v"] = json!(1);
-        let mut s = UnixStream::connect(&self.api).expect("connect control socket");
-        s.write_all(format!("{req}\n").as_bytes()).unwrap();
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad response {line:?}: {e}"))
+    /// The client of this VMM's control socket.
+    pub fn control(&self) -> ControlClient {
+        control(&self.api)
+    }
+
+    /// One control call; returns the response object (see [`call`]).
+    pub fn api(&self, cmd: Cmd) -> Value {
+        call(&self.api, cmd)
+    }
+
+    /// One request line sent as it is (a malformed or unknown request);
+    /// returns the response object.
+    pub fn raw(&self, line: &str) -> Value {
+        let response = self
+            .control()
+            .send_line(line)
+            .expect("control socket answers");
+        serde_json::to_value(response).expect("responses serialise")
     }
 
     /// Waits for the process to exit (up to `timeout`).

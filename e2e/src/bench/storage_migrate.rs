@@ -15,18 +15,17 @@
 //!   no disk byte travels; its downtime is the reference for what copying
 //!   the disk adds.
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use godwit_node::storage::{self, ImageFormat};
+use godwit_testkit::guest::blk_sector;
+use godwit_testkit::vmmproc::VmmProc;
+use godwit_vmm_control::{MigrateSend, Stage};
 use serde_json::{json, Value};
-
-use crate::guest::{blk_sector, Console};
 
 const DISK: u64 = 256 << 20;
 const BASE_DATA: u64 = 64 << 20;
@@ -34,6 +33,8 @@ const MEMORY_MIB: u64 = 128;
 /// Where the guest rewrites its disk during the migration.
 const CHURN_AT: u64 = 1 << 18; // sector: 128 MiB
 const REGION: u64 = 64;
+/// Every VMM of the benchmark gives up after this long (`--timeout-s`).
+const VMM_TIMEOUT: [&str; 2] = ["--timeout-s", "120"];
 
 /// How the disk is handled in one run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,60 +124,6 @@ impl StorageMigrateResult {
     }
 }
 
-struct Proc {
-    child: Child,
-    api: PathBuf,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn api(&self, mut req: Value) -> Result<Value> {
-        req["v"] = json!(1);
-        let mut s = std::os::unix::net::UnixStream::connect(&self.api)
-            .with_context(|| format!("connect {}", self.api.display()))?;
-        s.write_all(format!("{req}\n").as_bytes())?;
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line)?;
-        Ok(serde_json::from_str(&line)?)
-    }
-}
-
-fn spawn(vmm: &Path, dir: &Path, tag: &str, args: &[String]) -> Result<Proc> {
-    let api = dir.join(format!("{tag}.api"));
-    let child = Command::new(vmm)
-        .args(args)
-        .arg("--api-sock")
-        .arg(&api)
-        .arg("--console-sock")
-        .arg(dir.join(format!("{tag}.console")))
-        .args(["--timeout-s", "120"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("spawn godwit-vmm")?;
-    Ok(Proc { child, api })
-}
-
-fn console(path: &Path) -> Result<Console> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(s) = std::os::unix::net::UnixStream::connect(path) {
-            return Ok(Console::new(s.try_clone()?, s));
-        }
-        if Instant::now() > deadline {
-            bail!("no console at {}", path.display());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 fn make_base(dir: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join(format!("sha256-{}.raw", "b7".repeat(32)));
@@ -221,11 +168,9 @@ pub fn run_one(
             d
         }
     };
-    let src = spawn(
-        vmm,
-        dir,
-        "src",
-        &[
+    let src = VmmProc::spawn(dir, "src")
+        .binary(vmm)
+        .args(&[
             "--kernel".into(),
             guest.display().to_string(),
             "--memory-mib".into(),
@@ -234,38 +179,23 @@ pub fn run_one(
             format!("blk_write={}:2048:2", 1u64 << 17),
             "--disk".into(),
             format!("path={}", src_disk.display()),
-            "--paused".into(),
-        ],
-    )?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !src.api.exists() {
-        if Instant::now() > deadline {
-            bail!("the source godwit-vmm did not start");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let mut con = console(&dir.join("src.console"))?;
-    src.api(json!({"cmd": "resume"}))?;
+        ])
+        .args(&VMM_TIMEOUT)
+        .stderr_to_file()
+        .boot()?;
+    let mut con = src.console(Duration::from_secs(20))?;
+    let control = src.control();
+    control.resume()?;
     con.wait_prefix("READY", Duration::from_secs(60))?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let mut target = spawn(
-        vmm,
-        dir,
-        "dst",
-        &[
-            "--incoming".into(),
-            format!("127.0.0.1:{port}"),
-            "--disk".into(),
-            format!("path={}", dst_disk.display()),
-        ],
-    )?;
-    let mut line = String::new();
-    BufReader::new(target.child.stdout.take().context("target stdout")?).read_line(&mut line)?;
-    if !line.contains("waiting for a migration") {
-        bail!("target said {line:?}");
-    }
+    let target = VmmProc::spawn(dir, "dst")
+        .binary(vmm)
+        .args(&["--disk".into(), format!("path={}", dst_disk.display())])
+        .args(&VMM_TIMEOUT)
+        .stderr_to_file()
+        .incoming(&format!("127.0.0.1:{port}"))?;
     // The guest rewrites its disk until the migration ends.
     let stop = Arc::new(AtomicBool::new(false));
     let writes = Arc::new(AtomicU64::new(0));
@@ -296,25 +226,24 @@ pub fn run_one(
     } else {
         vec![0]
     };
-    let r = src.api(json!({
-        "cmd": "migrate-send",
-        "addr": format!("127.0.0.1:{port}"),
-        "copy_disks": copy,
-        "allow_post_copy": false,
-    }))?;
-    if r["ok"] != true {
-        bail!("migrate-send: {r}");
-    }
+    control.migrate_send(MigrateSend {
+        copy_disks: copy,
+        allow_post_copy: Some(false),
+        ..MigrateSend::to(format!("127.0.0.1:{port}"))
+    })?;
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
-        let st = src.api(json!({"cmd": "migrate-status"}))?["result"].clone();
-        match st["stage"].as_str() {
-            Some("Completed") => break st,
-            Some("Failed") => bail!("migration failed: {}", st["error"]),
+        let st = control.migrate_status()?;
+        match st.stage {
+            Stage::Completed => break st,
+            Stage::Failed => bail!(
+                "migration failed: {}",
+                st.error.as_deref().unwrap_or("no reason given")
+            ),
             _ => {}
         }
         if Instant::now() > deadline {
-            bail!("migration did not end: {st}");
+            bail!("migration did not end: {st:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -324,7 +253,7 @@ pub fn run_one(
     drop(src);
     Ok(StorageMigrateResult {
         mode,
-        result: status["result"].clone(),
+        result: serde_json::to_value(status.result).expect("figures serialise"),
         writes: writes.load(Ordering::Relaxed),
     })
 }

@@ -1,12 +1,15 @@
 //! The Godwit test guest seen from the host: building and locating its ELF
 //! (`e2e/testguest/build.sh`, run once per process), reading its serial console
 //! line by line with each line stamped by the host's monotonic clock as it
-//! arrives, waiting for lines, and the guest's line formats and patterns
-//! (documented in `e2e/testguest/README.md`).
+//! arrives, waiting for lines, the guest's line formats and patterns
+//! (documented in `e2e/testguest/README.md`), and a TCP client of its
+//! heartbeat server.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::OnceLock;
 use std::thread;
@@ -31,9 +34,12 @@ pub enum GuestError {
     Write(#[source] std::io::Error),
 }
 
-/// The test guest's crate directory.
+/// The test guest's crate directory (`e2e/testguest`, beside this crate).
 pub fn testguest_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("testguest")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the test kit lives in e2e/")
+        .join("testguest")
 }
 
 /// Builds the guest (once per process; cargo caches across processes) and
@@ -270,16 +276,82 @@ impl Console {
     }
 }
 
+/// What a TCP client of the guest's heartbeat server saw.
+#[derive(Debug, Default)]
+pub struct StreamSeen {
+    /// Heartbeats read.
+    pub count: usize,
+    /// First and last counter.
+    pub first: u64,
+    /// See `first`.
+    pub last: u64,
+    /// Every counter was the previous one plus one.
+    pub in_order: bool,
+    /// Why the connection ended, if not because we stopped.
+    pub error: Option<String>,
+}
+
+/// Connects to the guest's heartbeat server at `addr` and reads heartbeat
+/// lines until `stop`, publishing the latest counter in `last_seen`.
+pub fn watch_heartbeats(addr: &str, stop: &AtomicBool, last_seen: &AtomicU64) -> StreamSeen {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stream = loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => {
+                return StreamSeen {
+                    error: Some(e.to_string()),
+                    ..Default::default()
+                }
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut seen = StreamSeen {
+        in_order: true,
+        ..Default::default()
+    };
+    for line in BufReader::new(stream).lines() {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        match line {
+            Ok(l) => {
+                if let Some(hb) = parse_heartbeat(l.trim_end()) {
+                    if seen.count > 0 && hb.counter != seen.last + 1 {
+                        seen.in_order = false;
+                    }
+                    if seen.count == 0 {
+                        seen.first = hb.counter;
+                    }
+                    seen.last = hb.counter;
+                    seen.count += 1;
+                    last_seen.store(hb.counter, Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                seen.error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    if seen.error.is_none() && !stop.load(Ordering::Relaxed) {
+        seen.error = Some("connection closed".into());
+    }
+    seen
+}
+
 /// The guest's own pattern and command-line code, compiled for the host so the
 /// tests below check the host's formulas and parsing against the guest's.
 #[cfg(test)]
 #[allow(dead_code)]
-#[path = "../testguest/src/pattern.rs"]
+#[path = "../../testguest/src/pattern.rs"]
 mod guest_pattern;
 
 #[cfg(test)]
 #[allow(dead_code)]
-#[path = "../testguest/src/cmdline.rs"]
+#[path = "../../testguest/src/cmdline.rs"]
 mod guest_cmdline;
 
 #[cfg(test)]

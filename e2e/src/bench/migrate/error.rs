@@ -1,0 +1,40 @@
+//! The migration benchmark's errors, and how a failed run reports one.
+
+use godwit_testkit::guest::GuestError;
+use godwit_testkit::netns::NetnsError;
+use godwit_testkit::qemu::QemuError;
+use godwit_testkit::vmmproc::VmmProcError;
+use godwit_vmm_control::ControlError;
+
+/// Errors of the migration benchmark.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("Network namespace setup failed")]
+    Netns(#[from] NetnsError),
+    #[error("QEMU failed")]
+    Qemu(#[from] QemuError),
+    #[error("Test guest failed")]
+    Guest(#[from] GuestError),
+    #[error("godwit-vmm process failed")]
+    VmmProc(#[from] VmmProcError),
+    #[error("godwit-vmm control call failed")]
+    Control(#[from] ControlError),
+    #[error("I/O failed: {0}")]
+    Io(String, #[source] std::io::Error),
+    #[error("godwit-vmm: {0}")]
+    Vmm(String),
+    #[error("Building godwit-vmm failed: {0}")]
+    Build(String),
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

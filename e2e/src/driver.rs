@@ -1,0 +1,249 @@
+//! The driver of a local cluster running Godwit: [`ClusterDriver::up`]
+//! brings up a [`LocalCluster`] (API test server, namespace nodes) with the
+//! operator and a node agent per node, and installs the test guest and a
+//! root image where the examples expect them; the driver then acts as a
+//! user does, with `kubectl` (apply, get, watch, wait), and reaches into a
+//! node's VM directory as an operator on the node would (its console).
+//! The demo, the fault matrix, the failover benchmark and the end-to-end
+//! tests all drive Godwit through it.
+
+use std::io::{BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use godwit_testkit::guest::guest_elf;
+use serde_json::Value;
+
+use crate::cluster::LocalCluster;
+
+/// The example manifests, compiled in.
+pub const EXAMPLE_TEMPLATE: &str = include_str!("../../examples/template.yaml");
+/// See [`EXAMPLE_TEMPLATE`].
+pub const EXAMPLE_VM: &str = include_str!("../../examples/vm.yaml");
+/// See [`EXAMPLE_TEMPLATE`].
+pub const EXAMPLE_MIGRATION: &str = include_str!("../../examples/migration.yaml");
+/// Where the examples expect the kernel and images on a node.
+pub const EXAMPLE_ROOT: &str = "/var/lib/godwit";
+/// The example VM's address and heartbeat port.
+pub const EXAMPLE_VM_ADDR: &str = "10.88.0.10:7777";
+
+/// A local cluster running Godwit, with the test guest installed, driven
+/// as a user drives it (`kubectl`).
+pub struct ClusterDriver {
+    /// The cluster (dropped last: it kills every process and removes its directory).
+    pub cluster: LocalCluster,
+    root: PathBuf,
+}
+
+impl ClusterDriver {
+    /// Brings up `nodes` nodes (4 vCPUs and 2 GiB for VMs each) with the
+    /// operator and the agents, in `dir`.
+    pub fn up(nodes: usize, dir: &Path) -> anyhow::Result<ClusterDriver> {
+        ClusterDriver::up_with(nodes, dir, &[])
+    }
+
+    /// [`ClusterDriver::up`] with extra operator flags.
+    pub fn up_with(
+        nodes: usize,
+        dir: &Path,
+        operator_args: &[&str],
+    ) -> anyhow::Result<ClusterDriver> {
+        if !Path::new("/dev/kvm").exists() {
+            bail!("/dev/kvm does not exist: Godwit boots real VMs under KVM");
+        }
+        let elf = guest_elf()?;
+        let mut cluster = LocalCluster::up(nodes, 4, 2048, dir)?;
+        let root = dir.join("images-root");
+        std::fs::create_dir_all(root.join("kernels"))?;
+        std::fs::create_dir_all(root.join("images"))?;
+        std::fs::copy(&elf, root.join("kernels/godwit-testguest.elf"))?;
+        std::fs::File::create(root.join("images/testguest-root.raw"))?.set_len(64 << 20)?;
+        cluster.operator_args = operator_args.iter().map(|a| a.to_string()).collect();
+        cluster.start_godwit()?;
+        Ok(ClusterDriver { cluster, root })
+    }
+
+    /// An example manifest with the example paths moved under this cluster.
+    pub fn example(&self, text: &str) -> String {
+        text.replace(EXAMPLE_ROOT, &self.root.display().to_string())
+    }
+
+    /// `kubectl` with `stdin`; its stdout, or an error with its stderr.
+    pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.cluster.kubeconfig)
+            .arg("--cache-dir")
+            .arg(self.cluster.dir().join("kube-cache"))
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("run kubectl")?;
+        if let Some(text) = stdin {
+            child
+                .stdin
+                .take()
+                .expect("piped")
+                .write_all(text.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `kubectl apply -f -`.
+    pub fn apply(&self, manifest: &str) -> anyhow::Result<String> {
+        self.kubectl(&["apply", "-f", "-"], Some(manifest))
+    }
+
+    /// `kubectl get <kind> <name> -o json`; `None` when it does not exist.
+    pub fn get(&self, kind: &str, name: &str) -> anyhow::Result<Option<Value>> {
+        match self.kubectl(&["get", kind, name, "-o", "json"], None) {
+            Ok(text) => Ok(Some(serde_json::from_str(&text)?)),
+            Err(e) if e.to_string().contains("NotFound") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `kubectl get <kind> <name> -o json --watch`: every version of the
+    /// object from now on, as a user watching it sees them. Polling can miss
+    /// a state that lasts less than a poll; a watch cannot.
+    pub fn watch(&self, kind: &str, name: &str) -> anyhow::Result<Watch> {
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.cluster.kubeconfig)
+            .arg("--cache-dir")
+            .arg(self.cluster.dir().join("kube-cache"))
+            .args(["get", kind, name, "-o", "json", "--watch"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("run kubectl get --watch")?;
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let objects = serde_json::Deserializer::from_reader(BufReader::new(stdout));
+            for object in objects.into_iter::<Value>().map_while(Result::ok) {
+                if tx.send(object).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Watch { child, rx })
+    }
+
+    /// Polls `check` every 100 ms until it returns `Some`, for at most `timeout`.
+    pub fn wait<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut() -> anyhow::Result<Option<T>>,
+    ) -> anyhow::Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = check()? {
+                return Ok(v);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "timed out after {timeout:?} waiting for {what}; logs in {}",
+                    self.cluster.log_dir().display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until VM `name` is Running; returns its object.
+    /// On a timeout the error says where the VM got to: its status
+    /// (phase, node, conditions with their messages).
+    pub fn wait_running(&self, name: &str, timeout: Duration) -> anyhow::Result<Value> {
+        self.wait(&format!("VM {name} to run"), timeout, || {
+            let vm = self.get("vm", name)?;
+            Ok(vm.filter(|v| v["status"]["phase"] == "Running"))
+        })
+        .map_err(|e| {
+            let status = match self.get("vm", name) {
+                Ok(Some(vm)) => vm["status"].to_string(),
+                Ok(None) => "no such VM".into(),
+                Err(e) => format!("cannot read it: {e:#}"),
+            };
+            e.context(format!("VM {name}'s status: {status}"))
+        })
+    }
+
+    /// The VM directory of `namespace/name` on node `i`.
+    pub fn vm_dir(&self, i: usize, namespace: &str, name: &str) -> PathBuf {
+        self.cluster
+            .node_state_dir(i)
+            .join("vms")
+            .join(namespace)
+            .join(name)
+    }
+
+    /// The index of node `name`.
+    pub fn node_index(&self, name: &str) -> anyhow::Result<usize> {
+        self.cluster
+            .fabric
+            .nodes
+            .iter()
+            .position(|n| n.name == name)
+            .with_context(|| format!("no node {name}"))
+    }
+}
+
+/// Types `line` at the console of the VM whose directory is `vm_dir` (the
+/// VMM's console socket).
+pub fn type_at(vm_dir: &Path, line: &str) -> anyhow::Result<()> {
+    let mut s = std::os::unix::net::UnixStream::connect(vm_dir.join("console.sock"))
+        .with_context(|| format!("console of {}", vm_dir.display()))?;
+    s.write_all(format!("{line}\n").as_bytes())?;
+    Ok(())
+}
+
+/// Whether the console log of the VM in `vm_dir` contains `text`.
+pub fn console_has(vm_dir: &Path, text: &str) -> bool {
+    std::fs::read_to_string(vm_dir.join("console.log")).is_ok_and(|t| t.contains(text))
+}
+
+/// A running `kubectl get --watch` (see [`ClusterDriver::watch`]); killed on drop.
+pub struct Watch {
+    child: std::process::Child,
+    rx: std::sync::mpsc::Receiver<Value>,
+}
+
+impl Watch {
+    /// The next version of the object; `Ok(None)` when none came within
+    /// `timeout`, an error when the watch ended.
+    pub fn next(&self, timeout: Duration) -> anyhow::Result<Option<Value>> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(v) => Ok(Some(v)),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Ok(None),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("kubectl get --watch ended")
+            }
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
