@@ -39,7 +39,7 @@ pub mod status;
 mod tls;
 
 pub use client::{ControlClient, ControlError};
-pub use progress::{DowntimeBreakdown, MigrationResult, ModeUsed, Progress, Stage, StorageResult};
+pub use progress::{DowntimeBreakdown, MigrationSummary, ModeUsed, Progress, Stage, StorageResult};
 pub use protocol::{parse_request, Command, MigrateSend, Request, Response, API_VERSION};
 pub use results::{
     Cancelling, ChangedBlocks, DirtyLog, DirtyRegion, DirtySet, DiskTracking, RunState, Runs,

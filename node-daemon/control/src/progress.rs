@@ -65,7 +65,7 @@ pub struct Progress {
     #[serde(default)]
     pub disk_remaining_bytes: u64,
     /// The result, once completed.
-    pub result: Option<MigrationResult>,
+    pub result: Option<MigrationSummary>,
     /// The error, once failed.
     pub error: Option<String>,
     /// Failed after the guest may have run on the target (post-copy, or
@@ -81,7 +81,7 @@ pub struct Progress {
 
 /// Final figures of a migration.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct MigrationResult {
+pub struct MigrationSummary {
     /// From the start to the target's confirmation.
     pub total_ms: u64,
     /// From pausing the guest on the source to the source learning that the

@@ -54,8 +54,8 @@ impl From<&Progress> for MigrationProgress {
 
 /// The figures `status.result` shows; the downtime rounded to whole
 /// milliseconds.
-impl From<&progress::MigrationResult> for MigrationResult {
-    fn from(r: &progress::MigrationResult) -> MigrationResult {
+impl From<&progress::MigrationSummary> for MigrationResult {
+    fn from(r: &progress::MigrationSummary) -> MigrationResult {
         MigrationResult {
             total_time_ms: r.total_ms,
             downtime_ms: r.downtime_ms.round() as u64,
@@ -133,7 +133,7 @@ mod tests {
 
     #[test]
     fn the_result_rounds_the_downtime_and_keeps_the_mode() {
-        let r = progress::MigrationResult {
+        let r = progress::MigrationSummary {
             total_ms: 1234,
             downtime_ms: 41.5,
             bytes_sent: 5 << 20,
@@ -141,7 +141,7 @@ mod tests {
             mode: ModeUsed::PostCopy,
             pages_sent: 1000,
             zero_pages: 2000,
-            ..progress::MigrationResult::default()
+            ..progress::MigrationSummary::default()
         };
         assert_eq!(
             MigrationResult::from(&r),
@@ -153,7 +153,7 @@ mod tests {
                 mode_used: MigrationModeUsed::PostCopy,
             }
         );
-        let r = progress::MigrationResult {
+        let r = progress::MigrationSummary {
             downtime_ms: 41.4,
             ..r
         };
@@ -165,7 +165,7 @@ mod tests {
         // The agent reads a completed progress without a result as the
         // default result: zeros, pre-copy.
         assert_eq!(
-            MigrationResult::from(&progress::MigrationResult::default()),
+            MigrationResult::from(&progress::MigrationSummary::default()),
             MigrationResult::default()
         );
     }

@@ -40,7 +40,7 @@ pub const VMM_USER_SLOTS: u32 = 65536;
 ///
 /// The agent stays root: it opens `/dev/kvm` and `/dev/userfaultfd`, makes
 /// the taps, reads the migration key, and hands the VMM the open
-/// descriptors ([`crate::vmm::handed`]); it gives the VM's directories and
+/// descriptors ([`crate::vmm::handover`]); it gives the VM's directories and
 /// writable disks to the VM's user. Read-only files (binary, kernel,
 /// template images) must be readable by others; the binary, kernel and
 /// initrd are handed over as descriptors (`/proc/self/fd/N`) when a
@@ -75,7 +75,7 @@ impl VmmUsers {
 }
 
 /// What the agent hands a VMM that runs as its own user: open descriptors,
-/// and the flags that name them ([`crate::vmm::handed`]).
+/// and the flags that name them ([`crate::vmm::handover`]).
 #[derive(Default)]
 pub struct Handover {
     /// The descriptors, kept open until the VMM holds them.

@@ -12,7 +12,7 @@ use godwit_node::migration::tls::{TlsFiles, TlsIdentity, TlsPem};
 use godwit_node::vmm::control::{ControlServer, MigrationIdentity};
 use godwit_node::vmm::devices::GuestExit;
 use godwit_node::vmm::vm::VmExit;
-use godwit_node::vmm::{handed, sandbox};
+use godwit_node::vmm::{handover, sandbox};
 use godwit_node::vmm::{BuildMode, DiskConfig, NetConfig, RuntimeConfig, VmConfig, Vmm};
 
 const AFTER_HELP: &str = "\
@@ -223,21 +223,21 @@ fn parse_tap_fd(s: &str) -> Result<(String, i32), String> {
     Ok((name.to_string(), fd))
 }
 
-/// Adopts what the node agent handed over (see `vmm::handed`) and returns
+/// Adopts what the node agent handed over (see `vmm::handover`) and returns
 /// the migration identity it sent, if any.
 fn adopt_handed(args: &Args) -> Option<TlsPem> {
     let fail_on = |e: &dyn std::error::Error| fail(error_chain(e));
     if let Some(fd) = args.kvm_fd {
-        handed::set_kvm(fd).unwrap_or_else(|e| fail_on(&e));
+        handover::set_kvm(fd).unwrap_or_else(|e| fail_on(&e));
     }
     if let Some(fd) = args.userfaultfd_fd {
-        handed::set_userfaultfd_device(fd).unwrap_or_else(|e| fail_on(&e));
+        handover::set_userfaultfd_device(fd).unwrap_or_else(|e| fail_on(&e));
     }
     for (name, fd) in &args.tap_fd {
-        handed::add_tap(name, *fd).unwrap_or_else(|e| fail_on(&e));
+        handover::add_tap(name, *fd).unwrap_or_else(|e| fail_on(&e));
     }
     let fd = args.tls_fd?;
-    let bytes = handed::read_pipe("TLS", fd).unwrap_or_else(|e| {
+    let bytes = handover::read_pipe("TLS", fd).unwrap_or_else(|e| {
         fail(format!(
             "cannot read the migration identity from descriptor {fd}: {e}"
         ))

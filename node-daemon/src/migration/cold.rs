@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use ring::digest::{Context, SHA256};
 
 use super::error::MigrationError;
-use super::progress::{MigrationResult, ModeUsed, ProgressHandle, Stage, StorageResult};
+use super::progress::{MigrationSummary, ModeUsed, ProgressHandle, Stage, StorageResult};
 use super::protocol::{
     self, read_frame, Command, DiskAccept, DiskBatch, DiskOffer, ProtocolError, DISK_SECTOR,
 };
@@ -149,7 +149,7 @@ pub fn send(
     opts: &ColdOptions,
     progress: &ProgressHandle,
     cancel: &AtomicBool,
-) -> Result<MigrationResult, MigrationError> {
+) -> Result<MigrationSummary, MigrationError> {
     let started = Instant::now();
     progress.start();
     progress.update(|p| p.stage = Stage::Handshake);
@@ -174,14 +174,14 @@ pub fn send(
     .map_err(|e| peer_word(&rx, e));
     let outcome = outcome.map(|mut storage| {
         storage.bytes_sent = writer.bytes_sent;
-        MigrationResult {
+        MigrationSummary {
             total_ms: started.elapsed().as_millis() as u64,
             downtime_ms: 0.0,
             bytes_sent: writer.bytes_sent,
             rounds: 1,
             mode: ModeUsed::Cold,
             storage: Some(storage),
-            ..MigrationResult::default()
+            ..MigrationSummary::default()
         }
     });
     if let Err(e) = &outcome {
@@ -621,7 +621,7 @@ mod tests {
         src: &Path,
         dst: PathBuf,
         make_target: fn(&Path),
-    ) -> (Result<MigrationResult, MigrationError>, Received) {
+    ) -> (Result<MigrationSummary, MigrationError>, Received) {
         let (addr, target) = spawn_target(move || {
             make_target(&dst);
             Ok(vec![open(&dst, false)])

@@ -72,7 +72,7 @@ pub mod userfaultfd;
 
 pub use error::MigrationError;
 pub use guest::{DirtyPages, GuestError, GuestRegion, SourceVm, TargetVm};
-pub use progress::{MigrationResult, ModeUsed, Progress, ProgressHandle, Stage, StorageResult};
+pub use progress::{MigrationSummary, ModeUsed, Progress, ProgressHandle, Stage, StorageResult};
 pub use protocol::ProtocolError;
 pub use receiver::{receive, receive_recoverable};
 pub use sender::send;

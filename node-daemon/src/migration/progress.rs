@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub use godwit_vmm_control::progress::{
-    DowntimeBreakdown, MigrationResult, ModeUsed, Progress, Stage, StorageResult,
+    DowntimeBreakdown, MigrationSummary, ModeUsed, Progress, Stage, StorageResult,
 };
 
 /// Shared, pollable progress.

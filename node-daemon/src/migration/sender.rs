@@ -28,7 +28,7 @@ use super::error::MigrationError;
 use super::guest::SourceVm;
 use super::postcopy::source::serve as serve_post_copy;
 use super::precopy::{self, Switch, Throttle};
-use super::progress::{DowntimeBreakdown, MigrationResult, ProgressHandle, Stage};
+use super::progress::{DowntimeBreakdown, MigrationSummary, ProgressHandle, Stage};
 use super::protocol::{self, Command, Hello, HelloAck, STORAGE_VERSION};
 use super::session::{RoundDisks, SendOptions, SenderState, Source};
 use super::storage::{self, DiskSender};
@@ -45,7 +45,7 @@ pub fn send<V: SourceVm>(
     opts: &SendOptions,
     progress: &ProgressHandle,
     cancel: &AtomicBool,
-) -> Result<MigrationResult, MigrationError> {
+) -> Result<MigrationSummary, MigrationError> {
     progress.start();
     progress.update(|p| p.stage = Stage::Handshake);
     transport::tune(stream.socket(), opts.stall_timeout).map_err(MigrationError::Socket)?;
@@ -113,7 +113,7 @@ fn run<V: SourceVm>(
     paused: &mut bool,
     committed: &mut bool,
     disks: &mut DiskSender,
-) -> Result<MigrationResult, MigrationError> {
+) -> Result<MigrationSummary, MigrationError> {
     let opts = src.opts;
     let vm = src.vm;
     let copying = !opts.disks.is_empty();
@@ -202,7 +202,7 @@ fn run<V: SourceVm>(
     let downtime = pause_start.elapsed();
     tracing::info!(final_pages, ?phases, "stop-and-copy done");
     src.advance(SenderState::Completed)?;
-    Ok(MigrationResult {
+    Ok(MigrationSummary {
         total_ms: src.started.elapsed().as_millis() as u64,
         downtime_ms: downtime.as_secs_f64() * 1000.0,
         downtime_breakdown: Some(phases),

@@ -228,7 +228,7 @@ impl TargetVm for TestVm {
 struct Pair {
     source: Arc<TestVm>,
     target: Arc<TestVm>,
-    result: Result<super::MigrationResult, MigrationError>,
+    result: Result<super::MigrationSummary, MigrationError>,
     received: Result<(), MigrationError>,
 }
 

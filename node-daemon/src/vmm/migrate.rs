@@ -14,14 +14,14 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use super::handed;
+use super::handover;
 use super::state::VmmSnapshot;
 use super::vm::VmExit;
 use super::{BuildMode, RuntimeConfig, VmConfig, Vmm};
 use crate::migration::connect::{self, OutgoingTls};
 use crate::migration::tls::TlsIdentity;
 use crate::migration::{
-    receiver, sender, DirtyPages, GuestError, GuestRegion, MigrationError, MigrationResult,
+    receiver, sender, DirtyPages, GuestError, GuestRegion, MigrationError, MigrationSummary,
     ProgressHandle, ReceiveOptions, Reconnect, SendOptions, SourceVm, TargetVm,
 };
 
@@ -262,7 +262,7 @@ pub fn receive_incoming(
     // Post-copy falls back on the /dev/userfaultfd the node agent handed over.
     let mut opts = opts.clone();
     if opts.userfaultfd_device.is_none() {
-        opts.userfaultfd_device = handed::userfaultfd_device();
+        opts.userfaultfd_device = handover::userfaultfd_device();
     }
     // A post-copy whose link is lost resumes on the next connection here.
     let rejoin =
@@ -283,7 +283,7 @@ pub struct OutgoingMigration {
     /// Set to cancel (before commit the guest stays here).
     pub cancel: Arc<AtomicBool>,
     /// The migration thread; its result once it ends.
-    pub handle: JoinHandle<Result<MigrationResult, MigrationError>>,
+    pub handle: JoinHandle<Result<MigrationSummary, MigrationError>>,
 }
 
 /// Connects to the target at `addr` and migrates `vmm` there in a new

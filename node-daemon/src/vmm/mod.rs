@@ -13,7 +13,7 @@ pub mod boot;
 pub mod control;
 pub mod devices;
 pub mod dirty;
-pub mod handed;
+pub mod handover;
 pub mod jail;
 pub mod memory;
 pub mod migrate;
@@ -201,7 +201,7 @@ pub struct Vmm {
 }
 
 fn check_kvm() -> Result<(), VmmError> {
-    if handed::has_kvm() {
+    if handover::has_kvm() {
         return Ok(());
     }
     match std::fs::OpenOptions::new()

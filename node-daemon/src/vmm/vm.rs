@@ -76,7 +76,7 @@ pub enum VmError {
 /// Opens /dev/kvm (or uses the one the agent handed over) and creates a VM
 /// with irqchip and PIT.
 pub fn create() -> Result<(Kvm, VmFd), VmError> {
-    let kvm = super::handed::kvm().map_err(VmError::OpenKvm)?;
+    let kvm = super::handover::kvm().map_err(VmError::OpenKvm)?;
     let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
     vm.set_tss_address(0xfffb_d000)
         .map_err(VmError::SetTssAddress)?;

@@ -11,7 +11,7 @@ use super::recovery::{connection_lost, reconnect_source};
 use crate::migration::convergence::Round;
 use crate::migration::error::MigrationError;
 use crate::migration::guest::{DirtyPages, GuestRegion, SourceVm};
-use crate::migration::progress::{MigrationResult, ModeUsed, Stage};
+use crate::migration::progress::{MigrationSummary, ModeUsed, Stage};
 use crate::migration::protocol::{self, Command, PAGE_SIZE};
 use crate::migration::session::Source;
 use crate::migration::transport;
@@ -75,7 +75,7 @@ pub(crate) fn serve<V: SourceVm>(
     pause_start: Instant,
     history: &[Round],
     committed: &mut bool,
-) -> Result<MigrationResult, MigrationError> {
+) -> Result<MigrationSummary, MigrationError> {
     let needed: Vec<DirtyPages> = pending.to_vec();
     let runs: Vec<(u64, u32)> = needed
         .iter()
@@ -137,7 +137,7 @@ pub(crate) fn serve<V: SourceVm>(
     let downtime = serve
         .activated
         .expect("post-copy ends only once the target runs the guest");
-    Ok(MigrationResult {
+    Ok(MigrationSummary {
         total_ms: src.started.elapsed().as_millis() as u64,
         downtime_ms: downtime.as_secs_f64() * 1000.0,
         bytes_sent: src.writer.bytes_sent,

@@ -41,7 +41,7 @@ pub struct Tap {
     /// Interface name.
     pub name: String,
     /// The node agent created it, brought it up and attached it to its
-    /// bridge ([`crate::vmm::handed`]): [`Tap::up`] and [`Tap::attach`]
+    /// bridge ([`crate::vmm::handover`]): [`Tap::up`] and [`Tap::attach`]
     /// have nothing left to do.
     pub handed: bool,
 }
@@ -79,7 +79,7 @@ impl Tap {
     /// tap); an empty name lets the kernel pick `tapN`.
     pub fn open(name: &str) -> Result<Tap, VirtioError> {
         let err = |e| VirtioError::CreateTap(name.to_string(), e);
-        if let Some(fd) = crate::vmm::handed::take_tap(name) {
+        if let Some(fd) = crate::vmm::handover::take_tap(name) {
             let file = File::from(fd);
             set_nonblocking(&file).map_err(err)?;
             return Ok(Tap {
