@@ -2,15 +2,18 @@
 //! recorder ([`Note`]), the metrics, the placement lock and the restart counts.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use godwit_crds::contract::field_manager;
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::api::PatchParams;
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::Client;
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
 use tracing::{debug, warn};
 
 use crate::config::OperatorConfig;
@@ -96,6 +99,50 @@ impl Context {
             field_manager: Some(field_manager("operator")),
             ..Default::default()
         }
+    }
+
+    /// Merge-patches `obj`'s `metadata`, with the resourceVersion the
+    /// decision was made on as precondition: a write based on a stale read
+    /// fails with 409 and the decision is made again on the new version.
+    pub async fn patch_metadata<K>(
+        &self,
+        api: &Api<K>,
+        obj: &K,
+        mut metadata: Value,
+    ) -> Result<K, kube::Error>
+    where
+        K: Resource + Clone + DeserializeOwned + Debug,
+    {
+        metadata["resourceVersion"] = json!(obj.resource_version());
+        api.patch(
+            &obj.name_any(),
+            &self.patch_params(),
+            &Patch::Merge(json!({ "metadata": metadata })),
+        )
+        .await
+    }
+
+    /// Merge-patches `obj`'s status subresource, with the same precondition
+    /// as [`Context::patch_metadata`]: the operator never overwrites what an
+    /// agent wrote meanwhile.
+    pub async fn patch_status<K>(
+        &self,
+        api: &Api<K>,
+        obj: &K,
+        status: Value,
+    ) -> Result<K, kube::Error>
+    where
+        K: Resource + Clone + DeserializeOwned + Debug,
+    {
+        api.patch_status(
+            &obj.name_any(),
+            &self.patch_params(),
+            &Patch::Merge(json!({
+                "metadata": {"resourceVersion": obj.resource_version()},
+                "status": status,
+            })),
+        )
+        .await
     }
 
     /// Publishes `note` about `regarding`; a failure is logged, not returned

@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use godwit_testkit::guest::{guest_elf, parse_heartbeat};
 use serde_json::json;
@@ -316,38 +316,6 @@ fn main() -> Result<()> {
     }
 }
 
-/// Builds godwit-vmm (release) next to this binary unless given.
-fn vmm_binary(given: Option<PathBuf>) -> Result<PathBuf> {
-    if let Some(p) = given {
-        return Ok(p);
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "godwit-node",
-            "--bin",
-            "godwit-vmm",
-        ])
-        .status()
-        .context("run cargo build for godwit-vmm")?;
-    if !st.success() {
-        bail!("building godwit-vmm failed");
-    }
-    let exe = std::env::current_exe()?;
-    let p = exe
-        .parent()
-        .context("bench has no directory")?
-        .join("godwit-vmm");
-    if !p.exists() {
-        bail!("{} not found; pass --vmm PATH", p.display());
-    }
-    Ok(p)
-}
-
 /// One boot: ms from spawn to the first heartbeat line, and RSS beyond the
 /// guest RAM mapping (KiB) sampled right after it.
 struct Sample {
@@ -455,7 +423,7 @@ fn boot(a: BootArgs) -> Result<()> {
         None => vec!["godwit", "qemu"],
     };
     let vmm = if engines.contains(&"godwit") {
-        vmm_binary(a.vmm.clone())?
+        godwit_e2e::bench::migrate::vmm_binary(a.vmm.clone())?
     } else {
         PathBuf::new()
     };

@@ -324,17 +324,12 @@ async fn end(
 async fn patch_metadata(
     api: &Api<VMMigration>,
     m: &VMMigration,
-    mut metadata: serde_json::Value,
+    metadata: serde_json::Value,
     ctx: &Context,
 ) -> Result<VMMigration, MigrationWriteError> {
-    metadata["resourceVersion"] = json!(m.resource_version());
-    api.patch(
-        &m.name_any(),
-        &ctx.patch_params(),
-        &Patch::Merge(json!({ "metadata": metadata })),
-    )
-    .await
-    .map_err(MigrationWriteError::PatchMetadata)
+    ctx.patch_metadata(api, m, metadata)
+        .await
+        .map_err(MigrationWriteError::PatchMetadata)
 }
 
 /// Merge-patches the status with `m`'s resourceVersion as precondition, so
@@ -345,14 +340,7 @@ async fn patch_status(
     status: serde_json::Value,
     ctx: &Context,
 ) -> Result<VMMigration, MigrationWriteError> {
-    api.patch_status(
-        &m.name_any(),
-        &ctx.patch_params(),
-        &Patch::Merge(json!({
-            "metadata": {"resourceVersion": m.resource_version()},
-            "status": status,
-        })),
-    )
-    .await
-    .map_err(MigrationWriteError::PatchStatus)
+    ctx.patch_status(api, m, status)
+        .await
+        .map_err(MigrationWriteError::PatchStatus)
 }

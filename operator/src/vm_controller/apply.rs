@@ -8,7 +8,7 @@ use std::time::Duration;
 use godwit_crds::contract::{NODE_LABEL, RESOLVED_ANNOTATION};
 use godwit_crds::{VirtualMachine, VmPhase};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -226,41 +226,29 @@ fn check(vm: &VirtualMachine, to: VmPhase) -> Result<(), VmWriteError> {
 async fn patch_metadata(
     api: &Api<VirtualMachine>,
     vm: &VirtualMachine,
-    mut metadata: serde_json::Value,
+    metadata: serde_json::Value,
     ctx: &Context,
 ) -> Result<VirtualMachine, VmWriteError> {
-    metadata["resourceVersion"] = json!(vm.resource_version());
-    api.patch(
-        &vm.name_any(),
-        &ctx.patch_params(),
-        &Patch::Merge(json!({ "metadata": metadata })),
-    )
-    .await
-    .map_err(VmWriteError::PatchMetadata)
+    ctx.patch_metadata(api, vm, metadata)
+        .await
+        .map_err(VmWriteError::PatchMetadata)
 }
 
 /// Merge-patches the status subresource (with `vm`'s resourceVersion as
-/// precondition, so a write based on a stale read fails and is retried).
+/// precondition, so a write based on a stale read fails and is retried),
+/// saying which generation of the spec it answers.
 async fn patch_status(
     api: &Api<VirtualMachine>,
     vm: &VirtualMachine,
-    status: serde_json::Value,
+    mut status: serde_json::Value,
     ctx: &Context,
 ) -> Result<VirtualMachine, VmWriteError> {
-    let mut status = status;
     if let Some(generation) = vm.metadata.generation {
         status["observedGeneration"] = json!(generation);
     }
-    api.patch_status(
-        &vm.name_any(),
-        &ctx.patch_params(),
-        &Patch::Merge(json!({
-            "metadata": {"resourceVersion": vm.resource_version()},
-            "status": status,
-        })),
-    )
-    .await
-    .map_err(VmWriteError::PatchStatus)
+    ctx.patch_status(api, vm, status)
+        .await
+        .map_err(VmWriteError::PatchStatus)
 }
 
 #[cfg(test)]

@@ -22,8 +22,9 @@ use super::topology::{free_port, Link, Topology, DST_IP, SRC_IP};
 /// Every VMM of the benchmark gives up after this long (`--timeout-s`).
 const VMM_TIMEOUT: [&str; 2] = ["--timeout-s", "300"];
 
-/// The godwit-vmm binary: the given one, or `target/release/godwit-vmm`
-/// next to this executable, built with cargo when missing.
+/// The godwit-vmm binary: the given one, or `godwit-vmm` next to this
+/// executable, (re)built first with `cargo build --release` so that a
+/// benchmark never measures a stale VMM.
 pub fn vmm_binary(given: Option<PathBuf>) -> Result<PathBuf, BenchError> {
     if let Some(p) = given {
         return Ok(p);
@@ -33,13 +34,11 @@ pub fn vmm_binary(given: Option<PathBuf>) -> Result<PathBuf, BenchError> {
         .parent()
         .map(|d| d.join("godwit-vmm"))
         .ok_or_else(|| BenchError::Build("bench has no directory".into()))?;
-    if p.exists() {
-        return Ok(p);
-    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let st = Command::new(cargo)
         .args([
             "build",
+            "--quiet",
             "--release",
             "-p",
             "godwit-node",

@@ -39,9 +39,10 @@ pub mod topology;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use godwit_crds::error_chain;
 use godwit_testkit::guest::guest_elf;
 
-pub use error::{error_chain, BenchError};
+pub use error::BenchError;
 pub use godwit::vmm_binary;
 pub use report::{missing_heartbeats, observed_pause, RunResult};
 pub use scenario::{cmdline, Scenario, HB_MS, MEMORY_MIB, SCENARIOS};

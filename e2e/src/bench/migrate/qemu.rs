@@ -9,7 +9,9 @@ use godwit_testkit::guest::Line;
 use godwit_testkit::qemu::{Qemu, QemuConfig};
 use serde_json::{json, Value};
 
-use super::error::{error_chain, BenchError};
+use godwit_crds::error_chain;
+
+use super::error::BenchError;
 use super::report::{missing_heartbeats, observed_pause, RunResult};
 use super::scenario::{cmdline, drain, warm_up, Scenario, BOOT, MEMORY_MIB};
 use super::topology::{free_port, Link, Topology, DST_IP};
