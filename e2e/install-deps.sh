@@ -10,6 +10,12 @@ apt_packages=(
   binutils          # objdump, as: the test guest build refuses SSE/x87 code
   iputils-ping      # ping from a client namespace to the guest
   kmod              # modprobe tun/bridge where they are modules
+  acpica-tools      # iasl: disassembles the ACPI tables our VMM builds
+  mtools            # mdir/mcopy: read the NoCloud seed image back
+  dosfstools        # fsck.fat: checks the NoCloud seed image
+  cloud-init        # cloud-init schema / net-convert: check the seed's user-data and network-config
+  e2fsprogs         # mkfs.ext4 -d, blkid: build and check the fromImage test disks
+  fdisk             # sfdisk: partition tables (GPT and MBR) for the fromImage test disks
 )
 
 # kubectl: the machine image may bring a newer one; Debian's is the fallback.
