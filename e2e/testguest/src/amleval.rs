@@ -1,7 +1,7 @@
 //! Evaluates the small part of AML that a Generic Event Device's `_EVT`
 //! method uses (QEMU's and Godwit's, and Cloud Hypervisor's shape too):
 //! integers only; `Store`, `And`, `Or`, `Xor`, `Not`, `Add`, `Subtract`,
-//! shifts, `LEqual`/`LGreater`/`LLess`/`LNot`/`LAnd`/`LOr`, `If`/`Else`,
+//! `Increment`, `Decrement`, shifts, `LEqual`/`LGreater`/`LLess`/`LNot`/`LAnd`/`LOr`, `If`/`Else`,
 //! `While` (bounded), `Return`, `Break`, `Noop`, `Notify`, `Local0-7`,
 //! `Arg0-6`, integer constants, `Name` integers, reads and writes of fields in
 //! SystemMemory operation regions, calls of other methods, and `Acquire`,
@@ -237,6 +237,18 @@ impl<'n> Eval<'n> {
                 self.store(f, t, v)?;
                 Ok((v, next))
             }
+            // Increment, Decrement (target)
+            0x75 | 0x76 => {
+                let (t, next) = self.target(f, pos + 1)?;
+                let old = self.load(f, &t)?;
+                let v = if op == 0x75 {
+                    old.wrapping_add(1)
+                } else {
+                    old.wrapping_sub(1)
+                };
+                self.store(f, t, v)?;
+                Ok((v, next))
+            }
             // Not (value, target)
             0x80 => {
                 let (a, p1) = self.term(f, pos + 1)?;
@@ -302,6 +314,15 @@ impl<'n> Eval<'n> {
                 Ok((t, next))
             }
         }
+    }
+
+    fn load(&mut self, f: &Frame, t: &Target) -> R<u64> {
+        Ok(match t {
+            Target::Local(i) => f.locals[*i],
+            Target::Arg(i) => f.args[*i],
+            Target::Field(p) => self.field(p, None)?,
+            Target::None | Target::Ignored => 0,
+        })
     }
 
     fn store(&mut self, f: &mut Frame, t: Target, v: u64) -> R<()> {
