@@ -63,7 +63,7 @@ static RSDP: AtomicU64 = AtomicU64::new(0);
 /// The RSDP: the start info's `rsdp_paddr` when set, else a scan of the EBDA
 /// and `0xE0000-0xFFFFF`. The scan (slow in ring 0 here) runs once.
 pub fn find_rsdp(hint: u64) -> Option<u64> {
-    let found = match RSDP.load(Ordering::Relaxed) {
+    match RSDP.load(Ordering::Relaxed) {
         0 => {
             let r = if hint != 0 {
                 Some(hint)
@@ -82,8 +82,7 @@ pub fn find_rsdp(hint: u64) -> Option<u64> {
         }
         1 => None,
         a => Some(a),
-    };
-    found
+    }
 }
 
 /// Calls `f` with the address of each table the XSDT (RSDT for revision 0)

@@ -189,6 +189,13 @@ impl Platform {
             if hid_is(hid, b"LNRO0005") {
                 let r = crs(ns, &dev);
                 if let Some((addr, size)) = r.mem {
+                    if addr.saturating_add(size) > 1 << 32 {
+                        println!(
+                            "WARN ACPI: virtio-mmio window {:#x} is above 4 GiB (not mapped); skipped",
+                            addr
+                        );
+                        continue;
+                    }
                     self.virtio.push(MmioDevice {
                         size,
                         addr,
