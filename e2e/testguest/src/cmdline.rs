@@ -8,8 +8,7 @@ pub const MAX_VIRTIO: usize = 8;
 pub struct MmioDevice {
     pub size: u64,
     pub addr: u64,
-    /// Interrupt line; unused (devices are polled) but parsed for completeness.
-    #[allow(dead_code)]
+    /// Interrupt line; unused (devices are polled), printed from ACPI.
     pub irq: u32,
 }
 
@@ -38,6 +37,8 @@ pub struct Config {
     pub blk_verify: Option<BlkPattern>,
     /// `godwit.hostname=`: the name Godwit's customization gave this VM.
     pub hostname: Option<&'static str>,
+    /// `pwrbtn=ignore`: report ACPI power-button presses but keep running.
+    pub pwrbtn_ignore: bool,
 }
 
 impl Config {
@@ -57,6 +58,7 @@ impl Config {
             blk_write: None,
             blk_verify: None,
             hostname: None,
+            pwrbtn_ignore: false,
         };
         for word in text.split_ascii_whitespace() {
             let Some((key, value)) = word.split_once('=') else {
@@ -105,6 +107,7 @@ impl Config {
                 }
                 "blk_write" => c.blk_write = parse_blk(value),
                 "blk_verify" => c.blk_verify = parse_blk(value),
+                "pwrbtn" => c.pwrbtn_ignore = value == "ignore",
                 _ => {}
             }
         }

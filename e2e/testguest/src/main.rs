@@ -17,12 +17,16 @@
 extern crate alloc;
 
 mod acpi;
+mod aml;
+mod amleval;
 mod boot;
 mod clock;
 mod cmdline;
 mod interrupts;
 mod net;
 mod pattern;
+mod platform;
+mod power;
 mod rt;
 #[macro_use]
 mod serial;
@@ -115,6 +119,7 @@ struct Guest {
     net: Option<Net>,
     work: Option<Workload>,
     check: Option<Check>,
+    power: power::Power,
     hb: u64,
     hb_period_ns: u64,
     next_hb_ns: u64,
@@ -175,7 +180,7 @@ extern "C" fn main64(start_info: u32) -> ! {
         halt_forever()
     };
     println!("CMDLINE {}", info.cmdline);
-    let cfg = Config::parse(info.cmdline);
+    let mut cfg = Config::parse(info.cmdline);
     if let Some(h) = cfg.hostname {
         println!("HOSTNAME {}", h);
     }
@@ -192,6 +197,9 @@ extern "C" fn main64(start_info: u32) -> ! {
     let source = clock::init();
     let lapic_per_ms = interrupts::start_timer(cfg.tick_us);
     println!("CLOCK {} lapic_per_ms={}", source, lapic_per_ms);
+    let platform = platform::discover(info.rsdp);
+    platform.apply(&mut cfg);
+    let ignore_button = cfg.pwrbtn_ignore;
 
     let mut g = Guest {
         hb_period_ns: cfg.hb_ms * 1_000_000,
@@ -201,6 +209,7 @@ extern "C" fn main64(start_info: u32) -> ! {
         net: None,
         work: None,
         check: None,
+        power: power::Power::new(platform, ignore_button),
         hb: 0,
         next_hb_ns: 0,
         last_hb_ns: 0,
@@ -487,8 +496,10 @@ impl Guest {
                 }
             }
             ("bench", _) => bench(self.work.as_mut()),
+            ("poweroff", _) => self.power.power_off(),
+            ("reset", _) => self.power.reset(),
             ("help", _) => println!(
-                "HELP status | memcheck | dirty MIB [RATE] | maxpause | blkwrite SECTOR COUNT SEED | blkverify SECTOR COUNT SEED | corrupt PAGE | help"
+                "HELP status | memcheck | dirty MIB [RATE] | maxpause | blkwrite SECTOR COUNT SEED | blkverify SECTOR COUNT SEED | corrupt PAGE | bench | poweroff | reset | help"
             ),
             _ => println!("ERR unknown command: {}", text),
         }
@@ -528,6 +539,7 @@ impl Guest {
                 // A console read costs a trip through (emulated) ring 0.
                 self.next_console_ns = now + CONSOLE_POLL_NS;
                 self.poll_console();
+                self.power.poll();
             }
             if let Some(n) = self.net.as_mut() {
                 n.poll(now);

@@ -1,4 +1,4 @@
-//! virtio-mmio devices (from `virtio_mmio.device=` on the command line) through
+//! virtio-mmio devices (from the DSDT, else `virtio_mmio.device=` on the command line) through
 //! the `virtio-drivers` crate, driven in poll mode, and the block pattern
 //! writer/verifier.
 

@@ -283,6 +283,21 @@ impl Qemu {
         self.child.id()
     }
 
+    /// Waits up to `timeout` for QEMU to exit by itself (a guest power-off);
+    /// its exit status, or `None` when it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// QEMU's stderr so far.
     pub fn stderr(&self) -> String {
         fs::read_to_string(self.dir.join("qemu.stderr")).unwrap_or_default()
