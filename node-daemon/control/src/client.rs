@@ -15,8 +15,8 @@ use serde::de::DeserializeOwned;
 use crate::progress::Progress;
 use crate::protocol::{Command, MigrateSend, Request, Response};
 use crate::results::{
-    Cancelling, ChangedBlocks, DirtyLog, DirtySet, DiskTracking, Runs, Saved, Started, Stats,
-    VmmStatus,
+    Cancelling, ChangedBlocks, DirtyLog, DirtySet, DiskTracking, Runs, Saved, ShuttingDown,
+    Started, Stats, VmmStatus,
 };
 
 /// How long a call waits for its answer unless told otherwise.
@@ -174,6 +174,14 @@ impl ControlClient {
     /// `stop`: stops the VM; the process exits after answering.
     pub fn stop(&self) -> Result<Runs, ControlError> {
         self.call_as(Command::Stop)
+    }
+
+    /// `shutdown`: presses the power button; the VMM forces the stop after
+    /// `grace` (default: its `--shutdown-grace-secs`).
+    pub fn shutdown(&self, grace: Option<Duration>) -> Result<ShuttingDown, ControlError> {
+        self.call_as(Command::Shutdown {
+            grace_secs: grace.map(|g| g.as_secs()),
+        })
     }
 
     /// `save-state`: pauses and writes a snapshot to `dir`.

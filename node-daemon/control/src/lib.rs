@@ -43,6 +43,6 @@ pub use progress::{DowntimeBreakdown, MigrationSummary, ModeUsed, Progress, Stag
 pub use protocol::{parse_request, Command, MigrateSend, Request, Response, API_VERSION};
 pub use results::{
     Cancelling, ChangedBlocks, DirtyLog, DirtyRegion, DirtySet, DiskTracking, RunState, Runs,
-    Saved, Started, Stats, VmmStatus,
+    Saved, ShuttingDown, Started, Stats, VmmStatus,
 };
 pub use tls::TlsPem;

@@ -43,8 +43,18 @@ pub enum Command {
     Pause,
     /// Resume the vCPUs.
     Resume,
-    /// Stop the VM and exit the process (after the answer is sent).
+    /// Stop the VM at once and exit the process (after the answer is sent):
+    /// the forced stop.
     Stop,
+    /// Press the ACPI power button: the guest shuts itself down (the VMM
+    /// exits 0 when it writes S5). After `grace_secs` (default: the VMM's
+    /// `--shutdown-grace-secs`) the VMM forces the stop. Refused by a VMM
+    /// started with `--acpi off`.
+    Shutdown {
+        /// Seconds the guest gets before the forced stop.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        grace_secs: Option<u64>,
+    },
     /// Pause and save a snapshot to `dir` (the VM stays paused).
     SaveState {
         /// Snapshot directory (created).
@@ -90,6 +100,7 @@ impl Command {
             Command::Pause => "pause",
             Command::Resume => "resume",
             Command::Stop => "stop",
+            Command::Shutdown { .. } => "shutdown",
             Command::SaveState { .. } => "save-state",
             Command::Stats => "stats",
             Command::TakeDirty => "take-dirty",
@@ -214,7 +225,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
             "Unsupported API version {v} (this VMM speaks {API_VERSION}); send \"v\":{API_VERSION}"
         ));
     }
-    serde_json::from_value(raw).map_err(|e| format!("Bad request ({e}); commands: status, pause, resume, stop, save-state, stats, take-dirty, dirty-log-start, dirty-log-stop, disk-dirty-start, disk-dirty-stop, disk-take-dirty, migrate-send, migrate-status, migrate-cancel"))
+    serde_json::from_value(raw).map_err(|e| format!("Bad request ({e}); commands: status, pause, resume, stop, shutdown, save-state, stats, take-dirty, dirty-log-start, dirty-log-stop, disk-dirty-start, disk-dirty-stop, disk-take-dirty, migrate-send, migrate-status, migrate-cancel"))
 }
 
 #[cfg(test)]
@@ -229,6 +240,10 @@ mod tests {
             Command::Pause,
             Command::Resume,
             Command::Stop,
+            Command::Shutdown { grace_secs: None },
+            Command::Shutdown {
+                grace_secs: Some(5),
+            },
             Command::SaveState { dir: "/s".into() },
             Command::Stats,
             Command::TakeDirty,

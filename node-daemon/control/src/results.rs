@@ -36,6 +36,15 @@ pub struct Runs {
     pub state: RunState,
 }
 
+/// `shutdown`: the power button was pressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShuttingDown {
+    /// Always true: the guest got the button press.
+    pub power_button: bool,
+    /// Seconds until the VMM forces the stop.
+    pub grace_secs: u64,
+}
+
 /// `save-state`: where the snapshot went.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Saved {

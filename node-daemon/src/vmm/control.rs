@@ -196,6 +196,9 @@ impl ControlServer {
                 runs(RunState::Running)
             }
             Command::Stop => runs(RunState::Stopping),
+            Command::Shutdown { .. } => {
+                Response::err("This VMM has no ACPI power button yet; use stop (the forced stop)")
+            }
             Command::SaveState { dir } => {
                 vmm.save_snapshot(&dir)?;
                 Response::ok(Saved { dir })
