@@ -117,8 +117,9 @@ fn failed_exit(phase: VmPhase, local: &LocalState) -> bool {
     if phase == VmPhase::Stopping || local.stop_requested {
         return false;
     }
-    // Exit status 0: the guest powered off or reset by itself.
-    local.exit != Some(0)
+    // Exit status 0: the guest powered off by itself; GUEST_RESET_EXIT: it
+    // reset (taken as a stop until the agent restarts guests on reset).
+    !matches!(local.exit, Some(0) | Some(crate::vmm::GUEST_RESET_EXIT))
 }
 
 /// The condition reason of an exit: `Stopped`, `Failed`, or
@@ -137,6 +138,7 @@ fn exit_reason(local: &LocalState) -> String {
     match (local.exit, local.stop_requested) {
         (_, true) => "stopped".into(),
         (Some(0), false) => "the guest powered off".into(),
+        (Some(crate::vmm::GUEST_RESET_EXIT), false) => "the guest reset".into(),
         (Some(crate::vmm::sandbox::SIGSYS_SHELL_STATUS), false) => {
             "the VMM's seccomp sandbox killed it (SIGSYS: a system call it never makes)".into()
         }
