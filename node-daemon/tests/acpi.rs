@@ -271,3 +271,21 @@ fn a_pending_press_survives_live_migration() {
     src.control().stop().ok();
     src.wait(Duration::from_secs(10));
 }
+
+#[test]
+fn more_devices_than_interrupt_lines_are_refused() {
+    require_kvm();
+    let g = guest().display().to_string();
+    let mut a = vec!["--kernel".to_string(), g];
+    for i in 0..19 {
+        a.extend(["--disk".into(), format!("path=/nonexistent-{i}.img")]);
+    }
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let out = common::run_vmm(&a);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("Too many devices: 19 disks and NICs, at most 18"),
+        "{err}"
+    );
+}

@@ -183,6 +183,8 @@ pub enum VmmError {
 /// How many virtio devices fit: GSIs from [`FIRST_IRQ`] up to, not
 /// including, the GED's.
 pub const MAX_VIRTIO_DEVICES: usize = (devices::ged::GED_GSI - FIRST_IRQ) as usize;
+// virtio GSIs lie between COM1's and the GED's.
+const _: () = assert!(FIRST_IRQ > COM1_IRQ && devices::ged::GED_GSI < 24);
 
 /// The VMM's counters, as `stats` returns them.
 pub use godwit_vmm_control::Stats;
@@ -738,5 +740,19 @@ impl Vmm {
             paused: self.vcpus.is_paused(),
             dirty_log: self.dirty_log_enabled(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_from_before_acpi_keep_the_command_line_devices() {
+        let old = r#"{"kernel":"/k","cmdline":"x","memory_mib":64,"vcpus":1}"#;
+        let c: VmConfig = serde_json::from_str(old).unwrap();
+        assert!(!c.acpi);
+        let new = serde_json::to_value(VmConfig { acpi: true, ..c }).unwrap();
+        assert_eq!(new["acpi"], true);
     }
 }
