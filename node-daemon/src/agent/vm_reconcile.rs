@@ -89,9 +89,10 @@ pub async fn reconcile(agent: &Agent, vm: &VirtualMachine) -> anyhow::Result<()>
                         agent.cfg.node,
                         godwit_crds::error_chain(&e)
                     );
-                    vm_phase(&api, vm, VmPhase::Failed, Some(("StartFailed", &msg))).await?;
+                    let reason = start_failure_reason(&e);
+                    vm_phase(&api, vm, VmPhase::Failed, Some((reason, &msg))).await?;
                     agent
-                        .event(vm, EventType::Warning, "StartFailed", "Start", msg)
+                        .event(vm, EventType::Warning, reason, "Start", msg)
                         .await;
                 }
             }
@@ -174,6 +175,16 @@ pub async fn reconcile(agent: &Agent, vm: &VirtualMachine) -> anyhow::Result<()>
         }
     }
     Ok(())
+}
+
+/// The Ready condition's reason when a VMM could not be started:
+/// `BootImageInvalid` when the image of a `boot.fromImage` VM has no usable
+/// kernel (the message says what is missing), `StartFailed` otherwise.
+fn start_failure_reason(e: &vmm_process::VmmProcessError) -> &'static str {
+    match e {
+        vmm_process::VmmProcessError::Boot(super::boot::BootError::Image(_)) => "BootImageInvalid",
+        _ => "StartFailed",
+    }
 }
 
 /// Reports VM `vm` Running here: its addresses and the Ready condition.

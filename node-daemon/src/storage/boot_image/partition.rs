@@ -236,7 +236,7 @@ fn read_gpt_at(
     let entries_lba = le64(&header, 72);
     let count = le32(&header, 80);
     let entry_size = le32(&header, 84) as usize;
-    if count > MAX_GPT_ENTRIES || entry_size < 128 || entry_size % 8 != 0 {
+    if count > MAX_GPT_ENTRIES || entry_size < 128 || !entry_size.is_multiple_of(8) {
         return Ok(None);
     }
     let mut table = vec![0u8; count as usize * entry_size];
