@@ -23,6 +23,7 @@
 //! | [`report`] | a migration's status and Events, from the engine's figures |
 //! | [`vm_dir`] | a VM's directories on the node and what they say |
 //! | [`disks`] | a VM's disk files |
+//! | [`seed`] | a VM's cloud-init NoCloud seed disk |
 //! | [`vmm_process`], [`vmm_user`] | starting and stopping VMM processes, as their own users |
 //! | [`certificates`] | the node's migration certificate |
 //! | [`console`], [`metrics`] | the console relay and the metrics endpoint |
@@ -40,6 +41,7 @@ mod migrate;
 mod pass;
 mod report;
 pub mod restart;
+pub mod seed;
 pub mod usage;
 pub mod vm_dir;
 mod vm_reconcile;

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use godwit_crds::contract::Machine;
 
 use super::disks::{self, provision_disk, DiskError};
+use super::seed::seed_path;
 use super::vm_dir::{process_alive, tap_name, VmDir, VmDirError};
 use super::vmm_user::{hand_over, Handover, VmmUserError, VmmUsers};
 use crate::migration::tls::TlsFiles;
@@ -228,7 +229,8 @@ impl Runner {
         Ok(child)
     }
 
-    /// Creates the VM's disks (when missing) and boots it.
+    /// Creates the VM's disks (when missing) and boots it; its cloud-init
+    /// seed ([`super::seed::write`], written before) is the last disk.
     pub fn boot(&self, dir: &VmDir, machine: &Machine) -> Result<Child, VmmProcessError> {
         dir.create()?;
         let _ = fs::remove_file(dir.file("incoming"));
@@ -252,6 +254,7 @@ impl Runner {
             args.extend(["--disk".into(), disk_arg(&path, disk.read_only)]);
             disks.push((path, disk.read_only));
         }
+        attach_seed(dir, machine, &mut args, &mut disks)?;
         args.extend(self.common_args(dir, machine));
         self.spawn(dir, machine, &args, self.keep(dir, machine, &disks))
     }
@@ -277,6 +280,7 @@ impl Runner {
             args.extend(["--disk".into(), disk_arg(&path, disk.read_only)]);
             disks.push((path, disk.read_only));
         }
+        attach_seed(dir, machine, &mut args, &mut disks)?;
         args.extend(self.common_args(dir, machine));
         self.spawn(dir, machine, &args, self.keep(dir, machine, &disks))
     }
@@ -314,6 +318,28 @@ impl Runner {
         }
         args
     }
+}
+
+/// Adds the VM's cloud-init seed, read-only, after its other disks: the
+/// source and the target of a migration attach the same disks in the same
+/// order.
+fn attach_seed(
+    dir: &VmDir,
+    machine: &Machine,
+    args: &mut Vec<String>,
+    disks: &mut Vec<(PathBuf, bool)>,
+) -> Result<(), VmmProcessError> {
+    if let Some(path) = seed_path(dir, machine) {
+        if !path.exists() {
+            return Err(VmmProcessError::Start(format!(
+                "the cloud-init seed {} was not written",
+                path.display()
+            )));
+        }
+        args.extend(["--disk".into(), disk_arg(&path, true)]);
+        disks.push((path, true));
+    }
+    Ok(())
 }
 
 fn disk_arg(path: &Path, read_only: bool) -> String {
