@@ -36,7 +36,7 @@ pub struct BootSpec {
     /// Path of an initial ramdisk on the node (only with `kernel`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<String>,
-    /// Kernel command line. Godwit appends its device and customization entries.
+    /// Kernel command line. Godwit appends the customization's `extraCmdline`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
 }
@@ -44,6 +44,93 @@ pub struct BootSpec {
 /// Options of `boot.fromImage` (none yet: `{}`).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub struct FromImage {}
+
+/// The most user-data a VM may carry inline (`customization.userData`); more
+/// belongs in a Secret (`customization.userDataSecretRef`).
+pub const MAX_INLINE_USER_DATA: usize = 32 * 1024;
+
+/// First-boot customization. It reaches the guest as a cloud-init NoCloud
+/// seed: a read-only vfat disk labelled `cidata` with `meta-data`,
+/// `user-data` and `network-config`, which the node agent writes before the
+/// VMM starts (and rebuilds identically on a migration's target). Only
+/// `extraCmdline` goes on the kernel command line.
+///
+/// A template's customization applies to its VMs; a VM's own customization
+/// overrides it field by field (`userData` and `userDataSecretRef` count as
+/// one field).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("!(has(self.userData) && has(self.userDataSecretRef))").message("set userData or userDataSecretRef, not both"))]
+#[serde(rename_all = "camelCase")]
+pub struct Customization {
+    /// Host name (`local-hostname` in the seed's meta-data); the VM's name when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))]
+    pub hostname: Option<String>,
+    /// Address configuration of the first interface (the seed's
+    /// `network-config`, version 2, matched by the interface's MAC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkConfig>,
+    /// Public keys allowed to log in (`ssh_authorized_keys` of the generated
+    /// `#cloud-config`, or added to the user's own `#cloud-config`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<String>,
+    /// cloud-init user-data, inline (at most 32 KiB; larger belongs in a
+    /// Secret). Used as the seed's `user-data`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32768))]
+    pub user_data: Option<String>,
+    /// cloud-init user-data from a Secret in the VM's namespace, read by the
+    /// node agent each time it writes the seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data_secret_ref: Option<SecretKeyRef>,
+    /// Appended to the kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra_cmdline: Option<String>,
+}
+
+/// A key of a Secret in the same namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The key in the Secret's `data` (default `userdata`).
+    #[serde(default = "SecretKeyRef::default_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+impl SecretKeyRef {
+    /// The key used when none is given.
+    pub const DEFAULT_KEY: &'static str = "userdata";
+
+    fn default_key() -> String {
+        Self::DEFAULT_KEY.to_string()
+    }
+}
+
+/// DHCP, or a static IPv4 address.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("(has(self.dhcp) && self.dhcp) ? !has(self.address) : has(self.address)").message("set either dhcp: true or a static address, not both"))]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkConfig {
+    /// Ask for an address by DHCP.
+    #[serde(default)]
+    pub dhcp: bool,
+    /// Static IPv4 address in CIDR form (`10.0.0.5/24`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^([0-9]{1,3}\.){3}[0-9]{1,3}/[0-9]{1,2}$"))]
+    pub address: Option<String>,
+    /// Default gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^([0-9]{1,3}\.){3}[0-9]{1,3}$"))]
+    pub gateway: Option<String>,
+    /// DNS servers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<String>,
+}
 
 /// How a live migration may proceed. Every field is optional; the operator fills in
 /// the defaults documented on each field.

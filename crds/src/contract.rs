@@ -38,6 +38,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::common::{NetworkConfig, SecretKeyRef};
 use crate::vm::{ImageFormat, StorageKind};
 
 /// On a VirtualMachine: the node that runs it. On a Node: marks a Godwit node.
@@ -148,7 +149,8 @@ pub struct Machine {
     /// Initial ramdisk on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<String>,
-    /// The full command line, customization included.
+    /// The full command line: the boot cmdline and the customization's
+    /// `extraCmdline`.
     #[serde(default)]
     pub cmdline: String,
     /// The guest's hostname.
@@ -163,6 +165,38 @@ pub struct Machine {
     /// The template's image digest, when the root disk comes from a template.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template_digest: Option<String>,
+    /// What the cloud-init NoCloud seed disk is made from, when the VM (or
+    /// its template) has a customization. The agent writes the seed before
+    /// each start and before a migration's target VMM starts, and attaches it
+    /// read-only after [`Machine::disks`]. Absent in machines written before
+    /// the seed existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<MachineSeed>,
+}
+
+/// The inputs of a VM's cloud-init NoCloud seed (see [`Machine::seed`]). The
+/// same seed gives the same image bytes on every node, so a migration's
+/// target rebuilds it identically instead of copying it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MachineSeed {
+    /// `instance-id` in meta-data: the VM's uid, so cloud-init runs its
+    /// once-per-instance modules again only for a new VM of the same name.
+    pub instance_id: String,
+    /// `local-hostname` in meta-data.
+    pub hostname: String,
+    /// Inline user-data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
+    /// User-data in a Secret of the VM's namespace, read by the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data_secret_ref: Option<SecretKeyRef>,
+    /// SSH public keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<String>,
+    /// Address configuration of the first NIC (matched by its MAC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkConfig>,
 }
 
 /// The image whose own `/boot` a [`Machine`] boots: the root disk's source
@@ -321,7 +355,36 @@ mod tests {
             json.contains(r#""clone":{"path":"/t.raw","format":"raw"}"#),
             "{json}"
         );
+        assert!(!json.contains("seed"), "{json}");
         assert_eq!(serde_json::from_str::<Machine>(&json).unwrap(), m);
+        let seeded = Machine {
+            seed: Some(MachineSeed {
+                instance_id: "uid-1".into(),
+                hostname: "web".into(),
+                user_data_secret_ref: Some(SecretKeyRef {
+                    name: "ud".into(),
+                    key: "userdata".into(),
+                }),
+                ..Default::default()
+            }),
+            ..m
+        };
+        let json = serde_json::to_string(&seeded).unwrap();
+        assert!(
+            json.contains(r#""seed":{"instanceId":"uid-1","hostname":"web","userDataSecretRef":{"name":"ud","key":"userdata"}}"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Machine>(&json).unwrap(), seeded);
+    }
+
+    #[test]
+    fn a_machine_written_before_the_seed_still_reads() {
+        let old = r#"{"cpu":1,"memoryBytes":67108864,"kernel":"/k","cmdline":"hb_ms=100 godwit.hostname=demo","hostname":"demo","disks":[],"networks":[]}"#;
+        let m: Machine = serde_json::from_str(old).unwrap();
+        assert_eq!(m.seed, None);
+        assert_eq!(m.hostname, "demo");
+        let key: SecretKeyRef = serde_json::from_str(r#"{"name":"s"}"#).unwrap();
+        assert_eq!(key.key, SecretKeyRef::DEFAULT_KEY);
     }
 
     #[test]

@@ -16,15 +16,16 @@ pub mod vm;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-pub use common::{parse_quantity, BootSpec, FromImage, MigrationPolicy, QuantityError};
+pub use common::{
+    parse_quantity, BootSpec, Customization, FromImage, MigrationPolicy, NetworkConfig,
+    QuantityError, SecretKeyRef,
+};
 pub use errors::error_chain;
 pub use migration::{
     MigrationMode, MigrationModeUsed, MigrationPhase, MigrationProgress, MigrationResult,
     StorageMode, VMMigration, VMMigrationSpec, VMMigrationStatus,
 };
-pub use template::{
-    Customization, ImageSource, NetworkConfig, VMTemplate, VMTemplateSpec, VMTemplateStatus,
-};
+pub use template::{ImageSource, VMTemplate, VMTemplateSpec, VMTemplateStatus};
 pub use vm::{
     Disk, DiskSource, EvictionStrategy, ImageFormat, Network, RunStrategy, StorageKind,
     VirtualMachine, VirtualMachineSpec, VirtualMachineStatus, VmAffinity, VmPhase,

@@ -6,6 +6,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::BootSpec;
+pub use crate::common::{Customization, NetworkConfig, SecretKeyRef};
 use crate::vm::{ImageFormat, Network};
 
 /// A golden image with boot settings, defaults and guest customization.
@@ -78,47 +79,6 @@ pub struct ImageSource {
     /// Image format (default `raw`).
     #[serde(default)]
     pub format: ImageFormat,
-}
-
-/// First-boot customization, passed on the kernel command line and on a small
-/// config disk.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Customization {
-    /// Host name; the VM's name when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(pattern(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))]
-    pub hostname: Option<String>,
-    /// Address configuration of the first interface.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network: Option<NetworkConfig>,
-    /// Public keys allowed to log in.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ssh_authorized_keys: Vec<String>,
-    /// Appended to the kernel command line.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub extra_cmdline: Option<String>,
-}
-
-/// DHCP, or a static IPv4 address.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
-#[x_kube(validation = Rule::new("(has(self.dhcp) && self.dhcp) ? !has(self.address) : has(self.address)").message("set either dhcp: true or a static address, not both"))]
-#[serde(rename_all = "camelCase")]
-pub struct NetworkConfig {
-    /// Ask for an address by DHCP.
-    #[serde(default)]
-    pub dhcp: bool,
-    /// Static IPv4 address in CIDR form (`10.0.0.5/24`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(pattern(r"^([0-9]{1,3}\.){3}[0-9]{1,3}/[0-9]{1,2}$"))]
-    pub address: Option<String>,
-    /// Default gateway.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(pattern(r"^([0-9]{1,3}\.){3}[0-9]{1,3}$"))]
-    pub gateway: Option<String>,
-    /// DNS servers.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub dns: Vec<String>,
 }
 
 /// What the node agents found of a template.

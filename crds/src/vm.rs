@@ -8,7 +8,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{BootSpec, MigrationPolicy};
+use crate::common::{BootSpec, Customization, MigrationPolicy};
 
 /// The desired state of a virtual machine.
 ///
@@ -90,6 +90,10 @@ pub struct VirtualMachineSpec {
     /// Overrides of the cluster's migration policy for this VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration_policy: Option<MigrationPolicy>,
+    /// First-boot customization of this VM, merged field by field over its
+    /// template's (the VM's fields win).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customization: Option<Customization>,
 }
 
 /// A reference to a `VMTemplate` in the VM's namespace.

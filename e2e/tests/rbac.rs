@@ -149,12 +149,30 @@ fn requests(g: &ClusterDriver) -> Vec<AuditRecord> {
         .collect()
 }
 
-/// A VM from a template runs, migrates live, and is deleted.
+/// A VM from a template, with user-data from a Secret (the agent reads it
+/// for the cloud-init seed), runs, migrates live, and is deleted.
 fn migrate_and_delete() -> Vec<AuditRecord> {
     let dir = std::env::temp_dir().join(format!("godwit-rbac-{}", std::process::id()));
     let g = ClusterDriver::up(2, &dir).expect("local cluster with Godwit");
+    g.kubectl(
+        &[
+            "create",
+            "secret",
+            "generic",
+            "demo-userdata",
+            "-n",
+            "default",
+            "--from-literal=userdata=#cloud-config",
+        ],
+        None,
+    )
+    .unwrap();
     g.apply(&g.example(EXAMPLE_TEMPLATE)).unwrap();
-    g.apply(&g.example(EXAMPLE_VM)).unwrap();
+    let vm = format!(
+        "{}  customization:\n    userDataSecretRef:\n      name: demo-userdata\n",
+        EXAMPLE_VM.trim_end()
+    );
+    g.apply(&g.example(&vm)).unwrap();
     g.wait_running("demo", Duration::from_secs(90)).unwrap();
     g.apply(&g.example(EXAMPLE_MIGRATION)).unwrap();
     let phase = g
@@ -208,6 +226,13 @@ fn chart_rbac_allows_every_request_of_the_operator_and_the_agents() {
         assert!(n > 0, "no requests recorded for {user}");
         println!("{user}: {n} requests checked");
     }
+    // The agents read the VM's user-data Secret for its cloud-init seed.
+    assert!(
+        records
+            .iter()
+            .any(|r| r.user == NODE_USER && r.resource == "secrets" && r.verb == "get"),
+        "the agents never read the user-data Secret"
+    );
     // What was used, for a reader judging whether a rule is still needed.
     let used: std::collections::BTreeSet<String> = records
         .iter()

@@ -416,18 +416,17 @@ fn every_image_we_write_passes_qemu_img_check() {
         compare(&dst, fmt, src, fmt);
     }
     check(&dir.path("copy.qcow2"));
-    // The config disk.
-    let c = storage::Customization {
-        hostname: Some("vm-1".into()),
-        ip: Some("10.0.0.5/24".into()),
-        gateway: Some("10.0.0.1".into()),
+    // The cloud-init seed is a raw disk image too.
+    let seed = storage::NoCloudSeed {
+        instance_id: "uid-1".into(),
+        hostname: "vm-1".into(),
         ..Default::default()
     };
-    let cfg = dir.path("config.img");
-    storage::config_disk(&c, &cfg).unwrap();
+    let cfg = dir.path("cidata.img");
+    storage::write_seed(&seed, &cfg).unwrap();
     let (ok, info) = qemu_img(&["info", "-f", "raw", cfg.to_str().unwrap()]);
     assert!(ok, "{info}");
-    assert_eq!(storage::config_disk::read_config_disk(&cfg).unwrap(), c);
+    assert_eq!(std::fs::read(&cfg).unwrap(), seed.image().unwrap());
 }
 
 // ---- template downloads from a local HTTP server ----
@@ -728,6 +727,7 @@ fn full_disk_child() {
 #[test]
 fn a_vm_provisioned_from_a_template_gets_its_customization() {
     use godwit_testkit::netns::{unique_name, Netns, Veth};
+    const MAC: &str = "52:54:00:77:01:02";
     common::require_kvm();
     let dir = Scratch::new("stor-custom");
     let src = dir.path("template.raw");
@@ -744,19 +744,24 @@ fn a_vm_provisioned_from_a_template_gets_its_customization() {
         .unwrap();
     let root = dir.path("root.qcow2");
     storage::provision(&t, &root).unwrap();
-    let c = storage::Customization {
-        hostname: Some("web-1".into()),
-        ip: Some("10.77.1.2/24".into()),
-        gateway: Some("10.77.1.1".into()),
-        dns: vec!["10.77.1.1".into()],
+    let seed = storage::NoCloudSeed {
+        instance_id: "uid-web-1".into(),
+        hostname: "web-1".into(),
         ssh_authorized_keys: vec!["ssh-ed25519 AAAAC3Nza test@godwit".into()],
+        network: Some(storage::SeedNetwork {
+            mac: Some(MAC.into()),
+            address: Some("10.77.1.2/24".into()),
+            gateway: Some("10.77.1.1".into()),
+            dns: vec!["10.77.1.1".into()],
+            ..Default::default()
+        }),
         ..Default::default()
     };
-    let cfg = dir.path("config.img");
-    storage::config_disk(&c, &cfg).unwrap();
-    // What the operator puts on the command line for this customization.
-    let cmdline = "hb_ms=100 tcp_port=7001 blk_verify=0:8:3 godwit.hostname=web-1 \
-                   godwit.ip=10.77.1.2/24 godwit.gw=10.77.1.1 godwit.dns=10.77.1.1";
+    let cfg = dir.path("cidata.img");
+    storage::write_seed(&seed, &cfg).unwrap();
+    // No customization on the command line: the guest reads the seed, as
+    // cloud-init would.
+    let cmdline = "hb_ms=100 tcp_port=7001 blk_verify=0:8:3";
 
     let host = Netns::new("gwh").expect("create VM host namespace");
     let client = Netns::new("gwc").expect("create client namespace");
@@ -774,8 +779,13 @@ fn a_vm_provisioned_from_a_template_gets_its_customization() {
             format!("path={},ro=on", cfg.display()),
         ],
     );
-    args.extend(["--net".into(), format!("tap={tap},bridge={br}")]);
+    args.extend(["--net".into(), format!("tap={tap},bridge={br},mac={MAC}")]);
     let mut vm = start_vm(&dir, "vm", &["ip", "netns", "exec", host.name()], &args);
+    let s = vm.console.wait_prefix("SEED", BOOT).unwrap();
+    assert_eq!(
+        s.text,
+        "SEED label=cidata files=meta-data,user-data,network-config"
+    );
     let h = vm.console.wait_prefix("HOSTNAME", BOOT).unwrap();
     assert_eq!(h.text, "HOSTNAME web-1");
     let (mut net, mut blk) = (false, false);
@@ -819,7 +829,7 @@ fn a_vm_provisioned_from_a_template_gets_its_customization() {
         })
         .unwrap();
     assert!(line.starts_with("HB "), "{line:?}");
-    // Both disks are there; the config disk says the same as the cmdline.
+    // Both disks are there; the seed is unchanged (attached read-only).
     let blks = vm
         .console
         .lines()
@@ -827,7 +837,7 @@ fn a_vm_provisioned_from_a_template_gets_its_customization() {
         .filter(|l| l.text.starts_with("VIRTIO") && l.text.ends_with("blk"))
         .count();
     assert_eq!(blks, 2);
-    assert_eq!(storage::config_disk::read_config_disk(&cfg).unwrap(), c);
+    assert_eq!(std::fs::read(&cfg).unwrap(), seed.image().unwrap());
     vm.api(Cmd::Stop);
     vm.wait_exit(Duration::from_secs(10));
     check(&root);

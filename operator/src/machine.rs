@@ -8,10 +8,13 @@
 //! - `boot.fromImage` becomes the first disk's image ([`Machine::boot_image`]),
 //!   whose `/boot` the node reads; `boot.kernel` is passed as it is;
 //! - each NIC gets its MAC (the spec's, else [`stable_mac`] of the VM's uid)
-//!   and the first NIC the customization's static address.
+//!   and the first NIC the customization's static address;
+//! - a customization (the VM's merged over its template's) becomes the
+//!   inputs of the cloud-init NoCloud seed ([`MachineSeed`]), with the VM's
+//!   uid as the instance-id; a VM without customization gets no seed disk.
 
 use godwit_crds::contract::{
-    stable_mac, BootImage, Machine, MachineDisk, MachineDiskSource, MachineNic,
+    stable_mac, BootImage, Machine, MachineDisk, MachineDiskSource, MachineNic, MachineSeed,
 };
 use godwit_crds::{parse_quantity, VMTemplate};
 
@@ -91,6 +94,14 @@ pub fn build(
         })
         .collect();
     let (kernel, boot_image) = boot_source(resolved, &disks)?;
+    let seed = resolved.customization.as_ref().map(|c| MachineSeed {
+        instance_id: uid.to_string(),
+        hostname: resolved.hostname.clone(),
+        user_data: c.user_data.clone(),
+        user_data_secret_ref: c.user_data_secret_ref.clone(),
+        ssh_authorized_keys: c.ssh_authorized_keys.clone(),
+        network: c.network.clone(),
+    });
     Ok(Machine {
         cpu: resolved.cpu,
         memory_bytes: resolved.memory,
@@ -108,6 +119,7 @@ pub fn build(
         } else {
             None
         },
+        seed,
     })
 }
 
@@ -196,7 +208,14 @@ mod tests {
         assert_eq!(m.cpu, 1);
         assert_eq!(m.memory_bytes, 1 << 30);
         assert_eq!(m.kernel, "/k/guest.elf");
-        assert!(m.cmdline.contains("godwit.hostname=demo"), "{}", m.cmdline);
+        assert_eq!(m.cmdline, "hb_ms=100");
+        let seed = m.seed.as_ref().unwrap();
+        assert_eq!(seed.instance_id, "uid-demo");
+        assert_eq!(seed.hostname, "demo");
+        assert_eq!(
+            seed.network.as_ref().and_then(|n| n.address.as_deref()),
+            Some("10.0.0.5/24")
+        );
         assert_eq!(m.template_digest.as_deref(), Some("sha256:abc"));
         assert_eq!(
             m.disks[0].source,
@@ -237,6 +256,41 @@ mod tests {
         assert_eq!(m.networks[0].mac, "52:54:00:00:00:01");
         assert_eq!(m.networks[0].ip, None);
         assert_eq!(m.template_digest, None);
+        // No customization anywhere: no seed disk.
+        assert_eq!(m.seed, None);
+    }
+
+    #[test]
+    fn the_seed_carries_the_merged_customization() {
+        let t = template();
+        let mut v = vm("demo");
+        v.spec.customization = Some(godwit_crds::Customization {
+            hostname: Some("web-1".into()),
+            user_data_secret_ref: Some(godwit_crds::SecretKeyRef {
+                name: "demo-userdata".into(),
+                key: "userdata".into(),
+            }),
+            ssh_authorized_keys: vec!["ssh-ed25519 AAAA alice".into()],
+            ..Default::default()
+        });
+        let r = resolve("demo", &v.spec, Some(&t.spec)).unwrap();
+        let m = build("uid-7", &r, Some(&t)).unwrap();
+        let seed = m.seed.unwrap();
+        assert_eq!(seed.instance_id, "uid-7");
+        assert_eq!(seed.hostname, "web-1");
+        assert_eq!(m.hostname, "web-1");
+        assert_eq!(
+            seed.user_data_secret_ref.map(|r| r.name).as_deref(),
+            Some("demo-userdata")
+        );
+        assert_eq!(seed.user_data, None);
+        assert_eq!(seed.ssh_authorized_keys, vec!["ssh-ed25519 AAAA alice"]);
+        // The template's network, which the VM left out.
+        assert_eq!(
+            seed.network.and_then(|n| n.address).as_deref(),
+            Some("10.0.0.5/24")
+        );
+        assert_eq!(m.networks[0].ip.as_deref(), Some("10.0.0.5/24"));
     }
 
     #[test]

@@ -35,8 +35,6 @@ pub struct Config {
     pub tcp_port: u16,
     pub blk_write: Option<BlkPattern>,
     pub blk_verify: Option<BlkPattern>,
-    /// `godwit.hostname=`: the name Godwit's customization gave this VM.
-    pub hostname: Option<&'static str>,
     /// `pwrbtn=ignore`: report ACPI power-button presses but keep running.
     pub pwrbtn_ignore: bool,
 }
@@ -57,18 +55,13 @@ impl Config {
             tcp_port: 7777,
             blk_write: None,
             blk_verify: None,
-            hostname: None,
             pwrbtn_ignore: false,
         };
         for word in text.split_ascii_whitespace() {
             let Some((key, value)) = word.split_once('=') else {
                 continue;
             };
-            // Godwit's customization keys (`godwit.ip=`, `godwit.gw=`, ...) are
-            // the same settings under the names the operator writes.
-            let key = key.strip_prefix("godwit.").unwrap_or(key);
             match key {
-                "hostname" if !value.is_empty() => c.hostname = Some(value),
                 "hb_ms" => {
                     if let Some(v) = parse_u64(value).filter(|v| *v > 0) {
                         c.hb_ms = v;

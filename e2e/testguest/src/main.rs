@@ -22,12 +22,14 @@ mod amleval;
 mod boot;
 mod clock;
 mod cmdline;
+mod fat;
 mod interrupts;
 mod net;
 mod pattern;
 mod platform;
 mod power;
 mod rt;
+mod seed;
 #[macro_use]
 mod serial;
 mod startinfo;
@@ -181,9 +183,6 @@ extern "C" fn main64(start_info: u32) -> ! {
     };
     println!("CMDLINE {}", info.cmdline);
     let mut cfg = Config::parse(info.cmdline);
-    if let Some(h) = cfg.hostname {
-        println!("HOSTNAME {}", h);
-    }
     let ram_end = info.ram_end();
     for gib in 4..ram_end.div_ceil(1 << 30) as usize {
         if !boot::map_gib(gib) {
@@ -243,7 +242,14 @@ extern "C" fn user_main(guest: u64) -> ! {
 }
 
 impl Guest {
+    /// Brings up the devices the guest found (from ACPI, else the command
+    /// line): the first virtio-blk device that is not a cloud-init seed is
+    /// the pattern disk; a seed (FAT labelled `cidata`) gives the hostname
+    /// and the first NIC's address, as cloud-init would take them; the first
+    /// virtio-net device starts once every disk has been looked at.
     fn setup_devices(&mut self) {
+        let mut nic: Option<(virtio::Mmio, u64)> = None;
+        let mut seed: Option<seed::Seed> = None;
         for i in 0..self.cfg.nvirtio {
             let d = self.cfg.virtio[i];
             let Some(t) = virtio::open(&d) else {
@@ -251,23 +257,52 @@ impl Guest {
             };
             println!("VIRTIO {:#x} {}", d.addr, virtio::kind_name(&t));
             match t.device_type() {
-                DeviceType::Block if self.blk.is_none() => match VirtIOBlk::new(t) {
-                    Ok(b) => self.blk = Some(b),
-                    Err(_) => println!("WARN virtio-blk at {:#x} failed to start", d.addr),
-                },
-                DeviceType::Network if self.net.is_none() => {
-                    let Some((ip, prefix)) = self.cfg.ip else {
-                        println!("WARN virtio-net at {:#x} unused: no ip= given", d.addr);
-                        continue;
+                DeviceType::Block => {
+                    let mut b = match VirtIOBlk::new(t) {
+                        Ok(b) => b,
+                        Err(_) => {
+                            println!("WARN virtio-blk at {:#x} failed to start", d.addr);
+                            continue;
+                        }
                     };
-                    match Net::new(
-                        t,
-                        ip,
-                        prefix,
-                        self.cfg.gw,
-                        self.cfg.tcp_port,
-                        clock::now_ns(),
-                    ) {
+                    if seed.is_none() {
+                        if let Some(s) = seed::read(&mut virtio::BlkSectors(&mut b)) {
+                            seed = Some(s);
+                            continue;
+                        }
+                    }
+                    if self.blk.is_none() {
+                        self.blk = Some(b);
+                    }
+                }
+                DeviceType::Network if nic.is_none() => nic = Some((t, d.addr)),
+                _ => {}
+            }
+        }
+        let mut ip = self.cfg.ip;
+        let mut gw = self.cfg.gw;
+        if let Some(s) = &seed {
+            println!("SEED label={} files={}", s.label, s.files.join(","));
+            if let Some(h) = &s.hostname {
+                println!("HOSTNAME {}", h);
+            }
+        }
+        if let Some((t, addr)) = nic {
+            let mac = virtio::net_mac(&t);
+            if let Some(n) = seed.as_ref().and_then(|s| s.net.as_ref()) {
+                if !n.matches(mac) {
+                    println!("WARN seed network-config is for another MAC; NIC at {:#x} keeps the command line's", addr);
+                } else if n.dhcp4 {
+                    println!("WARN seed asks for DHCP, which the test guest has no client for");
+                } else if let Some(a) = n.address {
+                    ip = Some(a);
+                    gw = n.gateway;
+                }
+            }
+            match ip {
+                None => println!("WARN virtio-net at {:#x} unused: no ip= given", addr),
+                Some((ip, prefix)) => {
+                    match Net::new(t, ip, prefix, gw, self.cfg.tcp_port, clock::now_ns()) {
                         Ok(n) => {
                             let m = n.mac;
                             println!(
@@ -279,7 +314,6 @@ impl Guest {
                         Err(e) => println!("WARN {}", e),
                     }
                 }
-                _ => {}
             }
         }
         if let Some(p) = self.cfg.blk_write {

@@ -74,6 +74,25 @@ pub fn kind_name(t: &Mmio) -> &'static str {
 /// A virtio-blk device.
 pub type Blk = VirtIOBlk<GuestHal, Mmio>;
 
+/// A virtio-blk device as the FAT reader reads it.
+pub struct BlkSectors<'a>(pub &'a mut Blk);
+
+impl crate::fat::Sectors for BlkSectors<'_> {
+    fn read(&mut self, lba: u64, buf: &mut [u8; SECTOR_SIZE]) -> bool {
+        self.0.read_blocks(lba as usize, buf).is_ok()
+    }
+}
+
+/// The MAC in a virtio-net device's configuration space (all zeros when it
+/// cannot be read).
+pub fn net_mac(t: &Mmio) -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    for (i, b) in mac.iter_mut().enumerate() {
+        *b = t.read_config_space::<u8>(i).unwrap_or(0);
+    }
+    mac
+}
+
 /// Outcome of a block pattern operation.
 pub enum BlkOutcome {
     Ok,

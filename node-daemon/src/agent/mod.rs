@@ -24,6 +24,7 @@
 //! | [`vm_dir`] | a VM's directories on the node and what they say |
 //! | [`disks`] | a VM's disk files |
 //! | [`boot`] | the kernel a VM boots (its own, or its image's: `fromImage`) |
+//! | [`seed`] | a VM's cloud-init NoCloud seed disk |
 //! | [`vmm_process`], [`vmm_user`] | starting and stopping VMM processes, as their own users |
 //! | [`certificates`] | the node's migration certificate |
 //! | [`console`], [`metrics`] | the console relay and the metrics endpoint |
@@ -42,6 +43,7 @@ mod migrate;
 mod pass;
 mod report;
 pub mod restart;
+pub mod seed;
 pub mod usage;
 pub mod vm_dir;
 mod vm_reconcile;

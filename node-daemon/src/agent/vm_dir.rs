@@ -16,6 +16,7 @@
 //! | `console.log`, `console.sock` | the serial console (file, and a socket to attach to) |
 //! | `api.sock` | the VMM's control socket |
 //! | `disks/` | node-local disks |
+//! | `cidata.img` | the cloud-init NoCloud seed, written before each start ([`super::seed`]) |
 //!
 //! Shared disks live under the shared directory (`<shared-dir>/<namespace>/<name>/`),
 //! which every node sees; only deleting the VM removes them.

@@ -16,7 +16,7 @@ use serde_json::json;
 use super::context::{now_time, Agent};
 use super::decide::{decide_node_vm, NodeVmAction, VmFacts};
 use super::vm_dir::{self, VmDir};
-use super::{restart, vmm_process};
+use super::{restart, seed, vmm_process};
 
 /// Makes this node match VM `vm`: what [`decide_node_vm`] says, carried out.
 pub async fn reconcile(agent: &Agent, vm: &VirtualMachine) -> anyhow::Result<()> {
@@ -64,7 +64,13 @@ pub async fn reconcile(agent: &Agent, vm: &VirtualMachine) -> anyhow::Result<()>
             let runner = agent.runner.clone();
             let d = dir.clone();
             let m = machine.clone();
-            match tokio::task::spawn_blocking(move || runner.boot(&d, &m)).await? {
+            let started = match seed::write(&agent.client, &dir, &machine).await {
+                Ok(()) => tokio::task::spawn_blocking(move || runner.boot(&d, &m))
+                    .await?
+                    .map_err(anyhow::Error::from),
+                Err(e) => Err(anyhow::Error::from(e)),
+            };
+            match started {
                 Ok(child) => {
                     agent.children.lock().unwrap().insert(&dir, child);
                     vm_phase(&api, vm, VmPhase::Starting, None).await?;
@@ -87,9 +93,11 @@ pub async fn reconcile(agent: &Agent, vm: &VirtualMachine) -> anyhow::Result<()>
                     let msg = format!(
                         "cannot start on {}: {}",
                         agent.cfg.node,
-                        godwit_crds::error_chain(&e)
+                        godwit_crds::error_chain(e.as_ref())
                     );
-                    let reason = start_failure_reason(&e);
+                    let reason = e
+                        .downcast_ref::<vmm_process::VmmProcessError>()
+                        .map_or("StartFailed", start_failure_reason);
                     vm_phase(&api, vm, VmPhase::Failed, Some((reason, &msg))).await?;
                     agent
                         .event(vm, EventType::Warning, reason, "Start", msg)

@@ -22,6 +22,7 @@ use godwit_crds::contract::Machine;
 
 use super::boot::{self, Boot, BootError};
 use super::disks::{self, provision_disk, DiskError};
+use super::seed::seed_path;
 use super::vm_dir::{process_alive, tap_name, VmDir, VmDirError};
 use super::vmm_user::{hand_over, Handover, VmmUserError, VmmUsers};
 use crate::migration::tls::TlsFiles;
@@ -236,7 +237,8 @@ impl Runner {
 
     /// Creates the VM's disks (when missing) and boots it. With
     /// `boot.fromImage`, the kernel comes out of the image first
-    /// ([`boot::resolve`]); when it cannot, no VMM starts.
+    /// ([`boot::resolve`]); when it cannot, no VMM starts. Its cloud-init
+    /// seed ([`super::seed::write`], written before) is the last disk.
     pub fn boot(&self, dir: &VmDir, machine: &Machine) -> Result<Child, VmmProcessError> {
         dir.create()?;
         let _ = fs::remove_file(dir.file("incoming"));
@@ -261,6 +263,7 @@ impl Runner {
             args.extend(["--disk".into(), disk_arg(&path, disk.read_only)]);
             disks.push((path, disk.read_only));
         }
+        attach_seed(dir, machine, &mut args, &mut disks)?;
         args.extend(self.common_args(dir, machine));
         self.spawn(dir, machine, &args, self.keep(dir, Some(&boot), &disks))
     }
@@ -286,6 +289,7 @@ impl Runner {
             args.extend(["--disk".into(), disk_arg(&path, disk.read_only)]);
             disks.push((path, disk.read_only));
         }
+        attach_seed(dir, machine, &mut args, &mut disks)?;
         args.extend(self.common_args(dir, machine));
         // A migrated guest brings its kernel in memory; a kernel file named
         // on the node stays visible as before (a fromImage one is in the
@@ -331,6 +335,28 @@ impl Runner {
         }
         args
     }
+}
+
+/// Adds the VM's cloud-init seed, read-only, after its other disks: the
+/// source and the target of a migration attach the same disks in the same
+/// order.
+fn attach_seed(
+    dir: &VmDir,
+    machine: &Machine,
+    args: &mut Vec<String>,
+    disks: &mut Vec<(PathBuf, bool)>,
+) -> Result<(), VmmProcessError> {
+    if let Some(path) = seed_path(dir, machine) {
+        if !path.exists() {
+            return Err(VmmProcessError::Start(format!(
+                "the cloud-init seed {} was not written",
+                path.display()
+            )));
+        }
+        args.extend(["--disk".into(), disk_arg(&path, true)]);
+        disks.push((path, true));
+    }
+    Ok(())
 }
 
 fn disk_arg(path: &Path, read_only: bool) -> String {

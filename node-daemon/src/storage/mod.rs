@@ -16,18 +16,20 @@
 //!   downloads, sha256-verified, resumable) and provisioning from it.
 //! - [`boot_image`]: a disk image's own kernel and initrd (`boot.fromImage`),
 //!   read from its partitions' ext2/3/4 `/boot` and cached by its digest.
-//! - [`config_disk`]: the customization config disk and its format.
+//! - [`nocloud`]: the cloud-init NoCloud seed (a vfat image labelled
+//!   `CIDATA`) that carries a VM's customization.
 //!
 //! What the node agent calls:
 //!
 //! ```no_run
-//! use godwit_node::storage::{self, Customization, ImageFormat, TemplateCache};
+//! use godwit_node::storage::{self, ImageFormat, NoCloudSeed, TemplateCache};
 //! # fn main() -> Result<(), storage::StorageError> {
 //! let cache = TemplateCache::new("/var/lib/godwit/templates")?;
 //! let base = cache.fetch("https://example.org/debian.raw", Some("sha256:…"), &mut |_| {})?;
 //! storage::provision(&base, "/var/lib/godwit/vms/vm1/root.qcow2".as_ref())?;
 //! storage::blank(10 << 30, ImageFormat::Qcow2, "/var/lib/godwit/vms/vm1/data.qcow2".as_ref())?;
-//! storage::config_disk(&Customization::default(), "/var/lib/godwit/vms/vm1/config.img".as_ref())?;
+//! let seed = NoCloudSeed { instance_id: "uid".into(), hostname: "vm1".into(), ..Default::default() };
+//! storage::write_seed(&seed, "/var/lib/godwit/vms/vm1/cidata.img".as_ref())?;
 //! storage::remove("/var/lib/godwit/vms/vm1/root.qcow2".as_ref())?;
 //! # Ok(()) }
 //! ```
@@ -37,20 +39,20 @@
 
 pub mod boot_image;
 pub mod cbt;
-pub mod config_disk;
 pub mod copy;
 pub mod disk;
 pub mod image;
 pub mod lock;
+pub mod nocloud;
 pub mod template;
 
 use std::path::Path;
 
 pub use cbt::{ChangedBlocks, DirtyBlocks, CBT_BLOCK};
-pub use config_disk::{config_disk, Customization};
 pub use disk::DiskImage;
 pub use image::{ImageFormat, ImageInfo};
 pub use lock::{remove, ImageLock, LockMode};
+pub use nocloud::{write_seed, NoCloudSeed, SeedNetwork};
 pub use template::{provision, CachedTemplate, Progress, TemplateCache};
 
 /// Errors of the storage layer.
@@ -127,7 +129,7 @@ pub enum StorageError {
     /// A template image must stand alone.
     #[error("Template image {0} is a qcow2 overlay with a backing file; templates must be self-contained (flatten it with qemu-img convert)")]
     TemplateHasBacking(String),
-    /// The customization cannot be written.
+    /// The customization cannot be written as a cloud-init seed.
     #[error("Invalid customization: {0}")]
     Customization(String),
 }

@@ -15,7 +15,7 @@ use serde_json::json;
 use super::policy::free_port;
 use crate::agent::context::Agent;
 use crate::agent::vm_dir::{self, VmDir};
-use crate::agent::{disks, report, vmm_process};
+use crate::agent::{disks, report, seed, vmm_process};
 
 /// Starts the incoming VMM for migration `m` and publishes its address.
 pub async fn prepare(
@@ -63,11 +63,16 @@ pub async fn prepare(
     let addr = format!("{}:{port}", cfg.node_ip);
     let runner = agent.runner.clone();
     let (d, name) = (dir.clone(), m.name_any());
-    let started = tokio::task::spawn_blocking(move || {
-        let child = runner.incoming(&d, &machine, &name, &addr, copy_disks)?;
-        vmm_process::wait_listening(&d, Duration::from_secs(10)).map(|a| (child, a))
-    })
-    .await?;
+    // The seed is rebuilt here, identically, before the VMM opens it.
+    let started = match seed::write(&agent.client, dir, &machine).await {
+        Ok(()) => tokio::task::spawn_blocking(move || {
+            let child = runner.incoming(&d, &machine, &name, &addr, copy_disks)?;
+            vmm_process::wait_listening(&d, Duration::from_secs(10)).map(|a| (child, a))
+        })
+        .await?
+        .map_err(anyhow::Error::from),
+        Err(e) => Err(anyhow::Error::from(e)),
+    };
     match started {
         Ok((child, listening)) => {
             agent.children.lock().unwrap().insert(dir, child);
@@ -86,7 +91,7 @@ pub async fn prepare(
             let msg = format!(
                 "target {} could not prepare: {}",
                 cfg.node,
-                godwit_crds::error_chain(&e)
+                godwit_crds::error_chain(e.as_ref())
             );
             let d = dir.clone();
             let _ = tokio::task::spawn_blocking(move || vm_dir::remove(&d, false)).await;
