@@ -46,6 +46,11 @@ use state::{StateError, VmmSnapshot};
 use vcpu::{Vcpu, VcpuError};
 use vm::{VcpuSet, VmError, VmExit};
 
+/// The exit status of a `godwit-vmm` whose guest reset itself (a reboot
+/// inside the guest): the node agent reports the VM Stopped with reason
+/// `GuestReset` and the operator starts it again as its runStrategy says.
+pub const GUEST_RESET_EXIT: i32 = 100;
+
 /// One disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
