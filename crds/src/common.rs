@@ -16,21 +16,34 @@ pub const MAC_PATTERN: &str = r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$";
 /// A DNS-1123 label, as Kubernetes names for nodes, networks and disks.
 pub const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$";
 
-/// How the guest is started: a Linux bzImage or a PVH ELF kernel, an optional
-/// initrd and the kernel command line.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+/// How the guest is started: either a kernel file on the node (a Linux bzImage
+/// or a PVH ELF) with an optional initrd, or the newest kernel and initrd in
+/// the root disk image's own `/boot` (`fromImage`); and the kernel command line.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("has(self.kernel) != has(self.fromImage)").message("set exactly one of boot.kernel and boot.fromImage"))]
+#[x_kube(validation = Rule::new("!has(self.initrd) || has(self.kernel)").message("boot.initrd goes with boot.kernel; fromImage takes the initrd from the image's /boot"))]
 #[serde(rename_all = "camelCase")]
 pub struct BootSpec {
     /// Path of the kernel on the node (bzImage or PVH ELF).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
-    pub kernel: String,
-    /// Path of an initial ramdisk on the node.
+    pub kernel: Option<String>,
+    /// Boot the newest `vmlinuz-<version>` (and its initrd) found in `/boot`
+    /// of the root disk's image (ext2/3/4, on a GPT or MBR disk or the whole
+    /// disk), with `root=UUID=<root filesystem>` before `cmdline`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_image: Option<FromImage>,
+    /// Path of an initial ramdisk on the node (only with `kernel`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<String>,
     /// Kernel command line. Godwit appends its device and customization entries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
 }
+
+/// Options of `boot.fromImage` (none yet: `{}`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct FromImage {}
 
 /// How a live migration may proceed. Every field is optional; the operator fills in
 /// the defaults documented on each field.

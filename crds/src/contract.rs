@@ -155,8 +155,14 @@ pub struct Machine {
     pub cpu: u32,
     /// Guest memory in bytes.
     pub memory_bytes: u64,
-    /// Kernel (PVH ELF or bzImage) on the node.
+    /// Kernel (PVH ELF or bzImage) on the node; empty when [`Machine::boot_image`]
+    /// names where the node finds it.
+    #[serde(default)]
     pub kernel: String,
+    /// Boot the kernel and initrd in this image's `/boot` (`boot.fromImage`),
+    /// with `root=UUID=<its root filesystem>` before [`Machine::cmdline`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_image: Option<BootImage>,
     /// Initial ramdisk on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<String>,
@@ -175,6 +181,18 @@ pub struct Machine {
     /// The template's image digest, when the root disk comes from a template.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template_digest: Option<String>,
+}
+
+/// The image whose own `/boot` a [`Machine`] boots: the root disk's source
+/// (a template image, or an image used in place).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BootImage {
+    /// The image on the node.
+    pub path: String,
+    /// Its format.
+    #[serde(default)]
+    pub format: ImageFormat,
 }
 
 /// One disk of a [`Machine`].
@@ -322,6 +340,29 @@ mod tests {
             "{json}"
         );
         assert_eq!(serde_json::from_str::<Machine>(&json).unwrap(), m);
+    }
+
+    #[test]
+    fn a_from_image_machine_round_trips_and_older_machines_still_read() {
+        let m = Machine {
+            cpu: 1,
+            memory_bytes: 64 << 20,
+            boot_image: Some(BootImage {
+                path: "/images/debian.qcow2".into(),
+                format: ImageFormat::Qcow2,
+            }),
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(
+            json.contains(r#""bootImage":{"path":"/images/debian.qcow2","format":"qcow2"}"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Machine>(&json).unwrap(), m);
+        let old: Machine =
+            serde_json::from_str(r#"{"cpu":1,"memoryBytes":1048576,"kernel":"/k"}"#).unwrap();
+        assert_eq!(old.kernel, "/k");
+        assert_eq!(old.boot_image, None);
     }
 
     #[test]

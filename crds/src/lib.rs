@@ -16,7 +16,7 @@ pub mod vm;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-pub use common::{parse_quantity, BootSpec, MigrationPolicy, QuantityError};
+pub use common::{parse_quantity, BootSpec, FromImage, MigrationPolicy, QuantityError};
 pub use errors::error_chain;
 pub use migration::{
     MigrationMode, MigrationModeUsed, MigrationPhase, MigrationProgress, MigrationResult,

@@ -103,7 +103,6 @@ fn disk(dir: &Scratch, name: &str) -> std::path::PathBuf {
 }
 
 #[test]
-#[ignore = "needs the ACPI VMM (branch acpi-vmm)"]
 fn the_guest_finds_the_same_device_kinds_from_acpi_under_qemu_and_godwit_vmm() {
     common::require_kvm();
     let dir = Scratch::new("acpi-same");

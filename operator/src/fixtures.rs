@@ -258,8 +258,9 @@ pub fn template() -> VMTemplate {
                 format: ImageFormat::Qcow2,
             },
             boot: Some(BootSpec {
-                kernel: "/k/guest.elf".into(),
+                kernel: Some("/k/guest.elf".into()),
                 initrd: None,
+                from_image: None,
                 cmdline: Some("hb_ms=100".into()),
             }),
             cpu: Some(1),

@@ -5,10 +5,14 @@
 //! - a `template` disk becomes a clone of the template image (the node makes
 //!   a copy-on-write overlay on its cached copy);
 //! - an `image` disk is used in place; a `blank` disk gets its size in bytes;
+//! - `boot.fromImage` becomes the first disk's image ([`Machine::boot_image`]),
+//!   whose `/boot` the node reads; `boot.kernel` is passed as it is;
 //! - each NIC gets its MAC (the spec's, else [`stable_mac`] of the VM's uid)
 //!   and the first NIC the customization's static address.
 
-use godwit_crds::contract::{stable_mac, Machine, MachineDisk, MachineDiskSource, MachineNic};
+use godwit_crds::contract::{
+    stable_mac, BootImage, Machine, MachineDisk, MachineDiskSource, MachineNic,
+};
 use godwit_crds::{parse_quantity, VMTemplate};
 
 use crate::template::Resolved;
@@ -25,6 +29,13 @@ pub enum MachineError {
     /// A disk uses the template image but there is no template.
     #[error("disk {0:?} uses source.template but the VM has no template")]
     NoTemplate(String),
+    /// The boot settings name neither a kernel nor `fromImage` (the API
+    /// server's schema normally refuses it).
+    #[error("boot sets neither kernel nor fromImage")]
+    NoKernel,
+    /// `boot.fromImage` needs a first (root) disk made from an image.
+    #[error("boot.fromImage reads the root disk's image, but the first disk ({0}) is not from the template or an image; put the root disk first, or set boot.kernel")]
+    FromImageWithoutImage(String),
 }
 
 /// The machine for the VM with uid `uid`, resolved as `resolved` from
@@ -79,10 +90,12 @@ pub fn build(
             ip: if i == 0 { static_ip.clone() } else { None },
         })
         .collect();
+    let (kernel, boot_image) = boot_source(resolved, &disks)?;
     Ok(Machine {
         cpu: resolved.cpu,
         memory_bytes: resolved.memory,
-        kernel: resolved.boot.kernel.clone(),
+        kernel,
+        boot_image,
         initrd: resolved.boot.initrd.clone(),
         cmdline: resolved.boot.cmdline.clone().unwrap_or_default(),
         hostname: resolved.hostname.clone(),
@@ -96,6 +109,34 @@ pub fn build(
             None
         },
     })
+}
+
+/// The kernel file, or (`boot.fromImage`) the image whose `/boot` the node
+/// reads: the first disk's, a template image or an image used in place.
+fn boot_source(
+    resolved: &Resolved,
+    disks: &[MachineDisk],
+) -> Result<(String, Option<BootImage>), MachineError> {
+    if let Some(kernel) = &resolved.boot.kernel {
+        return Ok((kernel.clone(), None));
+    }
+    if resolved.boot.from_image.is_none() {
+        return Err(MachineError::NoKernel);
+    }
+    let root = disks.first();
+    match root.map(|d| &d.source) {
+        Some(MachineDiskSource::Clone { path, format })
+        | Some(MachineDiskSource::Image { path, format }) => Ok((
+            String::new(),
+            Some(BootImage {
+                path: path.clone(),
+                format: *format,
+            }),
+        )),
+        _ => Err(MachineError::FromImageWithoutImage(
+            root.map_or_else(|| "none".to_string(), |d| format!("{:?}", d.name)),
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -183,7 +224,7 @@ mod tests {
         v.spec.cpu = Some(1);
         v.spec.memory = Some("64Mi".into());
         v.spec.boot = Some(godwit_crds::BootSpec {
-            kernel: "/k".into(),
+            kernel: Some("/k".into()),
             ..Default::default()
         });
         v.spec.networks = vec![godwit_crds::vm::Network {
@@ -196,5 +237,47 @@ mod tests {
         assert_eq!(m.networks[0].mac, "52:54:00:00:00:01");
         assert_eq!(m.networks[0].ip, None);
         assert_eq!(m.template_digest, None);
+    }
+
+    #[test]
+    fn from_image_reads_the_root_disks_image() {
+        let mut t = template();
+        t.spec.boot = Some(godwit_crds::BootSpec {
+            from_image: Some(godwit_crds::FromImage {}),
+            cmdline: Some("console=ttyS0".into()),
+            ..Default::default()
+        });
+        let mut v = vm("demo");
+        v.spec.disks = vec![disk(
+            "root",
+            DiskSource {
+                template: Some(TemplateDiskSource {}),
+                ..Default::default()
+            },
+        )];
+        let r = resolve("demo", &v.spec, Some(&t.spec)).unwrap();
+        let m = build("uid-demo", &r, Some(&t)).unwrap();
+        assert_eq!(m.kernel, "");
+        assert_eq!(
+            m.boot_image,
+            Some(BootImage {
+                path: "/images/base.qcow2".into(),
+                format: ImageFormat::Qcow2
+            })
+        );
+        assert!(m.cmdline.starts_with("console=ttyS0"), "{}", m.cmdline);
+
+        v.spec.disks = vec![disk(
+            "scratch",
+            DiskSource {
+                blank: Some(BlankDiskSource { size: "1Gi".into() }),
+                ..Default::default()
+            },
+        )];
+        let r = resolve("demo", &v.spec, Some(&t.spec)).unwrap();
+        assert_eq!(
+            build("uid-demo", &r, Some(&t)),
+            Err(MachineError::FromImageWithoutImage("\"scratch\"".into()))
+        );
     }
 }

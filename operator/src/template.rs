@@ -143,8 +143,9 @@ mod tests {
                 ..Default::default()
             },
             boot: Some(BootSpec {
-                kernel: "/k/guest.elf".into(),
+                kernel: Some("/k/guest.elf".into()),
                 initrd: None,
+                from_image: None,
                 cmdline: Some("hb_ms=100".into()),
             }),
             cpu: Some(2),
@@ -213,7 +214,7 @@ mod tests {
         bare.cpu = Some(1);
         bare.disks = vm().disks;
         bare.boot = Some(BootSpec {
-            kernel: "/k".into(),
+            kernel: Some("/k".into()),
             ..Default::default()
         });
         assert_eq!(

@@ -89,6 +89,14 @@ fn up(nodes: usize, dir: &std::path::Path) -> anyhow::Result<()> {
         cluster.kubeconfig.display(),
         examples.display()
     );
+    println!(
+        "  client namespace {} (address {}): ip netns exec {} ssh ...",
+        cluster.fabric.client.name(),
+        godwit_testkit::nodes::CLIENT_IP,
+        cluster.fabric.client.name()
+    );
+    // For scripts (e2e/linux/run.sh): where a client of the VMs runs.
+    std::fs::write(dir.join("client-netns"), cluster.fabric.client.name())?;
     println!("  logs: {}", cluster.log_dir().display());
     println!(
         "  inside a node: ip netns exec <namespace> kubectl --kubeconfig {} ...",

@@ -13,8 +13,8 @@
 //!   result serialises back to exactly the recorded answer.
 
 use godwit_vmm_control::results::{
-    Cancelling, ChangedBlocks, DirtyLog, DirtySet, DiskTracking, Runs, Saved, Started, Stats,
-    VmmStatus,
+    Cancelling, ChangedBlocks, DirtyLog, DirtySet, DiskTracking, Runs, Saved, ShuttingDown,
+    Started, Stats, VmmStatus,
 };
 use godwit_vmm_control::{parse_request, Command, Progress, Request, Response, Stage};
 use serde::de::DeserializeOwned;
@@ -130,6 +130,9 @@ fn every_recorded_answer_parses_as_its_typed_result() {
             }
             Command::Pause | Command::Resume | Command::Stop => {
                 same_result::<Runs>(name, result);
+            }
+            Command::Shutdown { .. } => {
+                same_result::<ShuttingDown>(name, result);
             }
             Command::SaveState { .. } => {
                 same_result::<Saved>(name, result);

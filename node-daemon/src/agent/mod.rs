@@ -23,10 +23,12 @@
 //! | [`report`] | a migration's status and Events, from the engine's figures |
 //! | [`vm_dir`] | a VM's directories on the node and what they say |
 //! | [`disks`] | a VM's disk files |
+//! | [`boot`] | the kernel a VM boots (its own, or its image's: `fromImage`) |
 //! | [`vmm_process`], [`vmm_user`] | starting and stopping VMM processes, as their own users |
 //! | [`certificates`] | the node's migration certificate |
 //! | [`console`], [`metrics`] | the console relay and the metrics endpoint |
 
+pub mod boot;
 mod capacity;
 pub mod certificates;
 mod config;

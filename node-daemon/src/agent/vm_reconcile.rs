@@ -98,9 +98,10 @@ pub async fn reconcile(agent: &Agent, vm: &VirtualMachine) -> anyhow::Result<()>
                         agent.cfg.node,
                         godwit_crds::error_chain(&e)
                     );
-                    vm_phase(&api, vm, VmPhase::Failed, Some(("StartFailed", &msg))).await?;
+                    let reason = start_failure_reason(&e);
+                    vm_phase(&api, vm, VmPhase::Failed, Some((reason, &msg))).await?;
                     agent
-                        .event(vm, EventType::Warning, "StartFailed", "Start", msg)
+                        .event(vm, EventType::Warning, reason, "Start", msg)
                         .await;
                 }
             }
@@ -236,6 +237,16 @@ fn stop_grace(vm: &VirtualMachine, dir: &VmDir) -> Duration {
         Duration::ZERO
     } else {
         vm.spec.termination_grace()
+    }
+}
+
+/// The Ready condition's reason when a VMM could not be started:
+/// `BootImageInvalid` when the image of a `boot.fromImage` VM has no usable
+/// kernel (the message says what is missing), `StartFailed` otherwise.
+fn start_failure_reason(e: &vmm_process::VmmProcessError) -> &'static str {
+    match e {
+        vmm_process::VmmProcessError::Boot(super::boot::BootError::Image(_)) => "BootImageInvalid",
+        _ => "StartFailed",
     }
 }
 

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use godwit_crds::contract::Machine;
 
+use super::boot::{self, Boot, BootError};
 use super::disks::{self, provision_disk, DiskError};
 use super::vm_dir::{process_alive, tap_name, VmDir, VmDirError};
 use super::vmm_user::{hand_over, Handover, VmmUserError, VmmUsers};
@@ -44,6 +45,9 @@ pub enum VmmProcessError {
     /// The VM's disks could not be made.
     #[error(transparent)]
     Disk(#[from] DiskError),
+    /// The kernel in the VM's image (`boot.fromImage`) could not be found.
+    #[error(transparent)]
+    Boot(#[from] BootError),
     /// What the VMM's own user needs could not be prepared.
     #[error(transparent)]
     User(#[from] VmmUserError),
@@ -98,7 +102,7 @@ impl Runner {
     fn keep(
         &self,
         dir: &VmDir,
-        machine: &Machine,
+        boot: Option<&Boot>,
         disks: &[(PathBuf, bool)],
     ) -> Vec<(PathBuf, Access)> {
         let mut keep = vec![
@@ -106,10 +110,12 @@ impl Runner {
             (dir.shared.clone(), Access::ReadWrite),
             (dir.cache.clone(), Access::ReadOnly),
             (self.vmm_binary.clone(), Access::ReadOnly),
-            (PathBuf::from(&machine.kernel), Access::ReadOnly),
         ];
-        if let Some(initrd) = &machine.initrd {
-            keep.push((PathBuf::from(initrd), Access::ReadOnly));
+        if let Some(boot) = boot {
+            keep.push((PathBuf::from(&boot.kernel), Access::ReadOnly));
+            if let Some(initrd) = &boot.initrd {
+                keep.push((PathBuf::from(initrd), Access::ReadOnly));
+            }
         }
         for (path, read_only) in disks {
             let access = if *read_only {
@@ -228,22 +234,25 @@ impl Runner {
         Ok(child)
     }
 
-    /// Creates the VM's disks (when missing) and boots it.
+    /// Creates the VM's disks (when missing) and boots it. With
+    /// `boot.fromImage`, the kernel comes out of the image first
+    /// ([`boot::resolve`]); when it cannot, no VMM starts.
     pub fn boot(&self, dir: &VmDir, machine: &Machine) -> Result<Child, VmmProcessError> {
         dir.create()?;
         let _ = fs::remove_file(dir.file("incoming"));
         dir.write_machine(machine)?;
+        let boot = boot::resolve(dir, machine)?;
         let mut args = vec![
             "--kernel".to_string(),
-            machine.kernel.clone(),
+            boot.kernel.clone(),
             "--memory-mib".into(),
             (machine.memory_bytes >> 20).to_string(),
             "--vcpus".into(),
             machine.cpu.to_string(),
             "--cmdline".into(),
-            machine.cmdline.clone(),
+            boot.cmdline.clone(),
         ];
-        if let Some(initrd) = &machine.initrd {
+        if let Some(initrd) = &boot.initrd {
             args.extend(["--initrd".into(), initrd.clone()]);
         }
         let mut disks = Vec::new();
@@ -253,7 +262,7 @@ impl Runner {
             disks.push((path, disk.read_only));
         }
         args.extend(self.common_args(dir, machine));
-        self.spawn(dir, machine, &args, self.keep(dir, machine, &disks))
+        self.spawn(dir, machine, &args, self.keep(dir, Some(&boot), &disks))
     }
 
     /// Starts a VMM that waits for `machine`'s migration on `addr`; with
@@ -278,7 +287,15 @@ impl Runner {
             disks.push((path, disk.read_only));
         }
         args.extend(self.common_args(dir, machine));
-        self.spawn(dir, machine, &args, self.keep(dir, machine, &disks))
+        // A migrated guest brings its kernel in memory; a kernel file named
+        // on the node stays visible as before (a fromImage one is in the
+        // cache, which the VMM sees anyway).
+        let named = (!machine.kernel.is_empty()).then(|| Boot {
+            kernel: machine.kernel.clone(),
+            initrd: machine.initrd.clone(),
+            cmdline: String::new(),
+        });
+        self.spawn(dir, machine, &args, self.keep(dir, named.as_ref(), &disks))
     }
 
     fn common_args(&self, dir: &VmDir, machine: &Machine) -> Vec<String> {

@@ -13,7 +13,9 @@ use godwit_node::vmm::control::{ControlServer, MigrationIdentity};
 use godwit_node::vmm::devices::GuestExit;
 use godwit_node::vmm::vm::VmExit;
 use godwit_node::vmm::{handover, sandbox};
-use godwit_node::vmm::{BuildMode, DiskConfig, NetConfig, RuntimeConfig, VmConfig, Vmm};
+use godwit_node::vmm::{
+    BuildMode, DiskConfig, NetConfig, RuntimeConfig, VmConfig, Vmm, GUEST_RESET_EXIT,
+};
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -24,13 +26,27 @@ Examples:
   godwit-vmm --restore /tmp/snap --serial-log /tmp/vm2.log --api-sock /tmp/vm2.api
 
 Kernels: a PVH ELF (Xen note type 18) or a Linux bzImage (with --initrd).
-Devices appear to the guest as virtio-mmio (virtio_mmio.device=4K@0xd0000000:5,
-then 0xd0001000:6, ... appended to the command line), disks first, then NICs.
+Devices appear to the guest as virtio-mmio windows (4 KiB at 0xd0000000 with
+IRQ 5, then 0xd0001000 with IRQ 6, ...; disks first, then NICs; at most 18).
+With ACPI (--acpi on, the default) the guest finds them in the ACPI tables
+(RSDP at 0xE0000, also in the PVH start info and the bzImage boot params; DSDT
+devices LNRO0005, like QEMU's microvm with acpi=on), next to COM1, a power
+button (a Generic Event Device at 0xfeb00000, IRQ 23) and the S5 and reset
+registers of the FADT. With --acpi off there are no tables and the devices are
+appended to the command line instead (virtio_mmio.device=4K@0xd0000000:5 ...),
+for Firecracker-style kernels; such a VM has no power button. A restored or
+migrated VM keeps the setting it was started with.
 COM1 (0x3F8, IRQ 4) goes to --serial-log and to every client of --console-sock;
 what a client writes goes to the guest.
 
 Control socket (--api-sock): one JSON object per line, e.g.
   {\"v\":1,\"cmd\":\"status\"}  pause  resume  stop  stats
+  {\"v\":1,\"cmd\":\"shutdown\",\"grace_secs\":30}
+stop is the forced stop. shutdown presses the ACPI power button and, unless
+the guest powers off (S5) first, forces the stop after grace_secs (default
+--shutdown-grace-secs); refused with --acpi off. A press the guest has not
+seen yet travels with a snapshot or a migration; the grace timer does not
+(send shutdown again to the new VMM).
   dirty-log-start  dirty-log-stop  take-dirty
   {\"v\":1,\"cmd\":\"disk-dirty-start\",\"disk\":0}  disk-dirty-stop  disk-take-dirty
   {\"v\":1,\"cmd\":\"save-state\",\"dir\":\"/tmp/snap\"}
@@ -57,12 +73,22 @@ open and hands the descriptors over: --kvm-fd, --userfaultfd-fd, --tap-fd
 NAME=FD (a tap already up and on its bridge) and --tls-fd (the identity as
 JSON PEM text on a pipe; migrate-send's \"tls\" renews it).
 
-Exit: status 0 when the guest resets (i8042 0xFE to port 0x64, triple fault)
-or writes 0 to the debug-exit port 0xF4 (a non-zero byte N there exits with N);
-1 when KVM cannot run the guest (e.g. KVM_EXIT_INTERNAL_ERROR); 2 on bad input;
-3 when an incoming migration fails (malformed stream, refused peer, source
-gone: the guest keeps running on the source); 124 when --timeout-s expired
-(forced stop); 0 on `stop` or SIGTERM.";
+Exit: status 0 when the guest powers off (S5 in the ACPI sleep control
+register, or 0 written to the debug-exit port 0xF4; a non-zero byte N there
+exits with N), on `stop`, at the end of a shutdown's grace period, and on
+SIGTERM; 100 when the guest resets (ACPI reset register, i8042 0xFE to port
+0x64, triple fault): restart it if its run strategy says so; 1 when KVM cannot
+run the guest (e.g. KVM_EXIT_INTERNAL_ERROR); 2 on bad input; 3 when an
+incoming migration fails (malformed stream, refused peer, source gone: the
+guest keeps running on the source); 124 when --timeout-s expired (forced
+stop).";
+
+/// `on` or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
 
 /// Run one KVM virtual machine.
 #[derive(Parser, Debug)]
@@ -119,6 +145,15 @@ struct Args {
     /// Force the VM to stop after this many seconds.
     #[arg(long)]
     timeout_s: Option<u64>,
+    /// ACPI platform (tables, power button, S5, reset); `off` puts the
+    /// devices on the kernel command line instead. Ignored with --restore
+    /// and --incoming (the VM keeps its setting).
+    #[arg(long, value_enum, default_value = "on")]
+    acpi: Switch,
+    /// How long a `shutdown` without its own grace_secs waits for the guest
+    /// to power off before the forced stop.
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace_secs: u64,
     /// Migration TLS: this node's certificate (PEM, with its chain).
     #[arg(long, requires_all = ["tls_key", "tls_ca"])]
     tls_cert: Option<PathBuf>,
@@ -300,6 +335,7 @@ fn main() {
                 vcpus: args.vcpus,
                 disks: args.disk.clone(),
                 nets: args.net.clone(),
+                acpi: args.acpi == Switch::On,
             };
             Vmm::build(config, &runtime, BuildMode::Boot)
         }
@@ -313,7 +349,7 @@ fn main() {
     install_signal_handlers();
     vmm.start(&runtime, args.paused)
         .unwrap_or_else(|e| fail(error_chain(&e)));
-    run(vmm, exits, identity, &runtime, args.timeout_s);
+    run(vmm, exits, identity, &runtime, &args);
 }
 
 /// The identity outgoing migrations use (files or the agent's PEM text),
@@ -393,7 +429,7 @@ fn receive_and_run(
     drop(listener);
     eprintln!("godwit-vmm: migration received; the guest runs here");
     let migrate::IncomingVm { vmm, exits, .. } = incoming;
-    run(Arc::new(vmm), exits, identity, &runtime, args.timeout_s);
+    run(Arc::new(vmm), exits, identity, &runtime, args);
 }
 
 /// Serves the control socket and waits for the VM to end; exits the process.
@@ -402,24 +438,35 @@ fn run(
     exits: std::sync::mpsc::Receiver<VmExit>,
     identity: Option<MigrationIdentity>,
     runtime: &RuntimeConfig,
-    timeout_s: Option<u64>,
+    args: &Args,
 ) -> ! {
     // The control socket appears last: once it exists, so does the console.
     if let Some(p) = &runtime.api_sock {
-        ControlServer::new(vmm.clone(), identity)
+        let grace = Duration::from_secs(args.shutdown_grace_secs);
+        ControlServer::new(vmm.clone(), identity, grace)
             .serve(p)
             .unwrap_or_else(|e| fail(error_chain(&e)));
     }
 
-    let deadline = timeout_s.map(|s| Instant::now() + Duration::from_secs(s));
+    let deadline = args
+        .timeout_s
+        .map(|s| Instant::now() + Duration::from_secs(s));
     let code = loop {
         match exits.recv_timeout(Duration::from_millis(50)) {
             Ok(VmExit::Guest(GuestExit::Poweroff(c))) => {
                 eprintln!("godwit-vmm: guest powered off (status {c})");
                 break i32::from(c);
             }
+            Ok(VmExit::Guest(GuestExit::AcpiS5)) => {
+                eprintln!("godwit-vmm: guest powered off (ACPI S5)");
+                break 0;
+            }
             Ok(VmExit::Guest(GuestExit::Reset)) => {
-                eprintln!("godwit-vmm: guest reset; exiting");
+                eprintln!("godwit-vmm: guest reset; exiting with status {GUEST_RESET_EXIT}");
+                break GUEST_RESET_EXIT;
+            }
+            Ok(VmExit::ShutdownTimedOut(n)) => {
+                eprintln!("godwit-vmm: guest did not power off within {n}s; forcing the stop");
                 break 0;
             }
             Ok(VmExit::Stopped) => {

@@ -14,6 +14,8 @@
 //! - [`cbt`]: changed-block tracking at a fixed 64 KiB granularity.
 //! - [`template`]: the per-node template cache (local files and http(s)
 //!   downloads, sha256-verified, resumable) and provisioning from it.
+//! - [`boot_image`]: a disk image's own kernel and initrd (`boot.fromImage`),
+//!   read from its partitions' ext2/3/4 `/boot` and cached by its digest.
 //! - [`config_disk`]: the customization config disk and its format.
 //!
 //! What the node agent calls:
@@ -33,6 +35,7 @@
 //! Every image we write passes `qemu-img check`; the integration tests
 //! (`node-daemon/tests/storage.rs`) use `qemu-img compare` as the oracle.
 
+pub mod boot_image;
 pub mod cbt;
 pub mod config_disk;
 pub mod copy;

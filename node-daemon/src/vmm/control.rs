@@ -2,7 +2,10 @@
 //! requests of [`godwit_vmm_control`] (the protocol and its client live
 //! there) for one VM.
 //!
-//! Commands: `status`, `pause`, `resume`, `stop`, `save-state {dir}`,
+//! Commands: `status`, `pause`, `resume`, `stop` (the forced stop),
+//! `shutdown {grace_secs}` (presses the ACPI power button, then forces the
+//! stop after the grace period unless the guest powered off; refused
+//! without ACPI), `save-state {dir}`,
 //! `stats`, `dirty-log-start`, `dirty-log-stop`, `take-dirty` (returns and
 //! clears the dirty set; counts only). Disks (numbered from 0 in `--disk`
 //! order): `disk-dirty-start {disk}` and `disk-dirty-stop {disk}` turn
@@ -30,8 +33,8 @@ use std::time::Duration;
 
 use godwit_vmm_control::{
     parse_request, Cancelling, ChangedBlocks, Command, DirtyLog, DirtyRegion, DirtySet,
-    DiskTracking, MigrateSend, Progress, Response, RunState, Runs, Saved, Stage, Started,
-    VmmStatus,
+    DiskTracking, MigrateSend, Progress, Response, RunState, Runs, Saved, ShuttingDown, Stage,
+    Started, VmmStatus,
 };
 
 use super::migrate::OutgoingMigration;
@@ -88,6 +91,8 @@ pub struct ControlServer {
     identity: Mutex<Option<MigrationIdentity>>,
     /// The outgoing migration of this process, once one was started.
     outgoing: Mutex<Option<OutgoingMigration>>,
+    /// How long a `shutdown` without `grace_secs` waits for the guest.
+    shutdown_grace: Duration,
 }
 
 /// Locks `m`, taking over a lock whose holder panicked (the data are plain
@@ -98,12 +103,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl ControlServer {
     /// A server for `vmm`; with `identity`, outgoing migrations use mutual
-    /// TLS.
-    pub fn new(vmm: Arc<Vmm>, identity: Option<MigrationIdentity>) -> Arc<ControlServer> {
+    /// TLS; a `shutdown` without its own grace waits `shutdown_grace`.
+    pub fn new(
+        vmm: Arc<Vmm>,
+        identity: Option<MigrationIdentity>,
+        shutdown_grace: Duration,
+    ) -> Arc<ControlServer> {
         Arc::new(ControlServer {
             vmm,
             identity: Mutex::new(identity),
             outgoing: Mutex::new(None),
+            shutdown_grace,
         })
     }
 
@@ -196,8 +206,16 @@ impl ControlServer {
                 runs(RunState::Running)
             }
             Command::Stop => runs(RunState::Stopping),
-            Command::Shutdown { .. } => {
-                Response::err("This VMM has no ACPI power button yet; use stop (the forced stop)")
+            Command::Shutdown { grace_secs } => {
+                let grace = grace_secs
+                    .map(Duration::from_secs)
+                    .unwrap_or(self.shutdown_grace);
+                vmm.press_power_button()?;
+                vmm.force_stop_after(grace)?;
+                Response::ok(ShuttingDown {
+                    power_button: true,
+                    grace_secs: grace.as_secs(),
+                })
             }
             Command::SaveState { dir } => {
                 vmm.save_snapshot(&dir)?;

@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use boot::{BootError, KernelKind};
+use devices::ged::{Ged, GED_GSI};
 use devices::serial::{Console, SerialError, COM1_IRQ};
 use devices::virtio::block::Block;
 use devices::virtio::mmio::{MmioTransport, VirtioDevice};
@@ -45,11 +46,6 @@ use memory::{GuestMemory, MemoryError};
 use state::{StateError, VmmSnapshot};
 use vcpu::{Vcpu, VcpuError};
 use vm::{VcpuSet, VmError, VmExit};
-
-/// The exit status of a `godwit-vmm` whose guest reset itself (a reboot
-/// inside the guest): the node agent reports the VM Stopped with reason
-/// `GuestReset` and the operator starts it again as its runStrategy says.
-pub const GUEST_RESET_EXIT: i32 = 100;
 
 /// One disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,7 +83,8 @@ pub struct VmConfig {
     /// Initial ramdisk (bzImage boot).
     #[serde(default)]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line (virtio-mmio entries are appended).
+    /// Kernel command line (without ACPI, virtio-mmio entries are
+    /// appended).
     #[serde(default)]
     pub cmdline: String,
     /// Guest RAM in MiB.
@@ -100,7 +97,17 @@ pub struct VmConfig {
     /// NICs, as virtio-net devices.
     #[serde(default)]
     pub nets: Vec<NetConfig>,
+    /// ACPI platform: tables describing the devices, the power button, S5
+    /// and reset. Without it (false, also in configs and snapshots from
+    /// before ACPI) the devices go on the kernel command line.
+    #[serde(default)]
+    pub acpi: bool,
 }
+
+/// The exit status of a VMM whose guest reset (ACPI reset register, i8042
+/// 0xFE, triple fault): the agent restarts the guest as its run strategy
+/// says. A power off, `stop` and SIGTERM exit 0.
+pub const GUEST_RESET_EXIT: i32 = 100;
 
 /// Where this process's console, log and control socket go (not part of
 /// the VM: a restored VM may get new ones).
@@ -165,7 +172,19 @@ pub enum VmmError {
     /// A disk image operation failed (lock, reopen, flush).
     #[error(transparent)]
     Storage(#[from] crate::storage::StorageError),
+    /// More virtio devices than free interrupt lines.
+    #[error("Too many devices: {0} disks and NICs, at most {MAX_VIRTIO_DEVICES}")]
+    TooManyDevices(usize),
+    /// `shutdown` on a VM without ACPI.
+    #[error("This VM has no ACPI power button (started with --acpi off); use stop")]
+    NoPowerButton,
 }
+
+/// How many virtio devices fit: GSIs from [`FIRST_IRQ`] up to, not
+/// including, the GED's.
+pub const MAX_VIRTIO_DEVICES: usize = (devices::ged::GED_GSI - FIRST_IRQ) as usize;
+// virtio GSIs lie between COM1's and the GED's.
+const _: () = assert!(FIRST_IRQ > COM1_IRQ && devices::ged::GED_GSI < 24);
 
 /// The VMM's counters, as `stats` returns them.
 pub use godwit_vmm_control::Stats;
@@ -236,6 +255,10 @@ impl Vmm {
     ) -> Result<(Vmm, Receiver<VmExit>), VmmError> {
         if config.vcpus == 0 || config.vcpus > 254 {
             return Err(VmmError::VcpuCount);
+        }
+        let ndev = config.disks.len() + config.nets.len();
+        if ndev > MAX_VIRTIO_DEVICES {
+            return Err(VmmError::TooManyDevices(ndev));
         }
         check_kvm()?;
         // Check inputs before creating anything visible outside the process.
@@ -327,15 +350,43 @@ impl Vmm {
         vm.register_irqfd(&serial_evt, COM1_IRQ)
             .map_err(|e| VmError::RegisterIrqfd(COM1_IRQ, e))?;
         irq_evts.push(serial_evt);
+        let ged = if config.acpi {
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+            vm.register_irqfd(&evt, GED_GSI)
+                .map_err(|e| VmError::RegisterIrqfd(GED_GSI, e))?;
+            let irq = evt.try_clone().map_err(VmmError::EventFd)?;
+            irq_evts.push(evt);
+            Some(Arc::new(Mutex::new(Ged::new(irq))))
+        } else {
+            None
+        };
+        let platform = boot::acpi::Platform {
+            vcpus: config.vcpus,
+            virtio: transports
+                .iter()
+                .map(|t| {
+                    let t = t.lock().unwrap();
+                    boot::acpi::MmioDevice {
+                        base: t.base,
+                        size: MMIO_SIZE,
+                        gsi: t.gsi,
+                    }
+                })
+                .collect(),
+        };
         let devices = Arc::new(Devices {
             serial: console.serial.clone(),
             virtio: transports,
+            ged,
         });
 
         match mode {
             BuildMode::Boot => {
                 let mut cmdline = config.cmdline.clone();
-                for i in 0..index {
+                // With ACPI the DSDT describes the devices; listing them on
+                // the command line too would register each one twice.
+                let cmdline_devices = if config.acpi { 0 } else { index };
+                for i in 0..cmdline_devices {
                     if !cmdline.is_empty() {
                         cmdline.push(' ');
                     }
@@ -344,10 +395,15 @@ impl Vmm {
                 boot::write_cmdline(&mem, &cmdline)?;
                 vm::init_legacy_pic(&vm)?;
                 boot::mptable::write(&mem, config.vcpus)?;
+                let rsdp = if config.acpi {
+                    boot::acpi::write(&mem, &platform)?
+                } else {
+                    0
+                };
                 Vcpu::write_gdt(&mem)?;
                 match kernel_kind.expect("kernel detected when booting") {
                     KernelKind::PvhElf => {
-                        let entry = boot::pvh::load(&mem, &config.kernel)?;
+                        let entry = boot::pvh::load(&mem, &config.kernel, rsdp)?;
                         for v in &vcpus {
                             v.setup_pvh(entry, boot::PVH_INFO_ADDR)?;
                         }
@@ -358,6 +414,7 @@ impl Vmm {
                             &config.kernel,
                             config.initrd.as_deref(),
                             cmdline.len(),
+                            rsdp,
                         )?;
                         // The boot CPU enters the kernel; the others wait for
                         // INIT/SIPI (KVM's default MP state for APs).
@@ -460,6 +517,31 @@ impl Vmm {
         let _ = self
             .exit_tx
             .send(VmExit::Guest(devices::GuestExit::Poweroff(0)));
+    }
+
+    /// Presses the ACPI power button (the GED raises its interrupt; a
+    /// guest that handles it writes S5). The press is device state: a
+    /// press the guest has not read yet travels with a snapshot or a
+    /// migration. Fails on a VM without ACPI.
+    pub fn press_power_button(&self) -> Result<(), VmmError> {
+        let ged = self.devices.ged.as_ref().ok_or(VmmError::NoPowerButton)?;
+        ged.lock().unwrap().press_power_button();
+        Ok(())
+    }
+
+    /// Forces the stop `grace` from now unless the VM ended before (the
+    /// end of a `shutdown`'s grace period). The timer belongs to this
+    /// process: it does not travel with a migration or a snapshot.
+    pub fn force_stop_after(&self, grace: std::time::Duration) -> Result<(), VmmError> {
+        let tx = self.exit_tx.clone();
+        std::thread::Builder::new()
+            .name("shutdown-grace".into())
+            .spawn(move || {
+                std::thread::sleep(grace);
+                let _ = tx.send(VmExit::ShutdownTimedOut(grace.as_secs()));
+            })
+            .map_err(VmError::SpawnVcpu)?;
+        Ok(())
     }
 
     /// Turns KVM dirty logging on or off for every RAM slot. Turning it on
@@ -658,5 +740,19 @@ impl Vmm {
             paused: self.vcpus.is_paused(),
             dirty_log: self.dirty_log_enabled(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_from_before_acpi_keep_the_command_line_devices() {
+        let old = r#"{"kernel":"/k","cmdline":"x","memory_mib":64,"vcpus":1}"#;
+        let c: VmConfig = serde_json::from_str(old).unwrap();
+        assert!(!c.acpi);
+        let new = serde_json::to_value(VmConfig { acpi: true, ..c }).unwrap();
+        assert_eq!(new["acpi"], true);
     }
 }

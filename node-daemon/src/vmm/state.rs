@@ -103,6 +103,11 @@ impl Persist for Devices {
         for (t, st) in self.virtio.iter().zip(&s.virtio) {
             t.lock().unwrap().restore(st)?;
         }
+        // A snapshot without GED state (older, or taken without ACPI)
+        // leaves the GED as built: no event pending.
+        if let (Some(g), Some(st)) = (&self.ged, &s.ged) {
+            g.lock().unwrap().restore(st);
+        }
         Ok(())
     }
 }

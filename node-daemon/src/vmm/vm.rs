@@ -179,6 +179,9 @@ pub enum VmExit {
     Failed(String),
     /// Stopped through the control socket.
     Stopped,
+    /// The guest did not power off within this many seconds of a
+    /// `shutdown` (power button press): the forced stop.
+    ShutdownTimedOut(u64),
 }
 
 /// Per-vCPU exit counters.
@@ -380,8 +383,7 @@ fn vcpu_loop(
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 stats.mmio_exits.fetch_add(1, Ordering::Relaxed);
-                devices.mmio_write(addr, data);
-                None
+                devices.mmio_write(addr, data).map(VmExit::Guest)
             }
             Ok(VcpuExit::Hlt) => None,
             Ok(VcpuExit::Shutdown) => Some(VmExit::Guest(GuestExit::Reset)),

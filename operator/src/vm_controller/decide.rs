@@ -104,8 +104,8 @@ pub enum VmStep {
     Schedule {
         /// The chosen node.
         node: String,
-        /// What it runs as.
-        machine: Machine,
+        /// What it runs as (boxed: the largest variant by far).
+        machine: Box<Machine>,
         /// Event text.
         message: String,
     },
@@ -237,7 +237,7 @@ fn place(vm: &VirtualMachine, inputs: &VmInputs<'_>) -> VmStep {
                 nodes.len()
             ),
             node,
-            machine,
+            machine: Box::new(machine),
         },
         Err(_) if nodes.is_empty() => VmStep::Hold {
             reason: "Unschedulable",

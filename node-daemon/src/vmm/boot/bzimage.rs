@@ -13,13 +13,15 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use super::{e820_map, open_kernel, BootError, CMDLINE_ADDR, HIMEM_START, ZERO_PAGE_ADDR};
 use crate::vmm::memory::{GuestMemory, MMIO_HOLE_START, PAGE_SIZE};
 
-/// Loads the bzImage and initrd and writes the zero page; returns the load
-/// address (the 32-bit entry; the 64-bit entry is 0x200 above it).
+/// Loads the bzImage and initrd and writes the zero page (with the ACPI
+/// RSDP address `rsdp`, 0 without ACPI); returns the load address (the
+/// 32-bit entry; the 64-bit entry is 0x200 above it).
 pub fn load(
     mem: &GuestMemory,
     path: &Path,
     initrd: Option<&Path>,
     cmdline_len: usize,
+    rsdp: u64,
 ) -> Result<u64, BootError> {
     let name = path.display().to_string();
     let mut f = open_kernel(path)?;
@@ -38,6 +40,7 @@ pub fn load(
     params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
     params.hdr.cmdline_size = cmdline_len as u32;
     params.hdr.kernel_alignment = 0x0100_0000;
+    params.acpi_rsdp_addr = rsdp;
     if let Some(initrd) = initrd {
         let iname = initrd.display().to_string();
         let data = std::fs::read(initrd).map_err(|e| BootError::ReadInitrd(iname, e))?;

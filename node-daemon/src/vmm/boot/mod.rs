@@ -1,6 +1,8 @@
-//! Guest boot: where boot data lives in guest memory, the e820 map, and the
-//! two boot paths (PVH ELF entry and Linux bzImage direct boot).
+//! Guest boot: where boot data lives in guest memory, the e820 map, the
+//! two boot paths (PVH ELF entry and Linux bzImage direct boot), and the
+//! platform description (ACPI tables, the MP table).
 
+pub mod acpi;
 pub mod bzimage;
 pub mod mptable;
 pub mod pvh;
@@ -27,7 +29,8 @@ pub const CMDLINE_MAX: usize = 0x10000;
 pub const EBDA_START: u64 = 0x9fc00;
 /// Where the kernel is loaded (1 MiB).
 pub const HIMEM_START: u64 = 0x10_0000;
-/// MP table (the guest scans 0xF0000..0x100000 for `_MP_`).
+/// MP table (the guest scans 0xF0000..0x100000 for `_MP_`); the ACPI
+/// tables sit below it, from [`acpi::RSDP_ADDR`].
 pub const MPTABLE_ADDR: u64 = 0xf_0000;
 
 /// e820 entry type for usable RAM.
@@ -65,6 +68,11 @@ pub enum BootError {
     /// Too many vCPUs for the MP table.
     #[error("Too many vCPUs for the MP table (at most 254)")]
     TooManyCpus,
+    /// The ACPI tables do not fit below the MP table.
+    #[error(
+        "The ACPI tables do not fit between 0xE0000 and the MP table; use fewer devices or vCPUs"
+    )]
+    AcpiTooLarge,
 }
 
 /// One e820/PVH memory map entry.

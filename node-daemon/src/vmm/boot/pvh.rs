@@ -16,8 +16,9 @@ use crate::vmm::memory::GuestMemory;
 /// `hvm_start_info.magic`.
 pub const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 
-/// Loads the PVH ELF at `path` and writes the start info; returns the entry.
-pub fn load(mem: &GuestMemory, path: &Path) -> Result<u64, BootError> {
+/// Loads the PVH ELF at `path` and writes the start info (with the RSDP
+/// address, 0 without ACPI); returns the entry.
+pub fn load(mem: &GuestMemory, path: &Path, rsdp: u64) -> Result<u64, BootError> {
     let name = path.display().to_string();
     let mut f = open_kernel(path)?;
     let res =
@@ -30,13 +31,14 @@ pub fn load(mem: &GuestMemory, path: &Path) -> Result<u64, BootError> {
     let PvhBootCapability::PvhEntryPresent(entry) = res.pvh_boot_cap else {
         return Err(BootError::NoPvhNote(name));
     };
-    write_start_info(mem)?;
+    write_start_info(mem, rsdp)?;
     Ok(entry.0)
 }
 
 /// Writes `hvm_start_info` at [`PVH_INFO_ADDR`] and the memory map at
-/// [`PVH_MEMMAP_ADDR`] (the command line is at [`CMDLINE_ADDR`]).
-pub fn write_start_info(mem: &GuestMemory) -> Result<(), BootError> {
+/// [`PVH_MEMMAP_ADDR`] (the command line is at [`CMDLINE_ADDR`]); `rsdp`
+/// is the ACPI RSDP address (0: no ACPI).
+pub fn write_start_info(mem: &GuestMemory, rsdp: u64) -> Result<(), BootError> {
     let map = e820_map(mem);
     let w = |v: &[u8], at: u64| {
         mem.write_slice(v, GuestAddress(at))
@@ -51,7 +53,7 @@ pub fn write_start_info(mem: &GuestMemory) -> Result<(), BootError> {
     info.extend_from_slice(&0u32.to_le_bytes());
     info.extend_from_slice(&0u64.to_le_bytes());
     info.extend_from_slice(&CMDLINE_ADDR.to_le_bytes());
-    info.extend_from_slice(&0u64.to_le_bytes());
+    info.extend_from_slice(&rsdp.to_le_bytes());
     info.extend_from_slice(&PVH_MEMMAP_ADDR.to_le_bytes());
     info.extend_from_slice(&(map.len() as u32).to_le_bytes());
     info.extend_from_slice(&0u32.to_le_bytes());

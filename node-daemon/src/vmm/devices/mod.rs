@@ -1,7 +1,9 @@
 //! The devices the guest sees and the dispatch of port-I/O and MMIO exits
-//! to them: COM1, the i8042 reset line, a debug-exit port, and the
-//! virtio-mmio windows.
+//! to them: COM1, the i8042 reset line, a debug-exit port, the virtio-mmio
+//! windows, and (with ACPI) the Generic Event Device with the sleep and
+//! reset registers.
 
+pub mod ged;
 pub mod i8042;
 pub mod serial;
 pub mod virtio;
@@ -10,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+use ged::{Ged, GedState, GED_BASE, GED_SIZE};
 use serial::{SerialDevice, SerialDeviceState, COM1_BASE};
 use virtio::mmio::{MmioTransport, MmioTransportState};
 use virtio::MMIO_SIZE;
@@ -24,8 +27,11 @@ pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 pub enum GuestExit {
     /// Debug-exit port write (the value written).
     Poweroff(u8),
-    /// i8042 reset, or a triple fault, or KVM's reset system event.
+    /// i8042 reset, a triple fault, KVM's reset system event, or the ACPI
+    /// reset register.
     Reset,
+    /// S5 written to the ACPI sleep control register.
+    AcpiS5,
 }
 
 /// All devices, shared by the vCPU threads.
@@ -34,6 +40,8 @@ pub struct Devices {
     pub serial: Arc<Mutex<SerialDevice>>,
     /// virtio-mmio devices, in window order.
     pub virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The Generic Event Device (VMs with ACPI only).
+    pub ged: Option<Arc<Mutex<Ged>>>,
 }
 
 /// Device state (snapshot version 1).
@@ -43,6 +51,10 @@ pub struct DevicesState {
     pub serial: SerialDeviceState,
     /// virtio transports, queues and device config, in window order.
     pub virtio: Vec<MmioTransportState>,
+    /// The Generic Event Device (VMs with ACPI; absent in older snapshots
+    /// and without ACPI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ged: Option<GedState>,
 }
 
 impl Devices {
@@ -87,8 +99,18 @@ impl Devices {
         })
     }
 
+    fn ged_at(&self, addr: u64) -> Option<&Arc<Mutex<Ged>>> {
+        self.ged
+            .as_ref()
+            .filter(|_| (GED_BASE..GED_BASE + GED_SIZE).contains(&addr))
+    }
+
     /// Guest MMIO read.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if let Some(g) = self.ged_at(addr) {
+            g.lock().unwrap().read(addr - GED_BASE, data);
+            return;
+        }
         match self.transport(addr) {
             Some(t) => {
                 let mut t = t.lock().unwrap();
@@ -99,8 +121,11 @@ impl Devices {
         }
     }
 
-    /// Guest MMIO write.
-    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+    /// Guest MMIO write; returns a guest exit request if any.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> Option<GuestExit> {
+        if let Some(g) = self.ged_at(addr) {
+            return g.lock().unwrap().write(addr - GED_BASE, data);
+        }
         if let Some(t) = self.transport(addr) {
             let mut t = t.lock().unwrap();
             let off = addr - t.base;
@@ -108,6 +133,7 @@ impl Devices {
                 t.notify(q);
             }
         }
+        None
     }
 
     /// Saves all device state. The vCPUs must be paused.
@@ -119,6 +145,7 @@ impl Devices {
                 .iter()
                 .map(|t| t.lock().unwrap().save())
                 .collect(),
+            ged: self.ged.as_ref().map(|g| g.lock().unwrap().save()),
         }
     }
 }
