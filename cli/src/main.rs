@@ -8,7 +8,7 @@
 //! | command | what it changes |
 //! | --- | --- |
 //! | `start VM` | `spec.runStrategy` to `Always` (when it would keep the VM off) |
-//! | `stop VM` | `spec.runStrategy` to `Halted` |
+//! | `stop VM [--force]` | `spec.runStrategy` to `Halted`: the node agent presses the guest's power button and stops it by force after `spec.terminationGracePeriodSeconds` (default 30); `--force` also sets annotation `godwit.dev/force-stop-requested` (see `godwit_crds::contract::FORCE_STOP_ANNOTATION`), which skips the button |
 //! | `restart VM` | annotation `godwit.dev/restart-requested` (see `godwit_crds::contract::RESTART_ANNOTATION`) |
 //! | `migrate VM [--to NODE] [--follow]` | creates a `VMMigration`; `--follow` shows its progress and result |
 //! | `console VM` | nothing: attaches to the serial console, `Ctrl-]` detaches |
@@ -23,7 +23,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use godwit_crds::contract::{self, RESTART_ANNOTATION};
+use godwit_crds::contract::{self, FORCE_STOP_ANNOTATION, RESTART_ANNOTATION};
 use godwit_crds::{
     error_chain, MigrationMode, MigrationPhase, MigrationPolicy, RunStrategy, VMMigration,
     VMMigrationSpec, VirtualMachine,
@@ -61,10 +61,17 @@ enum Command {
         /// The VM.
         vm: String,
     },
-    /// Stop a VM and keep it stopped (sets runStrategy Halted).
+    /// Stop a VM and keep it stopped (sets runStrategy Halted). The guest's
+    /// ACPI power button is pressed and the guest gets the VM's
+    /// spec.terminationGracePeriodSeconds (default 30) to power off before
+    /// it is stopped by force.
     Stop {
         /// The VM.
         vm: String,
+        /// Stop it by force at once, without the power button (also cuts
+        /// short a graceful stop under way).
+        #[arg(long)]
+        force: bool,
     },
     /// Stop a running VM and start it again (needs runStrategy Always).
     Restart {
@@ -227,7 +234,7 @@ async fn run(args: Args) -> Result<(), CliError> {
     let ctx = Ctx::new(&args).await?;
     match &args.command {
         Command::Start { vm } => start(&ctx, vm).await,
-        Command::Stop { vm } => stop(&ctx, vm).await,
+        Command::Stop { vm, force } => stop(&ctx, vm, *force).await,
         Command::Restart { vm } => restart(&ctx, vm).await,
         Command::Migrate {
             vm,
@@ -265,16 +272,34 @@ async fn start(ctx: &Ctx, name: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-async fn stop(ctx: &Ctx, name: &str) -> Result<(), CliError> {
+async fn stop(ctx: &Ctx, name: &str, force: bool) -> Result<(), CliError> {
     let vm = ctx.vm(name).await?;
     let view = VmView::of(&vm);
     checks::stop(&view).map_err(CliError::Refused)?;
-    ctx.patch_vm(name, json!({"spec": {"runStrategy": RunStrategy::Halted}}))
-        .await?;
+    let now = Timestamp::now().to_string();
+    ctx.patch_vm(name, stop_patch(force, &now)).await?;
+    let how = if force {
+        "by force, at once".to_string()
+    } else {
+        format!(
+            "the guest's power button is pressed; it is stopped by force if it has not powered off within {}s (spec.terminationGracePeriodSeconds; `--force` skips the wait)",
+            vm.spec.termination_grace().as_secs()
+        )
+    };
     println!(
-        "virtualmachine/{name} stopping (runStrategy Halted); start it again with `kubectl godwit start {name}`"
+        "virtualmachine/{name} stopping (runStrategy Halted) {how}; start it again with `kubectl godwit start {name}`"
     );
     Ok(())
+}
+
+/// The patch `stop` sends: runStrategy Halted, and with `force` the time
+/// `now` of the forced stop request.
+fn stop_patch(force: bool, now: &str) -> serde_json::Value {
+    let mut patch = json!({"spec": {"runStrategy": RunStrategy::Halted}});
+    if force {
+        patch["metadata"] = json!({"annotations": {FORCE_STOP_ANNOTATION: now}});
+    }
+    patch
 }
 
 async fn restart(ctx: &Ctx, name: &str) -> Result<(), CliError> {
@@ -426,3 +451,34 @@ async fn status(ctx: &Ctx, name: &str) -> Result<(), CliError> {
 
 /// How often `--follow` reads the migration.
 const FOLLOW_EVERY: Duration = Duration::from_millis(200);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_halts_the_vm_and_force_also_asks_for_no_grace() {
+        let now = "2027-01-15T08:00:00Z";
+        assert_eq!(
+            stop_patch(false, now),
+            json!({"spec": {"runStrategy": "Halted"}})
+        );
+        assert_eq!(
+            stop_patch(true, now),
+            json!({
+                "spec": {"runStrategy": "Halted"},
+                "metadata": {"annotations": {"godwit.dev/force-stop-requested": now}},
+            })
+        );
+    }
+
+    #[test]
+    fn stop_is_documented_with_its_force_flag() {
+        use clap::CommandFactory;
+        let mut cmd = Args::command();
+        let stop = cmd.find_subcommand_mut("stop").unwrap();
+        let help = stop.render_long_help().to_string();
+        assert!(help.contains("power button"), "{help}");
+        assert!(help.contains("--force"), "{help}");
+    }
+}

@@ -21,6 +21,7 @@
 //! | Node annotation [`MAINTENANCE_STATUS_ANNOTATION`] | while the node is in maintenance | |
 //! | Node annotations [`CAPACITY_CPU_ANNOTATION`], [`CAPACITY_MEMORY_ANNOTATION`], [`USAGE_ANNOTATION`] | | its own Node |
 //! | VM phase `Running→Stopping` | maintenance, for `evictionStrategy: Shutdown` | |
+//! | VM `Stopped` with Ready reason [`GUEST_RESET_REASON`] | starts it again unless `runStrategy: Halted` | when the guest reset itself |
 //! | VMMigration `PreCopy…Succeeded/Failed/Cancelled`, `progress`, `result`, `endTime` | `Cancelled`/`Failed` only before `PreparingTarget` (and on timeout of a target that never answers) | source agent, from the moment it sends |
 //!
 //! A migration is cancelled by deleting it or by the annotation
@@ -115,6 +116,23 @@ pub fn field_manager(component: &str) -> String {
 /// client and the node are assumed to agree within a second or so, as for
 /// Leases.
 pub const RESTART_ANNOTATION: &str = "godwit.dev/restart-requested";
+
+/// On a VirtualMachine: an RFC 3339 time at which a user asked for a forced
+/// stop (`kubectl godwit stop --force`). While the VM is being stopped, the
+/// node agent skips the power button (grace 0) when this time is later than
+/// the VMM's start, as for [`RESTART_ANNOTATION`]; a later VMM is stopped
+/// gracefully again.
+pub const FORCE_STOP_ANNOTATION: &str = "godwit.dev/force-stop-requested";
+
+/// Seconds a guest has to power off after the power button is pressed when
+/// the VM's `spec.terminationGracePeriodSeconds` is absent.
+pub const DEFAULT_GRACE_SECONDS: u32 = 30;
+
+/// The Ready condition reason (and the Event reason) of a VM whose guest
+/// reset itself (a reboot inside the guest): the agent reports it `Stopped`
+/// with this reason, and the operator starts it again unless its
+/// `runStrategy` is `Halted` (for `Manual` too: a reboot is not a stop).
+pub const GUEST_RESET_REASON: &str = "GuestReset";
 
 /// The node agent's serial-console endpoint: the default TCP port it listens
 /// on at the node's IP (`godwit-node --console-addr`).

@@ -94,6 +94,23 @@ pub struct VirtualMachineSpec {
     /// template's (the VM's fields win).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub customization: Option<Customization>,
+    /// Seconds a stopped VM's guest has to power off after the ACPI power
+    /// button is pressed, before it is stopped by force (default 30; 0 stops
+    /// it by force at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub termination_grace_period_seconds: Option<u32>,
+}
+
+impl VirtualMachineSpec {
+    /// How long the guest has to power off when stopped
+    /// ([`crate::contract::DEFAULT_GRACE_SECONDS`] unless the spec says).
+    pub fn termination_grace(&self) -> std::time::Duration {
+        let secs = self
+            .termination_grace_period_seconds
+            .unwrap_or(crate::contract::DEFAULT_GRACE_SECONDS);
+        std::time::Duration::from_secs(u64::from(secs))
+    }
 }
 
 /// A reference to a `VMTemplate` in the VM's namespace.
@@ -207,7 +224,8 @@ pub enum RunStrategy {
     Always,
     /// Start it, and restart it only when it failed (not after a clean shutdown).
     RerunOnFailure,
-    /// Start and stop it only when asked.
+    /// Start and stop it only when asked (a reboot inside the guest is not
+    /// a stop: the VM starts again).
     Manual,
     /// Keep it stopped.
     Halted,

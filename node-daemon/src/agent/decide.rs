@@ -9,9 +9,11 @@
 //! running them again on the same input gives the same answer, so a lost
 //! update is simply redone on the next pass.
 
+use godwit_crds::contract::GUEST_RESET_REASON;
 use godwit_crds::{MigrationPhase, RunStrategy, VmPhase};
 
 use super::vm_dir::LocalState;
+use crate::vmm::GUEST_RESET_EXIT;
 
 /// What the API says about a VM labelled for this node.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -43,13 +45,17 @@ pub enum NodeVmAction {
     Start,
     /// The VMM runs: report Running.
     ReportRunning,
-    /// Stop the VMM (phase Stopping).
+    /// Stop the VMM (phase Stopping): the next step of a graceful stop
+    /// ([`super::vmm_process::request_shutdown`]); decided on every pass
+    /// until the VMM is gone.
     Stop,
-    /// The VMM ended: report Stopped (asked for, or the guest powered off) or Failed.
+    /// The VMM ended: report Stopped (asked for, the guest powered off or
+    /// reset itself) or Failed.
     ReportExit {
         /// Failed rather than Stopped.
         failed: bool,
-        /// The condition reason: `Stopped`, `Failed` or `SandboxViolation`.
+        /// The condition reason: `Stopped`, `GuestReset`
+        /// ([`GUEST_RESET_REASON`]), `Failed` or `SandboxViolation`.
         cause: &'static str,
         /// Why, for the status and the event.
         reason: String,
@@ -78,11 +84,9 @@ pub fn decide_node_vm(vm: &VmFacts, local: &LocalState) -> NodeVmAction {
         if vm.run_strategy == RunStrategy::Halted
             || matches!(vm.phase, VmPhase::Stopping | VmPhase::Stopped)
         {
-            return if local.stop_requested && vm.phase == VmPhase::Stopping {
-                NodeVmAction::Nothing // already stopping
-            } else {
-                NodeVmAction::Stop
-            };
+            // Every pass, while it stops: the stop goes by steps (press the
+            // power button, wait out the grace, force).
+            return NodeVmAction::Stop;
         }
         return match vm.phase {
             VmPhase::Scheduled | VmPhase::Provisioning | VmPhase::Starting => {
@@ -113,19 +117,26 @@ pub fn decide_node_vm(vm: &VmFacts, local: &LocalState) -> NodeVmAction {
     }
 }
 
+/// Whether the VMM ended because the guest reset itself, not because it
+/// was asked to stop.
+fn guest_reset(phase: VmPhase, local: &LocalState) -> bool {
+    phase != VmPhase::Stopping && !local.stop_requested && local.exit == Some(GUEST_RESET_EXIT)
+}
+
 fn failed_exit(phase: VmPhase, local: &LocalState) -> bool {
     if phase == VmPhase::Stopping || local.stop_requested {
         return false;
     }
-    // Exit status 0: the guest powered off by itself; GUEST_RESET_EXIT: it
-    // reset (taken as a stop until the agent restarts guests on reset).
-    !matches!(local.exit, Some(0) | Some(crate::vmm::GUEST_RESET_EXIT))
+    // Exit status 0: the guest powered off by itself; 100: it reset.
+    !matches!(local.exit, Some(0 | GUEST_RESET_EXIT))
 }
 
-/// The condition reason of an exit: `Stopped`, `Failed`, or
+/// The condition reason of an exit: `Stopped`, `GuestReset`, `Failed`, or
 /// `SandboxViolation` when the VMM's seccomp filter killed it.
 fn exit_cause(phase: VmPhase, local: &LocalState) -> &'static str {
-    if !failed_exit(phase, local) {
+    if guest_reset(phase, local) {
+        GUEST_RESET_REASON
+    } else if !failed_exit(phase, local) {
         "Stopped"
     } else if local.exit == Some(crate::vmm::sandbox::SIGSYS_SHELL_STATUS) {
         "SandboxViolation"
@@ -138,7 +149,9 @@ fn exit_reason(local: &LocalState) -> String {
     match (local.exit, local.stop_requested) {
         (_, true) => "stopped".into(),
         (Some(0), false) => "the guest powered off".into(),
-        (Some(crate::vmm::GUEST_RESET_EXIT), false) => "the guest reset".into(),
+        (Some(GUEST_RESET_EXIT), false) => {
+            "the guest reset itself (a reboot; it starts again unless runStrategy is Halted)".into()
+        }
         (Some(crate::vmm::sandbox::SIGSYS_SHELL_STATUS), false) => {
             "the VMM's seccomp sandbox killed it (SIGSYS: a system call it never makes)".into()
         }
@@ -399,6 +412,67 @@ mod tests {
         assert_eq!(decide_node_vm(&v, &exited(0)), NodeVmAction::Cleanup);
         v.has_finalizer = false;
         assert_eq!(decide_node_vm(&v, &exited(0)), NodeVmAction::Nothing);
+    }
+
+    #[test]
+    fn a_stopping_vm_is_stopped_again_on_every_pass_until_its_vmm_is_gone() {
+        let mut asked = running();
+        asked.stop_requested = true;
+        for phase in [VmPhase::Stopping, VmPhase::Stopped] {
+            assert_eq!(
+                decide_node_vm(&vm(phase), &asked),
+                NodeVmAction::Stop,
+                "{phase:?}"
+            );
+        }
+        let mut halted = vm(VmPhase::Running);
+        halted.run_strategy = RunStrategy::Halted;
+        assert_eq!(decide_node_vm(&halted, &asked), NodeVmAction::Stop);
+        // Gone after the button: Stopped, by request.
+        let mut done = exited(0);
+        done.stop_requested = true;
+        assert!(matches!(
+            decide_node_vm(&vm(VmPhase::Stopping), &done),
+            NodeVmAction::ReportExit {
+                failed: false,
+                cause: "Stopped",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_guest_reset_is_reported_as_such_unless_a_stop_was_asked_for() {
+        let reset = exited(GUEST_RESET_EXIT);
+        assert_eq!(
+            decide_node_vm(&vm(VmPhase::Running), &reset),
+            NodeVmAction::ReportExit {
+                failed: false,
+                cause: GUEST_RESET_REASON,
+                reason: "the guest reset itself (a reboot; it starts again unless runStrategy is Halted)"
+                    .into(),
+            }
+        );
+        // A reset while the agent was stopping it is the stop it asked for.
+        let mut asked = reset.clone();
+        asked.stop_requested = true;
+        assert!(matches!(
+            decide_node_vm(&vm(VmPhase::Stopping), &asked),
+            NodeVmAction::ReportExit {
+                failed: false,
+                cause: "Stopped",
+                ..
+            }
+        ));
+        // Any other status is still a failure.
+        assert!(matches!(
+            decide_node_vm(&vm(VmPhase::Running), &exited(101)),
+            NodeVmAction::ReportExit {
+                failed: true,
+                cause: "Failed",
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! | `machine.json` | the [`Machine`] the VMM was started with |
 //! | `pid` | the process group of the VMM (a small `sh` that records the exit status, and the VMM itself) |
 //! | `exit` | the VMM's exit status, written when it ends |
-//! | `stop-requested` | the agent asked it to stop (an exit then means Stopped, not Failed) |
+//! | `stop-requested` | the agent asked it to stop (an exit then means Stopped, not Failed); holding the grace in seconds when the power button was pressed, at its modification time ([`super::vmm_process::StopMarker`]) |
+//! | `exit` of 100 ([`crate::vmm::GUEST_RESET_EXIT`]) | the guest reset itself: reported Stopped, reason `GuestReset` |
 //! | `incoming` | the VMM waits for or received a migration (the migration's name) |
 //! | `outgoing`, `outgoing-result` | the migration the VMM sends, and what it said last |
 //! | `vmm.log` | the VMM's stdout and stderr |

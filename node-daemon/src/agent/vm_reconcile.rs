@@ -1,6 +1,14 @@
 //! A VM on this node: starting, stopping and cleaning up its VMM as
 //! [`decide_node_vm`] says, and writing what happened into the VM's status
 //! (phase, addresses, the Ready condition) and Events.
+//!
+//! A stop (runStrategy `Halted`, phase `Stopping` from a restart request or
+//! maintenance, the VM deleted) presses the guest's ACPI power button and
+//! gives it `spec.terminationGracePeriodSeconds` to power off before the
+//! stop is forced ([`vmm_process::request_shutdown`], one step per pass);
+//! `kubectl godwit stop --force` ([`contract::FORCE_STOP_ANNOTATION`])
+//! skips the button. A lost Lease fences the node with forced stops
+//! ([`super::lease`]).
 
 use std::time::Duration;
 
@@ -16,6 +24,7 @@ use serde_json::json;
 use super::context::{now_time, Agent};
 use super::decide::{decide_node_vm, NodeVmAction, VmFacts};
 use super::vm_dir::{self, VmDir};
+use super::vmm_process::{ForceReason, ShutdownProgress};
 use super::{restart, seed, vmm_process};
 
 /// Makes this node match VM `vm`: what [`decide_node_vm`] says, carried out.
@@ -128,9 +137,44 @@ pub async fn reconcile(agent: &Agent, vm: &VirtualMachine) -> anyhow::Result<()>
                     )
                     .await;
             }
+            let grace = stop_grace(vm, &dir);
             let d = dir.clone();
-            tokio::task::spawn_blocking(move || vmm_process::stop(&d, Duration::from_secs(5)))
-                .await?;
+            let progress =
+                tokio::task::spawn_blocking(move || vmm_process::request_shutdown(&d, grace))
+                    .await?;
+            match progress {
+                ShutdownProgress::ButtonPressed { grace } => {
+                    agent
+                        .event(
+                            vm,
+                            EventType::Normal,
+                            "ShuttingDown",
+                            "Stop",
+                            format!(
+                                "Pressed the power button of the VM on {}; it is stopped by force if the guest has not powered off within {}s",
+                                agent.cfg.node,
+                                grace.as_secs()
+                            ),
+                        )
+                        .await;
+                }
+                ShutdownProgress::Forced(why) => {
+                    let kind = match why {
+                        ForceReason::GraceOver(_) => EventType::Warning,
+                        _ => EventType::Normal,
+                    };
+                    agent
+                        .event(
+                            vm,
+                            kind,
+                            "ForcedStop",
+                            "Stop",
+                            format!("Stopped the VM by force on {}: {why}", agent.cfg.node),
+                        )
+                        .await;
+                }
+                ShutdownProgress::Waiting { .. } | ShutdownProgress::NotRunning => {}
+            }
         }
         NodeVmAction::ReportExit {
             failed,
@@ -183,6 +227,25 @@ pub async fn reconcile(agent: &Agent, vm: &VirtualMachine) -> anyhow::Result<()>
         }
     }
     Ok(())
+}
+
+/// How long VM `vm`'s guest has to power off when it is stopped: its
+/// `spec.terminationGracePeriodSeconds`, or none when a forced stop
+/// ([`contract::FORCE_STOP_ANNOTATION`]) was asked for after its VMM started.
+fn stop_grace(vm: &VirtualMachine, dir: &VmDir) -> Duration {
+    let forced = vm
+        .annotations()
+        .get(contract::FORCE_STOP_ANNOTATION)
+        .is_some_and(|requested| {
+            std::fs::metadata(dir.file("pid"))
+                .and_then(|m| m.modified())
+                .is_ok_and(|started| restart::requested_after(requested, started))
+        });
+    if forced {
+        Duration::ZERO
+    } else {
+        vm.spec.termination_grace()
+    }
 }
 
 /// The Ready condition's reason when a VMM could not be started:

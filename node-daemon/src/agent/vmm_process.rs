@@ -16,7 +16,7 @@ use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use godwit_crds::contract::Machine;
 
@@ -141,7 +141,7 @@ impl Runner {
         args: &[String],
         keep: Vec<(PathBuf, Access)>,
     ) -> Result<Child, VmmProcessError> {
-        for f in ["exit", "stop-requested", "api.sock", "console.sock"] {
+        for f in ["exit", STOP_MARKER, "api.sock", "console.sock"] {
             let _ = fs::remove_file(dir.file(f));
         }
         let log = fs::OpenOptions::new()
@@ -364,10 +364,11 @@ fn disk_arg(path: &Path, read_only: bool) -> String {
     format!("path={}{ro}", path.display())
 }
 
-/// Stops the VM: a clean `stop`, then SIGTERM, then SIGKILL to its process
-/// group, each after `grace`. Records that the stop was asked for.
+/// Stops the VM by force: the VMM's `stop`, then SIGTERM, then SIGKILL to
+/// its process group, each after `grace`. Records that the stop was asked
+/// for (an empty [`STOP_MARKER`]).
 pub fn stop(dir: &VmDir, grace: Duration) {
-    let _ = fs::write(dir.file("stop-requested"), "");
+    let _ = fs::write(dir.file(STOP_MARKER), "");
     let st = dir.state();
     let Some(pid) = st.pid.filter(|_| st.alive) else {
         return;
@@ -385,6 +386,176 @@ pub fn stop(dir: &VmDir, grace: Duration) {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// The VM directory's marker of a stop the agent asked for. Empty: a
+/// forced stop. Holding a number: the power button was pressed with that
+/// grace in seconds, at the file's modification time; so an agent that
+/// restarts meanwhile neither presses the button again nor loses the
+/// deadline.
+pub const STOP_MARKER: &str = "stop-requested";
+
+/// How long past the grace the agent waits for the VMM's own forced stop
+/// before it forces the stop itself.
+pub const SHUTDOWN_BACKSTOP: Duration = Duration::from_secs(5);
+
+/// What [`STOP_MARKER`] records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopMarker {
+    /// No stop was asked for.
+    Absent,
+    /// A forced stop was asked for.
+    Forced,
+    /// The power button was pressed at `at`, giving the guest `grace`.
+    Pressed {
+        /// When.
+        at: SystemTime,
+        /// The grace it was pressed with.
+        grace: Duration,
+    },
+}
+
+impl StopMarker {
+    /// What `dir`'s marker records.
+    pub fn read(dir: &VmDir) -> StopMarker {
+        let path = dir.file(STOP_MARKER);
+        let Ok(text) = fs::read_to_string(&path) else {
+            return StopMarker::Absent;
+        };
+        let at = fs::metadata(&path).and_then(|m| m.modified());
+        match (text.trim().parse::<u64>(), at) {
+            (Ok(secs), Ok(at)) => StopMarker::Pressed {
+                at,
+                grace: Duration::from_secs(secs),
+            },
+            _ => StopMarker::Forced,
+        }
+    }
+}
+
+/// Why the agent stopped a VM by force.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ForceReason {
+    /// The grace is zero (`spec.terminationGracePeriodSeconds: 0`, or
+    /// `kubectl godwit stop --force`).
+    NoGrace,
+    /// The VMM did not take the button press (started with `--acpi off`,
+    /// or no answer); what it said.
+    Refused(String),
+    /// The guest did not power off within the grace and the backstop.
+    GraceOver(Duration),
+    /// A forced stop was asked for earlier and the VMM still runs.
+    Again,
+}
+
+impl std::fmt::Display for ForceReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ForceReason::NoGrace => write!(f, "no grace period (forced stop asked for)"),
+            ForceReason::Refused(why) => write!(f, "the power button was refused: {why}"),
+            ForceReason::GraceOver(grace) => {
+                write!(f, "the guest did not power off within {}s", grace.as_secs())
+            }
+            ForceReason::Again => write!(f, "a forced stop was asked for and it still runs"),
+        }
+    }
+}
+
+/// The next step of a stop, from what the marker records, the grace the VM
+/// has now and the clock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ShutdownStep {
+    /// Press the power button.
+    Press,
+    /// Pressed: wait this much longer.
+    Wait(Duration),
+    /// Stop it by force now.
+    Force(ForceReason),
+}
+
+/// Decides the next step of a stop: press the button once, wait for the
+/// guest until the grace (the smaller of the grace at the press and now,
+/// so a later `--force` shortens it) plus [`SHUTDOWN_BACKSTOP`] is over,
+/// then force. A zero grace forces at once.
+pub fn shutdown_step(marker: StopMarker, grace: Duration, now: SystemTime) -> ShutdownStep {
+    if grace.is_zero() {
+        return ShutdownStep::Force(ForceReason::NoGrace);
+    }
+    match marker {
+        StopMarker::Absent => ShutdownStep::Press,
+        StopMarker::Forced => ShutdownStep::Force(ForceReason::Again),
+        StopMarker::Pressed { at, grace: pressed } => {
+            let grace = grace.min(pressed);
+            // A press time in the future (the clock stepped back) counts as now.
+            let since = now.duration_since(at).unwrap_or_default();
+            match (grace + SHUTDOWN_BACKSTOP).checked_sub(since) {
+                Some(left) if !left.is_zero() => ShutdownStep::Wait(left),
+                _ => ShutdownStep::Force(ForceReason::GraceOver(grace)),
+            }
+        }
+    }
+}
+
+/// Where a graceful stop stands after [`request_shutdown`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ShutdownProgress {
+    /// The power button was pressed just now; the guest has `grace`.
+    ButtonPressed {
+        /// The grace the VMM was given.
+        grace: Duration,
+    },
+    /// Pressed earlier: the agent forces the stop in `left` unless the
+    /// guest powers off first.
+    Waiting {
+        /// Time left.
+        left: Duration,
+    },
+    /// Stopped by force just now.
+    Forced(ForceReason),
+    /// No VMM runs.
+    NotRunning,
+}
+
+/// Stops the VM gracefully, one step per call (the agent calls it on every
+/// pass while the VM is stopping): presses the ACPI power button with
+/// `grace` (the VMM forces the stop itself when it is over), then waits;
+/// forces the stop ([`stop`]) at once when `grace` is zero or the VMM
+/// refuses the button, and after the grace plus [`SHUTDOWN_BACKSTOP`]
+/// otherwise. Blocks only while forcing.
+pub fn request_shutdown(dir: &VmDir, grace: Duration) -> ShutdownProgress {
+    if !dir.state().alive {
+        return ShutdownProgress::NotRunning;
+    }
+    let force = |why: ForceReason| {
+        stop(dir, Duration::from_secs(5));
+        ShutdownProgress::Forced(why)
+    };
+    match shutdown_step(StopMarker::read(dir), grace, SystemTime::now()) {
+        ShutdownStep::Press => {
+            // Recorded before the press: an agent that dies in between
+            // waits out the grace instead of pressing twice.
+            if let Err(e) = fs::write(dir.file(STOP_MARKER), format!("{}\n", grace.as_secs())) {
+                return force(ForceReason::Refused(format!(
+                    "cannot record the stop in {}: {e}",
+                    dir.path.display()
+                )));
+            }
+            match dir
+                .control()
+                .with_timeout(Duration::from_secs(5))
+                .shutdown(Some(grace))
+            {
+                Ok(_) => ShutdownProgress::ButtonPressed { grace },
+                Err(e) => force(ForceReason::Refused(
+                    e.refusal()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| godwit_crds::error_chain(&e)),
+                )),
+            }
+        }
+        ShutdownStep::Wait(left) => ShutdownProgress::Waiting { left },
+        ShutdownStep::Force(why) => force(why),
     }
 }
 
@@ -435,5 +606,143 @@ impl Children {
     pub fn reap(&mut self) {
         self.0
             .retain(|_, child| matches!(child.try_wait(), Ok(None)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GRACE: Duration = Duration::from_secs(30);
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
+    }
+
+    #[test]
+    fn a_stop_presses_once_waits_out_the_grace_then_forces() {
+        assert_eq!(
+            shutdown_step(StopMarker::Absent, GRACE, at(0)),
+            ShutdownStep::Press
+        );
+        let pressed = StopMarker::Pressed {
+            at: at(0),
+            grace: GRACE,
+        };
+        assert_eq!(
+            shutdown_step(pressed, GRACE, at(10)),
+            ShutdownStep::Wait(Duration::from_secs(25))
+        );
+        // The VMM forces the stop at 30 s; the agent waits 5 s more.
+        assert_eq!(
+            shutdown_step(pressed, GRACE, at(34)),
+            ShutdownStep::Wait(Duration::from_secs(1))
+        );
+        assert_eq!(
+            shutdown_step(pressed, GRACE, at(35)),
+            ShutdownStep::Force(ForceReason::GraceOver(GRACE))
+        );
+        // A press time ahead of the clock counts as now.
+        assert_eq!(
+            shutdown_step(pressed, GRACE, at(0) - Duration::from_secs(60)),
+            ShutdownStep::Wait(GRACE + SHUTDOWN_BACKSTOP)
+        );
+    }
+
+    #[test]
+    fn no_grace_or_a_forced_request_forces_and_a_shorter_grace_wins() {
+        for marker in [
+            StopMarker::Absent,
+            StopMarker::Forced,
+            StopMarker::Pressed {
+                at: at(0),
+                grace: GRACE,
+            },
+        ] {
+            assert_eq!(
+                shutdown_step(marker, Duration::ZERO, at(1)),
+                ShutdownStep::Force(ForceReason::NoGrace),
+                "{marker:?}"
+            );
+        }
+        assert_eq!(
+            shutdown_step(StopMarker::Forced, GRACE, at(1)),
+            ShutdownStep::Force(ForceReason::Again)
+        );
+        // The spec's grace was lowered to 3 s after the press.
+        let pressed = StopMarker::Pressed {
+            at: at(0),
+            grace: GRACE,
+        };
+        let three = Duration::from_secs(3);
+        assert_eq!(
+            shutdown_step(pressed, three, at(7)),
+            ShutdownStep::Wait(Duration::from_secs(1))
+        );
+        assert_eq!(
+            shutdown_step(pressed, three, at(8)),
+            ShutdownStep::Force(ForceReason::GraceOver(three))
+        );
+    }
+
+    fn scratch(tag: &str) -> (PathBuf, VmDir) {
+        let root =
+            std::env::temp_dir().join(format!("godwit-shutdown-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let dir = VmDir::new(&root, &root.join("shared"), "ns", "vm");
+        dir.create().unwrap();
+        (root, dir)
+    }
+
+    #[test]
+    fn the_marker_keeps_the_press_time_and_grace_across_agents() {
+        let (root, dir) = scratch("marker");
+        assert_eq!(StopMarker::read(&dir), StopMarker::Absent);
+        let before = SystemTime::now() - Duration::from_secs(1);
+        fs::write(dir.file(STOP_MARKER), "12\n").unwrap();
+        let StopMarker::Pressed { at, grace } = StopMarker::read(&dir) else {
+            panic!("{:?}", StopMarker::read(&dir));
+        };
+        assert_eq!(grace, Duration::from_secs(12));
+        assert!(at >= before && at <= SystemTime::now(), "{at:?}");
+        // What a forced stop writes.
+        fs::write(dir.file(STOP_MARKER), "").unwrap();
+        assert_eq!(StopMarker::read(&dir), StopMarker::Forced);
+        assert!(dir.state().stop_requested);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_vmm_that_does_not_take_the_button_is_stopped_by_force_at_once() {
+        let (root, dir) = scratch("refused");
+        // A process group with no control socket stands in for a VMM that
+        // cannot be asked: the button press fails, the stop is forced.
+        let mut child = Command::new("sleep");
+        child.arg("600");
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            child.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = child.spawn().unwrap();
+        fs::write(dir.file("pid"), child.id().to_string()).unwrap();
+        assert!(dir.state().alive);
+        let started = Instant::now();
+        let progress = request_shutdown(&dir, GRACE);
+        let reaped = child.wait();
+        assert!(
+            matches!(&progress, ShutdownProgress::Forced(ForceReason::Refused(why)) if why.contains("control socket")),
+            "{progress:?}"
+        );
+        assert!(reaped.is_ok());
+        assert!(!dir.state().alive);
+        assert!(started.elapsed() < Duration::from_secs(15));
+        assert_eq!(StopMarker::read(&dir), StopMarker::Forced);
+        assert_eq!(request_shutdown(&dir, GRACE), ShutdownProgress::NotRunning);
+        fs::remove_dir_all(&root).unwrap();
     }
 }

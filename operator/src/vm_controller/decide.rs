@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use godwit_crds::contract::{Machine, AGENT_FINALIZER, NODE_LABEL};
+use godwit_crds::contract::{Machine, AGENT_FINALIZER, GUEST_RESET_REASON, NODE_LABEL};
 use godwit_crds::{RunStrategy, VMTemplate, VirtualMachine, VmPhase};
 use kube::ResourceExt;
 
@@ -51,6 +51,9 @@ pub fn need(vm: &VirtualMachine) -> Need {
             Need::MigrationCheck
         }
         VmPhase::Stopped if strategy == RunStrategy::Always => Need::Restart,
+        // A reboot inside the guest is not a stop, for Manual and
+        // RerunOnFailure too.
+        VmPhase::Stopped if strategy != RunStrategy::Halted && guest_reset(vm) => Need::Restart,
         VmPhase::Failed
             if matches!(strategy, RunStrategy::Always | RunStrategy::RerunOnFailure) =>
         {
@@ -59,6 +62,14 @@ pub fn need(vm: &VirtualMachine) -> Need {
         VmPhase::Migrating => Need::MigrationCheck,
         _ => Need::Nothing,
     }
+}
+
+/// Whether `vm` stopped because its guest reset itself (the agent's Ready
+/// reason [`GUEST_RESET_REASON`]).
+pub fn guest_reset(vm: &VirtualMachine) -> bool {
+    view::vm_conditions(vm)
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "False" && c.reason == GUEST_RESET_REASON)
 }
 
 /// Whether deciding for `vm` needs the template and the cluster.
@@ -467,6 +478,45 @@ mod tests {
                 );
             } else {
                 assert_eq!(action, VmStep::Nothing, "{phase:?} {strategy:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_guest_reset_restarts_the_vm_unless_it_is_halted() {
+        use RunStrategy::*;
+        let c = cluster(vec![], vec![]);
+        let ready = |reason: &str| Condition {
+            type_: "Ready".into(),
+            status: "False".into(),
+            reason: reason.into(),
+            message: "the guest reset itself on node-1".into(),
+            last_transition_time: Time(Timestamp::now()),
+            observed_generation: None,
+        };
+        for (strategy, restarts) in [
+            (Always, true),
+            (RerunOnFailure, true),
+            (Manual, true),
+            (Halted, false),
+        ] {
+            let mut v = stopped(VmPhase::Stopped, strategy);
+            v.status.as_mut().unwrap().conditions = vec![ready(GUEST_RESET_REASON)];
+            assert!(guest_reset(&v));
+            let action = decide(&v, None, &c);
+            if restarts {
+                assert!(
+                    matches!(&action, VmStep::Restart { node, .. } if node == "node-1"),
+                    "{strategy:?}: {action:?}"
+                );
+            } else {
+                assert_eq!(action, VmStep::Nothing, "{strategy:?}");
+            }
+            // A VM stopped on request stays stopped under Manual.
+            v.status.as_mut().unwrap().conditions = vec![ready("Stopped")];
+            assert!(!guest_reset(&v));
+            if strategy != Always {
+                assert_eq!(decide(&v, None, &c), VmStep::Nothing, "{strategy:?}");
             }
         }
     }

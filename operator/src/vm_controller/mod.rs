@@ -7,7 +7,10 @@
 //!   condition `Scheduled=True`; when it cannot be placed the condition says
 //!   why (`TemplateMissing`, `InvalidSpec`, `Unschedulable`, `Halted`);
 //! - restarts by `runStrategy`: `Always` restarts a `Stopped` or `Failed` VM,
-//!   `RerunOnFailure` only a `Failed` one, `Manual` and `Halted` leave it.
+//!   `RerunOnFailure` only a `Failed` one, `Manual` and `Halted` leave it;
+//!   a VM `Stopped` because its guest reset itself (Ready reason
+//!   [`GUEST_RESET_REASON`](godwit_crds::contract::GUEST_RESET_REASON)) is
+//!   restarted under every strategy but `Halted`.
 //!   A restart goes to `Scheduled` on the same node while that node is ready
 //!   and the VM still fits, else the label is cleared and the VM is scheduled
 //!   again from `Pending` (re-resolved; the old node's disks are HA's concern).
