@@ -188,8 +188,10 @@ pub struct Machine {
     /// each start and before a migration's target VMM starts, and attaches it
     /// read-only after [`Machine::disks`]. Absent in machines written before
     /// the seed existed.
+    /// (Boxed: a machine travels inside the operator's decisions, which
+    /// stay small.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seed: Option<MachineSeed>,
+    pub seed: Option<Box<MachineSeed>>,
 }
 
 /// The inputs of a VM's cloud-init NoCloud seed (see [`Machine::seed`]). The
@@ -376,7 +378,7 @@ mod tests {
         assert!(!json.contains("seed"), "{json}");
         assert_eq!(serde_json::from_str::<Machine>(&json).unwrap(), m);
         let seeded = Machine {
-            seed: Some(MachineSeed {
+            seed: Some(Box::new(MachineSeed {
                 instance_id: "uid-1".into(),
                 hostname: "web".into(),
                 user_data_secret_ref: Some(SecretKeyRef {
@@ -384,7 +386,7 @@ mod tests {
                     key: "userdata".into(),
                 }),
                 ..Default::default()
-            }),
+            })),
             ..m
         };
         let json = serde_json::to_string(&seeded).unwrap();

@@ -94,13 +94,15 @@ pub fn build(
         })
         .collect();
     let (kernel, boot_image) = boot_source(resolved, &disks)?;
-    let seed = resolved.customization.as_ref().map(|c| MachineSeed {
-        instance_id: uid.to_string(),
-        hostname: resolved.hostname.clone(),
-        user_data: c.user_data.clone(),
-        user_data_secret_ref: c.user_data_secret_ref.clone(),
-        ssh_authorized_keys: c.ssh_authorized_keys.clone(),
-        network: c.network.clone(),
+    let seed = resolved.customization.as_ref().map(|c| {
+        Box::new(MachineSeed {
+            instance_id: uid.to_string(),
+            hostname: resolved.hostname.clone(),
+            user_data: c.user_data.clone(),
+            user_data_secret_ref: c.user_data_secret_ref.clone(),
+            ssh_authorized_keys: c.ssh_authorized_keys.clone(),
+            network: c.network.clone(),
+        })
     });
     Ok(Machine {
         cpu: resolved.cpu,
