@@ -604,9 +604,23 @@ fn godwit_crds_examples_and_invalid_manifests() {
     );
     let explained = cluster.ok(&["explain", "vm.spec.runStrategy"]);
     assert!(explained.contains("RerunOnFailure"), "{explained}");
-    for short in ["vmt", "vmmig"] {
+    // examples/: the test guest's template and the fromImage one; one migration.
+    for (short, names) in [
+        (
+            "vmt",
+            &[
+                "vmtemplate.godwit.dev/debian-12",
+                "vmtemplate.godwit.dev/testguest",
+            ][..],
+        ),
+        ("vmmig", &["vmmigration.godwit.dev/demo-move"][..]),
+    ] {
         let listed = cluster.ok(&["get", short, "-o", "name"]);
-        assert_eq!(listed.lines().count(), 1, "{short}: {listed}");
+        assert_eq!(
+            listed.lines().collect::<Vec<_>>(),
+            names,
+            "{short}: {listed}"
+        );
     }
 
     // The migration spec is immutable (CEL transition rule).
