@@ -26,7 +26,7 @@ const USER_DATA: &str =
 
 fn vm_with_customization() -> String {
     format!(
-        "{}  customization:\n    hostname: seeded-demo\n    userDataSecretRef:\n      name: demo-userdata\n",
+        "{}\n  customization:\n    hostname: seeded-demo\n    userDataSecretRef:\n      name: demo-userdata\n",
         EXAMPLE_VM.trim_end()
     )
 }
