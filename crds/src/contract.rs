@@ -124,9 +124,7 @@ pub const RESTART_ANNOTATION: &str = "godwit.dev/restart-requested";
 /// gracefully again.
 pub const FORCE_STOP_ANNOTATION: &str = "godwit.dev/force-stop-requested";
 
-/// Seconds a guest has to power off after the power button is pressed when
-/// the VM's `spec.terminationGracePeriodSeconds` is absent.
-pub const DEFAULT_GRACE_SECONDS: u32 = 30;
+pub use crate::vm::DEFAULT_GRACE_SECONDS;
 
 /// The Ready condition reason (and the Event reason) of a VM whose guest
 /// reset itself (a reboot inside the guest): the agent reports it `Stopped`

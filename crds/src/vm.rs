@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{BootSpec, Customization, MigrationPolicy};
 
+/// Seconds a guest has to power off after the power button is pressed when
+/// the VM's `spec.terminationGracePeriodSeconds` is absent.
+pub const DEFAULT_GRACE_SECONDS: u32 = 30;
+
 /// The desired state of a virtual machine.
 ///
 /// Without a `templateRef` the VM must say its `cpu`, `memory` and `boot`; with one,
@@ -104,11 +108,11 @@ pub struct VirtualMachineSpec {
 
 impl VirtualMachineSpec {
     /// How long the guest has to power off when stopped
-    /// ([`crate::contract::DEFAULT_GRACE_SECONDS`] unless the spec says).
+    /// ([`DEFAULT_GRACE_SECONDS`] unless the spec says).
     pub fn termination_grace(&self) -> std::time::Duration {
         let secs = self
             .termination_grace_period_seconds
-            .unwrap_or(crate::contract::DEFAULT_GRACE_SECONDS);
+            .unwrap_or(DEFAULT_GRACE_SECONDS);
         std::time::Duration::from_secs(u64::from(secs))
     }
 }

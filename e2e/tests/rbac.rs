@@ -169,7 +169,7 @@ fn migrate_and_delete() -> Vec<AuditRecord> {
     .unwrap();
     g.apply(&g.example(EXAMPLE_TEMPLATE)).unwrap();
     let vm = format!(
-        "{}  customization:\n    userDataSecretRef:\n      name: demo-userdata\n",
+        "{}\n  customization:\n    userDataSecretRef:\n      name: demo-userdata\n",
         EXAMPLE_VM.trim_end()
     );
     g.apply(&g.example(&vm)).unwrap();

@@ -16,7 +16,7 @@
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::GuestExit;
+use super::exit::GuestExit;
 
 /// Guest-physical base of the GED window.
 pub const GED_BASE: u64 = 0xfeb0_0000;

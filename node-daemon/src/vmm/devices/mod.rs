@@ -3,6 +3,7 @@
 //! windows, and (with ACPI) the Generic Event Device with the sleep and
 //! reset registers.
 
+pub mod exit;
 pub mod ged;
 pub mod i8042;
 pub mod serial;
@@ -12,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+pub use exit::GuestExit;
 use ged::{Ged, GedState, GED_BASE, GED_SIZE};
 use serial::{SerialDevice, SerialDeviceState, COM1_BASE};
 use virtio::mmio::{MmioTransport, MmioTransportState};
@@ -20,19 +22,6 @@ use virtio::MMIO_SIZE;
 /// Port of the debug-exit device (QEMU's isa-debug-exit convention): a
 /// byte written here powers the VM off with that byte as the exit status.
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
-
-/// Why the guest asked to stop.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", tag = "kind", content = "code")]
-pub enum GuestExit {
-    /// Debug-exit port write (the value written).
-    Poweroff(u8),
-    /// i8042 reset, a triple fault, KVM's reset system event, or the ACPI
-    /// reset register.
-    Reset,
-    /// S5 written to the ACPI sleep control register.
-    AcpiS5,
-}
 
 /// All devices, shared by the vCPU threads.
 pub struct Devices {
