@@ -59,11 +59,14 @@ pub const DEFAULT_PARENT: &str = "godwit.slice";
 /// target of a live migration: see the README's "Per-VM cgroups" for the
 /// figures. The default leaves several times that as margin, so a busy VMM
 /// is not killed for its own buffers.
-pub const DEFAULT_OVERHEAD_MIB: u64 = 128;
+pub const DEFAULT_OVERHEAD_MIB: i64 = 128;
 
 /// Tasks a VMM's cgroup may hold beyond one per vCPU: its shell, main
 /// thread, device and I/O threads, migration threads, with room to spare.
 pub const PIDS_BASE: u64 = 128;
+
+/// The smallest memory limit a VM's cgroup gets.
+pub const MIN_MEMORY_BYTES: u64 = 32 << 20;
 
 /// The CPU period of the cgroup's quota (µs).
 pub const CPU_PERIOD_US: u64 = 100_000;
@@ -157,10 +160,17 @@ impl Limits {
     /// as a hard cap so a VM never takes more than it was given, and a
     /// weight of 100 per vCPU so VMs share a contended node in proportion
     /// to their vCPUs; [`PIDS_BASE`] + vCPUs tasks.
-    pub fn of(machine: &Machine, overhead_bytes: u64) -> Limits {
+    ///
+    /// A negative overhead makes the memory limit smaller than the guest's
+    /// memory, so a guest that touches its memory is OOM-killed: only tests
+    /// do that (`--vmm-memory-overhead-mib=-N`); the limit is never below
+    /// [`MIN_MEMORY_BYTES`].
+    pub fn of(machine: &Machine, overhead_bytes: i64) -> Limits {
         let vcpus = u64::from(machine.cpu.max(1));
+        let memory = i128::from(machine.memory_bytes) + i128::from(overhead_bytes);
         Limits {
-            memory_bytes: machine.memory_bytes + overhead_bytes,
+            memory_bytes: u64::try_from(memory.max(i128::from(MIN_MEMORY_BYTES)))
+                .unwrap_or(u64::MAX),
             cpu_quota_us: (vcpus + 1) * CPU_PERIOD_US,
             cpu_weight: (vcpus * 100).min(10_000),
             pids: PIDS_BASE + vcpus,
@@ -185,8 +195,9 @@ pub fn cgroup_name(namespace: &str, name: &str) -> String {
 pub struct Cgroups {
     hierarchy: Hierarchy,
     parent: PathBuf,
-    /// What a VMM may use beyond its guest's memory.
-    pub overhead_bytes: u64,
+    /// What a VMM may use beyond its guest's memory (negative only in
+    /// tests that want an OOM kill: [`Limits::of`]).
+    pub overhead_bytes: i64,
     /// Held while a VMM's cgroup is made and the VMM forked into it, and
     /// while cgroups are swept, so a sweep never removes a cgroup a VMM is
     /// about to join.
@@ -212,7 +223,7 @@ impl Cgroups {
     /// The node's cgroups under `root` (its hierarchy detected) and
     /// `parent`; the parent is made (and, on v2, its controllers enabled)
     /// when missing.
-    pub fn new(root: &Path, parent: &str, overhead_bytes: u64) -> Result<Cgroups, CgroupError> {
+    pub fn new(root: &Path, parent: &str, overhead_bytes: i64) -> Result<Cgroups, CgroupError> {
         let parent_path = Path::new(parent);
         if parent.is_empty()
             || parent_path.is_absolute()
@@ -581,6 +592,15 @@ mod tests {
         assert_eq!(l.cpu_weight, 200);
         assert_eq!(l.pids, PIDS_BASE + 2);
         assert_eq!(Limits::of(&machine(400, 64), 0).cpu_weight, 10_000);
+        // What tests use to get an OOM kill; never below the floor.
+        assert_eq!(
+            Limits::of(&machine(1, 256), -(128 << 20)).memory_bytes,
+            128 << 20
+        );
+        assert_eq!(
+            Limits::of(&machine(1, 64), -(128 << 20)).memory_bytes,
+            MIN_MEMORY_BYTES
+        );
     }
 
     #[test]

@@ -36,6 +36,6 @@ pub struct AgentConfig {
     /// The cgroup (below the root) holding the VMs' own cgroups.
     pub cgroup_parent: String,
     /// What a VMM may use beyond its guest's memory (its cgroup's limit is
-    /// the sum).
-    pub vmm_memory_overhead_bytes: u64,
+    /// the sum; negative only in tests that want an OOM kill).
+    pub vmm_memory_overhead_bytes: i64,
 }

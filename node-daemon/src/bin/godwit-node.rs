@@ -92,9 +92,11 @@ struct Args {
     cgroup_parent: String,
     /// Memory a VMM may use beyond its guest's memory, in MiB: its cgroup's
     /// memory limit is the guest's memory plus this (the OOM killer kills a
-    /// VMM that goes over; the VM reports OOMKilled).
-    #[arg(long, default_value_t = agent::cgroup::DEFAULT_OVERHEAD_MIB)]
-    vmm_memory_overhead_mib: u64,
+    /// VMM that goes over; the VM reports OOMKilled). Tests that want an OOM
+    /// kill give a negative value (=-N): the limit is then below the guest's
+    /// memory. Never do that on a real node.
+    #[arg(long, default_value_t = agent::cgroup::DEFAULT_OVERHEAD_MIB, allow_negative_numbers = true)]
+    vmm_memory_overhead_mib: i64,
 }
 
 /// How log lines are written.
@@ -220,7 +222,7 @@ async fn main() {
         vmm_users: args.vmm_users.0,
         cgroup_root: args.cgroup_root,
         cgroup_parent: args.cgroup_parent,
-        vmm_memory_overhead_bytes: args.vmm_memory_overhead_mib << 20,
+        vmm_memory_overhead_bytes: args.vmm_memory_overhead_mib.saturating_mul(1 << 20),
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
