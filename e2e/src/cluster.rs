@@ -377,6 +377,15 @@ impl LocalCluster {
             self.migration_ca_dir().into_os_string(),
             "--cgroup-parent".into(),
             self.node_cgroup_parent(i).into(),
+            // `ip netns exec` mounts a fresh sysfs without the host's cgroup
+            // mounts; the agent reaches them through this process's root.
+            "--cgroup-root".into(),
+            format!(
+                "/proc/{}/root{}",
+                std::process::id(),
+                godwit_node::agent::cgroup::DEFAULT_ROOT
+            )
+            .into(),
         ]
         .into();
         let mut argv = argv;
