@@ -76,14 +76,18 @@ fn a_guest_over_its_limit_is_oom_killed_reported_and_restarted_alone() {
     let greedy_pid = pid(&g, "greedy").unwrap();
     type_at(&greedy_dir, "dirty 150").unwrap();
     let vm = g
-        .wait("greedy to be reported OOMKilled", Duration::from_secs(30), || {
-            let vm = g.get("vm", "greedy")?;
-            Ok(vm.filter(|v| {
-                v["status"]["conditions"]
-                    .as_array()
-                    .is_some_and(|cs| cs.iter().any(|c| c["reason"] == "OOMKilled"))
-            }))
-        })
+        .wait(
+            "greedy to be reported OOMKilled",
+            Duration::from_secs(30),
+            || {
+                let vm = g.get("vm", "greedy")?;
+                Ok(vm.filter(|v| {
+                    v["status"]["conditions"]
+                        .as_array()
+                        .is_some_and(|cs| cs.iter().any(|c| c["reason"] == "OOMKilled"))
+                }))
+            },
+        )
         .unwrap();
     let ready = vm["status"]["conditions"]
         .as_array()
@@ -110,13 +114,11 @@ fn a_guest_over_its_limit_is_oom_killed_reported_and_restarted_alone() {
     assert_eq!(pid(&g, "quiet"), Some(quiet_pid));
     let quiet = g.get("vm", "quiet").unwrap().unwrap();
     assert_eq!(quiet["status"]["phase"], "Running", "{quiet}");
-    let log = std::fs::read_to_string(g.cluster.log_dir().join(format!(
-        "agent-{}.log",
-        g.cluster.fabric.nodes[0].name
-    )))
+    let log = std::fs::read_to_string(
+        g.cluster
+            .log_dir()
+            .join(format!("agent-{}.log", g.cluster.fabric.nodes[0].name)),
+    )
     .unwrap_or_default();
-    assert!(
-        !log.contains("exited (") ,
-        "the agent restarted:\n{log}"
-    );
+    assert!(!log.contains("exited ("), "the agent restarted:\n{log}");
 }

@@ -150,7 +150,10 @@ fn renders_with_default_values() {
     );
     let anti = &op["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
         ["preferredDuringSchedulingIgnoredDuringExecution"][0];
-    assert_eq!(anti["podAffinityTerm"]["topologyKey"], "kubernetes.io/hostname");
+    assert_eq!(
+        anti["podAffinityTerm"]["topologyKey"],
+        "kubernetes.io/hostname"
+    );
 
     let ca = find(&docs, "Secret", "godwit-migration-ca");
     assert!(ca["data"]["ca.crt"].as_str().is_some_and(|s| s.len() > 100));

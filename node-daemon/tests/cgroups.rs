@@ -162,10 +162,11 @@ fn a_vmm_runs_in_its_own_cgroup_with_its_limits_and_is_adopted_by_it() {
         Hierarchy::V1 { .. } => {
             for c in ["memory", "cpu", "pids"] {
                 assert!(
-                    cgroup_file
-                        .lines()
-                        .any(|l| l.split(':').nth(1).is_some_and(|cs| cs.split(',').any(|x| x == c))
-                            && l.ends_with(&leaf)),
+                    cgroup_file.lines().any(|l| l
+                        .split(':')
+                        .nth(1)
+                        .is_some_and(|cs| cs.split(',').any(|x| x == c))
+                        && l.ends_with(&leaf)),
                     "the VMM is not in {leaf} for {c}:\n{cgroup_file}"
                 );
             }

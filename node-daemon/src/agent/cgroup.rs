@@ -80,7 +80,9 @@ pub enum CgroupError {
     #[error("No usable cgroup hierarchy under {0}: need cgroup v2 with the memory, cpu and pids controllers, or cgroup v1 with memory, cpu and pids mounted at {0}/<controller> (mount the host's /sys/fs/cgroup there, or pass --cgroup-root)")]
     NoHierarchy(PathBuf),
     /// The parent is not a relative path below the root.
-    #[error("--cgroup-parent {0:?}: give a relative path below the cgroup root, e.g. godwit.slice")]
+    #[error(
+        "--cgroup-parent {0:?}: give a relative path below the cgroup root, e.g. godwit.slice"
+    )]
     BadParent(String),
     /// A cgroup file operation failed.
     #[error("{0} {1}")]
@@ -563,7 +565,11 @@ mod tests {
 
     /// A fake v2 root: the interface files a kernel would show, as plain files.
     fn fake_v2(root: &Path) {
-        fs::write(root.join("cgroup.controllers"), "cpuset cpu io memory pids\n").unwrap();
+        fs::write(
+            root.join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .unwrap();
         fs::write(root.join("cgroup.subtree_control"), "cpu memory\n").unwrap();
         fs::write(root.join("cgroup.procs"), "1\n").unwrap();
     }
@@ -719,7 +725,10 @@ mod tests {
                     "memory.oom_control",
                 ][..],
             ),
-            ("cpu", &["cpu.cfs_period_us", "cpu.cfs_quota_us", "cpu.shares"][..]),
+            (
+                "cpu",
+                &["cpu.cfs_period_us", "cpu.cfs_quota_us", "cpu.shares"][..],
+            ),
             ("pids", &["pids.max"][..]),
         ] {
             fs::write(vm(c).join("cgroup.procs"), "").unwrap();

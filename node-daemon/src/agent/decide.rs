@@ -378,7 +378,10 @@ mod tests {
         };
         assert!(failed);
         assert_eq!(cause, OOM_KILLED_REASON);
-        assert!(reason.contains("OOM killer") && reason.contains("137"), "{reason}");
+        assert!(
+            reason.contains("OOM killer") && reason.contains("137"),
+            "{reason}"
+        );
         killed.stop_requested = true;
         assert!(matches!(
             decide_node_vm(&v, &killed),
