@@ -107,6 +107,13 @@ pub struct LocalCluster {
     pub operator_kubeconfig: PathBuf,
     /// Extra operator flags for [`LocalCluster::start_godwit`] (`--drs-mode`).
     pub operator_args: Vec<String>,
+    /// Extra agent flags for [`LocalCluster::start_agent`]
+    /// (`--vmm-memory-overhead-mib=-128`).
+    pub agent_args: Vec<String>,
+    /// This cluster's own cgroup parent (`godwit-e2e-<pid>-<n>.slice`); node
+    /// `i`'s VMMs run under `<it>/<node>`. Removed, processes killed, at
+    /// teardown.
+    pub cgroup_parent: String,
     dir: PathBuf,
     forwarder: Option<Forwarder>,
     cpu: u32,
@@ -161,6 +168,15 @@ impl LocalCluster {
             node_kubeconfig,
             operator_kubeconfig,
             operator_args: Vec::new(),
+            agent_args: Vec::new(),
+            cgroup_parent: {
+                static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+                format!(
+                    "godwit-e2e-{}-{}.slice",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::Relaxed)
+                )
+            },
             dir: dir.to_path_buf(),
             forwarder: Some(forwarder),
             cpu,
@@ -359,8 +375,21 @@ impl LocalCluster {
             self.memory_mib.to_string().into(),
             "--migration-ca-dir".into(),
             self.migration_ca_dir().into_os_string(),
+            "--cgroup-parent".into(),
+            self.node_cgroup_parent(i).into(),
+            // `ip netns exec` mounts a fresh sysfs without the host's cgroup
+            // mounts; the agent reaches them through this process's root.
+            "--cgroup-root".into(),
+            format!(
+                "/proc/{}/root{}",
+                std::process::id(),
+                godwit_node::agent::cgroup::DEFAULT_ROOT
+            )
+            .into(),
         ]
         .into();
+        let mut argv = argv;
+        argv.extend(self.agent_args.iter().map(Into::into));
         let log = self.log_dir().join(format!("agent-{}.log", node.name));
         let child = spawn_agent(&argv, &log)?;
         let mut agents = self.agents.lock().expect("agents lock");
@@ -370,6 +399,11 @@ impl LocalCluster {
         drop(agents);
         self.supervise();
         Ok(())
+    }
+
+    /// Node `i`'s cgroup parent (below the host's cgroup root).
+    pub fn node_cgroup_parent(&self, i: usize) -> String {
+        format!("{}/{}", self.cgroup_parent, self.fabric.nodes[i].name)
     }
 
     /// Kills node `i`'s agent at once (its VMs keep running, as on a real node).
@@ -430,6 +464,10 @@ impl LocalCluster {
             self.kill_agent(i);
         }
         kill_vmms(&self.dir.join("nodes"));
+        godwit_node::agent::cgroup::remove_tree(
+            Path::new(godwit_node::agent::cgroup::DEFAULT_ROOT),
+            &self.cgroup_parent,
+        );
         if let Some(f) = self.forwarder.take() {
             f.stop();
         }

@@ -50,6 +50,16 @@ impl ClusterDriver {
         dir: &Path,
         operator_args: &[&str],
     ) -> anyhow::Result<ClusterDriver> {
+        ClusterDriver::up_with_agents(nodes, dir, operator_args, &[])
+    }
+
+    /// [`ClusterDriver::up_with`] with extra agent flags too.
+    pub fn up_with_agents(
+        nodes: usize,
+        dir: &Path,
+        operator_args: &[&str],
+        agent_args: &[&str],
+    ) -> anyhow::Result<ClusterDriver> {
         if !Path::new("/dev/kvm").exists() {
             bail!("/dev/kvm does not exist: Godwit boots real VMs under KVM");
         }
@@ -61,6 +71,7 @@ impl ClusterDriver {
         std::fs::copy(&elf, root.join("kernels/godwit-testguest.elf"))?;
         std::fs::File::create(root.join("images/testguest-root.raw"))?.set_len(64 << 20)?;
         cluster.operator_args = operator_args.iter().map(|a| a.to_string()).collect();
+        cluster.agent_args = agent_args.iter().map(|a| a.to_string()).collect();
         cluster.start_godwit()?;
         Ok(ClusterDriver { cluster, root })
     }

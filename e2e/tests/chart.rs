@@ -83,10 +83,33 @@ fn renders_with_default_values() {
     let ds = find(&docs, "DaemonSet", "godwit-node");
     let pod = &ds["spec"]["template"]["spec"];
     assert_eq!(pod["hostNetwork"], true);
-    assert_eq!(pod["hostPID"], false);
+    // VMMs outlive the container: host PID namespace, own cgroups on the
+    // host's hierarchy.
+    assert_eq!(pod["hostPID"], true);
     assert_eq!(pod["nodeSelector"]["godwit.dev/vm-host"], "true");
     let c = &pod["containers"][0];
     assert_eq!(c["securityContext"]["privileged"], true);
+    let a = args(ds);
+    for flag in [
+        "--cgroup-root=/sys/fs/cgroup",
+        "--cgroup-parent=godwit.slice",
+        "--vmm-memory-overhead-mib=128",
+        "--metrics-addr=0.0.0.0:9411",
+    ] {
+        assert!(a.contains(&flag.to_string()), "{flag} not in {a:?}");
+    }
+    assert!(c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["name"] == "cgroup" && m["mountPath"] == "/sys/fs/cgroup"));
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["livenessProbe"]["httpGet"]["port"], "metrics");
+    assert_eq!(c["ports"][0]["containerPort"], 9411);
+    // Sized for the agent alone (VMMs are charged to their own cgroups).
+    assert_eq!(c["resources"]["requests"]["memory"], "64Mi");
+    assert_eq!(c["resources"]["limits"]["memory"], "256Mi");
     let env: Vec<(&str, &str)> = c["env"]
         .as_array()
         .unwrap()
@@ -112,9 +135,25 @@ fn renders_with_default_values() {
         "/dev/kvm",
         "/dev/net/tun",
         "/dev/userfaultfd",
+        "/sys/fs/cgroup",
     ] {
         assert!(paths.contains(&p), "no hostPath {p} in {paths:?}");
     }
+
+    // The operator: at most one replica evicted at a time, replicas spread
+    // over nodes.
+    let pdb = find(&docs, "PodDisruptionBudget", "godwit-operator");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"],
+        "operator"
+    );
+    let anti = &op["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+        ["preferredDuringSchedulingIgnoredDuringExecution"][0];
+    assert_eq!(
+        anti["podAffinityTerm"]["topologyKey"],
+        "kubernetes.io/hostname"
+    );
 
     let ca = find(&docs, "Secret", "godwit-migration-ca");
     assert!(ca["data"]["ca.crt"].as_str().is_some_and(|s| s.len() > 100));

@@ -1,7 +1,8 @@
 //! A VM's life on a local cluster with the operator and node agents, driven
 //! with kubectl: the example template and VM are applied and the VM runs on a
-//! node with its customization; its node agent is killed and restarted while
-//! it runs (the VM keeps running and stays Running); a migration deleted
+//! node with its customization, in its own cgroup; its node agent is killed
+//! and restarted while it runs, its pid file removed meanwhile (the VM keeps
+//! running and stays Running, the new agent adopts the VMM by its cgroup); a migration deleted
 //! mid-way leaves it running on the source; deleting the VM stops its VMM and
 //! removes its disk. (The successful live migration with a TCP client is the
 //! demo's test, `tests/demo.rs`.)
@@ -112,10 +113,20 @@ fn vm_runs_survives_an_agent_restart_a_cancelled_migration_and_is_deleted() {
         .and_then(|ids| ids.split_whitespace().next()?.parse::<u32>().ok())
         .expect("a Uid line");
     assert!(uid >= 2_000_000_000, "the VMM runs as uid {uid}: {status}");
+    // It runs in its VM's own cgroup under its node's parent.
+    let leaf = format!("/{}/default_demo", g.cluster.node_cgroup_parent(i));
+    let cgroups = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).unwrap();
+    assert!(
+        cgroups.lines().any(|l| l.ends_with(&leaf)),
+        "the VMM is not in {leaf}:\n{cgroups}"
+    );
 
-    // Restart the node's agent: the VMM keeps running and the VM stays Running.
+    // Restart the node's agent: the VMM keeps running and the VM stays
+    // Running. Its pid file is lost meanwhile: the new agent finds the VMM
+    // by its cgroup.
     g.cluster.kill_agent(i);
     let hb = last_heartbeat(&console);
+    std::fs::remove_file(vm_dir.join("pid")).unwrap();
     std::thread::sleep(Duration::from_secs(1));
     g.cluster.start_agent(i).unwrap();
     std::thread::sleep(Duration::from_secs(4));

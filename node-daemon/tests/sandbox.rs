@@ -162,6 +162,7 @@ fn a_vmm_the_agent_starts_sees_only_its_own_vm() {
         tls: None,
         jail: Some(node_jail(&state, &shared, std::slice::from_ref(&ca))),
         users: None,
+        cgroups: None,
     };
     let (_stop, vmm) = boot(&runner, &a, &machine);
 
@@ -278,6 +279,7 @@ fn a_vmm_the_agent_starts_as_its_own_user_runs_with_no_capability() {
         tls: Some(tls.clone()),
         jail: Some(node_jail(&state, &shared, std::slice::from_ref(&ca))),
         users: Some(users),
+        cgroups: None,
     };
     let (_stop, vmm) = boot(&runner, &vm, &machine);
 

@@ -31,4 +31,11 @@ pub struct AgentConfig {
     pub migration_ca_dir: Option<PathBuf>,
     /// The users VMMs run as ([`VmmUsers`]); `None`: root.
     pub vmm_users: Option<VmmUsers>,
+    /// Where the host's cgroup hierarchy is mounted ([`super::cgroup`]).
+    pub cgroup_root: PathBuf,
+    /// The cgroup (below the root) holding the VMs' own cgroups.
+    pub cgroup_parent: String,
+    /// What a VMM may use beyond its guest's memory (its cgroup's limit is
+    /// the sum; negative only in tests that want an OOM kill).
+    pub vmm_memory_overhead_bytes: i64,
 }

@@ -13,6 +13,10 @@ use godwit_crds::contract::GUEST_RESET_REASON;
 use godwit_crds::{MigrationPhase, RunStrategy, VmPhase};
 
 use super::vm_dir::LocalState;
+
+/// The Ready condition's reason when the OOM killer killed the VMM in its
+/// cgroup.
+pub const OOM_KILLED_REASON: &str = "OOMKilled";
 use crate::vmm::GUEST_RESET_EXIT;
 
 /// What the API says about a VM labelled for this node.
@@ -55,7 +59,8 @@ pub enum NodeVmAction {
         /// Failed rather than Stopped.
         failed: bool,
         /// The condition reason: `Stopped`, `GuestReset`
-        /// ([`GUEST_RESET_REASON`]), `Failed` or `SandboxViolation`.
+        /// ([`GUEST_RESET_REASON`]), `Failed`, `SandboxViolation` or
+        /// `OOMKilled`.
         cause: &'static str,
         /// Why, for the status and the event.
         reason: String,
@@ -131,13 +136,16 @@ fn failed_exit(phase: VmPhase, local: &LocalState) -> bool {
     !matches!(local.exit, Some(0 | GUEST_RESET_EXIT))
 }
 
-/// The condition reason of an exit: `Stopped`, `GuestReset`, `Failed`, or
+/// The condition reason of an exit: `Stopped`, `GuestReset`, `Failed`,
+/// `OOMKilled` when the OOM killer killed in the VMM's cgroup, or
 /// `SandboxViolation` when the VMM's seccomp filter killed it.
 fn exit_cause(phase: VmPhase, local: &LocalState) -> &'static str {
     if guest_reset(phase, local) {
         GUEST_RESET_REASON
     } else if !failed_exit(phase, local) {
         "Stopped"
+    } else if local.oom_killed {
+        OOM_KILLED_REASON
     } else if local.exit == Some(crate::vmm::sandbox::SIGSYS_SHELL_STATUS) {
         "SandboxViolation"
     } else {
@@ -148,6 +156,10 @@ fn exit_cause(phase: VmPhase, local: &LocalState) -> &'static str {
 fn exit_reason(local: &LocalState) -> String {
     match (local.exit, local.stop_requested) {
         (_, true) => "stopped".into(),
+        (_, false) if local.oom_killed => format!(
+            "the OOM killer killed the VMM{}: its memory reached its cgroup's limit (guest memory + the node's --vmm-memory-overhead-mib)",
+            local.exit.map(|c| format!(" (status {c})")).unwrap_or_default()
+        ),
         (Some(0), false) => "the guest powered off".into(),
         (Some(GUEST_RESET_EXIT), false) => {
             "the guest reset itself (a reboot; it starts again unless runStrategy is Halted)".into()
@@ -349,6 +361,36 @@ mod tests {
         v.phase = VmPhase::Scheduled;
         v.has_machine = false;
         assert_eq!(decide_node_vm(&v, &absent), NodeVmAction::Nothing);
+    }
+
+    #[test]
+    fn an_oom_kill_is_reported_as_such_and_a_stop_is_still_a_stop() {
+        let v = vm(VmPhase::Running);
+        let mut killed = exited(137);
+        killed.oom_killed = true;
+        let NodeVmAction::ReportExit {
+            failed,
+            cause,
+            reason,
+        } = decide_node_vm(&v, &killed)
+        else {
+            panic!("{:?}", decide_node_vm(&v, &killed));
+        };
+        assert!(failed);
+        assert_eq!(cause, OOM_KILLED_REASON);
+        assert!(
+            reason.contains("OOM killer") && reason.contains("137"),
+            "{reason}"
+        );
+        killed.stop_requested = true;
+        assert!(matches!(
+            decide_node_vm(&v, &killed),
+            NodeVmAction::ReportExit {
+                failed: false,
+                cause: "Stopped",
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -26,12 +26,14 @@
 //! | [`boot`] | the kernel a VM boots (its own, or its image's: `fromImage`) |
 //! | [`seed`] | a VM's cloud-init NoCloud seed disk |
 //! | [`vmm_process`], [`vmm_user`] | starting and stopping VMM processes, as their own users |
+//! | [`cgroup`] | each VMM's own cgroup: limits, OOM kills, adoption |
 //! | [`certificates`] | the node's migration certificate |
 //! | [`console`], [`metrics`] | the console relay and the metrics endpoint |
 
 pub mod boot;
 mod capacity;
 pub mod certificates;
+pub mod cgroup;
 mod config;
 pub mod console;
 mod context;

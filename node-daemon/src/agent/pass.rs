@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 use tracing::Instrument;
 
 use super::certificates::{self, IdentityError};
+use super::cgroup::{CgroupError, Cgroups};
 use super::config::AgentConfig;
 use super::context::{key, Agent};
 use super::decide::Role;
@@ -41,6 +42,9 @@ pub enum AgentError {
     /// The node's migration certificate could not be issued.
     #[error("Cannot set up migration TLS")]
     Identity(#[from] IdentityError),
+    /// The VMs' cgroups cannot be made.
+    #[error("Cannot set up the VMs' cgroups")]
+    Cgroup(#[from] CgroupError),
 }
 
 /// Runs the agent until it fails or `shutdown` resolves.
@@ -103,6 +107,16 @@ pub async fn run(
         )?),
         None => None,
     };
+    let cgroups = Cgroups::new(
+        &cfg.cgroup_root,
+        &cfg.cgroup_parent,
+        cfg.vmm_memory_overhead_bytes,
+    )?;
+    tracing::info!(
+        version = cgroups.hierarchy().version(),
+        parent = %cgroups.parent_dirs()[0].display(),
+        "VMMs run in their own cgroups"
+    );
     let lease = Arc::new(LeaseHealth::default());
     let agent = Arc::new(Agent {
         runner: Runner {
@@ -114,6 +128,7 @@ pub async fn run(
                 cfg.migration_ca_dir.as_slice(),
             )),
             users: cfg.vmm_users,
+            cgroups: Some(cgroups),
         },
         cfg,
         client,
@@ -185,6 +200,16 @@ pub async fn run(
 /// Returns whether a migration this node sends is in flight.
 async fn pass(agent: &Agent) -> bool {
     agent.children.lock().unwrap().reap();
+    if let Some(cgroups) = agent.runner.cgroups.clone() {
+        let dirs = VmDir::scan(&agent.cfg.state_dir, &agent.cfg.shared_dir);
+        let adopted =
+            tokio::task::spawn_blocking(move || vmm_process::settle_cgroups(&cgroups, &dirs))
+                .await
+                .unwrap_or_default();
+        for dir in adopted {
+            tracing::info!(vm = %key(&dir.namespace, &dir.name), "VMM found by its cgroup (its pid file was missing); adopted");
+        }
+    }
     let vms = agent.vms.state();
     let mut known = BTreeSet::new();
     for vm in &vms {

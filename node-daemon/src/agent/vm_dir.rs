@@ -7,10 +7,11 @@
 //! | file | what |
 //! | --- | --- |
 //! | `machine.json` | the [`Machine`] the VMM was started with |
-//! | `pid` | the process group of the VMM (a small `sh` that records the exit status, and the VMM itself) |
+//! | `pid` | the process group of the VMM (a small `sh` that records the exit status, and the VMM itself); a restarted agent that finds it missing writes it again from the VM's cgroup ([`super::cgroup`]) |
 //! | `exit` | the VMM's exit status, written when it ends |
 //! | `stop-requested` | the agent asked it to stop (an exit then means Stopped, not Failed); holding the grace in seconds when the power button was pressed, at its modification time ([`super::vmm_process::StopMarker`]) |
 //! | `exit` of 100 ([`crate::vmm::GUEST_RESET_EXIT`]) | the guest reset itself: reported Stopped, reason `GuestReset` |
+//! | `oom-killed` | the OOM killer killed in the VMM's cgroup ([`super::cgroup`]): its exit is reported `OOMKilled` |
 //! | `incoming` | the VMM waits for or received a migration (the migration's name) |
 //! | `outgoing`, `outgoing-result` | the migration the VMM sends, and what it said last |
 //! | `vmm.log` | the VMM's stdout and stderr |
@@ -146,6 +147,7 @@ impl VmDir {
             alive,
             exit,
             stop_requested: self.file("stop-requested").exists(),
+            oom_killed: self.file("oom-killed").exists(),
             incoming: read("incoming").map(|s| s.trim().to_string()),
         }
     }
@@ -175,6 +177,8 @@ pub struct LocalState {
     pub exit: Option<i32>,
     /// The agent asked it to stop.
     pub stop_requested: bool,
+    /// The OOM killer killed a process of its cgroup (`oom-killed`).
+    pub oom_killed: bool,
     /// It was started to receive this migration.
     pub incoming: Option<String>,
 }

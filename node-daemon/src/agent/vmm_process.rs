@@ -1,9 +1,13 @@
 //! This node's VMM processes: how they are started (to boot a VM, or to
 //! receive one), stopped, and reaped.
 //!
-//! VMM processes run in their own session (`setsid`), so they outlive the
-//! agent: a daemon restart or upgrade leaves the guests running, and the
-//! next agent adopts them through their VM directories ([`super::vm_dir`]).
+//! VMM processes run in their own session (`setsid`) and their VM's own
+//! cgroup ([`super::cgroup`], joined between fork and exec), so they
+//! outlive the agent: with the host's PID namespace (the chart's
+//! `hostPID: true`) and outside the agent container's cgroup, a daemon
+//! restart or upgrade leaves the guests running, and the next agent adopts
+//! them through their VM directories ([`super::vm_dir`]) or, when a `pid`
+//! file is lost, their cgroups ([`settle_cgroups`]).
 //! Each runs in its own mount namespace ([`node_jail`],
 //! [`crate::vmm::jail`]): it sees its own VM's directories and no other
 //! VM's, no service account token, and writes only to its own files; then
@@ -21,6 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 use godwit_crds::contract::Machine;
 
 use super::boot::{self, Boot, BootError};
+use super::cgroup::{CgroupError, Cgroups, Limits};
 use super::disks::{self, provision_disk, DiskError};
 use super::seed::seed_path;
 use super::vm_dir::{process_alive, tap_name, VmDir, VmDirError};
@@ -52,6 +57,9 @@ pub enum VmmProcessError {
     /// What the VMM's own user needs could not be prepared.
     #[error(transparent)]
     User(#[from] VmmUserError),
+    /// The VM's cgroup could not be made.
+    #[error("Cannot prepare the cgroup of the VMM")]
+    Cgroup(#[from] CgroupError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmmProcessError {
@@ -72,6 +80,9 @@ pub struct Runner {
     /// Run each VMM as its own unprivileged user ([`VmmUsers`]); `None`:
     /// as root, with `CAP_NET_ADMIN` alone.
     pub users: Option<VmmUsers>,
+    /// Start each VMM in its VM's own cgroup ([`super::cgroup`]); `None`:
+    /// in the agent's.
+    pub cgroups: Option<Cgroups>,
 }
 
 /// The mount namespace policy of this node's VMMs ([`crate::vmm::jail`]):
@@ -141,7 +152,7 @@ impl Runner {
         args: &[String],
         keep: Vec<(PathBuf, Access)>,
     ) -> Result<Child, VmmProcessError> {
-        for f in ["exit", STOP_MARKER, "api.sock", "console.sock"] {
+        for f in ["exit", STOP_MARKER, OOM_MARKER, "api.sock", "console.sock"] {
             let _ = fs::remove_file(dir.file(f));
         }
         let log = fs::OpenOptions::new()
@@ -198,12 +209,28 @@ impl Runner {
             }
             None => None,
         };
-        // SAFETY: fcntl, setsid, prctl, the raw set*id calls and what
+        // Held from the cgroup's making until the VMM is in it: a sweep
+        // ([`super::cgroup`]) never removes it in between.
+        let _cgroup_lock = self.cgroups.as_ref().map(Cgroups::lock);
+        let joiner = match &self.cgroups {
+            Some(cg) => Some(cg.prepare(
+                &dir.namespace,
+                &dir.name,
+                &Limits::of(machine, cg.overhead_bytes),
+            )?),
+            None => None,
+        };
+        // SAFETY: write, fcntl, setsid, prctl, the raw set*id calls and what
         // `Jail::enter_for_exec` does (mount, unshare, mkdir, open on
         // prepared paths) are async-signal-safe; nothing else runs between
         // fork and exec.
         unsafe {
             cmd.pre_exec(move || {
+                // First, as root: into the VM's cgroup (the VMM's user could
+                // not write these files).
+                if let Some(joiner) = &joiner {
+                    joiner.join_for_exec()?;
+                }
                 // The handed descriptors survive the exec.
                 for &fd in &inherited {
                     let flags = libc::fcntl(fd, libc::F_GETFD);
@@ -388,6 +415,11 @@ pub fn stop(dir: &VmDir, grace: Duration) {
         }
     }
 }
+
+/// The VM directory's marker of an OOM kill in the VMM's cgroup, written
+/// when the agent finds the VMM gone and its cgroup's `oom_kill` counter
+/// above zero ([`super::cgroup`]); the exit is then reported `OOMKilled`.
+pub const OOM_MARKER: &str = "oom-killed";
 
 /// The VM directory's marker of a stop the agent asked for. Empty: a
 /// forced stop. Holding a number: the power button was pressed with that
@@ -589,6 +621,51 @@ pub fn wait_listening(dir: &VmDir, timeout: Duration) -> Result<String, VmmProce
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Settles this node's VM cgroups, once per pass (and at an agent's start):
+/// - a VM directory whose `pid` file is missing, or names no live process,
+///   while its cgroup holds processes gets its `pid` back (the process group
+///   of the cgroup's first process): the VMM is adopted by its cgroup;
+/// - a cgroup with no process left (the VMM is gone: stopped, exited,
+///   migrated away) is removed, after its OOM kills are recorded in the VM
+///   directory ([`OOM_MARKER`]) for the exit's report;
+/// - an empty cgroup whose VM directory is gone is removed too.
+///
+/// Returns the VMs adopted by their cgroup.
+pub fn settle_cgroups(cgroups: &Cgroups, dirs: &[VmDir]) -> Vec<VmDir> {
+    let _lock = cgroups.lock();
+    let mut adopted = Vec::new();
+    let mut mine = std::collections::BTreeSet::new();
+    for dir in dirs {
+        mine.insert(super::cgroup::cgroup_name(&dir.namespace, &dir.name));
+        if !cgroups.exists(&dir.namespace, &dir.name) {
+            continue;
+        }
+        let procs = cgroups.procs(&dir.namespace, &dir.name);
+        if let Some(&first) = procs.first() {
+            let st = dir.state();
+            if st.exit.is_none() && !st.alive {
+                let group = super::cgroup::process_group(first)
+                    .filter(|g| procs.contains(g))
+                    .unwrap_or(first);
+                if fs::write(dir.file("pid"), group.to_string()).is_ok() {
+                    adopted.push(dir.clone());
+                }
+            }
+            continue;
+        }
+        if cgroups.oom_kills(&dir.namespace, &dir.name) > 0 && dir.path.is_dir() {
+            let _ = fs::write(dir.file(OOM_MARKER), "");
+        }
+        cgroups.remove(&dir.namespace, &dir.name);
+    }
+    for leaf in cgroups.list() {
+        if !mine.contains(&leaf) {
+            cgroups.remove_leaf(&leaf);
+        }
+    }
+    adopted
 }
 
 /// Child processes this agent started and must reap; adopted VMMs (started

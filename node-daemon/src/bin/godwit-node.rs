@@ -15,8 +15,9 @@ Example (what the DaemonSet runs):
 
 The agent renews the Lease godwit-node-<node> in --lease-namespace, publishes
 the node's VM capacity as annotations on its Node, runs one godwit-vmm process
-per VM labelled godwit.dev/node=<node> (they keep running when the agent
-restarts, and it finds them again), drives migrations labelled
+per VM labelled godwit.dev/node=<node>, each in its own cgroup
+<cgroup-root>/<cgroup-parent>/<namespace>_<name> with the VM's limits (they
+keep running when the agent restarts, and it finds them again), drives migrations labelled
 godwit.dev/source-node or godwit.dev/target-node, and reports status and
 Events. When it cannot renew its Lease for the lease duration it stops every
 VM on the node (self-fencing).";
@@ -80,6 +81,22 @@ struct Args {
     /// descriptors; `root` runs VMMs as root with CAP_NET_ADMIN alone.
     #[arg(long, default_value = "2000000000", value_parser = parse_vmm_users)]
     vmm_users: VmmUsersArg,
+    /// Where the host's cgroup hierarchy is mounted (in the DaemonSet: the
+    /// host's /sys/fs/cgroup). cgroup v2 is used when it has the memory, cpu
+    /// and pids controllers, else v1 (<root>/memory, <root>/cpu, <root>/pids).
+    #[arg(long, default_value = agent::cgroup::DEFAULT_ROOT)]
+    cgroup_root: PathBuf,
+    /// The cgroup, below the root, that holds each VMM's own cgroup
+    /// <namespace>_<name> (made when missing).
+    #[arg(long, default_value = agent::cgroup::DEFAULT_PARENT)]
+    cgroup_parent: String,
+    /// Memory a VMM may use beyond its guest's memory, in MiB: its cgroup's
+    /// memory limit is the guest's memory plus this (the OOM killer kills a
+    /// VMM that goes over; the VM reports OOMKilled). Tests that want an OOM
+    /// kill give a negative value (=-N): the limit is then below the guest's
+    /// memory. Never do that on a real node.
+    #[arg(long, default_value_t = agent::cgroup::DEFAULT_OVERHEAD_MIB, allow_negative_numbers = true)]
+    vmm_memory_overhead_mib: i64,
 }
 
 /// How log lines are written.
@@ -203,6 +220,9 @@ async fn main() {
         migration_ports: args.migration_ports,
         migration_ca_dir: args.migration_ca_dir,
         vmm_users: args.vmm_users.0,
+        cgroup_root: args.cgroup_root,
+        cgroup_parent: args.cgroup_parent,
+        vmm_memory_overhead_bytes: args.vmm_memory_overhead_mib.saturating_mul(1 << 20),
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
