@@ -76,10 +76,13 @@ JSON PEM text on a pipe; migrate-send's \"tls\" renews it).
 Exit: status 0 when the guest powers off (S5 in the ACPI sleep control
 register, or 0 written to the debug-exit port 0xF4; a non-zero byte N there
 exits with N), on `stop`, at the end of a shutdown's grace period, and on
-SIGTERM; 100 when the guest resets (ACPI reset register, i8042 0xFE to port
+SIGTERM (in any state: a forced stop like pulling the plug, vCPUs stopped and
+every disk flushed; a graceful stop is the control socket's `shutdown`); 100
+when the guest resets (ACPI reset register, i8042 0xFE to port
 0x64, triple fault): restart it if its run strategy says so; 1 when KVM cannot
 run the guest (e.g. KVM_EXIT_INTERNAL_ERROR); 2 on bad input; 3 when an
-incoming migration fails (malformed stream, refused peer, source gone: the
+incoming migration fails (malformed stream, refused peer, source gone, no
+source within --incoming-timeout-s, SIGTERM before the guest runs here: the
 guest keeps running on the source); 124 when --timeout-s expired (forced
 stop).";
 
@@ -145,6 +148,10 @@ struct Args {
     /// Force the VM to stop after this many seconds.
     #[arg(long)]
     timeout_s: Option<u64>,
+    /// With --incoming: give up (exit 3) when no source has connected within
+    /// this many seconds; 0 waits forever.
+    #[arg(long, default_value_t = 60)]
+    incoming_timeout_s: u64,
     /// ACPI platform (tables, power button, S5, reset); `off` puts the
     /// devices on the kernel command line instead. Ignored with --restore
     /// and --incoming (the VM keeps its setting).
@@ -410,6 +417,22 @@ fn receive_and_run(
         disks: args.disk.iter().map(|d| Some(d.path.clone())).collect(),
         start_paused: args.paused,
     };
+    wait_for_source(&listener, args.incoming_timeout_s);
+    // From the connection on, a SIGTERM ends the receive at once: nothing
+    // runs here yet, the guest keeps running on the source.
+    let receiving = Arc::new(AtomicBool::new(true));
+    let watch = receiving.clone();
+    let _ = std::thread::Builder::new()
+        .name("term-watch".into())
+        .spawn(move || {
+            while watch.load(Ordering::Relaxed) {
+                if TERM.load(Ordering::Relaxed) {
+                    eprintln!("godwit-vmm: SIGTERM during the incoming migration; giving up");
+                    std::process::exit(3);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
     let progress = ProgressHandle::default();
     let incoming = migrate::receive_incoming(
         &listener,
@@ -426,10 +449,55 @@ fn receive_and_run(
         );
         std::process::exit(3);
     });
+    receiving.store(false, Ordering::Relaxed);
     drop(listener);
     eprintln!("godwit-vmm: migration received; the guest runs here");
     let migrate::IncomingVm { vmm, exits, .. } = incoming;
     run(Arc::new(vmm), exits, identity, &runtime, args);
+}
+
+/// Waits until a source connects to `listener` (the connection stays queued
+/// for the receive to accept). Exits 3 on SIGTERM or when `timeout_s` (0:
+/// none) passes first: an incoming VMM whose source never comes must not stay
+/// behind holding its tap.
+fn wait_for_source(listener: &std::net::TcpListener, timeout_s: u64) {
+    use std::os::fd::AsRawFd;
+    let deadline = (timeout_s > 0).then(|| Instant::now() + Duration::from_secs(timeout_s));
+    loop {
+        if TERM.load(Ordering::Relaxed) {
+            eprintln!("godwit-vmm: SIGTERM while waiting for the migration source; exiting");
+            std::process::exit(3);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            eprintln!(
+                "godwit-vmm: error: incoming migration failed: no source connected within \
+                 {timeout_s}s (--incoming-timeout-s)"
+            );
+            std::process::exit(3);
+        }
+        let mut pfd = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; a 50 ms timeout bounds the SIGTERM check.
+        let n = unsafe { libc::poll(&mut pfd, 1, 50) };
+        if n > 0 && pfd.revents & libc::POLLIN != 0 {
+            return;
+        }
+    }
+}
+
+/// Flushes every disk to stable storage (after a SIGTERM stop): the writes
+/// the guest completed are on disk when the process ends.
+fn flush_disks(vmm: &Vmm) {
+    for i in 0..vmm.disk_count() {
+        match vmm.with_disk(i, |b| b.disk().flush()) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("godwit-vmm: warning: cannot flush disk {i}: {e}"),
+            Err(e) => eprintln!("godwit-vmm: warning: cannot flush disk {i}: {e}"),
+        }
+    }
 }
 
 /// Serves the control socket and waits for the VM to end; exits the process.
@@ -451,6 +519,7 @@ fn run(
     let deadline = args
         .timeout_s
         .map(|s| Instant::now() + Duration::from_secs(s));
+    let mut term = false;
     let code = loop {
         match exits.recv_timeout(Duration::from_millis(50)) {
             Ok(VmExit::Guest(GuestExit::Poweroff(c))) => {
@@ -480,6 +549,8 @@ fn run(
             Err(_) => {}
         }
         if TERM.load(Ordering::Relaxed) {
+            eprintln!("godwit-vmm: SIGTERM; stopping the VM (forced, disks flushed)");
+            term = true;
             break 0;
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -488,6 +559,9 @@ fn run(
         }
     };
     vmm.stop();
+    if term {
+        flush_disks(&vmm);
+    }
     for p in [&runtime.api_sock, &runtime.console_sock]
         .into_iter()
         .flatten()
