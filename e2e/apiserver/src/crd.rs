@@ -216,6 +216,20 @@ pub fn builtin_resources() -> Vec<ResourceDef> {
             .short(&["ds"])
             .with_status()
             .columns(vec![age()]),
+        ResourceDef::builtin(
+            "policy",
+            "v1",
+            "PodDisruptionBudget",
+            "poddisruptionbudgets",
+            true,
+        )
+        .short(&["pdb"])
+        .with_status()
+        .columns(vec![
+            PrinterColumn::new("Min Available", "string", ".spec.minAvailable"),
+            PrinterColumn::new("Max Unavailable", "string", ".spec.maxUnavailable"),
+            age(),
+        ]),
         ResourceDef::builtin("rbac.authorization.k8s.io", "v1", "Role", "roles", true)
             .columns(vec![age()]),
         ResourceDef::builtin(
