@@ -32,7 +32,17 @@ pub async fn reconcile(agent: &Agent, vm: &VirtualMachine) -> anyhow::Result<()>
     let ns = vm.namespace().unwrap_or_default();
     let name = vm.name_any();
     let dir = agent.dir(&ns, &name);
-    let local = dir.state();
+    let mut local = dir.state();
+    // The VMM may have ended since this pass's cgroup sweep: its OOM kills
+    // are read here too, so that the exit is reported as what it was.
+    if local.exit.is_some() && !local.oom_killed {
+        if let Some(cg) = &agent.runner.cgroups {
+            if cg.exists(&ns, &name) && cg.oom_kills(&ns, &name) > 0 {
+                let _ = std::fs::write(dir.file(vmm_process::OOM_MARKER), "");
+                local.oom_killed = true;
+            }
+        }
+    }
     let machine: Option<Machine> = vm
         .annotations()
         .get(contract::RESOLVED_ANNOTATION)

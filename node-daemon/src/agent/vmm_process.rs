@@ -213,11 +213,20 @@ impl Runner {
         // ([`super::cgroup`]) never removes it in between.
         let _cgroup_lock = self.cgroups.as_ref().map(Cgroups::lock);
         let joiner = match &self.cgroups {
-            Some(cg) => Some(cg.prepare(
-                &dir.namespace,
-                &dir.name,
-                &Limits::of(machine, cg.overhead_bytes),
-            )?),
+            Some(cg) => Some({
+                // A VMM that ended left its cgroup (and its OOM count):
+                // the new one starts in a fresh cgroup.
+                if cg.exists(&dir.namespace, &dir.name)
+                    && cg.procs(&dir.namespace, &dir.name).is_empty()
+                {
+                    cg.remove(&dir.namespace, &dir.name);
+                }
+                cg.prepare(
+                    &dir.namespace,
+                    &dir.name,
+                    &Limits::of(machine, cg.overhead_bytes),
+                )?
+            }),
             None => None,
         };
         // SAFETY: write, fcntl, setsid, prctl, the raw set*id calls and what
