@@ -15,7 +15,14 @@
 //!   parent). Otherwise cgroup v1, with the `memory`, `cpu` and `pids`
 //!   hierarchies mounted at `<root>/memory`, `<root>/cpu`, `<root>/pids`
 //!   (a hybrid host with an empty v2 at `<root>/unified` is such a host):
-//!   the VM gets one cgroup per controller, same name.
+//!   the VM gets one cgroup per controller, same name, and one in every
+//!   other hierarchy mounted under the root too (`devices`, `freezer`,
+//!   `cpuacct`, `cpuset`, `blkio`, `systemd`, `unified`, ...), with no
+//!   limits there. A container runtime stopping the agent's container kills
+//!   whatever is left in the container's cgroups, and on v1 runc finds those
+//!   processes through the `devices` and `freezer` hierarchies: a VMM that
+//!   moved only into memory, cpu and pids dies with the container (checked
+//!   with Podman and runc here, `e2e/tests/agent_container.rs`).
 //! - **Joining.** The `cgroup.procs` files are opened before the fork; the
 //!   child writes `0` ("me") into each between fork and exec
 //!   ([`Joiner::join_for_exec`], a plain `write` on an open descriptor,
@@ -94,7 +101,7 @@ pub enum CgroupError {
 pub enum Hierarchy {
     /// The unified hierarchy, at this root.
     V2(PathBuf),
-    /// One hierarchy per controller: memory, cpu, pids.
+    /// One hierarchy per controller: memory, cpu, pids, and the others.
     V1 {
         /// The memory controller's mount.
         memory: PathBuf,
@@ -102,6 +109,10 @@ pub enum Hierarchy {
         cpu: PathBuf,
         /// The pids controller's mount.
         pids: PathBuf,
+        /// Every other hierarchy mounted under the root (each once, however
+        /// many names point at it), which the VMM joins without limits so
+        /// that it leaves the agent container's cgroups entirely.
+        others: Vec<PathBuf>,
     },
 }
 
@@ -119,7 +130,15 @@ impl Hierarchy {
             p.join("cgroup.procs").exists().then_some(p)
         };
         match (v1("memory"), v1("cpu"), v1("pids")) {
-            (Some(memory), Some(cpu), Some(pids)) => Ok(Hierarchy::V1 { memory, cpu, pids }),
+            (Some(memory), Some(cpu), Some(pids)) => {
+                let others = other_v1_mounts(root, &[&memory, &cpu, &pids]);
+                Ok(Hierarchy::V1 {
+                    memory,
+                    cpu,
+                    pids,
+                    others,
+                })
+            }
             _ => Err(CgroupError::NoHierarchy(root.to_path_buf())),
         }
     }
@@ -136,9 +155,66 @@ impl Hierarchy {
     fn mounts(&self) -> Vec<&Path> {
         match self {
             Hierarchy::V2(root) => vec![root],
-            Hierarchy::V1 { memory, cpu, pids } => vec![memory, cpu, pids],
+            Hierarchy::V1 {
+                memory,
+                cpu,
+                pids,
+                others,
+            } => [memory, cpu, pids]
+                .into_iter()
+                .chain(others)
+                .map(PathBuf::as_path)
+                .collect(),
         }
     }
+}
+
+/// The v1 hierarchies under `root` other than `taken`: each directory with
+/// a `cgroup.procs`, once per mount (`cpu,cpuacct` and its `cpuacct` link
+/// are one), in name order.
+fn other_v1_mounts(root: &Path, taken: &[&PathBuf]) -> Vec<PathBuf> {
+    let canonical = |p: &Path| fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut seen: Vec<PathBuf> = taken.iter().map(|p| canonical(p)).collect();
+    let mut names: Vec<PathBuf> = fs::read_dir(root)
+        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    names.sort();
+    let mut others = Vec::new();
+    for path in names {
+        if !path.join("cgroup.procs").exists() {
+            continue;
+        }
+        let real = canonical(&path);
+        if seen.contains(&real) {
+            continue;
+        }
+        seen.push(real);
+        others.push(path);
+    }
+    others
+}
+
+/// Makes cgroup directory `dir`; in a v1 `cpuset` hierarchy it copies the
+/// parent's CPUs and memory nodes into it, without which no task may join.
+fn create_cgroup(dir: &Path) -> Result<(), CgroupError> {
+    fs::create_dir(dir).map_err(io("Cannot create", dir))?;
+    for file in ["cpuset.cpus", "cpuset.mems"] {
+        let own = dir.join(file);
+        if !own.exists()
+            || !fs::read_to_string(&own)
+                .unwrap_or_default()
+                .trim()
+                .is_empty()
+        {
+            continue;
+        }
+        if let Some(parent) = dir.parent() {
+            let from = parent.join(file);
+            let value = fs::read_to_string(&from).map_err(io("Cannot read", &from))?;
+            write(&own, value.trim())?;
+        }
+    }
+    Ok(())
 }
 
 /// The limits of a VM's cgroup.
@@ -260,7 +336,7 @@ impl Cgroups {
                 }
                 at.push(part);
                 if !at.is_dir() {
-                    fs::create_dir(&at).map_err(io("Cannot create", &at))?;
+                    create_cgroup(&at)?;
                 }
             }
             if self.hierarchy.version() == 2 {
@@ -310,7 +386,7 @@ impl Cgroups {
         let dirs = self.dirs(namespace, name);
         for dir in &dirs {
             if !dir.is_dir() {
-                fs::create_dir(dir).map_err(io("Cannot create", dir))?;
+                create_cgroup(dir)?;
             }
         }
         match &self.hierarchy {
@@ -711,10 +787,19 @@ mod tests {
     #[test]
     fn v1_writes_one_cgroup_per_controller() {
         let root = tmp("v1");
-        for c in ["memory", "cpu", "pids"] {
+        for c in ["memory", "cpu", "pids", "devices"] {
             fs::create_dir_all(root.join(c).join("godwit.slice/default_demo")).unwrap();
             fs::write(root.join(c).join("cgroup.procs"), "").unwrap();
         }
+        fs::write(
+            root.join("devices/godwit.slice/default_demo/cgroup.procs"),
+            "",
+        )
+        .unwrap();
+        // A second name for the cpu hierarchy is not a hierarchy of its own;
+        // a directory without cgroup.procs is none at all.
+        std::os::unix::fs::symlink(root.join("cpu"), root.join("cpuacct")).unwrap();
+        fs::create_dir_all(root.join("not-a-hierarchy")).unwrap();
         let vm = |c: &str| root.join(c).join("godwit.slice/default_demo");
         for (c, files) in [
             (
@@ -738,9 +823,14 @@ mod tests {
         }
         let cg = Cgroups::new(&root, DEFAULT_PARENT, 128 << 20).unwrap();
         assert_eq!(cg.hierarchy().version(), 1);
+        assert!(matches!(
+            cg.hierarchy(),
+            Hierarchy::V1 { others, .. } if *others == vec![root.join("devices")]
+        ));
         let limits = Limits::of(&machine(2, 512), cg.overhead_bytes);
         let joiner = cg.prepare("default", "demo", &limits).unwrap();
-        assert_eq!(joiner.files.len(), 3);
+        // memory, cpu, pids, and devices (joined without limits).
+        assert_eq!(joiner.files.len(), 4);
         let read = |c: &str, f: &str| fs::read_to_string(vm(c).join(f)).unwrap();
         let bytes = ((512 + 128) << 20).to_string();
         assert_eq!(read("memory", "memory.limit_in_bytes"), bytes);
