@@ -16,6 +16,9 @@ apt_packages=(
   cloud-init        # cloud-init schema / net-convert: check the seed's user-data and network-config
   e2fsprogs         # mkfs.ext4 -d, blkid: build and check the fromImage test disks
   fdisk             # sfdisk: partition tables (GPT and MBR) for the fromImage test disks
+  podman            # node agents in real containers (e2e/tests/agent_container.rs)
+  runc              # podman's runtime here: crun refuses this host's hybrid cgroups
+  debootstrap       # the local base image of the node image (e2e/podman/node-image.sh)
 )
 
 # kubectl: the machine image may bring a newer one; Debian's is the fallback.

@@ -71,6 +71,9 @@ pub enum ClusterError {
     /// The migration CA could not be made.
     #[error("Cannot make the migration CA")]
     MigrationCa(#[from] CaError),
+    /// A Podman command failed.
+    #[error("`{0}` failed: {1} (Podman and runc come with e2e/install-deps.sh)")]
+    Podman(String, String),
     /// A Godwit binary could not be started.
     #[error("Cannot start {0} (build it with `cargo build --release -p godwit-node -p godwit-operator`)")]
     Start(String, #[source] std::io::Error),
@@ -110,6 +113,11 @@ pub struct LocalCluster {
     /// Extra agent flags for [`LocalCluster::start_agent`]
     /// (`--vmm-memory-overhead-mib=-128`).
     pub agent_args: Vec<String>,
+    /// When set, every node's agent runs in a Podman container of this image
+    /// (built from the Dockerfile by `e2e/podman/node-image.sh`) with the
+    /// chart's settings, instead of as a host process: see
+    /// [`LocalCluster::start_agent`]. Set before [`LocalCluster::start_godwit`].
+    pub agent_image: Option<String>,
     /// This cluster's own cgroup parent (`godwit-e2e-<pid>-<n>.slice`); node
     /// `i`'s VMMs run under `<it>/<node>`. Removed, processes killed, at
     /// teardown.
@@ -169,6 +177,7 @@ impl LocalCluster {
             operator_kubeconfig,
             operator_args: Vec::new(),
             agent_args: Vec::new(),
+            agent_image: None,
             cgroup_parent: {
                 static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
                 format!(
@@ -347,49 +356,32 @@ impl LocalCluster {
         self.dir.join("migration-ca")
     }
 
-    /// Starts the agent of node `i` (again).
+    /// Starts the agent of node `i` (again): a host process in the node's
+    /// network namespace, or, with [`LocalCluster::agent_image`], a Podman
+    /// container ([`LocalCluster::start_agent_container`]).
     pub fn start_agent(&mut self, i: usize) -> Result<(), ClusterError> {
+        if self.agent_image.is_some() {
+            return self.start_agent_container(i);
+        }
         let node = &self.fabric.nodes[i];
         let agent = godwit_binary("godwit-node");
-        let state = self.node_state_dir(i);
-        let argv: Vec<std::ffi::OsString> = [
+        let mut argv: Vec<std::ffi::OsString> = vec![
             "netns".into(),
             "exec".into(),
             node.ns.name().into(),
-            agent.clone().into_os_string(),
-            "--kubeconfig".into(),
-            self.node_kubeconfig.clone().into_os_string(),
-            "--node".into(),
-            node.name.clone().into(),
-            "--node-ip".into(),
-            node.ip.clone().into(),
-            "--state-dir".into(),
-            state.into_os_string(),
-            "--shared-dir".into(),
-            self.shared_dir().into_os_string(),
-            "--vmm".into(),
-            godwit_binary("godwit-vmm").into_os_string(),
-            "--cpu".into(),
-            self.cpu.to_string().into(),
-            "--memory-mib".into(),
-            self.memory_mib.to_string().into(),
-            "--migration-ca-dir".into(),
-            self.migration_ca_dir().into_os_string(),
-            "--cgroup-parent".into(),
-            self.node_cgroup_parent(i).into(),
+            agent.into_os_string(),
+        ];
+        argv.extend(self.agent_flags(
+            i,
+            godwit_binary("godwit-vmm"),
             // `ip netns exec` mounts a fresh sysfs without the host's cgroup
             // mounts; the agent reaches them through this process's root.
-            "--cgroup-root".into(),
             format!(
                 "/proc/{}/root{}",
                 std::process::id(),
                 godwit_node::agent::cgroup::DEFAULT_ROOT
-            )
-            .into(),
-        ]
-        .into();
-        let mut argv = argv;
-        argv.extend(self.agent_args.iter().map(Into::into));
+            ),
+        ));
         let log = self.log_dir().join(format!("agent-{}.log", node.name));
         let child = spawn_agent(&argv, &log)?;
         let mut agents = self.agents.lock().expect("agents lock");
@@ -401,6 +393,116 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// The agent's flags for node `i`, with its VMM binary and cgroup root.
+    fn agent_flags(&self, i: usize, vmm: PathBuf, cgroup_root: String) -> Vec<std::ffi::OsString> {
+        let node = &self.fabric.nodes[i];
+        let mut argv: Vec<std::ffi::OsString> = vec![
+            "--kubeconfig".into(),
+            self.node_kubeconfig.clone().into_os_string(),
+            "--node".into(),
+            node.name.clone().into(),
+            "--node-ip".into(),
+            node.ip.clone().into(),
+            "--state-dir".into(),
+            self.node_state_dir(i).into_os_string(),
+            "--shared-dir".into(),
+            self.shared_dir().into_os_string(),
+            "--vmm".into(),
+            vmm.into_os_string(),
+            "--cpu".into(),
+            self.cpu.to_string().into(),
+            "--memory-mib".into(),
+            self.memory_mib.to_string().into(),
+            "--migration-ca-dir".into(),
+            self.migration_ca_dir().into_os_string(),
+            "--cgroup-parent".into(),
+            self.node_cgroup_parent(i).into(),
+            "--cgroup-root".into(),
+            cgroup_root.into(),
+        ];
+        argv.extend(self.agent_args.iter().map(Into::into));
+        argv
+    }
+
+    /// The Podman container of node `i`'s agent (unique to this cluster).
+    pub fn agent_container(&self, i: usize) -> String {
+        format!(
+            "{}-{}",
+            self.cgroup_parent.trim_end_matches(".slice"),
+            self.fabric.nodes[i].name
+        )
+    }
+
+    /// Starts node `i`'s agent in its Podman container, made on the first
+    /// start and started again after (`podman start`, as a rollout does),
+    /// with what the chart's DaemonSet gives it: privileged, the host's PID
+    /// namespace, the host's cgroup hierarchy at `/sys/fs/cgroup`, the node's
+    /// network namespace, root, and its directories (the cluster's, mounted
+    /// at the same path: state, shared disks, kubeconfig, migration CA,
+    /// images). `/dev/kvm`, `/dev/net/tun` and `/dev/userfaultfd` come with
+    /// `--privileged`. The VMM is the image's (`/usr/local/bin/godwit-vmm`).
+    /// No supervisor restarts it: a test starts it again.
+    pub fn start_agent_container(&mut self, i: usize) -> Result<(), ClusterError> {
+        let image = self.agent_image.clone().expect("an agent image");
+        let name = self.agent_container(i);
+        let log = self
+            .log_dir()
+            .join(format!("agent-{}.log", self.fabric.nodes[i].name));
+        let exists = podman(&["container", "exists", &name]).is_ok();
+        if exists {
+            return podman(&["start", &name]).map(drop);
+        }
+        let mut args: Vec<std::ffi::OsString> = [
+            "run",
+            "--detach",
+            "--name",
+            &name,
+            "--privileged",
+            "--pid=host",
+            "--user=0:0",
+            "--ulimit=nofile=1024:1024",
+            "--ulimit=nproc=1024:1024",
+            "--volume=/sys/fs/cgroup:/sys/fs/cgroup",
+            "--env=RUST_LOG=info,kube=warn",
+        ]
+        .iter()
+        .map(Into::into)
+        .collect();
+        args.push(
+            format!(
+                "--network=ns:/var/run/netns/{}",
+                self.fabric.nodes[i].ns.name()
+            )
+            .into(),
+        );
+        args.push(format!("--volume={0}:{0}", self.dir.display()).into());
+        args.push(image.into());
+        // The agent's output appended to the node's log, as a host agent's.
+        args.extend(
+            [
+                "sh",
+                "-c",
+                "log=$1; shift; exec \"$@\" >>\"$log\" 2>&1",
+                "sh",
+            ]
+            .map(Into::into),
+        );
+        args.push(log.into_os_string());
+        args.push("godwit-node".into());
+        args.extend(self.agent_flags(
+            i,
+            PathBuf::from("/usr/local/bin/godwit-vmm"),
+            godwit_node::agent::cgroup::DEFAULT_ROOT.into(),
+        ));
+        podman(&args).map(drop)
+    }
+
+    /// Stops node `i`'s agent container as a rollout does (`podman stop`:
+    /// SIGTERM, then SIGKILL to what is left in the container's cgroups).
+    pub fn stop_agent_container(&mut self, i: usize) -> Result<(), ClusterError> {
+        podman(&["stop", "--time", "10", &self.agent_container(i)]).map(drop)
+    }
+
     /// Node `i`'s cgroup parent (below the host's cgroup root).
     pub fn node_cgroup_parent(&self, i: usize) -> String {
         format!("{}/{}", self.cgroup_parent, self.fabric.nodes[i].name)
@@ -408,6 +510,10 @@ impl LocalCluster {
 
     /// Kills node `i`'s agent at once (its VMs keep running, as on a real node).
     pub fn kill_agent(&mut self, i: usize) {
+        if self.agent_image.is_some() {
+            let _ = podman(&["kill", &self.agent_container(i)]);
+            return;
+        }
         let child = self
             .agents
             .lock()
@@ -463,6 +569,11 @@ impl LocalCluster {
         for i in 0..n {
             self.kill_agent(i);
         }
+        if self.agent_image.is_some() {
+            for i in 0..self.fabric.nodes.len() {
+                let _ = podman(&["rm", "--force", "--time", "0", &self.agent_container(i)]);
+            }
+        }
         kill_vmms(&self.dir.join("nodes"));
         godwit_node::agent::cgroup::remove_tree(
             Path::new(godwit_node::agent::cgroup::DEFAULT_ROOT),
@@ -502,6 +613,31 @@ impl Drop for LocalCluster {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Runs `podman --runtime runc ARGS` and returns its output, or an error
+/// with what it printed. runc: crun refuses this host's hybrid cgroups.
+pub fn podman<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<String, ClusterError> {
+    let what = format!(
+        "podman {}",
+        args.iter()
+            .map(|a| a.as_ref().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let out = Command::new("podman")
+        .args(["--runtime", "runc"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| ClusterError::Podman(what.clone(), e.to_string()))?;
+    if !out.status.success() {
+        return Err(ClusterError::Podman(
+            what,
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn spawn_agent(argv: &[std::ffi::OsString], log: &Path) -> Result<Child, ClusterError> {

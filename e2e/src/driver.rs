@@ -24,6 +24,25 @@ pub const EXAMPLE_TEMPLATE: &str = include_str!("../../examples/template.yaml");
 pub const EXAMPLE_VM: &str = include_str!("../../examples/vm.yaml");
 /// See [`EXAMPLE_TEMPLATE`].
 pub const EXAMPLE_MIGRATION: &str = include_str!("../../examples/migration.yaml");
+/// Builds Godwit's image with Podman from the repo's Dockerfile and the
+/// release binaries (`e2e/podman/node-image.sh`); returns its tag.
+pub fn node_image() -> anyhow::Result<String> {
+    let script = crate::helm::repo_root().join("e2e/podman/node-image.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {}", script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 /// Where the examples expect the kernel and images on a node.
 pub const EXAMPLE_ROOT: &str = "/var/lib/godwit";
 /// The example VM's address and heartbeat port.
@@ -53,12 +72,30 @@ impl ClusterDriver {
         ClusterDriver::up_with_agents(nodes, dir, operator_args, &[])
     }
 
+    /// [`ClusterDriver::up`] with every node's agent in a Podman container
+    /// of Godwit's image, built from the Dockerfile with the release binaries
+    /// ([`node_image`]).
+    pub fn up_in_containers(nodes: usize, dir: &Path) -> anyhow::Result<ClusterDriver> {
+        let image = node_image()?;
+        ClusterDriver::up_opts(nodes, dir, &[], &[], Some(image))
+    }
+
     /// [`ClusterDriver::up_with`] with extra agent flags too.
     pub fn up_with_agents(
         nodes: usize,
         dir: &Path,
         operator_args: &[&str],
         agent_args: &[&str],
+    ) -> anyhow::Result<ClusterDriver> {
+        ClusterDriver::up_opts(nodes, dir, operator_args, agent_args, None)
+    }
+
+    fn up_opts(
+        nodes: usize,
+        dir: &Path,
+        operator_args: &[&str],
+        agent_args: &[&str],
+        agent_image: Option<String>,
     ) -> anyhow::Result<ClusterDriver> {
         if !Path::new("/dev/kvm").exists() {
             bail!("/dev/kvm does not exist: Godwit boots real VMs under KVM");
@@ -72,6 +109,7 @@ impl ClusterDriver {
         std::fs::File::create(root.join("images/testguest-root.raw"))?.set_len(64 << 20)?;
         cluster.operator_args = operator_args.iter().map(|a| a.to_string()).collect();
         cluster.agent_args = agent_args.iter().map(|a| a.to_string()).collect();
+        cluster.agent_image = agent_image;
         cluster.start_godwit()?;
         Ok(ClusterDriver { cluster, root })
     }

@@ -340,7 +340,8 @@ fn kind_script_parses_and_its_values_render() {
     assert_eq!(workers, 2, "a migration needs two VM hosts");
 }
 
-/// The image cannot be built here (no container engine): check that the
+/// The image is built here only from prebuilt binaries (e2e/podman/node-image.sh,
+/// e2e/tests/agent_container.rs); check that the
 /// Dockerfile builds exactly what the test suite builds and tests, ships the
 /// three binaries, and runs as the non-root user the chart's operator expects.
 #[test]
