@@ -16,6 +16,8 @@ apt_packages=(
   cloud-init        # cloud-init schema / net-convert: check the seed's user-data and network-config
   e2fsprogs         # mkfs.ext4 -d, blkid: build and check the fromImage test disks
   fdisk             # sfdisk: partition tables (GPT and MBR) for the fromImage test disks
+  iptables          # node namespaces run with FORWARD DROP; the agent adds its rules (nft backend)
+  procps            # sysctl: br_netfilter on in each node namespace
 )
 
 # kubectl: the machine image may bring a newer one; Debian's is the fallback.
