@@ -223,13 +223,22 @@ pub async fn run(
 async fn pass(agent: &Agent) -> bool {
     agent.children.lock().unwrap().reap();
     if let Some(cgroups) = agent.runner.cgroups.clone() {
-        let dirs = VmDir::scan(&agent.cfg.state_dir, &agent.cfg.shared_dir);
-        let adopted =
-            tokio::task::spawn_blocking(move || vmm_process::settle_cgroups(&cgroups, &dirs))
-                .await
-                .unwrap_or_default();
+        let (state, shared) = (agent.cfg.state_dir.clone(), agent.cfg.shared_dir.clone());
+        let dirs = VmDir::scan(&state, &shared);
+        let (adopted, orphans) = tokio::task::spawn_blocking(move || {
+            let adopted = vmm_process::settle_cgroups(&cgroups, &dirs);
+            (
+                adopted,
+                vmm_process::kill_orphans(&cgroups, &state, &shared),
+            )
+        })
+        .await
+        .unwrap_or_default();
         for dir in adopted {
             tracing::info!(vm = %key(&dir.namespace, &dir.name), "VMM found by its cgroup (its pid file was missing); adopted");
+        }
+        for cgroup in orphans {
+            tracing::warn!(%cgroup, "killed a VMM whose VM directory is gone (it held the VM's taps)");
         }
     }
     let vms = agent.vms.state();
