@@ -20,9 +20,7 @@ use godwit_e2e::driver::{ClusterDriver, EXAMPLE_TEMPLATE, EXAMPLE_VM};
 use godwit_node::agent::cgroup::{self, Cgroups};
 use godwit_node::agent::vm_dir::tap_name;
 
-const BLOCK: &[&str] = &[
-    "INPUT", "-p", "tcp", "--dport", "47000:47999", "-j", "DROP",
-];
+const BLOCK: &[&str] = &["INPUT", "-p", "tcp", "--dport", "47000:47999", "-j", "DROP"];
 
 fn migration(name: &str) -> String {
     format!(
@@ -39,7 +37,11 @@ fn processes_naming(dir: &Path) -> Vec<i32> {
                 .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
                 .filter(|pid| {
                     std::fs::read(format!("/proc/{pid}/cmdline"))
-                        .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(&needle))
+                        .map(|c| {
+                            String::from_utf8_lossy(&c)
+                                .replace('\0', " ")
+                                .contains(&needle)
+                        })
                         .unwrap_or(false)
                 })
                 .collect()
@@ -79,15 +81,19 @@ fn leftovers(g: &ClusterDriver, k: usize) -> Vec<String> {
 }
 
 fn wait_final(g: &ClusterDriver, name: &str) -> serde_json::Value {
-    g.wait(&format!("migration {name} to end"), Duration::from_secs(120), || {
-        let m = g.get("vmmig", name)?;
-        Ok(m.filter(|m| {
-            matches!(
-                m["status"]["phase"].as_str(),
-                Some("Succeeded" | "Failed" | "Cancelled")
-            )
-        }))
-    })
+    g.wait(
+        &format!("migration {name} to end"),
+        Duration::from_secs(120),
+        || {
+            let m = g.get("vmmig", name)?;
+            Ok(m.filter(|m| {
+                matches!(
+                    m["status"]["phase"].as_str(),
+                    Some("Succeeded" | "Failed" | "Cancelled")
+                )
+            }))
+        },
+    )
     .expect("migration ends")
 }
 
@@ -112,13 +118,16 @@ fn a_migration_whose_target_is_never_reached_leaves_nothing_and_a_retry_succeeds
     for node in &g.cluster.fabric.nodes {
         let mut add = vec!["-w", "-I"];
         add.extend(BLOCK);
-        node.ns.exec("iptables", &add).expect("block migration ports");
+        node.ns
+            .exec("iptables", &add)
+            .expect("block migration ports");
     }
     g.apply(&migration("unreachable")).expect("apply migration");
     // The target prepared: its incoming VMM listened (an address was published).
     g.wait("the target's address", Duration::from_secs(60), || {
         let m = g.get("vmmig", "unreachable")?;
-        Ok(m.filter(|m| m["status"]["targetAddress"].is_string()).map(|_| ()))
+        Ok(m.filter(|m| m["status"]["targetAddress"].is_string())
+            .map(|_| ()))
     })
     .expect("target prepared");
     let m = wait_final(&g, "unreachable");
