@@ -246,14 +246,14 @@ pub fn run(dir: &std::path::Path, cells: &[(Fault, Phase)]) -> anyhow::Result<Ve
         });
         if let Err(e) = cleaned {
             let last = reports.last_mut().expect("just pushed");
-            last.outcome = Err(format!("cleaning up after the cell: {e:#}"));
+            let why = format!("cleaning up after the cell: {e:#}");
             if let Err(e) = force_clean(&mut g) {
                 last.outcome = Err(format!(
-                    "{}; the node could not be cleaned, the matrix stops: {e:#}",
-                    last.outcome.as_ref().err().expect("set above")
+                    "{why}; the node could not be cleaned, the matrix stops: {e:#}"
                 ));
                 break;
             }
+            last.outcome = Err(why);
         }
     }
     Ok(reports)
