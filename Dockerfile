@@ -38,9 +38,10 @@ FROM ${BINARIES} AS binaries
 
 FROM ${BASE_IMAGE}
 # ca-certificates: template images fetched over https; iproute2 and procps:
-# looking at a node's taps, bridges and VMM processes from `kubectl exec`.
+# looking at a node's taps, bridges and VMM processes from `kubectl exec`;
+# iptables: the agent's FORWARD rules for VM taps on br_netfilter nodes.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates iproute2 procps \
+ && apt-get install -y --no-install-recommends ca-certificates iproute2 procps iptables \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=binaries /out/ /usr/local/bin/
 # 65532: the conventional "nonroot" user; the chart sets the same.

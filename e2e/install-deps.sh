@@ -19,6 +19,8 @@ apt_packages=(
   podman            # node agents in real containers (e2e/tests/agent_container.rs)
   runc              # podman's runtime here: crun refuses this host's hybrid cgroups
   debootstrap       # the local base image of the node image (e2e/podman/node-image.sh)
+  iptables          # node namespaces run with FORWARD DROP; the agent adds its rules (nft backend)
+  procps            # sysctl: br_netfilter on in each node namespace
 )
 
 # kubectl: the machine image may bring a newer one; Debian's is the fallback.

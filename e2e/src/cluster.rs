@@ -4,6 +4,13 @@
 //! for agents inside the node namespaces. [`LocalCluster::down`] (or drop)
 //! removes every namespace, link, thread and file it made.
 //!
+//! Every node namespace runs with the firewall settings of a real Kubernetes
+//! node ([`node_firewall`]): `br_netfilter` on
+//! (`net.bridge.bridge-nf-call-iptables=1`, and `-ip6tables`) and the
+//! iptables FORWARD policy DROP, so VM traffic bridged on `godwit0` gets
+//! through only with the agent's own rules (`godwit_node::agent::firewall`).
+//! Both are per network namespace: the host's are untouched.
+//!
 //! The API server listens on the host's loopback. Processes inside node
 //! namespaces cannot reach the host's loopback, so a forwarder listens on the
 //! fabric's bridge ([`API_IP`]`:`[`API_PORT`]) and relays each connection to the
@@ -74,6 +81,9 @@ pub enum ClusterError {
     /// A Podman command failed.
     #[error("`{0}` failed: {1} (Podman and runc come with e2e/install-deps.sh)")]
     Podman(String, String),
+    /// A tool the node namespaces need is missing.
+    #[error("`{0}` not found: run e2e/install-deps.sh (it installs iptables)")]
+    Missing(String),
     /// A Godwit binary could not be started.
     #[error("Cannot start {0} (build it with `cargo build --release -p godwit-node -p godwit-operator`)")]
     Start(String, #[source] std::io::Error),
@@ -157,6 +167,9 @@ impl LocalCluster {
             ServerConfig::default(),
         )?;
         let fabric = Fabric::new(nodes)?;
+        for node in &fabric.nodes {
+            node_firewall(&node.ns)?;
+        }
         fabric.ns.add_addr("fab", &format!("{API_IP}/24"))?;
         let forwarder = Forwarder::start(&fabric, api.addr())?;
         let kubeconfig = dir.join("kubeconfig");
@@ -527,6 +540,35 @@ impl LocalCluster {
         }
     }
 
+    /// Stops node `i`'s agent as a rollout does (SIGTERM), and waits for it
+    /// (10 s, then SIGKILL). Its VMs keep running.
+    pub fn terminate_agent(&mut self, i: usize) {
+        if self.agent_image.is_some() {
+            let _ = self.stop_agent_container(i);
+            return;
+        }
+        let child = self
+            .agents
+            .lock()
+            .expect("agents lock")
+            .procs
+            .get_mut(i)
+            .and_then(Option::take);
+        if let Some(mut a) = child {
+            // SAFETY: signalling our own child (`ip netns exec` execs the agent).
+            unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = a.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+
     /// Restarts agents that exit by themselves, as a DaemonSet does (an agent
     /// restarts itself after fencing, to rebuild its view from fresh lists).
     fn supervise(&mut self) {
@@ -691,6 +733,24 @@ fn kill_vmms(nodes: &Path) {
     while std::time::Instant::now() < deadline && pids.iter().any(|p| alive(*p)) {
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Gives node namespace `ns` a real Kubernetes node's firewall:
+/// bridged frames pass iptables (`br_netfilter`, per namespace) and the
+/// FORWARD policy is DROP, for IPv4 and IPv6.
+pub fn node_firewall(ns: &godwit_testkit::netns::Netns) -> Result<(), ClusterError> {
+    for tool in ["iptables", "ip6tables"] {
+        let found = ["/usr/sbin", "/sbin", "/usr/bin"]
+            .iter()
+            .any(|d| Path::new(d).join(tool).exists());
+        if !found {
+            return Err(ClusterError::Missing(tool.into()));
+        }
+        let sysctl = format!("net.bridge.bridge-nf-call-{tool}=1");
+        ns.exec("sysctl", &["-q", "-w", &sysctl])?;
+        ns.exec(tool, &["-w", "-P", "FORWARD", "DROP"])?;
+    }
+    Ok(())
 }
 
 /// A Ready Node with Godwit's label, its address and its VM capacity.

@@ -44,6 +44,11 @@
 //! (`node-daemon/tests/migrate.rs`: target abort, commit without answer;
 //! `node-daemon/tests/storage_migrate.rs`: a full target disk).
 //!
+//! Between cells the harness deletes the VM and its migrations and waits
+//! for its VMMs to end; whatever does not go so is removed by force
+//! ([`force_clean`]: processes, taps, cgroups, VM directories, finalizers)
+//! and the cell that left it fails, so one bad cell does not fail the rest.
+//!
 //! The whole matrix is `cargo run --release -p godwit-e2e --bin bench --
 //! faults` (about 6 minutes); the suite runs a quick subset
 //! (`e2e/tests/faults.rs`).
@@ -231,12 +236,24 @@ pub fn run(dir: &std::path::Path, cells: &[(Fault, Phase)]) -> anyhow::Result<Ve
             outcome,
         };
         reports.push(report);
-        // Whatever the cell left, the next one starts clean; a cell that
-        // leaves something that will not go fails, and the matrix stops.
-        if let Err(e) = cleanup(&mut g) {
+        // Whatever the cell left, the next one starts clean: what does not
+        // go by itself is removed by force ([`force_clean`]), and the cell
+        // that left it fails. Only a node that cannot be cleaned stops the
+        // matrix.
+        let cleaned = cleanup(&mut g).and_then(|()| {
+            // A VMM whose directory is gone escapes `cleanup`'s pid files.
+            force_clean(&mut g)
+        });
+        if let Err(e) = cleaned {
             let last = reports.last_mut().expect("just pushed");
-            last.outcome = Err(format!("cleaning up after the cell: {e:#}"));
-            break;
+            let why = format!("cleaning up after the cell: {e:#}");
+            if let Err(e) = force_clean(&mut g) {
+                last.outcome = Err(format!(
+                    "{why}; the node could not be cleaned, the matrix stops: {e:#}"
+                ));
+                break;
+            }
+            last.outcome = Err(why);
         }
     }
     Ok(reports)
@@ -738,6 +755,85 @@ fn cleanup(g: &mut ClusterDriver) -> anyhow::Result<()> {
             .map(|d| vmm_pid(d).filter(|&p| alive(p)))
             .collect();
         format!("left: {vm:?}; migrations: {}; VMMs: {pids:?}", migs.trim())
+    })?;
+    unmount_small_disks(g)
+}
+
+/// Processes whose command line names `dir` (a VM directory).
+fn processes_naming(dir: &std::path::Path) -> Vec<i32> {
+    let needle = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .map(|r| {
+            r.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                        String::from_utf8_lossy(&c)
+                            .replace('\0', " ")
+                            .contains(&needle)
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Removes by force what a cell left that [`cleanup`] could not: every
+/// process of the VM on either node (its cgroup's, and any naming its VM
+/// directory: an orphaned incoming VMM), its taps, its cgroups, its VM
+/// directories, and the VM and its migrations (finalizers dropped). Then
+/// checks that nothing is left and that the agents and operator run.
+pub fn force_clean(g: &mut ClusterDriver) -> anyhow::Result<()> {
+    use godwit_node::agent::cgroup::{self, Cgroups};
+    for k in 0..2 {
+        let dir = g.vm_dir(k, "default", "demo");
+        let cgroups = Cgroups::new(
+            std::path::Path::new(cgroup::DEFAULT_ROOT),
+            &g.cluster.node_cgroup_parent(k),
+            0,
+        )?;
+        let mut pids = cgroups.procs("default", "demo");
+        pids.extend(processes_naming(&dir));
+        pids.extend(vmm_pid(&dir).filter(|&p| alive(p)));
+        for &pid in &pids {
+            // SAFETY: kill(2) on a VMM (or its wrapper) of this test's cluster.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pids.iter().any(|&p| alive(p)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        cgroups.remove("default", "demo");
+        let tap = godwit_node::agent::vm_dir::tap_name("default", "demo", 0);
+        let _ = g.cluster.fabric.nodes[k].ns.ip(&["link", "del", &tap]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let unfinalize = r#"{"metadata":{"finalizers":null}}"#;
+    let names = g
+        .kubectl(&["get", "vmmig", "-o", "name"], None)
+        .unwrap_or_default();
+    for m in names.lines().filter(|l| !l.is_empty()) {
+        let _ = g.kubectl(&["patch", m, "--type=merge", "-p", unfinalize], None);
+        let _ = g.kubectl(&["delete", m, "--wait=false"], None);
+    }
+    if g.get("vm", "demo")?.is_some() {
+        let _ = g.kubectl(
+            &["patch", "vm", "demo", "--type=merge", "-p", unfinalize],
+            None,
+        );
+        let _ = g.kubectl(&["delete", "vm", "demo", "--wait=false"], None);
+    }
+    g.cluster.ensure_running()?;
+    g.wait("nothing left of the cell", Duration::from_secs(30), || {
+        let gone = g.get("vm", "demo")?.is_none()
+            && g.kubectl(&["get", "vmmig", "-o", "name"], None)?
+                .trim()
+                .is_empty();
+        let quiet = (0..2).all(|k| {
+            let dir = g.vm_dir(k, "default", "demo");
+            processes_naming(&dir).is_empty() && !vmm_pid(&dir).is_some_and(alive)
+        });
+        Ok((gone && quiet).then_some(()))
     })?;
     unmount_small_disks(g)
 }

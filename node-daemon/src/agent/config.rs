@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use super::firewall::Backend;
 use super::vmm_user::VmmUsers;
 
 /// How the agent runs.
@@ -38,4 +39,6 @@ pub struct AgentConfig {
     /// What a VMM may use beyond its guest's memory (its cgroup's limit is
     /// the sum; negative only in tests that want an OOM kill).
     pub vmm_memory_overhead_bytes: i64,
+    /// Which iptables adds the node's FORWARD rules ([`super::firewall`]).
+    pub iptables: Backend,
 }

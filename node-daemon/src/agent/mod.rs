@@ -27,6 +27,7 @@
 //! | [`seed`] | a VM's cloud-init NoCloud seed disk |
 //! | [`vmm_process`], [`vmm_user`] | starting and stopping VMM processes, as their own users |
 //! | [`cgroup`] | each VMM's own cgroup: limits, OOM kills, adoption |
+//! | [`firewall`] | the node's FORWARD rules for VM taps (`br_netfilter` nodes) |
 //! | [`certificates`] | the node's migration certificate |
 //! | [`console`], [`metrics`] | the console relay and the metrics endpoint |
 
@@ -39,6 +40,7 @@ pub mod console;
 mod context;
 pub mod decide;
 pub mod disks;
+pub mod firewall;
 pub mod lease;
 pub mod metrics;
 mod migrate;

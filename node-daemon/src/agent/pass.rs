@@ -28,6 +28,7 @@ use super::cgroup::{CgroupError, Cgroups};
 use super::config::AgentConfig;
 use super::context::{key, Agent};
 use super::decide::Role;
+use super::firewall::{Firewall, FirewallError};
 use super::lease::{self, LeaseHealth};
 use super::vm_dir::{self, VmDir};
 use super::vmm_process::{self, node_jail, Children, Runner};
@@ -45,6 +46,9 @@ pub enum AgentError {
     /// The VMs' cgroups cannot be made.
     #[error("Cannot set up the VMs' cgroups")]
     Cgroup(#[from] CgroupError),
+    /// The node's FORWARD rules for VM taps cannot be added.
+    #[error("Cannot let VM traffic through the node's firewall")]
+    Firewall(#[from] FirewallError),
 }
 
 /// Runs the agent until it fails or `shutdown` resolves.
@@ -117,6 +121,12 @@ pub async fn run(
         parent = %cgroups.parent_dirs()[0].display(),
         "VMMs run in their own cgroups"
     );
+    let firewall = {
+        let backend = cfg.iptables;
+        tokio::task::spawn_blocking(move || Firewall::install(backend))
+            .await
+            .expect("firewall task")?
+    };
     let lease = Arc::new(LeaseHealth::default());
     let agent = Arc::new(Agent {
         runner: Runner {
@@ -193,6 +203,18 @@ pub async fn run(
     for t in tasks {
         t.abort();
     }
+    // VMs outlive the agent and still need the rules; with none left, the
+    // node gets its firewall back as it was.
+    if firewall.installed() {
+        let dirs = VmDir::scan(&agent.cfg.state_dir, &agent.cfg.shared_dir);
+        let running = dirs.iter().filter(|d| d.state().alive).count();
+        if running == 0 {
+            tracing::info!("no VMM runs here; removing the agent's firewall rules");
+            let _ = tokio::task::spawn_blocking(move || firewall.remove()).await;
+        } else {
+            tracing::info!(running, "VMMs still run here; their firewall rules stay");
+        }
+    }
     Ok(())
 }
 
@@ -201,13 +223,22 @@ pub async fn run(
 async fn pass(agent: &Agent) -> bool {
     agent.children.lock().unwrap().reap();
     if let Some(cgroups) = agent.runner.cgroups.clone() {
-        let dirs = VmDir::scan(&agent.cfg.state_dir, &agent.cfg.shared_dir);
-        let adopted =
-            tokio::task::spawn_blocking(move || vmm_process::settle_cgroups(&cgroups, &dirs))
-                .await
-                .unwrap_or_default();
+        let (state, shared) = (agent.cfg.state_dir.clone(), agent.cfg.shared_dir.clone());
+        let dirs = VmDir::scan(&state, &shared);
+        let (adopted, orphans) = tokio::task::spawn_blocking(move || {
+            let adopted = vmm_process::settle_cgroups(&cgroups, &dirs);
+            (
+                adopted,
+                vmm_process::kill_orphans(&cgroups, &state, &shared),
+            )
+        })
+        .await
+        .unwrap_or_default();
         for dir in adopted {
             tracing::info!(vm = %key(&dir.namespace, &dir.name), "VMM found by its cgroup (its pid file was missing); adopted");
+        }
+        for cgroup in orphans {
+            tracing::warn!(%cgroup, "killed a VMM whose VM directory is gone (it held the VM's taps)");
         }
     }
     let vms = agent.vms.state();

@@ -317,6 +317,17 @@ impl Runner {
     ) -> Result<Child, VmmProcessError> {
         dir.create()?;
         fs::write(dir.file("incoming"), migration).map_err(io("write incoming"))?;
+        // [`wait_listening`] reads only what this VMM logs after this line:
+        // a directory kept from an earlier attempt holds an older address.
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.file("vmm.log"))
+            .and_then(|mut f| {
+                use std::io::Write;
+                writeln!(f, "{INCOMING_MARK}{migration}")
+            })
+            .map_err(io("write vmm.log"))?;
         dir.write_machine(machine)?;
         let mut args = vec!["--incoming".to_string(), addr.to_string()];
         let paths = disks::prepare_target(dir, machine, copy_disks)?;
@@ -600,18 +611,19 @@ pub fn request_shutdown(dir: &VmDir, grace: Duration) -> ShutdownProgress {
     }
 }
 
+/// The line [`Runner::incoming`] writes into `vmm.log` before it starts
+/// the VMM (followed by the migration's name).
+pub const INCOMING_MARK: &str = "godwit-node: incoming VMM for migration ";
+
 /// Waits until the incoming VMM says where it listens; returns that address.
+/// Only what it logged after the last [`INCOMING_MARK`] counts: an address
+/// an earlier incoming VMM logged in the same directory is no one's now.
 pub fn wait_listening(dir: &VmDir, timeout: Duration) -> Result<String, VmmProcessError> {
     const MARK: &str = "godwit-vmm: waiting for a migration on ";
     let deadline = Instant::now() + timeout;
     loop {
         let log = fs::read_to_string(dir.file("vmm.log")).unwrap_or_default();
-        if let Some(addr) = log
-            .lines()
-            .rev()
-            .find_map(|l| l.strip_prefix(MARK))
-            .map(|a| a.trim().to_string())
-        {
+        if let Some(addr) = listening_address(&log, MARK) {
             return Ok(addr);
         }
         let st = dir.state();
@@ -630,6 +642,51 @@ pub fn wait_listening(dir: &VmDir, timeout: Duration) -> Result<String, VmmProce
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The address in the last `mark` line after the last [`INCOMING_MARK`].
+fn listening_address(log: &str, mark: &str) -> Option<String> {
+    log.lines()
+        .rev()
+        .take_while(|l| !l.starts_with(INCOMING_MARK))
+        .find_map(|l| l.strip_prefix(mark))
+        .map(|a| a.trim().to_string())
+}
+
+/// Kills the VMMs of VM cgroups whose VM directory is gone. Such a VMM is
+/// no one's (its directory was removed while it ran: an incoming VMM whose
+/// migration failed, a stop that could not end it), no agent pass looks at
+/// it, and it holds the VM's taps, so the VM's next start or migration here
+/// would fail ("Device or resource busy"). Under the cgroups' lock, so a
+/// VMM being started (its directory is made before its cgroup) is never
+/// taken for one. Its empty cgroup goes in a later [`settle_cgroups`].
+/// Returns the cgroups whose processes were killed.
+pub fn kill_orphans(cgroups: &Cgroups, state_dir: &Path, shared_dir: &Path) -> Vec<String> {
+    let _lock = cgroups.lock();
+    let mut killed = Vec::new();
+    for leaf in cgroups.list() {
+        // A name cut to 255 bytes (with a hash) names no directory we could
+        // find from it: left alone.
+        let Some((namespace, name)) = leaf.split_once('_').filter(|_| leaf.len() < 255) else {
+            continue;
+        };
+        if VmDir::new(state_dir, shared_dir, namespace, name)
+            .path
+            .exists()
+        {
+            continue;
+        }
+        let procs = cgroups.procs(namespace, name);
+        if procs.is_empty() {
+            continue;
+        }
+        for pid in procs {
+            // SAFETY: kill(2) on a process in a VM cgroup this agent owns.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        killed.push(leaf);
+    }
+    killed
 }
 
 /// Settles this node's VM cgroups, once per pass (and at an agent's start):
@@ -698,6 +755,23 @@ impl Children {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_newest_incoming_vmms_address_counts() {
+        let mark = "godwit-vmm: waiting for a migration on ";
+        let old = format!("{INCOMING_MARK}m1\n{mark}10.0.0.2:47001\nmigration failed\n");
+        assert_eq!(
+            listening_address(&old, mark).as_deref(),
+            Some("10.0.0.2:47001")
+        );
+        let retry = format!("{old}{INCOMING_MARK}m2\nstarting\n");
+        assert_eq!(listening_address(&retry, mark), None);
+        let listening = format!("{retry}{mark}10.0.0.2:47555\n");
+        assert_eq!(
+            listening_address(&listening, mark).as_deref(),
+            Some("10.0.0.2:47555")
+        );
+    }
 
     const GRACE: Duration = Duration::from_secs(30);
 

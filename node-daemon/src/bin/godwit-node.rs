@@ -19,7 +19,10 @@ per VM labelled godwit.dev/node=<node>, each in its own cgroup
 <cgroup-root>/<cgroup-parent>/<namespace>_<name> with the VM's limits (they
 keep running when the agent restarts, and it finds them again), drives migrations labelled
 godwit.dev/source-node or godwit.dev/target-node, and reports status and
-Events. When it cannot renew its Lease for the lease duration it stops every
+Events. On nodes with br_netfilter (net.bridge.bridge-nf-call-iptables=1)
+it adds the chain GODWIT-FORWARD, jumped to from FORWARD for bridged frames,
+accepting frames to or from its taps (gwt+), and removes it on a clean
+shutdown when no VMM runs. When it cannot renew its Lease for the lease duration it stops every
 VM on the node (self-fencing).";
 
 /// Godwit's node agent.
@@ -97,6 +100,23 @@ struct Args {
     /// memory. Never do that on a real node.
     #[arg(long, default_value_t = agent::cgroup::DEFAULT_OVERHEAD_MIB, allow_negative_numbers = true)]
     vmm_memory_overhead_mib: i64,
+    /// Which iptables adds the agent's FORWARD rules for VM taps on nodes
+    /// with br_netfilter (net.bridge.bridge-nf-call-iptables=1): `default`
+    /// (iptables/ip6tables as installed), `nft` or `legacy`. Use the backend
+    /// the node's other rules are in.
+    #[arg(long, value_enum, default_value_t = IptablesArg::Default)]
+    iptables: IptablesArg,
+}
+
+/// `--iptables`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum IptablesArg {
+    /// `iptables` and `ip6tables`.
+    Default,
+    /// `iptables-nft` and `ip6tables-nft`.
+    Nft,
+    /// `iptables-legacy` and `ip6tables-legacy`.
+    Legacy,
 }
 
 /// How log lines are written.
@@ -223,6 +243,11 @@ async fn main() {
         cgroup_root: args.cgroup_root,
         cgroup_parent: args.cgroup_parent,
         vmm_memory_overhead_bytes: args.vmm_memory_overhead_mib.saturating_mul(1 << 20),
+        iptables: match args.iptables {
+            IptablesArg::Default => agent::firewall::Backend::Default,
+            IptablesArg::Nft => agent::firewall::Backend::Nft,
+            IptablesArg::Legacy => agent::firewall::Backend::Legacy,
+        },
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -1,7 +1,11 @@
 //! The target's side of a live migration: starting a VMM that waits for
 //! the VM on a free migration port, and publishing where it listens
-//! (`status.targetAddress`). A target that cannot prepare removes what it
-//! made and fails the migration.
+//! (`status.targetAddress`). A target that cannot prepare ends the VMM it
+//! started, removes what it made and fails the migration. Once the
+//! migration has failed (or is gone), the agent's pass ends the incoming VMM
+//! and removes its directory (`DiscardIncoming`, or the pass's sweep of VM
+//! directories nobody accounts for); a VMM whose directory went anyway is
+//! killed by its cgroup ([`vmm_process::kill_orphans`]).
 
 use std::time::Duration;
 
@@ -66,8 +70,18 @@ pub async fn prepare(
     // The seed is rebuilt here, identically, before the VMM opens it.
     let started = match seed::write(&agent.client, dir, &machine).await {
         Ok(()) => tokio::task::spawn_blocking(move || {
-            let child = runner.incoming(&d, &machine, &name, &addr, copy_disks)?;
-            vmm_process::wait_listening(&d, Duration::from_secs(10)).map(|a| (child, a))
+            let mut child = runner.incoming(&d, &machine, &name, &addr, copy_disks)?;
+            match vmm_process::wait_listening(&d, Duration::from_secs(10)) {
+                Ok(a) => Ok((child, a)),
+                Err(e) => {
+                    // Not left behind with the VM's taps once its
+                    // directory is gone (below).
+                    vmm_process::stop(&d, Duration::from_secs(1));
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    Err(e)
+                }
+            }
         })
         .await?
         .map_err(anyhow::Error::from),
