@@ -59,6 +59,15 @@ pub const AGENT_FINALIZER: &str = "godwit.dev/node-agent";
 /// On a VMMigration: the operator's bookkeeping (concurrency slots, the VM's
 /// phase) before it goes.
 pub const MIGRATION_FINALIZER: &str = "godwit.dev/migration";
+/// The memory a VMM uses beyond its guest's memory (bytes): the margin in
+/// a VM's cgroup memory limit (the agent's `--vmm-memory-overhead-mib`
+/// default) and in its reservation pod's memory request. See the README's
+/// "Per-VM cgroups" for the measured figures.
+pub const VMM_MEMORY_OVERHEAD: u64 = 128 << 20;
+/// On a VM's reservation pods and its PodDisruptionBudget: the VM's name.
+pub const VM_LABEL: &str = "godwit.dev/vm";
+/// On a VM's reservation pods: `"true"`.
+pub const RESERVATION_LABEL: &str = "godwit.dev/reservation";
 /// On a Node: vCPUs the agent offers to VMs.
 pub const CAPACITY_CPU_ANNOTATION: &str = "godwit.dev/vm-cpu";
 /// On a Node: bytes of memory the agent offers to VMs.

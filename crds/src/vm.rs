@@ -91,6 +91,10 @@ pub struct VirtualMachineSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = -1000, max = 1000))]
     pub restart_priority: Option<i32>,
+    /// The PriorityClass of the VM's reservation pods, which kube-scheduler
+    /// and kubelet eviction see (default: none, the cluster's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
     /// Overrides of the cluster's migration policy for this VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration_policy: Option<MigrationPolicy>,

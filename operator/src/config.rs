@@ -1,6 +1,7 @@
 //! The operator's settings, from the command line or a test: placement,
 //! migration limits, leader election timings and the DRS balancer's mode.
 
+use crate::reservations::{self, CpuAllocationRatio};
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -111,6 +112,10 @@ pub struct OperatorConfig {
     pub requeue: Duration,
     /// The DRS balancer.
     pub drs: DrsConfig,
+    /// vCPUs per CPU, for placement and reservation pods.
+    pub cpu_allocation_ratio: CpuAllocationRatio,
+    /// The image of reservation pods (a pause container).
+    pub reservation_image: String,
 }
 
 impl Default for OperatorConfig {
@@ -126,6 +131,8 @@ impl Default for OperatorConfig {
             renew_period: Duration::from_secs(5),
             requeue: Duration::from_secs(5),
             drs: DrsConfig::default(),
+            cpu_allocation_ratio: CpuAllocationRatio::default(),
+            reservation_image: reservations::DEFAULT_IMAGE.to_string(),
         }
     }
 }

@@ -162,7 +162,7 @@ pub fn balance(
                 node: node.to_string(),
                 cpu: u.cpu_millis as f64 / 1000.0,
                 rss: u.rss_bytes as f64,
-                size: view::vm_resources(vm).memory,
+                size: cluster.vm_resources(vm).memory,
                 movable: view::vm_phase(vm) == VmPhase::Running
                     && vm.spec.eviction_strategy == EvictionStrategy::LiveMigrate
                     && vm.meta().deletion_timestamp.is_none(),
@@ -174,7 +174,7 @@ pub fn balance(
             .iter()
             .filter(|g| g.node == node.name)
             .fold((0.0, 0.0), |(c, r), g| (c + g.cpu, r + g.rss));
-        let cpu_share = cpu / (node.capacity.cpu.max(1) as f64);
+        let cpu_share = cpu * 1000.0 / (node.capacity.cpu.max(1) as f64);
         let mem_share = rss / (node.capacity.memory.max(1) as f64);
         cpu_share.max(mem_share)
     };
@@ -231,7 +231,7 @@ pub fn balance(
                 continue;
             }
             let vm = &vms[g.index];
-            let request = view::request_for(vm, view::vm_resources(vm));
+            let request = view::request_for(vm, cluster.vm_resources(vm));
             for (ti, target) in nodes.iter().enumerate() {
                 if target.name == g.node || slots[target.name.as_str()] == 0 {
                     continue;
@@ -318,7 +318,7 @@ async fn pass(ctx: &Context) -> Result<(), kube::Error> {
     let drs = ctx.config.drs;
     let snapshot = Snapshot::fetch(&ctx.client, &ctx.config.lease_namespace).await?;
     let now = Timestamp::now();
-    let cluster = ClusterView::build(&snapshot, now);
+    let cluster = ClusterView::build(&snapshot, now, ctx.config.cpu_allocation_ratio);
     let usage: BTreeMap<String, NodeUsage> = snapshot
         .nodes
         .iter()

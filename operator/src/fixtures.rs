@@ -6,6 +6,7 @@
 //! Every object lives in the namespace `default` with the uid `uid-<name>`;
 //! the clock of a test starts at [`t0`].
 
+use crate::reservations::CpuAllocationRatio;
 use std::collections::BTreeMap;
 
 use godwit_crds::contract::{Machine, MIGRATION_FINALIZER, NODE_LABEL, RESOLVED_ANNOTATION};
@@ -343,8 +344,9 @@ pub fn view_of(
         leases,
         vms,
         migrations,
+        pods: Vec::new(),
     };
-    ClusterView::build(&snapshot, t0())
+    ClusterView::build(&snapshot, t0(), CpuAllocationRatio::default())
 }
 
 /// Three ready 4-CPU 4-GiB nodes `node-1` .. `node-3` with `vms` and

@@ -38,6 +38,7 @@ pub mod maintenance;
 pub mod metrics;
 pub mod migration_controller;
 pub mod nodes;
+pub mod reservations;
 pub mod restarts;
 pub mod scheduler;
 pub mod template;

@@ -8,6 +8,7 @@ use clap::Parser;
 use godwit_crds::contract::DEFAULT_LEASE_NAMESPACE;
 use godwit_crds::error_chain;
 use godwit_operator::config::{self, DrsConfig, DrsMode};
+use godwit_operator::reservations::{self, CpuAllocationRatio};
 use godwit_operator::scheduler::{Reserve, Strategy};
 use godwit_operator::{MigrationLimits, OperatorConfig};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -48,6 +49,13 @@ struct Args {
     /// (each 0..1), e.g. 0.1.
     #[arg(long, default_value_t = 0.1, value_parser = parse_threshold)]
     drs_threshold: f64,
+    /// vCPUs per physical CPU for placement and reservation pods (KubeVirt's
+    /// cpuAllocationRatio); memory is not overcommitted.
+    #[arg(long, env = "GODWIT_CPU_ALLOCATION_RATIO", default_value = "10")]
+    cpu_allocation_ratio: CpuAllocationRatio,
+    /// The image of the reservation pods that show VMs to Kubernetes.
+    #[arg(long, env = "GODWIT_RESERVATION_IMAGE", default_value = reservations::DEFAULT_IMAGE)]
+    reservation_image: String,
     /// Identity in the leader Lease (default: hostname-pid).
     #[arg(long)]
     id: Option<String>,
@@ -115,6 +123,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             interval: std::time::Duration::from_secs(args.drs_interval),
             threshold: args.drs_threshold,
         },
+        cpu_allocation_ratio: args.cpu_allocation_ratio,
+        reservation_image: args.reservation_image,
         ..OperatorConfig::default()
     };
     godwit_operator::run_until(client, config, shutdown_signal()).await?;

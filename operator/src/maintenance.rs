@@ -254,7 +254,7 @@ pub fn plan(
             status.waiting += 1;
             continue;
         }
-        let mut request = view::request_for(vm, view::vm_resources(vm));
+        let mut request = view::request_for(vm, cluster.vm_resources(vm));
         request.exclude.push(node.to_string());
         if let Err(why) =
             scheduler::place(&request, &cluster.nodes, &cluster.placed, reserve, strategy)
@@ -306,7 +306,7 @@ pub async fn run(ctx: Arc<Context>) {
 
 async fn pass(ctx: &Context) -> Result<(), kube::Error> {
     let snapshot = Snapshot::fetch(&ctx.client, &ctx.config.lease_namespace).await?;
-    let cluster = ClusterView::build(&snapshot, Timestamp::now());
+    let cluster = ClusterView::build(&snapshot, Timestamp::now(), ctx.config.cpu_allocation_ratio);
     for node in snapshot.nodes.iter().filter(|n| nodes::is_godwit_node(n)) {
         let written = node
             .annotations()

@@ -73,16 +73,20 @@ pub fn schedulable(node: &Node) -> bool {
     !in_maintenance(node)
 }
 
-/// A CPU quantity as whole CPUs (`4`, `3500m` is 3).
-pub fn parse_cpu(text: &str) -> Option<u64> {
+/// A CPU quantity in millicores (`4` is 4000, `3500m` is 3500, `0.5` is 500).
+pub fn parse_millicores(text: &str) -> Option<u64> {
     match text.strip_suffix('m') {
-        Some(milli) => milli.parse::<u64>().ok().map(|m| m / 1000),
-        None => parse_quantity(text).ok(),
+        Some(milli) => milli.parse::<u64>().ok(),
+        None => match text.parse::<f64>() {
+            Ok(cpus) if cpus.is_finite() && cpus >= 0.0 => Some((cpus * 1000.0).round() as u64),
+            _ => parse_quantity(text).ok().map(|c| c * 1000),
+        },
     }
 }
 
-/// What the node offers VMs: the agent's published figures, else what the
-/// kubelet reports allocatable. Unreadable figures count as nothing.
+/// What the node offers VMs (CPU in millicores): the agent's published
+/// figures, else what the kubelet reports allocatable. Unreadable figures
+/// count as nothing.
 pub fn capacity(node: &Node) -> Resources {
     let annotation = |key: &str| {
         node.metadata
@@ -100,7 +104,7 @@ pub fn capacity(node: &Node) -> Resources {
     };
     let cpu = annotation(CAPACITY_CPU_ANNOTATION)
         .or_else(|| allocatable("cpu"))
-        .and_then(|t| parse_cpu(&t))
+        .and_then(|t| parse_millicores(&t))
         .unwrap_or(0);
     let memory = annotation(CAPACITY_MEMORY_ANNOTATION)
         .or_else(|| allocatable("memory"))
@@ -123,6 +127,7 @@ pub fn node_info(node: &Node, lease: Option<&Lease>, now: Timestamp) -> NodeInfo
         ready: kubelet_ready(node) && lease_fresh,
         schedulable: schedulable(node),
         capacity: capacity(node),
+        pods: Resources::default(),
     }
 }
 
@@ -175,7 +180,7 @@ mod tests {
         assert_eq!(
             capacity(&n),
             Resources {
-                cpu: 4,
+                cpu: 4000,
                 memory: 8 << 30
             }
         );
@@ -189,12 +194,13 @@ mod tests {
         assert_eq!(
             capacity(&n),
             Resources {
-                cpu: 3,
+                cpu: 3000,
                 memory: 1 << 30
             }
         );
-        assert_eq!(parse_cpu("3500m"), Some(3));
-        assert_eq!(parse_cpu("x"), None);
+        assert_eq!(parse_millicores("3500m"), Some(3500));
+        assert_eq!(parse_millicores("0.5"), Some(500));
+        assert_eq!(parse_millicores("x"), None);
     }
 
     #[test]

@@ -23,14 +23,15 @@ use crate::labels;
 /// CPU and memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Resources {
-    /// vCPUs.
+    /// Millicores (a VM's are its vCPUs divided by the allocation ratio).
     pub cpu: u64,
     /// Bytes.
     pub memory: u64,
 }
 
 impl Resources {
-    fn add(self, o: Resources) -> Resources {
+    /// The sum.
+    pub fn add(self, o: Resources) -> Resources {
         Resources {
             cpu: self.cpu + o.cpu,
             memory: self.memory + o.memory,
@@ -53,6 +54,8 @@ pub struct NodeInfo {
     pub schedulable: bool,
     /// What the node offers VMs.
     pub capacity: Resources,
+    /// What pods bound to the node request, beyond the VMs placed there.
+    pub pods: Resources,
 }
 
 /// A VM already placed on a node (running, starting or migrating there).
@@ -165,7 +168,9 @@ impl fmt::Display for Refusal {
             Refusal::NotReady => write!(f, "node not ready"),
             Refusal::Unschedulable => write!(f, "node cordoned or in maintenance"),
             Refusal::Excluded => write!(f, "node excluded"),
-            Refusal::Cpu { need, free } => write!(f, "insufficient cpu (need {need}, free {free})"),
+            Refusal::Cpu { need, free } => {
+                write!(f, "insufficient cpu (need {need}m, free {free}m)")
+            }
             Refusal::Memory { need, free } => {
                 write!(
                     f,
@@ -266,9 +271,7 @@ fn check(
     // count it twice.
     let others: Vec<&PlacedVm> = placed.iter().filter(|v| !same_vm(v, req)).collect();
     let on_node: Vec<&&PlacedVm> = others.iter().filter(|v| v.node == node.name).collect();
-    let in_use = on_node
-        .iter()
-        .fold(Resources::default(), |a, v| a.add(v.resources));
+    let in_use = on_node.iter().fold(node.pods, |a, v| a.add(v.resources));
     let keep = |total: u64| total * u64::from(reserve.percent) / 100;
     let free_cpu = node
         .capacity
@@ -442,6 +445,74 @@ mod tests {
         assert_eq!(
             place(&req(1), &nodes, &placed, Reserve::default(), Strategy::Pack),
             Ok("a".into())
+        );
+    }
+
+    /// Places `count` one-vCPU 64 MiB VMs one after the other on three
+    /// 4-CPU 8 GiB nodes at `ratio`; returns how many were placed and the
+    /// first refusal.
+    fn fill(count: usize, ratio: f64) -> (usize, Option<Unschedulable>) {
+        let ratio = crate::reservations::CpuAllocationRatio::new(ratio).unwrap();
+        let nodes: Vec<NodeInfo> = ["a", "b", "c"].iter().map(|n| node(n, 4000, 8)).collect();
+        let mut placed: Vec<PlacedVm> = Vec::new();
+        for i in 0..count {
+            let mut r = req(0);
+            r.name = format!("vm-{i}");
+            r.resources = crate::reservations::footprint(1, 64 << 20, ratio);
+            match place(&r, &nodes, &placed, Reserve::default(), Strategy::Spread) {
+                Ok(n) => placed.push(PlacedVm {
+                    name: r.name.clone(),
+                    node: n,
+                    resources: r.resources,
+                    ..Default::default()
+                }),
+                Err(why) => return (i, Some(why)),
+            }
+        }
+        (count, None)
+    }
+
+    #[test]
+    fn vcpus_are_overcommitted_by_the_allocation_ratio() {
+        // Ratio 10: a one-vCPU VM takes 100m, so 3 x 4 CPUs take 120.
+        assert_eq!(fill(30, 10.0).0, 30);
+        assert_eq!(fill(121, 10.0).0, 120);
+        // Ratio 1: one vCPU is one CPU; the 13th finds no room.
+        let (placed, why) = fill(13, 1.0);
+        assert_eq!(placed, 12);
+        let why = why.unwrap().to_string();
+        assert!(
+            why.contains("a: insufficient cpu (need 1000m, free 0m)"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn pods_on_a_node_count_besides_its_vms() {
+        let mut busy = node("a", 4000, 8);
+        busy.pods = Resources {
+            cpu: 3500,
+            memory: 2 * GI,
+        };
+        let nodes = [busy, node("b", 4000, 8)];
+        let mut r = req(1);
+        r.resources.cpu = 1000;
+        let verdicts = evaluate(&r, &nodes, &[], Reserve::default(), Strategy::Spread);
+        assert_eq!(
+            verdicts[0].1,
+            Err(Refusal::Cpu {
+                need: 1000,
+                free: 500
+            })
+        );
+        assert!(verdicts[1].1.is_ok());
+        r.resources.cpu = 400;
+        let placed = [vm("x", "a", "db", 6)];
+        let verdicts = evaluate(&r, &nodes, &placed, Reserve::default(), Strategy::Spread);
+        assert_eq!(
+            verdicts[0].1,
+            Err(Refusal::Memory { need: GI, free: 0 }),
+            "2 GiB of pods and a 6 GiB VM fill 8 GiB"
         );
     }
 

@@ -7,6 +7,12 @@
 //! watch cache: a placement must see the placement made a moment before, so
 //! the controllers hold [`crate::Context::placement`] from the list to the
 //! write). [`ClusterView::build`] turns a snapshot into plain data.
+//!
+//! What a VM takes on a node is its [`reservations::footprint`]: vCPUs
+//! divided by the cluster's `cpuAllocationRatio` (millicores) and its memory
+//! plus the VMM overhead, as its reservation pod requests. Besides the VMs,
+//! a node's pods (ordinary ones, and reservation pods of no VM placed there)
+//! count with their requests, unless they have ended.
 
 use std::collections::BTreeMap;
 
@@ -15,13 +21,16 @@ use godwit_crds::contract::{
 };
 use godwit_crds::{MigrationPhase, StorageKind, VMMigration, VirtualMachine, VmPhase};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 
+use godwit_crds::contract::{RESERVATION_LABEL, VM_LABEL};
+
 use crate::nodes;
+use crate::reservations::{self, CpuAllocationRatio};
 use crate::scheduler::{NodeInfo, PlacedVm, Request, Resources};
 
 /// The objects a decision reads, listed at one moment.
@@ -35,10 +44,12 @@ pub struct Snapshot {
     pub vms: Vec<VirtualMachine>,
     /// Every VMMigration, all namespaces.
     pub migrations: Vec<VMMigration>,
+    /// Every Pod, all namespaces.
+    pub pods: Vec<Pod>,
 }
 
 impl Snapshot {
-    /// Lists Nodes, node Leases, VMs and migrations.
+    /// Lists Nodes, node Leases, VMs, migrations and Pods.
     pub async fn fetch(client: &Client, lease_namespace: &str) -> Result<Snapshot, kube::Error> {
         let lp = ListParams::default();
         let nodes = Api::<Node>::all(client.clone()).list(&lp).await?.items;
@@ -54,11 +65,13 @@ impl Snapshot {
             .list(&lp)
             .await?
             .items;
+        let pods = Api::<Pod>::all(client.clone()).list(&lp).await?.items;
         Ok(Snapshot {
             nodes,
             leases,
             vms,
             migrations,
+            pods,
         })
     }
 }
@@ -74,11 +87,17 @@ pub struct ClusterView {
     pub placed: Vec<PlacedVm>,
     /// Every migration.
     pub migrations: Vec<VMMigration>,
+    /// vCPUs per CPU for placement.
+    pub cpu_ratio: CpuAllocationRatio,
 }
 
 impl ClusterView {
-    /// The view of `snapshot` at `now`.
-    pub fn build(snapshot: &Snapshot, now: Timestamp) -> ClusterView {
+    /// The view of `snapshot` at `now`, VMs' CPUs counted at `cpu_ratio`.
+    pub fn build(
+        snapshot: &Snapshot,
+        now: Timestamp,
+        cpu_ratio: CpuAllocationRatio,
+    ) -> ClusterView {
         let lease_of = |node: &str| {
             let name = node_lease_name(node);
             snapshot
@@ -97,18 +116,36 @@ impl ClusterView {
         }
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
 
-        let mut placed: Vec<PlacedVm> = snapshot.vms.iter().filter_map(occupant).collect();
+        let mut placed: Vec<PlacedVm> = snapshot
+            .vms
+            .iter()
+            .filter_map(|vm| occupant(vm, cpu_ratio))
+            .collect();
         for m in &snapshot.migrations {
-            if let Some(reservation) = target_reservation(m, &snapshot.vms) {
+            if let Some(reservation) = target_reservation(m, &snapshot.vms, cpu_ratio) {
                 placed.push(reservation);
             }
+        }
+        for node in &mut nodes {
+            node.pods = pods_on(&node.name, &snapshot.pods, &placed);
         }
         ClusterView {
             nodes,
             lease_expiry,
             placed,
             migrations: snapshot.migrations.clone(),
+            cpu_ratio,
         }
+    }
+
+    /// What `vm` takes on a node (its reservation's requests).
+    pub fn vm_resources(&self, vm: &VirtualMachine) -> Resources {
+        vm_footprint(vm, self.cpu_ratio)
+    }
+
+    /// What a VM running `machine` takes on a node.
+    pub fn machine_resources(&self, machine: &Machine) -> Resources {
+        reservations::footprint(machine.cpu, machine.memory_bytes, self.cpu_ratio)
     }
 
     /// The Godwit node called `name`.
@@ -144,23 +181,56 @@ pub fn resolved_machine(vm: &VirtualMachine) -> Option<Machine> {
         .and_then(|json| serde_json::from_str(json).ok())
 }
 
-/// What the VM uses: its resolved machine's figures, else its own spec's.
-pub fn vm_resources(vm: &VirtualMachine) -> Resources {
+/// The VM's vCPUs and guest memory: its resolved machine's figures, else
+/// its own spec's.
+pub fn vm_size(vm: &VirtualMachine) -> (u32, u64) {
     match resolved_machine(vm) {
-        Some(m) => Resources {
-            cpu: u64::from(m.cpu),
-            memory: m.memory_bytes,
-        },
-        None => Resources {
-            cpu: u64::from(vm.spec.cpu.unwrap_or(0)),
-            memory: vm
-                .spec
+        Some(m) => (m.cpu, m.memory_bytes),
+        None => (
+            vm.spec.cpu.unwrap_or(0),
+            vm.spec
                 .memory
                 .as_deref()
                 .and_then(|m| godwit_crds::parse_quantity(m).ok())
                 .unwrap_or(0),
-        },
+        ),
     }
+}
+
+/// What the VM takes on a node at `cpu_ratio`: [`reservations::footprint`].
+pub fn vm_footprint(vm: &VirtualMachine, cpu_ratio: CpuAllocationRatio) -> Resources {
+    let (cpu, memory) = vm_size(vm);
+    reservations::footprint(cpu, memory, cpu_ratio)
+}
+
+/// Whether the pod has ended (`Succeeded` or `Failed`): it holds nothing.
+pub fn pod_ended(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Succeeded" || p == "Failed")
+}
+
+/// The requests of the pods bound to `node` that `placed` does not already
+/// count: ordinary pods, and reservation pods of VMs not placed there (a
+/// reservation whose VM is gone, or one made before the VM was labelled).
+pub fn pods_on(node: &str, pods: &[Pod], placed: &[PlacedVm]) -> Resources {
+    pods.iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+        .filter(|p| !pod_ended(p))
+        .filter(|p| {
+            let labels = p.labels();
+            let vm = labels.get(VM_LABEL);
+            let counted = labels.get(RESERVATION_LABEL).is_some_and(|v| v == "true")
+                && placed.iter().any(|v| {
+                    v.node == node
+                        && Some(&v.name) == vm
+                        && Some(v.namespace.as_str()) == p.metadata.namespace.as_deref()
+                });
+            !counted
+        })
+        .map(reservations::pod_requests)
+        .fold(Resources::default(), Resources::add)
 }
 
 /// The VM's status conditions (none before its first status).
@@ -205,10 +275,16 @@ pub fn request_for(vm: &VirtualMachine, resources: Resources) -> Request {
     }
 }
 
+/// Whether a placed VM holds room on its node: from scheduling until it is
+/// stopped.
+pub fn occupies_node(vm: &VirtualMachine) -> bool {
+    vm_node(vm).is_some() && !matches!(vm_phase(vm), VmPhase::Stopped | VmPhase::Failed)
+}
+
 /// A VM holds room on its node from scheduling until it is stopped.
-fn occupant(vm: &VirtualMachine) -> Option<PlacedVm> {
+fn occupant(vm: &VirtualMachine, cpu_ratio: CpuAllocationRatio) -> Option<PlacedVm> {
     let node = vm_node(vm)?;
-    if matches!(vm_phase(vm), VmPhase::Stopped | VmPhase::Failed) {
+    if !occupies_node(vm) {
         return None;
     }
     Some(PlacedVm {
@@ -216,13 +292,17 @@ fn occupant(vm: &VirtualMachine) -> Option<PlacedVm> {
         name: vm.name_any(),
         labels: vm.labels().clone(),
         node: node.to_string(),
-        resources: vm_resources(vm),
+        resources: vm_footprint(vm, cpu_ratio),
         affinity: vm.spec.affinity.clone(),
     })
 }
 
 /// A migration under way holds the VM's room on its target too.
-fn target_reservation(m: &VMMigration, vms: &[VirtualMachine]) -> Option<PlacedVm> {
+fn target_reservation(
+    m: &VMMigration,
+    vms: &[VirtualMachine],
+    cpu_ratio: CpuAllocationRatio,
+) -> Option<PlacedVm> {
     let phase = migration_phase(m);
     if phase.is_final() || matches!(phase, MigrationPhase::Pending | MigrationPhase::Scheduling) {
         return None;
@@ -237,7 +317,7 @@ fn target_reservation(m: &VMMigration, vms: &[VirtualMachine]) -> Option<PlacedV
         name: vm.name_any(),
         labels: vm.labels().clone(),
         node: target,
-        resources: vm_resources(vm),
+        resources: vm_footprint(vm, cpu_ratio),
         affinity: vm.spec.affinity.clone(),
     })
 }
@@ -245,6 +325,7 @@ fn target_reservation(m: &VMMigration, vms: &[VirtualMachine]) -> Option<PlacedV
 #[cfg(test)]
 mod tests {
     use godwit_crds::VMMigrationStatus;
+    use k8s_openapi::api::core::v1::PodStatus;
 
     use super::*;
     use crate::fixtures::{lease, migration, node, vm, MigrationFixture, VmFixture};
@@ -271,8 +352,9 @@ mod tests {
                 }),
                 migration("waiting", "run"),
             ],
+            ..Default::default()
         };
-        let view = ClusterView::build(&snapshot, now);
+        let view = ClusterView::build(&snapshot, now, CpuAllocationRatio::DEFAULT);
         let names: Vec<_> = view.nodes.iter().map(|n| n.name.as_str()).collect();
         assert_eq!(names, ["a", "b"], "Godwit nodes only, sorted");
         assert!(view.node("a").unwrap().ready);
@@ -283,5 +365,56 @@ mod tests {
             .map(|p| (p.name.as_str(), p.node.as_str(), p.resources.memory >> 30))
             .collect();
         assert_eq!(on, [("run", "a", 2), ("run", "b", 2)]);
+    }
+
+    fn bound_pod(name: &str, node: &str, vm: Option<&str>, phase: &str) -> Pod {
+        let mut p = reservations::pod(
+            &crate::fixtures::vm(vm.unwrap_or("none")),
+            node,
+            Resources {
+                cpu: 250,
+                memory: 1 << 30,
+            },
+            reservations::DEFAULT_IMAGE,
+        );
+        p.metadata.name = Some(name.into());
+        if vm.is_none() {
+            p.metadata.labels = None;
+        }
+        p.status = Some(PodStatus {
+            phase: Some(phase.into()),
+            ..Default::default()
+        });
+        p
+    }
+
+    #[test]
+    fn pods_count_unless_they_are_a_placed_vms_reservation_or_ended() {
+        let now = Timestamp::from_second(1_700_000_000).unwrap();
+        let snapshot = Snapshot {
+            nodes: vec![node("a", 4, 8)],
+            leases: vec![lease("a", now, 10)],
+            vms: vec![vm("run").on("a").sized(1, 2).running()],
+            pods: vec![
+                bound_pod("web", "a", None, "Running"),
+                bound_pod("done", "a", None, "Succeeded"),
+                bound_pod("elsewhere", "b", None, "Running"),
+                bound_pod("reserve-run", "a", Some("run"), "Running"),
+                bound_pod("reserve-gone", "a", Some("gone"), "Running"),
+            ],
+            ..Default::default()
+        };
+        let view = ClusterView::build(&snapshot, now, CpuAllocationRatio::DEFAULT);
+        let a = view.node("a").unwrap();
+        assert_eq!(a.capacity.cpu, 4000);
+        assert_eq!(
+            a.pods,
+            Resources {
+                cpu: 500,
+                memory: 2 << 30
+            },
+            "web and the reservation of a VM no longer placed"
+        );
+        assert_eq!(view.placed[0].resources.cpu, 100, "1 vCPU at ratio 10");
     }
 }

@@ -65,8 +65,9 @@ pub const DEFAULT_PARENT: &str = "godwit.slice";
 /// touched), a virtio disk and a virtio NIC, on the source and on the
 /// target of a live migration: see the README's "Per-VM cgroups" for the
 /// figures. The default leaves several times that as margin, so a busy VMM
-/// is not killed for its own buffers.
-pub const DEFAULT_OVERHEAD_MIB: i64 = 128;
+/// is not killed for its own buffers. The operator's reservation pods request
+/// the same margin ([`godwit_crds::contract::VMM_MEMORY_OVERHEAD`]).
+pub const DEFAULT_OVERHEAD_MIB: i64 = (godwit_crds::contract::VMM_MEMORY_OVERHEAD >> 20) as i64;
 
 /// Tasks a VMM's cgroup may hold beyond one per vCPU: its shell, main
 /// thread, device and I/O threads, migration threads, with room to spare.

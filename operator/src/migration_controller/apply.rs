@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 use super::decide::{vm_names, MigrationStep};
 use crate::conditions::{self, Wanted};
 use crate::context::{Context, Note};
+use crate::reservations::{self, apply::ReservationError};
 use crate::view::{self, migration_phase};
 
 /// The condition type that says whether a migration was let in.
@@ -40,6 +41,9 @@ pub enum MigrationWriteError {
     /// The VM's status could not be written.
     #[error("Cannot patch VM status")]
     PatchVmStatus(#[source] kube::Error),
+    /// The target's reservation pod could not be created.
+    #[error("Cannot reserve the target node")]
+    Reservation(#[source] ReservationError),
     /// A decision asked for a migration phase change the life cycle forbids.
     #[error("Migration phase {from:?} cannot become {to:?}")]
     Transition {
@@ -172,6 +176,29 @@ pub async fn apply_step(
                 )
                 .await
                 .map_err(MigrationWriteError::PatchVmStatus)?;
+            }
+            // The target's reservation pod before the target VMM may start
+            // (the agent starts it on `PreparingTarget`).
+            if m.spec.mode != MigrationMode::Cold {
+                let need = view::vm_footprint(vm, ctx.config.cpu_allocation_ratio);
+                match reservations::apply::reserve(ctx, vm, &target, need).await {
+                    Ok(()) => {}
+                    Err(ReservationError::QuotaExceeded(quota)) => {
+                        let reason = format!(
+                            "The reservation pod on {target} was refused: {quota}; a live migration holds the VM's resources on both nodes, so the namespace's ResourceQuota needs room for one more copy"
+                        );
+                        end(&api, m, MigrationPhase::Failed, &reason, ctx).await?;
+                        warn!(migration = %name, "failed: {reason}");
+                        ctx.publish(
+                            &reference,
+                            "Migrate",
+                            &Note::warning("QuotaExceeded", reason),
+                        )
+                        .await;
+                        return Ok(soon);
+                    }
+                    Err(e) => return Err(MigrationWriteError::Reservation(e)),
+                }
             }
             let message = format!("Moving VM {} from {source} to {target}", m.spec.vm_name);
             let admitted = Wanted::yes(ADMITTED, "Admitted", message.clone());

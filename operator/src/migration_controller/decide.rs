@@ -307,7 +307,7 @@ fn admit(m: &VMMigration, inputs: &MigrationInputs<'_>) -> MigrationStep {
         };
     }
 
-    let mut request = view::request_for(vm, view::vm_resources(vm));
+    let mut request = view::request_for(vm, cluster.vm_resources(vm));
     request.exclude.push(source.clone());
     let place = |request: &scheduler::Request, nodes: &[scheduler::NodeInfo]| {
         scheduler::place(
@@ -743,7 +743,8 @@ mod tests {
                 crate::fixtures::vm("hog")
                     .on("node-2")
                     .running()
-                    .sized(4, 4),
+                    // 40 vCPUs at the default ratio 10 fill 4 CPUs.
+                    .sized(40, 3),
             ],
             vec![],
         );

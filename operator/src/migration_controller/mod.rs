@@ -182,7 +182,8 @@ async fn reconcile_inner(
         let vm = snapshot.vms.iter().find(|v| {
             v.namespace().as_deref() == Some(ns.as_str()) && v.name_any() == fresh.spec.vm_name
         });
-        let cluster = ClusterView::build(&snapshot, Timestamp::now());
+        let cluster =
+            ClusterView::build(&snapshot, Timestamp::now(), ctx.config.cpu_allocation_ratio);
         let step = next_migration_step(fresh, &inputs(vm, Some(&cluster)));
         return apply_step(fresh, vm, step, ctx)
             .await

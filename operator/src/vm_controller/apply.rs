@@ -14,9 +14,11 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use super::decide::{counts_as_crash, VmStep};
+use super::decide::{counts_as_crash, VmStep, RETRY_UNSCHEDULABLE};
 use crate::conditions::{self, Wanted};
 use crate::context::{Context, Note};
+use crate::reservations::{self, apply::ReservationError};
+use crate::scheduler::Resources;
 use crate::view;
 
 /// The condition type the operator keeps on every VM it schedules.
@@ -42,6 +44,67 @@ pub enum VmWriteError {
     /// The resolved machine could not be serialized.
     #[error("Cannot serialize the resolved machine")]
     Serialize(#[source] serde_json::Error),
+    /// The VM's reservation pods or budget could not be written.
+    #[error("Cannot write the VM's reservations")]
+    Reservation(#[source] ReservationError),
+}
+
+/// Creates `vm`'s reservation pod on `node` before the VM may start there.
+/// `Ok(false)`: a ResourceQuota refused it, and the VM now says so
+/// (`Scheduled=False`, reason `QuotaExceeded`, and a warning Event).
+async fn reserve_or_hold(
+    api: &Api<VirtualMachine>,
+    vm: &VirtualMachine,
+    node: &str,
+    need: Resources,
+    ctx: &Context,
+) -> Result<bool, VmWriteError> {
+    match reservations::apply::reserve(ctx, vm, node, need).await {
+        Ok(()) => Ok(true),
+        Err(ReservationError::QuotaExceeded(message)) => {
+            let message = format!(
+                "Not started on {node}: its reservation pod was refused: {message}; raise the namespace's ResourceQuota or stop other VMs"
+            );
+            hold(api, vm, "QuotaExceeded", message, true, ctx).await?;
+            Ok(false)
+        }
+        Err(e) => Err(VmWriteError::Reservation(e)),
+    }
+}
+
+/// Shows why `vm` is not scheduled (condition `Scheduled=False` and an
+/// Event), unless it says so already.
+async fn hold(
+    api: &Api<VirtualMachine>,
+    vm: &VirtualMachine,
+    reason: &'static str,
+    message: String,
+    warn: bool,
+    ctx: &Context,
+) -> Result<(), VmWriteError> {
+    let wanted = Wanted::no(SCHEDULED, reason, message.clone());
+    // Unchanged: write nothing and repeat no Event.
+    if wanted.is_shown_in(view::vm_conditions(vm)) {
+        return Ok(());
+    }
+    patch_status(
+        api,
+        vm,
+        json!({
+            "phase": view::vm_phase(vm),
+            "conditions": conditions::merge(view::vm_conditions(vm), &wanted, vm.metadata.generation, Timestamp::now()),
+        }),
+        ctx,
+    )
+    .await?;
+    debug!(vm = %vm.name_any(), reason, "not scheduled: {message}");
+    let note = if warn {
+        Note::warning(reason, message)
+    } else {
+        Note::normal(reason, message)
+    };
+    ctx.publish(&vm.object_ref(&()), "Schedule", &note).await;
+    Ok(())
 }
 
 /// Writes the step [`next_vm_step`](super::decide::next_vm_step) decided.
@@ -64,6 +127,14 @@ pub async fn apply_step(
             message,
         } => {
             check(vm, VmPhase::Scheduled)?;
+            let need = reservations::footprint(
+                machine.cpu,
+                machine.memory_bytes,
+                ctx.config.cpu_allocation_ratio,
+            );
+            if !reserve_or_hold(&api, vm, &node, need, ctx).await? {
+                return Ok(Action::requeue(RETRY_UNSCHEDULABLE));
+            }
             let resolved = serde_json::to_string(&machine).map_err(VmWriteError::Serialize)?;
             let labelled = patch_metadata(
                 &api,
@@ -94,6 +165,10 @@ pub async fn apply_step(
         }
         VmStep::Restart { node, message } => {
             check(vm, VmPhase::Scheduled)?;
+            let need = view::vm_footprint(vm, ctx.config.cpu_allocation_ratio);
+            if !reserve_or_hold(&api, vm, &node, need, ctx).await? {
+                return Ok(Action::requeue(RETRY_UNSCHEDULABLE));
+            }
             let restarted = Wanted::yes(SCHEDULED, "Restarted", message.clone());
             patch_status(
                 &api,
@@ -153,27 +228,7 @@ pub async fn apply_step(
             warn,
             retry,
         } => {
-            let wanted = Wanted::no(SCHEDULED, reason, message.clone());
-            // Unchanged: write nothing and repeat no Event.
-            if !wanted.is_shown_in(view::vm_conditions(vm)) {
-                patch_status(
-                    &api,
-                    vm,
-                    json!({
-                        "phase": view::vm_phase(vm),
-                        "conditions": conditions::merge(view::vm_conditions(vm), &wanted, vm.metadata.generation, now),
-                    }),
-                    ctx,
-                )
-                .await?;
-                debug!(vm = %name, reason, "not scheduled: {message}");
-                let note = if warn {
-                    Note::warning(reason, message)
-                } else {
-                    Note::normal(reason, message)
-                };
-                ctx.publish(&reference, "Schedule", &note).await;
-            }
+            hold(&api, vm, reason, message, warn, ctx).await?;
             Ok(retry.map(Action::requeue).unwrap_or(requeue))
         }
         VmStep::Backoff { wait } => {
@@ -203,6 +258,9 @@ pub async fn apply_step(
             Ok(requeue)
         }
         VmStep::AnnounceDeletion { message } => {
+            reservations::apply::release_all(ctx, vm)
+                .await
+                .map_err(VmWriteError::Reservation)?;
             let key = format!("delete/{}", vm.uid().unwrap_or_default());
             if ctx.first_time(key) {
                 ctx.publish(&reference, "Delete", &Note::normal("Deleting", message))

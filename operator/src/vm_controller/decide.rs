@@ -10,7 +10,7 @@ use godwit_crds::{RunStrategy, VMTemplate, VirtualMachine, VmPhase};
 use kube::ResourceExt;
 
 use crate::machine;
-use crate::scheduler::{self, Reserve, Resources, Strategy};
+use crate::scheduler::{self, Reserve, Strategy};
 use crate::template::{self, ResolveError};
 use crate::view::{self, ClusterView};
 
@@ -204,13 +204,7 @@ fn place(vm: &VirtualMachine, inputs: &VmInputs<'_>) -> VmStep {
         Ok(m) => m,
         Err(e) => return invalid(e.to_string()),
     };
-    let request = view::request_for(
-        vm,
-        Resources {
-            cpu: u64::from(machine.cpu),
-            memory: machine.memory_bytes,
-        },
-    );
+    let request = view::request_for(vm, inputs.cluster.machine_resources(&machine));
     let nodes = &inputs.cluster.nodes;
     let verdicts = scheduler::evaluate(
         &request,
@@ -271,13 +265,7 @@ fn restart(vm: &VirtualMachine, inputs: &VmInputs<'_>) -> VmStep {
             message: format!("Scheduling again ({why})"),
         };
     };
-    let request = view::request_for(
-        vm,
-        Resources {
-            cpu: u64::from(machine.cpu),
-            memory: machine.memory_bytes,
-        },
-    );
+    let request = view::request_for(vm, inputs.cluster.machine_resources(&machine));
     let Some(info) = inputs.cluster.node(node) else {
         return VmStep::Reschedule {
             message: format!("Scheduling again: {node} is no longer a Godwit node ({why})"),
@@ -377,7 +365,8 @@ mod tests {
         for n in ["node-1", "node-2", "node-3"] {
             assert!(
                 message.contains(&format!(
-                    "{n}: insufficient memory (need 8192Mi, free 4096Mi)"
+                    // 8 GiB and the VMM's 128 MiB.
+                    "{n}: insufficient memory (need 8320Mi, free 4096Mi)"
                 )),
                 "{message}"
             );

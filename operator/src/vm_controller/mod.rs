@@ -17,7 +17,12 @@
 //!   A VM that keeps stopping is restarted after 5 s, 10 s, 20 s ... up to
 //!   5 min ([`restart_delay`](crate::restarts::restart_delay); the count
 //!   lives in this process);
-//! - a `Migrating` VM whose VMMigration is gone returns to `Running`.
+//! - a `Migrating` VM whose VMMigration is gone returns to `Running`;
+//! - its reservation pods and PodDisruptionBudget ([`crate::reservations`]):
+//!   the one on its node is made before it is scheduled or restarted there
+//!   (a ResourceQuota refusal holds it with reason `QuotaExceeded`); the
+//!   others follow the VM and its migration on every reconcile, and all go
+//!   when the VM is deleted.
 //!
 //! Everything from `Scheduled` to `Running`, stopping and failing belongs to
 //! the node agent; moving a VM at the end of a migration belongs to
@@ -54,6 +59,7 @@ use tracing::{debug, warn};
 use crate::context::{log_outcome, Context};
 use crate::errors::is_conflict;
 use crate::nodes;
+use crate::reservations::{self, apply::ReservationError};
 use crate::view::{ClusterView, Snapshot};
 use apply::{apply_step, VmWriteError};
 use decide::{counts_as_crash, need, needs_cluster, next_vm_step, Need, VmInputs, VmStep};
@@ -73,6 +79,9 @@ pub enum VmReconcileError {
     /// The decided step could not be written.
     #[error("Cannot write the VM's next step")]
     Write(#[source] VmWriteError),
+    /// The VM's reservation pods or budget could not be brought up to date.
+    #[error("Cannot keep the VM's reservations")]
+    Reservations(#[source] ReservationError),
 }
 
 /// Runs the VM controller until its watches end.
@@ -202,7 +211,8 @@ async fn reconcile_inner(
         let Some(fresh) = snapshot.vms.iter().find(|v| v.uid() == vm.uid()) else {
             return Ok(Action::await_change());
         };
-        let cluster = ClusterView::build(&snapshot, Timestamp::now());
+        let cluster =
+            ClusterView::build(&snapshot, Timestamp::now(), ctx.config.cpu_allocation_ratio);
         let inputs = VmInputs {
             template: template.as_ref(),
             cluster: &cluster,
@@ -240,6 +250,11 @@ async fn reconcile_inner(
         restart_wait: Duration::ZERO,
     };
     let step = next_vm_step(&vm, &inputs);
+    if need(&vm) != Need::Deletion {
+        reservations::apply::sync(ctx, &vm)
+            .await
+            .map_err(VmReconcileError::Reservations)?;
+    }
     if step == VmStep::Nothing {
         return Ok(requeue);
     }
