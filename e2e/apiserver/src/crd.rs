@@ -191,6 +191,23 @@ pub fn builtin_resources() -> Vec<ResourceDef> {
                 PrinterColumn::new("Object", "string", ".involvedObject.name"),
                 PrinterColumn::new("Message", "string", ".message"),
             ]),
+        // No kubelet runs them: a Pod is `Running` once stored.
+        ResourceDef::builtin("", "v1", "Pod", "pods", true)
+            .short(&["po"])
+            .with_status()
+            .columns(vec![
+                PrinterColumn::new("Status", "string", ".status.phase"),
+                PrinterColumn::new("Node", "string", ".spec.nodeName"),
+                age(),
+            ]),
+        ResourceDef::builtin("", "v1", "ResourceQuota", "resourcequotas", true)
+            .short(&["quota"])
+            .with_status()
+            .columns(vec![
+                age(),
+                PrinterColumn::new("Hard", "string", ".status.hard"),
+                PrinterColumn::new("Used", "string", ".status.used"),
+            ]),
         ResourceDef::builtin("", "v1", "Secret", "secrets", true)
             .columns(vec![PrinterColumn::new("Type", "string", ".type"), age()]),
         ResourceDef::builtin("", "v1", "ConfigMap", "configmaps", true)

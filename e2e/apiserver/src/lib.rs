@@ -13,7 +13,9 @@
 //!   one storage, see [`convert`]), Secret, ConfigMap, ServiceAccount, Lease,
 //!   and CustomResourceDefinition; Service, Deployment, DaemonSet and the
 //!   RBAC kinds are stored so that the Helm chart applies, but nothing acts
-//!   on them (there are no Pods);
+//!   on them; Pods (no kubelet: a Pod is `Running` once stored) with
+//!   ResourceQuota admission on create ([`quota`]), ResourceQuotas and
+//!   PodDisruptionBudgets (stored; nothing evicts);
 //!   a stored CRD makes its kinds live ([`crd`]), and custom resources are
 //!   pruned, defaulted and validated against the CRD schema ([`schema`]);
 //! - get, list, watch, create (with `generateName`), update, patch (merge,
@@ -52,6 +54,7 @@ pub mod fuzz;
 pub mod handlers;
 pub mod patch;
 pub mod protobuf;
+pub mod quota;
 pub mod schema;
 pub mod selector;
 pub mod store;

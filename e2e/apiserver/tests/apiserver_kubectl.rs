@@ -705,3 +705,70 @@ fn deployment_kinds_apply_idempotently() {
     let deployments = cluster.ok(&["get", "deploy", "-n", "godwit-system", "-o", "name"]);
     assert_eq!(deployments.trim(), "deployment.apps/godwit-operator");
 }
+
+#[test]
+fn pods_are_admitted_by_resource_quota_and_listed_with_budgets() {
+    let cluster = Cluster::start();
+    cluster.ok(&["create", "namespace", "quota"]);
+    let quota = cluster.write(
+        "quota.yaml",
+        "apiVersion: v1\nkind: ResourceQuota\nmetadata:\n  name: one-vm\n  namespace: quota\nspec:\n  hard:\n    requests.memory: 256Mi\n    pods: \"5\"\n",
+    );
+    cluster.ok(&["apply", "-f", &quota]);
+    let pod = |name: &str| {
+        cluster.write(
+            &format!("{name}.yaml"),
+            &format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: quota\n  labels:\n    app: vm\nspec:\n  nodeName: node-1\n  containers:\n  - name: reserve\n    image: registry.k8s.io/pause:3.9\n    resources:\n      requests:\n        cpu: 100m\n        memory: 192Mi\n      limits:\n        memory: 192Mi\n"
+            ),
+        )
+    };
+    cluster.ok(&["apply", "-f", &pod("first")]);
+    let refused = cluster.run(&["apply", "-f", &pod("second")]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("is forbidden: exceeded quota: one-vm, requested: requests.memory=192Mi, used: requests.memory=192Mi, limited: requests.memory=256Mi"),
+        "{stderr}"
+    );
+    let pods = cluster.ok(&["get", "pods", "-n", "quota"]);
+    assert!(
+        pods.contains("first") && pods.contains("Running") && pods.contains("node-1"),
+        "{pods}"
+    );
+    assert!(!pods.contains("second"), "{pods}");
+    let used = cluster.ok(&[
+        "get",
+        "quota",
+        "one-vm",
+        "-n",
+        "quota",
+        "-o",
+        "jsonpath={.status.used.requests\\.memory} {.status.used.pods}",
+    ]);
+    assert_eq!(used, "192Mi 1");
+    let described = cluster.ok(&["describe", "resourcequota", "one-vm", "-n", "quota"]);
+    assert!(described.contains("requests.memory"), "{described}");
+
+    let budget = cluster.write(
+        "pdb.yaml",
+        "apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata:\n  name: vm\n  namespace: quota\nspec:\n  minAvailable: 1\n  selector:\n    matchLabels:\n      app: vm\n",
+    );
+    cluster.ok(&["apply", "-f", &budget]);
+    let budgets = cluster.ok(&["get", "pdb", "-n", "quota"]);
+    assert!(budgets.contains("vm") && budgets.contains('1'), "{budgets}");
+
+    // Room again once the first pod is gone; the quota's status follows.
+    cluster.ok(&["delete", "pod", "first", "-n", "quota"]);
+    cluster.ok(&["apply", "-f", &pod("second")]);
+    let used = cluster.ok(&[
+        "get",
+        "quota",
+        "one-vm",
+        "-n",
+        "quota",
+        "-o",
+        "jsonpath={.status.used.pods}",
+    ]);
+    assert_eq!(used, "1");
+}

@@ -85,6 +85,14 @@ pub(crate) fn delete_object(
 /// contents of a namespace, the custom resources of a CRD.
 pub(crate) fn after_delete(state: &ServerState, res: &ResourceId, object: &Value) {
     release_foreground_owners(state, object);
+    if res.group.is_empty() && res.resource == "pods" {
+        if let Some(ns) = object
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+        {
+            super::quota::refresh(state, ns);
+        }
+    }
     let uid = object
         .pointer("/metadata/uid")
         .and_then(Value::as_str)

@@ -15,6 +15,7 @@
 pub mod delete;
 pub mod error;
 pub mod gc;
+pub mod quota;
 pub mod read;
 pub mod request;
 pub mod response;

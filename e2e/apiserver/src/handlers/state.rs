@@ -27,6 +27,9 @@ pub struct ServerState {
     uid_counter: AtomicU64,
     uid_seed: u64,
     pub(crate) bookmark_interval: Duration,
+    /// Held from a Pod's quota admission until it is stored, so that two
+    /// Pods cannot both take the last room of a quota.
+    pub(crate) quota_lock: std::sync::Mutex<()>,
 }
 
 impl ServerState {
@@ -43,6 +46,7 @@ impl ServerState {
             uid_counter: AtomicU64::new(1),
             uid_seed: seed,
             bookmark_interval,
+            quota_lock: std::sync::Mutex::new(()),
         }
     }
 

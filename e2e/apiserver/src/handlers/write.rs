@@ -247,10 +247,29 @@ fn create_object_with(
             let status = established_status(object, &now());
             object["status"] = status;
         }
+        ("", "pods") => {
+            // No kubelet: a stored Pod is taken as running.
+            if object.pointer("/status/phase").is_none() {
+                object["status"] = json!({"phase": "Running"});
+            }
+        }
+        ("", "resourcequotas") => {
+            object["status"] = super::quota::status_of(state, &namespace, object);
+        }
         _ => {}
     }
     fold_string_data(def, object);
     admit(def, object, None, query, &name)?;
+    let is_pod = def.group.is_empty() && def.plural == "pods";
+    let quota_guard = is_pod.then(|| {
+        state
+            .quota_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    });
+    if is_pod {
+        super::quota::admit_pod(state, def, &namespace, &name, object)?;
+    }
     if dry_run {
         return Ok(object.clone());
     }
@@ -262,8 +281,12 @@ fn create_object_with(
             Some(_) => Err(ApiError::already_exists(def, &name)),
             None => Ok(Mutation::Put(stored_form)),
         })?;
+    drop(quota_guard);
     if def.group == "apiextensions.k8s.io" {
         state.refresh_crds();
+    }
+    if is_pod {
+        super::quota::refresh(state, &namespace);
     }
     Ok(stored)
 }
