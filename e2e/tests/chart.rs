@@ -74,6 +74,13 @@ fn renders_with_default_values() {
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(c["ports"][0]["containerPort"], 8080);
     let a = args(op);
+    for flag in [
+        "--cpu-allocation-ratio=10",
+        "--reservation-image=registry.k8s.io/pause:3.9",
+    ] {
+        assert!(a.contains(&flag.to_string()), "{flag} not in {a:?}");
+    }
+    let a = args(op);
     assert!(
         a.contains(&"--lease-namespace=godwit-system".into()),
         "{a:?}"
@@ -180,6 +187,8 @@ fn renders_with_custom_values() {
         "--metrics-addr=0.0.0.0:9090",
         "--placement=pack",
         "--reserve-percent=20",
+        "--cpu-allocation-ratio=4",
+        "--reservation-image=registry.example.com/pause:3.10",
         "--max-migrations-per-node=1",
         "--max-migrations-per-cluster=3",
     ] {
