@@ -29,9 +29,10 @@ pub struct Resources {
     pub memory: u64,
 }
 
-impl Resources {
-    /// The sum.
-    pub fn add(self, o: Resources) -> Resources {
+impl std::ops::Add for Resources {
+    type Output = Resources;
+
+    fn add(self, o: Resources) -> Resources {
         Resources {
             cpu: self.cpu + o.cpu,
             memory: self.memory + o.memory,
@@ -224,7 +225,7 @@ pub fn used(node: &str, placed: &[PlacedVm]) -> Resources {
     placed
         .iter()
         .filter(|v| v.node == node)
-        .fold(Resources::default(), |acc, v| acc.add(v.resources))
+        .fold(Resources::default(), |acc, v| acc + v.resources)
 }
 
 fn same_vm(v: &PlacedVm, req: &Request) -> bool {
@@ -271,7 +272,7 @@ fn check(
     // count it twice.
     let others: Vec<&PlacedVm> = placed.iter().filter(|v| !same_vm(v, req)).collect();
     let on_node: Vec<&&PlacedVm> = others.iter().filter(|v| v.node == node.name).collect();
-    let in_use = on_node.iter().fold(node.pods, |a, v| a.add(v.resources));
+    let in_use = on_node.iter().fold(node.pods, |a, v| a + v.resources);
     let keep = |total: u64| total * u64::from(reserve.percent) / 100;
     let free_cpu = node
         .capacity

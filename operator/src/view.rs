@@ -230,7 +230,7 @@ pub fn pods_on(node: &str, pods: &[Pod], placed: &[PlacedVm]) -> Resources {
             !counted
         })
         .map(reservations::pod_requests)
-        .fold(Resources::default(), Resources::add)
+        .fold(Resources::default(), |a, b| a + b)
 }
 
 /// The VM's status conditions (none before its first status).

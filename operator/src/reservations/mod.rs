@@ -202,7 +202,7 @@ fn owner(vm: &VirtualMachine) -> Option<Vec<OwnerReference>> {
 
 /// A quantity of bytes, in Mi when it is whole mebibytes.
 fn memory_quantity(bytes: u64) -> Quantity {
-    if bytes % (1 << 20) == 0 {
+    if bytes.is_multiple_of(1 << 20) {
         Quantity(format!("{}Mi", bytes >> 20))
     } else {
         Quantity(bytes.to_string())

@@ -247,11 +247,9 @@ fn create_object_with(
             let status = established_status(object, &now());
             object["status"] = status;
         }
-        ("", "pods") => {
-            // No kubelet: a stored Pod is taken as running.
-            if object.pointer("/status/phase").is_none() {
-                object["status"] = json!({"phase": "Running"});
-            }
+        // No kubelet: a stored Pod is taken as running.
+        ("", "pods") if object.pointer("/status/phase").is_none() => {
+            object["status"] = json!({"phase": "Running"});
         }
         ("", "resourcequotas") => {
             object["status"] = super::quota::status_of(state, &namespace, object);
