@@ -7,8 +7,10 @@
 //! failure the fault matrix once saw ("Cannot connect to the migration
 //! target ...: connection timed out"). Afterwards the target node has no
 //! process of the VM (none names its directory), no tap of the VM, no VM
-//! cgroup and no VM directory; the VM still runs on the source. With the
-//! rule gone, a second migration succeeds.
+//! cgroup, no VM directory and no reservation pod of the VM (the operator
+//! deletes it once the migration failed); the VM still runs on the source,
+//! with its reservation there. With the rule gone, a second migration
+//! succeeds.
 //!
 //! Needs the release binaries (`cargo build --release -p godwit-node
 //! -p godwit-operator --bins`), the test guest, /dev/kvm and iptables.
@@ -145,6 +147,32 @@ fn a_migration_whose_target_is_never_reached_leaves_nothing_and_a_retry_succeeds
         })
         .map_err(|e| format!("{e:#}: left on the target: {:?}", leftovers(&g, j)));
     assert!(left.is_ok(), "{}", left.unwrap_err());
+    // Its reservation pod on the target goes too; the source's stays.
+    let target = g.cluster.fabric.nodes[j].name.clone();
+    let nodes = g
+        .wait(
+            "one reservation, on the source",
+            Duration::from_secs(30),
+            || {
+                let text = g.kubectl(
+                    &["get", "pods", "-l", "godwit.dev/vm=demo", "-o", "json"],
+                    None,
+                )?;
+                let pods: serde_json::Value = serde_json::from_str(&text)?;
+                let nodes: Vec<String> = pods["items"]
+                    .as_array()
+                    .map(|items| {
+                        items
+                            .iter()
+                            .map(|p| p["spec"]["nodeName"].as_str().unwrap_or("").to_string())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Ok((nodes == [source.clone()]).then_some(nodes))
+            },
+        )
+        .map_err(|e| format!("{e:#}"));
+    assert!(nodes.is_ok(), "reservation left on {target}: {nodes:?}");
     // The VM runs on, on the source, in the same VMM.
     let vm = g.get("vm", "demo").expect("get").expect("VM");
     assert_eq!(vm["status"]["nodeName"], source.as_str());
