@@ -22,6 +22,7 @@
 //! | Node annotations [`CAPACITY_CPU_ANNOTATION`], [`CAPACITY_MEMORY_ANNOTATION`], [`USAGE_ANNOTATION`] | | its own Node |
 //! | VM phase `Running→Stopping` | maintenance, for `evictionStrategy: Shutdown` | |
 //! | VM `Stopped` with Ready reason [`GUEST_RESET_REASON`] | starts it again unless `runStrategy: Halted` | when the guest reset itself |
+//! | Reservation pods (labels [`VM_LABEL`], [`RESERVATION_LABEL`], [`NODE_LABEL`]) and the VM's PodDisruptionBudget | created before scheduling, restarting or a live migration's target preparation; deleted when the VM leaves a node, stops or is deleted | never (requests: vCPUs / cpuAllocationRatio, memory + [`VMM_MEMORY_OVERHEAD`], the agent's cgroup margin) |
 //! | VMMigration `PreCopy…Succeeded/Failed/Cancelled`, `progress`, `result`, `endTime` | `Cancelled`/`Failed` only before `PreparingTarget` (and on timeout of a target that never answers) | source agent, from the moment it sends |
 //!
 //! A migration is cancelled by deleting it or by the annotation

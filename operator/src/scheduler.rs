@@ -11,6 +11,12 @@
 //! cluster matches yet is ignored, so the first VM of a group can start).
 //! Scores: `Spread` prefers the node with the largest free share, `Pack` the
 //! smallest; ties go to the node name, so the answer is deterministic.
+//!
+//! CPU is counted in millicores: a VM takes its vCPUs divided by the
+//! cluster's `cpuAllocationRatio` (see [`crate::reservations::footprint`]),
+//! memory its guest memory plus the VMM overhead. What is in use on a node is
+//! its placed VMs plus [`NodeInfo::pods`], the requests of the node's other
+//! pods (built by [`crate::view`]).
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -737,6 +737,11 @@ fn pods_are_admitted_by_resource_quota_and_listed_with_budgets() {
         "{pods}"
     );
     assert!(!pods.contains("second"), "{pods}");
+    let described = cluster.ok(&["describe", "pod", "first", "-n", "quota"]);
+    assert!(
+        described.contains("node-1") && described.contains("pause:3.9"),
+        "{described}"
+    );
     let used = cluster.ok(&[
         "get",
         "quota",
