@@ -275,8 +275,8 @@ pub fn request_for(vm: &VirtualMachine, resources: Resources) -> Request {
     }
 }
 
-/// Whether a placed VM holds room on its node: from scheduling until it is
-/// stopped.
+/// Whether a placed VM holds room (and a reservation pod) on its node: from
+/// scheduling until it is stopped.
 pub fn occupies_node(vm: &VirtualMachine) -> bool {
     vm_node(vm).is_some() && !matches!(vm_phase(vm), VmPhase::Stopped | VmPhase::Failed)
 }

@@ -135,7 +135,8 @@ async fn delete_pod(ctx: &Context, pod: &Pod) -> Result<(), ReservationError> {
 /// logged: the VM runs already).
 pub async fn sync(ctx: &Context, vm: &VirtualMachine) -> Result<(), ReservationError> {
     let target = migration_target(ctx, vm).await?;
-    let wanted = wanted_nodes(vm, target.clone().flatten().as_deref());
+    let occupied = view::vm_node(vm).filter(|_| view::occupies_node(vm));
+    let wanted = wanted_nodes(occupied, target.clone().flatten().as_deref());
     let pods = listed(ctx, vm).await?;
     let node_of = |p: &Pod| p.spec.as_ref().and_then(|s| s.node_name.clone());
     // A migration whose target is not written yet may already hold it.

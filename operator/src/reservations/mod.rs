@@ -148,17 +148,11 @@ pub fn selector_labels(vm: &str) -> BTreeMap<String, String> {
     .into()
 }
 
-/// The nodes where `vm` should hold a reservation: its own node while it is
-/// placed and not stopped, and a live migration's target while the
-/// migration runs. `migration_target` is that target, `Some(None)` when the
-/// VM migrates but its target is not known yet.
-pub fn wanted_nodes(vm: &VirtualMachine, migration_target: Option<&str>) -> Vec<String> {
-    let mut nodes = Vec::new();
-    if crate::view::occupies_node(vm) {
-        if let Some(node) = crate::view::vm_node(vm) {
-            nodes.push(node.to_string());
-        }
-    }
+/// The nodes where a VM should hold a reservation: `occupied`, the node it
+/// occupies (placed and not stopped),
+/// and a live migration's target while the migration runs.
+pub fn wanted_nodes(occupied: Option<&str>, migration_target: Option<&str>) -> Vec<String> {
+    let mut nodes: Vec<String> = occupied.into_iter().map(str::to_string).collect();
     if let Some(target) = migration_target {
         if !nodes.iter().any(|n| n == target) {
             nodes.push(target.to_string());
@@ -283,8 +277,6 @@ pub fn budget(vm: &VirtualMachine, reservations: usize) -> PodDisruptionBudget {
 
 #[cfg(test)]
 mod tests {
-    use godwit_crds::VmPhase;
-
     use super::*;
     use crate::fixtures::{vm, VmFixture};
 
@@ -320,14 +312,12 @@ mod tests {
     }
 
     #[test]
-    fn a_running_vm_holds_its_node_and_a_migration_target() {
-        let running = vm("a").on("n1").sized(1, 1).running();
-        assert_eq!(wanted_nodes(&running, None), ["n1"]);
-        assert_eq!(wanted_nodes(&running, Some("n2")), ["n1", "n2"]);
-        assert_eq!(wanted_nodes(&running, Some("n1")), ["n1"]);
-        let stopped = vm("b").on("n1").sized(1, 1).phase(VmPhase::Stopped);
-        assert!(wanted_nodes(&stopped, None).is_empty());
-        assert!(wanted_nodes(&vm("c"), None).is_empty(), "not placed");
+    fn a_vm_holds_its_node_and_a_migration_target() {
+        assert_eq!(wanted_nodes(Some("n1"), None), ["n1"]);
+        assert_eq!(wanted_nodes(Some("n1"), Some("n2")), ["n1", "n2"]);
+        assert_eq!(wanted_nodes(Some("n1"), Some("n1")), ["n1"]);
+        assert_eq!(wanted_nodes(None, Some("n2")), ["n2"]);
+        assert!(wanted_nodes(None, None).is_empty());
     }
 
     #[test]
