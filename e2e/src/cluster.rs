@@ -148,6 +148,9 @@ struct Agents {
     procs: Vec<Option<Child>>,
     argv: Vec<Vec<std::ffi::OsString>>,
     logs: Vec<PathBuf>,
+    /// Agent containers to keep running (a test's kill or stop takes the
+    /// name out until it starts the container again).
+    containers: Vec<Option<String>>,
 }
 
 impl LocalCluster {
@@ -307,6 +310,7 @@ impl LocalCluster {
             procs: (0..n).map(|_| None).collect(),
             argv: vec![Vec::new(); n],
             logs: vec![PathBuf::new(); n],
+            containers: vec![None; n],
         };
         for i in 0..self.fabric.nodes.len() {
             self.start_agent(i)?;
@@ -454,8 +458,19 @@ impl LocalCluster {
     /// at the same path: state, shared disks, kubeconfig, migration CA,
     /// images). `/dev/kvm`, `/dev/net/tun` and `/dev/userfaultfd` come with
     /// `--privileged`. The VMM is the image's (`/usr/local/bin/godwit-vmm`).
-    /// No supervisor restarts it: a test starts it again.
+    /// A container that ends by itself is started again, as kubelet
+    /// restarts a DaemonSet's container (an agent exits after fencing to
+    /// rebuild its view); one a test killed or stopped stays down until the
+    /// test starts it.
     pub fn start_agent_container(&mut self, i: usize) -> Result<(), ClusterError> {
+        let name = self.agent_container(i);
+        self.run_agent_container(i)?;
+        self.agents.lock().expect("agents lock").containers[i] = Some(name);
+        self.supervise();
+        Ok(())
+    }
+
+    fn run_agent_container(&mut self, i: usize) -> Result<(), ClusterError> {
         let image = self.agent_image.clone().expect("an agent image");
         let name = self.agent_container(i);
         let log = self
@@ -513,6 +528,7 @@ impl LocalCluster {
     /// Stops node `i`'s agent container as a rollout does (`podman stop`:
     /// SIGTERM, then SIGKILL to what is left in the container's cgroups).
     pub fn stop_agent_container(&mut self, i: usize) -> Result<(), ClusterError> {
+        self.agents.lock().expect("agents lock").containers[i] = None;
         podman(&["stop", "--time", "10", &self.agent_container(i)]).map(drop)
     }
 
@@ -524,6 +540,15 @@ impl LocalCluster {
     /// Kills node `i`'s agent at once (its VMs keep running, as on a real node).
     pub fn kill_agent(&mut self, i: usize) {
         if self.agent_image.is_some() {
+            if let Some(c) = self
+                .agents
+                .lock()
+                .expect("agents lock")
+                .containers
+                .get_mut(i)
+            {
+                *c = None;
+            }
             let _ = podman(&["kill", &self.agent_container(i)]);
             return;
         }
@@ -581,6 +606,7 @@ impl LocalCluster {
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(200));
+                restart_exited_containers(&agents);
                 let mut a = agents.lock().expect("agents lock");
                 for i in 0..a.procs.len() {
                     let exited = a.procs[i]
@@ -595,7 +621,41 @@ impl LocalCluster {
         });
         self.supervisor = Some((stop, thread));
     }
+}
 
+/// Starts again the agent containers that ended by themselves.
+fn restart_exited_containers(agents: &std::sync::Mutex<Agents>) {
+    let wanted: Vec<String> = agents
+        .lock()
+        .expect("agents lock")
+        .containers
+        .iter()
+        .flatten()
+        .cloned()
+        .collect();
+    if wanted.is_empty() {
+        return;
+    }
+    let Ok(listed) = podman(&["ps", "--all", "--format", "{{.Names}} {{.State}}"]) else {
+        return;
+    };
+    for line in listed.lines() {
+        let Some((name, state)) = line.split_once(' ') else {
+            continue;
+        };
+        if !wanted.iter().any(|w| w == name) || state.trim() == "running" {
+            continue;
+        }
+        // Under the lock: a test that kills or stops it meanwhile wins.
+        let a = agents.lock().expect("agents lock");
+        if a.containers.iter().flatten().any(|w| w == name) {
+            let started = podman(&["start", name]);
+            tracing::info!("agent container {name} ended ({state}); started again: {started:?}");
+        }
+    }
+}
+
+impl LocalCluster {
     /// Stops everything and removes what the cluster made.
     pub fn down(mut self) {
         self.stop();

@@ -222,9 +222,12 @@ const STABLE: Duration = Duration::from_secs(5);
 /// How long a VM may be down after a fault: HA's failover budget.
 pub const MAX_GAP: Duration = Duration::from_secs(30);
 
-/// Runs `cells` on a fresh two-node cluster in `dir`.
+/// Runs `cells` on a fresh two-node cluster in `dir`, each node's agent in
+/// a Podman container of Godwit's image, as the DaemonSet runs it: an
+/// agent-kill cell kills the container (`podman kill`), and its VMMs, in
+/// cgroups of their own, live on.
 pub fn run(dir: &std::path::Path, cells: &[(Fault, Phase)]) -> anyhow::Result<Vec<CellReport>> {
-    let mut g = ClusterDriver::up(2, dir)?;
+    let mut g = ClusterDriver::up_in_containers(2, dir)?;
     g.apply(&g.example(EXAMPLE_TEMPLATE))?;
     let mut reports = Vec::new();
     for (n, &(fault, phase)) in cells.iter().enumerate() {
