@@ -25,8 +25,7 @@
 //! agent, as on a real node; taking the cluster down kills them too.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +41,8 @@ use kube::api::{Api, PostParams};
 use godwit_testkit::ca::{write_migration_ca, CaError};
 use godwit_testkit::nodes::Fabric;
 use godwit_testkit::process::alive;
+
+use crate::forwarder::Forwarder;
 
 /// The API's address on the fabric, for agents inside node namespaces.
 pub const API_IP: &str = "10.88.0.254";
@@ -174,7 +175,8 @@ impl LocalCluster {
             node_firewall(&node.ns)?;
         }
         fabric.ns.add_addr("fab", &format!("{API_IP}/24"))?;
-        let forwarder = Forwarder::start(&fabric, api.addr())?;
+        let forwarder = Forwarder::start(&fabric.ns, (API_IP, API_PORT), api.addr())
+            .map_err(ClusterError::Forwarder)?;
         let kubeconfig = dir.join("kubeconfig");
         let node_kubeconfig = dir.join("node-kubeconfig");
         let operator_kubeconfig = dir.join("operator-kubeconfig");
@@ -842,79 +844,5 @@ fn node_object(name: &str, ip: &str, cpu: u32, memory_mib: u64) -> Node {
             ..Default::default()
         }),
         ..Default::default()
-    }
-}
-
-/// Relays connections from the fabric to the API server on the host.
-struct Forwarder {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Forwarder {
-    fn start(fabric: &Fabric, upstream: std::net::SocketAddr) -> Result<Forwarder, ClusterError> {
-        // The listening socket belongs to the namespace of the thread that
-        // creates it; accept() works on it from any thread.
-        let listener = fabric
-            .ns
-            .run_in(move || TcpListener::bind((API_IP, API_PORT)))?
-            .map_err(ClusterError::Forwarder)?;
-        listener
-            .set_nonblocking(true)
-            .map_err(ClusterError::Forwarder)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("api-forwarder".into())
-            .spawn(move || {
-                while !s.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((down, _)) => {
-                            let _ = down.set_nonblocking(false);
-                            if let Ok(up) = TcpStream::connect(upstream) {
-                                relay(down, up);
-                            }
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                    }
-                }
-            })
-            .map_err(ClusterError::Forwarder)?;
-        Ok(Forwarder {
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    fn stop(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Copies both ways until either side closes.
-fn relay(a: TcpStream, b: TcpStream) {
-    let pipe = |mut from: TcpStream, mut to: TcpStream| {
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 16 << 10];
-            loop {
-                match from.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if to.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-            let _ = to.shutdown(Shutdown::Write);
-            let _ = from.shutdown(Shutdown::Read);
-        });
-    };
-    if let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) {
-        pipe(a, b2);
-        pipe(b, a2);
     }
 }
