@@ -26,16 +26,32 @@ apt_packages=(
 # kubectl: the machine image may bring a newer one; Debian's is the fallback.
 command -v kubectl >/dev/null || apt_packages+=(kubernetes-client)
 
-missing=()
-for pkg in "${apt_packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  echo "install-deps: installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
+missing_packages() {
+  missing=()
+  for pkg in "${apt_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+}
+# Twice: installing one package can remove another that was there (seen: the
+# machine image's backported qemu-utils goes when Debian's qemu-system-x86
+# comes in), so what is missing after the first round is installed again.
+export DEBIAN_FRONTEND=noninteractive
+updated=no
+for round in 1 2; do
+  missing_packages
+  [ "${#missing[@]}" -eq 0 ] && break
+  echo "install-deps: installing ${missing[*]} (round $round)"
+  [ "$updated" = yes ] || { apt-get update -qq; updated=yes; }
   apt-get install -y -qq "${missing[@]}"
+done
+missing_packages
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "install-deps: still missing after installing: ${missing[*]}" >&2
+  exit 1
 fi
+for tool in qemu-img qemu-system-x86_64 iasl mcopy fsck.fat cloud-init mkfs.ext4 sfdisk podman runc debootstrap iptables; do
+  command -v "$tool" >/dev/null || { echo "install-deps: $tool is missing after installing its package" >&2; exit 1; }
+done
 
 for tool in cargo rustc; do
   command -v "$tool" >/dev/null || { echo "install-deps: $tool not found: install Rust (rustup) first" >&2; exit 1; }

@@ -7,11 +7,14 @@
 # - the binaries are the release binaries already built in target/release
 #   (the Dockerfile's BINARIES=prebuilt stage), so the image holds exactly
 #   what the suite tests; users build from source with the defaults.
-# Usage: e2e/podman/node-image.sh [TAG]   (default localhost/godwit:e2e)
+# Usage: e2e/podman/node-image.sh [TAG]
+#   (default localhost/godwit:e2e-<checkout>, <checkout> a hash of this
+#   checkout's path: two checkouts on one machine, e.g. git worktrees, test
+#   their own binaries, never each other's)
 # Prints the tag. Needs podman, runc and debootstrap (e2e/install-deps.sh).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
-tag=${1:-localhost/godwit:e2e}
+tag=${1:-localhost/godwit:e2e-$(printf %s "$root" | sha256sum | cut -c1-12)}
 base=localhost/godwit-e2e-base:bookworm
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # This sandbox refuses larger limits than these; runc, not crun, which

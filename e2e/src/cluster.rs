@@ -25,8 +25,7 @@
 //! agent, as on a real node; taking the cluster down kills them too.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +41,8 @@ use kube::api::{Api, PostParams};
 use godwit_testkit::ca::{write_migration_ca, CaError};
 use godwit_testkit::nodes::Fabric;
 use godwit_testkit::process::alive;
+
+use crate::forwarder::Forwarder;
 
 /// The API's address on the fabric, for agents inside node namespaces.
 pub const API_IP: &str = "10.88.0.254";
@@ -148,6 +149,9 @@ struct Agents {
     procs: Vec<Option<Child>>,
     argv: Vec<Vec<std::ffi::OsString>>,
     logs: Vec<PathBuf>,
+    /// Agent containers to keep running (a test's kill or stop takes the
+    /// name out until it starts the container again).
+    containers: Vec<Option<String>>,
 }
 
 impl LocalCluster {
@@ -171,7 +175,8 @@ impl LocalCluster {
             node_firewall(&node.ns)?;
         }
         fabric.ns.add_addr("fab", &format!("{API_IP}/24"))?;
-        let forwarder = Forwarder::start(&fabric, api.addr())?;
+        let forwarder = Forwarder::start(&fabric.ns, (API_IP, API_PORT), api.addr())
+            .map_err(ClusterError::Forwarder)?;
         let kubeconfig = dir.join("kubeconfig");
         let node_kubeconfig = dir.join("node-kubeconfig");
         let operator_kubeconfig = dir.join("operator-kubeconfig");
@@ -307,6 +312,7 @@ impl LocalCluster {
             procs: (0..n).map(|_| None).collect(),
             argv: vec![Vec::new(); n],
             logs: vec![PathBuf::new(); n],
+            containers: vec![None; n],
         };
         for i in 0..self.fabric.nodes.len() {
             self.start_agent(i)?;
@@ -454,8 +460,19 @@ impl LocalCluster {
     /// at the same path: state, shared disks, kubeconfig, migration CA,
     /// images). `/dev/kvm`, `/dev/net/tun` and `/dev/userfaultfd` come with
     /// `--privileged`. The VMM is the image's (`/usr/local/bin/godwit-vmm`).
-    /// No supervisor restarts it: a test starts it again.
+    /// A container that ends by itself is started again, as kubelet
+    /// restarts a DaemonSet's container (an agent exits after fencing to
+    /// rebuild its view); one a test killed or stopped stays down until the
+    /// test starts it.
     pub fn start_agent_container(&mut self, i: usize) -> Result<(), ClusterError> {
+        let name = self.agent_container(i);
+        self.run_agent_container(i)?;
+        self.agents.lock().expect("agents lock").containers[i] = Some(name);
+        self.supervise();
+        Ok(())
+    }
+
+    fn run_agent_container(&mut self, i: usize) -> Result<(), ClusterError> {
         let image = self.agent_image.clone().expect("an agent image");
         let name = self.agent_container(i);
         let log = self
@@ -513,6 +530,7 @@ impl LocalCluster {
     /// Stops node `i`'s agent container as a rollout does (`podman stop`:
     /// SIGTERM, then SIGKILL to what is left in the container's cgroups).
     pub fn stop_agent_container(&mut self, i: usize) -> Result<(), ClusterError> {
+        self.agents.lock().expect("agents lock").containers[i] = None;
         podman(&["stop", "--time", "10", &self.agent_container(i)]).map(drop)
     }
 
@@ -524,6 +542,15 @@ impl LocalCluster {
     /// Kills node `i`'s agent at once (its VMs keep running, as on a real node).
     pub fn kill_agent(&mut self, i: usize) {
         if self.agent_image.is_some() {
+            if let Some(c) = self
+                .agents
+                .lock()
+                .expect("agents lock")
+                .containers
+                .get_mut(i)
+            {
+                *c = None;
+            }
             let _ = podman(&["kill", &self.agent_container(i)]);
             return;
         }
@@ -581,6 +608,7 @@ impl LocalCluster {
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(200));
+                restart_exited_containers(&agents);
                 let mut a = agents.lock().expect("agents lock");
                 for i in 0..a.procs.len() {
                     let exited = a.procs[i]
@@ -595,7 +623,41 @@ impl LocalCluster {
         });
         self.supervisor = Some((stop, thread));
     }
+}
 
+/// Starts again the agent containers that ended by themselves.
+fn restart_exited_containers(agents: &std::sync::Mutex<Agents>) {
+    let wanted: Vec<String> = agents
+        .lock()
+        .expect("agents lock")
+        .containers
+        .iter()
+        .flatten()
+        .cloned()
+        .collect();
+    if wanted.is_empty() {
+        return;
+    }
+    let Ok(listed) = podman(&["ps", "--all", "--format", "{{.Names}} {{.State}}"]) else {
+        return;
+    };
+    for line in listed.lines() {
+        let Some((name, state)) = line.split_once(' ') else {
+            continue;
+        };
+        if !wanted.iter().any(|w| w == name) || state.trim() == "running" {
+            continue;
+        }
+        // Under the lock: a test that kills or stops it meanwhile wins.
+        let a = agents.lock().expect("agents lock");
+        if a.containers.iter().flatten().any(|w| w == name) {
+            let started = podman(&["start", name]);
+            tracing::info!("agent container {name} ended ({state}); started again: {started:?}");
+        }
+    }
+}
+
+impl LocalCluster {
     /// Stops everything and removes what the cluster made.
     pub fn down(mut self) {
         self.stop();
@@ -782,79 +844,5 @@ fn node_object(name: &str, ip: &str, cpu: u32, memory_mib: u64) -> Node {
             ..Default::default()
         }),
         ..Default::default()
-    }
-}
-
-/// Relays connections from the fabric to the API server on the host.
-struct Forwarder {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Forwarder {
-    fn start(fabric: &Fabric, upstream: std::net::SocketAddr) -> Result<Forwarder, ClusterError> {
-        // The listening socket belongs to the namespace of the thread that
-        // creates it; accept() works on it from any thread.
-        let listener = fabric
-            .ns
-            .run_in(move || TcpListener::bind((API_IP, API_PORT)))?
-            .map_err(ClusterError::Forwarder)?;
-        listener
-            .set_nonblocking(true)
-            .map_err(ClusterError::Forwarder)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("api-forwarder".into())
-            .spawn(move || {
-                while !s.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((down, _)) => {
-                            let _ = down.set_nonblocking(false);
-                            if let Ok(up) = TcpStream::connect(upstream) {
-                                relay(down, up);
-                            }
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                    }
-                }
-            })
-            .map_err(ClusterError::Forwarder)?;
-        Ok(Forwarder {
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    fn stop(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Copies both ways until either side closes.
-fn relay(a: TcpStream, b: TcpStream) {
-    let pipe = |mut from: TcpStream, mut to: TcpStream| {
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 16 << 10];
-            loop {
-                match from.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if to.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-            let _ = to.shutdown(Shutdown::Write);
-            let _ = from.shutdown(Shutdown::Read);
-        });
-    };
-    if let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) {
-        pipe(a, b2);
-        pipe(b, a2);
     }
 }

@@ -4,7 +4,6 @@
 //! both nodes all along so that two VMMs of the same VM are never alive at
 //! once. Used by `tests/ha.rs` and by `bench failover`.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -12,6 +11,7 @@ use anyhow::{bail, Context};
 use godwit_testkit::process::alive;
 
 use crate::driver::ClusterDriver;
+use crate::vmm_watch::vmm_pid;
 
 /// One failover.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -29,14 +29,6 @@ pub struct Failover {
     pub fenced_ms: u64,
     /// Two VMMs of the VM were alive at the same moment.
     pub overlap: bool,
-}
-
-fn vmm_pid(dir: &Path) -> Option<i32> {
-    std::fs::read_to_string(dir.join("pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// Cuts off the node VM `default/name` runs on, waits until it runs on

@@ -53,8 +53,6 @@
 //! faults` (about 6 minutes); the suite runs a quick subset
 //! (`e2e/tests/faults.rs`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -63,6 +61,7 @@ use serde_json::Value;
 use godwit_testkit::process::alive;
 
 use crate::driver::{type_at, ClusterDriver, EXAMPLE_TEMPLATE, EXAMPLE_VM};
+use crate::vmm_watch::{processes_naming, vmm_pid, Sampler};
 
 /// What goes wrong.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -222,9 +221,12 @@ const STABLE: Duration = Duration::from_secs(5);
 /// How long a VM may be down after a fault: HA's failover budget.
 pub const MAX_GAP: Duration = Duration::from_secs(30);
 
-/// Runs `cells` on a fresh two-node cluster in `dir`.
+/// Runs `cells` on a fresh two-node cluster in `dir`, each node's agent in
+/// a Podman container of Godwit's image, as the DaemonSet runs it: an
+/// agent-kill cell kills the container (`podman kill`), and its VMMs, in
+/// cgroups of their own, live on.
 pub fn run(dir: &std::path::Path, cells: &[(Fault, Phase)]) -> anyhow::Result<Vec<CellReport>> {
-    let mut g = ClusterDriver::up(2, dir)?;
+    let mut g = ClusterDriver::up_in_containers(2, dir)?;
     g.apply(&g.example(EXAMPLE_TEMPLATE))?;
     let mut reports = Vec::new();
     for (n, &(fault, phase)) in cells.iter().enumerate() {
@@ -293,14 +295,6 @@ pub fn print(reports: &[CellReport]) {
     }
     let passed = reports.iter().filter(|r| r.passed()).count();
     println!("cells passed: {passed} / {}", reports.len());
-}
-
-fn vmm_pid(dir: &std::path::Path) -> Option<i32> {
-    std::fs::read_to_string(dir.join("pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// Kills the VMM process itself, as the OOM killer or a crash would: the
@@ -586,7 +580,7 @@ fn cell(g: &mut ClusterDriver, n: usize, fault: Fault, phase: Phase) -> anyhow::
     // Watch both nodes until the migration is over and the VM runs again:
     // a sampler thread looks at the VMM processes every 10 ms, undisturbed
     // by the API reads here.
-    let watcher = Sampler::start(dirs.clone(), before);
+    let watcher = Sampler::start(dirs.clone(), before, MAX_GAP);
     // Settled: the migration over, the VM Running with one VMM, the same
     // one for STABLE (a source that lost its guest in post-copy exits a
     // few seconds after the migration failed).
@@ -759,25 +753,6 @@ fn cleanup(g: &mut ClusterDriver) -> anyhow::Result<()> {
     unmount_small_disks(g)
 }
 
-/// Processes whose command line names `dir` (a VM directory).
-fn processes_naming(dir: &std::path::Path) -> Vec<i32> {
-    let needle = dir.display().to_string();
-    std::fs::read_dir("/proc")
-        .map(|r| {
-            r.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-                .filter(|pid| {
-                    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                        String::from_utf8_lossy(&c)
-                            .replace('\0', " ")
-                            .contains(&needle)
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Removes by force what a cell left that [`cleanup`] could not: every
 /// process of the VM on either node (its cgroup's, and any naming its VM
 /// directory: an orphaned incoming VMM), its taps, its cgroups, its VM
@@ -836,112 +811,4 @@ pub fn force_clean(g: &mut ClusterDriver) -> anyhow::Result<()> {
         Ok((gone && quiet).then_some(()))
     })?;
     unmount_small_disks(g)
-}
-
-/// Samples the VM's VMM processes on both nodes every 10 ms in a thread.
-struct Sampler {
-    state: Arc<Mutex<Samples>>,
-    stop: Arc<AtomicBool>,
-    over: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-#[derive(Default)]
-struct Samples {
-    live: Vec<usize>,
-    violation: Option<String>,
-    gap_start: Option<Instant>,
-    longest_gap: Duration,
-}
-
-impl Sampler {
-    /// `before`: the migration's own VMMs (source and target), which may
-    /// coexist until it is over.
-    fn start(dirs: [std::path::PathBuf; 2], before: Vec<i32>) -> Sampler {
-        let state = Arc::new(Mutex::new(Samples::default()));
-        let (stop, over) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicBool::new(false)),
-        );
-        let (st, sp, ov) = (state.clone(), stop.clone(), over.clone());
-        let thread = std::thread::spawn(move || {
-            while !sp.load(Ordering::Relaxed) {
-                let pids: Vec<Option<i32>> = (0..2)
-                    .map(|k| vmm_pid(&dirs[k]).filter(|&p| alive(p)))
-                    .collect();
-                let live: Vec<usize> = (0..2).filter(|&k| pids[k].is_some()).collect();
-                let restarted = pids.iter().flatten().any(|p| !before.contains(p));
-                let mut s = st.lock().unwrap();
-                // During the migration its two VMMs coexist (only one runs
-                // the guest: the protocol and the disk lock see to that). A
-                // restarted VMM must never run next to either of them, and
-                // once the migration is over one VMM is left.
-                if live.len() > 1
-                    && (restarted || ov.load(Ordering::Relaxed))
-                    && s.violation.is_none()
-                {
-                    s.violation = Some(format!(
-                        "two VMMs of the VM run at once: {pids:?} (the migration's were {before:?})"
-                    ));
-                }
-                match (live.is_empty(), s.gap_start) {
-                    (true, None) => s.gap_start = Some(Instant::now()),
-                    (false, Some(g)) => {
-                        s.longest_gap = s.longest_gap.max(g.elapsed());
-                        s.gap_start = None;
-                    }
-                    _ => {}
-                }
-                s.live = live;
-                drop(s);
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        });
-        Sampler {
-            state,
-            stop,
-            over,
-            thread: Some(thread),
-        }
-    }
-
-    /// Fails on two VMMs at once or on no VMM for longer than [`MAX_GAP`].
-    fn check(&self) -> anyhow::Result<()> {
-        let s = self.state.lock().unwrap();
-        if let Some(v) = &s.violation {
-            bail!("{v}");
-        }
-        if s.gap_start.is_some_and(|g| g.elapsed() > MAX_GAP) {
-            bail!("no VMM of the VM ran for {MAX_GAP:?}");
-        }
-        Ok(())
-    }
-
-    fn live(&self) -> Vec<usize> {
-        self.state.lock().unwrap().live.clone()
-    }
-
-    fn migration_over(&self) {
-        self.over.store(true, Ordering::Relaxed);
-    }
-
-    /// Stops sampling; the longest time without a VMM, or the violation seen.
-    /// (Dropping it stops it too.)
-    fn stop(mut self) -> anyhow::Result<Duration> {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.check()?;
-        Ok(self.state.lock().unwrap().longest_gap)
-    }
-}
-
-impl Drop for Sampler {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }

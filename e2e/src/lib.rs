@@ -17,4 +17,6 @@ pub mod demo;
 pub mod driver;
 pub mod failover;
 pub mod faults;
+pub mod forwarder;
 pub mod helm;
+pub mod vmm_watch;

@@ -19,6 +19,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use godwit_e2e::driver::{ClusterDriver, EXAMPLE_TEMPLATE, EXAMPLE_VM};
+use godwit_e2e::vmm_watch::processes_naming;
 use godwit_node::agent::cgroup::{self, Cgroups};
 use godwit_node::agent::vm_dir::tap_name;
 
@@ -28,27 +29,6 @@ fn migration(name: &str) -> String {
     format!(
         "apiVersion: godwit.dev/v1alpha1\nkind: VMMigration\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  vmName: demo\n  mode: Live\n  policy:\n    allowPostCopy: false\n    completionTimeoutSeconds: 120\n"
     )
-}
-
-/// Processes whose command line names `dir`.
-fn processes_naming(dir: &Path) -> Vec<i32> {
-    let needle = dir.display().to_string();
-    std::fs::read_dir("/proc")
-        .map(|r| {
-            r.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-                .filter(|pid| {
-                    std::fs::read(format!("/proc/{pid}/cmdline"))
-                        .map(|c| {
-                            String::from_utf8_lossy(&c)
-                                .replace('\0', " ")
-                                .contains(&needle)
-                        })
-                        .unwrap_or(false)
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// What the VM left on node `k`, in words (empty: nothing).

@@ -224,7 +224,20 @@ fn templates_boot_their_images_kernel_or_say_what_is_missing() {
                     .is_some_and(|c| c.iter().any(|c| c["reason"] == "BootImageInvalid"))
             }))
         })
-        .unwrap();
+        .unwrap_or_else(|e| {
+            // What the VM and its events said instead (the flake seen once).
+            let vm = g.kubectl(&["get", "vm", "no-boot", "-o", "json"], None);
+            let events = g.kubectl(
+                &[
+                    "get",
+                    "events",
+                    "--field-selector",
+                    "involvedObject.name=no-boot",
+                ],
+                None,
+            );
+            panic!("{e:#}\nthe VM: {vm:?}\nits events: {events:?}")
+        });
     let ready = vm["status"]["conditions"]
         .as_array()
         .unwrap()

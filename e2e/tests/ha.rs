@@ -2,7 +2,9 @@
 //! runs on is cut off the network; the node fences itself (stops the VM), the
 //! operator restarts the VM on the other node, and at no moment do two VMMs
 //! of the VM run; reconnected, the node does not start the VM again. The
-//! failover time is printed (the figure is `bench failover`'s job).
+//! failover time is printed (the figure is `bench failover`'s job). Each
+//! node's agent runs in a Podman container of Godwit's image, as the
+//! DaemonSet runs it.
 //!
 //! Needs the release binaries (`cargo build --release -p godwit-node -p
 //! godwit-operator --bins`, as e2e/test.sh does) and /dev/kvm.
@@ -12,7 +14,8 @@ use godwit_e2e::driver::{ClusterDriver, EXAMPLE_TEMPLATE, EXAMPLE_VM};
 #[test]
 fn a_lost_nodes_vm_runs_again_elsewhere_and_never_twice() {
     let dir = std::env::temp_dir().join(format!("godwit-ha-{}", std::process::id()));
-    let g = ClusterDriver::up(2, &dir).expect("local cluster with Godwit");
+    let g = ClusterDriver::up_in_containers(2, &dir)
+        .expect("local cluster with Godwit, agents in Podman");
     g.apply(&g.example(EXAMPLE_TEMPLATE)).unwrap();
     g.apply(&g.example(EXAMPLE_VM)).unwrap();
     let f = godwit_e2e::failover::fail_over(&g, "demo").expect("failover");

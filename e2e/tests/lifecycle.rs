@@ -1,6 +1,7 @@
 //! A VM's life on a local cluster with the operator and node agents, driven
 //! with kubectl: the example template and VM are applied and the VM runs on a
-//! node with its customization, in its own cgroup; its node agent is killed
+//! node with its customization, in its own cgroup; its node agent (in a
+//! Podman container of Godwit's image, as the DaemonSet runs it) is killed
 //! and restarted while it runs, its pid file removed meanwhile (the VM keeps
 //! running and stays Running, the new agent adopts the VMM by its cgroup); a migration deleted
 //! mid-way leaves it running on the source; deleting the VM stops its VMM and
@@ -45,7 +46,8 @@ spec:
 #[test]
 fn vm_runs_survives_an_agent_restart_a_cancelled_migration_and_is_deleted() {
     let dir = std::env::temp_dir().join(format!("godwit-lifecycle-{}", std::process::id()));
-    let mut g = ClusterDriver::up(2, &dir).expect("local cluster with Godwit");
+    let mut g = ClusterDriver::up_in_containers(2, &dir)
+        .expect("local cluster with Godwit, agents in Podman");
 
     // Apply: the VM runs on a node, with the template's customization.
     g.apply(&g.example(EXAMPLE_TEMPLATE)).unwrap();

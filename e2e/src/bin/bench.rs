@@ -18,8 +18,9 @@
 //!   of the same workload (`godwit_e2e::bench::storage_migrate`; skip with
 //!   `--no-migrate`).
 //!
-//! - `bench failover [--runs N] [--json]`: HA on a two-node local cluster
-//!   with the operator and agents: the node running a VM is cut off the
+//! - `bench failover [--runs N] [--json] [--host-agents]`: HA on a two-node
+//!   local cluster with the operator and agents (in Podman containers of
+//!   Godwit's image unless `--host-agents`): the node running a VM is cut off the
 //!   network, and the time from the cut to the guest's first heartbeat on
 //!   the other node (its console; the time to the VM reported Running is
 //!   shown too) is measured, N times (the VM moves back and forth); median and max (see
@@ -134,13 +135,21 @@ struct FailoverArgs {
     /// Failovers to measure.
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Run the node agents as host processes instead of in Podman
+    /// containers of Godwit's image (the default, as the DaemonSet runs them).
+    #[arg(long)]
+    host_agents: bool,
 }
 
 fn failover(a: FailoverArgs) -> Result<()> {
     use godwit_e2e::driver::{ClusterDriver, EXAMPLE_TEMPLATE, EXAMPLE_VM};
     anyhow::ensure!(a.runs > 0, "--runs must be at least 1");
     let dir = std::env::temp_dir().join(format!("godwit-bench-failover-{}", std::process::id()));
-    let g = ClusterDriver::up(2, &dir)?;
+    let g = if a.host_agents {
+        ClusterDriver::up(2, &dir)?
+    } else {
+        ClusterDriver::up_in_containers(2, &dir)?
+    };
     g.apply(&g.example(EXAMPLE_TEMPLATE))?;
     g.apply(&g.example(EXAMPLE_VM))?;
     let mut times = Vec::new();
@@ -167,7 +176,7 @@ fn failover(a: FailoverArgs) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            json!({"bench": "failover", "runs": a.runs, "median_ms": median, "max_ms": max})
+            json!({"bench": "failover", "runs": a.runs, "agents": if a.host_agents { "host" } else { "podman" }, "median_ms": median, "max_ms": max})
         );
     } else {
         println!(

@@ -117,6 +117,7 @@ pub async fn reconcile(agent: &Agent, vm: &VirtualMachine) -> anyhow::Result<()>
                     let reason = e
                         .downcast_ref::<vmm_process::VmmProcessError>()
                         .map_or("StartFailed", start_failure_reason);
+                    tracing::warn!(vm = %format!("{ns}/{name}"), reason, "{msg}");
                     vm_phase(&api, vm, VmPhase::Failed, Some((reason, &msg))).await?;
                     agent
                         .event(vm, EventType::Warning, reason, "Start", msg)

@@ -256,7 +256,7 @@ impl TemplateCache {
             .truncate(false)
             .open(&partial)
             .map_err(|e| io_error(&partial, "create", e))?;
-        let _busy = ImageLock::acquire(&partial, LockMode::Exclusive)?;
+        let _busy = acquire_briefly(&partial)?;
         let resumable = expected.is_some() && matches!(src, Source::Http(_));
         let result = match &src {
             Source::File(p) => self.copy_in(p, &file, &partial, progress),
@@ -596,6 +596,27 @@ pub fn sha256_file(path: &Path) -> Result<String, StorageError> {
         ctx.update(&buf[..n]);
     }
     Ok(hex(ctx.finish().as_ref()))
+}
+
+/// How long a fetch waits for the lock on its partial file before it says
+/// Locked.
+const LOCK_PATIENCE: Duration = Duration::from_secs(2);
+
+/// The exclusive lock on a partial download, waiting up to [`LOCK_PATIENCE`]:
+/// a process forked by this one (any `Command` spawned by another thread)
+/// shares its open files, and so its locks, until it execs, so a lock just
+/// released can look held for a moment. A fetch that really runs elsewhere
+/// still holds it after the wait, and that is reported as Locked.
+fn acquire_briefly(partial: &Path) -> Result<ImageLock, StorageError> {
+    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+    loop {
+        match ImageLock::acquire(partial, LockMode::Exclusive) {
+            Err(StorageError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
 
 #[cfg(test)]
