@@ -340,7 +340,7 @@ fn storage_migration(base_on_target: bool) {
     // Run the guest on the target; it verifies what it wrote.
     let con = std::os::unix::net::UnixStream::connect(&target.console).unwrap();
     let mut con = Console::new(con.try_clone().unwrap(), con);
-    let r = common::call(&target.api, Cmd::Resume);
+    let r = resume(&target);
     assert_eq!(r["ok"], true, "{r}");
     let mut verify = |sector: u64, count: u64, seed: u64| {
         con.send(&format!("blkverify {sector} {count} {seed}"))
@@ -475,8 +475,22 @@ fn shared_disk_lock_moves_to_the_target() {
     // The guest runs there on the same disk.
     let con = std::os::unix::net::UnixStream::connect(&target.console).unwrap();
     let mut con = Console::new(con.try_clone().unwrap(), con);
-    assert_eq!(common::call(&target.api, Cmd::Resume)["ok"], true);
+    assert_eq!(resume(&target)["ok"], true);
     blk_ok(&mut con, &format!("blkverify {OVERLAY_AT} 256 2"));
+}
+
+/// Resumes the guest on the target. The source reports the migration
+/// Completed once the target has it; the target makes its control socket
+/// just after, so it is waited for (10 s at most).
+fn resume(target: &Target) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match godwit_testkit::vmmproc::call_envelope(&common::control(&target.api), Cmd::Resume) {
+            Ok(v) => return v,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("resume on the target: {e}"),
+        }
+    }
 }
 
 /// A small tmpfs mounted for one test, unmounted even when it fails.
