@@ -108,7 +108,13 @@ fn a_vm_gets_its_seed_and_the_target_rebuilds_it_identically() {
         ),
         "no SEED line on the console"
     );
-    assert!(console_has(&vm_dir, "NET up ip=10.88.0.10 "));
+    // The guest brings its NIC up after it prints its hostname.
+    g.wait(
+        "the seed's address on the console",
+        Duration::from_secs(30),
+        || Ok(console_has(&vm_dir, "NET up ip=10.88.0.10 ").then_some(())),
+    )
+    .unwrap();
     let line = heartbeat_over_tcp(&g);
     assert!(line.starts_with("HB "), "{line:?}");
 
