@@ -256,6 +256,15 @@ impl ClusterDriver {
     }
 }
 
+/// The node a VM object is placed on (its `godwit.dev/node` label; empty
+/// when it has none).
+pub fn node_of(vm: &Value) -> String {
+    vm["metadata"]["labels"]["godwit.dev/node"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// Types `line` at the console of the VM whose directory is `vm_dir` (the
 /// VMM's console socket).
 pub fn type_at(vm_dir: &Path, line: &str) -> anyhow::Result<()> {

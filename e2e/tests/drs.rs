@@ -16,7 +16,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use godwit_e2e::driver::ClusterDriver;
+use godwit_e2e::driver::{node_of, ClusterDriver};
 use serde_json::Value;
 
 const HEAVY: [(&str, &str); 3] = [
@@ -69,13 +69,6 @@ spec:
   evictionStrategy: LiveMigrate
 {affinity}"#
     ))
-}
-
-fn node_of(vm: &Value) -> String {
-    vm["metadata"]["labels"]["godwit.dev/node"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
 }
 
 #[test]

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use godwit_e2e::driver::ClusterDriver;
+use godwit_e2e::driver::{node_of, ClusterDriver};
 use godwit_testkit::guest::watch_heartbeats;
 use serde_json::Value;
 
@@ -73,13 +73,6 @@ spec:
   evictionStrategy: LiveMigrate
 "#
     ))
-}
-
-fn node_of(vm: &Value) -> String {
-    vm["metadata"]["labels"]["godwit.dev/node"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
 }
 
 fn maintenance_status(g: &ClusterDriver, node: &str) -> Option<Value> {

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use godwit_e2e::driver::ClusterDriver;
+use godwit_e2e::driver::{node_of, ClusterDriver};
 use godwit_testkit::guest::watch_heartbeats;
 use serde_json::Value;
 
@@ -76,13 +76,6 @@ spec:
   evictionStrategy: LiveMigrate
 {network}"#
     ))
-}
-
-fn node_of(vm: &Value) -> String {
-    vm["metadata"]["labels"]["godwit.dev/node"]
-        .as_str()
-        .unwrap_or("")
-        .to_string()
 }
 
 fn list(g: &ClusterDriver, args: &[&str]) -> Vec<Value> {
