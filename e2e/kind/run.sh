@@ -30,7 +30,7 @@ for node in $workers; do
   docker exec "$node" mkdir -p /var/lib/godwit/kernels /var/lib/godwit/images
   docker cp "$guest" "$node:/var/lib/godwit/kernels/godwit-testguest.elf"
   docker exec "$node" truncate -s 64M /var/lib/godwit/images/testguest-root.raw
-  docker exec "$node" sh -c 'ip link add godwit0 type bridge && ip addr add 10.88.0.1/24 dev godwit0 && ip link set godwit0 up'
+  docker exec "$node" sh -c 'ip link add godwit0 type bridge && ip link set godwit0 address "$(cat /sys/class/net/godwit0/address)" && ip addr add 10.88.0.1/24 dev godwit0 && ip link set godwit0 up'
   kubectl label node "$node" godwit.dev/vm-host=true
 done
 

@@ -22,7 +22,22 @@ fn tcp_client_in_another_netns_streams_heartbeats() {
     host.add_bridge(&br).unwrap();
     let (va, vb) = (unique_name("va"), unique_name("vb"));
     let _veth = Veth::new(&host, &va, &client, &vb).unwrap();
+    // An uplink whose address sorts above nearly every random one: a tap
+    // with a random address would become the bridge's lowest port, and the
+    // bridge would take its address.
+    host.ip(&["link", "set", &va, "address", "fc:ff:ff:ff:ff:fe"])
+        .unwrap();
     host.attach(&va, &br).unwrap();
+    let bridge_mac = || {
+        let out = host.ip(&["-o", "link", "show", &br]).unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.split("link/ether ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(bridge_mac(), "fc:ff:ff:ff:ff:fe");
     client.add_addr(&vb, "10.77.0.1/24").unwrap();
     let tap = unique_name("tap");
 
@@ -43,7 +58,16 @@ fn tcp_client_in_another_netns_streams_heartbeats() {
     assert!(up.text.contains("mac=52:54:00:77:00:02"), "{}", up.text);
     // The tap exists in the VM's namespace and is on the bridge.
     let link = host.ip(&["-o", "link", "show", &tap]).unwrap();
-    assert!(String::from_utf8_lossy(&link.stdout).contains(&format!("master {br}")));
+    let link = String::from_utf8_lossy(&link.stdout).into_owned();
+    assert!(link.contains(&format!("master {br}")), "{link}");
+    // Its host-side address is `fe:...`, and the bridge (which carries a
+    // node's IP on a real node) kept its own.
+    assert!(link.contains("link/ether fe:"), "{link}");
+    assert_eq!(
+        bridge_mac(),
+        "fc:ff:ff:ff:ff:fe",
+        "the tap changed the bridge's address"
+    );
 
     let counters = client
         .run_in(|| {

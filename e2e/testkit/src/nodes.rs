@@ -88,6 +88,16 @@ impl Fabric {
             node_ns.add_bridge(&bridge)?;
             let (up, down) = (unique_name("gwup"), unique_name("gwdn"));
             links.push(Veth::new(&node_ns, &up, &ns, &down)?);
+            // The uplink gets an address like a NIC's (low, fixed), so the
+            // bridge keeps it whatever taps come and go (the agent's taps
+            // are `fe:...`; a bridge takes its lowest port's address).
+            node_ns.ip(&[
+                "link",
+                "set",
+                &up,
+                "address",
+                &format!("02:00:0a:58:00:{:02x}", i + 1),
+            ])?;
             node_ns.attach(&up, &bridge)?;
             ns.attach(&down, "fab")?;
             let ip = format!("{SUBNET}.{}", i + 1);

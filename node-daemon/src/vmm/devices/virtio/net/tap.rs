@@ -13,6 +13,8 @@ const SIOCGIFINDEX: libc::c_ulong = 0x8933;
 const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
 const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
 const SIOCBRADDIF: libc::c_ulong = 0x89a2;
+const SIOCSIFHWADDR: libc::c_ulong = 0x8924;
+const ARPHRD_ETHER: u16 = 1;
 
 #[repr(C)]
 #[derive(Default)]
@@ -130,7 +132,14 @@ impl Tap {
         ioctl(&sock, SIOCSIFFLAGS, &mut ifr).map_err(err)
     }
 
-    /// Adds the tap to `bridge`.
+    /// Adds the tap to `bridge`, after giving it [`host_mac`]: a Linux
+    /// bridge whose address was never set takes the lowest of its ports'
+    /// addresses, so a tap with a random one could change the address of
+    /// a bridge that carries the node's IP, and the neighbours' ARP caches
+    /// would send the node's traffic to an address nobody answers (seen as
+    /// migration connections timing out after a VMM on the node came or
+    /// went). `fe:` sorts above any address the kernel picks at random
+    /// except its 1/64 that start with `fe` themselves, as libvirt's taps do.
     pub fn attach(&self, bridge: &str) -> Result<(), VirtioError> {
         if self.handed {
             return Ok(());
@@ -140,6 +149,10 @@ impl Tap {
         }
         let err = |e| VirtioError::AttachBridge(self.name.clone(), bridge.to_string(), e);
         let sock = ctl_socket().map_err(err)?;
+        let mut hw = IfReq::new(&self.name);
+        hw.data[..2].copy_from_slice(&ARPHRD_ETHER.to_ne_bytes());
+        hw.data[2..8].copy_from_slice(&host_mac(&self.name));
+        ioctl(&sock, SIOCSIFHWADDR, &mut hw).map_err(err)?;
         let mut ifr = IfReq::new(&self.name);
         ioctl(&sock, SIOCGIFINDEX, &mut ifr).map_err(err)?;
         let index = i32::from_ne_bytes([ifr.data[0], ifr.data[1], ifr.data[2], ifr.data[3]]);
@@ -147,6 +160,17 @@ impl Tap {
         br.data[..4].copy_from_slice(&index.to_ne_bytes());
         ioctl(&sock, SIOCBRADDIF, &mut br).map_err(err)
     }
+}
+
+/// The host-side address of tap `name`: `fe:` and five bytes of a hash
+/// of the name (distinct taps, distinct addresses; see [`Tap::attach`]).
+pub fn host_mac(name: &str) -> [u8; 6] {
+    // FNV-1a: stable across builds, unlike std's hasher.
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let b = h.to_be_bytes();
+    [0xfe, b[0], b[1], b[2], b[3], b[4]]
 }
 
 fn set_nonblocking(file: &File) -> std::io::Result<()> {
