@@ -16,6 +16,19 @@ pub const MAC_PATTERN: &str = r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$";
 /// A DNS-1123 label, as Kubernetes names for nodes, networks and disks.
 pub const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$";
 
+/// The CEL rule every node path in a spec passes: absolute, without `.`,
+/// `..` or empty segments. What a node then accepts is its own business (the
+/// node daemon's image directories, `--image-dir`); this refuses at once
+/// what could never pass.
+pub const NODE_PATH_RULE: &str = "self.startsWith('/') && !self.contains('/../') && !self.endsWith('/..') && !self.contains('/./') && !self.endsWith('/.') && !self.contains('//')";
+/// The message of [`NODE_PATH_RULE`].
+pub const NODE_PATH_MESSAGE: &str = "must be an absolute path without `.`, `..` or `//`, under one of the node's image directories (by default /var/lib/godwit/images and /var/lib/godwit/kernels)";
+/// The CEL rule that refuses the node's system directories outright: no
+/// node serves images from them.
+pub const SYSTEM_PATH_RULE: &str = "!['/proc/', '/sys/', '/dev/', '/etc/', '/run/', '/var/run/', '/root/', '/home/', '/boot/', '/var/lib/kubelet/'].exists(p, self.startsWith(p))";
+/// The message of [`SYSTEM_PATH_RULE`].
+pub const SYSTEM_PATH_MESSAGE: &str = "names a system directory of the node; images come only from the node's image directories (by default /var/lib/godwit/images and /var/lib/godwit/kernels)";
+
 /// How the guest is started: either a kernel file on the node (a Linux bzImage
 /// or a PVH ELF) with an optional initrd, or the newest kernel and initrd in
 /// the root disk image's own `/boot` (`fromImage`); and the kernel command line.
@@ -24,17 +37,24 @@ pub const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$";
 #[x_kube(validation = Rule::new("!has(self.initrd) || has(self.kernel)").message("boot.initrd goes with boot.kernel; fromImage takes the initrd from the image's /boot"))]
 #[serde(rename_all = "camelCase")]
 pub struct BootSpec {
-    /// Path of the kernel on the node (bzImage or PVH ELF).
+    /// Path of the kernel on the node (bzImage or PVH ELF), in one of the
+    /// node's image directories.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 4096))]
+    #[x_kube(validation = Rule::new(NODE_PATH_RULE).message(NODE_PATH_MESSAGE))]
+    #[x_kube(validation = Rule::new(SYSTEM_PATH_RULE).message(SYSTEM_PATH_MESSAGE))]
     pub kernel: Option<String>,
     /// Boot the newest `vmlinuz-<version>` (and its initrd) found in `/boot`
     /// of the root disk's image (ext2/3/4, on a GPT or MBR disk or the whole
     /// disk), with `root=UUID=<root filesystem>` before `cmdline`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_image: Option<FromImage>,
-    /// Path of an initial ramdisk on the node (only with `kernel`).
+    /// Path of an initial ramdisk on the node (only with `kernel`), in one
+    /// of the node's image directories.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    #[x_kube(validation = Rule::new(NODE_PATH_RULE).message(NODE_PATH_MESSAGE))]
+    #[x_kube(validation = Rule::new(SYSTEM_PATH_RULE).message(SYSTEM_PATH_MESSAGE))]
     pub initrd: Option<String>,
     /// Kernel command line. Godwit appends the customization's `extraCmdline`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

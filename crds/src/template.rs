@@ -64,12 +64,15 @@ pub struct VMTemplateSpec {
 }
 
 /// Where a template's root image comes from.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ImageSource {
-    /// An absolute path on the node, or an `http://` / `https://` URL that each node
-    /// downloads once into its image cache.
-    #[schemars(pattern(r"^(/|https?://).+"))]
+    /// An absolute path in one of the node's image directories (the node
+    /// daemon's `--image-dir`), or an `http://` / `https://` URL that each
+    /// node downloads once into its image cache.
+    #[schemars(pattern(r"^(/|https?://).+"), length(max = 4096))]
+    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://') || (self.startsWith('/') && !self.contains('/../') && !self.endsWith('/..') && !self.contains('/./') && !self.endsWith('/.') && !self.contains('//'))").message(crate::common::NODE_PATH_MESSAGE))]
+    #[x_kube(validation = Rule::new(crate::common::SYSTEM_PATH_RULE).message(crate::common::SYSTEM_PATH_MESSAGE))]
     pub source: String,
     /// Expected SHA-256 of the image, lower-case hex; downloads that do not match
     /// are discarded.

@@ -168,10 +168,14 @@ pub struct DiskSource {
 pub struct TemplateDiskSource {}
 
 /// An existing image file.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 pub struct ImageDiskSource {
-    /// Absolute path of the image.
-    #[schemars(pattern(r"^/.+"))]
+    /// Absolute path of the image, in one of the node's image directories
+    /// (the node daemon's `--image-dir`; a `Shared` disk's directory must be
+    /// one on every node).
+    #[schemars(pattern(r"^/.+"), length(max = 4096))]
+    #[x_kube(validation = Rule::new(crate::common::NODE_PATH_RULE).message(crate::common::NODE_PATH_MESSAGE))]
+    #[x_kube(validation = Rule::new(crate::common::SYSTEM_PATH_RULE).message(crate::common::SYSTEM_PATH_MESSAGE))]
     pub path: String,
     /// Image format (default `raw`).
     #[serde(default)]

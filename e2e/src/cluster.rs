@@ -439,8 +439,20 @@ impl LocalCluster {
             "--cgroup-root".into(),
             cgroup_root.into(),
         ];
+        // The node's image directories: where VMs may name files.
+        for d in self.image_dirs() {
+            argv.extend(["--image-dir".into(), d.into_os_string()]);
+        }
         argv.extend(self.agent_args.iter().map(Into::into));
         argv
+    }
+
+    /// The directories every node serves images from (`--image-dir`):
+    /// `<dir>/images-root/images` and `<dir>/images-root/kernels`, as
+    /// `/var/lib/godwit/images` and `/var/lib/godwit/kernels` on a real node.
+    pub fn image_dirs(&self) -> [PathBuf; 2] {
+        let root = self.dir.join("images-root");
+        [root.join("images"), root.join("kernels")]
     }
 
     /// The Podman container of node `i`'s agent (unique to this cluster).

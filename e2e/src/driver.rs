@@ -103,8 +103,9 @@ impl ClusterDriver {
         let elf = guest_elf()?;
         let mut cluster = LocalCluster::up(nodes, 4, 2048, dir)?;
         let root = dir.join("images-root");
-        std::fs::create_dir_all(root.join("kernels"))?;
-        std::fs::create_dir_all(root.join("images"))?;
+        for d in cluster.image_dirs() {
+            std::fs::create_dir_all(d)?;
+        }
         std::fs::copy(&elf, root.join("kernels/godwit-testguest.elf"))?;
         std::fs::File::create(root.join("images/testguest-root.raw"))?.set_len(64 << 20)?;
         cluster.operator_args = operator_args.iter().map(|a| a.to_string()).collect();

@@ -102,6 +102,8 @@ fn renders_with_default_values() {
         "--cgroup-parent=godwit.slice",
         "--vmm-memory-overhead-mib=128",
         "--metrics-addr=0.0.0.0:9411",
+        "--image-dir=/var/lib/godwit/images",
+        "--image-dir=/var/lib/godwit/kernels",
     ] {
         assert!(a.contains(&flag.to_string()), "{flag} not in {a:?}");
     }
@@ -208,9 +210,28 @@ fn renders_with_custom_values() {
         "--migration-ports=48000-48099",
         "--cpu=16",
         "--memory-mib=65536",
+        "--image-dir=/srv/godwit/images",
+        "--image-dir=/srv/vm-images",
     ] {
         assert!(a.contains(&flag.to_string()), "{flag} not in {a:?}");
     }
+    // An image directory outside the state directory is the host's, read-only.
+    let mounts = ds["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let images: Vec<&Value> = mounts
+        .iter()
+        .filter(|m| m["name"].as_str().is_some_and(|n| n.starts_with("images-")))
+        .collect();
+    assert_eq!(images.len(), 1, "{mounts:?}");
+    assert_eq!(images[0]["mountPath"], "/srv/vm-images");
+    assert_eq!(images[0]["readOnly"], true);
+    assert!(pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v["hostPath"]["path"] == "/srv/vm-images"));
     find(&docs, "Secret", "my-migration-ca");
     for binding in ["RoleBinding", "ClusterRoleBinding"] {
         for d in docs.iter().filter(|d| d["kind"] == binding) {

@@ -117,8 +117,8 @@ fn a_stopped_vm_moves_with_its_disk_verified_and_the_source_copy_goes() {
         1 - g.node_index(&from).unwrap(),
     );
     let (src_cache, dst_cache) = (
-        g.cluster.node_state_dir(i).join("images"),
-        g.cluster.node_state_dir(j).join("images"),
+        g.cluster.node_state_dir(i).join("cache"),
+        g.cluster.node_state_dir(j).join("cache"),
     );
     std::fs::create_dir_all(dst_cache.join("sources")).unwrap();
     let mut corrupted = Vec::new();

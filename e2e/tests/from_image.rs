@@ -146,7 +146,8 @@ fn node_index_of(g: &ClusterDriver, vm: &str) -> usize {
 fn templates_boot_their_images_kernel_or_say_what_is_missing() {
     let dir = std::env::temp_dir().join(format!("godwit-fromimage-{}", std::process::id()));
     let g = ClusterDriver::up(1, &dir).expect("local cluster with Godwit");
-    let work = dir.join("fromimage");
+    // Inside the node's image directory ([`LocalCluster::image_dirs`]).
+    let work = dir.join("images-root/images/fromimage");
 
     // The good image: the test guest is the newest kernel by version
     // (0.10.0 > 0.9.0; string order says otherwise, and 0.9.0 is no kernel).

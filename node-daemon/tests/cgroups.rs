@@ -20,6 +20,7 @@ use godwit_crds::contract::Machine;
 use godwit_crds::VmPhase;
 use godwit_node::agent::cgroup::{self, Cgroups, Hierarchy, Limits};
 use godwit_node::agent::decide::{decide_node_vm, NodeVmAction, VmFacts, OOM_KILLED_REASON};
+use godwit_node::agent::image_dirs::ImageDirs;
 use godwit_node::agent::vm_dir::VmDir;
 use godwit_node::agent::vmm_process::{self, node_jail, settle_cgroups, Runner};
 use godwit_node::agent::vmm_user::VmmUsers;
@@ -75,6 +76,7 @@ fn node(tag: &str, parent: &Parent, overhead: i64) -> Node {
         jail: Some(node_jail(&state, &shared, &[])),
         users: Some(VmmUsers::new(2_000_000_000).unwrap()),
         cgroups: Some(cgroups.clone()),
+        image_dirs: ImageDirs::new([guest().parent().unwrap().to_path_buf()]).unwrap(),
     };
     Node {
         _scratch: scratch,

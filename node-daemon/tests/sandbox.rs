@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use common::{guest, require_kvm, start_vm, Scratch, BOOT, VMM};
 use godwit_crds::contract::Machine;
+use godwit_node::agent::image_dirs::ImageDirs;
 use godwit_node::agent::vm_dir::{self, VmDir};
 use godwit_node::agent::vmm_process::{self, node_jail, Runner};
 use godwit_node::agent::vmm_user::VmmUsers;
@@ -163,6 +164,7 @@ fn a_vmm_the_agent_starts_sees_only_its_own_vm() {
         jail: Some(node_jail(&state, &shared, std::slice::from_ref(&ca))),
         users: None,
         cgroups: None,
+        image_dirs: ImageDirs::new([guest().parent().unwrap().to_path_buf()]).unwrap(),
     };
     let (_stop, vmm) = boot(&runner, &a, &machine);
 
@@ -280,6 +282,7 @@ fn a_vmm_the_agent_starts_as_its_own_user_runs_with_no_capability() {
         jail: Some(node_jail(&state, &shared, std::slice::from_ref(&ca))),
         users: Some(users),
         cgroups: None,
+        image_dirs: ImageDirs::new([private.clone()]).unwrap(),
     };
     let (_stop, vmm) = boot(&runner, &vm, &machine);
 
@@ -332,4 +335,124 @@ fn a_vmm_the_agent_starts_as_its_own_user_runs_with_no_capability() {
     console.heartbeats(3, BOOT).unwrap();
     let stats = vm.control().stats().unwrap();
     assert!(stats.memory_mib > 0, "{stats:?}");
+}
+
+/// A VM names its boot files and disks only inside the node's image
+/// directories: a file elsewhere (the migration CA key, another VM's disk),
+/// the same through a symlink planted in an image directory, or through
+/// `..`, is refused before anything is made, and no VMM starts; the same
+/// machine naming an allowed file boots.
+#[test]
+fn files_outside_the_image_directories_never_reach_a_guest() {
+    require_kvm();
+    let scratch = Scratch::new("imgdirs");
+    let root = scratch.0.canonicalize().unwrap();
+    let state = root.join("state");
+    let shared = root.join("shared");
+    let images = root.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::copy(guest(), images.join("guest.elf")).unwrap();
+    std::fs::File::create(images.join("data.raw"))
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let ca = root.join("ca");
+    std::fs::create_dir_all(&ca).unwrap();
+    std::fs::write(ca.join("ca.key"), "THE CA KEY").unwrap();
+    let b = VmDir::new(&state, &shared, "ns", "b");
+    b.create().unwrap();
+    let other_disk = b.path.join("disks/root.raw");
+    std::fs::create_dir_all(other_disk.parent().unwrap()).unwrap();
+    std::fs::write(&other_disk, "B's DISK").unwrap();
+    std::os::unix::fs::symlink(ca.join("ca.key"), images.join("key.img")).unwrap();
+    std::os::unix::fs::symlink(&other_disk, images.join("b.raw")).unwrap();
+
+    let runner = Runner {
+        vmm_binary: VMM.into(),
+        tls: None,
+        jail: Some(node_jail(&state, &shared, std::slice::from_ref(&ca))),
+        users: None,
+        cgroups: None,
+        image_dirs: ImageDirs::new([images.clone()]).unwrap(),
+    };
+    let kernel = images.join("guest.elf").display().to_string();
+    let machine = |initrd: Option<String>, disk: Option<String>| Machine {
+        cpu: 1,
+        memory_bytes: 64 << 20,
+        kernel: kernel.clone(),
+        initrd,
+        cmdline: "hb_ms=50".into(),
+        disks: disk
+            .into_iter()
+            .map(|path| godwit_crds::contract::MachineDisk {
+                name: "data".into(),
+                source: godwit_crds::contract::MachineDiskSource::Image {
+                    path,
+                    format: godwit_crds::ImageFormat::Raw,
+                },
+                storage: godwit_crds::StorageKind::Local,
+                read_only: false,
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let s = |p: std::path::PathBuf| p.display().to_string();
+    let bad = [
+        (
+            "the CA key as initrd",
+            machine(Some(s(ca.join("ca.key"))), None),
+            "not under any",
+        ),
+        (
+            "/etc/shadow as initrd",
+            machine(Some("/etc/shadow".into()), None),
+            "not under any",
+        ),
+        (
+            "another VM's disk",
+            machine(None, Some(s(other_disk.clone()))),
+            "not under any",
+        ),
+        (
+            "a symlink to the CA key",
+            machine(Some(s(images.join("key.img"))), None),
+            "symbolic link",
+        ),
+        (
+            "a symlink to B's disk",
+            machine(None, Some(s(images.join("b.raw")))),
+            "symbolic link",
+        ),
+        (
+            "`..` out of the image directory",
+            machine(Some(format!("{}/../ca/ca.key", images.display())), None),
+            "without `.` or `..`",
+        ),
+    ];
+    let a = VmDir::new(&state, &shared, "ns", "a");
+    for (what, m, says) in bad {
+        let e = runner.boot(&a, &m).expect_err(what);
+        assert!(
+            matches!(e, vmm_process::VmmProcessError::PathRefused(_)),
+            "{what}: {e}"
+        );
+        assert!(e.to_string().contains(says), "{what}: {e}");
+        assert!(!a.path.exists(), "{what}: the VM's directory was made");
+    }
+    // Nothing was given to the VM's user or changed.
+    assert_eq!(std::fs::read_to_string(&other_disk).unwrap(), "B's DISK");
+
+    // The same machine with allowed files boots, its kernel handed over as
+    // the descriptor opened beneath the image directory.
+    let good = machine(Some(kernel.clone()), Some(s(images.join("data.raw"))));
+    let (_stop, vmm) = boot(&runner, &a, &good);
+    let argv = String::from_utf8_lossy(&std::fs::read(format!("/proc/{vmm}/cmdline")).unwrap())
+        .replace('\0', " ");
+    assert!(
+        argv.contains("--kernel /proc/self/fd/") && argv.contains("--initrd /proc/self/fd/"),
+        "{argv}"
+    );
+    let stream = UnixStream::connect(a.file("console.sock")).unwrap();
+    let mut console = Console::new(stream.try_clone().unwrap(), stream);
+    console.wait_prefix("HB ", BOOT).unwrap();
 }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use super::firewall::Backend;
+use super::image_dirs::ImageDirs;
 use super::vmm_user::VmmUsers;
 
 /// How the agent runs.
@@ -41,4 +42,6 @@ pub struct AgentConfig {
     pub vmm_memory_overhead_bytes: i64,
     /// Which iptables adds the node's FORWARD rules ([`super::firewall`]).
     pub iptables: Backend,
+    /// Where the files VMs name may be ([`super::image_dirs`]).
+    pub image_dirs: ImageDirs,
 }

@@ -4,7 +4,7 @@
 //!
 //! Files: a template clone on node-local storage is a qcow2 overlay,
 //! `disks/<name>.qcow2`, on the template's image in the node's template cache
-//! (`<state-dir>/images/sha256-<hex>.<fmt>`, [`crate::storage::template`]):
+//! (`<state-dir>/cache/sha256-<hex>.<fmt>`, [`crate::storage::template`]):
 //! the first VM from a template on a node brings the image into the cache
 //! (copied and hashed once), every VM after that gets its overlay in
 //! milliseconds whatever the image's size. Which cache entry a template path
@@ -317,7 +317,7 @@ mod tests {
         let info = crate::storage::image::info(&a).unwrap();
         let backing = info.backing.expect("an overlay");
         assert!(
-            backing.starts_with(state.join("images"))
+            backing.starts_with(state.join("cache"))
                 && backing.display().to_string().contains("/sha256-"),
             "{}",
             backing.display()
@@ -328,7 +328,7 @@ mod tests {
         let b = provision_disk(&vm("b"), &clone).unwrap();
         let info_b = crate::storage::image::info(&b).unwrap();
         assert_eq!(info_b.backing.as_deref(), Some(backing.as_path()));
-        let entries = TemplateCache::new(state.join("images"))
+        let entries = TemplateCache::new(state.join("cache"))
             .unwrap()
             .list()
             .unwrap();

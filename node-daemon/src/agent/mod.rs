@@ -24,6 +24,7 @@
 //! | [`vm_dir`] | a VM's directories on the node and what they say |
 //! | [`disks`] | a VM's disk files |
 //! | [`boot`] | the kernel a VM boots (its own, or its image's: `fromImage`) |
+//! | [`image_dirs`] | where VMs' files may come from, opened beneath it |
 //! | [`seed`] | a VM's cloud-init NoCloud seed disk |
 //! | [`vmm_process`], [`vmm_user`] | starting and stopping VMM processes, as their own users |
 //! | [`cgroup`] | each VMM's own cgroup: limits, OOM kills, adoption |
@@ -41,6 +42,7 @@ mod context;
 pub mod decide;
 pub mod disks;
 pub mod firewall;
+pub mod image_dirs;
 pub mod lease;
 pub mod metrics;
 mod migrate;

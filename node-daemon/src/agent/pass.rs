@@ -139,6 +139,7 @@ pub async fn run(
             )),
             users: cfg.vmm_users,
             cgroups: Some(cgroups),
+            image_dirs: cfg.image_dirs.clone(),
         },
         cfg,
         client,

@@ -58,7 +58,9 @@ pub struct VmDir {
     pub namespace: String,
     /// Name of the VM.
     pub name: String,
-    /// The node's template cache, `<state-dir>/images`.
+    /// The node's template cache, `<state-dir>/cache` (not `images`: that
+    /// is the default image directory VMs name files in, and a VM must not
+    /// name a cache entry other VMs' disks are overlays on).
     pub cache: PathBuf,
 }
 
@@ -70,7 +72,7 @@ impl VmDir {
             shared: shared_dir.join(namespace).join(name),
             namespace: namespace.into(),
             name: name.into(),
-            cache: state_dir.join("images"),
+            cache: state_dir.join("cache"),
         }
     }
 

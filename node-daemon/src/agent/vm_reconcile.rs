@@ -261,10 +261,13 @@ fn stop_grace(vm: &VirtualMachine, dir: &VmDir) -> Duration {
 
 /// The Ready condition's reason when a VMM could not be started:
 /// `BootImageInvalid` when the image of a `boot.fromImage` VM has no usable
-/// kernel (the message says what is missing), `StartFailed` otherwise.
+/// kernel (the message says what is missing), `ImagePathRefused` when the
+/// VM names a file outside the node's image directories, `StartFailed`
+/// otherwise.
 fn start_failure_reason(e: &vmm_process::VmmProcessError) -> &'static str {
     match e {
         vmm_process::VmmProcessError::Boot(super::boot::BootError::Image(_)) => "BootImageInvalid",
+        vmm_process::VmmProcessError::PathRefused(_) => "ImagePathRefused",
         _ => "StartFailed",
     }
 }

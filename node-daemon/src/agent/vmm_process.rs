@@ -27,6 +27,7 @@ use godwit_crds::contract::Machine;
 use super::boot::{self, Boot, BootError};
 use super::cgroup::{CgroupError, Cgroups, Limits};
 use super::disks::{self, provision_disk, DiskError};
+use super::image_dirs::{ImageDirs, PathRefused};
 use super::seed::seed_path;
 use super::vm_dir::{process_alive, tap_name, VmDir, VmDirError};
 use super::vmm_user::{hand_over, Handover, VmmUserError, VmmUsers};
@@ -54,6 +55,9 @@ pub enum VmmProcessError {
     /// The kernel in the VM's image (`boot.fromImage`) could not be found.
     #[error(transparent)]
     Boot(#[from] BootError),
+    /// The VM names a file outside the node's image directories.
+    #[error(transparent)]
+    PathRefused(#[from] PathRefused),
     /// What the VMM's own user needs could not be prepared.
     #[error(transparent)]
     User(#[from] VmmUserError),
@@ -83,6 +87,10 @@ pub struct Runner {
     /// Start each VMM in its VM's own cgroup ([`super::cgroup`]); `None`:
     /// in the agent's.
     pub cgroups: Option<Cgroups>,
+    /// Where the files a VM names may be: every one is checked before
+    /// anything is made or started ([`ImageDirs::check_machine`]), and the
+    /// kernel and initrd are handed over as the descriptors opened there.
+    pub image_dirs: ImageDirs,
 }
 
 /// The mount namespace policy of this node's VMMs ([`crate::vmm::jail`]):
@@ -124,9 +132,11 @@ impl Runner {
             (self.vmm_binary.clone(), Access::ReadOnly),
         ];
         if let Some(boot) = boot {
-            keep.push((PathBuf::from(&boot.kernel), Access::ReadOnly));
+            // A handed descriptor needs no path in the VMM's mounts.
+            let named = |p: &str| (!p.starts_with("/proc/self/fd/")).then(|| PathBuf::from(p));
+            keep.extend(named(&boot.kernel).map(|p| (p, Access::ReadOnly)));
             if let Some(initrd) = &boot.initrd {
-                keep.push((PathBuf::from(initrd), Access::ReadOnly));
+                keep.extend(named(initrd).map(|p| (p, Access::ReadOnly)));
             }
         }
         for (path, read_only) in disks {
@@ -151,6 +161,7 @@ impl Runner {
         machine: &Machine,
         args: &[String],
         keep: Vec<(PathBuf, Access)>,
+        opened: Vec<std::os::fd::OwnedFd>,
     ) -> Result<Child, VmmProcessError> {
         for f in ["exit", STOP_MARKER, OOM_MARKER, "api.sock", "console.sock"] {
             let _ = fs::remove_file(dir.file(f));
@@ -174,10 +185,13 @@ impl Runner {
         if uid.is_some() {
             for flag in ["--kernel", "--initrd"] {
                 if let Some(i) = args.iter().position(|a| a == flag) {
-                    args[i + 1] = handover.reachable(Path::new(&args[i + 1]), 0o004)?;
+                    if !args[i + 1].starts_with("/proc/self/fd/") {
+                        args[i + 1] = handover.reachable(Path::new(&args[i + 1]), 0o004)?;
+                    }
                 }
             }
         }
+        handover.fds.extend(opened);
         args.extend(handover.args.iter().cloned());
         let inherited: Vec<i32> = {
             use std::os::fd::AsRawFd;
@@ -276,10 +290,30 @@ impl Runner {
     /// ([`boot::resolve`]); when it cannot, no VMM starts. Its cloud-init
     /// seed ([`super::seed::write`], written before) is the last disk.
     pub fn boot(&self, dir: &VmDir, machine: &Machine) -> Result<Child, VmmProcessError> {
+        // Nothing of a VM whose files are not all where they may be is
+        // made, read or started.
+        self.image_dirs.check_machine(machine)?;
         dir.create()?;
         let _ = fs::remove_file(dir.file("incoming"));
         dir.write_machine(machine)?;
-        let boot = boot::resolve(dir, machine)?;
+        let mut boot = boot::resolve(dir, machine)?;
+        // A kernel and initrd the VM names are handed over as the
+        // descriptors opened beneath their image directory; one taken out of
+        // the VM's image (`fromImage`) is the agent's own file in its cache.
+        let mut opened = Vec::new();
+        if machine.boot_image.is_none() {
+            let mut hand = |what: &str, path: &mut String| -> Result<(), VmmProcessError> {
+                use std::os::fd::AsRawFd;
+                let file = self.image_dirs.open(what, path, false)?;
+                *path = format!("/proc/self/fd/{}", file.as_raw_fd());
+                opened.push(std::os::fd::OwnedFd::from(file));
+                Ok(())
+            };
+            hand("boot.kernel", &mut boot.kernel)?;
+            if let Some(initrd) = boot.initrd.as_mut() {
+                hand("boot.initrd", initrd)?;
+            }
+        }
         let mut args = vec![
             "--kernel".to_string(),
             boot.kernel.clone(),
@@ -301,7 +335,13 @@ impl Runner {
         }
         attach_seed(dir, machine, &mut args, &mut disks)?;
         args.extend(self.common_args(dir, machine));
-        self.spawn(dir, machine, &args, self.keep(dir, Some(&boot), &disks))
+        self.spawn(
+            dir,
+            machine,
+            &args,
+            self.keep(dir, Some(&boot), &disks),
+            opened,
+        )
     }
 
     /// Starts a VMM that waits for `machine`'s migration on `addr`; with
@@ -315,6 +355,7 @@ impl Runner {
         addr: &str,
         copy_disks: bool,
     ) -> Result<Child, VmmProcessError> {
+        self.image_dirs.check_machine(machine)?;
         dir.create()?;
         fs::write(dir.file("incoming"), migration).map_err(io("write incoming"))?;
         // [`wait_listening`] reads only what this VMM logs after this line:
@@ -346,7 +387,13 @@ impl Runner {
             initrd: machine.initrd.clone(),
             cmdline: String::new(),
         });
-        self.spawn(dir, machine, &args, self.keep(dir, named.as_ref(), &disks))
+        self.spawn(
+            dir,
+            machine,
+            &args,
+            self.keep(dir, named.as_ref(), &disks),
+            Vec::new(),
+        )
     }
 
     fn common_args(&self, dir: &VmDir, machine: &Machine) -> Vec<String> {

@@ -106,6 +106,13 @@ struct Args {
     /// the node's other rules are in.
     #[arg(long, value_enum, default_value_t = IptablesArg::Default)]
     iptables: IptablesArg,
+    /// A directory VMs may name files in (kernels, initrds, disk and
+    /// template images); repeat it for more. A path a VM names anywhere else,
+    /// through `..` or through a symbolic link below the directory, is
+    /// refused, and the VM's Ready condition says why
+    /// (default: /var/lib/godwit/images and /var/lib/godwit/kernels).
+    #[arg(long = "image-dir")]
+    image_dirs: Vec<PathBuf>,
 }
 
 /// `--iptables`.
@@ -226,6 +233,26 @@ async fn main() {
             .unwrap_or_else(|e| fail(format!("--console-addr {console_addr}: {e}")));
         tokio::spawn(agent::console::serve(listener, args.state_dir.clone()));
     }
+    let image_dirs = if args.image_dirs.is_empty() {
+        agent::image_dirs::DEFAULT_IMAGE_DIRS
+            .iter()
+            .map(PathBuf::from)
+            .collect()
+    } else {
+        args.image_dirs.clone()
+    };
+    let image_dirs = agent::image_dirs::ImageDirs::new(image_dirs)
+        .unwrap_or_else(|e| fail(format!("--image-dir: {e}")));
+    let (vms_dir, cache_dir) = (args.state_dir.join("vms"), args.state_dir.join("cache"));
+    let mut private = vec![
+        vms_dir.as_path(),
+        cache_dir.as_path(),
+        args.shared_dir.as_path(),
+    ];
+    private.extend(args.migration_ca_dir.as_deref());
+    image_dirs
+        .keep_clear_of(&private)
+        .unwrap_or_else(|e| fail(format!("--image-dir: {e}")));
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
     let cfg = AgentConfig {
         node: args.node,
@@ -243,6 +270,7 @@ async fn main() {
         cgroup_root: args.cgroup_root,
         cgroup_parent: args.cgroup_parent,
         vmm_memory_overhead_bytes: args.vmm_memory_overhead_mib.saturating_mul(1 << 20),
+        image_dirs,
         iptables: match args.iptables {
             IptablesArg::Default => agent::firewall::Backend::Default,
             IptablesArg::Nft => agent::firewall::Backend::Nft,

@@ -22,7 +22,7 @@
 //!
 //! Devices stay usable on a read-only mount (`/dev/kvm`, `/dev/net/tun`,
 //! `/dev/userfaultfd`), and so does everything else the VMM only reads: its
-//! binary and libraries, kernels, the template cache `<state-dir>/images`
+//! binary and libraries, kernels, the template cache `<state-dir>/cache`
 //! (qcow2 overlays name their base there), the migration TLS files.
 //!
 //! [`Jail::prepare`] does everything that allocates or reads the host

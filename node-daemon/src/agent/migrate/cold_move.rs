@@ -16,6 +16,7 @@
 //! operator has placed the VM on the target (the agent removes the files of
 //! VMs no longer placed on its node).
 
+use crate::agent::image_dirs::ImageDirs;
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -87,10 +88,18 @@ pub async fn prepare_target(
     });
     agent.cold.lock().unwrap().insert(tk, task.clone());
     let (d, vm_name) = (dir.clone(), m.spec.vm_name.clone());
+    let image_dirs = agent.runner.image_dirs.clone();
     std::thread::Builder::new()
         .name("cold-receive".into())
         .spawn(move || {
-            let result = receive(&listener, identity.as_ref(), &d, &vm_name, &task.progress);
+            let result = receive(
+                &listener,
+                identity.as_ref(),
+                &d,
+                &vm_name,
+                &image_dirs,
+                &task.progress,
+            );
             match result {
                 Ok(()) => tracing::info!(vm = %vm_name, "cold migration received and verified"),
                 Err(e) => {
@@ -278,6 +287,7 @@ fn receive(
     identity: Option<&TlsIdentity>,
     dir: &VmDir,
     vm_name: &str,
+    image_dirs: &ImageDirs,
     progress: &ProgressHandle,
 ) -> Result<(), MigrationError> {
     listener
@@ -309,6 +319,11 @@ fn receive(
     let prepare = |hello: &cold::ColdHello| -> Result<Vec<ColdDisk>, MigrationError> {
         let bad = |e: Box<dyn std::error::Error + Send + Sync>| MigrationError::ColdPrepare(e);
         let machine: Machine = serde_json::from_str(&hello.machine).map_err(|e| bad(e.into()))?;
+        // The disks are made from the template image the machine names:
+        // only from where this node serves images.
+        image_dirs
+            .check_machine(&machine)
+            .map_err(|e| bad(e.into()))?;
         std::fs::write(dir.file("machine.json"), &hello.machine).map_err(|e| bad(e.into()))?;
         let paths = disks::prepare_target(dir, &machine, true).map_err(|e| bad(e.into()))?;
         hello
