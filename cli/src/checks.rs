@@ -67,7 +67,7 @@ pub enum Refusal {
         hint: String,
     },
     /// A migration already moves the VM.
-    #[error("VM {name:?} is already migrating (VMMigration {migration:?}): watch it with `kubectl get vmmig {migration} -w`, or cancel it with `kubectl delete vmmig {migration}`")]
+    #[error("VM {name:?} is already migrating (VMMigration {migration:?}): watch it with `kubectl get gvmm {migration} -w`, or cancel it with `kubectl delete gvmm {migration}`")]
     AlreadyMigrating {
         /// The VM.
         name: String,
@@ -109,7 +109,7 @@ fn start_hint(v: &VmView) -> String {
             format!("start it with `kubectl godwit start {}`", v.name)
         }
         _ => format!(
-            "wait until it runs (`kubectl get vm {} -w`), or see why with `kubectl describe vm {}`",
+            "wait until it runs (`kubectl get gvm {} -w`), or see why with `kubectl describe gvm {}`",
             v.name, v.name
         ),
     }
@@ -240,7 +240,7 @@ mod tests {
         };
         let e = migrate(&moving, None, false).unwrap_err().to_string();
         assert!(
-            e.contains("already migrating") && e.contains("kubectl delete vmmig demo-1"),
+            e.contains("already migrating") && e.contains("kubectl delete gvmm demo-1"),
             "{e}"
         );
         let shutdown = VmView {

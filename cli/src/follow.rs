@@ -62,7 +62,7 @@ pub async fn follow(api: &Api<VMMigration>, name: &str) -> Result<(), CliError> 
                 phase: status.phase,
                 reason: status
                     .failure_reason
-                    .unwrap_or_else(|| "no reason given; see `kubectl describe vmmig`".into()),
+                    .unwrap_or_else(|| "no reason given; see `kubectl describe gvmm`".into()),
             });
         }
         tokio::time::sleep(FOLLOW_EVERY).await;

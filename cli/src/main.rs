@@ -117,7 +117,7 @@ pub enum CliError {
     #[error("Cannot load the Kubernetes configuration (pass --kubeconfig or set KUBECONFIG)")]
     Config(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The VM does not exist.
-    #[error("VirtualMachine {name:?} not found in namespace {namespace:?}: list them with `kubectl get vm -n {namespace}`, or pass -n NAMESPACE")]
+    #[error("VirtualMachine {name:?} not found in namespace {namespace:?}: list them with `kubectl get gvm -n {namespace}`, or pass -n NAMESPACE")]
     VmNotFound {
         /// The VM's name.
         name: String,
@@ -262,7 +262,7 @@ async fn start(ctx: &Ctx, name: &str) -> Result<(), CliError> {
             ctx.patch_vm(name, json!({"spec": {"runStrategy": strategy}}))
                 .await?;
             println!(
-                "virtualmachine/{name} starting (runStrategy {strategy:?}); watch it with `kubectl get vm {name} -n {} -w`",
+                "virtualmachine/{name} starting (runStrategy {strategy:?}); watch it with `kubectl get gvm {name} -n {} -w`",
                 ctx.namespace
             );
         }
@@ -364,7 +364,7 @@ async fn migrate(
     );
     if !follow {
         println!(
-            "follow it with `kubectl godwit migrate --follow` next time, or `kubectl get vmmig {mig} -n {} -w`",
+            "follow it with `kubectl godwit migrate --follow` next time, or `kubectl get gvmm {mig} -n {} -w`",
             ctx.namespace
         );
         return Ok(());
@@ -433,7 +433,7 @@ async fn status(ctx: &Ctx, name: &str) -> Result<(), CliError> {
         );
     }
     if let Some(m) = &status.migration {
-        println!("  Migration:        {m} (follow: kubectl get vmmig {m} -w)");
+        println!("  Migration:        {m} (follow: kubectl get gvmm {m} -w)");
         if let Some(mig) = ctx
             .migrations()
             .get_opt(m)

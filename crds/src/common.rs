@@ -211,6 +211,17 @@ pub enum QuantityError {
     Overflow(String),
 }
 
+/// `bytes` as the shortest exact binary quantity (`2Gi`, `512Mi`, `1536Ki`,
+/// or plain bytes), which [`parse_quantity`] reads back.
+pub fn format_quantity(bytes: u64) -> String {
+    for (suffix, shift) in [("Ti", 40), ("Gi", 30), ("Mi", 20), ("Ki", 10)] {
+        if bytes != 0 && bytes % (1u64 << shift) == 0 {
+            return format!("{}{suffix}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
 /// Parses a Kubernetes quantity (`512Mi`, `1Gi`, `1.5G`, `4096`) into bytes,
 /// rounding a fractional result up.
 pub fn parse_quantity(text: &str) -> Result<u64, QuantityError> {
@@ -256,6 +267,21 @@ pub fn parse_quantity(text: &str) -> Result<u64, QuantityError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn quantities_format_exactly_and_read_back() {
+        for (bytes, text) in [
+            (2u64 << 30, "2Gi"),
+            (512 << 20, "512Mi"),
+            (1536 << 10, "1536Ki"),
+            (1000, "1000"),
+            (0, "0"),
+            (3 << 40, "3Ti"),
+        ] {
+            assert_eq!(super::format_quantity(bytes), text);
+            assert_eq!(super::parse_quantity(text).unwrap(), bytes);
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -17,8 +17,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 
 pub use common::{
-    parse_quantity, BootSpec, Customization, FromImage, MigrationPolicy, NetworkConfig,
-    QuantityError, SecretKeyRef,
+    format_quantity, parse_quantity, BootSpec, Customization, FromImage, MigrationPolicy,
+    NetworkConfig, QuantityError, SecretKeyRef,
 };
 pub use errors::error_chain;
 pub use migration::{

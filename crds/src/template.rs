@@ -20,8 +20,7 @@ use crate::vm::{ImageFormat, Network};
     kind = "VMTemplate",
     namespaced,
     status = "VMTemplateStatus",
-    shortname = "vmt",
-    shortname = "vmtpl",
+    shortname = "gvmt",
     category = "godwit",
     printcolumn(
         name = "Ready",

@@ -28,13 +28,18 @@ pub const DEFAULT_GRACE_SECONDS: u32 = 30;
     kind = "VirtualMachine",
     namespaced,
     status = "VirtualMachineStatus",
-    shortname = "vm",
-    shortname = "vms",
+    shortname = "gvm",
     category = "godwit",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
     printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName"),
-    printcolumn(name = "CPU", type_ = "integer", json_path = ".spec.cpu"),
-    printcolumn(name = "Memory", type_ = "string", json_path = ".spec.memory"),
+    printcolumn(name = "IP", type_ = "string", json_path = ".status.addresses[0].ip"),
+    printcolumn(name = "CPU", type_ = "integer", json_path = ".status.cpu"),
+    printcolumn(name = "Memory", type_ = "string", json_path = ".status.memory"),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -295,6 +300,14 @@ pub struct VirtualMachineStatus {
     /// The migration moving the VM now, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<String>,
+    /// The vCPUs the VM runs with: its own `cpu` or its template's, as
+    /// resolved when it was scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<u32>,
+    /// The guest memory the VM runs with (a quantity), its own or its
+    /// template's, as resolved when it was scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
 }
 
 /// One interface's addresses.

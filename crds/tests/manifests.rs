@@ -250,3 +250,41 @@ fn example_vm_memory_parses() {
     let memory = vm.spec.memory.as_deref().unwrap();
     assert_eq!(godwit_crds::parse_quantity(memory), Ok(256 << 20));
 }
+
+/// Our short names are our own: none is one of KubeVirt's (clusters run
+/// both, and `kubectl get vm` would then be ambiguous), and each kind keeps
+/// the `godwit` category.
+#[test]
+fn short_names_do_not_collide_with_kubevirt() {
+    let text =
+        std::fs::read_to_string(repo_root().join("crds/tests/kubevirt-short-names.txt")).unwrap();
+    let theirs: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .flat_map(str::split_whitespace)
+        .collect();
+    assert!(
+        theirs.contains(&"vm") && theirs.contains(&"vmim"),
+        "{theirs:?}"
+    );
+    let mut ours = Vec::new();
+    for (_, crd) in crds() {
+        let names = &crd.spec.names;
+        assert_eq!(
+            names.categories.as_deref(),
+            Some(&["godwit".to_string()][..]),
+            "{}",
+            names.kind
+        );
+        for short in names.short_names.iter().flatten() {
+            assert!(
+                !theirs.contains(&short.as_str()),
+                "{}: short name {short:?} is KubeVirt's",
+                names.kind
+            );
+            ours.push(short.clone());
+        }
+    }
+    ours.sort();
+    assert_eq!(ours, ["gvm", "gvmm", "gvmt"]);
+}

@@ -42,14 +42,14 @@ helm install godwit charts/godwit --namespace godwit-system --create-namespace \
 echo "==> VM"
 kubectl apply -f examples/template.yaml -f examples/vm.yaml
 kubectl wait vm/demo --for=jsonpath='{.status.phase}'=Running --timeout=3m
-source=$(kubectl get vm demo -o jsonpath='{.status.nodeName}')
+source=$(kubectl get gvm demo -o jsonpath='{.status.nodeName}')
 
 echo "==> live migration from $source"
 kubectl apply -f examples/migration.yaml
 kubectl wait vmmigration/demo-move --for=jsonpath='{.status.phase}'=Succeeded --timeout=5m
 kubectl wait vm/demo --for=jsonpath='{.status.phase}'=Running --timeout=1m
-target=$(kubectl get vm demo -o jsonpath='{.status.nodeName}')
+target=$(kubectl get gvm demo -o jsonpath='{.status.nodeName}')
 [ "$target" != "$source" ] || { echo "the VM did not move off $source" >&2; exit 1; }
 
-kubectl get vm,vmmigration -o wide
+kubectl get gvm,gvmm -o wide
 echo "ok: VM demo runs on $target, moved live from $source"

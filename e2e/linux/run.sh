@@ -138,7 +138,7 @@ spec:
       - "$pub"
 EOF
 kubectl wait "vm/$vm_name" --for=jsonpath='{.status.phase}'=Running --timeout=5m
-node=$(kubectl get vm "$vm_name" -o jsonpath='{.status.nodeName}')
+node=$(kubectl get gvm "$vm_name" -o jsonpath='{.status.nodeName}')
 console=$dir/nodes/$node/vms/default/$vm_name/console.log
 echo "running on $node; console: $console"
 
@@ -173,7 +173,7 @@ spec:
   vmName: $vm_name
 EOF
 kubectl wait "vmmigration/$vm_name-move" --for=jsonpath='{.status.phase}'=Succeeded --timeout=10m
-target=$(kubectl get vm "$vm_name" -o jsonpath='{.status.nodeName}')
+target=$(kubectl get gvm "$vm_name" -o jsonpath='{.status.nodeName}')
 [ "$target" != "$node" ] || fail "the VM did not move off $node"
 kubectl get vmmigration "$vm_name-move" -o jsonpath='{.status.result}'; echo
 console=$dir/nodes/$target/vms/default/$vm_name/console.log

@@ -65,7 +65,7 @@ pub fn run(quiet: bool) -> anyhow::Result<DemoReport> {
     say(
         quiet,
         format!(
-            "    kubectl --kubeconfig {} get vm,vmmig",
+            "    kubectl --kubeconfig {} get gvm,gvmm",
             godwit.cluster.kubeconfig.display()
         ),
     );
@@ -89,7 +89,7 @@ pub fn run(quiet: bool) -> anyhow::Result<DemoReport> {
             vm["status"]["addresses"][0]["ip"].as_str().unwrap_or("?")
         ),
     );
-    say(quiet, godwit.kubectl(&["get", "vm"], None)?.trim_end());
+    say(quiet, godwit.kubectl(&["get", "gvm"], None)?.trim_end());
 
     say(
         quiet,
@@ -125,13 +125,13 @@ pub fn run(quiet: bool) -> anyhow::Result<DemoReport> {
     // Watch rather than poll: a short migration can go through its phases
     // faster than a poll. A watch that ends (a server timeout) is reopened;
     // it starts again from the current state.
-    let mut watch = godwit.watch("vmmig", "demo-move")?;
+    let mut watch = godwit.watch("gvmm", "demo-move")?;
     let mig = godwit.wait("the migration to end", Duration::from_secs(300), || {
         let m = match watch.next(Duration::from_millis(500)) {
             Ok(Some(m)) => m,
             Ok(None) => return Ok(None),
             Err(_) => {
-                watch = godwit.watch("vmmig", "demo-move")?;
+                watch = godwit.watch("gvmm", "demo-move")?;
                 return Ok(None);
             }
         };
@@ -195,14 +195,14 @@ pub fn run(quiet: bool) -> anyhow::Result<DemoReport> {
 
     // What a user checks afterwards: where the VM runs, and its guest.
     let vm = godwit.wait("the VM to settle", Duration::from_secs(30), || {
-        let vm = godwit.get("vm", "demo")?;
+        let vm = godwit.get("gvm", "demo")?;
         Ok(vm.filter(|v| v["status"]["phase"] != "Migrating"))
     })?;
     let vm_phase = vm["status"]["phase"].as_str().unwrap_or("?").to_string();
     let vm_node = vm["status"]["nodeName"].as_str().unwrap_or("?").to_string();
     say(
         quiet,
-        godwit.kubectl(&["get", "vm,vmmig"], None)?.trim_end(),
+        godwit.kubectl(&["get", "gvm,gvmm"], None)?.trim_end(),
     );
     let at_end = last_seen.load(Ordering::Relaxed);
     godwit.wait("heartbeats after the move", Duration::from_secs(10), || {

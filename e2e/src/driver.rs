@@ -224,11 +224,11 @@ impl ClusterDriver {
     /// (phase, node, conditions with their messages).
     pub fn wait_running(&self, name: &str, timeout: Duration) -> anyhow::Result<Value> {
         self.wait(&format!("VM {name} to run"), timeout, || {
-            let vm = self.get("vm", name)?;
+            let vm = self.get("gvm", name)?;
             Ok(vm.filter(|v| v["status"]["phase"] == "Running"))
         })
         .map_err(|e| {
-            let status = match self.get("vm", name) {
+            let status = match self.get("gvm", name) {
                 Ok(Some(vm)) => vm["status"].to_string(),
                 Ok(None) => "no such VM".into(),
                 Err(e) => format!("cannot read it: {e:#}"),

@@ -75,7 +75,7 @@ pub fn fail_over(g: &ClusterDriver, name: &str) -> anyhow::Result<Failover> {
             }
         } else if last_check.elapsed() >= Duration::from_millis(200) {
             last_check = Instant::now();
-            if let Some(v) = g.get("vm", name)? {
+            if let Some(v) = g.get("gvm", name)? {
                 let on = v["status"]["nodeName"].as_str().unwrap_or("");
                 if v["status"]["phase"] == "Running" && on != from && !on.is_empty() {
                     let j = g.node_index(on)?;

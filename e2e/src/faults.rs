@@ -487,7 +487,7 @@ fn cell(g: &mut ClusterDriver, n: usize, fault: Fault, phase: Phase) -> anyhow::
 
     let name = format!("fault-{n}");
     g.apply(&migration_yaml(&name, phase, copy_disks))?;
-    let watch = g.watch("vmmig", &name)?;
+    let watch = g.watch("gvmm", &name)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let Some(m) = watch.next(Duration::from_millis(500))? else {
@@ -597,8 +597,8 @@ fn cell(g: &mut ClusterDriver, n: usize, fault: Fault, phase: Phase) -> anyhow::
             }
             watcher.check()?;
             if repair.is_none() {
-                let m = g.get("vmmig", &name)?.context("the VMMigration")?;
-                let v = g.get("vm", "demo")?.context("the VM")?;
+                let m = g.get("gvmm", &name)?.context("the VMMigration")?;
+                let v = g.get("gvm", "demo")?.context("the VM")?;
                 let final_phase = matches!(
                     m["status"]["phase"].as_str(),
                     Some("Succeeded" | "Failed" | "Cancelled")
@@ -712,8 +712,8 @@ fn cleanup(g: &mut ClusterDriver) -> anyhow::Result<()> {
         let _ = node.ns.restore(&node.uplink);
         let _ = node.unshape(&g.cluster.fabric);
     }
-    let _ = g.kubectl(&["delete", "vmmig", "--all", "--wait=false"], None);
-    let _ = g.kubectl(&["delete", "vm", "demo", "--wait=false"], None);
+    let _ = g.kubectl(&["delete", "gvmm", "--all", "--wait=false"], None);
+    let _ = g.kubectl(&["delete", "gvm", "demo", "--wait=false"], None);
     let dirs = [
         g.vm_dir(0, "default", "demo"),
         g.vm_dir(1, "default", "demo"),
@@ -722,8 +722,8 @@ fn cleanup(g: &mut ClusterDriver) -> anyhow::Result<()> {
         "the VM and its migrations gone",
         Duration::from_secs(90),
         || {
-            let gone = g.get("vm", "demo")?.is_none()
-                && g.kubectl(&["get", "vmmig", "-o", "name"], None)?
+            let gone = g.get("gvm", "demo")?.is_none()
+                && g.kubectl(&["get", "gvmm", "-o", "name"], None)?
                     .trim()
                     .is_empty();
             let quiet = dirs.iter().all(|d| !vmm_pid(d).is_some_and(alive));
@@ -731,7 +731,7 @@ fn cleanup(g: &mut ClusterDriver) -> anyhow::Result<()> {
         },
     )
     .with_context(|| {
-        let vm = g.get("vm", "demo").ok().flatten().map(|v| {
+        let vm = g.get("gvm", "demo").ok().flatten().map(|v| {
             format!(
                 "VM phase {} on {}, finalizers {}, deleting {}",
                 v["status"]["phase"],
@@ -742,7 +742,7 @@ fn cleanup(g: &mut ClusterDriver) -> anyhow::Result<()> {
         });
         let columns = "custom-columns=N:.metadata.name,P:.status.phase,F:.metadata.finalizers";
         let migs = g
-            .kubectl(&["get", "vmmig", "-o", columns, "--no-headers"], None)
+            .kubectl(&["get", "gvmm", "-o", columns, "--no-headers"], None)
             .unwrap_or_default();
         let pids: Vec<Option<i32>> = dirs
             .iter()
@@ -785,23 +785,23 @@ pub fn force_clean(g: &mut ClusterDriver) -> anyhow::Result<()> {
     }
     let unfinalize = r#"{"metadata":{"finalizers":null}}"#;
     let names = g
-        .kubectl(&["get", "vmmig", "-o", "name"], None)
+        .kubectl(&["get", "gvmm", "-o", "name"], None)
         .unwrap_or_default();
     for m in names.lines().filter(|l| !l.is_empty()) {
         let _ = g.kubectl(&["patch", m, "--type=merge", "-p", unfinalize], None);
         let _ = g.kubectl(&["delete", m, "--wait=false"], None);
     }
-    if g.get("vm", "demo")?.is_some() {
+    if g.get("gvm", "demo")?.is_some() {
         let _ = g.kubectl(
-            &["patch", "vm", "demo", "--type=merge", "-p", unfinalize],
+            &["patch", "gvm", "demo", "--type=merge", "-p", unfinalize],
             None,
         );
-        let _ = g.kubectl(&["delete", "vm", "demo", "--wait=false"], None);
+        let _ = g.kubectl(&["delete", "gvm", "demo", "--wait=false"], None);
     }
     g.cluster.ensure_running()?;
     g.wait("nothing left of the cell", Duration::from_secs(30), || {
-        let gone = g.get("vm", "demo")?.is_none()
-            && g.kubectl(&["get", "vmmig", "-o", "name"], None)?
+        let gone = g.get("gvm", "demo")?.is_none()
+            && g.kubectl(&["get", "gvmm", "-o", "name"], None)?
                 .trim()
                 .is_empty();
         let quiet = (0..2).all(|k| {

@@ -218,7 +218,7 @@ fn vms_outlive_their_agents_container_stopped_and_started_again() {
     std::thread::sleep(Duration::from_secs(5));
     let gaps = watch.finish();
     for (i, (name, shell, vmm)) in vmms.iter().enumerate() {
-        let vm = g.get("vm", name).unwrap().unwrap();
+        let vm = g.get("gvm", name).unwrap().unwrap();
         assert_eq!(vm["status"]["phase"], "Running", "{vm}");
         assert_eq!(
             vm["status"]["nodeName"], g.cluster.fabric.nodes[0].name,

@@ -80,7 +80,7 @@ fn a_guest_over_its_limit_is_oom_killed_reported_and_restarted_alone() {
             "greedy to be reported OOMKilled",
             Duration::from_secs(30),
             || {
-                let vm = g.get("vm", "greedy")?;
+                let vm = g.get("gvm", "greedy")?;
                 Ok(vm.filter(|v| {
                     v["status"]["conditions"]
                         .as_array()
@@ -103,7 +103,7 @@ fn a_guest_over_its_limit_is_oom_killed_reported_and_restarted_alone() {
     );
     // runStrategy Always: it starts again, as a new VMM.
     g.wait("greedy to run again", Duration::from_secs(60), || {
-        let vm = g.get("vm", "greedy")?;
+        let vm = g.get("gvm", "greedy")?;
         Ok(vm.filter(|v| {
             v["status"]["phase"] == "Running" && pid(&g, "greedy").is_some_and(|p| p != greedy_pid)
         }))
@@ -112,7 +112,7 @@ fn a_guest_over_its_limit_is_oom_killed_reported_and_restarted_alone() {
     // The other VM and the agent were not touched.
     assert!(alive(quiet_pid), "the other VM's VMM died");
     assert_eq!(pid(&g, "quiet"), Some(quiet_pid));
-    let quiet = g.get("vm", "quiet").unwrap().unwrap();
+    let quiet = g.get("gvm", "quiet").unwrap().unwrap();
     assert_eq!(quiet["status"]["phase"], "Running", "{quiet}");
     let log = std::fs::read_to_string(
         g.cluster

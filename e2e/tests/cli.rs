@@ -134,7 +134,7 @@ fn kubectl_godwit_migrates_with_progress_attaches_the_console_and_counts_metrics
     assert!(!out.status.success(), "{err}");
     assert!(
         err.contains(r#"VirtualMachine "nope" not found in namespace "default""#)
-            && err.contains("kubectl get vm"),
+            && err.contains("kubectl get gvm"),
         "{err}"
     );
 
@@ -248,14 +248,14 @@ fn kubectl_godwit_migrates_with_progress_attaches_the_console_and_counts_metrics
     ] {
         assert!(shown.contains(row), "missing {row:?} in\n{shown}");
     }
-    let vm = g.get("vm", "demo").unwrap().unwrap();
+    let vm = g.get("gvm", "demo").unwrap().unwrap();
     assert_eq!(vm["status"]["nodeName"], target.as_str());
     let mig_name = shown
         .lines()
         .find_map(|l| l.strip_prefix("vmmigration/")?.split_whitespace().next())
         .unwrap()
         .to_string();
-    let mig = g.get("vmmig", &mig_name).unwrap().unwrap();
+    let mig = g.get("gvmm", &mig_name).unwrap().unwrap();
     let bytes = mig["status"]["result"]["transferredBytes"]
         .as_u64()
         .unwrap();
@@ -350,7 +350,7 @@ fn kubectl_godwit_migrates_with_progress_attaches_the_console_and_counts_metrics
 
     // restart: the VMM is replaced (a new process group) and the VM runs again.
     let pid_of = |g: &ClusterDriver| -> Option<String> {
-        let vm = g.get("vm", "demo").ok()??;
+        let vm = g.get("gvm", "demo").ok()??;
         let node = vm["status"]["nodeName"].as_str()?.to_string();
         let i = g.node_index(&node).ok()?;
         std::fs::read_to_string(g.vm_dir(i, "default", "demo").join("pid")).ok()
@@ -362,7 +362,7 @@ fn kubectl_godwit_migrates_with_progress_attaches_the_console_and_counts_metrics
         "the VM to run again with a new VMM",
         Duration::from_secs(90),
         || {
-            let vm = g.get("vm", "demo")?;
+            let vm = g.get("gvm", "demo")?;
             let running = vm.is_some_and(|v| v["status"]["phase"] == "Running");
             Ok((running && pid_of(&g).is_some_and(|p| p != before)).then_some(()))
         },
@@ -373,7 +373,7 @@ fn kubectl_godwit_migrates_with_progress_attaches_the_console_and_counts_metrics
     let out = kubectl(&g, &plugin_dir, &["godwit", "stop", "demo"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     g.wait("the VM to stop", Duration::from_secs(60), || {
-        let vm = g.get("vm", "demo")?;
+        let vm = g.get("gvm", "demo")?;
         Ok(vm.filter(|v| v["status"]["phase"] == "Stopped").map(|_| ()))
     })
     .unwrap();

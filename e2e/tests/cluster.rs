@@ -52,7 +52,7 @@ fn three_node_cluster_comes_up_and_goes_down_cleanly_three_times() {
             3,
             "{text}"
         );
-        let out = cluster.kubectl(&["get", "vm", "-A"]).unwrap();
+        let out = cluster.kubectl(&["get", "gvm", "-A"]).unwrap();
         assert!(
             out.status.success(),
             "{}",

@@ -38,7 +38,7 @@ fn qemu_img(args: &[&str]) -> (bool, String) {
 fn run_strategy(g: &ClusterDriver, strategy: &str) {
     let patch = format!("{{\"spec\":{{\"runStrategy\":\"{strategy}\"}}}}");
     g.kubectl(
-        &["patch", "vm", "demo", "--type", "merge", "-p", &patch],
+        &["patch", "gvm", "demo", "--type", "merge", "-p", &patch],
         None,
     )
     .unwrap();
@@ -93,7 +93,7 @@ fn a_stopped_vm_moves_with_its_disk_verified_and_the_source_copy_goes() {
     // Stop it, and keep what its disk holds now as the oracle.
     run_strategy(&g, "Halted");
     g.wait("the VM to stop", Duration::from_secs(60), || {
-        let vm = g.get("vm", "demo")?;
+        let vm = g.get("gvm", "demo")?;
         Ok(vm.filter(|v| v["status"]["phase"] == "Stopped"))
     })
     .unwrap();
@@ -154,7 +154,7 @@ fn a_stopped_vm_moves_with_its_disk_verified_and_the_source_copy_goes() {
     );
     let vm = g
         .wait("the VM released", Duration::from_secs(30), || {
-            let vm = g.get("vm", "demo")?;
+            let vm = g.get("gvm", "demo")?;
             Ok(vm.filter(|v| v["status"]["migration"].is_null()))
         })
         .unwrap();
@@ -187,7 +187,7 @@ fn a_stopped_vm_moves_with_its_disk_verified_and_the_source_copy_goes() {
             "the VM placed on the target",
             Duration::from_secs(30),
             || {
-                let vm = g.get("vm", "demo")?;
+                let vm = g.get("gvm", "demo")?;
                 Ok(vm.filter(|v| v["status"]["nodeName"] == to.as_str()))
             },
         )

@@ -133,7 +133,7 @@ fn a_vm_gets_its_seed_and_the_target_rebuilds_it_identically() {
     g.apply(&g.example(EXAMPLE_MIGRATION)).unwrap();
     let m = g
         .wait("the migration to end", Duration::from_secs(300), || {
-            let m = g.get("vmmig", "demo-move")?;
+            let m = g.get("gvmm", "demo-move")?;
             Ok(m.filter(|m| {
                 matches!(
                     m["status"]["phase"].as_str(),

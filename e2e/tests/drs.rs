@@ -167,7 +167,7 @@ fn drs_spreads_loaded_vms_and_keeps_anti_affinity() {
     let deadline = t0 + Duration::from_secs(100);
     loop {
         let vms: Value =
-            serde_json::from_str(&g.kubectl(&["get", "vm", "-o", "json"], None).unwrap()).unwrap();
+            serde_json::from_str(&g.kubectl(&["get", "gvm", "-o", "json"], None).unwrap()).unwrap();
         let migrations: Value = serde_json::from_str(
             &g.kubectl(&["get", "vmmigration", "-o", "json"], None)
                 .unwrap(),

@@ -67,7 +67,7 @@ fn wait_final(g: &ClusterDriver, name: &str) -> serde_json::Value {
         &format!("migration {name} to end"),
         Duration::from_secs(120),
         || {
-            let m = g.get("vmmig", name)?;
+            let m = g.get("gvmm", name)?;
             Ok(m.filter(|m| {
                 matches!(
                     m["status"]["phase"].as_str(),
@@ -107,7 +107,7 @@ fn a_migration_whose_target_is_never_reached_leaves_nothing_and_a_retry_succeeds
     g.apply(&migration("unreachable")).expect("apply migration");
     // The target prepared: its incoming VMM listened (an address was published).
     g.wait("the target's address", Duration::from_secs(60), || {
-        let m = g.get("vmmig", "unreachable")?;
+        let m = g.get("gvmm", "unreachable")?;
         Ok(m.filter(|m| m["status"]["targetAddress"].is_string())
             .map(|_| ()))
     })
@@ -154,7 +154,7 @@ fn a_migration_whose_target_is_never_reached_leaves_nothing_and_a_retry_succeeds
         .map_err(|e| format!("{e:#}"));
     assert!(nodes.is_ok(), "reservation left on {target}: {nodes:?}");
     // The VM runs on, on the source, in the same VMM.
-    let vm = g.get("vm", "demo").expect("get").expect("VM");
+    let vm = g.get("gvm", "demo").expect("get").expect("VM");
     assert_eq!(vm["status"]["nodeName"], source.as_str());
     assert_eq!(vm["status"]["phase"], "Running");
     assert_eq!(
@@ -175,7 +175,7 @@ fn a_migration_whose_target_is_never_reached_leaves_nothing_and_a_retry_succeeds
     assert_eq!(m["status"]["phase"], "Succeeded", "{}", m["status"]);
     let vm = g
         .wait("the VM on the target", Duration::from_secs(30), || {
-            let vm = g.get("vm", "demo")?;
+            let vm = g.get("gvm", "demo")?;
             Ok(vm.filter(|v| {
                 v["status"]["phase"] == "Running"
                     && v["status"]["nodeName"] == g.cluster.fabric.nodes[j].name.as_str()

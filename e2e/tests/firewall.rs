@@ -127,12 +127,12 @@ fn the_agents_rules_let_vm_traffic_through_a_forward_drop() {
     // ... and with no VM left removes them.
     godwit.cluster.start_agent(0).expect("agent restarts");
     godwit
-        .kubectl(&["delete", "vm", "demo", "--wait=false"], None)
+        .kubectl(&["delete", "gvm", "demo", "--wait=false"], None)
         .expect("delete the VM");
     let vm_dir = godwit.vm_dir(0, "default", "demo");
     godwit
         .wait("the VM to go", Duration::from_secs(60), || {
-            Ok((godwit.get("vm", "demo")?.is_none() && !vm_dir.exists()).then_some(()))
+            Ok((godwit.get("gvm", "demo")?.is_none() && !vm_dir.exists()).then_some(()))
         })
         .expect("VM deleted");
     godwit.cluster.terminate_agent(0);

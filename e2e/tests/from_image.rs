@@ -133,7 +133,7 @@ spec:
 }
 
 fn node_index_of(g: &ClusterDriver, vm: &str) -> usize {
-    let v = g.get("vm", vm).unwrap().unwrap();
+    let v = g.get("gvm", vm).unwrap().unwrap();
     let node = v["metadata"]["labels"]["godwit.dev/node"]
         .as_str()
         .or(v["status"]["nodeName"].as_str())
@@ -218,7 +218,7 @@ fn templates_boot_their_images_kernel_or_say_what_is_missing() {
     g.apply(&manifest("no-boot", &bad, "Manual")).unwrap();
     let vm = g
         .wait("the no-boot VM to fail", Duration::from_secs(60), || {
-            let vm = g.get("vm", "no-boot")?;
+            let vm = g.get("gvm", "no-boot")?;
             Ok(vm.filter(|v| {
                 v["status"]["conditions"]
                     .as_array()
@@ -227,7 +227,7 @@ fn templates_boot_their_images_kernel_or_say_what_is_missing() {
         })
         .unwrap_or_else(|e| {
             // What the VM and its events said instead (the flake seen once).
-            let vm = g.kubectl(&["get", "vm", "no-boot", "-o", "json"], None);
+            let vm = g.kubectl(&["get", "gvm", "no-boot", "-o", "json"], None);
             let events = g.kubectl(
                 &[
                     "get",

@@ -25,7 +25,7 @@ fn a_lost_nodes_vm_runs_again_elsewhere_and_never_twice() {
     );
     assert!(!f.overlap, "two VMMs of the VM ran at once: {f:?}");
     assert_ne!(f.from, f.to);
-    let vm = g.get("vm", "demo").unwrap().unwrap();
+    let vm = g.get("gvm", "demo").unwrap().unwrap();
     assert_eq!(vm["metadata"]["labels"]["godwit.dev/node"], f.to.as_str());
     let events = g
         .kubectl(
@@ -38,7 +38,7 @@ fn a_lost_nodes_vm_runs_again_elsewhere_and_never_twice() {
             None,
         )
         .unwrap_or_default();
-    let described = g.kubectl(&["describe", "vm", "demo"], None).unwrap();
+    let described = g.kubectl(&["describe", "gvm", "demo"], None).unwrap();
     assert!(
         described.contains("NodeLost") || events.contains("NodeLost"),
         "no NodeLost event: {described}"

@@ -58,11 +58,11 @@ fn ready(vm: &Value) -> Option<&Value> {
 fn refused(g: &ClusterDriver, name: &str, says: &str) {
     let vm = g
         .wait(&format!("{name} refused"), Duration::from_secs(60), || {
-            let vm = g.get("vm", name)?;
+            let vm = g.get("gvm", name)?;
             Ok(vm.filter(|v| ready(v).is_some_and(|c| c["reason"] == "ImagePathRefused")))
         })
         .unwrap_or_else(|e| {
-            let vm = g.kubectl(&["get", "vm", name, "-o", "json"], None);
+            let vm = g.kubectl(&["get", "gvm", name, "-o", "json"], None);
             panic!("{e:#}\nthe VM: {vm:?}")
         });
     let c = ready(&vm).unwrap();

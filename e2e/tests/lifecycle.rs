@@ -57,11 +57,36 @@ fn vm_runs_survives_an_agent_restart_a_cancelled_migration_and_is_deleted() {
     let i = g.node_index(&node).unwrap();
     assert_eq!(vm["metadata"]["labels"]["godwit.dev/node"], node.as_str());
     assert_eq!(vm["status"]["addresses"][0]["ip"], "10.88.0.10");
-    let table = g.kubectl(&["get", "vm", "demo"], None).unwrap();
-    assert!(
-        table.contains("Running") && table.contains(&node),
-        "{table}"
+    // `kubectl get gvm`: phase, Ready, node, address, and the vCPUs and
+    // memory the VM runs with; the full resource name works too.
+    let row = g
+        .wait(
+            "the VM's row to show it Ready",
+            Duration::from_secs(30),
+            || {
+                let table = g.kubectl(&["get", "gvm", "demo", "--no-headers"], None)?;
+                let row: Vec<String> = table.split_whitespace().map(String::from).collect();
+                Ok((row.get(2).map(String::as_str) == Some("True")).then_some(row))
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        row[..7],
+        [
+            "demo",
+            "Running",
+            "True",
+            node.as_str(),
+            "10.88.0.10",
+            "1",
+            "256Mi"
+        ],
+        "{row:?}"
     );
+    let full = g
+        .kubectl(&["get", "virtualmachines.godwit.dev", "-o", "name"], None)
+        .unwrap();
+    assert_eq!(full.trim(), "virtualmachine.godwit.dev/demo", "{full}");
     let vm_dir = g.vm_dir(i, "default", "demo");
     let console = vm_dir.join("console.log");
     g.wait(
@@ -137,7 +162,7 @@ fn vm_runs_survives_an_agent_restart_a_cancelled_migration_and_is_deleted() {
         last_heartbeat(&console) > hb + 10,
         "the guest stopped beating"
     );
-    let vm = g.get("vm", "demo").unwrap().unwrap();
+    let vm = g.get("gvm", "demo").unwrap().unwrap();
     assert_eq!(vm["status"]["phase"], "Running", "{vm}");
     assert_eq!(vm["status"]["nodeName"], node.as_str());
     let pid_now = std::fs::read_to_string(vm_dir.join("pid")).unwrap();
@@ -153,7 +178,7 @@ fn vm_runs_survives_an_agent_restart_a_cancelled_migration_and_is_deleted() {
         "the slow migration to send memory",
         Duration::from_secs(60),
         || {
-            let m = g.get("vmmig", "slow-move")?;
+            let m = g.get("gvmm", "slow-move")?;
             Ok(m.filter(|m| {
                 m["status"]["phase"] == "PreCopy"
                     && m["status"]["progress"]["transferredBytes"].as_u64() > Some(1 << 20)
@@ -162,17 +187,17 @@ fn vm_runs_survives_an_agent_restart_a_cancelled_migration_and_is_deleted() {
     )
     .unwrap();
     let hb = last_heartbeat(&console);
-    g.kubectl(&["delete", "vmmig", "slow-move", "--wait=false"], None)
+    g.kubectl(&["delete", "gvmm", "slow-move", "--wait=false"], None)
         .unwrap();
     g.wait(
         "the cancelled migration to go",
         Duration::from_secs(60),
-        || Ok(g.get("vmmig", "slow-move")?.is_none().then_some(())),
+        || Ok(g.get("gvmm", "slow-move")?.is_none().then_some(())),
     )
     .unwrap();
     let vm = g
         .wait("the VM to leave Migrating", Duration::from_secs(30), || {
-            Ok(g.get("vm", "demo")?
+            Ok(g.get("gvm", "demo")?
                 .filter(|v| v["status"]["phase"] == "Running"))
         })
         .unwrap();
@@ -191,10 +216,10 @@ fn vm_runs_survives_an_agent_restart_a_cancelled_migration_and_is_deleted() {
     .unwrap();
 
     // Delete: the VMM stops and its disk goes.
-    g.kubectl(&["delete", "vm", "demo", "--wait=false"], None)
+    g.kubectl(&["delete", "gvm", "demo", "--wait=false"], None)
         .unwrap();
     g.wait("the VM to go", Duration::from_secs(60), || {
-        Ok(g.get("vm", "demo")?.is_none().then_some(()))
+        Ok(g.get("gvm", "demo")?.is_none().then_some(()))
     })
     .unwrap();
     assert!(!alive(pid), "the VMM still runs after its VM was deleted");
@@ -235,7 +260,7 @@ fn a_node_cut_off_from_the_api_fences_itself_and_the_vm_restarts_after() {
     // operator restarts the VM (runStrategy Always) on the node.
     node.ns.restore(&node.uplink).unwrap();
     g.wait("the VM to run again", Duration::from_secs(90), || {
-        let vm = g.get("vm", "demo")?;
+        let vm = g.get("gvm", "demo")?;
         let again = pid(&vm_dir);
         Ok(vm
             .filter(|v| v["status"]["phase"] == "Running")

@@ -144,7 +144,10 @@ fn wait_phase(g: &ClusterDriver, name: &str, phase: &str) -> Value {
     g.wait(
         &format!("VM {name} to be {phase}"),
         Duration::from_secs(30),
-        || Ok(g.get("vm", name)?.filter(|v| v["status"]["phase"] == phase)),
+        || {
+            Ok(g.get("gvm", name)?
+                .filter(|v| v["status"]["phase"] == phase))
+        },
     )
     .unwrap()
 }
@@ -264,7 +267,7 @@ fn stop_presses_the_power_button_forces_a_deaf_guest_and_a_guest_reset_restarts(
     // The rebooter resets itself: Stopped with reason GuestReset, then
     // started again though its runStrategy is Manual.
     let before = pid_of(rebooter).unwrap();
-    let watch = g.watch("vm", "rebooter").unwrap();
+    let watch = g.watch("gvm", "rebooter").unwrap();
     type_at(rebooter, "reset").unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let reset = loop {
@@ -285,13 +288,13 @@ fn stop_presses_the_power_button_forces_a_deaf_guest_and_a_guest_reset_restarts(
         "the rebooter to run again with a new VMM",
         Duration::from_secs(60),
         || {
-            let vm = g.get("vm", "rebooter")?;
+            let vm = g.get("gvm", "rebooter")?;
             let running = vm.is_some_and(|v| v["status"]["phase"] == "Running");
             Ok((running && pid_of(rebooter).is_some_and(|p| p != before)).then_some(()))
         },
     )
     .unwrap();
-    let vm = g.get("vm", "rebooter").unwrap().unwrap();
+    let vm = g.get("gvm", "rebooter").unwrap().unwrap();
     assert_eq!(vm["spec"]["runStrategy"], "Manual", "{vm}");
     let why = has_event(&g, "rebooter", "GuestReset").expect("a GuestReset event");
     assert!(why.contains("reset"), "{why}");

@@ -177,7 +177,7 @@ fn migrate_and_delete() -> Vec<AuditRecord> {
     g.apply(&g.example(EXAMPLE_MIGRATION)).unwrap();
     let phase = g
         .wait("the migration to end", Duration::from_secs(300), || {
-            let m = g.get("vmmig", "demo-move")?;
+            let m = g.get("gvmm", "demo-move")?;
             let phase = m.as_ref().and_then(|m| m["status"]["phase"].as_str());
             Ok(phase
                 .filter(|p| matches!(*p, "Succeeded" | "Failed" | "Cancelled"))
@@ -205,7 +205,7 @@ fn fail_over_and_delete() -> Vec<AuditRecord> {
 
 fn delete_demo(g: &ClusterDriver) {
     g.kubectl(
-        &["delete", "vm", "demo", "--wait=true", "--timeout=60s"],
+        &["delete", "gvm", "demo", "--wait=true", "--timeout=60s"],
         None,
     )
     .unwrap();

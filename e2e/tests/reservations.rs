@@ -225,7 +225,7 @@ fn a_vm_holds_a_reservation_on_its_node_two_while_it_migrates() {
         format!("godwit-reserve-res-a-{target}")
     );
 
-    g.kubectl(&["delete", "vm", "res-a", "--wait=false"], None)
+    g.kubectl(&["delete", "gvm", "res-a", "--wait=false"], None)
         .unwrap();
     g.wait(
         "the reservation and budget to go with the VM",
@@ -255,7 +255,7 @@ fn a_quota_for_one_vm_admits_one_and_holds_the_second() {
     g.apply(&vm_manifest(&g, &ns, "first", "64Mi", "hb_ms=100", None))
         .unwrap();
     let running = |name: &str| -> anyhow::Result<Option<Value>> {
-        let text = g.kubectl(&["get", "vm", name, "-n", &ns, "-o", "json"], None)?;
+        let text = g.kubectl(&["get", "gvm", name, "-n", &ns, "-o", "json"], None)?;
         let vm: Value = serde_json::from_str(&text)?;
         Ok((vm["status"]["phase"] == "Running").then_some(vm))
     };
@@ -284,7 +284,7 @@ fn a_quota_for_one_vm_admits_one_and_holds_the_second() {
             "second to be held by the quota",
             Duration::from_secs(30),
             || {
-                let text = g.kubectl(&["get", "vm", "second", "-n", &ns, "-o", "json"], None)?;
+                let text = g.kubectl(&["get", "gvm", "second", "-n", &ns, "-o", "json"], None)?;
                 let vm: Value = serde_json::from_str(&text)?;
                 let held = condition(&vm, "Scheduled")
                     .is_some_and(|c| c["status"] == "False" && c["reason"] == "QuotaExceeded");
@@ -309,7 +309,7 @@ fn a_quota_for_one_vm_admits_one_and_holds_the_second() {
     assert!(events.contains("QuotaExceeded"), "{events}");
 
     // Room again once the first VM and its reservation are gone.
-    g.kubectl(&["delete", "vm", "first", "-n", &ns, "--wait=false"], None)
+    g.kubectl(&["delete", "gvm", "first", "-n", &ns, "--wait=false"], None)
         .unwrap();
     g.wait(
         "second to run once first is gone",
@@ -331,7 +331,7 @@ fn apply_many(g: &ClusterDriver, range: std::ops::Range<usize>) {
 
 fn wait_all_running(g: &ClusterDriver, count: usize, timeout: Duration) -> Vec<Value> {
     g.wait(&format!("{count} VMs to run"), timeout, || {
-        let vms = list(g, &["vm"]);
+        let vms = list(g, &["gvm"]);
         let running: Vec<Value> = vms
             .into_iter()
             .filter(|v| v["status"]["phase"] == "Running")
@@ -339,7 +339,7 @@ fn wait_all_running(g: &ClusterDriver, count: usize, timeout: Duration) -> Vec<V
         Ok((running.len() >= count).then_some(running))
     })
     .unwrap_or_else(|e| {
-        let phases: Vec<String> = list(g, &["vm"])
+        let phases: Vec<String> = list(g, &["gvm"])
             .iter()
             .map(|v| format!("{}={}", v["metadata"]["name"], v["status"]["phase"]))
             .collect();
@@ -379,7 +379,7 @@ fn vcpus_are_overcommitted_by_the_allocation_ratio() {
             "the 13th VM to be unschedulable",
             Duration::from_secs(30),
             || {
-                let vm = g.get("vm", "oc-12")?;
+                let vm = g.get("gvm", "oc-12")?;
                 Ok(vm.filter(|vm| {
                     condition(vm, "Scheduled")
                         .is_some_and(|c| c["status"] == "False" && c["reason"] == "Unschedulable")
@@ -448,7 +448,7 @@ fn cordon_evacuates_by_live_migration_and_the_old_reservation_goes() {
             "the VM to leave the cordoned node",
             Duration::from_secs(90),
             || {
-                let vm = g.get("vm", "cordoned")?;
+                let vm = g.get("gvm", "cordoned")?;
                 Ok(vm.filter(|v| v["status"]["phase"] == "Running" && node_of(v) != old))
             },
         )

@@ -591,29 +591,29 @@ fn godwit_crds_examples_and_invalid_manifests() {
         "{out}"
     );
 
-    let table = cluster.ok(&["get", "vm"]);
+    let table = cluster.ok(&["get", "gvm"]);
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "PHASE", "NODE", "CPU", "MEMORY", "AGE"],
+        ["NAME", "PHASE", "READY", "NODE", "IP", "CPU", "MEMORY", "AGE"],
         "{table}"
     );
     assert!(
         table.lines().nth(1).unwrap().starts_with("demo "),
         "{table}"
     );
-    let explained = cluster.ok(&["explain", "vm.spec.runStrategy"]);
+    let explained = cluster.ok(&["explain", "gvm.spec.runStrategy"]);
     assert!(explained.contains("RerunOnFailure"), "{explained}");
     // examples/: the test guest's template and the fromImage one; one migration.
     for (short, names) in [
         (
-            "vmt",
+            "gvmt",
             &[
                 "vmtemplate.godwit.dev/debian-12",
                 "vmtemplate.godwit.dev/testguest",
             ][..],
         ),
-        ("vmmig", &["vmmigration.godwit.dev/demo-move"][..]),
+        ("gvmm", &["vmmigration.godwit.dev/demo-move"][..]),
     ] {
         let listed = cluster.ok(&["get", short, "-o", "name"]);
         assert_eq!(
@@ -626,7 +626,7 @@ fn godwit_crds_examples_and_invalid_manifests() {
     // The migration spec is immutable (CEL transition rule).
     let output = cluster.run(&[
         "patch",
-        "vmmig",
+        "gvmm",
         "demo-move",
         "--type",
         "merge",

@@ -110,7 +110,7 @@ async fn session(stream: TcpStream, state_dir: &Path) -> std::io::Result<()> {
         Ok(c) => c,
         Err(e) => {
             let why = format!(
-                "VM {ns}/{name} has no running console on this node ({e}): check its node and phase with `kubectl get vm {name} -n {ns}`"
+                "VM {ns}/{name} has no running console on this node ({e}): check its node and phase with `kubectl get gvm {name} -n {ns}`"
             );
             reader
                 .get_mut()

@@ -153,6 +153,8 @@ pub async fn apply_step(
                 json!({
                     "phase": VmPhase::Scheduled,
                     "nodeName": node,
+                    "cpu": machine.cpu,
+                    "memory": godwit_crds::format_quantity(machine.memory_bytes),
                     "conditions": conditions::merge(view::vm_conditions(vm), &scheduled, vm.metadata.generation, now),
                 }),
                 ctx,
