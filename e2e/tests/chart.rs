@@ -77,6 +77,7 @@ fn renders_with_default_values() {
     for flag in [
         "--cpu-allocation-ratio=10",
         "--reservation-image=registry.k8s.io/pause:3.9",
+        "--finished-migrations-kept=5",
     ] {
         assert!(a.contains(&flag.to_string()), "{flag} not in {a:?}");
     }

@@ -211,6 +211,17 @@ fn drs_spreads_loaded_vms_and_keeps_anti_affinity() {
                 })
                 .count();
             assert!(drs_made >= 2, "the moves were not DRS's: {migrations}");
+            // Each DRS migration is owned by its VM (garbage-collected
+            // with it).
+            for m in migrations["items"].as_array().unwrap() {
+                if m["metadata"]["labels"]["godwit.dev/drs"] == "true" {
+                    let owner = &m["metadata"]["ownerReferences"][0];
+                    assert_eq!(owner["kind"], "VirtualMachine", "{m}");
+                    assert_eq!(owner["name"], m["spec"]["vmName"], "{m}");
+                    let vm = find(owner["name"].as_str().unwrap()).unwrap();
+                    assert_eq!(owner["uid"], vm["metadata"]["uid"], "{m}");
+                }
+            }
             break;
         }
         assert!(

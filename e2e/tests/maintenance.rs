@@ -183,6 +183,9 @@ fn a_node_in_maintenance_is_emptied_by_live_migration() {
             m["spec"]["vmName"] == *name
                 && m["status"]["phase"] == "Succeeded"
                 && m["status"]["targetNode"] == now_on.as_str()
+                // Owned by its VM (garbage-collected with it).
+                && m["metadata"]["ownerReferences"][0]["uid"] == vm["metadata"]["uid"]
+                && m["metadata"]["ownerReferences"][0]["kind"] == "VirtualMachine"
         });
         assert!(moved, "{name} did not leave by a live migration: {list}");
         // Heartbeats went on over the same connection after the move.

@@ -116,7 +116,12 @@ pub struct OperatorConfig {
     pub cpu_allocation_ratio: CpuAllocationRatio,
     /// The image of reservation pods (a pause container).
     pub reservation_image: String,
+    /// Finished VMMigrations kept per VM; older ones are deleted.
+    pub finished_migrations_kept: usize,
 }
+
+/// Finished VMMigrations kept per VM by default (as KubeVirt keeps 5).
+pub const DEFAULT_FINISHED_MIGRATIONS_KEPT: usize = 5;
 
 impl Default for OperatorConfig {
     fn default() -> Self {
@@ -133,6 +138,7 @@ impl Default for OperatorConfig {
             drs: DrsConfig::default(),
             cpu_allocation_ratio: CpuAllocationRatio::default(),
             reservation_image: reservations::DEFAULT_IMAGE.to_string(),
+            finished_migrations_kept: DEFAULT_FINISHED_MIGRATIONS_KEPT,
         }
     }
 }

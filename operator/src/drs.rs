@@ -353,6 +353,7 @@ async fn pass(ctx: &Context) -> Result<(), kube::Error> {
                 metadata: ObjectMeta {
                     name: Some(name.clone()),
                     namespace: Some(r.namespace.clone()),
+                    owner_references: vm.owner_ref(&()).map(|o| vec![o]),
                     labels: Some(BTreeMap::from([(
                         DRS_LABEL.to_string(),
                         "true".to_string(),

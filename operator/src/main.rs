@@ -39,6 +39,10 @@ struct Args {
     /// Migrations in flight in the cluster.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     max_migrations_per_cluster: u64,
+    /// Finished (Succeeded, Failed, Cancelled) VMMigrations kept per VM; the
+    /// operator deletes older ones when another one finishes.
+    #[arg(long, default_value_t = godwit_operator::config::DEFAULT_FINISHED_MIGRATIONS_KEPT as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    finished_migrations_kept: u64,
     /// DRS balancer: off, manual (recommend only) or automatic (migrate).
     #[arg(long, default_value = "off")]
     drs_mode: DrsMode,
@@ -125,6 +129,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         },
         cpu_allocation_ratio: args.cpu_allocation_ratio,
         reservation_image: args.reservation_image,
+        finished_migrations_kept: args.finished_migrations_kept as usize,
         ..OperatorConfig::default()
     };
     godwit_operator::run_until(client, config, shutdown_signal()).await?;

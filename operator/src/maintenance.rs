@@ -33,6 +33,7 @@ use godwit_crds::{
     VirtualMachine, VmPhase,
 };
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, Patch, PostParams};
 use kube::{Resource, ResourceExt};
@@ -93,7 +94,7 @@ impl MaintenanceStatus {
 }
 
 /// One thing the operator does for a VM of a node in maintenance.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Eviction {
     /// Create a VMMigration for it.
     Migrate {
@@ -105,6 +106,8 @@ pub enum Eviction {
         migration: String,
         /// Copy node-local disks with the migration.
         copy_storage: bool,
+        /// The VM, as the migration's owner (garbage-collected with it).
+        owner: Option<OwnerReference>,
     },
     /// Stop it gracefully.
     Shutdown {
@@ -125,7 +128,7 @@ pub enum Eviction {
 }
 
 /// What [`plan`] decided for one node.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Evacuation {
     /// What to do now.
     pub actions: Vec<Eviction>,
@@ -279,6 +282,7 @@ pub fn plan(
         out.actions.push(Eviction::Migrate {
             migration: migration_name(&name, ours.len() + 1),
             copy_storage: local_writable_disk(vm).is_some(),
+            owner: vm.owner_ref(&()),
             namespace,
             vm: name,
         });
@@ -376,11 +380,13 @@ async fn carry_out(ctx: &Context, node: &str, action: &Eviction) -> Result<(), k
             vm,
             migration,
             copy_storage,
+            owner,
         } => {
             let m = VMMigration {
                 metadata: ObjectMeta {
                     name: Some(migration.clone()),
                     namespace: Some(namespace.clone()),
+                    owner_references: owner.clone().map(|o| vec![o]),
                     labels: Some(BTreeMap::from([(
                         EVACUATION_LABEL.to_string(),
                         node.to_string(),

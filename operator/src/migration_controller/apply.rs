@@ -96,6 +96,13 @@ pub async fn apply_step(
                 .collect();
             patch_metadata(&api, m, json!({"finalizers": finalizers}), ctx).await?;
             debug!(migration = %name, "finalizer released");
+            // History is bounded: best effort, the next finished migration
+            // of the VM collects again.
+            let ns = m.namespace().unwrap_or_default();
+            let keep = ctx.config.finished_migrations_kept;
+            if let Err(e) = super::gc::collect(&ctx.client, &ns, &m.spec.vm_name, keep).await {
+                warn!(migration = %name, "cannot delete older finished migrations: {}", godwit_crds::error_chain(&e));
+            }
             Ok(Action::await_change())
         }
         MigrationStep::Fail { reason } => {

@@ -5,6 +5,7 @@
 //! - [`decide`]: admission, timeouts, cancelling and the VM's move, pure
 //!   functions over plain data with their tests;
 //! - [`apply`]: the writes (patches, Events) that carry a step out;
+//! - [`gc`]: finished migrations beyond the newest kept per VM are deleted;
 //! - here: the watches, the error policy and [`reconcile`], which reads,
 //!   decides and writes.
 //!
@@ -57,6 +58,7 @@
 
 pub mod apply;
 pub mod decide;
+pub mod gc;
 
 use std::sync::Arc;
 use std::time::Duration;
