@@ -341,6 +341,10 @@ fn control_requests_are_built_by_the_control_crate_only() {
 
 /// `cargo tree -p PACKAGE -e normal,dev` (the packages a crate's tests build).
 fn dev_tree(package: &str) -> String {
+    tree(package, "normal,dev")
+}
+
+fn tree(package: &str, edges: &str) -> String {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
         .current_dir(root())
@@ -350,7 +354,7 @@ fn dev_tree(package: &str) -> String {
             "-p",
             package,
             "-e",
-            "normal,dev",
+            edges,
             "--prefix",
             "none",
         ])
@@ -362,6 +366,17 @@ fn dev_tree(package: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// The API types build without a Kubernetes client: users who only need
+/// the types (a controller of their own, a CLI) get no HTTP or TLS stack.
+#[test]
+fn the_crds_crate_builds_no_client() {
+    let tree = tree("godwit-crds", "normal");
+    assert!(tree.contains("kube-derive"), "{tree}");
+    for krate in ["kube-client", "hyper ", "tokio ", "rustls ", "kube-runtime"] {
+        assert!(!tree.contains(krate), "godwit-crds builds {krate}:\n{tree}");
+    }
 }
 
 #[test]
