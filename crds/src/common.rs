@@ -29,6 +29,56 @@ pub const SYSTEM_PATH_RULE: &str = "!['/proc/', '/sys/', '/dev/', '/etc/', '/run
 /// The message of [`SYSTEM_PATH_RULE`].
 pub const SYSTEM_PATH_MESSAGE: &str = "names a system directory of the node; images come only from the node's image directories (by default /var/lib/godwit/images and /var/lib/godwit/kernels)";
 
+/// The schema of a Kubernetes label selector, as the API server checks it:
+/// `operator` is one of `In`, `NotIn`, `Exists`, `DoesNotExist` (an enum, so
+/// an unknown one is refused at admission instead of silently matching
+/// nothing), and `values` is non-empty exactly for `In` and `NotIn`.
+pub fn label_selector_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "A label query over VMs: every matchLabels pair and every matchExpressions requirement must hold (ANDed); an empty selector matches every VM.",
+        "type": "object",
+        "x-kubernetes-map-type": "atomic",
+        "properties": {
+            "matchLabels": {
+                "description": "Labels a VM must have, key and value.",
+                "type": "object",
+                "additionalProperties": {"type": "string"}
+            },
+            "matchExpressions": {
+                "description": "Requirements on a VM's labels.",
+                "type": "array",
+                "maxItems": 32,
+                "items": {
+                    "type": "object",
+                    "required": ["key", "operator"],
+                    "properties": {
+                        "key": {
+                            "description": "The label key the requirement is about.",
+                            "type": "string",
+                            "maxLength": 317
+                        },
+                        "operator": {
+                            "description": "In, NotIn (with values), Exists or DoesNotExist (without).",
+                            "type": "string",
+                            "enum": ["In", "NotIn", "Exists", "DoesNotExist"]
+                        },
+                        "values": {
+                            "description": "The values for In and NotIn.",
+                            "type": "array",
+                            "maxItems": 64,
+                            "items": {"type": "string", "maxLength": 63}
+                        }
+                    },
+                    "x-kubernetes-validations": [{
+                        "rule": "self.operator in ['In', 'NotIn'] ? (has(self.values) && size(self.values) > 0) : (!has(self.values) || size(self.values) == 0)",
+                        "message": "In and NotIn need values; Exists and DoesNotExist take none"
+                    }]
+                }
+            }
+        }
+    })
+}
+
 /// How the guest is started: either a kernel file on the node (a Linux bzImage
 /// or a PVH ELF) with an optional initrd, or the newest kernel and initrd in
 /// the root disk image's own `/boot` (`fromImage`); and the kernel command line.

@@ -275,6 +275,7 @@ pub struct VmAffinity {
 #[serde(rename_all = "camelCase")]
 pub struct VmAffinityTerm {
     /// Which VMs the term is about.
+    #[schemars(schema_with = "crate::common::label_selector_schema")]
     pub label_selector: LabelSelector,
 }
 

@@ -31,7 +31,6 @@ pub mod context;
 pub mod drs;
 pub mod errors;
 pub mod ha;
-pub mod labels;
 pub mod leader;
 pub mod machine;
 pub mod maintenance;

@@ -24,7 +24,8 @@ use std::fmt;
 use godwit_crds::vm::VmAffinity;
 use k8s_openapi::api::core::v1::{Taint, Toleration};
 
-use crate::labels;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::core::{Selector, SelectorExt};
 
 /// CPU and memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -227,6 +228,13 @@ fn tolerates(tolerations: &[Toleration], taint: &Taint) -> bool {
 }
 
 /// Resources in use on `node`.
+/// Whether `selector` selects a VM with `labels`, as Kubernetes evaluates
+/// it (kube's [`Selector`]). A selector kube cannot read (an operator the
+/// CRD's enum refuses at admission) selects nothing.
+fn selects(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    Selector::try_from(selector.clone()).is_ok_and(|s| s.matches(labels))
+}
+
 pub fn used(node: &str, placed: &[PlacedVm]) -> Resources {
     placed
         .iter()
@@ -304,15 +312,16 @@ fn check(
     }
     if let Some(aff) = &req.affinity {
         for term in &aff.vm_anti_affinity {
-            if let Some(v) = on_node.iter().find(|v| {
-                v.namespace == req.namespace && labels::matches(&term.label_selector, &v.labels)
-            }) {
+            if let Some(v) = on_node
+                .iter()
+                .find(|v| v.namespace == req.namespace && selects(&term.label_selector, &v.labels))
+            {
                 return Err(Refusal::AntiAffinity(v.name.clone()));
             }
         }
         for term in &aff.vm_affinity {
             let matching = |v: &&&PlacedVm| {
-                v.namespace == req.namespace && labels::matches(&term.label_selector, &v.labels)
+                v.namespace == req.namespace && selects(&term.label_selector, &v.labels)
             };
             let anywhere = others.iter().any(|v| matching(&v));
             if anywhere && !on_node.iter().any(matching) {
@@ -326,7 +335,7 @@ fn check(
             v.namespace == req.namespace
                 && a.vm_anti_affinity
                     .iter()
-                    .any(|t| labels::matches(&t.label_selector, &req.labels))
+                    .any(|t| selects(&t.label_selector, &req.labels))
         });
         if refuses {
             return Err(Refusal::AntiAffinity(v.name.clone()));
@@ -394,6 +403,40 @@ mod tests {
     use crate::fixtures::app_term;
 
     const GI: u64 = 1 << 30;
+
+    #[test]
+    fn selectors_select_like_kubernetes() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+        let map = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let expr = |key: &str, op: &str, values: &[&str]| LabelSelectorRequirement {
+            key: key.into(),
+            operator: op.into(),
+            values: (!values.is_empty()).then(|| values.iter().map(|v| v.to_string()).collect()),
+        };
+        let l = map(&[("app", "db"), ("tier", "gold")]);
+        let mut s = LabelSelector {
+            match_labels: Some(map(&[("app", "db")])),
+            ..Default::default()
+        };
+        assert!(selects(&s, &l));
+        s.match_expressions = Some(vec![expr("tier", "In", &["gold", "silver"])]);
+        assert!(selects(&s, &l));
+        s.match_expressions = Some(vec![expr("tier", "NotIn", &["gold"])]);
+        assert!(!selects(&s, &l));
+        s.match_expressions = Some(vec![expr("zone", "DoesNotExist", &[])]);
+        assert!(selects(&s, &l));
+        s.match_expressions = Some(vec![expr("zone", "Exists", &[])]);
+        assert!(!selects(&s, &l));
+        // An operator kube cannot read selects nothing.
+        s.match_expressions = Some(vec![expr("app", "Equals", &["db"])]);
+        assert!(!selects(&s, &l));
+        assert!(selects(&LabelSelector::default(), &l));
+    }
 
     fn node(name: &str, cpu: u64, mem_gi: u64) -> NodeInfo {
         NodeInfo {
