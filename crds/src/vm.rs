@@ -292,7 +292,9 @@ pub struct VirtualMachineStatus {
     /// Addresses of the VM's interfaces.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<VmAddress>,
-    /// Standard conditions: `Ready`, `Migratable`, `Provisioned`.
+    /// Conditions: `Ready` (written by the node agent: the guest runs, or
+    /// why not) and `Scheduled` (written by the operator: placed on a node,
+    /// or why not).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status describes.
