@@ -33,7 +33,11 @@ fn args(workload: &Value) -> Vec<String> {
 
 #[test]
 fn lint_is_clean_with_default_and_custom_values() {
-    for v in [None, Some(values("custom.yaml"))] {
+    for v in [
+        None,
+        Some(values("custom.yaml")),
+        Some(values("monitoring.yaml")),
+    ] {
         let report = helm::lint(v.as_deref()).unwrap_or_else(|e| panic!("{v:?}: {e}"));
         println!("lint {v:?}: {report}");
     }
@@ -406,4 +410,80 @@ fn dockerfile_builds_what_the_tests_build() {
         ignore.lines().any(|l| l == "target/"),
         "target/ reaches the build context"
     );
+}
+
+/// Monitoring, when enabled: ServiceMonitors for both components, the
+/// alerts, the dashboard as a ConfigMap with the sidecar's label; the node
+/// daemons' metrics Service always. The aggregated roles give namespace
+/// users VM rights through the default view, edit and admin roles.
+#[test]
+fn monitoring_and_aggregated_roles_render() {
+    let docs = helm::documents(&helm::render(None, "godwit-system").unwrap()).unwrap();
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for kind in ["ServiceMonitor", "PrometheusRule"] {
+        assert!(!kinds.contains(&kind), "{kind} rendered by default");
+    }
+    assert!(!docs
+        .iter()
+        .any(|d| d["metadata"]["name"] == "godwit-dashboard"));
+    let svc = find(&docs, "Service", "godwit-node-metrics");
+    assert_eq!(svc["spec"]["clusterIP"], "None");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 9411);
+    assert_eq!(
+        svc["spec"]["selector"]["app.kubernetes.io/component"],
+        "node-daemon"
+    );
+    for (role, aggregate, writes) in [
+        ("godwit-view", "view", false),
+        ("godwit-edit", "edit", true),
+        ("godwit-admin", "admin", true),
+    ] {
+        let r = find(&docs, "ClusterRole", role);
+        let label = format!("rbac.authorization.k8s.io/aggregate-to-{aggregate}");
+        assert_eq!(r["metadata"]["labels"][label.as_str()], "true", "{r}");
+        let verbs: Vec<&str> = r["rules"][0]["verbs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert_eq!(verbs.contains(&"create"), writes, "{role}: {verbs:?}");
+        assert!(verbs.contains(&"list"), "{role}: {verbs:?}");
+    }
+
+    let docs =
+        helm::documents(&helm::render(Some(&values("monitoring.yaml")), "mon").unwrap()).unwrap();
+    for component in ["operator", "node-daemon"] {
+        let sm = find(&docs, "ServiceMonitor", &format!("godwit-{component}"));
+        assert_eq!(sm["metadata"]["labels"]["release"], "prometheus");
+        assert_eq!(
+            sm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"],
+            component
+        );
+        assert_eq!(sm["spec"]["endpoints"][0]["interval"], "15s");
+        // The Service it selects exists, with the port it scrapes.
+        let service = docs
+            .iter()
+            .find(|d| {
+                d["kind"] == "Service"
+                    && d["metadata"]["labels"]["app.kubernetes.io/component"] == component
+            })
+            .unwrap_or_else(|| panic!("no Service for {component}"));
+        assert_eq!(service["spec"]["ports"][0]["name"], "metrics");
+    }
+    let rule = find(&docs, "PrometheusRule", "godwit");
+    let alerts: Vec<&str> = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["alert"].as_str())
+        .collect();
+    assert_eq!(
+        alerts,
+        ["GodwitMigrationFailed", "GodwitNodeLost", "GodwitVMFailed"]
+    );
+    let dash = find(&docs, "ConfigMap", "godwit-dashboard");
+    assert_eq!(dash["metadata"]["labels"]["grafana_dashboard"], "1");
+    let json: Value = serde_json::from_str(dash["data"]["godwit.json"].as_str().unwrap()).unwrap();
+    assert_eq!(json["title"], "Godwit");
 }
