@@ -53,6 +53,10 @@ pub const TARGET_LABEL: &str = "godwit.dev/target-node";
 /// operator when it schedules the VM (so a later template change does not
 /// change a VM that already runs).
 pub const RESOLVED_ANNOTATION: &str = "godwit.dev/resolved";
+/// The Secret (in the operator's namespace) holding the migration CA
+/// (`ca.crt`, `ca.key`): made by the operator when it is missing, mounted
+/// by every node daemon.
+pub const MIGRATION_CA_SECRET: &str = "godwit-migration-ca";
 /// On a VMMigration: `"true"` asks for it to be cancelled.
 pub const CANCEL_ANNOTATION: &str = "godwit.dev/cancel";
 /// On a VirtualMachine: the node agent's cleanup (stop the VMM, remove disks).

@@ -38,7 +38,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, PostParams};
 
-use godwit_testkit::ca::{write_migration_ca, CaError};
+use godwit_testkit::ca::CaError;
 use godwit_testkit::nodes::Fabric;
 use godwit_testkit::process::alive;
 
@@ -306,7 +306,7 @@ impl LocalCluster {
             .map_err(|e| ClusterError::Start("a metrics port".into(), e))?;
         self.metrics = Some(metrics);
         self.start_operator()?;
-        write_migration_ca(&self.migration_ca_dir())?;
+        self.mount_migration_ca()?;
         let n = self.fabric.nodes.len();
         *self.agents.lock().expect("agents lock") = Agents {
             procs: (0..n).map(|_| None).collect(),
@@ -316,6 +316,52 @@ impl LocalCluster {
         };
         for i in 0..self.fabric.nodes.len() {
             self.start_agent(i)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the migration CA's Secret, which the operator makes when
+    /// it is missing (`godwit_operator::migration_ca`), and writes its keys
+    /// into [`LocalCluster::migration_ca_dir`] as the chart's Secret volume
+    /// mounts them into every node daemon.
+    fn mount_migration_ca(&self) -> Result<(), ClusterError> {
+        let dir = self.migration_ca_dir();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ClusterError::Write(dir.display().to_string(), e))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        for file in ["ca.crt", "ca.key"] {
+            let template = format!("--template={{{{index .data \"{file}\" | base64decode}}}}");
+            let text = loop {
+                let out = self
+                    .kubectl(&[
+                        "-n",
+                        godwit_crds::contract::DEFAULT_LEASE_NAMESPACE,
+                        "get",
+                        "secret",
+                        godwit_crds::contract::MIGRATION_CA_SECRET,
+                        "-o",
+                        "go-template",
+                        &template,
+                    ])
+                    .map_err(|e| ClusterError::Start("kubectl".into(), e))?;
+                if out.status.success() && !out.stdout.is_empty() {
+                    break out.stdout;
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(ClusterError::Start(
+                        format!(
+                            "the operator made no Secret {} in 30 s: {}",
+                            godwit_crds::contract::MIGRATION_CA_SECRET,
+                            String::from_utf8_lossy(&out.stderr)
+                        ),
+                        std::io::Error::from(std::io::ErrorKind::TimedOut),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            let path = dir.join(file);
+            std::fs::write(&path, text)
+                .map_err(|e| ClusterError::Write(path.display().to_string(), e))?;
         }
         Ok(())
     }

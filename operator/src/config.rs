@@ -118,6 +118,9 @@ pub struct OperatorConfig {
     pub reservation_image: String,
     /// Finished VMMigrations kept per VM; older ones are deleted.
     pub finished_migrations_kept: usize,
+    /// The migration CA's Secret, made when missing
+    /// ([`crate::migration_ca`]); `None`: not managed here.
+    pub migration_ca: Option<crate::migration_ca::CaSecret>,
 }
 
 /// Finished VMMigrations kept per VM by default (as KubeVirt keeps 5).
@@ -139,6 +142,7 @@ impl Default for OperatorConfig {
             cpu_allocation_ratio: CpuAllocationRatio::default(),
             reservation_image: reservations::DEFAULT_IMAGE.to_string(),
             finished_migrations_kept: DEFAULT_FINISHED_MIGRATIONS_KEPT,
+            migration_ca: None,
         }
     }
 }

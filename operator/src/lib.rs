@@ -35,6 +35,7 @@ pub mod leader;
 pub mod machine;
 pub mod maintenance;
 pub mod metrics;
+pub mod migration_ca;
 pub mod migration_controller;
 pub mod nodes;
 pub mod reservations;
@@ -121,6 +122,9 @@ pub async fn run_controllers(client: Client, config: OperatorConfig, metrics: Ar
         per_cluster = config.migrations.per_cluster,
         "controllers starting"
     );
+    if let Some(ca) = config.migration_ca.clone() {
+        tokio::spawn(migration_ca::keep_ensured(client.clone(), ca));
+    }
     let ctx = Arc::new(Context::new(client, config, metrics));
     tokio::join!(
         vm_controller::run(ctx.clone()),

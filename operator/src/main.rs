@@ -43,6 +43,14 @@ struct Args {
     /// operator deletes older ones when another one finishes.
     #[arg(long, default_value_t = godwit_operator::config::DEFAULT_FINISHED_MIGRATIONS_KEPT as u64, value_parser = clap::value_parser!(u64).range(1..))]
     finished_migrations_kept: u64,
+    /// The Secret (in --lease-namespace) holding the migration CA (`ca.crt`,
+    /// `ca.key`): made with a new CA when it does not exist, kept when it
+    /// does (bring your own by creating it first); "off" leaves it alone.
+    #[arg(long, default_value = godwit_operator::migration_ca::DEFAULT_SECRET)]
+    migration_ca_secret: String,
+    /// Days a CA made by the operator is valid.
+    #[arg(long, default_value_t = godwit_operator::migration_ca::DEFAULT_VALIDITY_DAYS, value_parser = clap::value_parser!(u32).range(1..))]
+    migration_ca_validity_days: u32,
     /// DRS balancer: off, manual (recommend only) or automatic (migrate).
     #[arg(long, default_value = "off")]
     drs_mode: DrsMode,
@@ -110,7 +118,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         None => kube::Config::infer().await?,
     };
     let client = kube::Client::try_from(kube_config)?;
+    let migration_ca =
+        (args.migration_ca_secret != "off").then(|| godwit_operator::migration_ca::CaSecret {
+            namespace: args.lease_namespace.clone(),
+            name: args.migration_ca_secret.clone(),
+            validity_days: args.migration_ca_validity_days,
+        });
     let config = OperatorConfig {
+        migration_ca,
         lease_namespace: args.lease_namespace,
         metrics_addr: Some(args.metrics_addr),
         placement: args.placement,
