@@ -77,7 +77,9 @@ pub const RESERVATION_LABEL: &str = "godwit.dev/reservation";
 pub const CAPACITY_CPU_ANNOTATION: &str = "godwit.dev/vm-cpu";
 /// On a Node: bytes of memory the agent offers to VMs.
 pub const CAPACITY_MEMORY_ANNOTATION: &str = "godwit.dev/vm-memory";
-/// On a Node: comma-separated sha256 digests of the template images cached there.
+/// On a Node: the template images its cache holds, JSON `{"<template image
+/// source>": "sha256:<hex>", ...}` (written by its agent with its usage;
+/// the operator makes each VMTemplate's status from it).
 pub const CACHED_IMAGES_ANNOTATION: &str = "godwit.dev/cached-images";
 /// On a Node (label, or annotation as before): `"true"` puts it in
 /// maintenance. Cordoning it (`spec.unschedulable`) does the same. A node in

@@ -28,6 +28,7 @@ use crate::vm::{ImageFormat, Network};
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
     printcolumn(name = "Image", type_ = "string", json_path = ".spec.image.source"),
+    printcolumn(name = "Digest", type_ = "string", json_path = ".status.imageDigest"),
     printcolumn(
         name = "Age",
         type_ = "date",

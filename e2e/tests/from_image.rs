@@ -214,6 +214,32 @@ fn templates_boot_their_images_kernel_or_say_what_is_missing() {
         "the command line starts with the root UUID blkid reads ({uuid}): {cmdline}"
     );
 
+    // The node cached the template's image: the operator's status says so
+    // (`kubectl get gvmt`: Ready and the digest), from the agent's report.
+    let node = g.get("gvm", "from-image").unwrap().unwrap()["status"]["nodeName"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let t = g
+        .wait(
+            "the template's status to show it cached",
+            Duration::from_secs(30),
+            || {
+                let t = g.get("gvmt", "from-image")?;
+                Ok(t.filter(|t| t["status"]["imageDigest"].is_string()))
+            },
+        )
+        .unwrap();
+    let digest = t["status"]["imageDigest"].as_str().unwrap().to_string();
+    assert!(digest.starts_with("sha256:") && digest.len() == 71, "{t}");
+    assert_eq!(t["status"]["cachedNodes"][0], node.as_str(), "{t}");
+    let table = g
+        .kubectl(&["get", "gvmt", "from-image", "--no-headers"], None)
+        .unwrap();
+    let row: Vec<&str> = table.split_whitespace().collect();
+    assert_eq!(row[1], "True", "{table}");
+    assert!(row.contains(&digest.as_str()), "{table}");
+
     // The template without /boot: BootImageInvalid, an Event, no VMM.
     g.apply(&manifest("no-boot", &bad, "Manual")).unwrap();
     let vm = g

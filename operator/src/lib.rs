@@ -42,6 +42,7 @@ pub mod reservations;
 pub mod restarts;
 pub mod scheduler;
 pub mod template;
+pub mod template_status;
 pub mod view;
 pub mod vm_controller;
 
@@ -131,6 +132,7 @@ pub async fn run_controllers(client: Client, config: OperatorConfig, metrics: Ar
         migration_controller::run(ctx.clone()),
         ha::run(ctx.clone()),
         maintenance::run(ctx.clone()),
+        template_status::run(ctx.clone()),
         drs::run(ctx)
     );
 }

@@ -16,7 +16,6 @@ pub async fn publish(client: &Client, cfg: &AgentConfig) -> bool {
     let patch = json!({"metadata": {"annotations": {
         contract::CAPACITY_CPU_ANNOTATION: cfg.cpu.to_string(),
         contract::CAPACITY_MEMORY_ANNOTATION: cfg.memory_bytes.to_string(),
-        contract::CACHED_IMAGES_ANNOTATION: "",
     }}});
     match nodes
         .patch(&cfg.node, &PatchParams::default(), &Patch::Merge(&patch))

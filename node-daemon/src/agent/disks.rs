@@ -140,6 +140,35 @@ pub fn cached_template(cache_dir: &Path, base: &Path) -> Result<CachedTemplate, 
     Ok(t)
 }
 
+/// The template images `cache_dir` holds, by the source they were cached
+/// from: `source → "sha256:<hex>"`, from the cache's memos, for the entries
+/// still in the cache (the Node annotation
+/// [`godwit_crds::contract::CACHED_IMAGES_ANNOTATION`]).
+pub fn cached_images(cache_dir: &Path) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(cache) = TemplateCache::new(cache_dir) else {
+        return out;
+    };
+    let Ok(entries) = std::fs::read_dir(cache_dir.join("sources")) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let memo: Option<SourceMemo> = std::fs::read(entry.path())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let Some(memo) = memo else { continue };
+        if cache.get(&memo.digest).ok().flatten().is_some() {
+            let digest = if memo.digest.starts_with("sha256:") {
+                memo.digest.clone()
+            } else {
+                format!("sha256:{}", memo.digest)
+            };
+            out.insert(memo.source, digest);
+        }
+    }
+    out
+}
+
 /// Creates at `dst` a qcow2 overlay on the cached copy of template image
 /// `base`.
 pub fn overlay_on_cached(dir: &VmDir, base: &Path, dst: &Path) -> Result<(), DiskError> {

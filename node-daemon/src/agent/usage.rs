@@ -149,7 +149,8 @@ fn sample_all(state_dir: &Path, shared_dir: &Path) -> HashMap<String, Sample> {
     out
 }
 
-/// Publishes the node's usage every [`USAGE_PERIOD_SECONDS`] until dropped.
+/// Publishes the node's usage, and the template images its cache holds,
+/// every [`USAGE_PERIOD_SECONDS`] until dropped.
 pub async fn run(client: Client, node: String, state_dir: PathBuf, shared_dir: PathBuf) {
     // SAFETY: sysconf only reads a configuration value.
     let ticks_per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
@@ -161,14 +162,25 @@ pub async fn run(client: Client, node: String, state_dir: PathBuf, shared_dir: P
     loop {
         tokio::time::sleep(Duration::from_secs(USAGE_PERIOD_SECONDS)).await;
         let (s, d) = (state_dir.clone(), shared_dir.clone());
-        let Ok(now) = tokio::task::spawn_blocking(move || sample_all(&s, &d)).await else {
+        let Ok((now, images)) = tokio::task::spawn_blocking(move || {
+            let images = super::disks::cached_images(&s.join("cache"));
+            (sample_all(&s, &d), images)
+        })
+        .await
+        else {
             continue;
         };
         let elapsed = at.elapsed();
         let report = usage(&before, &now, ticks_per_second, elapsed, Timestamp::now());
         (before, at) = (now, Instant::now());
         let text = serde_json::to_string(&report).unwrap_or_default();
-        let patch = json!({"metadata": {"annotations": {USAGE_ANNOTATION: text}}});
+        // The template images cached here ride along: the operator makes
+        // each VMTemplate's status from them.
+        let images = serde_json::to_string(&images).unwrap_or_default();
+        let patch = json!({"metadata": {"annotations": {
+            USAGE_ANNOTATION: text,
+            godwit_crds::contract::CACHED_IMAGES_ANNOTATION: images,
+        }}});
         if let Err(e) = nodes
             .patch(&node, &PatchParams::default(), &Patch::Merge(&patch))
             .await
