@@ -135,17 +135,23 @@ fn wait_heartbeat_past(g: &ClusterDriver, vm_dir: &Path, beyond: u64) {
     .unwrap();
 }
 
-/// A live migration of VM `made` slow enough to be cancelled: a 20 Mbit/s
-/// cap against a guest that dirties 40 MB/s, with neither post-copy nor
+/// A live migration of VM `made` to `target` that copies its node-local
+/// root disk; with `slow`, slow enough to be cancelled: a 20 Mbit/s cap
+/// against a guest that dirties 40 MB/s, with neither post-copy nor
 /// auto-converge to finish it.
-fn slow_migration(name: &str, target: &str) -> String {
+fn migration(name: &str, target: &str, slow: bool) -> String {
+    let policy = if slow {
+        "  policy:\n    bandwidthMbps: 20\n    allowPostCopy: false\n    allowAutoConverge: false\n    completionTimeoutSeconds: 600\n"
+    } else {
+        ""
+    };
     format!(
-        "apiVersion: godwit.dev/v1alpha1\nkind: VMMigration\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  vmName: made\n  targetNode: {target}\n  mode: Live\n  policy:\n    bandwidthMbps: 20\n    allowPostCopy: false\n    allowAutoConverge: false\n    completionTimeoutSeconds: 600\n"
+        "apiVersion: godwit.dev/v1alpha1\nkind: VMMigration\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  vmName: made\n  targetNode: {target}\n  mode: Live\n  storage: Copy\n{policy}"
     )
 }
 
 fn wait_migration_phase(g: &ClusterDriver, name: &str, phases: &[&str]) -> Value {
-    g.wait(
+    let waited = g.wait(
         &format!("migration {name} to reach {phases:?}"),
         Duration::from_secs(180),
         || {
@@ -156,8 +162,23 @@ fn wait_migration_phase(g: &ClusterDriver, name: &str, phases: &[&str]) -> Value
                     .is_some_and(|p| phases.contains(&p))
             }))
         },
-    )
-    .unwrap()
+    );
+    waited.unwrap_or_else(|e| {
+        let m = g.get("vmmig", name).ok().flatten().unwrap_or_default();
+        let vm = g.get("vm", "made").ok().flatten().unwrap_or_default();
+        let logs = g.cluster.dir().join("logs");
+        let mut tails = String::new();
+        for f in std::fs::read_dir(&logs).into_iter().flatten().flatten() {
+            let t = std::fs::read_to_string(f.path()).unwrap_or_default();
+            let last: Vec<&str> = t.lines().rev().take(15).collect();
+            tails += &format!(
+                "\n== {}\n{}",
+                f.path().display(),
+                last.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        panic!("{e:#}\nmigration: {m}\nVM status: {}{tails}", vm["status"])
+    })
 }
 
 const OPERATOR_DEPLOYMENT: &str = r#"apiVersion: apps/v1
@@ -299,7 +320,7 @@ fn kubectl_godwit_pauses_cancels_migrations_creates_from_templates_and_tells_ver
     // migrate-cancel on a migration that cannot finish soon: the VM stays
     // on its source, in the same VMM.
     let pid = std::fs::read_to_string(src_dir.join("pid")).unwrap();
-    g.apply(&slow_migration("slow", &target)).unwrap();
+    g.apply(&migration("slow", &target, true)).unwrap();
     wait_migration_phase(&g, "slow", &["PreCopy"]);
     std::thread::sleep(Duration::from_secs(2));
     let shown = godwit_ok(&g, &plugin_dir, &["migrate-cancel", "made"]);
@@ -331,12 +352,9 @@ fn kubectl_godwit_pauses_cancels_migrations_creates_from_templates_and_tells_ver
     // A paused VM that is live-migrated is paused again on the target.
     godwit_ok(&g, &plugin_dir, &["pause", "made"]);
     wait_paused(&g, "made", "True", &source);
-    let out = godwit_ok(
-        &g,
-        &plugin_dir,
-        &["migrate", "made", "--to", &target, "--follow"],
-    );
-    assert!(out.contains("Phase     Succeeded"), "{out}");
+    g.apply(&migration("paused", &target, false)).unwrap();
+    let m = wait_migration_phase(&g, "paused", &["Succeeded", "Failed", "Cancelled"]);
+    assert_eq!(m["status"]["phase"], "Succeeded", "{}", m["status"]);
     wait_paused(&g, "made", "True", &target);
     let dst_dir = g.vm_dir(1 - i, "default", "made");
     assert_heartbeat_stopped(&dst_dir);
