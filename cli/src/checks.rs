@@ -85,6 +85,19 @@ pub enum Refusal {
         /// Its node.
         node: String,
     },
+    /// `migrate-cancel` needs a migration under way.
+    #[error("VM {0:?} has no migration under way, so there is nothing to cancel: list its migrations with `kubectl get vmmig`")]
+    NoMigration(String),
+    /// The VM's migration has ended already.
+    #[error("VMMigration {migration:?} of VM {name:?} has already ended ({phase}): nothing to cancel; see it with `kubectl get vmmig {migration}`")]
+    MigrationEnded {
+        /// The VM.
+        name: String,
+        /// The migration.
+        migration: String,
+        /// Its final phase.
+        phase: String,
+    },
     /// Restart needs a strategy that starts the VM again.
     #[error("VM {name:?} has runStrategy {strategy:?}, so it would stay stopped after the restart: use `kubectl godwit stop {name}` then `kubectl godwit start {name}` (start sets runStrategy Always)")]
     RestartStrategy {
@@ -195,6 +208,31 @@ pub fn migrate(v: &VmView, to: Option<&str>, force: bool) -> Result<Vec<String>,
         .collect())
 }
 
+/// `pause`: notes for the user when it may go ahead.
+pub fn pause(v: &VmView) -> Result<Vec<String>, Refusal> {
+    if v.deleting {
+        return Err(Refusal::Deleting(v.name.clone()));
+    }
+    match v.phase {
+        VmPhase::Running => Ok(vec![]),
+        VmPhase::Migrating => Ok(vec![format!(
+            "VM {:?} is migrating: it is paused once the migration has ended, on the node it then runs on",
+            v.name
+        )]),
+        _ => Err(not_running(
+            v,
+            format!("only a running VM can be paused; {}", start_hint(v)),
+        )),
+    }
+}
+
+/// `migrate-cancel`: the migration to cancel.
+pub fn migrate_cancel(v: &VmView) -> Result<String, Refusal> {
+    v.migration
+        .clone()
+        .ok_or_else(|| Refusal::NoMigration(v.name.clone()))
+}
+
 /// `console`: the node to connect to.
 pub fn console(v: &VmView) -> Result<String, Refusal> {
     if !v.phase.is_active() {
@@ -289,5 +327,31 @@ mod tests {
         ));
         assert_eq!(console(&running()), Ok("node-0".into()));
         assert!(console(&halted).is_err());
+    }
+
+    #[test]
+    fn pause_needs_a_running_vm_and_cancel_a_migration() {
+        assert_eq!(pause(&running()), Ok(vec![]));
+        let stopped = VmView {
+            phase: VmPhase::Stopped,
+            ..running()
+        };
+        let e = pause(&stopped).unwrap_err().to_string();
+        assert!(
+            e.contains("not running") && e.contains("kubectl godwit start demo"),
+            "{e}"
+        );
+        let moving = VmView {
+            migration: Some("demo-1".into()),
+            phase: VmPhase::Migrating,
+            ..running()
+        };
+        assert!(pause(&moving).unwrap()[0].contains("once the migration has ended"));
+        assert_eq!(migrate_cancel(&moving), Ok("demo-1".into()));
+        let e = migrate_cancel(&running()).unwrap_err().to_string();
+        assert!(
+            e.contains("no migration under way") && e.contains("kubectl get vmmig"),
+            "{e}"
+        );
     }
 }

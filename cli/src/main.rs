@@ -10,20 +10,31 @@
 //! | `start VM` | `spec.runStrategy` to `Always` (when it would keep the VM off) |
 //! | `stop VM [--force]` | `spec.runStrategy` to `Halted`: the node agent presses the guest's power button and stops it by force after `spec.terminationGracePeriodSeconds` (default 30); `--force` also sets annotation `godwit.dev/force-stop-requested` (see `godwit_crds::contract::FORCE_STOP_ANNOTATION`), which skips the button |
 //! | `restart VM` | annotation `godwit.dev/restart-requested` (see `godwit_crds::contract::RESTART_ANNOTATION`) |
+//! | `pause VM` / `unpause VM` | sets / removes annotation `godwit.dev/paused: "true"` (see `godwit_crds::contract::PAUSE_ANNOTATION`); the node agent pauses or resumes the VMM and reports the `Paused` condition |
 //! | `migrate VM [--to NODE] [--follow]` | creates a `VMMigration`; `--follow` shows its progress and result |
+//! | `migrate-cancel VM` | annotation `godwit.dev/cancel: "true"` on the VM's active `VMMigration` |
 //! | `console VM` | nothing: attaches to the serial console, `Ctrl-]` detaches |
 //! | `status VM` | nothing: the VM, its conditions and its migration |
+//! | `version` | nothing: the plugin's, the API server's and the operator's versions |
+//! | `create vm NAME --from-template T` | nothing: prints a VirtualMachine manifest for `kubectl apply -f -` |
+//! | `completion bash\|zsh\|fish` | nothing: prints a completion script (needs no cluster) |
 
 mod checks;
 mod console;
+mod create;
 mod follow;
+#[cfg(test)]
+mod krew;
+mod version;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use godwit_crds::contract::{self, FORCE_STOP_ANNOTATION, RESTART_ANNOTATION};
+use clap::{CommandFactory, Parser, Subcommand};
+use godwit_crds::contract::{
+    self, CANCEL_ANNOTATION, FORCE_STOP_ANNOTATION, PAUSE_ANNOTATION, RESTART_ANNOTATION,
+};
 use godwit_crds::{
     error_chain, MigrationMode, MigrationPhase, MigrationPolicy, RunStrategy, VMMigration,
     VMMigrationSpec, VirtualMachine,
@@ -37,7 +48,7 @@ use serde_json::json;
 
 use checks::{Refusal, VmView};
 
-/// Start, stop, restart, migrate and attach to Godwit VMs.
+/// Start, stop, restart, pause, migrate and attach to Godwit VMs.
 #[derive(Parser, Debug)]
 #[command(name = "kubectl-godwit", bin_name = "kubectl godwit", version)]
 struct Args {
@@ -78,6 +89,17 @@ enum Command {
         /// The VM.
         vm: String,
     },
+    /// Pause a running VM's vCPUs (sets annotation godwit.dev/paused). It
+    /// stays paused across live migrations and restarts until `unpause`.
+    Pause {
+        /// The VM.
+        vm: String,
+    },
+    /// Let a paused VM's vCPUs run again (removes annotation godwit.dev/paused).
+    Unpause {
+        /// The VM.
+        vm: String,
+    },
     /// Live-migrate a running VM to another node.
     Migrate {
         /// The VM.
@@ -95,6 +117,11 @@ enum Command {
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         bandwidth_mbps: Option<u32>,
     },
+    /// Cancel the VM's live migration under way; the VM stays on its source node.
+    MigrateCancel {
+        /// The VM.
+        vm: String,
+    },
     /// Attach to a VM's serial console (Ctrl-] detaches).
     Console {
         /// The VM.
@@ -107,6 +134,34 @@ enum Command {
     Status {
         /// The VM.
         vm: String,
+    },
+    /// Show the plugin's version, the API server's and the operator's image.
+    Version,
+    /// Print a manifest (nothing is created): `kubectl godwit create vm web
+    /// --from-template testguest | kubectl apply -f -`.
+    Create {
+        #[command(subcommand)]
+        what: CreateCommand,
+    },
+    /// Print a shell completion script for `kubectl-godwit`
+    /// (`source <(kubectl-godwit completion bash)`).
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// What `create` prints.
+#[derive(Subcommand, Debug)]
+enum CreateCommand {
+    /// A VirtualMachine from a VMTemplate: the template's machine with a
+    /// root disk copied from its image.
+    Vm {
+        /// The new VM's name.
+        name: String,
+        /// The VMTemplate (in the same namespace).
+        #[arg(long)]
+        from_template: String,
     },
 }
 
@@ -127,6 +182,14 @@ pub enum CliError {
     /// The command does not apply to the VM as it is.
     #[error("{0}")]
     Refused(Refusal),
+    /// The template named on the command line does not exist.
+    #[error("VMTemplate {name:?} not found in namespace {namespace:?}: list them with `kubectl get vmtemplates -n {namespace}`, or pass -n NAMESPACE")]
+    TemplateNotFound {
+        /// The template's name.
+        name: String,
+        /// Where it was looked for.
+        namespace: String,
+    },
     /// A node named on the command line does not exist.
     #[error("Node {0:?} not found: list the nodes with `kubectl get nodes -l godwit.dev/node`")]
     NodeNotFound(String),
@@ -231,6 +294,20 @@ impl Ctx {
 }
 
 async fn run(args: Args) -> Result<(), CliError> {
+    if let Command::Completion { shell } = &args.command {
+        // Needs no cluster.
+        clap_complete::generate(
+            *shell,
+            &mut completion_command(),
+            "kubectl-godwit",
+            &mut std::io::stdout(),
+        );
+        return Ok(());
+    }
+    if let Command::Version = &args.command {
+        // Printed before connecting, so it shows even without a cluster.
+        println!("{}", version::client_line());
+    }
     let ctx = Ctx::new(&args).await?;
     match &args.command {
         Command::Start { vm } => start(&ctx, vm).await,
@@ -251,6 +328,18 @@ async fn run(args: Args) -> Result<(), CliError> {
         }
         Command::Console { vm, port } => console_cmd(&ctx, vm, *port).await,
         Command::Status { vm } => status(&ctx, vm).await,
+        Command::Pause { vm } => pause(&ctx, vm).await,
+        Command::Unpause { vm } => unpause(&ctx, vm).await,
+        Command::MigrateCancel { vm } => migrate_cancel(&ctx, vm).await,
+        Command::Version => version::run(&ctx.client).await,
+        Command::Create {
+            what:
+                CreateCommand::Vm {
+                    name,
+                    from_template,
+                },
+        } => create::run(&ctx.client, &ctx.namespace, name, from_template).await,
+        Command::Completion { .. } => unreachable!("handled before connecting"),
     }
 }
 
@@ -312,6 +401,75 @@ async fn restart(ctx: &Ctx, name: &str) -> Result<(), CliError> {
     )
     .await?;
     println!("virtualmachine/{name} restart requested at {now}");
+    Ok(())
+}
+
+async fn pause(ctx: &Ctx, name: &str) -> Result<(), CliError> {
+    let vm = ctx.vm(name).await?;
+    let notes = checks::pause(&VmView::of(&vm)).map_err(CliError::Refused)?;
+    for note in notes {
+        eprintln!("note: {note}");
+    }
+    ctx.patch_vm(name, pause_patch(true)).await?;
+    println!(
+        "virtualmachine/{name} pause requested: its node agent pauses the vCPUs (condition Paused); resume it with `kubectl godwit unpause {name}`"
+    );
+    Ok(())
+}
+
+async fn unpause(ctx: &Ctx, name: &str) -> Result<(), CliError> {
+    let vm = ctx.vm(name).await?;
+    if !vm.annotations().contains_key(PAUSE_ANNOTATION) {
+        println!("virtualmachine/{name} is not paused");
+        return Ok(());
+    }
+    ctx.patch_vm(name, pause_patch(false)).await?;
+    println!("virtualmachine/{name} unpause requested: its node agent resumes the vCPUs");
+    Ok(())
+}
+
+/// The command line as the completion scripts see it: the plugin binary's
+/// own name, which the shell completes (`kubectl godwit` is kubectl's).
+fn completion_command() -> clap::Command {
+    Args::command().bin_name("kubectl-godwit")
+}
+
+/// The patch `pause` (`true`) and `unpause` send.
+fn pause_patch(paused: bool) -> serde_json::Value {
+    let value = if paused { json!("true") } else { json!(null) };
+    json!({"metadata": {"annotations": {PAUSE_ANNOTATION: value}}})
+}
+
+async fn migrate_cancel(ctx: &Ctx, name: &str) -> Result<(), CliError> {
+    let vm = ctx.vm(name).await?;
+    let mig = checks::migrate_cancel(&VmView::of(&vm)).map_err(CliError::Refused)?;
+    let migration = ctx
+        .migrations()
+        .get_opt(&mig)
+        .await
+        .map_err(api_err(format!("read VMMigration {mig:?}")))?
+        .ok_or_else(|| CliError::Refused(checks::Refusal::NoMigration(name.into())))?;
+    let phase = migration.status.unwrap_or_default().phase;
+    if phase.is_final() {
+        return Err(CliError::Refused(checks::Refusal::MigrationEnded {
+            name: name.into(),
+            migration: mig,
+            phase: format!("{phase:?}"),
+        }));
+    }
+    ctx.migrations()
+        .patch(
+            &mig,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"annotations": {CANCEL_ANNOTATION: "true"}}})),
+        )
+        .await
+        .map_err(api_err(format!("update VMMigration {mig:?}")))?;
+    println!(
+        "vmmigration/{mig} cancel requested: {name} stays on {}; watch it end Cancelled with `kubectl get vmmig {mig} -n {} -w`",
+        vm.status.and_then(|s| s.node_name).as_deref().unwrap_or("its source node"),
+        ctx.namespace
+    );
     Ok(())
 }
 
@@ -473,8 +631,40 @@ mod tests {
     }
 
     #[test]
+    fn pause_sets_the_annotation_and_unpause_removes_it() {
+        assert_eq!(
+            pause_patch(true),
+            json!({"metadata": {"annotations": {"godwit.dev/paused": "true"}}})
+        );
+        assert_eq!(
+            pause_patch(false),
+            json!({"metadata": {"annotations": {"godwit.dev/paused": null}}})
+        );
+    }
+
+    #[test]
+    fn completion_scripts_name_the_plugin_and_its_commands() {
+        let mut out = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut completion_command(),
+            "kubectl-godwit",
+            &mut out,
+        );
+        let script = String::from_utf8(out).unwrap();
+        // Bash function names spell '-' as "__".
+        assert!(
+            script
+                .contains("complete -F _kubectl__godwit -o bashdefault -o default kubectl-godwit"),
+            "{script}"
+        );
+        for word in ["pause", "unpause", "migrate-cancel", "completion"] {
+            assert!(script.contains(word), "{word} missing from the bash script");
+        }
+    }
+
+    #[test]
     fn stop_is_documented_with_its_force_flag() {
-        use clap::CommandFactory;
         let mut cmd = Args::command();
         let stop = cmd.find_subcommand_mut("stop").unwrap();
         let help = stop.render_long_help().to_string();

@@ -23,6 +23,7 @@
 //! | VM phase `Running→Stopping` | maintenance, for `evictionStrategy: Shutdown` | |
 //! | VM `Stopped` with Ready reason [`GUEST_RESET_REASON`] | starts it again unless `runStrategy: Halted` | when the guest reset itself |
 //! | Reservation pods (labels [`VM_LABEL`], [`RESERVATION_LABEL`], [`NODE_LABEL`]) and the VM's PodDisruptionBudget | created before scheduling, restarting or a live migration's target preparation; deleted when the VM leaves a node, stops or is deleted | never (requests: vCPUs / cpuAllocationRatio, memory + [`VMM_MEMORY_OVERHEAD`], the agent's cgroup margin) |
+//! | VM annotation [`PAUSE_ANNOTATION`] | never (the user sets it: `kubectl godwit pause`/`unpause`) | reads it: the agent running the VM pauses or resumes its VMM to match (not during a migration), writes the VM's condition [`PAUSED_CONDITION`] and an Event |
 //! | VMMigration `PreCopy…Succeeded/Failed/Cancelled`, `progress`, `result`, `endTime` | `Cancelled`/`Failed` only before `PreparingTarget` (and on timeout of a target that never answers) | source agent, from the moment it sends |
 //!
 //! A migration is cancelled by deleting it or by the annotation
@@ -139,6 +140,24 @@ pub const RESTART_ANNOTATION: &str = "godwit.dev/restart-requested";
 /// the VMM's start, as for [`RESTART_ANNOTATION`]; a later VMM is stopped
 /// gracefully again.
 pub const FORCE_STOP_ANNOTATION: &str = "godwit.dev/force-stop-requested";
+
+/// On a VirtualMachine: `"true"` asks for its vCPUs to be paused (`kubectl
+/// godwit pause`); removing it (`kubectl godwit unpause`) lets them run
+/// again. The node agent running the VM compares it with the state its VMM
+/// reports (`status`: `paused`) on every pass, outside migrations, and sends
+/// `pause` or `resume` when they differ; it reports the
+/// [`PAUSED_CONDITION`] and an Event each way. The VMM's own answer is the
+/// only record of whether it is paused, so a VMM restarted, or a VM that
+/// arrives by live migration running, is paused again by the agent that
+/// then runs it.
+pub const PAUSE_ANNOTATION: &str = "godwit.dev/paused";
+/// The VM condition type the node agent writes for [`PAUSE_ANNOTATION`]:
+/// `True` with reason [`PAUSED_BY_USER_REASON`] while the VMM is paused,
+/// `False` (reason `Running`) once it runs again.
+pub const PAUSED_CONDITION: &str = "Paused";
+/// The [`PAUSED_CONDITION`] reason (and Event reason) of a VM paused on
+/// request.
+pub const PAUSED_BY_USER_REASON: &str = "PausedByUser";
 
 pub use crate::vm::DEFAULT_GRACE_SECONDS;
 

@@ -18,7 +18,7 @@
 //! | [`lease`] | Lease renewal and self-fencing |
 //! | [`capacity`], [`usage`] | what the node offers, and what its VMs use, on the Node |
 //! | [`decide`] | the node's local decisions, pure |
-//! | [`vm_reconcile`], [`restart`] | a VM's VMM and the VM's status |
+//! | [`vm_reconcile`], [`restart`], [`pause`] | a VM's VMM and the VM's status |
 //! | [`migrate`] | this node's side of live and cold migrations |
 //! | [`report`] | a migration's status and Events, from the engine's figures |
 //! | [`vm_dir`] | a VM's directories on the node and what they say |
@@ -47,6 +47,7 @@ pub mod lease;
 pub mod metrics;
 mod migrate;
 mod pass;
+pub mod pause;
 mod report;
 pub mod restart;
 pub mod seed;

@@ -8,7 +8,8 @@
 //! stop is forced ([`vmm_process::request_shutdown`], one step per pass);
 //! `kubectl godwit stop --force` ([`contract::FORCE_STOP_ANNOTATION`])
 //! skips the button. A lost Lease fences the node with forced stops
-//! ([`super::lease`]).
+//! ([`super::lease`]). A running VM's VMM is paused and resumed on request
+//! ([`contract::PAUSE_ANNOTATION`], [`pause`]).
 
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ use super::context::{now_time, Agent};
 use super::decide::{decide_node_vm, NodeVmAction, VmFacts};
 use super::vm_dir::{self, VmDir};
 use super::vmm_process::{ForceReason, ShutdownProgress};
-use super::{restart, seed, vmm_process};
+use super::{pause, restart, seed, vmm_process};
 
 /// Makes this node match VM `vm`: what [`decide_node_vm`] says, carried out.
 pub async fn reconcile(agent: &Agent, vm: &VirtualMachine) -> anyhow::Result<()> {
@@ -66,7 +67,16 @@ pub async fn reconcile(agent: &Agent, vm: &VirtualMachine) -> anyhow::Result<()>
     let action = restart::adjust(action, vm, &facts, &dir, &local);
     let api: Api<VirtualMachine> = Api::namespaced(agent.client.clone(), &ns);
     match action {
-        NodeVmAction::Nothing => {}
+        NodeVmAction::Nothing => {
+            if facts.phase == VmPhase::Running
+                && facts.reported_here
+                && !facts.migrating
+                && local.alive
+                && !agent.fenced()
+            {
+                pause::sync(agent, vm, &dir).await?;
+            }
+        }
         NodeVmAction::AddFinalizer => {
             let mut finalizers = vm.finalizers().to_vec();
             finalizers.push(contract::AGENT_FINALIZER.into());
