@@ -86,10 +86,10 @@ pub enum Refusal {
         node: String,
     },
     /// `migrate-cancel` needs a migration under way.
-    #[error("VM {0:?} has no migration under way, so there is nothing to cancel: list its migrations with `kubectl get vmmig`")]
+    #[error("VM {0:?} has no migration under way, so there is nothing to cancel: list its migrations with `kubectl get gvmm`")]
     NoMigration(String),
     /// The VM's migration has ended already.
-    #[error("VMMigration {migration:?} of VM {name:?} has already ended ({phase}): nothing to cancel; see it with `kubectl get vmmig {migration}`")]
+    #[error("VMMigration {migration:?} of VM {name:?} has already ended ({phase}): nothing to cancel; see it with `kubectl get gvmm {migration}`")]
     MigrationEnded {
         /// The VM.
         name: String,
@@ -350,7 +350,7 @@ mod tests {
         assert_eq!(migrate_cancel(&moving), Ok("demo-1".into()));
         let e = migrate_cancel(&running()).unwrap_err().to_string();
         assert!(
-            e.contains("no migration under way") && e.contains("kubectl get vmmig"),
+            e.contains("no migration under way") && e.contains("kubectl get gvmm"),
             "{e}"
         );
     }

@@ -466,7 +466,7 @@ async fn migrate_cancel(ctx: &Ctx, name: &str) -> Result<(), CliError> {
         .await
         .map_err(api_err(format!("update VMMigration {mig:?}")))?;
     println!(
-        "vmmigration/{mig} cancel requested: {name} stays on {}; watch it end Cancelled with `kubectl get vmmig {mig} -n {} -w`",
+        "vmmigration/{mig} cancel requested: {name} stays on {}; watch it end Cancelled with `kubectl get gvmm {mig} -n {} -w`",
         vm.status.and_then(|s| s.node_name).as_deref().unwrap_or("its source node"),
         ctx.namespace
     );

@@ -320,48 +320,43 @@ impl LocalCluster {
         Ok(())
     }
 
-    /// Waits for the migration CA's Secret, which the operator makes when
-    /// it is missing (`godwit_operator::migration_ca`), and writes its keys
-    /// into [`LocalCluster::migration_ca_dir`] as the chart's Secret volume
-    /// mounts them into every node daemon.
+    /// Writes the migration CA Secret the operator makes into
+    /// [`LocalCluster::migration_ca_dir`], as the chart's volume mounts it.
     fn mount_migration_ca(&self) -> Result<(), ClusterError> {
+        use godwit_crds::contract::{DEFAULT_LEASE_NAMESPACE, MIGRATION_CA_SECRET};
         let dir = self.migration_ca_dir();
+        let write = |p: &Path, bytes: &[u8]| {
+            std::fs::write(p, bytes).map_err(|e| ClusterError::Write(p.display().to_string(), e))
+        };
         std::fs::create_dir_all(&dir)
             .map_err(|e| ClusterError::Write(dir.display().to_string(), e))?;
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         for file in ["ca.crt", "ca.key"] {
             let template = format!("--template={{{{index .data \"{file}\" | base64decode}}}}");
-            let text = loop {
+            let args = [
+                "-n",
+                DEFAULT_LEASE_NAMESPACE,
+                "get",
+                "secret",
+                MIGRATION_CA_SECRET,
+            ];
+            loop {
                 let out = self
-                    .kubectl(&[
-                        "-n",
-                        godwit_crds::contract::DEFAULT_LEASE_NAMESPACE,
-                        "get",
-                        "secret",
-                        godwit_crds::contract::MIGRATION_CA_SECRET,
-                        "-o",
-                        "go-template",
-                        &template,
-                    ])
+                    .kubectl(&[&args[..], &["-o", "go-template", &template]].concat())
                     .map_err(|e| ClusterError::Start("kubectl".into(), e))?;
                 if out.status.success() && !out.stdout.is_empty() {
-                    break out.stdout;
+                    write(&dir.join(file), &out.stdout)?;
+                    break;
                 }
                 if std::time::Instant::now() > deadline {
+                    let why = String::from_utf8_lossy(&out.stderr).into_owned();
                     return Err(ClusterError::Start(
-                        format!(
-                            "the operator made no Secret {} in 30 s: {}",
-                            godwit_crds::contract::MIGRATION_CA_SECRET,
-                            String::from_utf8_lossy(&out.stderr)
-                        ),
+                        format!("the operator made no Secret {MIGRATION_CA_SECRET} in 30 s: {why}"),
                         std::io::Error::from(std::io::ErrorKind::TimedOut),
                     ));
                 }
                 std::thread::sleep(Duration::from_millis(100));
-            };
-            let path = dir.join(file);
-            std::fs::write(&path, text)
-                .map_err(|e| ClusterError::Write(path.display().to_string(), e))?;
+            }
         }
         Ok(())
     }
@@ -493,9 +488,7 @@ impl LocalCluster {
         argv
     }
 
-    /// The directories every node serves images from (`--image-dir`):
-    /// `<dir>/images-root/images` and `<dir>/images-root/kernels`, as
-    /// `/var/lib/godwit/images` and `/var/lib/godwit/kernels` on a real node.
+    /// The nodes' image directories (`--image-dir`), as `/var/lib/godwit/{images,kernels}`.
     pub fn image_dirs(&self) -> [PathBuf; 2] {
         let root = self.dir.join("images-root");
         [root.join("images"), root.join("kernels")]

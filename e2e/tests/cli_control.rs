@@ -99,7 +99,7 @@ fn wait_paused(g: &ClusterDriver, name: &str, status: &str, node: &str) {
         &format!("VM {name}'s Paused condition to be {status} on {node}"),
         Duration::from_secs(30),
         || {
-            let vm = g.get("vm", name)?;
+            let vm = g.get("gvm", name)?;
             Ok(vm
                 .as_ref()
                 .and_then(paused_condition)
@@ -155,7 +155,7 @@ fn wait_migration_phase(g: &ClusterDriver, name: &str, phases: &[&str]) -> Value
         &format!("migration {name} to reach {phases:?}"),
         Duration::from_secs(180),
         || {
-            let m = g.get("vmmig", name)?;
+            let m = g.get("gvmm", name)?;
             Ok(m.filter(|m| {
                 m["status"]["phase"]
                     .as_str()
@@ -164,8 +164,8 @@ fn wait_migration_phase(g: &ClusterDriver, name: &str, phases: &[&str]) -> Value
         },
     );
     waited.unwrap_or_else(|e| {
-        let m = g.get("vmmig", name).ok().flatten().unwrap_or_default();
-        let vm = g.get("vm", "made").ok().flatten().unwrap_or_default();
+        let m = g.get("gvmm", name).ok().flatten().unwrap_or_default();
+        let vm = g.get("gvm", "made").ok().flatten().unwrap_or_default();
         let logs = g.cluster.dir().join("logs");
         let mut tails = String::new();
         for f in std::fs::read_dir(&logs).into_iter().flatten().flatten() {
@@ -274,7 +274,10 @@ fn kubectl_godwit_pauses_cancels_migrations_creates_from_templates_and_tells_ver
         &["create", "vm", "made", "--from-template", "testguest"],
     );
     assert!(manifest.contains("kind: VirtualMachine"), "{manifest}");
-    assert!(g.get("vm", "made").unwrap().is_none(), "create only prints");
+    assert!(
+        g.get("gvm", "made").unwrap().is_none(),
+        "create only prints"
+    );
     g.kubectl(&["apply", "-f", "-"], Some(&manifest)).unwrap();
     let vm = g.wait_running("made", Duration::from_secs(90)).unwrap();
     assert_eq!(vm["spec"]["templateRef"]["name"], "testguest");
@@ -291,13 +294,13 @@ fn kubectl_godwit_pauses_cancels_migrations_creates_from_templates_and_tells_ver
     // stops and comes back, and the Paused condition follows.
     let err = godwit_err(&g, &plugin_dir, &["pause", "nope"]);
     assert!(
-        err.contains(r#"VirtualMachine "nope" not found"#) && err.contains("kubectl get vm"),
+        err.contains(r#"VirtualMachine "nope" not found"#) && err.contains("kubectl get gvm"),
         "{err}"
     );
     let shown = godwit_ok(&g, &plugin_dir, &["pause", "made"]);
     assert!(shown.contains("kubectl godwit unpause made"), "{shown}");
     wait_paused(&g, "made", "True", &source);
-    let vm = g.get("vm", "made").unwrap().unwrap();
+    let vm = g.get("gvm", "made").unwrap().unwrap();
     assert_eq!(paused_condition(&vm).unwrap().1, "PausedByUser");
     assert_eq!(vm["status"]["phase"], "Running");
     let stopped_at = assert_heartbeat_stopped(&src_dir);
@@ -313,7 +316,7 @@ fn kubectl_godwit_pauses_cancels_migrations_creates_from_templates_and_tells_ver
     // migrate-cancel without a migration says so.
     let err = godwit_err(&g, &plugin_dir, &["migrate-cancel", "made"]);
     assert!(
-        err.contains("no migration under way") && err.contains("kubectl get vmmig"),
+        err.contains("no migration under way") && err.contains("kubectl get gvmm"),
         "{err}"
     );
 
@@ -332,7 +335,7 @@ fn kubectl_godwit_pauses_cancels_migrations_creates_from_templates_and_tells_ver
     assert_eq!(m["status"]["phase"], "Cancelled", "{}", m["status"]);
     let vm = g
         .wait("the VM to run again", Duration::from_secs(30), || {
-            let vm = g.get("vm", "made")?;
+            let vm = g.get("gvm", "made")?;
             Ok(vm.filter(|v| {
                 v["status"]["phase"] == "Running" && v["status"]["migration"].is_null()
             }))
