@@ -306,3 +306,16 @@ impl Drop for Watch {
         let _ = self.child.wait();
     }
 }
+
+/// The `kubectl-godwit` plugin binary and its directory (to put on `PATH`);
+/// panics with the fix when it was not built.
+pub fn kubectl_plugin() -> (PathBuf, PathBuf) {
+    let plugin = crate::cluster::godwit_binary("kubectl-godwit");
+    assert!(
+        plugin.exists(),
+        "{} not found: build it (cargo build --release -p godwit-cli) or set GODWIT_BIN_DIR",
+        plugin.display()
+    );
+    let dir = plugin.parent().expect("a directory").to_path_buf();
+    (plugin, dir)
+}

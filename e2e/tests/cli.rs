@@ -12,11 +12,10 @@
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use godwit_e2e::cluster::godwit_binary;
 use godwit_e2e::driver::{ClusterDriver, EXAMPLE_TEMPLATE, EXAMPLE_VM};
 
 /// `kubectl <args>` on the host with the plugin on PATH and the cluster's kubeconfig.
@@ -118,13 +117,7 @@ sys.stdout.write("\nPTY-DRIVER ready=%s exit=%s\n" % (ok, code))
 
 #[test]
 fn kubectl_godwit_migrates_with_progress_attaches_the_console_and_counts_metrics() {
-    let plugin = godwit_binary("kubectl-godwit");
-    assert!(
-        plugin.exists(),
-        "{} not found: build it (cargo build --release -p godwit-cli) or set GODWIT_BIN_DIR",
-        plugin.display()
-    );
-    let plugin_dir: PathBuf = plugin.parent().unwrap().to_path_buf();
+    let (_, plugin_dir) = godwit_e2e::driver::kubectl_plugin();
     let dir = std::env::temp_dir().join(format!("godwit-cli-{}", std::process::id()));
     let g = ClusterDriver::up(2, &dir).expect("local cluster with Godwit");
 

@@ -17,11 +17,10 @@
 //! -p godwit-operator -p godwit-cli --bins`) and /dev/kvm.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use godwit_e2e::cluster::godwit_binary;
 use godwit_e2e::driver::{ClusterDriver, EXAMPLE_TEMPLATE};
 use serde_json::Value;
 
@@ -209,13 +208,7 @@ spec:
 
 #[test]
 fn kubectl_godwit_pauses_cancels_migrations_creates_from_templates_and_tells_versions() {
-    let plugin = godwit_binary("kubectl-godwit");
-    assert!(
-        plugin.exists(),
-        "{} not found: build it (cargo build --release -p godwit-cli) or set GODWIT_BIN_DIR",
-        plugin.display()
-    );
-    let plugin_dir: PathBuf = plugin.parent().unwrap().to_path_buf();
+    let (plugin, plugin_dir) = godwit_e2e::driver::kubectl_plugin();
 
     // completion needs no cluster.
     let out = Command::new(&plugin)

@@ -24,7 +24,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use godwit_e2e::cluster::godwit_binary;
 use godwit_e2e::driver::{console_has, type_at, ClusterDriver};
 use serde_json::Value;
 
@@ -165,13 +164,7 @@ fn ready_reason(vm: &Value) -> String {
 
 #[test]
 fn stop_presses_the_power_button_forces_a_deaf_guest_and_a_guest_reset_restarts() {
-    let plugin = godwit_binary("kubectl-godwit");
-    assert!(
-        plugin.exists(),
-        "{} not found: build it (cargo build --release -p godwit-cli) or set GODWIT_BIN_DIR",
-        plugin.display()
-    );
-    let plugin_dir: PathBuf = plugin.parent().unwrap().to_path_buf();
+    let (_, plugin_dir) = godwit_e2e::driver::kubectl_plugin();
     let dir = std::env::temp_dir().join(format!("godwit-power-{}", std::process::id()));
     let g = ClusterDriver::up(1, &dir).expect("local cluster with Godwit");
 
