@@ -505,6 +505,9 @@ async fn migrate(
             target_node: to.map(str::to_string),
             mode: MigrationMode::Live,
             policy,
+            // A node-local writable disk moves with the VM (the operator
+            // refuses the migration otherwise).
+            storage: (!view.local_disks.is_empty()).then_some(godwit_crds::StorageMode::Copy),
             ..Default::default()
         },
     );

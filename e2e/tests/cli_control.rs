@@ -358,5 +358,17 @@ fn kubectl_godwit_pauses_cancels_migrations_creates_from_templates_and_tells_ver
     wait_paused(&g, "made", "False", &target);
     let beat = last_heartbeat(&dst_dir).unwrap_or(0);
     wait_heartbeat_past(&g, &dst_dir, beat);
+
+    // `migrate` of a VM with a node-local disk asks for the disk's copy
+    // (storage: Copy): the VM comes back to the source node.
+    let shown = godwit_ok(
+        &g,
+        &plugin_dir,
+        &["migrate", "made", "--to", &source, "--follow"],
+    );
+    let vm = g.wait_running("made", Duration::from_secs(60)).unwrap();
+    assert_eq!(vm["status"]["nodeName"], source.as_str(), "{shown}");
+    let beat = last_heartbeat(&src_dir).unwrap_or(0);
+    wait_heartbeat_past(&g, &src_dir, beat);
     drop(g);
 }
