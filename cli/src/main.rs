@@ -508,7 +508,6 @@ async fn migrate(
             // A node-local writable disk moves with the VM (the operator
             // refuses the migration otherwise).
             storage: (!view.local_disks.is_empty()).then_some(godwit_crds::StorageMode::Copy),
-            ..Default::default()
         },
     );
     migration.metadata.namespace = Some(ctx.namespace.clone());
