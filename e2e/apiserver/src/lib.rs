@@ -12,10 +12,11 @@
 //! - built-in kinds: Namespace, Node, Event (`v1` and `events.k8s.io/v1`,
 //!   one storage, see [`convert`]), Secret, ConfigMap, ServiceAccount, Lease,
 //!   and CustomResourceDefinition; Service, Deployment, DaemonSet and the
-//!   RBAC kinds are stored so that the Helm chart applies, but nothing acts
-//!   on them; Pods (no kubelet: a Pod is `Running` once stored) with
-//!   ResourceQuota admission on create ([`quota`]), ResourceQuotas and
-//!   PodDisruptionBudgets (stored; nothing evicts);
+//!   RBAC kinds are stored so that the Helm chart applies (requests to this
+//!   server are not authorized by them; the reviews below are); Pods (no
+//!   kubelet: a Pod is `Running` once stored) with ResourceQuota admission
+//!   on create ([`quota`]), ResourceQuotas and PodDisruptionBudgets (stored;
+//!   nothing evicts);
 //!   a stored CRD makes its kinds live ([`crd`]), and custom resources are
 //!   pruned, defaulted and validated against the CRD schema ([`schema`]);
 //! - get, list, watch, create (with `generateName`), update, patch (merge,
@@ -26,7 +27,10 @@
 //!   older than the retained history ([`store`]);
 //! - `meta.k8s.io/v1` Tables with printer columns ([`table`]) and
 //!   `PartialObjectMetadata` responses;
-//! - a request log for RBAC checks ([`audit`]).
+//! - a request log for RBAC checks ([`audit`]);
+//! - `TokenReview`, `SubjectAccessReview` and `SelfSubjectAccessReview`,
+//!   answered from the stored RBAC objects ([`rbac`]), for components that
+//!   delegate authorization to the API server.
 //!
 //! Use it in-process with [`serve`] (on the caller's Tokio runtime) or
 //! [`ServerThread::start`] (own thread, for blocking callers), then point
@@ -55,6 +59,7 @@ pub mod handlers;
 pub mod patch;
 pub mod protobuf;
 pub mod quota;
+pub mod rbac;
 pub mod schema;
 pub mod selector;
 pub mod store;

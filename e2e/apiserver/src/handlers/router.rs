@@ -25,6 +25,7 @@ use super::write::{create, patch_object, update};
 use crate::audit::{identity, AuditRecord};
 use crate::discovery;
 use crate::protobuf;
+use crate::rbac;
 
 /// Serves one HTTP request.
 pub async fn handle(
@@ -81,6 +82,13 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
         .get(name)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
+}
+
+/// A review's JSON body (TokenReview, SubjectAccessReview).
+fn review(body: &Bytes) -> Result<serde_json::Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(400, "BadRequest", format!("the review is not JSON: {e}"))
+    })
 }
 
 fn route(
@@ -151,6 +159,25 @@ fn route(
                 200,
                 &json!({"resourceVersion": rv.to_string()}),
             ));
+        }
+        ["apis", "authentication.k8s.io", "v1", "tokenreviews"] if method == Method::POST => {
+            record.verb = "create".into();
+            record.api_group = "authentication.k8s.io".into();
+            record.resource = "tokenreviews".into();
+            return Ok(json_response(201, &rbac::token_review(&review(body)?)));
+        }
+        ["apis", "authorization.k8s.io", "v1", kind @ ("subjectaccessreviews" | "selfsubjectaccessreviews")]
+            if method == Method::POST =>
+        {
+            record.verb = "create".into();
+            record.api_group = "authorization.k8s.io".into();
+            record.resource = kind.to_string();
+            let requester = (*kind == "selfsubjectaccessreviews")
+                .then(|| rbac::UserInfo::from_token(&record.user))
+                .flatten();
+            let rbac = rbac::Rbac::from_store(&state.store);
+            let answer = rbac::access_review(&rbac, &review(body)?, requester.as_ref());
+            return Ok(json_response(201, &answer));
         }
         _ => {}
     }
