@@ -246,6 +246,40 @@ impl ClusterDriver {
             .join(name)
     }
 
+    /// Lets [`METRICS_SCRAPER`] read `/metrics`: the chart's
+    /// `godwit-metrics-reader` ClusterRole and a binding, applied with
+    /// kubectl.
+    pub fn allow_metrics_scraper(&self) -> anyhow::Result<()> {
+        let (ns, name) = METRICS_SCRAPER
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|r| r.split_once(':'))
+            .context("METRICS_SCRAPER is a service account")?;
+        self.apply(&format!(
+            "apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: godwit-metrics-reader
+rules:
+  - nonResourceURLs: [\"/metrics\"]
+    verbs: [\"get\"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: godwit-metrics-reader
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: ClusterRole
+  name: godwit-metrics-reader
+subjects:
+  - kind: ServiceAccount
+    name: {name}
+    namespace: {ns}
+"
+        ))?;
+        Ok(())
+    }
+
     /// The index of node `name`.
     pub fn node_index(&self, name: &str) -> anyhow::Result<usize> {
         self.cluster
@@ -255,6 +289,30 @@ impl ClusterDriver {
             .position(|n| n.name == name)
             .with_context(|| format!("no node {name}"))
     }
+}
+
+/// The user the tests read `/metrics` as: a Prometheus' service account
+/// (its token is its name in the test API server).
+pub const METRICS_SCRAPER: &str = "system:serviceaccount:monitoring:prometheus";
+
+/// `GET path` on `addr` (HTTP/1.0), with `token` as bearer token: the status
+/// code and the body.
+pub fn http_get(addr: &str, path: &str, token: Option<&str>) -> anyhow::Result<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n{auth}\r\n")?;
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut s, &mut out)?;
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("not an HTTP answer from {addr}: {out:?}"))?;
+    Ok((code, body.to_string()))
 }
 
 /// The node a VM object is placed on (its `godwit.dev/node` label; empty

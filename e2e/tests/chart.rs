@@ -8,6 +8,7 @@
 
 use std::path::PathBuf;
 
+use godwit_apiserver::rbac::{Attributes, Rbac, UserInfo};
 use godwit_e2e::cluster::LocalCluster;
 use godwit_e2e::helm;
 use serde_json::Value;
@@ -494,6 +495,10 @@ fn monitoring_and_aggregated_roles_render() {
             component
         );
         assert_eq!(sm["spec"]["endpoints"][0]["interval"], "15s");
+        assert_eq!(
+            sm["spec"]["endpoints"][0]["bearerTokenFile"],
+            "/var/run/secrets/kubernetes.io/serviceaccount/token"
+        );
         // The Service it selects exists, with the port it scrapes.
         let service = docs
             .iter()
@@ -504,6 +509,50 @@ fn monitoring_and_aggregated_roles_render() {
             .unwrap_or_else(|| panic!("no Service for {component}"));
         assert_eq!(service["spec"]["ports"][0]["name"], "metrics");
     }
+    // /metrics: the listed scraper may read it, as RBAC evaluates the
+    // rendered roles; the daemons may ask the API server who a token is.
+    let rbac = Rbac::from_objects(&docs);
+    let metrics = Attributes::NonResource {
+        path: "/metrics".into(),
+        verb: "get".into(),
+    };
+    let sa = |ns: &str, name: &str| {
+        UserInfo::from_token(&format!("system:serviceaccount:{ns}:{name}")).unwrap()
+    };
+    assert!(rbac
+        .authorize(&sa("monitoring", "prometheus-k8s"), &metrics)
+        .is_ok());
+    assert!(rbac
+        .authorize(&sa("monitoring", "other"), &metrics)
+        .is_err());
+    for daemon in ["godwit-operator", "godwit-node"] {
+        for (group, resource) in [
+            ("authentication.k8s.io", "tokenreviews"),
+            ("authorization.k8s.io", "subjectaccessreviews"),
+        ] {
+            let create = Attributes::Resource {
+                namespace: String::new(),
+                verb: "create".into(),
+                group: group.into(),
+                resource: resource.into(),
+                subresource: String::new(),
+                name: String::new(),
+            };
+            assert!(
+                rbac.authorize(&sa("mon", daemon), &create).is_ok(),
+                "{daemon} cannot create {resource}"
+            );
+        }
+    }
+    let default = helm::documents(&helm::render(None, "godwit-system").unwrap()).unwrap();
+    assert!(
+        Rbac::from_objects(&default)
+            .authorize(&sa("monitoring", "prometheus-k8s"), &metrics)
+            .is_err(),
+        "nobody reads /metrics unless bound"
+    );
+    find(&default, "ClusterRole", "godwit-metrics-reader");
+
     let rule = find(&docs, "PrometheusRule", "godwit");
     let alerts: Vec<&str> = rule["spec"]["groups"][0]["rules"]
         .as_array()

@@ -11,12 +11,11 @@
 //! (its `pty` module drives the console) and /dev/kvm.
 
 use std::ffi::OsString;
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use godwit_e2e::driver::{ClusterDriver, EXAMPLE_TEMPLATE, EXAMPLE_VM};
+use godwit_e2e::driver::{http_get, ClusterDriver, EXAMPLE_TEMPLATE, EXAMPLE_VM, METRICS_SCRAPER};
 
 /// `kubectl <args>` on the host with the plugin on PATH and the cluster's kubeconfig.
 fn kubectl(g: &ClusterDriver, plugin_dir: &Path, args: &[&str]) -> Output {
@@ -40,17 +39,6 @@ fn text(out: &[u8]) -> String {
 }
 
 /// `GET path` over HTTP/1.0 from `addr`; the response body.
-fn http_get(addr: &str, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or(out)
-}
-
 /// The value of the sample `name` (exact series text, labels included).
 fn sample(metrics: &str, series: &str) -> Option<f64> {
     metrics
@@ -269,8 +257,29 @@ fn kubectl_godwit_migrates_with_progress_attaches_the_console_and_counts_metrics
 
     // Metrics: the operator counted the migration; the source node daemon
     // recorded its bytes and downtime.
+    // /metrics needs a token whose user RBAC allows it.
     let op = g.cluster.operator_metrics().unwrap().to_string();
-    let text_op = http_get(&op, "/metrics");
+    let (code, body) = http_get(&op, "/metrics", None).unwrap();
+    assert_eq!(code, 401, "{body}");
+    let (code, body) = http_get(&op, "/metrics", Some(METRICS_SCRAPER)).unwrap();
+    assert_eq!(code, 403, "not bound yet: {body}");
+    g.allow_metrics_scraper().unwrap();
+    // A refusal is cached for 10 s (a binding takes effect within that).
+    let scrape = |addr: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let (code, body) = http_get(addr, "/metrics", Some(METRICS_SCRAPER)).unwrap();
+            if code == 200 {
+                return body;
+            }
+            assert!(
+                code == 403 && std::time::Instant::now() < deadline,
+                "{addr}: {code} {body}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    let text_op = scrape(&op);
     assert_eq!(
         sample(&text_op, r#"godwit_migrations_total{result="Succeeded"}"#),
         Some(1.0),
@@ -288,7 +297,16 @@ fn kubectl_godwit_migrates_with_progress_attaches_the_console_and_counts_metrics
     let src = g.node_index(&source).unwrap();
     let node = &g.cluster.fabric.nodes[src];
     let addr = format!("{}:{}", node.ip, godwit_crds::contract::NODE_METRICS_PORT);
-    let text_node = node.ns.run_in(move || http_get(&addr, "/metrics")).unwrap();
+    let (code, body) = node
+        .ns
+        .run_in({
+            let addr = addr.clone();
+            move || http_get(&addr, "/metrics", Some("alice"))
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(code, 403, "a user without RBAC: {body}");
+    let text_node = node.ns.run_in(move || scrape(&addr)).unwrap();
     assert_eq!(
         sample(
             &text_node,
@@ -311,7 +329,7 @@ fn kubectl_godwit_migrates_with_progress_attaches_the_console_and_counts_metrics
     let tgt = g.node_index(&target).unwrap();
     let node = &g.cluster.fabric.nodes[tgt];
     let addr = format!("{}:{}", node.ip, godwit_crds::contract::NODE_METRICS_PORT);
-    let text_target = node.ns.run_in(move || http_get(&addr, "/metrics")).unwrap();
+    let text_target = node.ns.run_in(move || scrape(&addr)).unwrap();
     assert!(
         sample(
             &text_target,

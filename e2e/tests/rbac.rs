@@ -2,10 +2,11 @@
 //! from a template runs, migrates live, is deleted; on a second cluster a VM
 //! fails over when its node is lost, and is deleted) run with the operator as
 //! user `godwit-operator` and the agents as `godwit-node` (the chart's
-//! ServiceAccount names), and every request the API server recorded for them
-//! must be allowed by the rules Helm renders for that ServiceAccount: verb,
-//! API group, resource with its subresource, and the namespace for rules bound
-//! by a RoleBinding. The test fails listing each request that is not allowed.
+//! ServiceAccount names; both also serve a `/metrics` scrape, which they
+//! check with the API server), and every request the API server recorded for
+//! them must be allowed by the rules Helm renders for that ServiceAccount:
+//! verb, API group, resource with its subresource, and the namespace for
+//! rules bound by a RoleBinding. The test fails listing each request that is not allowed.
 //!
 //! Discovery (`/api`, `/apis`, `/version`) is left out: every authenticated
 //! user may read it (the cluster's `system:discovery` role).
@@ -17,99 +18,41 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use godwit_apiserver::audit::AuditRecord;
+use godwit_apiserver::rbac::{Attributes, Rbac, UserInfo};
 use godwit_e2e::cluster::{NODE_USER, OPERATOR_USER};
-use godwit_e2e::driver::{ClusterDriver, EXAMPLE_MIGRATION, EXAMPLE_TEMPLATE, EXAMPLE_VM};
+use godwit_e2e::driver::{
+    http_get, ClusterDriver, EXAMPLE_MIGRATION, EXAMPLE_TEMPLATE, EXAMPLE_VM, METRICS_SCRAPER,
+};
 use godwit_e2e::helm;
 use serde_json::Value;
 
 const NAMESPACE: &str = "godwit-system";
 
-/// One rendered rule and where it applies.
-#[derive(Debug)]
-struct Grant {
-    /// `None`: every namespace and cluster-scoped objects (ClusterRoleBinding);
-    /// `Some(ns)`: only objects in `ns` (RoleBinding).
-    namespace: Option<String>,
-    api_groups: Vec<String>,
-    resources: Vec<String>,
-    verbs: Vec<String>,
+/// The user a recorded request of ServiceAccount `sa` acts as.
+fn service_account(sa: &str) -> UserInfo {
+    UserInfo::from_token(&format!("system:serviceaccount:{NAMESPACE}:{sa}")).unwrap()
 }
 
-fn strings(v: &Value) -> Vec<String> {
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// ServiceAccount name to its grants, from the rendered manifests.
-fn grants(docs: &[Value]) -> BTreeMap<String, Vec<Grant>> {
-    let role = |kind: &str, name: &str, ns: Option<&str>| -> Vec<Value> {
-        docs.iter()
-            .find(|d| {
-                d["kind"] == kind
-                    && d["metadata"]["name"] == name
-                    && ns.is_none_or(|ns| d["metadata"]["namespace"] == ns)
-            })
-            .and_then(|d| d["rules"].as_array().cloned())
-            .unwrap_or_else(|| panic!("binding refers to missing {kind} {name}"))
-    };
-    let mut out: BTreeMap<String, Vec<Grant>> = BTreeMap::new();
-    for d in docs {
-        let kind = d["kind"].as_str().unwrap_or_default();
-        let scope = match kind {
-            "ClusterRoleBinding" => None,
-            "RoleBinding" => Some(d["metadata"]["namespace"].as_str().unwrap().to_string()),
-            _ => continue,
-        };
-        let ref_kind = d["roleRef"]["kind"].as_str().unwrap();
-        let ref_name = d["roleRef"]["name"].as_str().unwrap();
-        let rules = role(
-            ref_kind,
-            ref_name,
-            (ref_kind == "Role").then(|| scope.as_deref().unwrap()),
-        );
-        for subject in d["subjects"].as_array().into_iter().flatten() {
-            assert_eq!(subject["kind"], "ServiceAccount", "{subject}");
-            assert_eq!(subject["namespace"], NAMESPACE, "{subject}");
-            let sa = subject["name"].as_str().unwrap().to_string();
-            for rule in &rules {
-                out.entry(sa.clone()).or_default().push(Grant {
-                    namespace: scope.clone(),
-                    api_groups: strings(&rule["apiGroups"]),
-                    resources: strings(&rule["resources"]),
-                    verbs: strings(&rule["verbs"]),
-                });
-            }
-        }
+/// The RBAC attributes of a recorded resource request.
+fn attributes(r: &AuditRecord) -> Attributes {
+    Attributes::Resource {
+        namespace: r.namespace.clone(),
+        verb: r.verb.clone(),
+        group: r.api_group.clone(),
+        resource: r.resource.clone(),
+        subresource: r.subresource.clone(),
+        name: r.name.clone(),
     }
-    out
-}
-
-fn allowed(grants: &[Grant], r: &AuditRecord) -> bool {
-    let resource = if r.subresource.is_empty() {
-        r.resource.clone()
-    } else {
-        format!("{}/{}", r.resource, r.subresource)
-    };
-    let has = |list: &[String], item: &str| list.iter().any(|x| x == item || x == "*");
-    grants.iter().any(|g| {
-        has(&g.verbs, &r.verb)
-            && has(&g.api_groups, &r.api_group)
-            && has(&g.resources, &resource)
-            && g.namespace.as_ref().is_none_or(|ns| *ns == r.namespace)
-    })
 }
 
 /// One line per kind of denied request: who, verb, group, resource, where, how often.
-fn denied(grants: &BTreeMap<String, Vec<Grant>>, records: &[AuditRecord]) -> Vec<String> {
-    let none = Vec::new();
+fn denied(rbac: &Rbac, records: &[AuditRecord]) -> Vec<String> {
     let mut seen: BTreeMap<String, (usize, String)> = BTreeMap::new();
     for r in records.iter().filter(|r| !r.resource.is_empty()) {
-        if allowed(grants.get(&r.user).unwrap_or(&none), r) {
+        if rbac
+            .authorize(&service_account(&r.user), &attributes(r))
+            .is_ok()
+        {
             continue;
         }
         let sub = if r.subresource.is_empty() {
@@ -137,6 +80,28 @@ fn denied(grants: &BTreeMap<String, Vec<Grant>>, records: &[AuditRecord]) -> Vec
     seen.into_iter()
         .map(|(k, (n, path))| format!("{k}: {n} request(s), e.g. {path}"))
         .collect()
+}
+
+/// The rules of the operator's and the agents' roles that no recorded
+/// request needs: without each one alone, every request is still allowed.
+fn needless_rules(docs: &[Value], records: &[AuditRecord]) -> Vec<String> {
+    let mut needless = Vec::new();
+    for (i, doc) in docs.iter().enumerate() {
+        let kind = doc["kind"].as_str().unwrap_or_default();
+        let name = doc["metadata"]["name"].as_str().unwrap_or_default();
+        if !matches!(kind, "Role" | "ClusterRole") || !name.starts_with("godwit-") {
+            continue;
+        }
+        let rules = doc["rules"].as_array().cloned().unwrap_or_default();
+        for (j, rule) in rules.iter().enumerate() {
+            let mut without = docs.to_vec();
+            without[i]["rules"].as_array_mut().unwrap().remove(j);
+            if denied(&Rbac::from_objects(&without), records).is_empty() {
+                needless.push(format!("{kind} {name}: {rule}"));
+            }
+        }
+    }
+    needless
 }
 
 /// The requests of the operator and the agents in `g` so far.
@@ -186,6 +151,25 @@ fn migrate_and_delete() -> Vec<AuditRecord> {
         .unwrap();
     assert_eq!(phase, "Succeeded");
     g.wait_running("demo", Duration::from_secs(30)).unwrap();
+    // A scrape of the operator and of a node daemon: each asks the API
+    // server who the token is and what it may do.
+    g.allow_metrics_scraper().unwrap();
+    let op = g.cluster.operator_metrics().unwrap().to_string();
+    assert_eq!(
+        http_get(&op, "/metrics", Some(METRICS_SCRAPER)).unwrap().0,
+        200
+    );
+    let node = &g.cluster.fabric.nodes[0];
+    let addr = format!("{}:{}", node.ip, godwit_crds::contract::NODE_METRICS_PORT);
+    let code = node
+        .ns
+        .run_in(move || {
+            http_get(&addr, "/metrics", Some(METRICS_SCRAPER))
+                .unwrap()
+                .0
+        })
+        .unwrap();
+    assert_eq!(code, 200);
     delete_demo(&g);
     requests(&g)
 }
@@ -215,9 +199,7 @@ fn delete_demo(g: &ClusterDriver) {
 fn chart_rbac_allows_every_request_of_the_operator_and_the_agents() {
     let rendered = helm::render(None, NAMESPACE).expect("helm renders the chart");
     let docs = helm::documents(&rendered).expect("rendered YAML parses");
-    let grants = grants(&docs);
-    assert!(grants.contains_key(OPERATOR_USER), "{:?}", grants.keys());
-    assert!(grants.contains_key(NODE_USER), "{:?}", grants.keys());
+    let rbac = Rbac::from_objects(&docs);
 
     let mut records = migrate_and_delete();
     records.extend(fail_over_and_delete());
@@ -254,10 +236,16 @@ fn chart_rbac_allows_every_request_of_the_operator_and_the_agents() {
         "used:\n  {}",
         used.into_iter().collect::<Vec<_>>().join("\n  ")
     );
-    let denied = denied(&grants, &records);
+    let denied = denied(&rbac, &records);
     assert!(
         denied.is_empty(),
         "requests the chart's RBAC does not allow:\n  {}",
         denied.join("\n  ")
+    );
+    let needless = needless_rules(&docs, &records);
+    println!(
+        "rules no flow here needs ({}):\n  {}",
+        needless.len(),
+        needless.join("\n  ")
     );
 }

@@ -87,9 +87,11 @@ pub async fn run_until(
                 .await
                 .map_err(|e| OperatorError::MetricsBind(addr, e))?;
             info!(%addr, "serving /metrics and /healthz");
-            Some(AbortOnDrop(tokio::spawn(metrics::serve(
-                listener,
-                metrics.clone(),
+            let auth = Arc::new(godwit_auth::Delegated::new(client.clone()));
+            let shown = metrics.clone();
+            let render: godwit_auth::Render = Arc::new(move || shown.render());
+            Some(AbortOnDrop(tokio::spawn(godwit_auth::serve_metrics(
+                listener, auth, render,
             ))))
         }
         None => None,

@@ -1,6 +1,6 @@
-//! `/metrics` (OpenMetrics text, through the prometheus-client crate) and
-//! `/healthz`, served by a tiny HTTP/1.0 responder: one request per
-//! connection, no keep-alive.
+//! The operator's metrics (OpenMetrics text, through the prometheus-client
+//! crate), served on `--metrics-addr` by [`godwit_auth::serve_metrics`]:
+//! `/metrics` to users whom RBAC allows `get` on it, `/healthz` to anyone.
 //!
 //! | metric | type | labels |
 //! | --- | --- | --- |
@@ -16,7 +16,7 @@
 //! source node daemon, which measures them (`godwit-node --metrics-addr`).
 
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use godwit_crds::{MigrationPhase, VMMigration, VirtualMachine, VmPhase};
@@ -27,9 +27,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tracing::debug;
 
 use crate::view::{migration_phase, vm_phase};
 
@@ -252,80 +249,13 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` and `/healthz` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let metrics = metrics.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = respond(stream, &metrics).await {
-                        debug!("metrics connection: {e}");
-                    }
-                });
-            }
-            Err(e) => {
-                debug!("metrics accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-async fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
-    // Read the request head (bounded); only its first line matters.
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    let mut words = head.lines().next().unwrap_or("").split_whitespace();
-    let method = words.next().unwrap_or("");
-    let path = words.next().unwrap_or("").split('?').next().unwrap_or("");
-    let (status, content_type, body) = match (method, path) {
-        ("GET", "/metrics") => (
-            "200 OK",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.render(),
-        ),
-        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n".to_string(),
-        ),
-    };
-    let response = format!(
-        "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
-    }
-
-    #[tokio::test]
-    async fn serves_metrics_and_health() {
-        let metrics = Arc::new(Metrics::default());
+    #[test]
+    fn renders_every_metric() {
+        let metrics = Metrics::default();
         metrics.reconciled("vm", true);
         metrics.reconciled("vm", true);
         metrics.reconciled("migration", false);
@@ -333,12 +263,7 @@ mod tests {
         metrics.set_leader(true);
         metrics.failed_over();
         metrics.reconcile_took("vm", Duration::from_millis(3));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(serve(listener, metrics));
-
-        let text = get(addr, "/metrics").await;
-        assert!(text.starts_with("HTTP/1.0 200 OK"), "{text}");
+        let text = metrics.render();
         for line in [
             "godwit_operator_reconciles_total{controller=\"vm\",result=\"ok\"} 2",
             "godwit_operator_reconciles_total{controller=\"migration\",result=\"error\"} 1",
@@ -352,8 +277,5 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
-        assert!(get(addr, "/healthz").await.ends_with("\r\n\r\nok\n"));
-        assert!(get(addr, "/nope").await.starts_with("HTTP/1.0 404"));
-        server.abort();
     }
 }

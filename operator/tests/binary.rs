@@ -1,5 +1,5 @@
 //! The `godwit-operator` binary: flags, a kubeconfig file, `/healthz` and
-//! `/metrics`, and a clean stop on SIGTERM that hands the leader Lease back.
+//! `/metrics` (only to a token whose user RBAC allows it), and a clean stop on SIGTERM that hands the leader Lease back.
 
 mod common;
 
@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use godwit_crds::VmPhase;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::Api;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use kube::api::{Api, PostParams};
+use kube::Client;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -16,15 +18,48 @@ use common::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_godwit-operator");
 
-/// `GET path` on `addr`; the whole response, or `None` if nobody answers.
-async fn get(addr: &str, path: &str) -> Option<String> {
+/// The user that scrapes `/metrics` (bound to a metrics-reader role below).
+const SCRAPER: &str = "system:serviceaccount:monitoring:prometheus";
+
+/// `GET path` on `addr` with `token`; the whole response, or `None` if
+/// nobody answers.
+async fn get(addr: &str, path: &str, token: Option<&str>) -> Option<String> {
     let mut s = TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).await.ok()?;
     Some(out)
+}
+
+/// A ClusterRole allowing `get` on `/metrics`, bound to [`SCRAPER`].
+async fn allow_scraper(client: &Client) {
+    let role: ClusterRole = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "metrics-reader"},
+        "rules": [{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}],
+    }))
+    .unwrap();
+    Api::<ClusterRole>::all(client.clone())
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "prometheus-metrics"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                    "name": "metrics-reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": "prometheus", "namespace": "monitoring"}],
+    }))
+    .unwrap();
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
 }
 
 fn free_port() -> u16 {
@@ -75,13 +110,21 @@ async fn serves_metrics_and_stops_on_sigterm() {
         .spawn()
         .unwrap();
 
-    let health = eventually("/healthz", || async { get(&addr, "/healthz").await }).await;
+    let health = eventually("/healthz", || async { get(&addr, "/healthz", None).await }).await;
     assert!(
-        health.starts_with("HTTP/1.0 200 OK") && health.ends_with("ok\n"),
+        health.starts_with("HTTP/1.1 200 OK") && health.ends_with("ok\n"),
         "{health}"
     );
+    let refused = get(&addr, "/metrics", None).await.unwrap();
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    let refused = get(&addr, "/metrics", Some(SCRAPER)).await.unwrap();
+    assert!(
+        refused.starts_with("HTTP/1.1 403"),
+        "not bound yet: {refused}"
+    );
+    allow_scraper(&client).await;
     eventually("leading", || async {
-        get(&addr, "/metrics")
+        get(&addr, "/metrics", Some(SCRAPER))
             .await
             .filter(|m| m.contains("godwit_operator_leader 1"))
     })
@@ -91,7 +134,7 @@ async fn serves_metrics_and_stops_on_sigterm() {
     create_vm(&client, "a", "base").await;
     settled(&client, "a", VmPhase::Scheduled).await;
     let metrics = eventually("the VM counted", || async {
-        get(&addr, "/metrics")
+        get(&addr, "/metrics", Some(SCRAPER))
             .await
             .filter(|m| m.contains("godwit_vms{phase=\"Scheduled\"} 1"))
     })

@@ -94,7 +94,9 @@ impl Attributes {
                 name: s(r, "name"),
             });
         }
-        let n = spec.get("nonResourceAttributes").filter(|n| n.is_object())?;
+        let n = spec
+            .get("nonResourceAttributes")
+            .filter(|n| n.is_object())?;
         Some(Attributes::NonResource {
             path: s(n, "path"),
             verb: s(n, "verb"),
@@ -120,7 +122,10 @@ impl Rbac {
     pub fn from_store(store: &Store) -> Self {
         let all = |resource: &str| {
             store
-                .list(&ResourceId::new("rbac.authorization.k8s.io", resource), None)
+                .list(
+                    &ResourceId::new("rbac.authorization.k8s.io", resource),
+                    None,
+                )
                 .0
         };
         Rbac {
@@ -178,7 +183,10 @@ impl Rbac {
                 .filter(|b| !namespace.is_empty() && namespace_of(b) == Some(namespace))
             {
                 if binds(b, namespace, user)
-                    && self.role_rules(b, namespace).iter().any(|r| allows(r, attrs))
+                    && self
+                        .role_rules(b, namespace)
+                        .iter()
+                        .any(|r| allows(r, attrs))
                 {
                     return Ok(format!(
                         "allowed by RoleBinding {:?} in {namespace}",
@@ -187,7 +195,10 @@ impl Rbac {
                 }
             }
         }
-        Err(format!("no RBAC rule allows {:?} for user {:?}", attrs, user.name))
+        Err(format!(
+            "no RBAC rule allows {:?} for user {:?}",
+            attrs, user.name
+        ))
     }
 
     /// The rules of the role a binding refers to (a Role only in the
@@ -219,7 +230,11 @@ impl Rbac {
         self.cluster_roles
             .iter()
             .filter(|r| name_of(r) != Some(name))
-            .filter(|r| selectors.iter().any(|s| labels_match(s, &r["metadata"]["labels"])))
+            .filter(|r| {
+                selectors
+                    .iter()
+                    .any(|s| labels_match(s, &r["metadata"]["labels"]))
+            })
             .flat_map(rules_of)
             .collect()
     }
@@ -238,10 +253,7 @@ fn rules_of(role: &Value) -> Vec<Value> {
 }
 
 fn strings(v: &Value) -> impl Iterator<Item = &str> {
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
+    v.as_array().into_iter().flatten().filter_map(Value::as_str)
 }
 
 /// Whether one of the binding's subjects is `user`. A ServiceAccount
@@ -447,7 +459,9 @@ mod tests {
     fn cluster_bindings_grant_non_resource_urls_to_service_accounts() {
         let rbac = Rbac::from_objects(&objects());
         assert!(rbac.authorize(&sa("mon", "prometheus"), &metrics()).is_ok());
-        assert!(rbac.authorize(&sa("other", "prometheus"), &metrics()).is_err());
+        assert!(rbac
+            .authorize(&sa("other", "prometheus"), &metrics())
+            .is_err());
         let alice = UserInfo::from_token("alice").unwrap();
         assert!(rbac.authorize(&alice, &metrics()).is_err());
     }

@@ -1,6 +1,7 @@
 //! The node daemon's Prometheus metrics (`godwit-node --metrics-addr`,
-//! default `0.0.0.0:9411`): `/metrics` in the OpenMetrics text format and
-//! `/healthz`, one request per connection.
+//! default `0.0.0.0:9411`), served by [`godwit_auth::serve_metrics`]:
+//! `/metrics` in the OpenMetrics text format to users whom RBAC allows `get`
+//! on it, `/healthz` to anyone.
 //!
 //! | metric | type | labels | recorded |
 //! | --- | --- | --- | --- |
@@ -30,8 +31,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 /// `result` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -296,67 +295,6 @@ impl Collector for VmCollector {
         }
         Ok(())
     }
-}
-
-/// Serves `/metrics` and `/healthz` of `metrics` on `listener` until dropped.
-pub async fn serve(listener: TcpListener, metrics: &'static NodeMetrics) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(async move {
-                    if let Err(e) = respond(stream, metrics).await {
-                        tracing::debug!("metrics connection: {e}");
-                    }
-                });
-            }
-            Err(e) => {
-                tracing::debug!("metrics accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-async fn respond(mut stream: TcpStream, metrics: &'static NodeMetrics) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    let mut words = head.lines().next().unwrap_or("").split_whitespace();
-    let method = words.next().unwrap_or("");
-    let path = words.next().unwrap_or("").split('?').next().unwrap_or("");
-    let (status, content_type, body) = match (method, path) {
-        ("GET", "/metrics") => {
-            // Reading /proc for every VM is blocking work.
-            let body = tokio::task::spawn_blocking(|| metrics.render())
-                .await
-                .unwrap_or_default();
-            (
-                "200 OK",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                body,
-            )
-        }
-        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n".to_string(),
-        ),
-    };
-    let response = format!(
-        "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
 }
 
 #[cfg(test)]

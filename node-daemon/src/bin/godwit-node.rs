@@ -225,7 +225,9 @@ async fn main() {
             .unwrap_or_else(|e| fail(format!("--metrics-addr {}: {e}", args.metrics_addr)));
         let metrics = agent::metrics::global();
         metrics.watch_vms(args.state_dir.clone());
-        tokio::spawn(agent::metrics::serve(listener, metrics));
+        let auth = std::sync::Arc::new(godwit_auth::Delegated::new(client.clone()));
+        let render: godwit_auth::Render = std::sync::Arc::new(|| metrics.render());
+        tokio::spawn(godwit_auth::serve_metrics(listener, auth, render));
     }
     if console_addr != "off" {
         let listener = tokio::net::TcpListener::bind(&console_addr)

@@ -86,9 +86,8 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
 
 /// A review's JSON body (TokenReview, SubjectAccessReview).
 fn review(body: &Bytes) -> Result<serde_json::Value, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(400, "BadRequest", format!("the review is not JSON: {e}"))
-    })
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(400, "BadRequest", format!("the review is not JSON: {e}")))
 }
 
 fn route(
