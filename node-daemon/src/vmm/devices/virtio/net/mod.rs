@@ -135,7 +135,7 @@ impl Net {
 
     /// Places `frame` in the next receive buffer; false if the guest has
     /// none.
-    fn receive(&mut self, q: &mut Queue, mem: &GuestMemory, frame: &[u8]) -> bool {
+    pub(crate) fn receive(&mut self, q: &mut Queue, mem: &GuestMemory, frame: &[u8]) -> bool {
         let Some(chain) = q.pop_descriptor_chain(mem) else {
             return false;
         };
