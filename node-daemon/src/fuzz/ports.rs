@@ -133,11 +133,13 @@ pub fn port_io(data: &[u8]) -> PortOutcome {
             }
             3 => {
                 let state = serial_state(&mut input);
-                serial::restore(&console.serial, &state);
+                if serial::restore(&console.serial, &state).is_err() {
+                    out.refused += 1;
+                }
             }
             _ => {
                 let before = console.save();
-                serial::restore(&console.serial, &before);
+                serial::restore(&console.serial, &before).expect("a saved state restores");
                 assert_eq!(console.save(), before);
             }
         }
