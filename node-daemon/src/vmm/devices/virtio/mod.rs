@@ -50,6 +50,9 @@ pub enum VirtioError {
     /// Queue state from a snapshot is invalid.
     #[error("Invalid virtqueue state in snapshot")]
     QueueState(#[source] virtio_queue::Error),
+    /// A snapshot has another number of queues than the device.
+    #[error("Snapshot has {0} virtqueues for a device with another number")]
+    QueueCount(usize),
 }
 
 /// Virtqueue state (snapshot version 1).
