@@ -180,7 +180,10 @@ impl Block {
         if self.pending_activation {
             self.activate_lazily();
         }
-        while let Some(chain) = q.pop_descriptor_chain(mem) {
+        for _ in 0..super::chains_per_notify(q) {
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
             let descs: Vec<_> = chain.collect();
             let written = self.request(&descs, mem);

@@ -113,7 +113,10 @@ impl Net {
 
     fn transmit(&mut self, q: &mut Queue, mem: &GuestMemory) -> bool {
         let mut used = false;
-        while let Some(chain) = q.pop_descriptor_chain(mem) {
+        for _ in 0..super::chains_per_notify(q) {
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
             match gather(chain, mem) {
                 Some(frame) if frame.len() > NET_HDR_LEN => {
