@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 budget=${1:-600}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(migration_stream saved_state control_request apiserver_request)
+[ ${#targets[@]} -gt 0 ] || targets=(migration_stream saved_state control_request apiserver_request virtio_queue virtio_blk virtio_net virtio_mmio port_io acpi_registers)
 if ! rustup toolchain list | grep -q '^nightly'; then
   echo "fuzz/run.sh: needs the nightly toolchain: rustup toolchain install nightly" >&2
   exit 2

@@ -63,6 +63,9 @@ pub enum StateError {
     /// Device restore failed.
     #[error(transparent)]
     Virtio(#[from] VirtioError),
+    /// The serial state cannot be restored.
+    #[error(transparent)]
+    Serial(#[from] crate::vmm::devices::serial::SerialError),
 }
 
 /// Saved and restored through one trait, so snapshots, migration and daemon
@@ -99,7 +102,7 @@ impl Persist for Devices {
         if s.virtio.len() != self.virtio.len() {
             return Err(StateError::Mismatch);
         }
-        crate::vmm::devices::serial::restore(&self.serial, &s.serial);
+        crate::vmm::devices::serial::restore(&self.serial, &s.serial)?;
         for (t, st) in self.virtio.iter().zip(&s.virtio) {
             t.lock().unwrap().restore(st)?;
         }

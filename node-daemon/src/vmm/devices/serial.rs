@@ -30,6 +30,9 @@ pub enum SerialError {
     /// The interrupt eventfd could not be created.
     #[error("Failed to create the serial interrupt eventfd")]
     EventFd(#[source] std::io::Error),
+    /// A saved state holds more pending input than the receive FIFO.
+    #[error("Saved serial state has {0} bytes of pending input; the FIFO holds 64")]
+    State(usize),
 }
 
 /// An eventfd bound to a GSI through KVM_IRQFD.
@@ -160,7 +163,7 @@ impl Console {
         };
         let serial = match state {
             Some(s) => Serial::from_state(&SerialState::from(s), irq, NoEvents, out)
-                .expect("serial state from a snapshot is within FIFO bounds"),
+                .map_err(|_| SerialError::State(s.in_buffer.len()))?,
             None => Serial::new(irq, out),
         };
         Ok((
@@ -211,8 +214,10 @@ impl Console {
 
 /// Puts saved registers and pending input back into `serial` (vm-superio
 /// only builds a device from state, so the device is rebuilt around the same
-/// interrupt eventfd and output).
-pub fn restore(serial: &Mutex<SerialDevice>, state: &SerialDeviceState) {
+/// interrupt eventfd and output). A state with more pending input than the
+/// FIFO holds (a snapshot or a migration peer we do not trust) is refused
+/// and the device left as it was.
+pub fn restore(serial: &Mutex<SerialDevice>, state: &SerialDeviceState) -> Result<(), SerialError> {
     let mut dev = serial.lock().unwrap();
     let irq = IrqEvt(
         dev.interrupt_evt()
@@ -225,7 +230,8 @@ pub fn restore(serial: &Mutex<SerialDevice>, state: &SerialDeviceState) {
         clients: dev.writer().clients.clone(),
     };
     *dev = Serial::from_state(&SerialState::from(state), irq, NoEvents, out)
-        .expect("serial state from a snapshot is within FIFO bounds");
+        .map_err(|_| SerialError::State(state.in_buffer.len()))?;
+    Ok(())
 }
 
 fn feed_input(mut reader: UnixStream, serial: Arc<Mutex<SerialDevice>>) {

@@ -306,7 +306,18 @@ impl MmioTransport {
 
     /// Restores transport and queue state onto a freshly built transport
     /// (the device itself is rebuilt from its config by the caller).
+    /// A state with another number of queues than the device has (the
+    /// net RX thread indexes its queue) is refused, the transport left as
+    /// it was.
     pub fn restore(&mut self, s: &MmioTransportState) -> Result<(), VirtioError> {
+        if s.queues.len() != self.device.queue_count() {
+            return Err(VirtioError::QueueCount(s.queues.len()));
+        }
+        let queues = s
+            .queues
+            .iter()
+            .map(VirtqueueState::restore)
+            .collect::<Result<_, _>>()?;
         self.device_features_sel = s.device_features_sel;
         self.driver_features_sel = s.driver_features_sel;
         self.acked_features = s.acked_features;
@@ -314,11 +325,7 @@ impl MmioTransport {
         self.interrupt_status = s.interrupt_status;
         self.status = s.status;
         self.config_generation = s.config_generation;
-        self.queues = s
-            .queues
-            .iter()
-            .map(VirtqueueState::restore)
-            .collect::<Result<_, _>>()?;
+        self.queues = queues;
         Ok(())
     }
 }

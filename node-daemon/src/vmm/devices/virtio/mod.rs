@@ -50,6 +50,21 @@ pub enum VirtioError {
     /// Queue state from a snapshot is invalid.
     #[error("Invalid virtqueue state in snapshot")]
     QueueState(#[source] virtio_queue::Error),
+    /// A snapshot has another number of queues than the device.
+    #[error("Snapshot has {0} virtqueues for a device with another number")]
+    QueueCount(usize),
+}
+
+/// The most chains a device serves for one notification: one queue's
+/// worth. A driver cannot have more outstanding, but a device that pops
+/// until the ring is empty can be kept popping forever: with the used ring
+/// laid over the available index and the used index one ahead of the next
+/// available one (a restored state, or 65535 completions the guest made
+/// fail), every completion makes one more chain available. A driver that
+/// adds chains while the device works kicks again (the device never
+/// suppresses notifications), so stopping here loses nothing.
+pub fn chains_per_notify(q: &Queue) -> u16 {
+    q.size()
 }
 
 /// Virtqueue state (snapshot version 1).

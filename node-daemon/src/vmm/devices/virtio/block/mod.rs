@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Address, Bytes, GuestMemoryBackend};
 
 use super::{VirtioError, VIRTIO_F_VERSION_1};
 use crate::storage::{ChangedBlocks, DirtyBlocks, DiskImage, ImageFormat, StorageError};
@@ -180,7 +180,10 @@ impl Block {
         if self.pending_activation {
             self.activate_lazily();
         }
-        while let Some(chain) = q.pop_descriptor_chain(mem) {
+        for _ in 0..super::chains_per_notify(q) {
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
             let descs: Vec<_> = chain.collect();
             let written = self.request(&descs, mem);
@@ -204,30 +207,44 @@ impl Block {
         if descs.len() < 2 || first.len() < 16 || last.len() < 1 || !last.is_write_only() {
             return 0;
         }
-        let hdr = GuestAddress(first.addr().0);
-        let (Ok(kind), Ok(sector)) = (
-            mem.read_obj::<u32>(hdr),
-            mem.read_obj::<u64>(GuestAddress(hdr.0 + 8)),
+        // Addresses near 2^64 wrap: such a request is not one.
+        let (Some(sector_addr), Some(status_addr)) = (
+            first.addr().checked_add(8),
+            last.addr().checked_add(u64::from(last.len()) - 1),
         ) else {
             return 0;
         };
-        let status_addr = GuestAddress(last.addr().0 + u64::from(last.len()) - 1);
+        let (Ok(kind), Ok(sector)) = (
+            mem.read_obj::<u32>(first.addr()),
+            mem.read_obj::<u64>(sector_addr),
+        ) else {
+            return 0;
+        };
         let data = &descs[1..descs.len() - 1];
         let mut written = 0u32;
         let status = match kind {
             T_IN | T_OUT => {
-                let mut off = sector * SECTOR;
+                // A sector past the end is an error, also when its byte
+                // offset does not fit in 64 bits (it wrapped to a sector
+                // near 0 before).
+                let mut off = sector.checked_mul(SECTOR);
                 let mut st = S_OK;
                 for d in data {
                     let len = d.len() as usize;
-                    if off + len as u64 > self.capacity * SECTOR {
+                    let in_disk = off
+                        .and_then(|o| o.checked_add(len as u64))
+                        .is_some_and(|end| end <= self.capacity * SECTOR);
+                    // The buffer must be guest memory before we allocate
+                    // its length.
+                    if !in_disk || !GuestMemoryBackend::check_range(mem, d.addr(), len) {
                         st = S_IOERR;
                         break;
                     }
+                    let off_now = off.unwrap_or_default();
                     let mut buf = vec![0u8; len];
                     if kind == T_IN {
                         if !d.is_write_only()
-                            || self.disk.read_at(&mut buf, off).is_err()
+                            || self.disk.read_at(&mut buf, off_now).is_err()
                             || mem.write_slice(&buf, d.addr()).is_err()
                         {
                             st = S_IOERR;
@@ -239,16 +256,16 @@ impl Block {
                             st = S_IOERR;
                             break;
                         }
-                        if let Err(e) = self.disk.write_at(&buf, off) {
+                        if let Err(e) = self.disk.write_at(&buf, off_now) {
                             tracing::warn!(path = %self.path.display(), "virtio-blk write failed: {e}");
                             st = S_IOERR;
                             break;
                         }
                         if let Some(d) = &mut self.dirty {
-                            d.mark(off, len as u64);
+                            d.mark(off_now, len as u64);
                         }
                     }
-                    off += len as u64;
+                    off = Some(off_now + len as u64);
                 }
                 st
             }

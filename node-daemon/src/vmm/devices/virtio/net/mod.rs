@@ -20,6 +20,9 @@ use tap::Tap;
 const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 /// virtio_net_hdr_v1 length (with num_buffers), used with VERSION_1.
 const NET_HDR_LEN: usize = 12;
+/// The largest frame a tap takes; a TX chain with more than this after the
+/// header is dropped, as a NIC drops a frame longer than it can send.
+const MAX_FRAME: usize = 65535;
 /// The receive queue's index.
 pub(super) const RX_QUEUE: u16 = 0;
 const TX_QUEUE: u16 = 1;
@@ -110,22 +113,17 @@ impl Net {
 
     fn transmit(&mut self, q: &mut Queue, mem: &GuestMemory) -> bool {
         let mut used = false;
-        while let Some(chain) = q.pop_descriptor_chain(mem) {
+        for _ in 0..super::chains_per_notify(q) {
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
-            let mut frame = Vec::new();
-            for d in chain {
-                if d.is_write_only() {
-                    continue;
+            match gather(chain, mem) {
+                Some(frame) if frame.len() > NET_HDR_LEN => {
+                    // A full tap queue drops the frame, as a NIC would.
+                    let _ = self.tap.file.write(&frame[NET_HDR_LEN..]);
                 }
-                let start = frame.len();
-                frame.resize(start + d.len() as usize, 0);
-                if mem.read_slice(&mut frame[start..], d.addr()).is_err() {
-                    frame.truncate(start);
-                }
-            }
-            if frame.len() > NET_HDR_LEN {
-                // A full tap queue drops the frame, as a NIC would.
-                let _ = self.tap.file.write(&frame[NET_HDR_LEN..]);
+                _ => {}
             }
             let _ = q.add_used(mem, head, 0);
             used = true;
@@ -135,7 +133,7 @@ impl Net {
 
     /// Places `frame` in the next receive buffer; false if the guest has
     /// none.
-    fn receive(&mut self, q: &mut Queue, mem: &GuestMemory, frame: &[u8]) -> bool {
+    pub(crate) fn receive(&mut self, q: &mut Queue, mem: &GuestMemory, frame: &[u8]) -> bool {
         let Some(chain) = q.pop_descriptor_chain(mem) else {
             return false;
         };
@@ -161,6 +159,30 @@ impl Net {
         let _ = q.add_used(mem, head, off as u32);
         true
     }
+}
+
+/// The device-readable bytes of a TX chain (header and frame); `None`,
+/// and nothing allocated beyond what was read, when they are longer than a
+/// header and [`MAX_FRAME`] or not all in guest memory (a frame with a
+/// piece cut out is not sent either).
+fn gather(
+    chain: impl Iterator<Item = virtio_queue::desc::split::Descriptor>,
+    mem: &GuestMemory,
+) -> Option<Vec<u8>> {
+    let mut frame = Vec::new();
+    for d in chain {
+        if d.is_write_only() {
+            continue;
+        }
+        let start = frame.len();
+        let end = start + d.len() as usize;
+        if end > NET_HDR_LEN + MAX_FRAME {
+            return None;
+        }
+        frame.resize(end, 0);
+        mem.read_slice(&mut frame[start..], d.addr()).ok()?;
+    }
+    Some(frame)
 }
 
 #[cfg(test)]

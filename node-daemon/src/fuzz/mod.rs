@@ -9,6 +9,40 @@
 //! - [`saved_state`]: `state.json` of a snapshot, or the State message of a
 //!   migration;
 //! - [`control_request`]: one line on a VMM's control socket.
+//!
+//! The guest is the other untrusted peer: whatever it writes to a device
+//! register or lays out in its memory, a device answers as hardware would,
+//! with an error status, NEEDS_RESET or an ignored write. The device targets
+//! build the devices without KVM (guest memory is a small mapping, the tap
+//! a socket pair, the disk a 64 KiB raw file) and decode their input as a
+//! list of ops with [`input::Input`]:
+//!
+//! - [`virtio_queue`]: split-virtqueue state, descriptor tables and rings,
+//!   walked as the devices walk them;
+//! - [`virtio_blk`]: virtio-blk requests against a real image file;
+//! - [`virtio_net`]: virtio-net TX and RX buffers and headers;
+//! - [`virtio_mmio`]: virtio-mmio register sequences with the block or net
+//!   device behind them, and transport state restores;
+//! - [`port_io`]: COM1, the i8042 and the debug-exit port;
+//! - [`acpi_registers`]: the GED window (event selector, sleep control and
+//!   status, reset), checked against a model.
+//!
+//! Each returns a small outcome that the replay test
+//! (`node-daemon/tests/fuzz_replay.rs`) checks for the inputs that once
+//! broke a device.
+
+mod block;
+mod input;
+mod mmio;
+mod net;
+mod ports;
+mod queue;
+
+pub use block::{virtio_blk, BlockOutcome, IMAGE_SIZE, NO_STATUS};
+pub use mmio::{virtio_mmio, MmioOutcome};
+pub use net::{virtio_net, NetOutcome};
+pub use ports::{acpi_registers, port_io, AcpiOutcome, PortOutcome};
+pub use queue::{virtio_queue, QueueOutcome};
 
 use crate::migration::guest::GuestRegion;
 use crate::migration::protocol::{self, Command, Hello, HelloAck, PAGE_SIZE};
