@@ -339,9 +339,19 @@ fn wait_all_running(g: &ClusterDriver, count: usize, timeout: Duration) -> Vec<V
         Ok((running.len() >= count).then_some(running))
     })
     .unwrap_or_else(|e| {
+        // Where each VM got to, and for one not running why (its Scheduled
+        // condition), so a CI log says which side held it.
         let phases: Vec<String> = list(g, &["gvm"])
             .iter()
-            .map(|v| format!("{}={}", v["metadata"]["name"], v["status"]["phase"]))
+            .map(|v| {
+                let mut line = format!("{}={}", v["metadata"]["name"], v["status"]["phase"]);
+                if v["status"]["phase"] != "Running" {
+                    if let Some(c) = condition(v, "Scheduled") {
+                        line += &format!(" ({}: {})", c["reason"], c["message"]);
+                    }
+                }
+                line
+            })
             .collect();
         panic!("{e:#}: {phases:?}")
     })

@@ -128,6 +128,7 @@ pub fn node_info(node: &Node, lease: Option<&Lease>, now: Timestamp) -> NodeInfo
         schedulable: schedulable(node),
         capacity: capacity(node),
         pods: Resources::default(),
+        held: Vec::new(),
     }
 }
 

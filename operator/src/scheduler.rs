@@ -62,8 +62,25 @@ pub struct NodeInfo {
     pub schedulable: bool,
     /// What the node offers VMs.
     pub capacity: Resources,
-    /// What pods bound to the node request, beyond the VMs placed there.
+    /// What pods bound to the node request, beyond the VMs placed there
+    /// and [`NodeInfo::held`].
     pub pods: Resources,
+    /// Reservation pods on the node whose VM is not placed there.
+    pub held: Vec<Held>,
+}
+
+/// A reservation pod on a node whose VM is not placed there: one a placement
+/// made before its VM write failed, or one its VM outlived. It holds room
+/// for every VM but its own, so a placement that failed half-way never
+/// blocks its own retry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    /// The VM's namespace.
+    pub namespace: String,
+    /// The VM's name.
+    pub vm: String,
+    /// What the pod requests.
+    pub resources: Resources,
 }
 
 /// A VM already placed on a node (running, starting or migrating there).
@@ -286,7 +303,12 @@ fn check(
     // count it twice.
     let others: Vec<&PlacedVm> = placed.iter().filter(|v| !same_vm(v, req)).collect();
     let on_node: Vec<&&PlacedVm> = others.iter().filter(|v| v.node == node.name).collect();
-    let in_use = on_node.iter().fold(node.pods, |a, v| a + v.resources);
+    let held = node
+        .held
+        .iter()
+        .filter(|h| !(h.namespace == req.namespace && h.vm == req.name))
+        .fold(node.pods, |a, h| a + h.resources);
+    let in_use = on_node.iter().fold(held, |a, v| a + v.resources);
     let keep = |total: u64| total * u64::from(reserve.percent) / 100;
     let free_cpu = node
         .capacity
@@ -534,6 +556,43 @@ mod tests {
         assert!(
             why.contains("a: insufficient cpu (need 1000m, free 0m)"),
             "{why}"
+        );
+    }
+
+    #[test]
+    fn a_reservation_holds_room_for_every_vm_but_its_own() {
+        // A placement made the pod, then its VM write failed: the retry
+        // must not find its own reservation in the way.
+        let mut a = node("a", 1000, 8);
+        a.held = vec![Held {
+            namespace: "default".into(),
+            vm: "new".into(),
+            resources: Resources {
+                cpu: 1000,
+                memory: GI,
+            },
+        }];
+        let mut own = req(1);
+        own.resources.cpu = 1000;
+        assert_eq!(
+            place(
+                &own,
+                &[a.clone()],
+                &[],
+                Reserve::default(),
+                Strategy::Spread
+            ),
+            Ok("a".to_string())
+        );
+        let mut other = own.clone();
+        other.name = "vm-2".into();
+        let verdicts = evaluate(&other, &[a], &[], Reserve::default(), Strategy::Spread);
+        assert_eq!(
+            verdicts[0].1,
+            Err(Refusal::Cpu {
+                need: 1000,
+                free: 0
+            })
         );
     }
 

@@ -11,8 +11,9 @@
 //! What a VM takes on a node is its [`reservations::footprint`]: vCPUs
 //! divided by the cluster's `cpuAllocationRatio` (millicores) and its memory
 //! plus the VMM overhead, as its reservation pod requests. Besides the VMs,
-//! a node's pods (ordinary ones, and reservation pods of no VM placed there)
-//! count with their requests, unless they have ended.
+//! a node's pods count with their requests, unless they have ended: ordinary
+//! pods for everyone, and reservation pods of no VM placed there for every VM
+//! but their own ([`crate::scheduler::Held`]).
 
 use std::collections::BTreeMap;
 
@@ -31,7 +32,7 @@ use godwit_crds::contract::{RESERVATION_LABEL, VM_LABEL};
 
 use crate::nodes;
 use crate::reservations::{self, CpuAllocationRatio};
-use crate::scheduler::{NodeInfo, PlacedVm, Request, Resources};
+use crate::scheduler::{Held, NodeInfo, PlacedVm, Request, Resources};
 
 /// The objects a decision reads, listed at one moment.
 #[derive(Clone, Debug, Default)]
@@ -127,7 +128,7 @@ impl ClusterView {
             }
         }
         for node in &mut nodes {
-            node.pods = pods_on(&node.name, &snapshot.pods, &placed);
+            (node.pods, node.held) = pods_on(&node.name, &snapshot.pods, &placed);
         }
         ClusterView {
             nodes,
@@ -211,26 +212,39 @@ pub fn pod_ended(pod: &Pod) -> bool {
         .is_some_and(|p| p == "Succeeded" || p == "Failed")
 }
 
-/// The requests of the pods bound to `node` that `placed` does not already
-/// count: ordinary pods, and reservation pods of VMs not placed there (a
-/// reservation whose VM is gone, or one made before the VM was labelled).
-pub fn pods_on(node: &str, pods: &[Pod], placed: &[PlacedVm]) -> Resources {
-    pods.iter()
+/// The pods bound to `node` that `placed` does not already count: the
+/// requests of the ordinary ones, and the reservation pods of VMs not placed
+/// there (a placement whose VM write failed, a VM gone).
+pub fn pods_on(node: &str, pods: &[Pod], placed: &[PlacedVm]) -> (Resources, Vec<Held>) {
+    let mut other = Resources::default();
+    let mut held = Vec::new();
+    let live = pods
+        .iter()
         .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
-        .filter(|p| !pod_ended(p))
-        .filter(|p| {
-            let labels = p.labels();
-            let vm = labels.get(VM_LABEL);
-            let counted = labels.get(RESERVATION_LABEL).is_some_and(|v| v == "true")
-                && placed.iter().any(|v| {
-                    v.node == node
-                        && Some(&v.name) == vm
-                        && Some(v.namespace.as_str()) == p.metadata.namespace.as_deref()
-                });
-            !counted
-        })
-        .map(reservations::pod_requests)
-        .fold(Resources::default(), |a, b| a + b)
+        .filter(|p| !pod_ended(p));
+    for p in live {
+        let labels = p.labels();
+        let reservation_of = labels
+            .get(VM_LABEL)
+            .filter(|_| labels.get(RESERVATION_LABEL).is_some_and(|v| v == "true"));
+        let namespace = p.metadata.namespace.clone().unwrap_or_default();
+        match reservation_of {
+            None => other = other + reservations::pod_requests(p),
+            Some(vm) => {
+                let counted = placed
+                    .iter()
+                    .any(|v| v.node == node && &v.name == vm && v.namespace == namespace);
+                if !counted {
+                    held.push(Held {
+                        namespace,
+                        vm: vm.clone(),
+                        resources: reservations::pod_requests(p),
+                    });
+                }
+            }
+        }
+    }
+    (other, held)
 }
 
 /// The VM's status conditions (none before its first status).
@@ -407,14 +421,14 @@ mod tests {
         let view = ClusterView::build(&snapshot, now, CpuAllocationRatio::DEFAULT);
         let a = view.node("a").unwrap();
         assert_eq!(a.capacity.cpu, 4000);
-        assert_eq!(
-            a.pods,
-            Resources {
-                cpu: 500,
-                memory: 2 << 30
-            },
-            "web and the reservation of a VM no longer placed"
-        );
+        let one = Resources {
+            cpu: 250,
+            memory: 1 << 30,
+        };
+        assert_eq!(a.pods, one, "web");
+        let gone: Vec<&str> = a.held.iter().map(|h| h.vm.as_str()).collect();
+        assert_eq!(gone, ["gone"], "the reservation of a VM not placed here");
+        assert_eq!(a.held[0].resources, one);
         assert_eq!(view.placed[0].resources.cpu, 100, "1 vCPU at ratio 10");
     }
 }

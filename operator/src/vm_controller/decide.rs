@@ -556,6 +556,36 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_vm_restarts_on_a_full_node_despite_its_own_reservation() {
+        // node-1 (4 GiB) holds hog and demo's reservation pod, which stays
+        // while demo is Failed: it must not count against demo itself.
+        use crate::fixtures::{lease, node};
+        use crate::reservations::{self, CpuAllocationRatio};
+        use crate::view::Snapshot;
+        let v = stopped(VmPhase::Failed, RunStrategy::Always).sized(1, 1);
+        let need = view::vm_footprint(&v, CpuAllocationRatio::default());
+        let snapshot = Snapshot {
+            nodes: vec![node("node-1", 4, 4)],
+            leases: vec![lease("node-1", t0(), 10)],
+            vms: vec![vm("hog").on("node-1").running().sized(1, 2), v.clone()],
+            pods: vec![reservations::pod(&v, "node-1", need, "pause")],
+            ..Default::default()
+        };
+        let c = ClusterView::build(&snapshot, t0(), CpuAllocationRatio::default());
+        assert!(
+            matches!(decide(&v, None, &c), VmStep::Restart { ref node, .. } if node == "node-1"),
+            "{:?}",
+            decide(&v, None, &c)
+        );
+        // Another VM of demo's size does not fit there: the pod holds the room.
+        let other = vm("other").on("node-1").phase(VmPhase::Failed).sized(1, 1);
+        assert!(matches!(
+            decide(&other, None, &c),
+            VmStep::Reschedule { message } if message.contains("insufficient memory")
+        ));
+    }
+
+    #[test]
     fn a_restart_moves_away_from_a_node_that_cannot_run_it() {
         let v = stopped(VmPhase::Failed, RunStrategy::Always);
         let mut c = cluster(vec![vm("hog").on("node-1").running().sized(4, 4)], vec![]);
