@@ -195,10 +195,23 @@ fn other_v1_mounts(root: &Path, taken: &[&PathBuf]) -> Vec<PathBuf> {
     others
 }
 
-/// Makes cgroup directory `dir`; in a v1 `cpuset` hierarchy it copies the
-/// parent's CPUs and memory nodes into it, without which no task may join.
+/// Makes cgroup directory `dir` unless it exists; in a v1 `cpuset`
+/// hierarchy it makes sure the directory has CPUs and memory nodes (without
+/// them no task may join: `ENOSPC`).
 fn create_cgroup(dir: &Path) -> Result<(), CgroupError> {
-    fs::create_dir(dir).map_err(io("Cannot create", dir))?;
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io("Cannot create", dir)(e)),
+    }
+    fill_cpuset(dir)
+}
+
+/// Copies the parent's `cpuset.cpus` and `cpuset.mems` into `dir` where
+/// `dir` has them empty, filling the parent first when it is empty too: a
+/// parent another agent has just made (its `mkdir` done, its copy not yet)
+/// must not hand its children nothing.
+fn fill_cpuset(dir: &Path) -> Result<(), CgroupError> {
     for file in ["cpuset.cpus", "cpuset.mems"] {
         let own = dir.join(file);
         if !own.exists()
@@ -209,11 +222,14 @@ fn create_cgroup(dir: &Path) -> Result<(), CgroupError> {
         {
             continue;
         }
-        if let Some(parent) = dir.parent() {
-            let from = parent.join(file);
-            let value = fs::read_to_string(&from).map_err(io("Cannot read", &from))?;
-            write(&own, value.trim())?;
+        let Some(parent) = dir.parent() else { continue };
+        let from = parent.join(file);
+        let mut value = fs::read_to_string(&from).map_err(io("Cannot read", &from))?;
+        if value.trim().is_empty() {
+            fill_cpuset(parent)?;
+            value = fs::read_to_string(&from).map_err(io("Cannot read", &from))?;
         }
+        write(&own, value.trim())?;
     }
     Ok(())
 }
@@ -336,9 +352,8 @@ impl Cgroups {
                     enable_controllers(&at)?;
                 }
                 at.push(part);
-                if !at.is_dir() {
-                    create_cgroup(&at)?;
-                }
+                // Also when it exists: another agent may be making it now.
+                create_cgroup(&at)?;
             }
             if self.hierarchy.version() == 2 {
                 enable_controllers(&at)?;
@@ -386,9 +401,7 @@ impl Cgroups {
     ) -> Result<Joiner, CgroupError> {
         let dirs = self.dirs(namespace, name);
         for dir in &dirs {
-            if !dir.is_dir() {
-                create_cgroup(dir)?;
-            }
+            create_cgroup(dir)?;
         }
         match &self.hierarchy {
             Hierarchy::V2(_) => {
