@@ -219,25 +219,72 @@ impl Rbac {
 
     /// A ClusterRole's rules; an aggregated one has the rules of every
     /// ClusterRole its selectors match (what the aggregation controller
-    /// writes into it).
+    /// writes into it), aggregated ones among them with theirs in turn
+    /// (Kubernetes' `view` aggregates into `edit`, `edit` into `admin`).
     fn cluster_role_rules(&self, name: &str) -> Vec<Value> {
+        self.aggregated_rules(name, &mut Vec::new())
+    }
+
+    fn aggregated_rules<'a>(&'a self, name: &'a str, seen: &mut Vec<&'a str>) -> Vec<Value> {
         let Some(role) = self.cluster_roles.iter().find(|r| name_of(r) == Some(name)) else {
             return Vec::new();
         };
         let Some(selectors) = role["aggregationRule"]["clusterRoleSelectors"].as_array() else {
             return rules_of(role);
         };
-        self.cluster_roles
-            .iter()
-            .filter(|r| name_of(r) != Some(name))
-            .filter(|r| {
-                selectors
-                    .iter()
-                    .any(|s| labels_match(s, &r["metadata"]["labels"]))
-            })
-            .flat_map(rules_of)
-            .collect()
+        seen.push(name);
+        let mut rules = Vec::new();
+        for r in &self.cluster_roles {
+            let Some(other) = name_of(r) else { continue };
+            let selected = selectors
+                .iter()
+                .any(|s| labels_match(s, &r["metadata"]["labels"]));
+            if selected && !seen.contains(&other) {
+                rules.extend(self.aggregated_rules(other, seen));
+            }
+        }
+        rules
     }
+}
+
+/// Kubernetes' user-facing ClusterRoles `view`, `edit` and `admin` as the
+/// bootstrap policy makes them: each has the rules of the ClusterRoles
+/// labelled `aggregate-to-<it>`, and `view` is labelled into `edit`, `edit`
+/// into `admin`. Of the built-in rules (`system:aggregate-to-view` and the
+/// like) only reading namespaces is kept; pods, secrets and the rest are
+/// left out.
+pub fn kubernetes_user_roles() -> Vec<Value> {
+    let role = |name: &str, into: Option<&str>| {
+        let mut labels = serde_json::Map::new();
+        if let Some(into) = into {
+            labels.insert(
+                format!("rbac.authorization.k8s.io/aggregate-to-{into}"),
+                Value::from("true"),
+            );
+        }
+        serde_json::json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": name, "labels": labels},
+            "aggregationRule": {"clusterRoleSelectors": [{"matchLabels": {
+                format!("rbac.authorization.k8s.io/aggregate-to-{name}"): "true"
+            }}]},
+        })
+    };
+    let builtin_view = serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": "system:aggregate-to-view",
+                     "labels": {"rbac.authorization.k8s.io/aggregate-to-view": "true"}},
+        "rules": [{"apiGroups": [""], "resources": ["namespaces"],
+                   "verbs": ["get", "list", "watch"]}],
+    });
+    vec![
+        role("view", Some("edit")),
+        role("edit", Some("admin")),
+        role("admin", None),
+        builtin_view,
+    ]
 }
 
 fn name_of(o: &Value) -> Option<&str> {
@@ -474,6 +521,28 @@ mod tests {
         assert!(rbac.authorize(&alice, &console("team-b")).is_err());
         let bob = UserInfo::from_token("bob").unwrap();
         assert!(rbac.authorize(&bob, &console("team-a")).is_err());
+    }
+
+    #[test]
+    fn aggregation_goes_through_aggregated_roles_and_stops_at_cycles() {
+        // As Kubernetes' bootstrap roles: `view` into `edit` into `admin`;
+        // `loop` selects itself and `admin`, which selects it back.
+        let mut objs = objects();
+        objs.extend([
+            json!({"kind": "ClusterRole", "metadata": {"name": "admin"},
+                   "aggregationRule": {"clusterRoleSelectors": [{"matchLabels": {"to-admin": "true"}}]}}),
+            json!({"kind": "ClusterRole", "metadata": {"name": "edit", "labels": {"to-admin": "true"}},
+                   "aggregationRule": {"clusterRoleSelectors": [{"matchLabels": {"agg": "true"}}]}}),
+            json!({"kind": "ClusterRole", "metadata": {"name": "loop", "labels": {"to-admin": "true"}},
+                   "aggregationRule": {"clusterRoleSelectors": [{"matchLabels": {"to-admin": "true"}}]}}),
+            json!({"kind": "RoleBinding", "metadata": {"name": "boss", "namespace": "team-a"},
+                   "roleRef": {"kind": "ClusterRole", "name": "admin"},
+                   "subjects": [{"kind": "User", "name": "carol"}]}),
+        ]);
+        let rbac = Rbac::from_objects(&objs);
+        let carol = UserInfo::from_token("carol").unwrap();
+        assert!(rbac.authorize(&carol, &console("team-a")).is_ok());
+        assert!(rbac.authorize(&carol, &console("team-b")).is_err());
     }
 
     #[test]
