@@ -449,7 +449,8 @@ fn dockerfile_builds_what_the_tests_build() {
 /// Monitoring, when enabled: ServiceMonitors for both components, the
 /// alerts, the dashboard as a ConfigMap with the sidecar's label; the node
 /// daemons' metrics Service always. The aggregated roles give namespace
-/// users VM rights through the default view, edit and admin roles.
+/// users VM rights through the default view, edit and admin roles, as
+/// RBAC evaluates them with Kubernetes' aggregation.
 #[test]
 fn monitoring_and_aggregated_roles_render() {
     let docs = helm::documents(&helm::render(None, "godwit-system").unwrap()).unwrap();
@@ -467,22 +468,36 @@ fn monitoring_and_aggregated_roles_render() {
         svc["spec"]["selector"]["app.kubernetes.io/component"],
         "node-daemon"
     );
-    for (role, aggregate, writes) in [
-        ("godwit-view", "view", false),
-        ("godwit-edit", "edit", true),
-        ("godwit-admin", "admin", true),
-    ] {
-        let r = find(&docs, "ClusterRole", role);
-        let label = format!("rbac.authorization.k8s.io/aggregate-to-{aggregate}");
-        assert_eq!(r["metadata"]["labels"][label.as_str()], "true", "{r}");
-        let verbs: Vec<&str> = r["rules"][0]["verbs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(Value::as_str)
-            .collect();
-        assert_eq!(verbs.contains(&"create"), writes, "{role}: {verbs:?}");
-        assert!(verbs.contains(&"list"), "{role}: {verbs:?}");
+    // Bound in a namespace to Kubernetes' view, edit or admin, a user reads
+    // VMs (view) or also writes them (edit, admin); nowhere else.
+    let mut with_defaults = docs.clone();
+    with_defaults.extend(godwit_apiserver::rbac::kubernetes_user_roles());
+    for (role, user) in [("view", "viewer"), ("edit", "editor"), ("admin", "boss")] {
+        with_defaults.push(serde_json::json!({
+            "kind": "RoleBinding",
+            "metadata": {"name": user, "namespace": "team"},
+            "roleRef": {"kind": "ClusterRole", "name": role},
+            "subjects": [{"kind": "User", "name": user}],
+        }));
+    }
+    let rbac = Rbac::from_objects(&with_defaults);
+    let vm = |namespace: &str, verb: &str| Attributes::Resource {
+        namespace: namespace.into(),
+        verb: verb.into(),
+        group: "godwit.dev".into(),
+        resource: "virtualmachines".into(),
+        subresource: String::new(),
+        name: String::new(),
+    };
+    for (user, writes) in [("viewer", false), ("editor", true), ("boss", true)] {
+        let u = UserInfo::from_token(user).unwrap();
+        assert!(rbac.authorize(&u, &vm("team", "list")).is_ok(), "{user}");
+        assert_eq!(
+            rbac.authorize(&u, &vm("team", "create")).is_ok(),
+            writes,
+            "{user}"
+        );
+        assert!(rbac.authorize(&u, &vm("other", "list")).is_err(), "{user}");
     }
 
     let docs =
@@ -568,4 +583,126 @@ fn monitoring_and_aggregated_roles_render() {
     assert_eq!(dash["metadata"]["labels"]["grafana_dashboard"], "1");
     let json: Value = serde_json::from_str(dash["data"]["godwit.json"].as_str().unwrap()).unwrap();
     assert_eq!(json["title"], "Godwit");
+}
+
+/// The chart's ValidatingAdmissionPolicy, as the test API server evaluates
+/// it: a node daemon changes only its own Node, the VMs labelled for its
+/// node and the migrations whose source or target it is; a token without a
+/// node name changes nothing; other users are not its concern. Off with
+/// `rbac.nodeRestriction=false`.
+#[test]
+fn node_restriction_lets_a_node_daemon_change_only_its_own() {
+    use godwit_apiserver::admission_policy::{admit, AdmissionRequest};
+    use serde_json::json;
+
+    let docs = helm::documents(&helm::render(None, "godwit-system").unwrap()).unwrap();
+    let policy = find(
+        &docs,
+        "ValidatingAdmissionPolicy",
+        "godwit-node-restriction",
+    )
+    .clone();
+    let binding = find(
+        &docs,
+        "ValidatingAdmissionPolicyBinding",
+        "godwit-node-restriction",
+    )
+    .clone();
+    let (policies, bindings) = ([policy], [binding]);
+    let agent = "system:serviceaccount:godwit-system:godwit-node";
+    let user = |name: &str, node: Option<&str>| {
+        let extra = node.map_or(
+            json!({}),
+            |n| json!({"authentication.kubernetes.io/node-name": [n]}),
+        );
+        json!({"username": name, "groups": ["system:serviceaccounts"], "extra": extra})
+    };
+    let check = |who: Value, group: &str, resource: &str, sub: &str, object: &Value| {
+        let name = object["metadata"]["name"].as_str().unwrap();
+        admit(
+            &policies,
+            &bindings,
+            &AdmissionRequest {
+                operation: "UPDATE",
+                group,
+                version: "v1",
+                resource,
+                subresource: sub,
+                namespace: "",
+                name,
+                user_info: who,
+                object: Some(object),
+                old_object: Some(object),
+            },
+        )
+    };
+    let node_a = json!({"metadata": {"name": "node-a"}});
+    let node_b = json!({"metadata": {"name": "node-b"}});
+    let vm_on =
+        |node: &str| json!({"metadata": {"name": "vm", "labels": {"godwit.dev/node": node}}});
+    let unlabelled = json!({"metadata": {"name": "vm"}});
+    let migration = json!({"metadata": {"name": "m", "labels": {
+        "godwit.dev/source-node": "node-a", "godwit.dev/target-node": "node-b"}}});
+    let a = || user(agent, Some("node-a"));
+    let c = || user(agent, Some("node-c"));
+
+    assert_eq!(check(a(), "", "nodes", "", &node_a), Ok(()));
+    let refused = check(a(), "", "nodes", "", &node_b).unwrap_err();
+    assert!(
+        refused.contains("may change only its own Node"),
+        "{refused}"
+    );
+    assert_eq!(
+        check(
+            a(),
+            "godwit.dev",
+            "virtualmachines",
+            "status",
+            &vm_on("node-a")
+        ),
+        Ok(())
+    );
+    let refused = check(a(), "godwit.dev", "virtualmachines", "", &vm_on("node-b")).unwrap_err();
+    assert!(
+        refused.contains("only the VMs labelled for its node"),
+        "{refused}"
+    );
+    assert!(check(a(), "godwit.dev", "virtualmachines", "", &unlabelled).is_err());
+    for node in ["node-a", "node-b"] {
+        let who = user(agent, Some(node));
+        assert_eq!(
+            check(who, "godwit.dev", "vmmigrations", "status", &migration),
+            Ok(()),
+            "{node}"
+        );
+    }
+    let refused = check(c(), "godwit.dev", "vmmigrations", "status", &migration).unwrap_err();
+    assert!(
+        refused.contains("source or target is its node"),
+        "{refused}"
+    );
+    let refused = check(user(agent, None), "", "nodes", "", &node_a).unwrap_err();
+    assert!(refused.contains("names no node"), "{refused}");
+    // The operator and people are left to RBAC.
+    assert_eq!(
+        check(
+            user("system:serviceaccount:godwit-system:godwit-operator", None),
+            "",
+            "nodes",
+            "",
+            &node_b
+        ),
+        Ok(())
+    );
+
+    let off = helm::render_with_sets(
+        None,
+        "godwit-system",
+        &["rbac.nodeRestriction=false".into()],
+    )
+    .unwrap();
+    let docs = helm::documents(&off).unwrap();
+    assert!(!docs
+        .iter()
+        .any(|d| d["kind"] == "ValidatingAdmissionPolicy"));
 }

@@ -279,6 +279,27 @@ pub fn builtin_resources() -> Vec<ResourceDef> {
             PrinterColumn::new("Role", "string", ".roleRef.name"),
             age(),
         ]),
+        // Applied to every write (crate::admission_policy).
+        ResourceDef::builtin(
+            "admissionregistration.k8s.io",
+            "v1",
+            "ValidatingAdmissionPolicy",
+            "validatingadmissionpolicies",
+            false,
+        )
+        .with_status()
+        .columns(vec![age()]),
+        ResourceDef::builtin(
+            "admissionregistration.k8s.io",
+            "v1",
+            "ValidatingAdmissionPolicyBinding",
+            "validatingadmissionpolicybindings",
+            false,
+        )
+        .columns(vec![
+            PrinterColumn::new("Policy", "string", ".spec.policyName"),
+            age(),
+        ]),
         ResourceDef::builtin("coordination.k8s.io", "v1", "Lease", "leases", true).columns(vec![
             PrinterColumn::new("Holder", "string", ".spec.holderIdentity"),
             age(),

@@ -48,6 +48,7 @@
 //! Each module's docs list its simplifications versus a real API server;
 //! [`handlers`] lists the protocol-level ones.
 
+pub mod admission_policy;
 pub mod audit;
 mod base64;
 pub mod convert;
