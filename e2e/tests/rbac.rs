@@ -104,12 +104,20 @@ fn needless_rules(docs: &[Value], records: &[AuditRecord]) -> Vec<String> {
     needless
 }
 
-/// The requests of the operator and the agents in `g` so far.
+/// The requests of the operator and the agents in `g` so far. Each agent's
+/// token is bound to its node (`godwit-node@<node>`); RBAC sees the service
+/// account.
 fn requests(g: &ClusterDriver) -> Vec<AuditRecord> {
     g.cluster
         .api
         .requests()
         .into_iter()
+        .map(|mut r| {
+            if r.user.starts_with(&format!("{NODE_USER}@")) {
+                r.user = NODE_USER.to_string();
+            }
+            r
+        })
         .filter(|r| r.user == OPERATOR_USER || r.user == NODE_USER)
         .collect()
 }
