@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use godwit_crds::contract::{MIGRATION_SIGNER, NODE_CN_PREFIX};
 use godwit_e2e::cluster::NODE_USER;
-use godwit_e2e::driver::{ClusterDriver, EXAMPLE_MIGRATION, EXAMPLE_TEMPLATE, EXAMPLE_VM};
+use godwit_e2e::driver::{node_of, ClusterDriver, EXAMPLE_MIGRATION, EXAMPLE_TEMPLATE, EXAMPLE_VM};
 use k8s_openapi::api::certificates::v1::{
     CertificateSigningRequest, CertificateSigningRequestSpec,
 };
@@ -256,5 +256,13 @@ fn node_certificates_come_through_csrs_for_the_own_node_only_and_migrations_use_
         })
         .unwrap();
     assert_eq!(phase, "Succeeded");
-    g.wait_running("demo", Duration::from_secs(30)).unwrap();
+    let vm = g.wait_running("demo", Duration::from_secs(30)).unwrap();
+    // The target's VMM took the VM over mutual TLS only.
+    let target = g.node_index(&node_of(&vm)).unwrap();
+    let log = std::fs::read_to_string(g.vm_dir(target, "default", "demo").join("vmm.log"))
+        .unwrap_or_default();
+    assert!(
+        log.contains("the incoming migration must use mutual TLS"),
+        "the target VMM did not require TLS:\n{log}"
+    );
 }
