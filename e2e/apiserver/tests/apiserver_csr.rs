@@ -151,6 +151,19 @@ fn csr_round_trips_through_approval_and_status_and_kubectl_prints_it() {
         let status = got.status.unwrap();
         assert_eq!(status.certificate, Some(ByteString(b"CERT".to_vec())));
         assert_eq!(status.conditions.unwrap()[0].type_, "Approved");
+        // A status patch cannot take the decision back.
+        let reissue = serde_json::json!({"status": {
+            "certificate": ByteString(b"CERT2".to_vec()),
+            "conditions": [],
+        }});
+        let patched = signer
+            .patch_status("a", &PatchParams::default(), &Patch::Merge(&reissue))
+            .await
+            .unwrap()
+            .status
+            .unwrap();
+        assert_eq!(patched.certificate, Some(ByteString(b"CERT2".to_vec())));
+        assert_eq!(patched.conditions.unwrap()[0].type_, "Approved");
 
         // A second one, denied.
         node.create(&PostParams::default(), &csr("b"))
