@@ -25,6 +25,9 @@
 //! | Reservation pods (labels [`VM_LABEL`], [`RESERVATION_LABEL`], [`NODE_LABEL`]) and the VM's PodDisruptionBudget | created before scheduling, restarting or a live migration's target preparation; deleted when the VM leaves a node, stops or is deleted | never (requests: vCPUs / cpuAllocationRatio, memory + [`VMM_MEMORY_OVERHEAD`], the agent's cgroup margin) |
 //! | VM annotation [`PAUSE_ANNOTATION`] | never (the user sets it: `kubectl godwit pause`/`unpause`) | reads it: the agent running the VM pauses or resumes its VMM to match (not during a migration), writes the VM's condition [`PAUSED_CONDITION`] and an Event |
 //! | VMMigration `PreCopy…Succeeded/Failed/Cancelled`, `progress`, `result`, `endTime` | `Cancelled`/`Failed` only before `PreparingTarget` (and on timeout of a target that never answers) | source agent, from the moment it sends |
+//! | CertificateSigningRequest with signer [`MIGRATION_SIGNER`] (CN [`NODE_CN_PREFIX`]`<node>`) | approves or denies it (`/approval`), signs approved ones (`status.certificate`) | creates it with its own key's request, reads the certificate |
+//! | Secret [`MIGRATION_CA_SECRET`] (CA key) | made when missing, read to sign; nobody else reads it | never |
+//! | ConfigMap [`MIGRATION_CA_CONFIGMAP`] (`ca.crt`: the CA bundle the nodes trust) | published from the Secret's `ca.crt` before it signs | reads it with its certificate |
 //!
 //! A migration is cancelled by deleting it or by the annotation
 //! [`CANCEL_ANNOTATION`]`: "true"`; from `PreparingTarget` on, the source
@@ -55,9 +58,22 @@ pub const TARGET_LABEL: &str = "godwit.dev/target-node";
 /// change a VM that already runs).
 pub const RESOLVED_ANNOTATION: &str = "godwit.dev/resolved";
 /// The Secret (in the operator's namespace) holding the migration CA
-/// (`ca.crt`, `ca.key`): made by the operator when it is missing, mounted
-/// by every node daemon.
+/// (`ca.crt`, `ca.key`): made by the operator when it is missing, read only
+/// by the operator, which signs the nodes' certificate requests with it.
 pub const MIGRATION_CA_SECRET: &str = "godwit-migration-ca";
+/// The ConfigMap (in the operator's namespace, which is the nodes'
+/// `--lease-namespace`) where the operator publishes the migration CA's
+/// certificates (key `ca.crt`, a PEM bundle), the trust of every node.
+pub const MIGRATION_CA_CONFIGMAP: &str = "godwit-migration-ca";
+/// The `signerName` of node migration certificates
+/// (CertificateSigningRequests the operator approves and signs).
+pub const MIGRATION_SIGNER: &str = "godwit.dev/migration";
+/// The common name of a node's migration certificate is this prefix and the
+/// node's name.
+pub const NODE_CN_PREFIX: &str = "system:godwit-node:";
+/// The user-info extra key in which Kubernetes names the node a pod-bound
+/// service-account token belongs to (copied into a CSR's `spec.extra`).
+pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 /// On a VMMigration: `"true"` asks for it to be cancelled.
 pub const CANCEL_ANNOTATION: &str = "godwit.dev/cancel";
 /// On a VirtualMachine: the node agent's cleanup (stop the VMM, remove disks).

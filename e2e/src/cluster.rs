@@ -38,7 +38,6 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, PostParams};
 
-use godwit_testkit::ca::CaError;
 use godwit_testkit::nodes::Fabric;
 use godwit_testkit::process::alive;
 
@@ -76,9 +75,6 @@ pub enum ClusterError {
     /// A file could not be written.
     #[error("Cannot write {0}")]
     Write(String, #[source] std::io::Error),
-    /// The migration CA could not be made.
-    #[error("Cannot make the migration CA")]
-    MigrationCa(#[from] CaError),
     /// A Podman command failed.
     #[error("`{0}` failed: {1} (Podman and runc come with e2e/install-deps.sh)")]
     Podman(String, String),
@@ -115,7 +111,8 @@ pub struct LocalCluster {
     pub api: ServerThread,
     /// kubeconfig for the host (`kubectl --kubeconfig`).
     pub kubeconfig: PathBuf,
-    /// kubeconfig for agents inside node namespaces (server on the fabric).
+    /// kubeconfig for user [`NODE_USER`] inside node namespaces (server on
+    /// the fabric); each agent has its own ([`LocalCluster::agent_kubeconfig`]).
     pub node_kubeconfig: PathBuf,
     /// kubeconfig for the operator on the host (user [`OPERATOR_USER`]).
     pub operator_kubeconfig: PathBuf,
@@ -187,6 +184,13 @@ impl LocalCluster {
             NODE_USER,
         )?;
         write_kubeconfig(&operator_kubeconfig, api.url(), OPERATOR_USER)?;
+        for node in &fabric.nodes {
+            write_kubeconfig(
+                &dir.join(format!("node-kubeconfig-{}", node.name)),
+                &format!("http://{API_IP}:{API_PORT}"),
+                &format!("{NODE_USER}@{}", node.name),
+            )?;
+        }
         let cluster = LocalCluster {
             fabric,
             api,
@@ -306,7 +310,6 @@ impl LocalCluster {
             .map_err(|e| ClusterError::Start("a metrics port".into(), e))?;
         self.metrics = Some(metrics);
         self.start_operator()?;
-        self.mount_migration_ca()?;
         let n = self.fabric.nodes.len();
         *self.agents.lock().expect("agents lock") = Agents {
             procs: (0..n).map(|_| None).collect(),
@@ -320,47 +323,6 @@ impl LocalCluster {
         Ok(())
     }
 
-    /// Writes the migration CA Secret the operator makes into
-    /// [`LocalCluster::migration_ca_dir`], as the chart's volume mounts it.
-    fn mount_migration_ca(&self) -> Result<(), ClusterError> {
-        use godwit_crds::contract::{DEFAULT_LEASE_NAMESPACE, MIGRATION_CA_SECRET};
-        let dir = self.migration_ca_dir();
-        let write = |p: &Path, bytes: &[u8]| {
-            std::fs::write(p, bytes).map_err(|e| ClusterError::Write(p.display().to_string(), e))
-        };
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| ClusterError::Write(dir.display().to_string(), e))?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        for file in ["ca.crt", "ca.key"] {
-            let template = format!("--template={{{{index .data \"{file}\" | base64decode}}}}");
-            let args = [
-                "-n",
-                DEFAULT_LEASE_NAMESPACE,
-                "get",
-                "secret",
-                MIGRATION_CA_SECRET,
-            ];
-            loop {
-                let out = self
-                    .kubectl(&[&args[..], &["-o", "go-template", &template]].concat())
-                    .map_err(|e| ClusterError::Start("kubectl".into(), e))?;
-                if out.status.success() && !out.stdout.is_empty() {
-                    write(&dir.join(file), &out.stdout)?;
-                    break;
-                }
-                if std::time::Instant::now() > deadline {
-                    let why = String::from_utf8_lossy(&out.stderr).into_owned();
-                    return Err(ClusterError::Start(
-                        format!("the operator made no Secret {MIGRATION_CA_SECRET} in 30 s: {why}"),
-                        std::io::Error::from(std::io::ErrorKind::TimedOut),
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        Ok(())
-    }
-
     /// Starts the operator (again, after [`LocalCluster::kill_operator`]).
     pub fn start_operator(&mut self) -> Result<(), ClusterError> {
         let metrics = self.metrics.expect("start_godwit picked the metrics port");
@@ -369,6 +331,8 @@ impl LocalCluster {
         cmd.arg("--kubeconfig")
             .arg(&self.operator_kubeconfig)
             .args(["--metrics-addr", &metrics.to_string()])
+            // The agents' user here (short, as the request log shows it).
+            .args(["--node-user", NODE_USER])
             .args(&self.operator_args);
         let log = self.log_dir().join("operator.log");
         self.operator = Some(spawn_logged(cmd, &log, &operator)?);
@@ -410,12 +374,6 @@ impl LocalCluster {
         self.metrics
     }
 
-    /// The migration CA the agents issue their certificates from, as the
-    /// chart's Secret is mounted on a real node (`ca.crt`, `ca.key`).
-    pub fn migration_ca_dir(&self) -> PathBuf {
-        self.dir.join("migration-ca")
-    }
-
     /// Starts the agent of node `i` (again): a host process in the node's
     /// network namespace, or, with [`LocalCluster::agent_image`], a Podman
     /// container ([`LocalCluster::start_agent_container`]).
@@ -453,12 +411,19 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Node `i`'s agent's kubeconfig: user [`NODE_USER`]`@<node>`, a token
+    /// bound to the node as a pod's service-account token is.
+    pub fn agent_kubeconfig(&self, i: usize) -> PathBuf {
+        self.dir
+            .join(format!("node-kubeconfig-{}", self.fabric.nodes[i].name))
+    }
+
     /// The agent's flags for node `i`, with its VMM binary and cgroup root.
     fn agent_flags(&self, i: usize, vmm: PathBuf, cgroup_root: String) -> Vec<std::ffi::OsString> {
         let node = &self.fabric.nodes[i];
         let mut argv: Vec<std::ffi::OsString> = vec![
             "--kubeconfig".into(),
-            self.node_kubeconfig.clone().into_os_string(),
+            self.agent_kubeconfig(i).into_os_string(),
             "--node".into(),
             node.name.clone().into(),
             "--node-ip".into(),
@@ -473,8 +438,8 @@ impl LocalCluster {
             self.cpu.to_string().into(),
             "--memory-mib".into(),
             self.memory_mib.to_string().into(),
-            "--migration-ca-dir".into(),
-            self.migration_ca_dir().into_os_string(),
+            // Its certificate through a CSR the operator signs: no CA here.
+            "--migration-csr".into(),
             "--cgroup-parent".into(),
             self.node_cgroup_parent(i).into(),
             "--cgroup-root".into(),

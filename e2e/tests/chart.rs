@@ -196,6 +196,105 @@ fn rendering_twice_gives_identical_output() {
     }
 }
 
+/// The CA key stays with the operator: no node-daemon pod mounts a Secret
+/// (the CA's or any other), none is told of a CA directory, every one asks
+/// for its certificate through a CSR; the operator signs for the node
+/// daemons' service account, with the RBAC Kubernetes demands of a signer.
+#[test]
+fn no_node_daemon_pod_mounts_the_ca_key() {
+    for v in [
+        None,
+        Some(values("custom.yaml")),
+        Some(values("monitoring.yaml")),
+    ] {
+        let rendered = helm::render(v.as_deref(), "godwit-system").unwrap();
+        let docs = helm::documents(&rendered).unwrap();
+        let ds = find(&docs, "DaemonSet", "godwit-node");
+        let pod = &ds["spec"]["template"]["spec"];
+        let volumes = pod["volumes"].as_array().unwrap();
+        let secrets: Vec<&Value> = volumes
+            .iter()
+            .filter(|vol| {
+                vol.get("secret").is_some()
+                    || vol["projected"]["sources"]
+                        .as_array()
+                        .is_some_and(|s| s.iter().any(|s| s.get("secret").is_some()))
+            })
+            .collect();
+        assert!(secrets.is_empty(), "{v:?}: node-daemon mounts {secrets:?}");
+        let a = args(ds);
+        assert!(a.contains(&"--migration-csr".to_string()), "{v:?}: {a:?}");
+        assert!(
+            !a.iter().any(|f| f.starts_with("--migration-ca-dir")),
+            "{v:?}: {a:?}"
+        );
+        let env = pod["containers"][0]["env"].as_array().unwrap();
+        assert!(
+            !env.iter().any(|e| e["name"] == "GODWIT_MIGRATION_CA_DIR"),
+            "{v:?}"
+        );
+
+        let sa = ds["spec"]["template"]["spec"]["serviceAccountName"]
+            .as_str()
+            .unwrap();
+        let op = find(&docs, "Deployment", "godwit-operator");
+        let node_user = format!("--node-user=system:serviceaccount:godwit-system:{sa}");
+        assert!(args(op).contains(&node_user), "{v:?}: {:?}", args(op));
+        let rbac = Rbac::from_objects(&docs);
+        let user = |name: &str| {
+            UserInfo::from_token(&format!("system:serviceaccount:godwit-system:{name}")).unwrap()
+        };
+        let op_sa = op["spec"]["template"]["spec"]["serviceAccountName"]
+            .as_str()
+            .unwrap();
+        let can = |who: &str, verb: &str, resource: &str, sub: &str, name: &str| {
+            let attrs = Attributes::Resource {
+                namespace: String::new(),
+                verb: verb.into(),
+                group: "certificates.k8s.io".into(),
+                resource: resource.into(),
+                subresource: sub.into(),
+                name: name.into(),
+            };
+            rbac.authorize(&user(who), &attrs).is_ok()
+        };
+        assert!(can(sa, "create", "certificatesigningrequests", "", ""));
+        assert!(can(sa, "get", "certificatesigningrequests", "", "x"));
+        assert!(!can(
+            sa,
+            "update",
+            "certificatesigningrequests",
+            "approval",
+            "x"
+        ));
+        assert!(!can(sa, "approve", "signers", "", "godwit.dev/migration"));
+        assert!(can(op_sa, "watch", "certificatesigningrequests", "", ""));
+        assert!(can(
+            op_sa,
+            "update",
+            "certificatesigningrequests",
+            "approval",
+            "x"
+        ));
+        assert!(can(
+            op_sa,
+            "update",
+            "certificatesigningrequests",
+            "status",
+            "x"
+        ));
+        assert!(can(op_sa, "approve", "signers", "", "godwit.dev/migration"));
+        assert!(can(op_sa, "sign", "signers", "", "godwit.dev/migration"));
+        assert!(!can(
+            op_sa,
+            "sign",
+            "signers",
+            "",
+            "kubernetes.io/kube-apiserver-client"
+        ));
+    }
+}
+
 #[test]
 fn renders_with_custom_values() {
     let text = helm::render(Some(&values("custom.yaml")), "vms").unwrap();

@@ -6,7 +6,7 @@
 //!
 //! - `..` and the node's system directories are refused at admission by the
 //!   CRD's CEL rules (`kubectl apply` says why);
-//! - a VM whose initrd is the migration CA key, whose disk is another VM's
+//! - a VM whose initrd is the node's migration key, whose disk is another VM's
 //!   disk, or either through a symlink planted in an image directory, gets
 //!   Ready False with reason `ImagePathRefused`, phase Failed and an Event,
 //!   and no VMM starts;
@@ -129,9 +129,10 @@ fn vms_name_files_only_in_the_image_directories() {
     g.wait_running("allowed", Duration::from_secs(60)).unwrap();
 
     // The node refuses the rest, and says why.
-    let ca_key = g.cluster.migration_ca_dir().join("ca.key");
-    assert!(ca_key.exists(), "{}", ca_key.display());
-    g.apply(&vm(&g, "ca-initrd", &s(&ca_key), &s(&data)))
+    // The node's migration key (no node holds the CA key any more).
+    let node_key = g.cluster.node_state_dir(0).join("tls/node.key");
+    assert!(node_key.exists(), "{}", node_key.display());
+    g.apply(&vm(&g, "ca-initrd", &s(&node_key), &s(&data)))
         .unwrap();
     refused(
         &g,
@@ -149,7 +150,7 @@ fn vms_name_files_only_in_the_image_directories() {
         "not under any of the node's image directories",
     );
 
-    std::os::unix::fs::symlink(&ca_key, images.join("planted.img")).unwrap();
+    std::os::unix::fs::symlink(&node_key, images.join("planted.img")).unwrap();
     g.apply(&vm(
         &g,
         "planted",

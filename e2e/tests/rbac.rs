@@ -173,12 +173,20 @@ fn team_bindings() -> Vec<Value> {
         .collect()
 }
 
-/// The requests of the operator and the agents in `g` so far.
+/// The requests of the operator, the agents and the namespace users in `g`
+/// so far. Each agent's token is bound to its node (`godwit-node@<node>`);
+/// RBAC sees the service account.
 fn requests(g: &ClusterDriver) -> Vec<AuditRecord> {
     g.cluster
         .api
         .requests()
         .into_iter()
+        .map(|mut r| {
+            if r.user.starts_with(&format!("{NODE_USER}@")) {
+                r.user = NODE_USER.to_string();
+            }
+            r
+        })
         .filter(|r| [OPERATOR_USER, NODE_USER, EDITOR, VIEWER].contains(&r.user.as_str()))
         .collect()
 }

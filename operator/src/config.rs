@@ -121,6 +121,11 @@ pub struct OperatorConfig {
     /// The migration CA's Secret, made when missing
     /// ([`crate::migration_ca`]); `None`: not managed here.
     pub migration_ca: Option<crate::migration_ca::CaSecret>,
+    /// The user whose migration certificate requests are approved (the
+    /// node daemons' service account; [`crate::signer`]).
+    pub node_user: String,
+    /// Days a node's migration certificate is valid.
+    pub node_certificate_days: u32,
 }
 
 /// Finished VMMigrations kept per VM by default (as KubeVirt keeps 5).
@@ -143,8 +148,16 @@ impl Default for OperatorConfig {
             reservation_image: reservations::DEFAULT_IMAGE.to_string(),
             finished_migrations_kept: DEFAULT_FINISHED_MIGRATIONS_KEPT,
             migration_ca: None,
+            node_user: default_node_user(DEFAULT_LEASE_NAMESPACE),
+            node_certificate_days: crate::signer::DEFAULT_VALIDITY_DAYS,
         }
     }
+}
+
+/// The node daemons' service account in the operator's `namespace` (the
+/// chart's `serviceAccount.nodeDaemon` default).
+pub fn default_node_user(namespace: &str) -> String {
+    format!("system:serviceaccount:{namespace}:godwit-node")
 }
 
 /// `<hostname>-<pid>`: unique per process, readable in `kubectl get lease`.

@@ -11,6 +11,8 @@
 //!   timeouts, cancellation, moving the VM when a migration ends;
 //! - [`drs`]: balances measured load with live migrations;
 //! - [`maintenance`]: empties nodes in maintenance by live migration;
+//! - [`signer`]: approves and signs the nodes' migration certificate
+//!   requests with the CA only the operator reads ([`migration_ca`]);
 //! - [`leader`]: only one operator instance decides at a time;
 //! - [`metrics`]: `/metrics` and `/healthz`.
 //!
@@ -41,6 +43,7 @@ pub mod nodes;
 pub mod reservations;
 pub mod restarts;
 pub mod scheduler;
+pub mod signer;
 pub mod template;
 pub mod template_status;
 pub mod view;
@@ -126,7 +129,13 @@ pub async fn run_controllers(client: Client, config: OperatorConfig, metrics: Ar
         "controllers starting"
     );
     if let Some(ca) = config.migration_ca.clone() {
-        tokio::spawn(migration_ca::keep_ensured(client.clone(), ca));
+        tokio::spawn(migration_ca::keep_ensured(client.clone(), ca.clone()));
+        let signer = signer::SignerConfig {
+            ca,
+            node_user: config.node_user.clone(),
+            validity_days: config.node_certificate_days,
+        };
+        tokio::spawn(signer::run(client.clone(), signer));
     }
     let ctx = Arc::new(Context::new(client, config, metrics));
     tokio::join!(

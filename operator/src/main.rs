@@ -51,6 +51,15 @@ struct Args {
     /// Days a CA made by the operator is valid.
     #[arg(long, default_value_t = godwit_operator::migration_ca::DEFAULT_VALIDITY_DAYS, value_parser = clap::value_parser!(u32).range(1..))]
     migration_ca_validity_days: u32,
+    /// Who may get a node migration certificate through a
+    /// CertificateSigningRequest (default: the node daemons' service account,
+    /// system:serviceaccount:<lease-namespace>:godwit-node).
+    #[arg(long)]
+    node_user: Option<String>,
+    /// Days a node's migration certificate is valid (nodes ask again after
+    /// two thirds of it).
+    #[arg(long, default_value_t = godwit_operator::signer::DEFAULT_VALIDITY_DAYS, value_parser = clap::value_parser!(u32).range(1..))]
+    node_certificate_days: u32,
     /// DRS balancer: off, manual (recommend only) or automatic (migrate).
     #[arg(long, default_value = "off")]
     drs_mode: DrsMode,
@@ -124,8 +133,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             name: args.migration_ca_secret.clone(),
             validity_days: args.migration_ca_validity_days,
         });
+    let node_user = args
+        .node_user
+        .clone()
+        .unwrap_or_else(|| config::default_node_user(&args.lease_namespace));
     let config = OperatorConfig {
         migration_ca,
+        node_user,
+        node_certificate_days: args.node_certificate_days,
         lease_namespace: args.lease_namespace,
         metrics_addr: Some(args.metrics_addr),
         placement: args.placement,

@@ -15,6 +15,9 @@ use super::store::ResourceId;
 /// Column format of the Node Status column: the Ready condition shown as
 /// `Ready`, `NotReady` or `Unknown`, plus `SchedulingDisabled` when cordoned.
 pub const NODE_STATUS: &str = "node-status";
+/// Column format of the CertificateSigningRequest Condition column:
+/// `Approved,Issued`, `Denied` or `Pending`, as kubectl shows it.
+pub const CSR_CONDITION: &str = "csr-condition";
 
 /// A printer column for table output.
 #[derive(Debug, Clone, PartialEq)]
@@ -303,6 +306,27 @@ pub fn builtin_resources() -> Vec<ResourceDef> {
         ResourceDef::builtin("coordination.k8s.io", "v1", "Lease", "leases", true).columns(vec![
             PrinterColumn::new("Holder", "string", ".spec.holderIdentity"),
             age(),
+        ]),
+        // Approved and signed by an external signer through `/approval` and
+        // `/status` ([`crate::csr`]).
+        ResourceDef::builtin(
+            "certificates.k8s.io",
+            "v1",
+            "CertificateSigningRequest",
+            "certificatesigningrequests",
+            false,
+        )
+        .short(&["csr"])
+        .with_status()
+        .columns(vec![
+            age(),
+            PrinterColumn::new("SignerName", "string", ".spec.signerName"),
+            PrinterColumn::new("Requestor", "string", ".spec.username"),
+            PrinterColumn::new("RequestedDuration", "string", ".spec.expirationSeconds"),
+            PrinterColumn {
+                format: CSR_CONDITION.to_string(),
+                ..PrinterColumn::new("Condition", "string", ".status.conditions[*].type")
+            },
         ]),
         ResourceDef::builtin("events.k8s.io", "v1", "Event", "events", true)
             .short(&["ev"])

@@ -109,6 +109,15 @@ pub fn resource_list(defs: &[ResourceDef], group: &str, version: &str) -> Option
                 "verbs": ["get", "patch", "update"],
             }));
         }
+        if crate::csr::is_csr(&def.group, &def.plural) {
+            resources.push(json!({
+                "name": format!("{}/approval", def.plural),
+                "singularName": "",
+                "namespaced": false,
+                "kind": def.kind,
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
     }
     if resources.is_empty() {
         return None;

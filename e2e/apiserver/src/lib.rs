@@ -17,6 +17,8 @@
 //!   kubelet: a Pod is `Running` once stored) with ResourceQuota admission
 //!   on create ([`quota`]), ResourceQuotas and PodDisruptionBudgets (stored;
 //!   nothing evicts);
+//!   CertificateSigningRequests with `/approval` and `/status`, the
+//!   requester stamped into the spec on create ([`csr`]);
 //!   a stored CRD makes its kinds live ([`crd`]), and custom resources are
 //!   pruned, defaulted and validated against the CRD schema ([`schema`]);
 //! - get, list, watch, create (with `generateName`), update, patch (merge,
@@ -53,6 +55,7 @@ pub mod audit;
 mod base64;
 pub mod convert;
 pub mod crd;
+pub mod csr;
 pub mod discovery;
 #[doc(hidden)]
 pub mod fuzz;

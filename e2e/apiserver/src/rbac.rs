@@ -8,7 +8,11 @@
 //! - **Tokens are user names** (as everywhere in this server, see
 //!   [`crate::audit`]): any non-empty bearer token authenticates as the user
 //!   it names. `system:serviceaccount:<ns>:<name>` gets the service-account
-//!   groups; every user gets `system:authenticated`.
+//!   groups; every user gets `system:authenticated`. A token
+//!   `<user>@<node>` stands for a token bound to a pod on `<node>`: the user
+//!   is `<user>`, with the node in its extra
+//!   (`authentication.kubernetes.io/node-name`), as Kubernetes gives
+//!   pod-bound service-account tokens.
 //! - Ordinary requests to this server are **not** authorized: the reviews
 //!   answer what RBAC would allow, for the components that ask (Godwit's
 //!   `/metrics`); the request log ([`crate::audit`]) checks the rest.
@@ -16,6 +20,8 @@
 //!   discovery (non-resource `get` on `/api*`, `/apis*`, `/version`,
 //!   `/healthz`, `/readyz`, `/livez` for every authenticated user, as
 //!   `system:discovery` and `system:public-info-viewer` grant).
+
+use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
@@ -28,15 +34,28 @@ pub struct UserInfo {
     pub name: String,
     /// Groups, including `system:authenticated`.
     pub groups: Vec<String>,
+    /// Extra attributes (the node a pod-bound token belongs to).
+    pub extra: BTreeMap<String, Vec<String>>,
 }
+
+/// The extra key of the node a pod-bound service-account token belongs to.
+pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 
 impl UserInfo {
     /// The user a bearer token stands for (`None` for an empty token).
     pub fn from_token(token: &str) -> Option<Self> {
-        let name = token.trim();
-        if name.is_empty() || name.contains(char::is_whitespace) {
+        let token = token.trim();
+        if token.is_empty() || token.contains(char::is_whitespace) {
             return None;
         }
+        let mut extra = BTreeMap::new();
+        let name = match token.rsplit_once('@') {
+            Some((name, node)) if !name.is_empty() && !node.is_empty() => {
+                extra.insert(NODE_NAME_EXTRA.to_string(), vec![node.to_string()]);
+                name
+            }
+            _ => token,
+        };
         let mut groups = Vec::new();
         if let Some(rest) = name.strip_prefix("system:serviceaccount:") {
             if let Some((ns, _)) = rest.split_once(':') {
@@ -48,6 +67,7 @@ impl UserInfo {
         Some(UserInfo {
             name: name.to_string(),
             groups,
+            extra,
         })
     }
 }
@@ -399,7 +419,7 @@ pub fn token_review(review: &Value) -> Value {
     let status = match UserInfo::from_token(token) {
         Some(user) => json!({
             "authenticated": true,
-            "user": {"username": user.name, "groups": user.groups},
+            "user": {"username": user.name, "groups": user.groups, "extra": user.extra},
             "audiences": review["spec"]["audiences"].clone(),
         }),
         None => json!({"authenticated": false, "error": "the token is empty"}),
@@ -423,7 +443,11 @@ pub fn access_review(rbac: &Rbac, review: &Value, requester: Option<&UserInfo>) 
                     }
                 }
             }
-            UserInfo { name, groups }
+            UserInfo {
+                name,
+                groups,
+                extra: BTreeMap::new(),
+            }
         }
     };
     let kind = if requester.is_some() {

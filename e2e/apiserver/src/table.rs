@@ -8,7 +8,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
-use super::crd::{ResourceDef, NODE_STATUS};
+use super::crd::{ResourceDef, CSR_CONDITION, NODE_STATUS};
 
 /// Whether an Accept header asks for a Table.
 pub fn wants_table(accept: &str) -> bool {
@@ -198,6 +198,9 @@ fn row(def: &ResourceDef, object: &Value, include: IncludeObject) -> Value {
         let found = evaluate(object, &c.json_path);
         if c.format == NODE_STATUS {
             return node_status(object, &found);
+        }
+        if c.format == CSR_CONDITION {
+            return Value::String(crate::csr::condition_text(object));
         }
         cell(&c.type_, &found)
     }));

@@ -29,8 +29,13 @@ pub struct AgentConfig {
     pub memory_bytes: u64,
     /// Ports incoming migrations listen on (`first..=last`).
     pub migration_ports: (u16, u16),
-    /// The migration CA (see [`super::certificates`]); `None`: plain TCP migrations.
+    /// A migration CA with its key to sign this node's certificate here
+    /// (bring your own CA, see [`super::certificates`]).
     pub migration_ca_dir: Option<PathBuf>,
+    /// Ask for the node's certificate through the CertificateSigningRequest
+    /// API and wait this long for it ([`super::certificates::request`]).
+    /// With neither this nor `migration_ca_dir`: plain TCP migrations.
+    pub migration_csr: Option<std::time::Duration>,
     /// The users VMMs run as ([`VmmUsers`]); `None`: root.
     pub vmm_users: Option<VmmUsers>,
     /// Where the host's cgroup hierarchy is mounted ([`super::cgroup`]).

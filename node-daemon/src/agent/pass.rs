@@ -102,14 +102,30 @@ pub async fn run(
             }
         }));
     }
-    let migration_tls = match &cfg.migration_ca_dir {
-        Some(ca) => Some(certificates::issue(
+    let migration_tls = match (&cfg.migration_ca_dir, cfg.migration_csr) {
+        (Some(ca), _) => Some(certificates::issue(
             ca,
             &cfg.state_dir.join("tls"),
             &cfg.node,
             &cfg.node_ip,
         )?),
-        None => None,
+        (None, Some(wait)) => {
+            let id = certificates::request::NodeIdentity {
+                node: cfg.node.clone(),
+                address: cfg.node_ip.clone(),
+                ca_namespace: cfg.lease_namespace.clone(),
+                out_dir: cfg.state_dir.join("tls"),
+                wait,
+            };
+            let issued = certificates::request::request(&client, &id).await?;
+            tasks.push(tokio::spawn(certificates::request::keep_renewed(
+                client.clone(),
+                id,
+                issued.renew_at,
+            )));
+            Some(issued.files)
+        }
+        (None, None) => None,
     };
     let cgroups = Cgroups::new(
         &cfg.cgroup_root,

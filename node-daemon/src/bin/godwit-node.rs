@@ -73,9 +73,21 @@ struct Args {
     /// Log lines as text or as JSON objects (one per line).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// The migration CA (`ca.crt`, `ca.key`: the chart's Secret): the agent
-    /// issues this node a certificate from it and every VMM migrates over
-    /// mutual TLS. Without it migrations are plain TCP.
+    /// Every VMM migrates over mutual TLS with a node certificate the agent
+    /// asks for through a CertificateSigningRequest (signer
+    /// godwit.dev/migration; the operator approves and signs it, and
+    /// publishes the CA in the ConfigMap godwit-migration-ca in
+    /// --lease-namespace). The node's key never leaves it.
+    #[arg(long, conflicts_with = "migration_ca_dir")]
+    migration_csr: bool,
+    /// How long the agent waits for its certificate before it gives up (and
+    /// exits, to be restarted).
+    #[arg(long, default_value_t = 300)]
+    migration_csr_timeout_seconds: u64,
+    /// Bring your own migration CA (`ca.crt`, `ca.key`): the agent signs
+    /// this node's certificate with it, so every node holds the CA key
+    /// (prefer --migration-csr with your CA in the operator's Secret).
+    /// Without this or --migration-csr migrations are plain TCP.
     #[arg(long, env = "GODWIT_MIGRATION_CA_DIR")]
     migration_ca_dir: Option<PathBuf>,
     /// The users VMMs run as: each VM gets uid (and gid) BASE + a hash of
@@ -268,6 +280,9 @@ async fn main() {
         memory_bytes: args.memory_mib.unwrap_or_else(host_memory_mib) << 20,
         migration_ports: args.migration_ports,
         migration_ca_dir: args.migration_ca_dir,
+        migration_csr: args
+            .migration_csr
+            .then(|| std::time::Duration::from_secs(args.migration_csr_timeout_seconds)),
         vmm_users: args.vmm_users.0,
         cgroup_root: args.cgroup_root,
         cgroup_parent: args.cgroup_parent,

@@ -68,6 +68,8 @@ pub(crate) struct Target {
     pub(crate) namespace: Option<String>,
     pub(crate) name: Option<String>,
     pub(crate) subresource: Option<String>,
+    /// Who asks (the bearer token or impersonated user).
+    pub(crate) user: String,
 }
 
 pub(crate) fn key_of(target: &Target, name: &str) -> ObjectKey {

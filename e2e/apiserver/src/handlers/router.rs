@@ -23,6 +23,7 @@ use super::state::{now, ServerState};
 use super::watch::watch;
 use super::write::{create, patch_object, update};
 use crate::audit::{identity, AuditRecord};
+use crate::csr;
 use crate::discovery;
 use crate::protobuf;
 use crate::rbac;
@@ -72,9 +73,27 @@ pub fn handle_parts(
     record.code = response.status().as_u16();
     tracing::debug!(verb = %record.verb, path = %record.path, code = record.code, "request");
     if !path.starts_with("/debug/") {
+        let signer = signer_check(state, &record);
         state.audit.push(record);
+        if let Some(check) = signer {
+            state.audit.push(check);
+        }
     }
     response
+}
+
+/// The signer permission a successful write to a CertificateSigningRequest's
+/// `/approval` or `/status` implies, as a request log record ([`csr`]).
+fn signer_check(state: &ServerState, record: &AuditRecord) -> Option<AuditRecord> {
+    let write = matches!(record.verb.as_str(), "update" | "patch");
+    if !write || record.code >= 300 || !csr::is_csr(&record.api_group, &record.resource) {
+        return None;
+    }
+    let stored = state.store.get(
+        &crate::store::ResourceId::new(csr::GROUP, csr::PLURAL),
+        &crate::store::ObjectKey::new("", &record.name),
+    )?;
+    csr::signer_check(record, csr::signer_name(&stored))
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
@@ -205,7 +224,8 @@ fn route(
     record.namespace = namespace.clone().unwrap_or_default();
     record.name = name.clone().unwrap_or_default();
     if let Some(sub) = &subresource {
-        if sub != "status" || !def.status_subresource {
+        let approval = sub == "approval" && csr::is_csr(group, plural);
+        if !approval && (sub != "status" || !def.status_subresource) {
             return Err(not_found());
         }
     }
@@ -217,6 +237,7 @@ fn route(
         namespace,
         name,
         subresource,
+        user: record.user.clone(),
     };
     let accept = header(headers, "accept");
     let content_type = header(headers, "content-type");

@@ -24,6 +24,7 @@ use super::state::{now, ServerState};
 use crate::base64;
 use crate::convert;
 use crate::crd::{established_status, ResourceDef};
+use crate::csr;
 use crate::patch::{self, PatchKind};
 use crate::schema;
 use crate::store::{Mutation, ObjectKey, ResourceId};
@@ -297,6 +298,9 @@ pub(crate) fn create(
     body: &Bytes,
 ) -> Result<Response<Body>, ApiError> {
     let mut object = parse_object(body)?;
+    if csr::is_csr(&target.def.group, &target.def.plural) {
+        csr::stamp_requester(&mut object, &target.user);
+    }
     let stored = create_object_with(
         state,
         &target.def,
@@ -342,11 +346,15 @@ fn next_version(
     def: &ResourceDef,
     old: &Value,
     desired: Value,
-    status_only: bool,
+    subresource: Option<&str>,
     query: &Query,
     name: &str,
 ) -> Result<(Mutation, Value), ApiError> {
-    let desired = convert::to_storage(def, &desired);
+    let status_only = subresource.is_some();
+    let mut desired = convert::to_storage(def, &desired);
+    if csr::is_csr(&def.group, &def.plural) {
+        desired = csr::merge_write(old, desired, subresource);
+    }
     let mut next = if status_only {
         let mut next = old.clone();
         match desired.get("status") {
@@ -433,7 +441,7 @@ where
 {
     let def = &target.def;
     let name = target.name.clone().unwrap_or_default();
-    let status_only = target.subresource.is_some();
+    let subresource = target.subresource.as_deref();
     let dry_run = query.dry_run();
     let mut deleted = false;
     let stored = state
@@ -441,7 +449,7 @@ where
         .mutate(&def.id(), &key_of(target, &name), |current, _| {
             let old = current.ok_or_else(|| ApiError::not_found(def, &name))?;
             let desired = build(old)?;
-            let (mutation, next) = next_version(def, old, desired, status_only, query, &name)?;
+            let (mutation, next) = next_version(def, old, desired, subresource, query, &name)?;
             if dry_run {
                 return Ok(Mutation::Keep(next));
             }
@@ -554,6 +562,9 @@ pub(crate) fn patch_object(
                 ));
             }
             object["metadata"]["name"] = Value::String(name.clone());
+            if csr::is_csr(&def.group, &def.plural) {
+                csr::stamp_requester(&mut object, &target.user);
+            }
             let stored = create_object_with(
                 state,
                 def,

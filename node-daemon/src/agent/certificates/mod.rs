@@ -1,37 +1,56 @@
-//! The node's migration identity: a certificate for this node signed by the
-//! cluster's migration CA, which every VMM on the node presents and checks
-//! (mutual TLS, see [`crate::migration::tls`]).
+//! The node's migration identity: a key made on the node and a certificate
+//! for this node from the cluster's migration CA, which every VMM on the
+//! node presents and checks (mutual TLS, see [`crate::migration::tls`]).
 //!
-//! The chart keeps the CA in the Secret `<release>-migration-ca` (`ca.crt`,
-//! `ca.key`) and mounts it into the node daemon; `godwit-node
-//! --migration-ca-dir` points at it. At every start the agent issues a fresh
-//! key and certificate (SANs: the node's name and migration address, valid
-//! for [`VALIDITY_DAYS`]) into `<state-dir>/tls/` (mode 0600, root only). A
-//! VMM that runs as its VM's own user gets the identity as PEM text on a
-//! pipe when it starts (it needs it to accept an incoming migration); a VMM
-//! run as root (`--vmm-users root`) is given the files
-//! (`--tls-cert/--tls-key/--tls-ca`). Either way the agent sends the
-//! identity as it is now with every `migrate-send`, so a source always
-//! uses the node's current certificate. The CA key never leaves the node
-//! daemon.
+//! Two ways to get the certificate (`godwit-node` flags):
+//! - `--migration-csr` (what the chart does): the agent asks the Kubernetes
+//!   CertificateSigningRequest API ([`request`]). The key never leaves the
+//!   node; the CA key stays with the operator, which approves and signs a
+//!   request only for the requesting node's own name and addresses
+//!   (`godwit_operator::signer`). The CA certificates the node trusts come
+//!   from the ConfigMap `godwit-migration-ca` (key `ca.crt`) the operator
+//!   publishes in its namespace (the agent's `--lease-namespace`).
+//! - `--migration-ca-dir` (bring your own CA, without the operator): the
+//!   agent signs its own certificate with `ca.crt`/`ca.key` from that
+//!   directory ([`issue`]). Every node then holds the CA key; prefer putting
+//!   your CA into the operator's Secret `godwit-migration-ca` instead.
 //!
-//! Rotation: put the new CA certificate next to the old one in `ca.crt` (a
-//! PEM bundle: both are trusted), roll the DaemonSet so every node holds a
-//! certificate from the new CA (a running VMM sends its next migration with
-//! it; as a target it presents what it was started with, still trusted),
-//! then remove the old CA from the bundle and roll again once no VMM that
-//! waits for a migration from before the first roll is left.
+//! Either way, at every start the agent makes a fresh key and certificate
+//! (CN `system:godwit-node:<node>`, SANs: the node's name and migration
+//! address) into `<state-dir>/tls/` (mode 0600, root only). A VMM that runs
+//! as its VM's own user gets the identity as PEM text on a pipe when it
+//! starts (it needs it to accept an incoming migration); a VMM run as root
+//! (`--vmm-users root`) is given the files (`--tls-cert/--tls-key/--tls-ca`).
+//! Either way the agent sends the identity as it is now with every
+//! `migrate-send`, so a source always uses the node's current certificate.
+//!
+//! Rotation of the node certificate: with `--migration-csr` the agent asks
+//! again at two thirds of the certificate's validity and replaces the files
+//! (each one atomically); VMMs pick the new identity up with their next
+//! migration as above.
+//!
+//! Rotation of the CA: put the new CA certificate next to the old one in
+//! the Secret's `ca.crt` (a PEM bundle: both are trusted; the first is the
+//! one whose key is in `ca.key`); the operator publishes the bundle with the
+//! next certificate it signs. Restart the node daemons so every node holds
+//! a certificate from the new CA (a running VMM sends its next migration
+//! with it; as a target it presents what it was started with, still
+//! trusted), then remove the old CA from the bundle and restart again once
+//! no VMM that waits for a migration from before the first restart is left.
+
+pub mod request;
 
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use godwit_crds::contract::NODE_CN_PREFIX;
 use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
 
 use crate::migration::tls::TlsFiles;
 
-/// How long an issued node certificate is valid.
+/// How long a node certificate issued with `--migration-ca-dir` is valid.
 pub const VALIDITY_DAYS: i64 = 365;
 
 /// Errors issuing the node identity.
@@ -49,9 +68,52 @@ pub enum IdentityError {
     /// The node identity could not be written.
     #[error("Cannot write {0}")]
     Write(PathBuf, #[source] std::io::Error),
+    /// The CertificateSigningRequest could not be created or read.
+    #[error("Cannot create or read CertificateSigningRequest {0}")]
+    Request(String, #[source] kube::Error),
+    /// The operator (or an administrator) refused the request.
+    #[error("CertificateSigningRequest {0} was refused: {1}")]
+    Denied(String, String),
+    /// No certificate came in time.
+    #[error("No certificate for CertificateSigningRequest {0} after {1} s: is the Godwit operator running (it approves and signs godwit.dev/migration requests; see `kubectl get csr {0}`)?")]
+    Timeout(String, u64),
+    /// The published CA certificates could not be read.
+    #[error(
+        "Cannot read the migration CA ConfigMap {0} (the operator publishes it when it signs)"
+    )]
+    CaConfigMap(String, #[source] kube::Error),
+    /// The ConfigMap has no `ca.crt`.
+    #[error("The migration CA ConfigMap {0} has no ca.crt")]
+    CaMissing(String),
+    /// The issued certificate is not what was asked for.
+    #[error("The certificate issued for CertificateSigningRequest {0} is not usable: {1}")]
+    Issued(String, String),
 }
 
-/// Issues this node's identity from the CA in `ca_dir` into `out_dir`.
+/// The certificate a node asks for: CN [`NODE_CN_PREFIX`]`<node>`, SANs its
+/// name and `address` (its migration IP or host name), server and client
+/// use (both ends of a migration authenticate).
+pub fn node_params(node: &str, address: &str) -> Result<CertificateParams, rcgen::Error> {
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{NODE_CN_PREFIX}{node}"));
+    let mut sans = vec![SanType::DnsName(node.try_into()?)];
+    match address.parse::<std::net::IpAddr>() {
+        Ok(ip) => sans.push(SanType::IpAddress(ip)),
+        Err(_) if address != node => sans.push(SanType::DnsName(address.try_into()?)),
+        Err(_) => {}
+    }
+    params.subject_alt_names = sans;
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    Ok(params)
+}
+
+/// Issues this node's identity from the CA in `ca_dir` into `out_dir`
+/// (bring your own CA; the chart asks the operator instead, [`request`]).
 /// `address` is the node's migration IP or host name.
 pub fn issue(
     ca_dir: &Path,
@@ -69,27 +131,7 @@ pub fn issue(
     // The first certificate of the bundle is the one whose key we hold.
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
         .map_err(|e| IdentityError::Ca(ca_dir.to_path_buf(), e))?;
-
-    let mut params = CertificateParams::default();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("godwit-node {node}"));
-    let mut sans = vec![SanType::DnsName(
-        node.try_into().map_err(IdentityError::Issue)?,
-    )];
-    match address.parse::<std::net::IpAddr>() {
-        Ok(ip) => sans.push(SanType::IpAddress(ip)),
-        Err(_) if address != node => sans.push(SanType::DnsName(
-            address.try_into().map_err(IdentityError::Issue)?,
-        )),
-        Err(_) => {}
-    }
-    params.subject_alt_names = sans;
-    // Both ends of a migration authenticate: server and client use.
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    let mut params = node_params(node, address).map_err(IdentityError::Issue)?;
     // An hour of slack for clocks that disagree between nodes.
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::hours(1);
@@ -98,16 +140,25 @@ pub fn issue(
     let cert = params
         .signed_by(&key, &issuer)
         .map_err(IdentityError::Issue)?;
+    write_identity(out_dir, &key.serialize_pem(), &cert.pem(), &ca_pem)
+}
 
+/// Writes the node's key, certificate and trusted CAs (PEM) into `out_dir`.
+pub fn write_identity(
+    out_dir: &Path,
+    key: &str,
+    cert: &str,
+    ca: &str,
+) -> Result<TlsFiles, IdentityError> {
     fs::create_dir_all(out_dir).map_err(|e| IdentityError::Write(out_dir.to_path_buf(), e))?;
     let files = TlsFiles {
         cert: out_dir.join("node.crt"),
         key: out_dir.join("node.key"),
         ca: out_dir.join("ca.crt"),
     };
-    write_private(&files.key, key.serialize_pem().as_bytes())?;
-    write_private(&files.cert, cert.pem().as_bytes())?;
-    write_private(&files.ca, ca_pem.as_bytes())?;
+    write_private(&files.ca, ca.as_bytes())?;
+    write_private(&files.key, key.as_bytes())?;
+    write_private(&files.cert, cert.as_bytes())?;
     Ok(files)
 }
 
