@@ -51,11 +51,13 @@ pub const API_PORT: u16 = 6443;
 pub const NODE_LABEL: &str = "godwit.dev/node";
 /// The user `kubectl` on the host acts as.
 pub const ADMIN_USER: &str = "admin";
-/// The operator's user (the chart's operator ServiceAccount name), so that
-/// the request log tells its requests apart from `kubectl`'s.
-pub const OPERATOR_USER: &str = "godwit-operator";
-/// The node agents' user (the chart's node-daemon ServiceAccount name).
-pub const NODE_USER: &str = "godwit-node";
+/// The operator's user (the chart's operator ServiceAccount in
+/// `godwit-system`), so that the request log tells its requests apart from
+/// `kubectl`'s.
+pub const OPERATOR_USER: &str = "system:serviceaccount:godwit-system:godwit-operator";
+/// The node agents' user (the chart's node-daemon ServiceAccount), which
+/// the chart's node restriction policy names.
+pub const NODE_USER: &str = "system:serviceaccount:godwit-system:godwit-node";
 
 /// Errors of bringing the cluster up.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +83,9 @@ pub enum ClusterError {
     /// A tool the node namespaces need is missing.
     #[error("`{0}` not found: run e2e/install-deps.sh (it installs iptables)")]
     Missing(String),
+    /// The chart's node restriction policy could not be rendered or applied.
+    #[error("Cannot apply the chart's node restriction policy: {0}")]
+    NodeRestriction(String),
     /// A Godwit binary could not be started.
     #[error("Cannot start {0} (build it with `cargo build --release -p godwit-node -p godwit-operator`)")]
     Start(String, #[source] std::io::Error),
@@ -218,6 +223,7 @@ impl LocalCluster {
             supervisor: None,
         };
         cluster.register(cpu, memory_mib)?;
+        cluster.restrict_nodes()?;
         Ok(cluster)
     }
 
@@ -267,6 +273,24 @@ impl LocalCluster {
             }
             Ok(())
         })
+    }
+
+    /// Applies the chart's node restriction policy ([`crate::helm::node_restriction`]).
+    fn restrict_nodes(&self) -> Result<(), ClusterError> {
+        let list = crate::helm::node_restriction()
+            .map_err(|e| ClusterError::NodeRestriction(e.to_string()))?;
+        let file = self.dir.join("node-restriction.yaml");
+        std::fs::write(&file, list)
+            .map_err(|e| ClusterError::Write(file.display().to_string(), e))?;
+        let out = self
+            .kubectl(&["apply", "--server-side", "-f", &file.display().to_string()])
+            .map_err(|e| ClusterError::NodeRestriction(format!("kubectl: {e}")))?;
+        if !out.status.success() {
+            return Err(ClusterError::NodeRestriction(
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ));
+        }
+        Ok(())
     }
 
     /// Runs `kubectl` on the host against the cluster; its output.

@@ -95,3 +95,34 @@ pub fn documents(stream: &str) -> Result<Vec<serde_json::Value>, serde_yaml::Err
     }
     Ok(docs)
 }
+
+/// The chart's node restriction (its ValidatingAdmissionPolicy and binding,
+/// rendered with the default values in `godwit-system`) as a YAML stream
+/// of JSON documents, rendered once per process: the local cluster enforces it as a cluster
+/// with the chart installed does.
+pub fn node_restriction() -> Result<String, HelmError> {
+    static RENDERED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    if let Some(list) = RENDERED.get() {
+        return Ok(list.clone());
+    }
+    let stream = render(None, godwit_crds::contract::DEFAULT_LEASE_NAMESPACE)?;
+    let docs = documents(&stream).map_err(|e| HelmError::Failed {
+        command: "render".into(),
+        output: format!("the rendered chart is not YAML: {e}"),
+    })?;
+    let items: Vec<serde_json::Value> = docs
+        .into_iter()
+        .filter(|d| {
+            matches!(
+                d["kind"].as_str(),
+                Some("ValidatingAdmissionPolicy" | "ValidatingAdmissionPolicyBinding")
+            )
+        })
+        .collect();
+    let stream = items
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join("\n---\n");
+    Ok(RENDERED.get_or_init(|| stream).clone())
+}

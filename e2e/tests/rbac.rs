@@ -54,14 +54,10 @@ struct Need {
     path: String,
 }
 
-/// The user a recorded request acts as: the chart's ServiceAccounts for the
-/// operator and the agents, the token's user for everyone else.
+/// The user a recorded request acts as (the local cluster's operator and
+/// agents act as the chart's ServiceAccounts).
 fn user_of(r: &AuditRecord) -> UserInfo {
-    if r.user == OPERATOR_USER || r.user == NODE_USER {
-        UserInfo::from_token(&format!("system:serviceaccount:{NAMESPACE}:{}", r.user)).unwrap()
-    } else {
-        UserInfo::from_token(&r.user).unwrap()
-    }
+    UserInfo::from_token(&r.user).unwrap()
 }
 
 /// The needs of recorded resource requests.

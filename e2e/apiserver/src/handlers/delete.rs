@@ -6,6 +6,7 @@ use bytes::Bytes;
 use http::Response;
 use serde_json::{json, Value};
 
+use super::admission::Policies;
 use super::error::ApiError;
 use super::gc::{delete_foreground, delete_object, dependents_of, object_key, orphan_dependents};
 use super::request::{key_of, parse_object, selectors, Query, Target};
@@ -26,6 +27,9 @@ pub(crate) fn delete(
         parse_object(body)?
     };
     let name = target.name.clone().unwrap_or_default();
+    if let Some(current) = state.store.get(&target.def.id(), &key_of(target, &name)) {
+        Policies::load(state).check(target, "DELETE", None, Some(&current))?;
+    }
     let dry_run = query.dry_run()
         || options["dryRun"]
             .as_array()

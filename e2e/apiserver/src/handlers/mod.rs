@@ -8,10 +8,13 @@
 //!
 //! Simplifications versus a real API server that span the verbs (each verb
 //! module lists its own):
-//! - no authentication, authorization or admission webhooks;
+//! - no authentication, authorization or admission webhooks (the
+//!   ValidatingAdmissionPolicies are applied, see [`admission`]; not on
+//!   deletecollection);
 //! - `dryRun=All` is honored for create, update, patch and delete;
 //! - `resourceVersionMatch` is accepted and ignored.
 
+pub mod admission;
 pub mod delete;
 pub mod error;
 pub mod gc;

@@ -1,7 +1,8 @@
 //! The write verbs: create (with `generateName`), update and patch, on
 //! main resources and the `status` subresource. Each write goes through
-//! admission: name checks, and for custom resources pruning, defaulting,
-//! and OpenAPI and CEL validation against the CRD schema.
+//! admission: name checks, for custom resources pruning, defaulting, and
+//! OpenAPI and CEL validation against the CRD schema, and last the
+//! ValidatingAdmissionPolicies ([`super::admission`]).
 //!
 //! Simplifications versus a real API server:
 //! - status in a create body is dropped for custom resources with a status
@@ -16,6 +17,7 @@ use bytes::Bytes;
 use http::Response;
 use serde_json::{json, Value};
 
+use super::admission::Policies;
 use super::error::{source_text, ApiError};
 use super::gc::after_delete;
 use super::request::{check_metadata, key_of, parse_object, Query, Target};
@@ -122,9 +124,12 @@ pub(crate) fn create_object(
         &mut object,
         dry_run,
         &Query::default(),
+        &|_| Ok(()),
     )
 }
 
+/// `gate` is the last check before the object is stored (admission
+/// policies, for a client's write).
 fn create_object_with(
     state: &ServerState,
     def: &ResourceDef,
@@ -132,6 +137,7 @@ fn create_object_with(
     object: &mut Value,
     dry_run: bool,
     query: &Query,
+    gate: &dyn Fn(&Value) -> Result<(), ApiError>,
 ) -> Result<Value, ApiError> {
     if let Some(kind) = object.get("kind").and_then(Value::as_str) {
         if kind != def.kind {
@@ -259,6 +265,7 @@ fn create_object_with(
     }
     fold_string_data(def, object);
     admit(def, object, None, query, &name)?;
+    gate(object)?;
     let is_pod = def.group.is_empty() && def.plural == "pods";
     let quota_guard = is_pod.then(|| {
         state
@@ -301,6 +308,7 @@ pub(crate) fn create(
     if csr::is_csr(&target.def.group, &target.def.plural) {
         csr::stamp_requester(&mut object, &target.user);
     }
+    let policies = Policies::load(state);
     let stored = create_object_with(
         state,
         &target.def,
@@ -308,6 +316,7 @@ pub(crate) fn create(
         &mut object,
         query.dry_run(),
         query,
+        &|o| policies.check(target, "CREATE", Some(o), None),
     )?;
     Ok(json_response(201, &present(&target.def, &stored)))
 }
@@ -444,12 +453,15 @@ where
     let subresource = target.subresource.as_deref();
     let dry_run = query.dry_run();
     let mut deleted = false;
+    // Read before the store is locked for the write.
+    let policies = Policies::load(state);
     let stored = state
         .store
         .mutate(&def.id(), &key_of(target, &name), |current, _| {
             let old = current.ok_or_else(|| ApiError::not_found(def, &name))?;
             let desired = build(old)?;
             let (mutation, next) = next_version(def, old, desired, subresource, query, &name)?;
+            policies.check(target, "UPDATE", Some(&next), Some(old))?;
             if dry_run {
                 return Ok(Mutation::Keep(next));
             }
@@ -565,6 +577,7 @@ pub(crate) fn patch_object(
             if csr::is_csr(&def.group, &def.plural) {
                 csr::stamp_requester(&mut object, &target.user);
             }
+            let policies = Policies::load(state);
             let stored = create_object_with(
                 state,
                 def,
@@ -572,6 +585,7 @@ pub(crate) fn patch_object(
                 &mut object,
                 query.dry_run(),
                 query,
+                &|o| policies.check(target, "CREATE", Some(o), None),
             )?;
             return Ok(json_response(201, &present(def, &stored)));
         }
