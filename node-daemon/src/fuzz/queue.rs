@@ -4,7 +4,7 @@
 use virtio_queue::QueueT;
 
 use super::input::{guest_memory, patch_memory, Desc, Driver, Input};
-use crate::vmm::devices::virtio::{chains_per_notify, VirtqueueState};
+use crate::vmm::devices::virtio::{chains_per_notify, VirtqueueState, QUEUE_MAX_SIZE};
 
 /// What one run of [`virtio_queue`] saw.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -31,7 +31,14 @@ pub struct QueueOutcome {
 pub fn virtio_queue(data: &[u8]) -> QueueOutcome {
     let mut input = Input::new(data);
     let mem = guest_memory();
-    let max_size = 1u16 << (input.u8() & 15);
+    // Mostly the sizes a restore accepts (1 to 256); now and then any
+    // value, which a restore above QUEUE_MAX_SIZE must refuse.
+    let shape = input.u8();
+    let max_size = if shape & 0x80 != 0 {
+        input.u16()
+    } else {
+        1u16 << (shape % 9)
+    };
     let size_byte = input.u8();
     let size = if size_byte & 0x80 != 0 {
         input.u16()
@@ -53,6 +60,7 @@ pub fn virtio_queue(data: &[u8]) -> QueueOutcome {
     let Ok(mut q) = state.restore() else {
         return out;
     };
+    assert!(q.max_size() <= QUEUE_MAX_SIZE, "restored {}", q.max_size());
     out.restored = true;
     let mut driver =
         Driver::new(state.desc_table, state.avail_ring, q.size()).with_avail_idx(state.next_avail);

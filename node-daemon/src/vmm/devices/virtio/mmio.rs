@@ -8,7 +8,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::block::{Block, BlockState};
 use super::net::{Net, NetState};
-use super::{VirtioError, VirtqueueState};
+use super::{VirtioError, VirtqueueState, QUEUE_MAX_SIZE};
 use crate::vmm::memory::GuestMemory;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -117,7 +117,7 @@ impl MmioTransport {
     /// A fresh transport for `device` at `base`, interrupting through `irq`.
     pub fn new(device: VirtioDevice, mem: GuestMemory, irq: EventFd, base: u64, gsi: u32) -> Self {
         let queues = (0..device.queue_count())
-            .map(|_| Queue::new(256).expect("256 is a valid queue size"))
+            .map(|_| Queue::new(QUEUE_MAX_SIZE).expect("a valid queue size"))
             .collect();
         MmioTransport {
             device,

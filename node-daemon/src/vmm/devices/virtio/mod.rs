@@ -50,10 +50,18 @@ pub enum VirtioError {
     /// Queue state from a snapshot is invalid.
     #[error("Invalid virtqueue state in snapshot")]
     QueueState(#[source] virtio_queue::Error),
+    /// A snapshot's queue is larger than any queue of this VMM's devices.
+    #[error("Invalid virtqueue state in snapshot: max size {0} above this VMM's {QUEUE_MAX_SIZE}")]
+    QueueMaxSize(u16),
     /// A snapshot has another number of queues than the device.
     #[error("Snapshot has {0} virtqueues for a device with another number")]
     QueueCount(usize),
 }
+
+/// The size every queue of our devices offers. It bounds the work of one
+/// notification ([`chains_per_notify`] chains of at most a table's worth of
+/// descriptors each), so a restored state may not ask for more.
+pub const QUEUE_MAX_SIZE: u16 = 256;
 
 /// The most chains a device serves for one notification: one queue's
 /// worth. A driver cannot have more outstanding, but a device that pops
@@ -106,8 +114,13 @@ impl VirtqueueState {
         }
     }
 
-    /// Rebuilds a queue.
+    /// Rebuilds a queue; one larger than [`QUEUE_MAX_SIZE`] is refused (a
+    /// guest could make each notification cost millions of descriptor
+    /// walks: the fuzzer's 10-second input had 4096).
     pub fn restore(&self) -> Result<Queue, VirtioError> {
+        if self.max_size > QUEUE_MAX_SIZE {
+            return Err(VirtioError::QueueMaxSize(self.max_size));
+        }
         Queue::try_from(QueueState {
             max_size: self.max_size,
             next_avail: self.next_avail,
