@@ -22,7 +22,10 @@
 //! would: `godwit-operator` on the host, one `godwit-node` agent inside each
 //! node namespace (with a state directory per node and one shared directory
 //! all nodes see), each logging to `<dir>/logs/`. VMM processes outlive their
-//! agent, as on a real node; taking the cluster down kills them too.
+//! agent, as on a real node; taking the cluster down kills them too. Each
+//! agent acts as `godwit-node@<node>` (a token bound to its node) and gets
+//! its migration certificate through a CertificateSigningRequest the
+//! operator signs (`--migration-csr`): no node is given the CA.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;

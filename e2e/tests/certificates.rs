@@ -7,7 +7,8 @@
 //!   so is one from a user who is not the node daemons' service account;
 //!   neither gets a certificate;
 //! - a VM migrates live between the nodes over mutual TLS with these
-//!   certificates.
+//!   certificates;
+//! - a node asks again before its certificate expires.
 //!
 //! Needs /dev/kvm and the release binaries (as e2e/test.sh builds them).
 
@@ -265,4 +266,54 @@ fn node_certificates_come_through_csrs_for_the_own_node_only_and_migrations_use_
         log.contains("the incoming migration must use mutual TLS"),
         "the target VMM did not require TLS:\n{log}"
     );
+}
+
+/// A node whose certificate is short-lived (it asks for 30 s) asks again at
+/// two thirds of it: a new request, a new key, the same names.
+#[test]
+fn a_node_asks_again_before_its_certificate_expires() {
+    let dir = std::env::temp_dir().join(format!(
+        "godwit-certificates-renewal-{}",
+        std::process::id()
+    ));
+    let g = ClusterDriver::up_with_agents(1, &dir, &[], &["--migration-certificate-seconds", "30"])
+        .expect("local cluster with Godwit");
+    let node = g.cluster.fabric.nodes[0].name.clone();
+    let tls = g.cluster.node_state_dir(0).join("tls");
+    let first = g
+        .wait("the first certificate", Duration::from_secs(60), || {
+            Ok(std::fs::read(tls.join("node.crt")).ok())
+        })
+        .unwrap();
+    let first_key = std::fs::read(tls.join("node.key")).unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&first).unwrap();
+    let validity = pem.parse_x509().unwrap().validity().clone();
+    assert_eq!(
+        validity.not_after.timestamp() - validity.not_before.timestamp(),
+        3600 + 30,
+        "what it asked for, from the signer's hour of clock skew"
+    );
+    let second = g
+        .wait("a renewed certificate", Duration::from_secs(60), || {
+            Ok(std::fs::read(tls.join("node.crt"))
+                .ok()
+                .filter(|c| *c != first))
+        })
+        .unwrap();
+    assert_eq!(names_of(&second), names_of(&first));
+    assert_ne!(std::fs::read(tls.join("node.key")).unwrap(), first_key);
+    let csrs: Value =
+        serde_json::from_str(&g.kubectl(&["get", "csr", "-o", "json"], None).unwrap()).unwrap();
+    let issued = csrs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| {
+            c["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with(&format!("godwit-node-{node}-")))
+                && c["status"]["certificate"].is_string()
+        })
+        .count();
+    assert!(issued >= 2, "{issued} issued request(s) of {node}");
 }

@@ -45,7 +45,9 @@ struct Args {
     finished_migrations_kept: u64,
     /// The Secret (in --lease-namespace) holding the migration CA (`ca.crt`,
     /// `ca.key`): made with a new CA when it does not exist, kept when it
-    /// does (bring your own by creating it first); "off" leaves it alone.
+    /// does (bring your own by creating it first). The operator signs the
+    /// nodes' migration certificates with it (CSR signer
+    /// godwit.dev/migration); "off" leaves it alone and signs nothing.
     #[arg(long, default_value = godwit_operator::migration_ca::DEFAULT_SECRET)]
     migration_ca_secret: String,
     /// Days a CA made by the operator is valid.

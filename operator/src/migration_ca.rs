@@ -3,8 +3,10 @@
 //! same bytes every time, and a GitOps sync never rotates the CA). A Secret
 //! that exists, made earlier or brought by the user, is kept as it is.
 //!
-//! The Secret (`ca.crt`, `ca.key`, PEM) is in the operator's namespace; the
-//! node daemons mount it (kubelet retries the mount until it exists).
+//! The Secret (`ca.crt`, `ca.key`, PEM) is in the operator's namespace, and
+//! only the operator reads it: its signer ([`crate::signer`]) signs the node
+//! daemons' certificate requests with it and publishes `ca.crt` (never the
+//! key) in a ConfigMap for the nodes.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -109,8 +111,8 @@ pub async fn ensure(client: &Client, ca: &CaSecret) -> Result<Outcome, CaSecretE
     }
 }
 
-/// [`ensure`], retried every 5 s until it succeeds (the node daemons wait
-/// for the Secret meanwhile).
+/// [`ensure`], retried every 5 s until it succeeds (the signer retries its
+/// requests meanwhile).
 pub async fn keep_ensured(client: Client, ca: CaSecret) {
     loop {
         match ensure(&client, &ca).await {

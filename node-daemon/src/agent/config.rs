@@ -36,6 +36,8 @@ pub struct AgentConfig {
     /// API and wait this long for it ([`super::certificates::request`]).
     /// With neither this nor `migration_ca_dir`: plain TCP migrations.
     pub migration_csr: Option<std::time::Duration>,
+    /// The certificate lifetime to ask for (`None`: the signer's).
+    pub migration_certificate_lifetime: Option<std::time::Duration>,
     /// The users VMMs run as ([`VmmUsers`]); `None`: root.
     pub vmm_users: Option<VmmUsers>,
     /// Where the host's cgroup hierarchy is mounted ([`super::cgroup`]).

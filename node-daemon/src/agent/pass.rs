@@ -116,6 +116,7 @@ pub async fn run(
                 ca_namespace: cfg.lease_namespace.clone(),
                 out_dir: cfg.state_dir.join("tls"),
                 wait,
+                lifetime: cfg.migration_certificate_lifetime,
             };
             let issued = certificates::request::request(&client, &id).await?;
             tasks.push(tokio::spawn(certificates::request::keep_renewed(

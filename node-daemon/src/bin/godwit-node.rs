@@ -84,6 +84,12 @@ struct Args {
     /// exits, to be restarted).
     #[arg(long, default_value_t = 300)]
     migration_csr_timeout_seconds: u64,
+    /// The lifetime of the certificate to ask for, in seconds (the CSR's
+    /// expirationSeconds; Kubernetes wants at least 600). Default: the
+    /// operator's (--node-certificate-days). The agent asks again at two
+    /// thirds of it.
+    #[arg(long)]
+    migration_certificate_seconds: Option<u64>,
     /// Bring your own migration CA (`ca.crt`, `ca.key`): the agent signs
     /// this node's certificate with it, so every node holds the CA key
     /// (prefer --migration-csr with your CA in the operator's Secret).
@@ -283,6 +289,9 @@ async fn main() {
         migration_csr: args
             .migration_csr
             .then(|| std::time::Duration::from_secs(args.migration_csr_timeout_seconds)),
+        migration_certificate_lifetime: args
+            .migration_certificate_seconds
+            .map(std::time::Duration::from_secs),
         vmm_users: args.vmm_users.0,
         cgroup_root: args.cgroup_root,
         cgroup_parent: args.cgroup_parent,

@@ -25,9 +25,11 @@
 //! `migrate-send`, so a source always uses the node's current certificate.
 //!
 //! Rotation of the node certificate: with `--migration-csr` the agent asks
-//! again at two thirds of the certificate's validity and replaces the files
-//! (each one atomically); VMMs pick the new identity up with their next
-//! migration as above.
+//! again two thirds of the way from receiving the certificate to its expiry
+//! (a new key, a new request) and replaces the files, each one atomically
+//! (not both at once: a migration that loads them in the instant between
+//! the two renames gets a mismatched pair and fails its handshake); VMMs
+//! pick the new identity up with their next migration as above.
 //!
 //! Rotation of the CA: put the new CA certificate next to the old one in
 //! the Secret's `ca.crt` (a PEM bundle: both are trusted; the first is the

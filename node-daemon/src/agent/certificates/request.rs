@@ -61,6 +61,10 @@ pub struct NodeIdentity {
     pub out_dir: std::path::PathBuf,
     /// How long to wait for the certificate.
     pub wait: Duration,
+    /// The lifetime to ask for (`spec.expirationSeconds`; Kubernetes wants
+    /// at least 600); `None` takes the signer's (the operator's
+    /// `--node-certificate-days`).
+    pub lifetime: Option<Duration>,
 }
 
 /// A certificate received and written.
@@ -68,7 +72,7 @@ pub struct NodeIdentity {
 pub struct Issued {
     /// The files written.
     pub files: TlsFiles,
-    /// When to ask again: at two thirds of the validity.
+    /// When to ask again: two thirds of the way from receipt to expiry.
     pub renew_at: SystemTime,
 }
 
@@ -100,6 +104,9 @@ pub async fn request(client: &Client, id: &NodeIdentity) -> Result<Issued, Ident
             request: ByteString(pem.into_bytes()),
             signer_name: MIGRATION_SIGNER.into(),
             usages: Some(USAGES.iter().map(|u| u.to_string()).collect()),
+            expiration_seconds: id
+                .lifetime
+                .map(|l| i32::try_from(l.as_secs()).unwrap_or(i32::MAX)),
             ..Default::default()
         },
         status: None,
@@ -173,19 +180,23 @@ fn check_issued(name: &str, cert: &str, key: &KeyPair) -> Result<SystemTime, Ide
     if x509.public_key().raw != key.subject_public_key_info().as_slice() {
         return Err(bad("it is not for this node's key".into()));
     }
-    let validity = x509.validity();
-    Ok(renew_time(
-        validity.not_before.timestamp(),
-        validity.not_after.timestamp(),
-    ))
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    Ok(renew_time(now, x509.validity().not_after.timestamp()))
 }
 
-/// Two thirds into the validity from `not_before` to `not_after` (Unix
-/// seconds).
-pub fn renew_time(not_before: i64, not_after: i64) -> SystemTime {
-    let at = not_before + (not_after - not_before).max(0) * 2 / 3;
+/// Two thirds of the way from `received` to `not_after` (Unix seconds).
+/// From receipt, not from `notBefore`: signers date certificates back for
+/// clock skew (the operator by an hour), which would make a short-lived
+/// certificate due at once.
+pub fn renew_time(received: i64, not_after: i64) -> SystemTime {
+    let at = received + (not_after - received).max(0) * 2 / 3;
     SystemTime::UNIX_EPOCH + Duration::from_secs(at.max(0) as u64)
 }
+
+/// The least time between two requests, whatever a certificate says.
+const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Asks for a new certificate whenever the current one reaches two thirds
 /// of its validity; a failed request is tried again a minute later (the
@@ -194,7 +205,8 @@ pub async fn keep_renewed(client: Client, id: NodeIdentity, mut renew_at: System
     loop {
         let left = renew_at
             .duration_since(SystemTime::now())
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .max(MIN_RENEWAL_INTERVAL);
         tokio::time::sleep(left).await;
         match request(&client, &id).await {
             Ok(issued) => renew_at = issued.renew_at,
@@ -218,7 +230,7 @@ mod tests {
         let a = csr_name("node-0", "request a");
         assert!(a.starts_with("godwit-node-node-0-") && a.len() == "godwit-node-node-0-".len() + 8);
         assert_ne!(a, csr_name("node-0", "request b"));
-        // A year from t=0: renew after 243⅓ days.
+        // A year from receipt at t=0: renew after 243⅓ days.
         let year = 365 * 86_400;
         assert_eq!(
             renew_time(0, year),
