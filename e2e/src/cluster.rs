@@ -358,7 +358,7 @@ impl LocalCluster {
         cmd.arg("--kubeconfig")
             .arg(&self.operator_kubeconfig)
             .args(["--metrics-addr", &metrics.to_string()])
-            // The agents' user here (short, as the request log shows it).
+            // The agents' user (the chart passes the same ServiceAccount).
             .args(["--node-user", NODE_USER])
             .args(&self.operator_args);
         let log = self.log_dir().join("operator.log");

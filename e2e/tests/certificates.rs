@@ -1,6 +1,6 @@
 //! Node migration certificates through the CertificateSigningRequest API,
 //! in the local cluster (the agents run with `--migration-csr` and no CA;
-//! each agent's token is bound to its node, `godwit-node@<node>`):
+//! each agent's token is bound to its node, `<NODE_USER>@<node>`):
 //! - each node's certificate was issued through a CSR the operator approved,
 //!   and names only that node (CN, DNS name, its IP), for the node's own key;
 //! - a CSR from node-0's identity asking for node-1's name is denied, and

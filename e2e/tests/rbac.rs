@@ -170,7 +170,7 @@ fn team_bindings() -> Vec<Value> {
 }
 
 /// The requests of the operator, the agents and the namespace users in `g`
-/// so far. Each agent's token is bound to its node (`godwit-node@<node>`);
+/// so far. Each agent's token is bound to its node (`<NODE_USER>@<node>`);
 /// RBAC sees the service account.
 fn requests(g: &ClusterDriver) -> Vec<AuditRecord> {
     g.cluster
