@@ -21,6 +21,7 @@ apt_packages=(
   debootstrap       # the local base image of the node image (e2e/podman/node-image.sh)
   iptables          # node namespaces run with FORWARD DROP; the agent adds its rules (nft backend)
   procps            # sysctl: br_netfilter on in each node namespace
+  zstd              # measures how the test guest's text-like pages compress (testguest_workload)
 )
 
 # kubectl: the machine image may bring a newer one; Debian's is the fallback.

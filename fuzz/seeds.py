@@ -151,6 +151,21 @@ def main(out):
             "apply": b"PATCH /api/v1/namespaces/default/configmaps/c?fieldManager=k&force=true\napplication/apply-patch+yaml\n"
             + b"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\ndata:\n  a: b\n"
             + b"\0DELETE /api/v1/namespaces/default/configmaps/c\napplication/json\n{\"propagationPolicy\":\"Foreground\"}",
+            # Server-side apply by two managers to one list-type map
+            # (status.conditions keyed on type), then one drops its own.
+            "apply-conditions": b"POST /apis/godwit.dev/v1alpha1/namespaces/default/virtualmachines\napplication/json\n"
+            + json.dumps({"apiVersion": "godwit.dev/v1alpha1", "kind": "VirtualMachine", "metadata": {"name": "a"},
+                          "spec": {"templateRef": {"name": "t"}, "disks": [{"name": "d", "source": {"blank": {"size": "1Gi"}}}]}}).encode()
+            + b"".join(
+                b"\0PATCH /apis/godwit.dev/v1alpha1/namespaces/default/virtualmachines/a/status?fieldManager=" + m
+                + b"\napplication/apply-patch+yaml\n"
+                + json.dumps({"apiVersion": "godwit.dev/v1alpha1", "kind": "VirtualMachine", "metadata": {"name": "a"},
+                              "status": {"conditions": [{"type": t, "status": "True", "reason": "R", "message": "",
+                                                         "lastTransitionTime": "2026-01-01T00:00:00Z"}] if t else []}}).encode()
+                for m, t in [(b"a", "X"), (b"b", "Y"), (b"a", None)]),
+            # kubectl create configmap: a protobuf body in the k8s envelope.
+            "protobuf": b"POST /api/v1/namespaces/default/configmaps\napplication/vnd.kubernetes.protobuf\n"
+            + b"k8s\x00\x0a\x0f\x0a\x02v1\x12\x09ConfigMap\x12\x12\x0a\x03\x0a\x01c\x12\x0b\x0a\x01a\x12\x06value1",
         },
     }
     seeds.update(device_seeds())

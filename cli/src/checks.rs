@@ -235,11 +235,17 @@ pub fn migrate_cancel(v: &VmView) -> Result<String, Refusal> {
 
 /// `console`: the node to connect to.
 pub fn console(v: &VmView) -> Result<String, Refusal> {
+    on_a_node(v, "there is no console to attach to")
+}
+
+/// `port-forward`, `ssh` and `scp` need a running guest; its node.
+pub fn forward(v: &VmView) -> Result<String, Refusal> {
+    on_a_node(v, "there is no guest to connect to")
+}
+
+fn on_a_node(v: &VmView, nothing: &str) -> Result<String, Refusal> {
     if !v.phase.is_active() {
-        return Err(not_running(
-            v,
-            format!("there is no console to attach to; {}", start_hint(v)),
-        ));
+        return Err(not_running(v, format!("{nothing}; {}", start_hint(v))));
     }
     v.node
         .clone()

@@ -1,21 +1,26 @@
-//! `console`: the VM's serial console through the node daemon.
+//! `console`: the VM's serial console through the Kubernetes API server.
 //!
-//! The CLI connects to the node daemon's console endpoint (the node's
-//! InternalIP, port `godwit_crds::contract::CONSOLE_PORT` unless `--port`),
-//! names the VM in a one-line request, and after the daemon's `OK` copies
-//! bytes both ways. The local terminal is put in raw mode so that every key
-//! (Ctrl-C included) goes to the guest; `Ctrl-]` ([`ESCAPE`]) detaches, as in
+//! The CLI opens a WebSocket to
+//! `/apis/subresources.godwit.dev/v1/namespaces/<ns>/virtualmachines/<name>/console`
+//! with the kubeconfig's credentials; the API server authorizes it (RBAC
+//! `get` on `virtualmachines/console`) and proxies it to the operator's
+//! console API, which reaches the node (see `godwit_operator::console_api`).
+//! No node address is needed. Bytes travel in Kubernetes' channel protocol
+//! (`v4.channel.k8s.io`): channel 0 carries what is typed, 1 what the
+//! guest writes.
+//!
+//! The local terminal is put in raw mode so that every key (Ctrl-C
+//! included) goes to the guest; `Ctrl-]` ([`ESCAPE`]) detaches, as in
 //! telnet, and the terminal is restored however the session ends.
-//!
-//! One `poll(2)` loop over standard input and the socket: no threads, so the
-//! session ends as soon as either side is done.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use godwit_crds::contract::CONSOLE_HELLO;
+use futures::{SinkExt, StreamExt};
+use godwit_crds::contract::{SUBRESOURCES_API_SERVICE, SUBRESOURCES_GROUP, SUBRESOURCES_VERSION};
+use kube::Client;
+use tokio_tungstenite::tungstenite::Message;
 
 /// The detach key: Ctrl-] (0x1d).
 pub const ESCAPE: u8 = 0x1d;
@@ -30,8 +35,6 @@ pub struct ConsoleError(pub String);
 
 /// Where a console is.
 pub struct Target {
-    /// `ip:port` of the node daemon's console endpoint.
-    pub addr: String,
     /// The VM's namespace.
     pub namespace: String,
     /// The VM's name.
@@ -73,51 +76,66 @@ impl Drop for RawMode {
     }
 }
 
-/// Connects and asks for the console; the stream once the daemon said OK.
-fn open(t: &Target) -> Result<TcpStream, ConsoleError> {
-    let addr: std::net::SocketAddr = t
-        .addr
-        .parse()
-        .map_err(|e| ConsoleError(format!("bad address {}: {e}", t.addr)))?;
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| {
-        ConsoleError(format!(
-            "cannot reach the node daemon of {} at {}: {e}; is godwit-node running there with --console-addr?",
-            t.node, t.addr
-        ))
-    })?;
-    let mut w = stream
-        .try_clone()
-        .map_err(|e| ConsoleError(e.to_string()))?;
-    writeln!(w, "{CONSOLE_HELLO} {}/{}", t.namespace, t.name)
-        .map_err(|e| ConsoleError(format!("send the request: {e}")))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| ConsoleError(e.to_string()))?;
-    // Read the answer byte by byte so no console output after it is consumed.
-    let mut answer = Vec::new();
-    let mut r = BufReader::with_capacity(1, &stream);
-    r.read_until(b'\n', &mut answer)
-        .map_err(|e| ConsoleError(format!("no answer from {}: {e}", t.addr)))?;
-    let answer = String::from_utf8_lossy(&answer).trim().to_string();
-    if answer != "OK" {
-        let why = answer.strip_prefix("ERR ").unwrap_or(&answer);
-        return Err(ConsoleError(format!(
-            "the node daemon of {} refused: {why}",
-            t.node
-        )));
+/// The console's path in the aggregated API.
+pub fn console_path(namespace: &str, name: &str) -> String {
+    format!(
+        "/apis/{SUBRESOURCES_GROUP}/{SUBRESOURCES_VERSION}/namespaces/{namespace}/virtualmachines/{name}/console"
+    )
+}
+
+/// What a refused connection means, with what to do.
+pub(crate) fn refused(e: kube::Error) -> ConsoleError {
+    match e {
+        kube::Error::Api(s) if s.code == 404 && s.message.contains("could not find the requested resource") => {
+            ConsoleError(format!(
+                "the API server does not serve {SUBRESOURCES_GROUP}: install the chart's APIService \
+                 {SUBRESOURCES_API_SERVICE} and check `kubectl get apiservice {SUBRESOURCES_API_SERVICE}`"
+            ))
+        }
+        kube::Error::Api(s) => ConsoleError(format!("{} ({})", s.message, s.code)),
+        e => ConsoleError(format!("cannot connect through the API server: {e}")),
     }
-    stream
-        .set_read_timeout(None)
-        .map_err(|e| ConsoleError(e.to_string()))?;
-    Ok(stream)
+}
+
+/// Reads standard input on a thread of its own (a terminal read blocks);
+/// an empty chunk is the end of input.
+pub(crate) fn stdin_chunks() -> tokio::sync::mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    std::thread::spawn(move || {
+        let fd = std::io::stdin().as_raw_fd();
+        let mut buf = [0u8; 4096];
+        loop {
+            // SAFETY: reads into `buf`, which is valid for `buf.len()` bytes.
+            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            let chunk = if n <= 0 {
+                Vec::new()
+            } else {
+                buf[..n as usize].to_vec()
+            };
+            let end = chunk.is_empty();
+            if tx.blocking_send(chunk).is_err() || end {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 /// Attaches the terminal to the console until Ctrl-] or the end of the stream.
-pub fn attach(t: &Target) -> Result<(), ConsoleError> {
-    let mut stream = open(t)?;
-    let stdin = std::io::stdin();
-    let in_fd = stdin.as_raw_fd();
-    let mut out = std::io::stdout();
+pub async fn attach(client: &Client, t: &Target) -> Result<(), ConsoleError> {
+    let request = http::Request::get(console_path(&t.namespace, &t.name))
+        .body(Vec::new())
+        .map_err(|e| ConsoleError(e.to_string()))?;
+    let ws = client
+        .connect(request)
+        .await
+        .map_err(refused)?
+        .into_stream();
+    let (mut to_vm, mut from_vm) = ws.split();
+    let in_fd = std::io::stdin().as_raw_fd();
     // Raw before the banner, so that keys typed once it shows reach the
     // guest unchanged; messages go to stderr, with \r\n as the terminal is raw.
     let raw = RawMode::enter(in_fd);
@@ -125,76 +143,54 @@ pub fn attach(t: &Target) -> Result<(), ConsoleError> {
         "Connected to VM {}/{} on {}. Escape character is '^]'.\r\n",
         t.namespace, t.name, t.node
     );
-    let mut buf = [0u8; 4096];
-    let sock_fd = stream.as_raw_fd();
-    let mut stdin_open = true;
+    let mut input = stdin_chunks();
+    let mut out = std::io::stdout();
     // After the end of input, output is still shown for a moment (the
     // guest's answer to the last line), then the session ends.
-    let mut linger_until: Option<std::time::Instant> = None;
-    let ended = loop {
-        let timeout = match linger_until {
-            Some(t) => {
-                let left = t.saturating_duration_since(std::time::Instant::now());
-                if left.is_zero() {
-                    break Ok("end of input");
+    let linger = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(linger);
+    let mut input_open = true;
+    let ended: Result<&str, ConsoleError> = loop {
+        tokio::select! {
+            message = from_vm.next() => match message {
+                Some(Ok(Message::Binary(data))) => {
+                    if let Some((1 | 2, shown)) = data.split_first() {
+                        let _ = out.write_all(shown);
+                        let _ = out.flush();
+                    }
                 }
-                left.as_millis() as i32
-            }
-            None => -1,
-        };
-        let mut fds = [
-            libc::pollfd {
-                fd: sock_fd,
-                events: libc::POLLIN,
-                revents: 0,
+                Some(Ok(Message::Close(_))) | None => break Ok("the console closed"),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break Err(ConsoleError(format!("the connection failed: {e}"))),
             },
-            libc::pollfd {
-                fd: if stdin_open { in_fd } else { -1 },
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfd for the whole call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            break Err(ConsoleError(format!("poll: {e}")));
-        }
-        if fds[0].revents != 0 {
-            match stream.read(&mut buf) {
-                Ok(0) | Err(_) => break Ok("the node daemon closed the console"),
-                Ok(n) => {
-                    let _ = out.write_all(&buf[..n]);
-                    let _ = out.flush();
+            chunk = input.recv(), if input_open => {
+                let chunk = chunk.unwrap_or_default();
+                if chunk.is_empty() {
+                    input_open = false;
+                    linger.as_mut().reset(tokio::time::Instant::now() + LINGER);
+                    continue;
+                }
+                let (send, detach) = match chunk.iter().position(|b| *b == ESCAPE) {
+                    Some(i) => (&chunk[..i], true),
+                    None => (&chunk[..], false),
+                };
+                if !send.is_empty() {
+                    let mut framed = Vec::with_capacity(send.len() + 1);
+                    framed.push(0);
+                    framed.extend_from_slice(send);
+                    if to_vm.send(Message::Binary(framed.into())).await.is_err() {
+                        break Ok("the console closed");
+                    }
+                }
+                if detach {
+                    break Ok("detached");
                 }
             }
-        }
-        if fds[1].revents != 0 {
-            // SAFETY: reads into `buf`, which is valid for `buf.len()` bytes.
-            let n = unsafe { libc::read(in_fd, buf.as_mut_ptr().cast(), buf.len()) };
-            if n <= 0 {
-                stdin_open = false;
-                linger_until = Some(std::time::Instant::now() + LINGER);
-                continue;
-            }
-            let input = &buf[..n as usize];
-            let (send, detach) = match input.iter().position(|b| *b == ESCAPE) {
-                Some(i) => (&input[..i], true),
-                None => (input, false),
-            };
-            if stream.write_all(send).is_err() {
-                break Ok("the node daemon closed the console");
-            }
-            if detach {
-                break Ok("detached");
-            }
+            () = &mut linger => break Ok("end of input"),
         }
     };
     drop(raw);
-    let _ = stream.shutdown(Shutdown::Both);
+    let _ = to_vm.close().await;
     match ended {
         Ok(why) => {
             eprintln!("\r\nConsole of {}/{}: {why}.", t.namespace, t.name);

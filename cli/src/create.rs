@@ -42,7 +42,7 @@ pub async fn run(
             namespace: namespace.into(),
         });
     }
-    let yaml = serde_yaml::to_string(&vm_from_template(name, namespace, template))
+    let yaml = serde_saphyr::to_string(&vm_from_template(name, namespace, template))
         .expect("a JSON object is YAML");
     print!("{yaml}");
     Ok(())
@@ -56,8 +56,8 @@ mod tests {
     #[test]
     fn the_manifest_is_a_vm_of_the_template_with_its_root_disk() {
         let v = vm_from_template("web", "prod", "testguest");
-        let yaml = serde_yaml::to_string(&v).unwrap();
-        let vm: VirtualMachine = serde_yaml::from_str(&yaml).unwrap();
+        let yaml = serde_saphyr::to_string(&v).unwrap();
+        let vm: VirtualMachine = serde_saphyr::from_str(&yaml).unwrap();
         assert_eq!(vm.metadata.name.as_deref(), Some("web"));
         assert_eq!(vm.metadata.namespace.as_deref(), Some("prod"));
         assert_eq!(vm.spec.template_ref.unwrap().name, "testguest");

@@ -1,33 +1,51 @@
 //! `migrate --follow`: a progress bar from `VMMigration.status.progress`,
 //! then the result table.
 //!
-//! The status is read every [`crate::FOLLOW_EVERY`] (the source agent writes
-//! progress at most once a second, so a watch would not show more). On a
-//! terminal the bar redraws one line; otherwise (a pipe, a log) each change
-//! prints a line of its own, so what a user saw can be read back.
+//! The migration is watched (kube's watcher on `metadata.name`, which lists
+//! once and then streams each change, re-listing after a dropped watch), so
+//! every status the agents write is shown as it is written, with no
+//! polling. On a terminal the bar redraws one line; otherwise (a pipe, a
+//! log) each change prints a line of its own, so what a user saw can be
+//! read back.
 
 use std::io::{IsTerminal, Write};
 
+use futures::StreamExt;
 use godwit_crds::{MigrationPhase, MigrationProgress, MigrationResult, VMMigration};
 use kube::api::Api;
+use kube::runtime::watcher::{self, Event};
 
-use crate::{api_err, CliError, FOLLOW_EVERY};
+use crate::CliError;
 
 /// Follows migration `name` until it ends; an error unless it succeeded.
 pub async fn follow(api: &Api<VMMigration>, name: &str) -> Result<(), CliError> {
     let tty = std::io::stdout().is_terminal();
     let mut last = String::new();
     let mut out = std::io::stdout();
-    loop {
-        let m = api
-            .get_opt(name)
-            .await
-            .map_err(api_err(format!("read VMMigration {name:?}")))?
-            .ok_or_else(|| CliError::MigrationEnded {
-                name: name.into(),
-                phase: MigrationPhase::Cancelled,
-                reason: "the VMMigration was deleted".into(),
-            })?;
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut events = watcher::watcher(api.clone(), config).boxed();
+    // Whether the initial list showed the migration (a re-list without it
+    // means it was deleted).
+    let mut listed = false;
+    while let Some(event) = events.next().await {
+        let m = match event {
+            Ok(Event::Apply(m) | Event::InitApply(m)) => {
+                listed = true;
+                m
+            }
+            Ok(Event::Delete(_)) => return Err(deleted(name)),
+            Ok(Event::Init) => {
+                listed = false;
+                continue;
+            }
+            Ok(Event::InitDone) if !listed => return Err(deleted(name)),
+            Ok(Event::InitDone) => continue,
+            Err(e) => {
+                return Err(CliError::Watch(format!(
+                "watching VMMigration {name:?} failed: {e}; see it with `kubectl get gvmm {name}`"
+            )))
+            }
+        };
         let status = m.status.clone().unwrap_or_default();
         let line = match &status.progress {
             Some(p) if !status.phase.is_final() => progress_line(status.phase, p),
@@ -65,7 +83,15 @@ pub async fn follow(api: &Api<VMMigration>, name: &str) -> Result<(), CliError> 
                     .unwrap_or_else(|| "no reason given; see `kubectl describe gvmm`".into()),
             });
         }
-        tokio::time::sleep(FOLLOW_EVERY).await;
+    }
+    Err(deleted(name))
+}
+
+fn deleted(name: &str) -> CliError {
+    CliError::MigrationEnded {
+        name: name.into(),
+        phase: MigrationPhase::Cancelled,
+        reason: "the VMMigration was deleted".into(),
     }
 }
 

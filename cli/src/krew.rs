@@ -1,12 +1,12 @@
 //! The Krew manifest (`cli/krew/godwit.yaml`) read as Krew reads it: the
 //! plugin's name, the binary it installs and the linux/amd64 platform.
 
-use serde_yaml::Value;
+use serde_json::Value;
 
 const MANIFEST: &str = include_str!("../krew/godwit.yaml");
 
 fn manifest() -> Value {
-    serde_yaml::from_str(MANIFEST).expect("cli/krew/godwit.yaml is YAML")
+    serde_saphyr::from_str(MANIFEST).expect("cli/krew/godwit.yaml is YAML")
 }
 
 #[test]
@@ -24,7 +24,7 @@ fn the_krew_manifest_installs_kubectl_godwit_on_linux_amd64() {
     assert!(m["spec"]["shortDescription"]
         .as_str()
         .is_some_and(|d| !d.is_empty()));
-    let platforms = m["spec"]["platforms"].as_sequence().expect("platforms");
+    let platforms = m["spec"]["platforms"].as_array().expect("platforms");
     let linux = platforms
         .iter()
         .find(|p| {
@@ -34,7 +34,7 @@ fn the_krew_manifest_installs_kubectl_godwit_on_linux_amd64() {
         .expect("a linux/amd64 platform");
     // The binary Cargo builds (`[[bin]]` in cli/Cargo.toml).
     assert_eq!(linux["bin"].as_str(), Some("kubectl-godwit"));
-    let files = linux["files"].as_sequence().expect("files");
+    let files = linux["files"].as_array().expect("files");
     assert!(files
         .iter()
         .any(|f| f["from"].as_str() == Some("kubectl-godwit")));

@@ -1,19 +1,21 @@
 //! `kubectl-godwit`: drive Godwit VMs the way `virtctl` drives KubeVirt's.
 //!
 //! On `PATH` it is a kubectl plugin (`kubectl godwit migrate demo --follow`);
-//! it also runs on its own. It talks only to the Kubernetes API, except for
-//! `console`, which connects to the node daemon of the VM's node (see
+//! it also runs on its own. It talks only to the Kubernetes API (the
+//! console too: through the aggregated API the operator serves, see
 //! [`console`]).
 //!
 //! | command | what it changes |
 //! | --- | --- |
 //! | `start VM` | `spec.runStrategy` to `Always` (when it would keep the VM off) |
-//! | `stop VM [--force]` | `spec.runStrategy` to `Halted`: the node agent presses the guest's power button and stops it by force after `spec.terminationGracePeriodSeconds` (default 30); `--force` also sets annotation `godwit.dev/force-stop-requested` (see `godwit_crds::contract::FORCE_STOP_ANNOTATION`), which skips the button |
+//! | `stop VM [--force]` (also `shutdown`) | `spec.runStrategy` to `Halted`: the node agent presses the guest's power button and stops it by force after `spec.terminationGracePeriodSeconds` (default 30); `--force` also sets annotation `godwit.dev/force-stop-requested` (see `godwit_crds::contract::FORCE_STOP_ANNOTATION`), which skips the button |
 //! | `restart VM` | annotation `godwit.dev/restart-requested` (see `godwit_crds::contract::RESTART_ANNOTATION`) |
 //! | `pause VM` / `unpause VM` | sets / removes annotation `godwit.dev/paused: "true"` (see `godwit_crds::contract::PAUSE_ANNOTATION`); the node agent pauses or resumes the VMM and reports the `Paused` condition |
 //! | `migrate VM [--to NODE] [--follow]` | creates a `VMMigration`; `--follow` shows its progress and result |
 //! | `migrate-cancel VM` | annotation `godwit.dev/cancel: "true"` on the VM's active `VMMigration` |
 //! | `console VM` | nothing: attaches to the serial console, `Ctrl-]` detaches |
+//! | `port-forward VM [LOCAL:]REMOTE... [--stdio]` | nothing: forwards local TCP ports to the guest's (see [`forward`]) |
+//! | `ssh [USER@]VM`, `scp SRC... DST` | nothing: runs OpenSSH's client through `port-forward --stdio` |
 //! | `status VM` | nothing: the VM, its conditions and its migration |
 //! | `version` | nothing: the plugin's, the API server's and the operator's versions |
 //! | `create vm NAME --from-template T` | nothing: prints a VirtualMachine manifest for `kubectl apply -f -` |
@@ -23,17 +25,17 @@ mod checks;
 mod console;
 mod create;
 mod follow;
+mod forward;
 #[cfg(test)]
 mod krew;
 mod version;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use godwit_crds::contract::{
-    self, CANCEL_ANNOTATION, FORCE_STOP_ANNOTATION, PAUSE_ANNOTATION, RESTART_ANNOTATION,
+    CANCEL_ANNOTATION, FORCE_STOP_ANNOTATION, PAUSE_ANNOTATION, RESTART_ANNOTATION,
 };
 use godwit_crds::{
     error_chain, MigrationMode, MigrationPhase, MigrationPolicy, RunStrategy, VMMigration,
@@ -75,7 +77,8 @@ enum Command {
     /// Stop a VM and keep it stopped (sets runStrategy Halted). The guest's
     /// ACPI power button is pressed and the guest gets the VM's
     /// spec.terminationGracePeriodSeconds (default 30) to power off before
-    /// it is stopped by force.
+    /// it is stopped by force. `shutdown` is the same command.
+    #[command(visible_alias = "shutdown")]
     Stop {
         /// The VM.
         vm: String,
@@ -126,9 +129,65 @@ enum Command {
     Console {
         /// The VM.
         vm: String,
-        /// The node daemon's console port.
-        #[arg(long, default_value_t = contract::CONSOLE_PORT)]
+    },
+    /// Forward local TCP ports to ports of the guest, through the API
+    /// server (`kubectl godwit port-forward web 8080:80`; `:80` picks a free
+    /// local port). `--stdio` relays one connection over standard input and
+    /// output instead, as an ssh ProxyCommand.
+    PortForward {
+        /// The VM.
+        vm: String,
+        /// `[LOCAL:]REMOTE`, one or more (`--stdio`: exactly one REMOTE).
+        #[arg(required = true)]
+        ports: Vec<String>,
+        /// The local address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        address: std::net::IpAddr,
+        /// Relay one connection over standard input and output.
+        #[arg(long)]
+        stdio: bool,
+    },
+    /// Open an SSH session to the guest through the API server: runs the
+    /// local `ssh` with `port-forward --stdio` as its ProxyCommand, so the
+    /// VM needs no address reachable from here.
+    Ssh {
+        /// `[USER@]VM`.
+        target: String,
+        /// The guest's SSH port.
+        #[arg(short = 'p', long, default_value_t = 22)]
         port: u16,
+        /// The login user (`ssh -l`), unless given as USER@VM.
+        #[arg(short = 'l', long)]
+        username: Option<String>,
+        /// The identity file (`ssh -i`).
+        #[arg(short = 'i', long)]
+        identity_file: Option<PathBuf>,
+        /// An ssh option (`-o NAME=VALUE`), repeatable.
+        #[arg(short = 'o', long = "option")]
+        options: Vec<String>,
+        /// The command to run in the guest (after `--`).
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Copy files to or from the guest with the local `scp`, through the
+    /// API server: name the VM's side as `[USER@]VM:PATH`
+    /// (`kubectl godwit scp ./app.conf root@web:/etc/app.conf`).
+    Scp {
+        /// Sources, then the destination; exactly one VM may be named.
+        #[arg(required = true, num_args = 2..)]
+        paths: Vec<String>,
+        /// The guest's SSH port.
+        #[arg(short = 'P', long, default_value_t = 22)]
+        port: u16,
+        /// Copy directories recursively.
+        #[arg(short = 'r', long)]
+        recursive: bool,
+        /// The identity file (`scp -i`).
+        #[arg(short = 'i', long)]
+        identity_file: Option<PathBuf>,
+        /// An ssh option (`-o NAME=VALUE`), repeatable.
+        #[arg(short = 'o', long = "option")]
+        options: Vec<String>,
     },
     /// Show a VM's phase, node, conditions and migration.
     Status {
@@ -202,6 +261,12 @@ pub enum CliError {
     /// Attaching to the console failed.
     #[error(transparent)]
     Attach(#[from] console::ConsoleError),
+    /// A watch failed.
+    #[error("{0}")]
+    Watch(String),
+    /// A port-forward, `ssh` or `scp` could not start or failed.
+    #[error(transparent)]
+    Forward(#[from] forward::ForwardError),
     /// A followed migration did not succeed.
     #[error("Migration {name} ended {phase:?}: {reason}")]
     MigrationEnded {
@@ -326,7 +391,47 @@ async fn run(args: Args) -> Result<(), CliError> {
             });
             migrate(&ctx, vm, to.as_deref(), *follow, *force, policy).await
         }
-        Command::Console { vm, port } => console_cmd(&ctx, vm, *port).await,
+        Command::Console { vm } => console_cmd(&ctx, vm).await,
+        Command::PortForward {
+            vm,
+            ports,
+            address,
+            stdio,
+        } => port_forward(&ctx, vm, ports, *address, *stdio).await,
+        Command::Ssh {
+            target,
+            port,
+            username,
+            identity_file,
+            options,
+            command,
+        } => {
+            let (user, vm) = forward::split_user(target);
+            checks::forward(&VmView::of(&ctx.vm(vm).await?)).map_err(CliError::Refused)?;
+            let ssh = forward::SshArgs {
+                proxy: forward::proxy_command(&args_for_proxy(&args, &ctx), vm, *port)?,
+                identity_file: identity_file.clone(),
+                options: options.clone(),
+            };
+            let user = user.map(str::to_string).or_else(|| username.clone());
+            Err(forward::exec_ssh(&ssh, user.as_deref(), vm, &ctx.namespace, command).into())
+        }
+        Command::Scp {
+            paths,
+            port,
+            recursive,
+            identity_file,
+            options,
+        } => {
+            let vm = forward::scp_vm(paths)?;
+            checks::forward(&VmView::of(&ctx.vm(&vm).await?)).map_err(CliError::Refused)?;
+            let ssh = forward::SshArgs {
+                proxy: forward::proxy_command(&args_for_proxy(&args, &ctx), &vm, *port)?,
+                identity_file: identity_file.clone(),
+                options: options.clone(),
+            };
+            Err(forward::exec_scp(&ssh, *recursive, paths, &ctx.namespace).into())
+        }
         Command::Status { vm } => status(&ctx, vm).await,
         Command::Pause { vm } => pause(&ctx, vm).await,
         Command::Unpause { vm } => unpause(&ctx, vm).await,
@@ -341,6 +446,53 @@ async fn run(args: Args) -> Result<(), CliError> {
         } => create::run(&ctx.client, &ctx.namespace, name, from_template).await,
         Command::Completion { .. } => unreachable!("handled before connecting"),
     }
+}
+
+/// The global flags a ProxyCommand repeats, so that it reaches the same
+/// cluster and namespace.
+fn args_for_proxy(args: &Args, ctx: &Ctx) -> forward::Globals {
+    forward::Globals {
+        kubeconfig: args.kubeconfig.clone(),
+        context: args.context.clone(),
+        namespace: ctx.namespace.clone(),
+    }
+}
+
+async fn port_forward(
+    ctx: &Ctx,
+    name: &str,
+    ports: &[String],
+    address: std::net::IpAddr,
+    stdio: bool,
+) -> Result<(), CliError> {
+    let vm = ctx.vm(name).await?;
+    checks::forward(&VmView::of(&vm)).map_err(CliError::Refused)?;
+    let target = forward::Vm {
+        client: ctx.client.clone(),
+        namespace: ctx.namespace.clone(),
+        name: name.to_string(),
+    };
+    if stdio {
+        let [remote] = ports else {
+            return Err(forward::ForwardError::Usage(
+                "--stdio relays exactly one port: give only REMOTE".into(),
+            )
+            .into());
+        };
+        if remote.contains(':') {
+            return Err(forward::ForwardError::Usage(
+                "--stdio listens on no local port: give only REMOTE".into(),
+            )
+            .into());
+        }
+        let (_, remote) = forward::parse_ports(remote)?;
+        return Ok(forward::stdio(&target, remote).await?);
+    }
+    let ports = ports
+        .iter()
+        .map(|p| forward::parse_ports(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(forward::listen(&target, address, &ports).await?)
 }
 
 async fn start(ctx: &Ctx, name: &str) -> Result<(), CliError> {
@@ -532,37 +684,16 @@ async fn migrate(
     follow::follow(&ctx.migrations(), &mig).await
 }
 
-async fn console_cmd(ctx: &Ctx, name: &str, port: u16) -> Result<(), CliError> {
+async fn console_cmd(ctx: &Ctx, name: &str) -> Result<(), CliError> {
     let vm = ctx.vm(name).await?;
     let view = VmView::of(&vm);
     let node = checks::console(&view).map_err(CliError::Refused)?;
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
-    let node_obj = nodes
-        .get_opt(&node)
-        .await
-        .map_err(api_err(format!("read Node {node:?}")))?
-        .ok_or_else(|| CliError::NodeNotFound(node.clone()))?;
-    let ip = node_obj
-        .status
-        .and_then(|s| s.addresses)
-        .unwrap_or_default()
-        .into_iter()
-        .find(|a| a.type_ == "InternalIP")
-        .map(|a| a.address)
-        .ok_or_else(|| {
-            CliError::Console(format!(
-                "Node {node:?} has no InternalIP address; is its kubelet reporting?"
-            ))
-        })?;
     let target = console::Target {
-        addr: format!("{ip}:{port}"),
         namespace: ctx.namespace.clone(),
         name: name.into(),
         node,
     };
-    tokio::task::spawn_blocking(move || console::attach(&target))
-        .await
-        .map_err(|e| CliError::Console(e.to_string()))??;
+    console::attach(&ctx.client, &target).await?;
     Ok(())
 }
 
@@ -608,9 +739,6 @@ async fn status(ctx: &Ctx, name: &str) -> Result<(), CliError> {
     }
     Ok(())
 }
-
-/// How often `--follow` reads the migration.
-const FOLLOW_EVERY: Duration = Duration::from_millis(200);
 
 #[cfg(test)]
 mod tests {

@@ -11,7 +11,7 @@
 //! | object / field | operator | node agent |
 //! | --- | --- | --- |
 //! | VM label [`NODE_LABEL`], `status.nodeName`, annotation [`RESOLVED_ANNOTATION`] | at scheduling and when a migration ends | never |
-//! | VM phase | `Pending→Scheduled`, `Stopped/Failed→Scheduled` (restart by `runStrategy`), `Running→Migrating` and back (a cold migration's `Stopped` VM only gets `status.migration`) | `Scheduled→Provisioning→Starting→Running`, `→Stopping→Stopped`, `→Failed`, addresses, Ready condition |
+//! | VM phase | `Pending→Scheduled`, `Stopped/Failed→Scheduled` (restart by `runStrategy`), `Running→Migrating` and back (a cold migration's `Stopped` VM only gets `status.migration`) | `Scheduled→Provisioning→Starting→Running`, `→Stopping→Stopped`, `→Failed`, addresses |
 //! | VM finalizer [`AGENT_FINALIZER`] | only when the node is lost (HA) | added before anything is created on the node, removed after the VMM is stopped and the VM's node-local files are gone |
 //! | VMMigration finalizer [`MIGRATION_FINALIZER`] | added on admission, removed once the phase is final | never |
 //! | VMMigration `Pending→Scheduling→PreparingTarget`, `sourceNode`, `targetNode`, labels [`SOURCE_LABEL`]/[`TARGET_LABEL`], `startTime` | yes | |
@@ -19,7 +19,8 @@
 //! | VMMigrations labelled [`EVACUATION_LABEL`] / [`DRS_LABEL`] | created for maintenance / by DRS in automatic mode | |
 //! | Node label or annotation [`MAINTENANCE_LABEL`] | never (the user sets it) | never |
 //! | Node annotation [`MAINTENANCE_STATUS_ANNOTATION`] | while the node is in maintenance | |
-//! | Node annotations [`CAPACITY_CPU_ANNOTATION`], [`CAPACITY_MEMORY_ANNOTATION`], [`USAGE_ANNOTATION`] | | its own Node |
+//! | `GodwitNode` `<node>` (in the lease namespace): `status.capacity`, `status.usage`, `status.cachedImages` ([`crate::node`]) | reads it | creates its own, owned by its Node, and applies its status |
+//! | VM conditions ([`crate::conditions`]) | `Scheduled`; `Ready` only for a lost node or a maintenance shutdown | `Ready`, `Paused`; each by server-side apply under a field manager per condition type |
 //! | VM phase `Running→Stopping` | maintenance, for `evictionStrategy: Shutdown` | |
 //! | VM `Stopped` with Ready reason [`GUEST_RESET_REASON`] | starts it again unless `runStrategy: Halted` | when the guest reset itself |
 //! | Reservation pods (labels [`VM_LABEL`], [`RESERVATION_LABEL`], [`NODE_LABEL`]) and the VM's PodDisruptionBudget | created before scheduling, restarting or a live migration's target preparation; deleted when the VM leaves a node, stops or is deleted | never (requests: vCPUs / cpuAllocationRatio, memory + [`VMM_MEMORY_OVERHEAD`], the agent's cgroup margin) |
@@ -90,14 +91,6 @@ pub const VMM_MEMORY_OVERHEAD: u64 = 128 << 20;
 pub const VM_LABEL: &str = "godwit.dev/vm";
 /// On a VM's reservation pods: `"true"`.
 pub const RESERVATION_LABEL: &str = "godwit.dev/reservation";
-/// On a Node: vCPUs the agent offers to VMs.
-pub const CAPACITY_CPU_ANNOTATION: &str = "godwit.dev/vm-cpu";
-/// On a Node: bytes of memory the agent offers to VMs.
-pub const CAPACITY_MEMORY_ANNOTATION: &str = "godwit.dev/vm-memory";
-/// On a Node: the template images its cache holds, JSON `{"<template image
-/// source>": "sha256:<hex>", ...}` (written by its agent with its usage;
-/// the operator makes each VMTemplate's status from it).
-pub const CACHED_IMAGES_ANNOTATION: &str = "godwit.dev/cached-images";
 /// On a Node (label, or annotation as before): `"true"` puts it in
 /// maintenance. Cordoning it (`spec.unschedulable`) does the same. A node in
 /// maintenance takes no new VMs or migrations; the operator live-migrates its
@@ -117,11 +110,7 @@ pub const MAINTENANCE_STATUS_ANNOTATION: &str = "godwit.dev/maintenance-status";
 pub const EVACUATION_LABEL: &str = "godwit.dev/evacuation";
 /// On a VMMigration the DRS balancer made: `"true"`.
 pub const DRS_LABEL: &str = "godwit.dev/drs";
-/// On a Node, written by its agent about every [`USAGE_PERIOD_SECONDS`]: what
-/// the node's VMMs measurably use, a [`NodeUsage`] as JSON. The DRS balancer
-/// reads it (load from measured usage, not from requests).
-pub const USAGE_ANNOTATION: &str = "godwit.dev/usage";
-/// How often the agents publish [`USAGE_ANNOTATION`].
+/// How often the agents publish their node's usage (`GodwitNode.status.usage`).
 pub const USAGE_PERIOD_SECONDS: u64 = 5;
 /// The namespace of the node Leases (and the operator's leader Lease).
 pub const DEFAULT_LEASE_NAMESPACE: &str = "godwit-system";
@@ -186,13 +175,44 @@ pub const GUEST_RESET_REASON: &str = "GuestReset";
 /// The node agent's serial-console endpoint: the default TCP port it listens
 /// on at the node's IP (`godwit-node --console-addr`).
 ///
-/// Protocol: the client sends one line `CONSOLE_HELLO <namespace>/<name>\n`;
-/// the agent answers one line, `OK\n` or `ERR <what to do>\n`, and after `OK`
-/// bytes flow both ways unchanged between the connection and the VM's COM1
-/// until either side closes.
+/// Protocol, inside mutual TLS (the agent presents its node certificate and
+/// accepts only a client certificate from the migration CA with the common
+/// name [`CONSOLE_PROXY_CN`]): the client sends one line
+/// `CONSOLE_HELLO <namespace>/<name>\n`; the agent answers one line, `OK\n`
+/// or `ERR <what to do>\n`, and after `OK` bytes flow both ways unchanged
+/// between the connection and the VM's COM1 until either side closes.
+/// The same port forwards to a TCP port of the guest: the line is then
+/// `FORWARD_HELLO <namespace>/<name> <port>\n`, and after `OK` the bytes
+/// flow between the connection and a TCP connection the agent opened to
+/// the VM's first address on that port.
 pub const CONSOLE_PORT: u16 = 9412;
+/// The common name of the one client certificate a node's console port
+/// accepts: the operator's console proxy (the aggregated API
+/// [`SUBRESOURCES_GROUP`]), which authorizes every user first. Node
+/// certificates ([`NODE_CN_PREFIX`]) are refused, so one node cannot read
+/// another's consoles.
+pub const CONSOLE_PROXY_CN: &str = "system:godwit-console-proxy";
+/// The API group the operator serves through the Kubernetes API server
+/// (an `APIService`, as KubeVirt serves `subresources.kubevirt.io`):
+/// `GET /apis/subresources.godwit.dev/v1/namespaces/<ns>/virtualmachines/<name>/console`
+/// upgraded to a WebSocket carries the VM's serial console, and
+/// `.../virtualmachines/<name>/portforward/<port>` a TCP connection to that
+/// port of the guest. Kubernetes RBAC `get` on `virtualmachines/console`
+/// (or `virtualmachines/portforward`) in that group decides who may.
+pub const SUBRESOURCES_GROUP: &str = "subresources.godwit.dev";
+/// The version of [`SUBRESOURCES_GROUP`].
+pub const SUBRESOURCES_VERSION: &str = "v1";
+/// The `APIService` that registers [`SUBRESOURCES_GROUP`] (its `caBundle`
+/// is written by the operator, whose CA signs the serving certificate).
+pub const SUBRESOURCES_API_SERVICE: &str = "v1.subresources.godwit.dev";
+/// The Service (in the operator's namespace) behind [`SUBRESOURCES_API_SERVICE`].
+pub const SUBRESOURCES_SERVICE: &str = "godwit-api";
+/// The operator's default port for [`SUBRESOURCES_GROUP`] (`--api-addr`).
+pub const SUBRESOURCES_PORT: u16 = 8443;
 /// The first word of a console request (and the protocol's version).
 pub const CONSOLE_HELLO: &str = "GODWIT-CONSOLE/1";
+/// The first word of a port-forward request on [`CONSOLE_PORT`].
+pub const FORWARD_HELLO: &str = "GODWIT-FORWARD/1";
 /// The node daemon's default `/metrics` port (`godwit-node --metrics-addr`).
 pub const NODE_METRICS_PORT: u16 = 9411;
 
@@ -203,6 +223,11 @@ pub const NODE_METRICS_PORT: u16 = 9411;
 pub struct Machine {
     /// vCPUs.
     pub cpu: u32,
+    /// The `ClusterVMTemplate` the VM is made from, if any: the node allows
+    /// the paths that template names (read from the API server) outside its
+    /// image directories, and no others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_template: Option<String>,
     /// Guest memory in bytes.
     pub memory_bytes: u64,
     /// Kernel (PVH ELF or bzImage) on the node; empty when [`Machine::boot_image`]
@@ -344,39 +369,7 @@ pub struct MachineNic {
     pub ip: Option<String>,
 }
 
-/// Measured usage on a node ([`USAGE_ANNOTATION`]).
-///
-/// `cpuMillis` is CPU time per second of wall time over the last period, in
-/// thousandths of a CPU (`utime + stime` deltas of `/proc/<pid>/stat`);
-/// `rssBytes` is `VmRSS` from `/proc/<pid>/status`.
-/// `{"time":"2026-01-01T00:00:00Z","periodMs":5000,"cpuMillis":1830,
-/// "rssBytes":402653184,"vms":{"default/demo":{"cpuMillis":930,"rssBytes":201326592}}}`
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct NodeUsage {
-    /// When it was measured (RFC 3339).
-    pub time: String,
-    /// Over how long the CPU figures were measured.
-    #[serde(default)]
-    pub period_ms: u64,
-    /// All the node's VMMs together.
-    pub cpu_millis: u64,
-    /// All the node's VMMs together.
-    pub rss_bytes: u64,
-    /// Per VM, keyed `namespace/name`.
-    #[serde(default)]
-    pub vms: std::collections::BTreeMap<String, VmUsage>,
-}
-
-/// One VMM's measured usage, see [`NodeUsage`].
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct VmUsage {
-    /// CPU time per second of wall time, in thousandths of a CPU.
-    pub cpu_millis: u64,
-    /// Resident memory.
-    pub rss_bytes: u64,
-}
+pub use crate::node::{NodeUsage, VmUsage};
 
 /// A stable, locally administered unicast MAC for a VM's `index`-th NIC,
 /// derived from the VM's uid so it survives rescheduling and migration.

@@ -115,6 +115,7 @@ pub struct VMMigrationStatus {
     pub target_address: Option<String>,
     /// Standard conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 

@@ -55,12 +55,75 @@ pub struct VMTemplateSpec {
     /// Default network interfaces.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
-    #[x_kube(validation = Rule::new("self.all(n, self.exists_one(e, e.name == n.name))").message("network names must be unique"))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     #[x_kube(validation = Rule::new("self.all(n, !has(n.mac) || self.exists_one(e, has(e.mac) && e.mac.lowerAscii() == n.mac.lowerAscii()))").message("MAC addresses must be unique"))]
     pub networks: Vec<Network>,
     /// What each VM from this template is given at first boot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub customization: Option<Customization>,
+}
+
+/// A template every namespace may use: the same fields as a `VMTemplate`,
+/// cluster-scoped, so that only those whom RBAC lets write cluster-scoped
+/// Godwit objects (cluster administrators) make one. It is the one place
+/// where a path outside the node daemons' image directories may be named
+/// (`image.source`, `boot.kernel`, `boot.initrd`): a node agent allows such
+/// a path only when a `ClusterVMTemplate` it reads from the API server
+/// names exactly that path, never because a VM says so. VMs use one with
+/// `templateRef: {kind: ClusterVMTemplate, name: ...}`.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "godwit.dev",
+    version = "v1alpha1",
+    kind = "ClusterVMTemplate",
+    status = "VMTemplateStatus",
+    shortname = "gcvmt",
+    category = "godwit",
+    printcolumn(name = "Image", type_ = "string", json_path = ".spec.image.source"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+pub struct ClusterVMTemplateSpec {
+    /// The template's fields, as in a `VMTemplate`.
+    #[serde(flatten)]
+    pub template: VMTemplateSpec,
+}
+
+impl ClusterVMTemplate {
+    /// The template as a namespaced one, for provisioning.
+    pub fn as_template(&self) -> VMTemplate {
+        let mut t = VMTemplate::new(
+            &self.metadata.name.clone().unwrap_or_default(),
+            self.spec.template.clone(),
+        );
+        t.metadata = self.metadata.clone();
+        t.status = self.status.clone();
+        t
+    }
+
+    /// The node paths it names (image source, kernel, initrd), which node
+    /// agents allow outside their image directories.
+    pub fn node_paths(&self) -> Vec<String> {
+        let spec = &self.spec.template;
+        let mut paths = Vec::new();
+        let source = spec
+            .image
+            .source
+            .strip_prefix("file://")
+            .unwrap_or(&spec.image.source);
+        if source.starts_with('/') {
+            paths.push(source.to_string());
+        }
+        if let Some(boot) = &spec.boot {
+            paths.extend(boot.kernel.iter().cloned());
+            paths.extend(boot.initrd.iter().cloned());
+        }
+        paths
+    }
 }
 
 /// Where a template's root image comes from.
@@ -90,6 +153,7 @@ pub struct ImageSource {
 pub struct VMTemplateStatus {
     /// `Ready` is true once the image is verified and cached on at least one node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// SHA-256 of the image as cached (`sha256:<hex>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

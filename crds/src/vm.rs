@@ -69,12 +69,12 @@ pub struct VirtualMachineSpec {
     /// Disks, in the order the guest sees them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
-    #[x_kube(validation = Rule::new("self.all(d, self.exists_one(e, e.name == d.name))").message("disk names must be unique"))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub disks: Vec<Disk>,
     /// Network interfaces, in the order the guest sees them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
-    #[x_kube(validation = Rule::new("self.all(n, self.exists_one(e, e.name == n.name))").message("network names must be unique"))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     #[x_kube(validation = Rule::new("self.all(n, !has(n.mac) || self.exists_one(e, has(e.mac) && e.mac.lowerAscii() == n.mac.lowerAscii()))").message("MAC addresses must be unique"))]
     pub networks: Vec<Network>,
     /// Whether the VM should be running (default `Always`).
@@ -126,12 +126,34 @@ impl VirtualMachineSpec {
     }
 }
 
-/// A reference to a `VMTemplate` in the VM's namespace.
+/// A reference to a `VMTemplate` in the VM's namespace, or to a
+/// `ClusterVMTemplate`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 pub struct TemplateRef {
     /// The template's name.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
+    /// `VMTemplate` (default: in the VM's namespace) or `ClusterVMTemplate`
+    /// (cluster-scoped, made by cluster administrators).
+    #[serde(default, skip_serializing_if = "TemplateKind::is_namespaced")]
+    pub kind: TemplateKind,
+}
+
+/// Which kind of template a [`TemplateRef`] names.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum TemplateKind {
+    /// A `VMTemplate` in the VM's namespace.
+    #[default]
+    VMTemplate,
+    /// A `ClusterVMTemplate`.
+    ClusterVMTemplate,
+}
+
+impl TemplateKind {
+    /// Whether this is the default, a namespaced `VMTemplate`.
+    pub fn is_namespaced(&self) -> bool {
+        *self == TemplateKind::VMTemplate
+    }
 }
 
 /// One virtual disk.
@@ -296,6 +318,7 @@ pub struct VirtualMachineStatus {
     /// why not) and `Scheduled` (written by the operator: placed on a node,
     /// or why not).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -164,6 +164,7 @@ fn validate(object: &Value, old: Option<&Value>) -> Vec<String> {
             format!("{}: {e}", path.trim_start_matches('.'))
         })
         .collect();
+    list_map_duplicates(&schema, object, "", &mut problems);
     if problems.is_empty() {
         if let Err(errors) = kube::core::cel::Validator::new().validate(&schema, object, old) {
             problems.extend(errors.into_vec().iter().map(|e| e.to_string()));
@@ -172,10 +173,49 @@ fn validate(object: &Value, old: Option<&Value>) -> Vec<String> {
     problems
 }
 
+/// Items of an `x-kubernetes-list-type: map` list must differ in their
+/// keys; the API server refuses a repeated key as
+/// `spec.disks[1]: Duplicate value: map[string]interface {}{"name":"data"}`.
+fn list_map_duplicates(schema: &Value, value: &Value, path: &str, problems: &mut Vec<String>) {
+    match value {
+        Value::Object(fields) => {
+            for (name, sub) in fields {
+                if let Some(sub_schema) = schema.pointer(&format!("/properties/{name}")) {
+                    let path = format!("{path}.{name}");
+                    list_map_duplicates(sub_schema, sub, &path, problems);
+                }
+            }
+        }
+        Value::Array(items) => {
+            let keys = schema["x-kubernetes-list-map-keys"].as_array();
+            let mut seen = Vec::new();
+            for (index, item) in items.iter().enumerate() {
+                let path = format!("{path}[{index}]");
+                if let Some(keys) = keys.filter(|_| schema["x-kubernetes-list-type"] == "map") {
+                    let key: Vec<String> = keys
+                        .iter()
+                        .filter_map(|k| Some(format!("{k}:{}", item.get(k.as_str()?)?)))
+                        .collect();
+                    if seen.contains(&key) {
+                        problems.push(format!(
+                            "{}: Duplicate value: map[string]interface {{}}{{{}}}",
+                            path.trim_start_matches('.'),
+                            key.join(", ")
+                        ));
+                    }
+                    seen.push(key);
+                }
+                list_map_duplicates(&schema["items"], item, &path, problems);
+            }
+        }
+        _ => {}
+    }
+}
+
 fn load_yaml(path: &Path) -> (String, Value) {
     let text = std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    let value: Value = serde_yaml::from_str(&text)
+    let value: Value = serde_saphyr::from_str(&text)
         .unwrap_or_else(|e| panic!("{} is not YAML: {e}", path.display()));
     (text, value)
 }
@@ -286,5 +326,5 @@ fn short_names_do_not_collide_with_kubevirt() {
         }
     }
     ours.sort();
-    assert_eq!(ours, ["gvm", "gvmm", "gvmt"]);
+    assert_eq!(ours, ["gcvmt", "gnode", "gvm", "gvmm", "gvmt"]);
 }

@@ -10,9 +10,16 @@ chart tests in e2e/tests/chart.rs and e2e/tests/rbac.rs.
     chart.py validate CHART VALUES.yaml
         Checks the values against values.schema.json; exit 1 with Helm's
         message when they are refused.
+    chart.py install|upgrade CHART [VALUES.yaml] --kubeconfig KC [--namespace NS] [--name NAME] [--set K=V]...
+    chart.py rollback|uninstall CHART --kubeconfig KC [--namespace NS] [--name NAME]
+        A release's lifecycle against the cluster of KC, through Helm's SDK
+        (Helm v4: server-side apply, release Secrets). Prints the release's
+        name, revision and status as JSON; exit 1 with Helm's message on
+        failure. `install` creates the namespace when it is missing.
 """
 
 import argparse
+import json
 import sys
 
 import helm_python as helm
@@ -79,16 +86,44 @@ def validate(args):
     return 0
 
 
+def release(args):
+    config = helm.Config(kubeconfig_path=args.kubeconfig, namespace=args.namespace)
+    try:
+        if args.command == "install":
+            result = config.install(args.chart, args.name, load_values(args.values, args.set),
+                                    namespace=args.namespace, create_namespace=True, timeout=120)
+        elif args.command == "upgrade":
+            result = config.upgrade(args.chart, args.name, load_values(args.values, args.set),
+                                    namespace=args.namespace, timeout=120)
+        elif args.command == "rollback":
+            config.rollback(args.name, timeout=120)
+            result = config.status(args.name)
+        else:
+            result = config.uninstall(args.name, timeout=120).get("release", {})
+    except helm.HelmError as e:
+        print(f"helm {args.command} failed: {e}")
+        return 1
+    finally:
+        config.close()
+    info = result.get("info") or {}
+    print(json.dumps({"name": result.get("name"), "revision": result.get("revision", result.get("version")),
+                      "status": result.get("status", info.get("status"))}))
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["lint", "render", "validate"])
+    parser.add_argument("command", choices=["lint", "render", "validate", "install", "upgrade",
+                                            "rollback", "uninstall"])
     parser.add_argument("chart")
     parser.add_argument("values", nargs="?")
     parser.add_argument("--namespace", default="godwit-system")
     parser.add_argument("--name", default="godwit")
     parser.add_argument("--set", action="append", default=[], help="as helm's --set")
+    parser.add_argument("--kubeconfig", help="the cluster, for the release commands")
     args = parser.parse_args()
-    return {"lint": lint, "render": render, "validate": validate}[args.command](args)
+    commands = {"lint": lint, "render": render, "validate": validate}
+    return commands.get(args.command, release)(args)
 
 
 if __name__ == "__main__":

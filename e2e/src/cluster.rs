@@ -27,8 +27,7 @@
 //! its migration certificate through a CertificateSigningRequest the
 //! operator signs (`--migration-csr`): no node is given the CA.
 
-use std::collections::BTreeMap;
-use std::net::TcpListener;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,12 +35,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use godwit_apiserver::{write_kubeconfig, ServerConfig, ServerThread};
-use k8s_openapi::api::core::v1::{Namespace, Node, NodeAddress, NodeCondition, NodeStatus};
+use k8s_openapi::api::core::v1::{Namespace, Node};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, PostParams};
 
-use godwit_testkit::nodes::Fabric;
+use godwit_crds::contract::SUBRESOURCES_PORT;
+use godwit_testkit::nodes::{Fabric, CLIENT_IP};
 use godwit_testkit::process::alive;
 
 use crate::forwarder::Forwarder;
@@ -50,8 +49,9 @@ use crate::forwarder::Forwarder;
 pub const API_IP: &str = "10.88.0.254";
 /// The API's port on the fabric.
 pub const API_PORT: u16 = 6443;
-/// Label that names a VM's or a node's Godwit node.
-pub const NODE_LABEL: &str = "godwit.dev/node";
+/// The operator's `/metrics` port in the client namespace.
+pub const OPERATOR_METRICS_PORT: u16 = 9090;
+pub use godwit_crds::contract::NODE_LABEL;
 /// The user `kubectl` on the host acts as.
 pub const ADMIN_USER: &str = "admin";
 /// The operator's user (the chart's operator ServiceAccount in
@@ -86,9 +86,9 @@ pub enum ClusterError {
     /// A tool the node namespaces need is missing.
     #[error("`{0}` not found: run e2e/install-deps.sh (it installs iptables)")]
     Missing(String),
-    /// The chart's node restriction policy could not be rendered or applied.
-    #[error("Cannot apply the chart's node restriction policy: {0}")]
-    NodeRestriction(String),
+    /// The chart's objects or the bootstrap policy could not be stored.
+    #[error("Cannot store the control plane's objects ({0})")]
+    ControlPlane(String),
     /// A Godwit binary could not be started.
     #[error("Cannot start {0} (build it with `cargo build --release -p godwit-node -p godwit-operator`)")]
     Start(String, #[source] std::io::Error),
@@ -122,7 +122,7 @@ pub struct LocalCluster {
     /// kubeconfig for user [`NODE_USER`] inside node namespaces (server on
     /// the fabric); each agent has its own ([`LocalCluster::agent_kubeconfig`]).
     pub node_kubeconfig: PathBuf,
-    /// kubeconfig for the operator on the host (user [`OPERATOR_USER`]).
+    /// kubeconfig for the operator in the client namespace (user [`OPERATOR_USER`]).
     pub operator_kubeconfig: PathBuf,
     /// Extra operator flags for [`LocalCluster::start_godwit`] (`--drs-mode`).
     pub operator_args: Vec<String>,
@@ -140,6 +140,7 @@ pub struct LocalCluster {
     pub cgroup_parent: String,
     dir: PathBuf,
     forwarder: Option<Forwarder>,
+    operator_forwarders: Vec<Forwarder>,
     cpu: u32,
     memory_mib: u64,
     operator: Option<Child>,
@@ -191,7 +192,11 @@ impl LocalCluster {
             &format!("http://{API_IP}:{API_PORT}"),
             NODE_USER,
         )?;
-        write_kubeconfig(&operator_kubeconfig, api.url(), OPERATOR_USER)?;
+        write_kubeconfig(
+            &operator_kubeconfig,
+            &format!("http://{API_IP}:{API_PORT}"),
+            OPERATOR_USER,
+        )?;
         for node in &fabric.nodes {
             write_kubeconfig(
                 &dir.join(format!("node-kubeconfig-{}", node.name)),
@@ -218,6 +223,7 @@ impl LocalCluster {
             },
             dir: dir.to_path_buf(),
             forwarder: Some(forwarder),
+            operator_forwarders: Vec::new(),
             cpu,
             memory_mib,
             operator: None,
@@ -269,7 +275,7 @@ impl LocalCluster {
             }
             let api: Api<Node> = Api::all(client);
             for (name, ip) in nodes {
-                let node = node_object(&name, &ip, cpu, memory_mib);
+                let node = crate::control_plane::node_object(&name, &ip, cpu, memory_mib);
                 api.create(&PostParams::default(), &node)
                     .await
                     .map_err(|e| ClusterError::Api(format!("create Node {name}"), e))?;
@@ -278,22 +284,12 @@ impl LocalCluster {
         })
     }
 
-    /// Applies the chart's node restriction policy ([`crate::helm::node_restriction`]).
+    /// Stores what [`crate::control_plane::install`] lists (the node
+    /// restriction, the console's APIService, the bootstrap policy).
     fn restrict_nodes(&self) -> Result<(), ClusterError> {
-        let list = crate::helm::node_restriction()
-            .map_err(|e| ClusterError::NodeRestriction(e.to_string()))?;
-        let file = self.dir.join("node-restriction.yaml");
-        std::fs::write(&file, list)
-            .map_err(|e| ClusterError::Write(file.display().to_string(), e))?;
-        let out = self
-            .kubectl(&["apply", "--server-side", "-f", &file.display().to_string()])
-            .map_err(|e| ClusterError::NodeRestriction(format!("kubectl: {e}")))?;
-        if !out.status.success() {
-            return Err(ClusterError::NodeRestriction(
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            ));
-        }
-        Ok(())
+        let kubectl = |args: &[&str]| self.kubectl(args);
+        crate::control_plane::install(&kubectl, &self.dir, ADMIN_USER)
+            .map_err(ClusterError::ControlPlane)
     }
 
     /// Runs `kubectl` on the host against the cluster; its output.
@@ -332,10 +328,21 @@ impl LocalCluster {
         let logs = self.log_dir();
         std::fs::create_dir_all(&logs)
             .map_err(|e| ClusterError::Write(logs.display().to_string(), e))?;
-        let metrics = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| ClusterError::Start("a metrics port".into(), e))?;
+        // The operator runs in the client namespace, as a pod on the pod
+        // network reaches nodes and the API server; the host reaches its
+        // /metrics and console API through forwarders.
+        let inside = |port| SocketAddr::new(CLIENT_IP.parse().expect("client IP"), port);
+        let forward = |port| {
+            Forwarder::into_ns(&self.fabric.client, inside(port))
+                .map_err(|e| ClusterError::Start("a forwarder to the operator".into(), e))
+        };
+        let (metrics_fwd, metrics) = forward(OPERATOR_METRICS_PORT)?;
+        let (api_fwd, api) = forward(SUBRESOURCES_PORT)?;
+        self.operator_forwarders = vec![metrics_fwd, api_fwd];
         self.metrics = Some(metrics);
+        let kubectl = |args: &[&str]| self.kubectl(args);
+        crate::control_plane::publish_console_api(&kubectl, &self.dir, api)
+            .map_err(ClusterError::ControlPlane)?;
         self.start_operator()?;
         let n = self.fabric.nodes.len();
         *self.agents.lock().expect("agents lock") = Agents {
@@ -352,12 +359,17 @@ impl LocalCluster {
 
     /// Starts the operator (again, after [`LocalCluster::kill_operator`]).
     pub fn start_operator(&mut self) -> Result<(), ClusterError> {
-        let metrics = self.metrics.expect("start_godwit picked the metrics port");
         let operator = godwit_binary("godwit-operator");
-        let mut cmd = Command::new(&operator);
-        cmd.arg("--kubeconfig")
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", self.fabric.client.name()])
+            .arg(&operator)
+            .arg("--kubeconfig")
             .arg(&self.operator_kubeconfig)
-            .args(["--metrics-addr", &metrics.to_string()])
+            .args([
+                "--metrics-addr",
+                &format!("{CLIENT_IP}:{OPERATOR_METRICS_PORT}"),
+            ])
+            .args(["--api-addr", &format!("{CLIENT_IP}:{SUBRESOURCES_PORT}")])
             // The agents' user (the chart passes the same ServiceAccount).
             .args(["--node-user", NODE_USER])
             .args(&self.operator_args);
@@ -729,6 +741,9 @@ impl LocalCluster {
         if let Some(f) = self.forwarder.take() {
             f.stop();
         }
+        for f in self.operator_forwarders.drain(..) {
+            f.stop();
+        }
         keep_logs(&self.log_dir());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -856,36 +871,4 @@ pub fn node_firewall(ns: &godwit_testkit::netns::Netns) -> Result<(), ClusterErr
         ns.exec(tool, &["-w", "-P", "FORWARD", "DROP"])?;
     }
     Ok(())
-}
-
-/// A Ready Node with Godwit's label, its address and its VM capacity.
-fn node_object(name: &str, ip: &str, cpu: u32, memory_mib: u64) -> Node {
-    let capacity: BTreeMap<String, Quantity> = [
-        ("cpu".to_string(), Quantity(cpu.to_string())),
-        ("memory".to_string(), Quantity(format!("{memory_mib}Mi"))),
-    ]
-    .into();
-    Node {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.to_string()),
-            labels: Some([(NODE_LABEL.to_string(), name.to_string())].into()),
-            ..Default::default()
-        },
-        status: Some(NodeStatus {
-            addresses: Some(vec![NodeAddress {
-                type_: "InternalIP".into(),
-                address: ip.into(),
-            }]),
-            capacity: Some(capacity.clone()),
-            allocatable: Some(capacity),
-            conditions: Some(vec![NodeCondition {
-                type_: "Ready".into(),
-                status: "True".into(),
-                reason: Some("GodwitLocal".into()),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }

@@ -1,6 +1,8 @@
-//! A TCP relay from a network namespace to an address outside it: the
-//! local cluster's agents, in node namespaces, reach the API server on the
-//! host through it.
+//! TCP relays across a network namespace's boundary: the local cluster's
+//! agents and operator, in namespaces, reach the API server on the host
+//! through one ([`Forwarder::start`]); the host reaches the operator's
+//! `/metrics` and console API in the client namespace through others
+//! ([`Forwarder::into_ns`]).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -34,23 +36,42 @@ impl Forwarder {
         let s = stop.clone();
         let thread = std::thread::Builder::new()
             .name("api-forwarder".into())
-            .spawn(move || {
-                while !s.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((down, _)) => {
-                            let _ = down.set_nonblocking(false);
-                            if let Ok(up) = TcpStream::connect(upstream) {
-                                relay(down, up);
-                            }
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                    }
-                }
-            })?;
+            .spawn(move || accept_loop(&listener, upstream, &s))?;
         Ok(Forwarder {
             stop,
             thread: Some(thread),
         })
+    }
+
+    /// Listens on the host's loopback (a free port) and relays every
+    /// connection to `upstream` inside namespace `ns`; the forwarder and
+    /// the host address it listens on.
+    pub fn into_ns(
+        ns: &Netns,
+        upstream: std::net::SocketAddr,
+    ) -> std::io::Result<(Forwarder, std::net::SocketAddr)> {
+        // Made here, on the host; the accepting thread joins `ns`, so the
+        // sockets it connects are the namespace's.
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let inner = ns
+            .spawn_in(move || accept_loop(&listener, upstream, &s))
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let thread = std::thread::Builder::new()
+            .name("ns-forwarder".into())
+            .spawn(move || {
+                let _ = inner.join();
+            })?;
+        Ok((
+            Forwarder {
+                stop,
+                thread: Some(thread),
+            },
+            addr,
+        ))
     }
 
     /// Stops accepting (relays under way end with their connections).
@@ -58,6 +79,21 @@ impl Forwarder {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// Accepts on `listener` until `stop`, relaying each connection to `upstream`.
+fn accept_loop(listener: &TcpListener, upstream: std::net::SocketAddr, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((down, _)) => {
+                let _ = down.set_nonblocking(false);
+                if let Ok(up) = TcpStream::connect(upstream) {
+                    relay(down, up);
+                }
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The Helm chart through real Helm: `e2e/helm/chart.py` drives Helm's Go SDK
 //! (the `helm-python-sdk` package, installed by `e2e/install-deps.sh`) to lint,
-//! render and validate `charts/godwit`; these functions run it and return what
+//! render and validate `charts/godwit` and to run a release's lifecycle on a
+//! cluster; these functions run it and return what
 //! it printed.
 
 use std::path::{Path, PathBuf};
@@ -66,6 +67,43 @@ pub fn render(values: Option<&Path>, namespace: &str) -> Result<String, HelmErro
     run("render", values, &["--namespace", namespace])
 }
 
+/// [`render`] as release `name` (rather than `godwit`), with `helm --set`
+/// expressions.
+pub fn render_release(namespace: &str, name: &str, sets: &[&str]) -> Result<String, HelmError> {
+    let mut extra = vec!["--namespace", namespace, "--name", name];
+    for s in sets {
+        extra.extend(["--set", s]);
+    }
+    run("render", None, &extra)
+}
+
+/// One step of a release's lifecycle (`install`, `upgrade`, `rollback` or
+/// `uninstall`) on the cluster of `kubeconfig`, through Helm's SDK (Helm v4:
+/// server-side apply, release Secrets); `sets` are `helm --set` expressions
+/// for install and upgrade. Returns the release's JSON summary (name,
+/// revision, status).
+pub fn release(
+    command: &str,
+    kubeconfig: &Path,
+    namespace: &str,
+    name: &str,
+    sets: &[&str],
+) -> Result<String, HelmError> {
+    let kubeconfig = kubeconfig.to_string_lossy();
+    let mut extra = vec![
+        "--kubeconfig",
+        &kubeconfig,
+        "--namespace",
+        namespace,
+        "--name",
+        name,
+    ];
+    for s in sets {
+        extra.extend(["--set", s]);
+    }
+    run(command, None, &extra)
+}
+
 /// [`render`] with `helm --set` expressions on top of `values`.
 pub fn render_with_sets(
     values: Option<&Path>,
@@ -85,44 +123,39 @@ pub fn validate(values: &Path) -> Result<(), HelmError> {
 }
 
 /// The documents of a YAML stream, empty ones left out.
-pub fn documents(stream: &str) -> Result<Vec<serde_json::Value>, serde_yaml::Error> {
-    let mut docs = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(stream) {
-        let value: serde_json::Value = serde::Deserialize::deserialize(doc)?;
-        if !value.is_null() {
-            docs.push(value);
-        }
-    }
-    Ok(docs)
+pub fn documents(stream: &str) -> Result<Vec<serde_json::Value>, serde_saphyr::Error> {
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(stream)?;
+    Ok(docs.into_iter().filter(|doc| !doc.is_null()).collect())
 }
 
-/// The chart's node restriction (its ValidatingAdmissionPolicy and binding,
-/// rendered with the default values in `godwit-system`) as a YAML stream
-/// of JSON documents, rendered once per process: the local cluster enforces it as a cluster
-/// with the chart installed does.
-pub fn node_restriction() -> Result<String, HelmError> {
-    static RENDERED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    if let Some(list) = RENDERED.get() {
-        return Ok(list.clone());
-    }
-    let stream = render(None, godwit_crds::contract::DEFAULT_LEASE_NAMESPACE)?;
-    let docs = documents(&stream).map_err(|e| HelmError::Failed {
-        command: "render".into(),
-        output: format!("the rendered chart is not YAML: {e}"),
-    })?;
-    let items: Vec<serde_json::Value> = docs
-        .into_iter()
-        .filter(|d| {
-            matches!(
-                d["kind"].as_str(),
-                Some("ValidatingAdmissionPolicy" | "ValidatingAdmissionPolicyBinding")
-            )
-        })
-        .collect();
-    let stream = items
+/// The chart's objects of the given kinds, rendered with its defaults into
+/// the operator's namespace, as one multi-document YAML stream (the whole
+/// chart is rendered once per process).
+pub fn chart_objects(kinds: &[&str]) -> Result<String, HelmError> {
+    static RENDERED: std::sync::OnceLock<Vec<serde_json::Value>> = std::sync::OnceLock::new();
+    let docs = match RENDERED.get() {
+        Some(docs) => docs,
+        None => {
+            let stream = render(None, godwit_crds::contract::DEFAULT_LEASE_NAMESPACE)?;
+            let docs = documents(&stream).map_err(|e| HelmError::Failed {
+                command: "render".into(),
+                output: format!("the rendered chart is not YAML: {e}"),
+            })?;
+            RENDERED.get_or_init(|| docs)
+        }
+    };
+    Ok(docs
         .iter()
+        .filter(|d| kinds.contains(&d["kind"].as_str().unwrap_or("")))
         .map(|d| d.to_string())
         .collect::<Vec<_>>()
-        .join("\n---\n");
-    Ok(RENDERED.get_or_init(|| stream).clone())
+        .join("\n---\n"))
+}
+
+/// The chart's node restriction (its ValidatingAdmissionPolicy and binding).
+pub fn node_restriction() -> Result<String, HelmError> {
+    chart_objects(&[
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    ])
 }

@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod control_plane;
 pub mod demo;
 pub mod driver;
 pub mod failover;

@@ -4,7 +4,8 @@
 //! (e2e/helm/values/custom.yaml), the schema refuses each bad values file in
 //! e2e/helm/values/bad-*.yaml naming the bad key, the rendered manifests
 //! apply to the local test cluster with `kubectl`, and the kind script
-//! (which cannot run here) parses and installs with values the chart takes.
+//! (which cannot run here) parses and installs with values the chart takes;
+//! two releases in two namespaces share no object name but the CRDs.
 
 use std::path::PathBuf;
 
@@ -66,7 +67,7 @@ fn renders_with_default_values() {
             .iter()
             .filter(|k| **k == "CustomResourceDefinition")
             .count(),
-        3
+        5
     );
 
     let op = find(&docs, "Deployment", "godwit-operator");
@@ -194,6 +195,173 @@ fn rendering_twice_gives_identical_output() {
         let second = helm::render(v.as_deref(), "godwit-system").unwrap();
         assert!(first == second, "{v:?}: two renders differ");
     }
+}
+
+/// Objects rendered without a namespace (cluster-scoped), CRDs aside, by
+/// kind and name.
+fn cluster_scoped(docs: &[Value]) -> Vec<(String, String)> {
+    docs.iter()
+        .filter(|d| d["metadata"].get("namespace").is_none())
+        .filter(|d| d["kind"] != "CustomResourceDefinition")
+        .map(|d| {
+            let kind = d["kind"].as_str().unwrap().to_string();
+            (kind, d["metadata"]["name"].as_str().unwrap().to_string())
+        })
+        .collect()
+}
+
+/// Two releases in two namespaces share only the CRDs and the console's
+/// APIService (once per cluster): every other cluster-scoped
+/// object is named after its release, every namespaced one lives in its
+/// release's namespace, and each release's bindings and policy point at its
+/// own objects and service accounts. Each renders the same twice.
+#[test]
+fn two_releases_in_two_namespaces_do_not_collide() {
+    let render = |namespace: &str, name: &str| {
+        let first = helm::render_release(namespace, name, &[]).unwrap();
+        let second = helm::render_release(namespace, name, &[]).unwrap();
+        assert!(first == second, "{name}: two renders differ");
+        helm::documents(&first).unwrap()
+    };
+    let a = render("team-a", "godwit");
+    let b = render("team-b", "godwit-b");
+    let (names_a, names_b) = (cluster_scoped(&a), cluster_scoped(&b));
+    assert!(names_a.len() >= 8, "{names_a:?}");
+    assert_eq!(names_a.len(), names_b.len());
+    // The console's API group has one backend per cluster, so its
+    // APIService is the one cluster-scoped name both render (a second
+    // release sets operator.consoleApi.enabled=false).
+    let shared: Vec<_> = names_a.iter().filter(|n| names_b.contains(n)).collect();
+    assert_eq!(
+        shared,
+        [&(
+            "APIService".to_string(),
+            "v1.subresources.godwit.dev".to_string()
+        )],
+        "both releases make {shared:?}"
+    );
+    let without_console =
+        helm::render_release("team-b", "godwit-b", &["operator.consoleApi.enabled=false"]).unwrap();
+    assert!(!without_console.contains("kind: APIService"));
+    // The default release keeps the names the docs and tests use.
+    for (kind, name) in [
+        ("ClusterRole", "godwit-operator"),
+        ("ClusterRole", "godwit-edit"),
+        ("ValidatingAdmissionPolicy", "godwit-node-restriction"),
+    ] {
+        find(&a, kind, name);
+    }
+    for (kind, name) in [
+        ("ClusterRole", "godwit-b-operator"),
+        ("ClusterRole", "godwit-b-edit"),
+        ("ValidatingAdmissionPolicy", "godwit-b-node-restriction"),
+    ] {
+        find(&b, kind, name);
+    }
+    // Everything namespaced is in the release's namespace, but the binding
+    // of the console API to the role that reads the front proxy's settings.
+    for doc in b
+        .iter()
+        .filter(|d| d["metadata"].get("namespace").is_some())
+    {
+        if doc["metadata"]["name"] == "godwit-b-operator-auth-reader" {
+            assert_eq!(doc["metadata"]["namespace"], "kube-system", "{doc}");
+            continue;
+        }
+        assert_eq!(doc["metadata"]["namespace"], "team-b", "{doc}");
+    }
+    let binding = find(&b, "ClusterRoleBinding", "godwit-b-operator");
+    assert_eq!(binding["roleRef"]["name"], "godwit-b-operator");
+    assert_eq!(binding["subjects"][0]["namespace"], "team-b");
+    let policy_binding = find(
+        &b,
+        "ValidatingAdmissionPolicyBinding",
+        "godwit-b-node-restriction",
+    );
+    assert_eq!(
+        policy_binding["spec"]["policyName"],
+        "godwit-b-node-restriction"
+    );
+    let policy = find(&b, "ValidatingAdmissionPolicy", "godwit-b-node-restriction");
+    assert!(
+        policy["spec"]["matchConditions"][0]["expression"]
+            .as_str()
+            .unwrap()
+            .contains("system:serviceaccount:team-b:godwit-node"),
+        "{policy}"
+    );
+    // A release name without "godwit" gets it as a suffix.
+    let other = render("team-c", "vms");
+    find(&other, "Deployment", "vms-godwit-operator");
+    // The CRDs are the one thing both releases render alike (once per cluster).
+    let crds = |docs: &[Value]| -> Vec<Value> {
+        docs.iter()
+            .filter(|d| d["kind"] == "CustomResourceDefinition")
+            .cloned()
+            .collect()
+    };
+    assert_eq!(crds(&a), crds(&b));
+    assert_eq!(crds(&a).len(), 5);
+}
+
+/// PodSecurity: the namespace the chart renders (namespace.create) admits
+/// the privileged node daemon; by default the chart renders none.
+#[test]
+fn a_rendered_namespace_is_labelled_privileged() {
+    let docs = helm::documents(&helm::render(None, "godwit-system").unwrap()).unwrap();
+    assert!(!docs.iter().any(|d| d["kind"] == "Namespace"));
+    let rendered = helm::render_release("vm-hosts", "godwit", &["namespace.create=true"]).unwrap();
+    let docs = helm::documents(&rendered).unwrap();
+    let namespace = find(&docs, "Namespace", "vm-hosts");
+    let labels = &namespace["metadata"]["labels"];
+    assert_eq!(labels["pod-security.kubernetes.io/enforce"], "privileged");
+    // Helm keeps it on uninstall: deleting it would delete the release's Secrets.
+    assert_eq!(
+        namespace["metadata"]["annotations"]["helm.sh/resource-policy"],
+        "keep"
+    );
+}
+
+/// `helm test`: one Pod (a test hook) that explains the three CRDs and
+/// asks the release's operator Service for /healthz.
+#[test]
+fn the_test_hook_checks_the_crds_and_the_operator() {
+    let docs = helm::documents(&helm::render_release("team-b", "godwit-b", &[]).unwrap()).unwrap();
+    let pod = find(&docs, "Pod", "godwit-b-test");
+    assert_eq!(pod["metadata"]["annotations"]["helm.sh/hook"], "test");
+    assert_eq!(pod["spec"]["restartPolicy"], "Never");
+    let explained: Vec<&str> = pod["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["command"][2].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        explained,
+        [
+            "virtualmachines.godwit.dev",
+            "vmtemplates.godwit.dev",
+            "clustervmtemplates.godwit.dev",
+            "vmmigrations.godwit.dev",
+            "godwitnodes.godwit.dev"
+        ]
+    );
+    for crd in docs
+        .iter()
+        .filter(|d| d["kind"] == "CustomResourceDefinition")
+    {
+        let name = crd["metadata"]["name"].as_str().unwrap();
+        assert!(explained.contains(&name), "{name} is not checked");
+    }
+    let script = pod["spec"]["containers"][0]["command"][2].as_str().unwrap();
+    let service = find(&docs, "Service", "godwit-b-operator-metrics");
+    let port = service["spec"]["ports"][0]["port"].as_u64().unwrap();
+    assert!(
+        script.contains(&format!(
+            "/dev/tcp/godwit-b-operator-metrics.team-b.svc/{port}"
+        )) && script.contains("GET /healthz"),
+        "{script}"
+    );
 }
 
 /// The CA key stays with the operator: no node-daemon pod mounts a Secret
@@ -597,6 +765,20 @@ fn monitoring_and_aggregated_roles_render() {
             "{user}"
         );
         assert!(rbac.authorize(&u, &vm("other", "list")).is_err(), "{user}");
+        // The serial console: edit and admin, not view.
+        let console = Attributes::Resource {
+            namespace: "team".into(),
+            verb: "get".into(),
+            group: "subresources.godwit.dev".into(),
+            resource: "virtualmachines".into(),
+            subresource: "console".into(),
+            name: "demo".into(),
+        };
+        assert_eq!(
+            rbac.authorize(&u, &console).is_ok(),
+            writes,
+            "{user} console"
+        );
     }
 
     let docs =
@@ -619,9 +801,13 @@ fn monitoring_and_aggregated_roles_render() {
             .find(|d| {
                 d["kind"] == "Service"
                     && d["metadata"]["labels"]["app.kubernetes.io/component"] == component
+                    && d["spec"]["ports"][0]["name"] == "metrics"
             })
-            .unwrap_or_else(|| panic!("no Service for {component}"));
-        assert_eq!(service["spec"]["ports"][0]["name"], "metrics");
+            .unwrap_or_else(|| panic!("no metrics Service for {component}"));
+        assert_eq!(
+            service["spec"]["selector"]["app.kubernetes.io/component"],
+            component
+        );
     }
     // /metrics: the listed scraper may read it, as RBAC evaluates the
     // rendered roles; the daemons may ask the API server who a token is.
@@ -685,8 +871,8 @@ fn monitoring_and_aggregated_roles_render() {
 }
 
 /// The chart's ValidatingAdmissionPolicy, as the test API server evaluates
-/// it: a node daemon changes only its own Node, the VMs labelled for its
-/// node and the migrations whose source or target it is; a token without a
+/// it: a node daemon changes only its own Node and GodwitNode, the VMs
+/// labelled for its node and the migrations whose source or target it is; a token without a
 /// node name changes nothing; other users are not its concern. Off with
 /// `rbac.nodeRestriction=false`.
 #[test]
@@ -767,6 +953,15 @@ fn node_restriction_lets_a_node_daemon_change_only_its_own() {
         "{refused}"
     );
     assert!(check(a(), "godwit.dev", "virtualmachines", "", &unlabelled).is_err());
+    assert_eq!(
+        check(a(), "godwit.dev", "godwitnodes", "status", &node_a),
+        Ok(())
+    );
+    let refused = check(a(), "godwit.dev", "godwitnodes", "status", &node_b).unwrap_err();
+    assert!(
+        refused.contains("only its own node's GodwitNode"),
+        "{refused}"
+    );
     for node in ["node-a", "node-b"] {
         let who = user(agent, Some(node));
         assert_eq!(

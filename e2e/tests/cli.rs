@@ -3,8 +3,8 @@
 //! a missing VM is a clear error, `migrate --follow` shows the progress and
 //! the result table of a live migration, the operator's and the source node
 //! daemon's `/metrics` count it with its bytes and downtime, and `console`
-//! in a pseudo-terminal shows the guest's output, sends it a command and
-//! detaches on Ctrl-].
+//! in a pseudo-terminal, through the API server (no node address), shows
+//! the guest's output, sends it a command and detaches on Ctrl-].
 //!
 //! Needs the release binaries (`cargo build --release -p godwit-node
 //! -p godwit-operator -p godwit-cli --bins`, as e2e/test.sh does), python3
@@ -141,29 +141,23 @@ fn kubectl_godwit_migrates_with_progress_attaches_the_console_and_counts_metrics
         "{shown}"
     );
 
-    // console, in a pseudo-terminal, from the client namespace (the node
-    // daemons listen on their node IPs, which the host does not reach).
-    let console = g
-        .cluster
-        .fabric
-        .client
-        .exec(
-            "python3",
-            &[
-                "-c",
-                PTY_DRIVER,
-                "Escape character",
-                "status\r",
-                "STATUS hb=",
-                "env",
-                &format!("PATH={}", path_with(&plugin_dir).to_string_lossy()),
-                &format!("KUBECONFIG={}", g.cluster.node_kubeconfig.display()),
-                "kubectl",
-                "godwit",
-                "console",
-                "demo",
-            ],
-        )
+    // console, in a pseudo-terminal, through the API server (the
+    // aggregated API subresources.godwit.dev; the host reaches no node).
+    let console = Command::new("python3")
+        .args([
+            "-c",
+            PTY_DRIVER,
+            "Escape character",
+            "status\r",
+            "STATUS hb=",
+            "kubectl",
+            "godwit",
+            "console",
+            "demo",
+        ])
+        .env("PATH", path_with(&plugin_dir))
+        .env("KUBECONFIG", &g.cluster.kubeconfig)
+        .output()
         .expect("run the pty driver");
     let seen = text(&console.stdout);
     assert!(
@@ -380,9 +374,14 @@ fn kubectl_godwit_migrates_with_progress_attaches_the_console_and_counts_metrics
     )
     .unwrap();
 
-    // stop, then start.
-    let out = kubectl(&g, &plugin_dir, &["godwit", "stop", "demo"]);
+    // shutdown (stop's other name: the power button), then start.
+    let out = kubectl(&g, &plugin_dir, &["godwit", "shutdown", "demo"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("the guest's power button is pressed"),
+        "{}",
+        text(&out.stdout)
+    );
     g.wait("the VM to stop", Duration::from_secs(60), || {
         let vm = g.get("gvm", "demo")?;
         Ok(vm.filter(|v| v["status"]["phase"] == "Stopped").map(|_| ()))

@@ -6,8 +6,16 @@
 //!   the operator Deployment's image (or "not found" without one);
 //! - `create vm --from-template` prints a manifest that `kubectl apply`
 //!   takes, and the VM runs;
+//! - `port-forward made :7777` listens on a free local port and relays a
+//!   connection to the guest's heartbeat server through the API server;
+//!   `ssh` and `scp` run the local OpenSSH client with `port-forward
+//!   --stdio` as its ProxyCommand (stand-in `ssh` and `scp` on PATH, since
+//!   the test guest has no sshd: they run the ProxyCommand as OpenSSH would
+//!   and read the guest's heartbeat through it);
 //! - `pause` stops the guest's heartbeat (the `HB n` lines on its console)
 //!   and `unpause` resumes it, with the VM's `Paused` condition following;
+//!   the operator's `Scheduled` and the agent's `Ready` and `Paused` stand
+//!   side by side, each applied by its own field manager;
 //! - `migrate-cancel` with no migration is a clear error, and on a slow
 //!   live migration leaves the VM on its source (the same VMM) and the
 //!   VMMigration ends `Cancelled`;
@@ -24,14 +32,22 @@ use std::time::Duration;
 use godwit_e2e::driver::{ClusterDriver, EXAMPLE_TEMPLATE};
 use serde_json::Value;
 
+/// `dirs` before `PATH`.
+fn path_with(dirs: &[&Path]) -> OsString {
+    let mut path = OsString::new();
+    for d in dirs {
+        path.push(d);
+        path.push(":");
+    }
+    path.push(std::env::var_os("PATH").unwrap_or_default());
+    path
+}
+
 /// `kubectl <args>` on the host with the plugin on PATH and the cluster's kubeconfig.
 fn kubectl(g: &ClusterDriver, plugin_dir: &Path, args: &[&str]) -> Output {
-    let mut path = OsString::from(plugin_dir);
-    path.push(":");
-    path.push(std::env::var_os("PATH").unwrap_or_default());
     Command::new("kubectl")
         .args(args)
-        .env("PATH", path)
+        .env("PATH", path_with(&[plugin_dir]))
         .env("KUBECONFIG", &g.cluster.kubeconfig)
         .output()
         .expect("run kubectl")
@@ -180,6 +196,51 @@ fn wait_migration_phase(g: &ClusterDriver, name: &str, phases: &[&str]) -> Value
     })
 }
 
+/// A stand-in for OpenSSH's `ssh` and `scp` (the test guest runs no
+/// sshd): prints its arguments, runs the `-o ProxyCommand=` as OpenSSH does
+/// (`sh -c`, `%%` for `%`) and prints the first line the guest sends
+/// through it.
+const OPENSSH_STAND_IN: &str = r#"#!/usr/bin/env python3
+import os, subprocess, sys
+args = sys.argv[1:]
+proxy = next(args[i + 1][len("ProxyCommand="):] for i, a in enumerate(args)
+             if a == "-o" and args[i + 1].startswith("ProxyCommand="))
+print("%s ARGS %s" % (os.path.basename(sys.argv[0]), " ".join(args[2:])), flush=True)
+print("PROXY %s" % proxy, flush=True)
+p = subprocess.Popen(["sh", "-c", "exec " + proxy.replace("%%", "%")],
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+line = p.stdout.readline().decode().strip()
+p.kill()
+p.wait()
+print("GUEST SAID %s" % line, flush=True)
+if not line:
+    print("PROXY STDERR %s" % p.stderr.read().decode(), flush=True)
+    sys.exit(1)
+"#;
+
+/// `kubectl godwit port-forward made :7777` in the background: the local
+/// address it listens on, read from its `Forwarding from` line.
+fn port_forward(g: &ClusterDriver, plugin_dir: &Path) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = Command::new("kubectl")
+        .args(["godwit", "port-forward", "made", ":7777"])
+        .env("PATH", path_with(&[plugin_dir]))
+        .env("KUBECONFIG", &g.cluster.kubeconfig)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .strip_prefix("Forwarding from ")
+        .and_then(|l| l.strip_suffix(" -> 7777\n"))
+        .unwrap_or_else(|| panic!("port-forward printed {line:?}"))
+        .to_string();
+    (child, addr)
+}
+
 const OPERATOR_DEPLOYMENT: &str = r#"apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -207,7 +268,7 @@ spec:
 "#;
 
 #[test]
-fn kubectl_godwit_pauses_cancels_migrations_creates_from_templates_and_tells_versions() {
+fn kubectl_godwit_forwards_pauses_cancels_migrations_creates_from_templates_and_tells_versions() {
     let (plugin, plugin_dir) = godwit_e2e::driver::kubectl_plugin();
 
     // completion needs no cluster.
@@ -283,6 +344,89 @@ fn kubectl_godwit_pauses_cancels_migrations_creates_from_templates_and_tells_ver
     })
     .unwrap();
 
+    // port-forward: a free local port relays to the guest's port 7777
+    // (its heartbeat server), through the API server.
+    let (mut forward, addr) = port_forward(&g, &plugin_dir);
+    let beats = {
+        use std::io::Read;
+        let mut tcp = std::net::TcpStream::connect(&addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while String::from_utf8_lossy(&got).matches("HB ").count() < 3 {
+            let n = tcp.read(&mut buf).expect("heartbeats through the forward");
+            assert!(n > 0, "the forward closed: {}", text(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        text(&got)
+    };
+    let _ = forward.kill();
+    let _ = forward.wait();
+    println!(
+        "port-forward {addr}: {}",
+        beats.lines().next().unwrap_or("")
+    );
+    let err = godwit_err(&g, &plugin_dir, &["port-forward", "made", "--stdio", "1:2"]);
+    assert!(err.contains("give only REMOTE"), "{err}");
+
+    // ssh and scp: the local client with port-forward --stdio as its
+    // ProxyCommand (the stand-ins run it and print what the guest sent).
+    let stand_ins = dir.join("openssh");
+    std::fs::create_dir_all(&stand_ins).unwrap();
+    for tool in ["ssh", "scp"] {
+        use std::os::unix::fs::PermissionsExt;
+        let path = stand_ins.join(tool);
+        std::fs::write(&path, OPENSSH_STAND_IN).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let with_openssh = |args: &[&str]| -> String {
+        let out = Command::new("kubectl")
+            .args(args)
+            .env("PATH", path_with(&[&stand_ins, &plugin_dir]))
+            .env("KUBECONFIG", &g.cluster.kubeconfig)
+            .output()
+            .unwrap();
+        let shown = text(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{args:?}: {shown}{}",
+            text(&out.stderr)
+        );
+        shown
+    };
+    let shown = with_openssh(&[
+        "godwit",
+        "ssh",
+        "-p",
+        "7777",
+        "root@made",
+        "--",
+        "uname",
+        "-a",
+    ]);
+    assert!(
+        shown.contains("ssh ARGS root@made.default -- uname -a")
+            && shown.contains("--namespace='default' port-forward --stdio 'made' 7777\n")
+            && shown.contains("GUEST SAID HB "),
+        "{shown}"
+    );
+    let shown = with_openssh(&[
+        "godwit",
+        "scp",
+        "-P",
+        "7777",
+        "-r",
+        "./conf",
+        "made:/etc/app",
+    ]);
+    assert!(
+        shown.contains("scp ARGS -r ./conf made.default:/etc/app")
+            && shown.contains("GUEST SAID HB "),
+        "{shown}"
+    );
+    let err = godwit_err(&g, &plugin_dir, &["ssh", "root@nope"]);
+    assert!(err.contains(r#"VirtualMachine "nope" not found"#), "{err}");
+
     // pause / unpause: errors that say what to do, then the heartbeat
     // stops and comes back, and the Paused condition follows.
     let err = godwit_err(&g, &plugin_dir, &["pause", "nope"]);
@@ -295,6 +439,38 @@ fn kubectl_godwit_pauses_cancels_migrations_creates_from_templates_and_tells_ver
     wait_paused(&g, "made", "True", &source);
     let vm = g.get("gvm", "made").unwrap().unwrap();
     assert_eq!(paused_condition(&vm).unwrap().1, "PausedByUser");
+    // The operator's and the agent's conditions side by side, each applied
+    // by its own field manager (none rewrites the list).
+    let mut types: Vec<&str> = vm["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["type"].as_str())
+        .collect();
+    types.sort();
+    assert_eq!(types, ["Paused", "Ready", "Scheduled"], "{}", vm["status"]);
+    let fields: Value = serde_json::from_str(
+        &g.kubectl(
+            &["get", "gvm", "made", "-o", "json", "--show-managed-fields"],
+            None,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let managers: Vec<&str> = fields["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["operation"] == "Apply")
+        .filter_map(|f| f["manager"].as_str())
+        .collect();
+    for m in [
+        "godwit-operator/Scheduled",
+        "godwit-node/Ready",
+        "godwit-node/Paused",
+    ] {
+        assert!(managers.contains(&m), "{m} not among {managers:?}");
+    }
     assert_eq!(vm["status"]["phase"], "Running");
     let stopped_at = assert_heartbeat_stopped(&src_dir);
     let shown = godwit_ok(&g, &plugin_dir, &["status", "made"]);

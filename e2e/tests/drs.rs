@@ -6,6 +6,10 @@
 //! labelled `godwit.dev/drs=true`, and at no moment (VM labels and migration
 //! targets watched every 200 ms) does `heavy-a` run on, or head for, the
 //! guard's node. Its plan is in the ConfigMap `godwit-system/godwit-drs`.
+//! The usage it balances on is each node's `GodwitNode` status: every node
+//! has one, owned by its Node, with the agent's capacity, and the loaded
+//! node's usage counts the three VMs; the Nodes carry no usage or capacity
+//! annotation.
 //!
 //! (Two VMs with an anti-affinity rule between them cannot start on one
 //! node, so the rule binds a VM of the loaded node and one elsewhere.)
@@ -156,6 +160,79 @@ fn drs_spreads_loaded_vms_and_keeps_anti_affinity() {
     }
     label(&names[1], "godwit.dev/maintenance-");
     label(&names[2], "godwit.dev/maintenance-");
+
+    // What the balancer reads: each node's GodwitNode.
+    let report = g
+        .wait(
+            "the loaded node's usage to count its three VMs",
+            Duration::from_secs(30),
+            || {
+                let report = g.kubectl(
+                    &[
+                        "get",
+                        "gnode",
+                        "-n",
+                        "godwit-system",
+                        &names[0],
+                        "-o",
+                        "json",
+                    ],
+                    None,
+                )?;
+                let report: Value = serde_json::from_str(&report)?;
+                let vms = report["status"]["usage"]["vms"]
+                    .as_object()
+                    .map_or(0, |v| v.len());
+                Ok((vms == 3).then_some(report))
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        report["metadata"]["ownerReferences"][0]["kind"], "Node",
+        "{report}"
+    );
+    assert_eq!(
+        report["metadata"]["ownerReferences"][0]["name"],
+        names[0].as_str()
+    );
+    assert!(
+        report["status"]["capacity"]["cpu"].as_u64() > Some(0),
+        "{report}"
+    );
+    assert!(
+        report["status"]["usage"]["rssBytes"].as_u64() > Some(0),
+        "{report}"
+    );
+    let table = g
+        .kubectl(&["get", "gnode", "-n", "godwit-system"], None)
+        .unwrap();
+    for name in &names {
+        assert!(table.contains(name.as_str()), "{table}");
+    }
+    assert!(
+        table.contains("CPU-USED-M") && table.contains("MEMORY"),
+        "{table}"
+    );
+    let node: Value = serde_json::from_str(
+        &g.kubectl(&["get", "node", &names[0], "-o", "json"], None)
+            .unwrap(),
+    )
+    .unwrap();
+    let annotations = node["metadata"]["annotations"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    for old in [
+        "godwit.dev/usage",
+        "godwit.dev/vm-cpu",
+        "godwit.dev/vm-memory",
+        "godwit.dev/cached-images",
+    ] {
+        assert!(
+            !annotations.contains_key(old),
+            "the agent still writes {old} on its Node: {annotations:?}"
+        );
+    }
     println!(
         "three loaded VMs on {} after {:?}",
         names[0],
@@ -231,9 +308,11 @@ fn drs_spreads_loaded_vms_and_keeps_anti_affinity() {
             g.kubectl(
                 &[
                     "get",
-                    "node",
+                    "gnode",
+                    "-n",
+                    "godwit-system",
                     "-o",
-                    "jsonpath={.items[*].metadata.annotations.godwit\\.dev/usage}"
+                    "jsonpath={.items[*].status.usage}"
                 ],
                 None
             )

@@ -10,7 +10,12 @@
 //!   disk, or either through a symlink planted in an image directory, gets
 //!   Ready False with reason `ImagePathRefused`, phase Failed and an Event,
 //!   and no VMM starts;
-//! - the same VM naming allowed files runs.
+//! - the same VM naming allowed files runs;
+//! - a `ClusterVMTemplate` may name files outside the image directories
+//!   (only cluster administrators make one): a VM from it runs, while a
+//!   namespaced `VMTemplate` naming the same files is refused, and so are
+//!   they once the `ClusterVMTemplate` is deleted (the node learns the paths
+//!   from the API server, not from the VM).
 //!
 //! Needs the release binaries (`cargo build --release -p godwit-node
 //! -p godwit-operator --bins`, as e2e/test.sh does), the test guest
@@ -159,4 +164,76 @@ fn vms_name_files_only_in_the_image_directories() {
     ))
     .unwrap();
     refused(&g, "planted", "symbolic link");
+
+    // A ClusterVMTemplate names an image and an initrd outside the image
+    // directories: a VM from it runs. A VMTemplate naming the same files is
+    // refused.
+    let admin = dir.join("admin-images");
+    std::fs::create_dir_all(&admin).unwrap();
+    let (golden, admin_initrd) = (admin.join("golden.raw"), admin.join("initrd.img"));
+    std::fs::File::create(&golden)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    std::fs::write(&admin_initrd, vec![0x5a; 4096]).unwrap();
+    let template = |kind: &str, name: &str| {
+        let ns = if kind == "VMTemplate" {
+            "\n  namespace: default"
+        } else {
+            ""
+        };
+        g.example(&format!(
+            r#"apiVersion: godwit.dev/v1alpha1
+kind: {kind}
+metadata:
+  name: {name}{ns}
+spec:
+  image:
+    source: {}
+  cpu: 1
+  memory: 128Mi
+  boot:
+    kernel: /var/lib/godwit/kernels/godwit-testguest.elf
+    initrd: {}
+    cmdline: hb_ms=50
+"#,
+            s(&golden),
+            s(&admin_initrd)
+        ))
+    };
+    let from = |name: &str, kind: &str, template: &str| {
+        format!(
+            r#"apiVersion: godwit.dev/v1alpha1
+kind: VirtualMachine
+metadata:
+  name: {name}
+  namespace: default
+spec:
+  runStrategy: Manual
+  templateRef:
+    kind: {kind}
+    name: {template}
+"#
+        )
+    };
+    g.apply(&template("ClusterVMTemplate", "golden")).unwrap();
+    g.apply(&from("from-cluster", "ClusterVMTemplate", "golden"))
+        .unwrap();
+    g.wait_running("from-cluster", Duration::from_secs(60))
+        .unwrap();
+    g.apply(&template("VMTemplate", "copied")).unwrap();
+    g.apply(&from("from-namespaced", "VMTemplate", "copied"))
+        .unwrap();
+    refused(
+        &g,
+        "from-namespaced",
+        "not under any of the node's image directories",
+    );
+    // The node learns the paths from the API server: once the
+    // ClusterVMTemplate is gone, its initrd is refused like any other file.
+    g.kubectl(&["delete", "gcvmt", "golden"], None).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    g.apply(&vm(&g, "after-delete", &s(&admin_initrd), &s(&data)))
+        .unwrap();
+    refused(&g, "after-delete", "boot.initrd");
 }

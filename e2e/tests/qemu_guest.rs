@@ -97,16 +97,7 @@ fn memcheck_passes_after_dirtying_64_mib_and_catches_a_corrupted_page() {
     assert_eq!(field(&dirty.text, "pages"), Some("16384"), "{}", dirty.text);
     q.console.wait_prefix("READY", T).unwrap();
     // A periodic check once every page has been written at least once.
-    let ok = q
-        .console
-        .wait_for("MEMCHECK ok over all 16384 pages", T, |t| {
-            t.starts_with("MEMCHECK ")
-                && (t.starts_with("MEMCHECK bad") || field(t, "pages") == Some("16384"))
-        })
-        .unwrap();
-    assert!(ok.text.starts_with("MEMCHECK ok"), "{}", ok.text);
-    let gen: u64 = field(&ok.text, "gen").unwrap().parse().unwrap();
-    assert!(gen >= 2, "{}", ok.text);
+    memcheck_ok(&mut q, "16384");
     // Heartbeats kept coming while the workload ran.
     assert_consecutive(&q.console.heartbeats(10, T).unwrap());
 
@@ -118,6 +109,71 @@ fn memcheck_passes_after_dirtying_64_mib_and_catches_a_corrupted_page() {
     let expected = u64::from_str_radix(&field(&bad.text, "expected").unwrap()[2..], 16).unwrap();
     let found = u64::from_str_radix(&field(&bad.text, "found").unwrap()[2..], 16).unwrap();
     assert_eq!(expected ^ found, 1, "{}", bad.text);
+}
+
+#[test]
+fn random_order_and_mixed_fill_verify_exactly_and_heartbeats_count_writes() {
+    let mut q = spawn(&QemuConfig {
+        memory_mib: 256,
+        append: "hb_ms=10 dirty_mib=16 dirty_order=random dirty_fill=mix mix_mib=64 memcheck_s=1"
+            .into(),
+        ..Default::default()
+    });
+    let dirty = q.console.wait_prefix("DIRTY mib=", BOOT).unwrap();
+    for (key, value) in [
+        ("pages", "4096"),
+        ("order", "random"),
+        ("fill", "mix"),
+        ("region_pages", "16384"),
+    ] {
+        assert_eq!(field(&dirty.text, key), Some(value), "{}", dirty.text);
+    }
+    // The whole 64 MiB region is written before READY.
+    let filled = q.console.wait_prefix("DIRTY filled ", T).unwrap();
+    assert_eq!(
+        field(&filled.text, "pages"),
+        Some("16384"),
+        "{}",
+        filled.text
+    );
+    q.console.wait_prefix("READY", T).unwrap();
+    // A periodic check covers the region: cold pages and hot ones.
+    memcheck_ok(&mut q, "16384");
+    // Heartbeats keep their pace and count the pages written.
+    let hbs = q.console.heartbeats(50, T).unwrap();
+    assert_consecutive(&hbs);
+    for w in hbs.windows(2) {
+        assert!(
+            w[1].0.written > w[0].0.written,
+            "written did not grow: {:?} -> {:?}",
+            w[0].0,
+            w[1].0
+        );
+    }
+    // Ten of these, at least: more than the 4096 pages of a pass.
+    assert!(
+        hbs[49].0.written - hbs[0].0.written > 4096,
+        "{:?}",
+        hbs[49].0
+    );
+    // Periodic checks keep passing while the writer runs.
+    for _ in 0..2 {
+        let ok = q.console.wait_prefix("MEMCHECK ", T).unwrap();
+        assert!(ok.text.starts_with("MEMCHECK ok"), "{}", ok.text);
+    }
+
+    // Hot page 1234 is region page 1234 * 4, whatever its class.
+    q.console.send("corrupt 1234").unwrap();
+    q.console.wait_prefix("CORRUPT page=1234", T).unwrap();
+    q.console.send("memcheck").unwrap();
+    let bad = q.console.wait_prefix("MEMCHECK bad", T).unwrap();
+    assert_eq!(field(&bad.text, "page"), Some("4936"), "{}", bad.text);
+    let expected = u64::from_str_radix(&field(&bad.text, "expected").unwrap()[2..], 16).unwrap();
+    let found = u64::from_str_radix(&field(&bad.text, "found").unwrap()[2..], 16).unwrap();
+    assert_eq!(expected ^ found, 1, "{}", bad.text);
+    // The paused writer writes nothing more.
+    let hbs = q.console.heartbeats(3, T).unwrap();
+    assert_eq!(hbs[0].0.written, hbs[2].0.written, "{hbs:?}");
 }
 
 #[test]
@@ -411,4 +467,19 @@ fn tcp_client_holds_its_connection_through_live_migration() {
     );
     let max_gap = got.windows(2).map(|w| w[1].1 - w[0].1).max().unwrap();
     eprintln!("largest gap on the TCP stream through migration: {max_gap:?}");
+}
+
+/// Waits for the first periodic MEMCHECK over all `pages` pages (or a bad
+/// one) and asserts it passed on a working set written at least twice.
+fn memcheck_ok(q: &mut Qemu, pages: &str) {
+    let ok = q
+        .console
+        .wait_for(&format!("MEMCHECK over all {pages} pages"), T, |t| {
+            t.starts_with("MEMCHECK ")
+                && (t.starts_with("MEMCHECK bad") || field(t, "pages") == Some(pages))
+        })
+        .unwrap();
+    assert!(ok.text.starts_with("MEMCHECK ok"), "{}", ok.text);
+    let gen: u64 = field(&ok.text, "gen").unwrap().parse().unwrap();
+    assert!(gen >= 2, "{}", ok.text);
 }

@@ -1,7 +1,7 @@
 //! The chart's RBAC is what Godwit uses, and no more. The local-cluster
 //! flows run with the operator as user `godwit-operator` and the agents as
 //! `godwit-node` (the chart's ServiceAccount names):
-//! - a VM from a template runs, migrates live, is scraped (`/metrics` on the
+//! - a VM from a ClusterVMTemplate runs, migrates live, is scraped (`/metrics` on the
 //!   operator and a node daemon, each asking the API server about the
 //!   scraper's token) and deleted; meanwhile namespace users work with VMs as
 //!   Kubernetes' `edit` (alice) and `view` (bob) roles let them;
@@ -212,6 +212,12 @@ fn team_work(g: &ClusterDriver) {
     );
     as_user(VIEWER, &["get", "gvm,gvmt,gvmm", "-o", "name"], None);
     as_user(VIEWER, &["get", "gvm", "demo", "-o", "yaml"], None);
+    // alice asks for the console (kubectl's GET is no WebSocket, so the
+    // console API refuses it with 400 once both the API server and the
+    // console API have authorized her).
+    let console =
+        format!("/apis/subresources.godwit.dev/v1/namespaces/{TEAM}/virtualmachines/demo/console");
+    let _ = g.kubectl(&[&format!("--as={EDITOR}"), "get", "--raw", &console], None);
     // A watch that kubectl ends after a second (so it exits non-zero).
     let _ = g.kubectl(
         &[
@@ -234,8 +240,8 @@ fn team_work(g: &ClusterDriver) {
     as_user(EDITOR, &["delete", "gvmt", "testguest"], None);
 }
 
-/// A VM from a template, with user-data from a Secret (the agent reads it
-/// for the cloud-init seed), runs, migrates live, and is deleted.
+/// A VM from a ClusterVMTemplate, with user-data from a Secret (the agent
+/// reads it for the cloud-init seed), runs, migrates live, and is deleted.
 fn migrate_and_delete() -> Vec<AuditRecord> {
     let dir = std::env::temp_dir().join(format!("godwit-rbac-{}", std::process::id()));
     let g = ClusterDriver::up(2, &dir).expect("local cluster with Godwit");
@@ -252,11 +258,20 @@ fn migrate_and_delete() -> Vec<AuditRecord> {
         None,
     )
     .unwrap();
-    g.apply(&g.example(EXAMPLE_TEMPLATE)).unwrap();
+    // Here the template is a ClusterVMTemplate (the operator reads it, the
+    // agents watch them all).
+    let template = EXAMPLE_TEMPLATE
+        .replace("kind: VMTemplate", "kind: ClusterVMTemplate")
+        .replace("  namespace: default\n", "");
+    g.apply(&g.example(&template)).unwrap();
     let vm = format!(
         "{}\n  customization:\n    userDataSecretRef:\n      name: demo-userdata\n",
-        EXAMPLE_VM.trim_end()
+        EXAMPLE_VM.trim_end().replace(
+            "templateRef:\n    name: testguest",
+            "templateRef:\n    kind: ClusterVMTemplate\n    name: testguest"
+        )
     );
+    assert!(vm.contains("kind: ClusterVMTemplate"), "{vm}");
     g.apply(&g.example(&vm)).unwrap();
     g.wait_running("demo", Duration::from_secs(90)).unwrap();
     g.apply(&g.example(EXAMPLE_MIGRATION)).unwrap();

@@ -400,6 +400,30 @@ fn dirtying_guest_moves_over_a_1gbit_link() {
     check_moved(src, &target, Some(stream), true);
 }
 
+#[test]
+fn guest_with_scattered_writes_and_mixed_memory_moves_and_verifies() {
+    common::require_kvm();
+    let t = topology();
+    let dir = Scratch::new("mig-mix");
+    // A 64 MiB region of zero, text-like and random pages (written before
+    // READY), 16 MiB of it rewritten in a new random order each pass.
+    let mut src = start_source(
+        &t,
+        &dir,
+        256,
+        "hb_ms=20 dirty_mib=16 dirty_rate=5000 dirty_order=random dirty_fill=mix mix_mib=64",
+    );
+    // 4096 hot pages at 5000 pages/s: more than one pass before the move.
+    src.console
+        .heartbeats(100, Duration::from_secs(30))
+        .unwrap();
+    let target = start_target(&t, &dir);
+    let result = migrate(&src, &target, MigrateSend::default());
+    eprintln!("scattered mixed migration: {result}");
+    assert_eq!(result["stage"], "Completed", "{result}");
+    check_moved(src, &target, None, true);
+}
+
 fn fast_dirtier_over_slow_link(name: &str, policy: MigrateSend, expect_mode: &str) {
     common::require_kvm();
     let t = topology();

@@ -292,8 +292,12 @@ fn storage_migration(base_on_target: bool) {
             "base not copied: {storage}"
         );
     }
-    // Holes are not sent: far less than the 32 MiB disk.
-    assert!(sent < allocated + (4 << 20), "{storage}");
+    // Holes are not sent: the first pass carries the allocated clusters and
+    // no more (1 MiB for framing), and with the blocks the guest wrote again
+    // meanwhile (more rounds under load) the whole stays under the disk.
+    let dirty = storage["dirty_bytes_sent"].as_u64().unwrap();
+    assert!(sent - dirty < allocated + (1 << 20), "{storage}");
+    assert!(sent < DISK, "{storage}");
     assert!(
         seeds.iter().any(Option::is_some),
         "no write was acknowledged during the migration"

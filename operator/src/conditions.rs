@@ -1,5 +1,6 @@
 //! Standard `metav1.Condition`s: the operator sets one condition type at a
-//! time and leaves the others (the agent's `Ready`, ...) as they are.
+//! time and leaves the others (the agent's `Ready`, ...) as they are; see
+//! `godwit_crds::conditions` for who owns which.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -57,8 +58,34 @@ impl Wanted {
     }
 }
 
-/// `conditions` with `wanted` set: the transition time moves only when the
-/// status changes; other types are kept in their order.
+impl Wanted {
+    /// The condition to write: its transition time moves only when the
+    /// status changes from what `current` shows.
+    pub fn condition(
+        &self,
+        current: &[Condition],
+        generation: Option<i64>,
+        now: Timestamp,
+    ) -> Condition {
+        godwit_crds::conditions::keep_transition_time(
+            Condition {
+                type_: self.type_.to_string(),
+                status: self.status_text().to_string(),
+                reason: self.reason.to_string(),
+                message: self.message.clone(),
+                last_transition_time: Time(now),
+                observed_generation: generation,
+            },
+            current,
+        )
+    }
+}
+
+/// `conditions` with `wanted` set (for kinds whose conditions only the
+/// operator writes: a whole-list write guarded by the resourceVersion);
+/// other types are kept in their order. VM conditions, which the node
+/// agent writes too, are applied one by one instead
+/// ([`crate::context::Context::apply_condition`]).
 pub fn merge(
     conditions: &[Condition],
     wanted: &Wanted,
@@ -66,20 +93,8 @@ pub fn merge(
     now: Timestamp,
 ) -> Vec<Condition> {
     let mut out: Vec<Condition> = conditions.to_vec();
-    let previous = out.iter().position(|c| c.type_ == wanted.type_);
-    let last_transition_time = match previous {
-        Some(i) if out[i].status == wanted.status_text() => out[i].last_transition_time.clone(),
-        _ => Time(now),
-    };
-    let condition = Condition {
-        type_: wanted.type_.to_string(),
-        status: wanted.status_text().to_string(),
-        reason: wanted.reason.to_string(),
-        message: wanted.message.clone(),
-        last_transition_time,
-        observed_generation: generation,
-    };
-    match previous {
+    let condition = wanted.condition(conditions, generation, now);
+    match out.iter().position(|c| c.type_ == wanted.type_) {
         Some(i) => out[i] = condition,
         None => out.push(condition),
     }

@@ -126,6 +126,9 @@ pub struct OperatorConfig {
     pub node_user: String,
     /// Days a node's migration certificate is valid.
     pub node_certificate_days: u32,
+    /// The aggregated console API ([`crate::console_api`]); `None` serves
+    /// none.
+    pub console_api: Option<crate::console_api::ApiConfig>,
 }
 
 /// Finished VMMigrations kept per VM by default (as KubeVirt keeps 5).
@@ -150,6 +153,7 @@ impl Default for OperatorConfig {
             migration_ca: None,
             node_user: default_node_user(DEFAULT_LEASE_NAMESPACE),
             node_certificate_days: crate::signer::DEFAULT_VALIDITY_DAYS,
+            console_api: None,
         }
     }
 }

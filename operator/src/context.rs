@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use godwit_crds::contract::field_manager;
 use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -141,6 +142,28 @@ impl Context {
                 "metadata": {"resourceVersion": obj.resource_version()},
                 "status": status,
             })),
+        )
+        .await
+    }
+
+    /// Applies `condition` to `obj`'s status by server-side apply, under
+    /// the operator's field manager for that condition type, so that the
+    /// other conditions (the node agent's `Ready`, `Paused`) stay as their
+    /// writers left them (see `godwit_crds::conditions`).
+    pub async fn apply_condition<K>(
+        &self,
+        api: &Api<K>,
+        obj: &K,
+        condition: &Condition,
+    ) -> Result<K, kube::Error>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    {
+        let manager = godwit_crds::conditions::field_manager("operator", &condition.type_);
+        api.patch_status(
+            &obj.name_any(),
+            &PatchParams::apply(&manager).force(),
+            &Patch::Apply(godwit_crds::conditions::apply_config(obj, condition)),
         )
         .await
     }

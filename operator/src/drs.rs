@@ -1,7 +1,7 @@
 //! DRS: keeps the nodes' measured load balanced with live migrations.
 //!
-//! The node agents publish what their VMMs measurably use on the Node
-//! ([`USAGE_ANNOTATION`], see [`NodeUsage`]). Every `--drs-interval` (default
+//! The node agents publish what their VMMs measurably use in their
+//! GodwitNode (`status.usage`, see [`NodeUsage`]). Every `--drs-interval` (default
 //! 5 minutes) the balancer lists the cluster and asks [`balance`], a pure
 //! function over plain data, for a plan:
 //!
@@ -29,7 +29,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use godwit_crds::contract::{NodeUsage, DRS_LABEL, USAGE_ANNOTATION, USAGE_PERIOD_SECONDS};
+use godwit_crds::contract::{NodeUsage, DRS_LABEL, USAGE_PERIOD_SECONDS};
 use godwit_crds::{
     EvictionStrategy, MigrationMode, StorageMode, VMMigration, VMMigrationSpec, VirtualMachine,
     VmPhase,
@@ -320,12 +320,9 @@ async fn pass(ctx: &Context) -> Result<(), kube::Error> {
     let now = Timestamp::now();
     let cluster = ClusterView::build(&snapshot, now, ctx.config.cpu_allocation_ratio);
     let usage: BTreeMap<String, NodeUsage> = snapshot
-        .nodes
+        .godwit_nodes
         .iter()
-        .filter_map(|n| {
-            let text = n.annotations().get(USAGE_ANNOTATION)?;
-            Some((n.name_any(), serde_json::from_str(text).ok()?))
-        })
+        .filter_map(|g| Some((g.name_any(), g.status.as_ref()?.usage.clone()?)))
         .collect();
     let mut status = balance(
         &cluster,

@@ -52,6 +52,7 @@ pub fn vm(name: &str) -> VirtualMachine {
         spec: VirtualMachineSpec {
             template_ref: Some(TemplateRef {
                 name: "base".into(),
+                ..Default::default()
             }),
             ..Default::default()
         },
@@ -345,6 +346,7 @@ pub fn view_of(
         vms,
         migrations,
         pods: Vec::new(),
+        godwit_nodes: Vec::new(),
     };
     ClusterView::build(&snapshot, t0(), CpuAllocationRatio::default())
 }

@@ -21,8 +21,9 @@ use godwit_crds::contract::NODE_LABEL;
 use godwit_crds::{VirtualMachine, VmPhase};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
@@ -104,6 +105,19 @@ pub async fn run(ctx: Arc<Context>) {
     }
 }
 
+/// A `Ready` `False` condition the operator writes for a VM whose node
+/// cannot (lost, or in maintenance).
+pub fn not_ready(reason: &str, message: &str) -> Condition {
+    Condition {
+        type_: "Ready".into(),
+        status: "False".into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: Time(Timestamp::now()),
+        observed_generation: None,
+    }
+}
+
 async fn fail_over(ctx: &Context, node: &str) -> Result<(), kube::Error> {
     let vms: Api<VirtualMachine> = Api::all(ctx.client.clone());
     let on_node = vms
@@ -117,23 +131,13 @@ async fn fail_over(ctx: &Context, node: &str) -> Result<(), kube::Error> {
         );
         info!(vm = %format!("{ns}/{}", vm.name_any()), %node, "failing over");
         ctx.metrics.failed_over();
-        let status = json!({"status": {
-            "phase": VmPhase::Failed,
-            "conditions": [{
-                "type": "Ready",
-                "status": "False",
-                "reason": "NodeLost",
-                "message": message,
-                "lastTransitionTime": Timestamp::now().to_string(),
-            }],
-        }});
-        Api::<VirtualMachine>::namespaced(ctx.client.clone(), &ns)
-            .patch_status(
-                &vm.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&status),
-            )
+        let api = Api::<VirtualMachine>::namespaced(ctx.client.clone(), &ns);
+        let status = json!({"status": {"phase": VmPhase::Failed}});
+        let failed = api
+            .patch_status(&vm.name_any(), &ctx.patch_params(), &Patch::Merge(&status))
             .await?;
+        let not_ready = not_ready("NodeLost", &message);
+        ctx.apply_condition(&api, &failed, &not_ready).await?;
         ctx.publish(
             &vm.object_ref(&()),
             "Failover",

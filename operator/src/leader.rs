@@ -9,6 +9,11 @@
 //! duration, has lost: [`Elector::hold`] returns and the process exits
 //! non-zero (its Deployment restarts it as a follower) rather than risk a
 //! second leader.
+//!
+//! Not `kube-lease-manager` (0.13, on kube 5): a leader of the crate that
+//! cannot reach the API server keeps reporting that it leads past its
+//! Lease's expiry, while a follower may already lead; `tests/leader_crate.rs`
+//! shows both behaviours side by side.
 
 use std::time::{Duration, Instant};
 

@@ -29,6 +29,7 @@
 
 pub mod conditions;
 pub mod config;
+pub mod console_api;
 pub mod context;
 pub mod drs;
 pub mod errors;
@@ -99,6 +100,11 @@ pub async fn run_until(
         }
         None => None,
     };
+    // Every replica serves the console API, leader or not.
+    let _console_api = config
+        .console_api
+        .clone()
+        .map(|api| AbortOnDrop(tokio::spawn(console_api::run(client.clone(), api))));
     let elector = leader::Elector::new(client.clone(), &config);
     tokio::pin!(shutdown);
     tokio::select! {

@@ -105,6 +105,8 @@ pub fn build(
         })
     });
     Ok(Machine {
+        // The placement names the VM's ClusterVMTemplate, if it has one.
+        cluster_template: None,
         cpu: resolved.cpu,
         memory_bytes: resolved.memory,
         kernel,

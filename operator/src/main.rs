@@ -27,6 +27,15 @@ struct Args {
     /// Where /metrics and /healthz are served.
     #[arg(long, default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
+    /// Where the aggregated console API (subresources.godwit.dev, behind the
+    /// APIService and the godwit-api Service) is served over HTTPS; "off"
+    /// serves none. Needs the migration CA (--migration-ca-secret).
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    api_addr: String,
+    /// The Service the APIService points at (its names are in the serving
+    /// certificate).
+    #[arg(long, default_value = godwit_crds::contract::SUBRESOURCES_SERVICE)]
+    api_service: String,
     /// spread: prefer the emptiest node; pack: the fullest that fits.
     #[arg(long, default_value = "spread")]
     placement: Strategy,
@@ -135,6 +144,23 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             name: args.migration_ca_secret.clone(),
             validity_days: args.migration_ca_validity_days,
         });
+    let console_api = match (args.api_addr.as_str(), &migration_ca) {
+        ("off", _) => None,
+        (addr, Some(ca)) => Some(godwit_operator::console_api::ApiConfig {
+            addr: addr
+                .parse()
+                .map_err(|e| format!("--api-addr {addr:?}: {e}"))?,
+            service: args.api_service.clone(),
+            ca: ca.clone(),
+        }),
+        (_, None) => {
+            return Err(
+                "--api-addr needs the migration CA (--migration-ca-secret is off); \
+                        pass --api-addr off to serve no console API"
+                    .into(),
+            )
+        }
+    };
     let node_user = args
         .node_user
         .clone()
@@ -143,6 +169,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         migration_ca,
         node_user,
         node_certificate_days: args.node_certificate_days,
+        console_api,
         lease_namespace: args.lease_namespace,
         metrics_addr: Some(args.metrics_addr),
         placement: args.placement,

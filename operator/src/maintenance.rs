@@ -423,19 +423,13 @@ async fn carry_out(ctx: &Context, node: &str, action: &Eviction) -> Result<(), k
             let message = format!(
                 "node {node} is in maintenance and the VM's evictionStrategy is Shutdown: it is stopped; its runStrategy decides whether it starts on another node"
             );
-            let status = json!({"status": {
-                "phase": VmPhase::Stopping,
-                "conditions": [{
-                    "type": "Ready",
-                    "status": "False",
-                    "reason": "NodeMaintenance",
-                    "message": message,
-                    "lastTransitionTime": Timestamp::now().to_string(),
-                }],
-            }});
-            Api::<VirtualMachine>::namespaced(ctx.client.clone(), namespace)
+            let api = Api::<VirtualMachine>::namespaced(ctx.client.clone(), namespace);
+            let status = json!({"status": {"phase": VmPhase::Stopping}});
+            let stopping = api
                 .patch_status(vm, &ctx.patch_params(), &Patch::Merge(&status))
                 .await?;
+            let not_ready = crate::ha::not_ready("NodeMaintenance", &message);
+            ctx.apply_condition(&api, &stopping, &not_ready).await?;
             info!(vm = %format!("{namespace}/{vm}"), %node, "stopping for maintenance");
             ctx.publish(
                 &vm_reference(namespace, vm),

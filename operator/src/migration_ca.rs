@@ -111,6 +111,22 @@ pub async fn ensure(client: &Client, ca: &CaSecret) -> Result<Outcome, CaSecretE
     }
 }
 
+/// The CA's certificate bundle and key (PEM) from its Secret; `None` when
+/// the Secret is missing or lacks either.
+pub async fn read(client: &Client, ca: &CaSecret) -> Result<Option<(String, String)>, kube::Error> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ca.namespace);
+    let Some(secret) = secrets.get_opt(&ca.name).await? else {
+        return Ok(None);
+    };
+    let data = secret.data.unwrap_or_default();
+    let text = |k: &str| {
+        data.get(k)
+            .and_then(|b| String::from_utf8(b.0.clone()).ok())
+            .filter(|s| !s.is_empty())
+    };
+    Ok(text("ca.crt").zip(text("ca.key")))
+}
+
 /// [`ensure`], retried every 5 s until it succeeds (the signer retries its
 /// requests meanwhile).
 pub async fn keep_ensured(client: Client, ca: CaSecret) {

@@ -9,13 +9,11 @@
 //!   no agent, so not ready.
 //! - Schedulable: not in maintenance ([`in_maintenance`]: cordoned, or
 //!   labelled or annotated [`MAINTENANCE_LABEL`]`: "true"`).
-//! - Capacity: the agent's [`CAPACITY_CPU_ANNOTATION`] and
-//!   [`CAPACITY_MEMORY_ANNOTATION`] once published, else `status.allocatable`.
+//! - Capacity: what the agent reports in its `GodwitNode`
+//!   (`status.capacity`) once published, else the Node's `status.allocatable`.
 
-use godwit_crds::contract::{
-    CAPACITY_CPU_ANNOTATION, CAPACITY_MEMORY_ANNOTATION, MAINTENANCE_LABEL, NODE_LABEL,
-};
-use godwit_crds::parse_quantity;
+use godwit_crds::contract::{MAINTENANCE_LABEL, NODE_LABEL};
+use godwit_crds::{parse_quantity, GodwitNode};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -84,17 +82,13 @@ pub fn parse_millicores(text: &str) -> Option<u64> {
     }
 }
 
-/// What the node offers VMs (CPU in millicores): the agent's published
-/// figures, else what the kubelet reports allocatable. Unreadable figures
-/// count as nothing.
-pub fn capacity(node: &Node) -> Resources {
-    let annotation = |key: &str| {
-        node.metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(key))
-            .cloned()
-    };
+/// What the node offers VMs (CPU in millicores): what its agent reports
+/// in its GodwitNode (`reported`), else what the kubelet reports
+/// allocatable. Unreadable figures count as nothing.
+pub fn capacity(node: &Node, reported: Option<&GodwitNode>) -> Resources {
+    let published = reported
+        .and_then(|g| g.status.as_ref())
+        .and_then(|s| s.capacity.as_ref());
     let allocatable = |key: &str| {
         node.status
             .as_ref()
@@ -102,19 +96,28 @@ pub fn capacity(node: &Node) -> Resources {
             .and_then(|a| a.get(key))
             .map(|q| q.0.clone())
     };
-    let cpu = annotation(CAPACITY_CPU_ANNOTATION)
-        .or_else(|| allocatable("cpu"))
-        .and_then(|t| parse_millicores(&t))
-        .unwrap_or(0);
-    let memory = annotation(CAPACITY_MEMORY_ANNOTATION)
+    let cpu = match published {
+        Some(c) => c.cpu * 1000,
+        None => allocatable("cpu")
+            .and_then(|t| parse_millicores(&t))
+            .unwrap_or(0),
+    };
+    let memory = published
+        .map(|c| c.memory.clone())
         .or_else(|| allocatable("memory"))
         .and_then(|t| parse_quantity(&t).ok())
         .unwrap_or(0);
     Resources { cpu, memory }
 }
 
-/// The scheduler's view of a Godwit node, given its agent's Lease.
-pub fn node_info(node: &Node, lease: Option<&Lease>, now: Timestamp) -> NodeInfo {
+/// The scheduler's view of a Godwit node, given its agent's Lease and
+/// GodwitNode.
+pub fn node_info(
+    node: &Node,
+    lease: Option<&Lease>,
+    reported: Option<&GodwitNode>,
+    now: Timestamp,
+) -> NodeInfo {
     let lease_fresh = lease.and_then(lease_expiry).is_some_and(|t| t > now);
     NodeInfo {
         name: node.metadata.name.clone().unwrap_or_default(),
@@ -126,7 +129,7 @@ pub fn node_info(node: &Node, lease: Option<&Lease>, now: Timestamp) -> NodeInfo
             .unwrap_or_default(),
         ready: kubelet_ready(node) && lease_fresh,
         schedulable: schedulable(node),
-        capacity: capacity(node),
+        capacity: capacity(node, reported),
         pods: Resources::default(),
         held: Vec::new(),
     }
@@ -140,12 +143,15 @@ mod tests {
     #[test]
     fn ready_needs_the_condition_and_a_fresh_lease() {
         let n = node("a", 4, 8);
-        assert!(node_info(&n, Some(&lease("a", at(0), 10)), at(9)).ready);
-        assert!(!node_info(&n, Some(&lease("a", at(0), 10)), at(10)).ready);
-        assert!(!node_info(&n, None, at(0)).ready, "no lease, no agent");
+        assert!(node_info(&n, Some(&lease("a", at(0), 10)), None, at(9)).ready);
+        assert!(!node_info(&n, Some(&lease("a", at(0), 10)), None, at(10)).ready);
+        assert!(
+            !node_info(&n, None, None, at(0)).ready,
+            "no lease, no agent"
+        );
         let mut sick = n.clone();
         sick.status.as_mut().unwrap().conditions.as_mut().unwrap()[0].status = "False".into();
-        assert!(!node_info(&sick, Some(&lease("a", at(0), 10)), at(1)).ready);
+        assert!(!node_info(&sick, Some(&lease("a", at(0), 10)), None, at(1)).ready);
     }
 
     #[test]
@@ -177,23 +183,29 @@ mod tests {
 
     #[test]
     fn published_capacity_wins_over_allocatable() {
-        let mut n = node("a", 4, 8);
+        let n = node("a", 4, 8);
         assert_eq!(
-            capacity(&n),
+            capacity(&n, None),
             Resources {
                 cpu: 4000,
                 memory: 8 << 30
             }
         );
-        n.metadata.annotations = Some(
-            [
-                (CAPACITY_CPU_ANNOTATION.into(), "3".into()),
-                (CAPACITY_MEMORY_ANNOTATION.into(), "1073741824".into()),
-            ]
-            .into(),
-        );
+        let mut reported = GodwitNode::new("a", Default::default());
         assert_eq!(
-            capacity(&n),
+            capacity(&n, Some(&reported)).cpu,
+            4000,
+            "nothing published yet"
+        );
+        reported.status = Some(godwit_crds::GodwitNodeStatus {
+            capacity: Some(godwit_crds::NodeCapacity {
+                cpu: 3,
+                memory: "1Gi".into(),
+            }),
+            ..Default::default()
+        });
+        assert_eq!(
+            capacity(&n, Some(&reported)),
             Resources {
                 cpu: 3000,
                 memory: 1 << 30

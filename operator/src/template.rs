@@ -33,8 +33,8 @@ pub struct Resolved {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ResolveError {
     /// The VM names a template that does not exist (yet).
-    #[error("VMTemplate {0:?} not found; create it or fix spec.templateRef")]
-    TemplateMissing(String),
+    #[error("{1:?} {0:?} not found; create it or fix spec.templateRef")]
+    TemplateMissing(String, godwit_crds::TemplateKind),
     /// Neither the VM nor its template sets a field.
     #[error("spec.{0} is not set on the VM nor on its template")]
     Missing(&'static str),
@@ -54,7 +54,7 @@ pub fn resolve(
 ) -> Result<Resolved, ResolveError> {
     if let Some(r) = &vm.template_ref {
         if template.is_none() {
-            return Err(ResolveError::TemplateMissing(r.name.clone()));
+            return Err(ResolveError::TemplateMissing(r.name.clone(), r.kind));
         }
     }
     let cpu = vm
@@ -187,6 +187,7 @@ mod tests {
         VirtualMachineSpec {
             template_ref: Some(TemplateRef {
                 name: "base".into(),
+                ..Default::default()
             }),
             memory: Some("256Mi".into()),
             disks: vec![Disk {
@@ -283,7 +284,10 @@ mod tests {
     fn missing_pieces_are_named() {
         assert_eq!(
             resolve("demo", &vm(), None),
-            Err(ResolveError::TemplateMissing("base".into()))
+            Err(ResolveError::TemplateMissing(
+                "base".into(),
+                godwit_crds::TemplateKind::VMTemplate
+            ))
         );
         let mut bare = vm();
         bare.template_ref = None;

@@ -1,6 +1,6 @@
 //! Each VMTemplate's status, from what the node agents report of their
-//! template caches (the Node annotation
-//! [`CACHED_IMAGES_ANNOTATION`]: `{"<image source>": "sha256:<hex>"}`):
+//! template caches (`status.cachedImages` of each `GodwitNode`:
+//! `{"<image source>": "sha256:<hex>"}`):
 //! `cachedNodes` (the nodes whose cache holds the template's image),
 //! `imageDigest` (the digest they report), and `Ready` (True once a node
 //! has it, with a matching digest when the template names a `sha256`).
@@ -13,9 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use godwit_crds::contract::CACHED_IMAGES_ANNOTATION;
-use godwit_crds::{VMTemplate, VMTemplateStatus};
-use k8s_openapi::api::core::v1::Node;
+use godwit_crds::{GodwitNode, VMTemplate, VMTemplateStatus};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch};
 use kube::runtime::controller::{Action, Controller};
@@ -28,17 +26,14 @@ use tracing::warn;
 use crate::conditions::{self, Wanted};
 use crate::context::{log_outcome, Context};
 
-/// The status `template` should show, given the cluster's `nodes`, at `now`.
-pub fn status_of(template: &VMTemplate, nodes: &[Node], now: Timestamp) -> VMTemplateStatus {
+/// The status `template` should show, given the cluster's GodwitNodes,
+/// at `now`.
+pub fn status_of(template: &VMTemplate, nodes: &[GodwitNode], now: Timestamp) -> VMTemplateStatus {
     let source = &template.spec.image.source;
     let mut digests: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for node in nodes {
-        let cached: BTreeMap<String, String> = node
-            .annotations()
-            .get(CACHED_IMAGES_ANNOTATION)
-            .and_then(|a| serde_json::from_str(a).ok())
-            .unwrap_or_default();
-        if let Some(digest) = cached.get(source) {
+        let cached = node.status.as_ref().map(|s| &s.cached_images);
+        if let Some(digest) = cached.and_then(|c| c.get(source)) {
             digests
                 .entry(digest.clone())
                 .or_default()
@@ -97,7 +92,7 @@ pub async fn run(ctx: Arc<Context>) {
     );
     let store = controller.store();
     // A node's cache report may change any template's status.
-    let all = move |_: Node| {
+    let all = move |_: GodwitNode| {
         store
             .state()
             .iter()
@@ -105,7 +100,11 @@ pub async fn run(ctx: Arc<Context>) {
             .collect::<Vec<_>>()
     };
     controller
-        .watches(Api::<Node>::all(client), watcher::Config::default(), all)
+        .watches(
+            Api::<GodwitNode>::namespaced(client, &ctx.config.lease_namespace),
+            watcher::Config::default(),
+            all,
+        )
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             log_outcome("template", result.err());
@@ -119,7 +118,7 @@ fn error_policy(t: Arc<VMTemplate>, error: &kube::Error, _: Arc<Context>) -> Act
 }
 
 async fn reconcile(t: Arc<VMTemplate>, ctx: Arc<Context>) -> Result<Action, kube::Error> {
-    let nodes = Api::<Node>::all(ctx.client.clone())
+    let nodes = Api::<GodwitNode>::namespaced(ctx.client.clone(), &ctx.config.lease_namespace)
         .list(&ListParams::default())
         .await?
         .items;
@@ -142,7 +141,6 @@ async fn reconcile(t: Arc<VMTemplate>, ctx: Arc<Context>) -> Result<Action, kube
 mod tests {
     use super::*;
     use godwit_crds::{ImageSource, VMTemplateSpec};
-    use kube::api::ObjectMeta;
 
     fn template(sha: Option<&str>) -> VMTemplate {
         let mut t = VMTemplate::new(
@@ -160,19 +158,16 @@ mod tests {
         t
     }
 
-    fn node(name: &str, cached: &[(&str, &str)]) -> Node {
-        let map: BTreeMap<&str, &str> = cached.iter().copied().collect();
-        Node {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                annotations: Some(BTreeMap::from([(
-                    CACHED_IMAGES_ANNOTATION.to_string(),
-                    serde_json::to_string(&map).unwrap(),
-                )])),
-                ..Default::default()
-            },
+    fn node(name: &str, cached: &[(&str, &str)]) -> GodwitNode {
+        let mut n = GodwitNode::new(name, Default::default());
+        n.status = Some(godwit_crds::GodwitNodeStatus {
+            cached_images: cached
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             ..Default::default()
-        }
+        });
+        n
     }
 
     fn ready(s: &VMTemplateStatus) -> (&str, &str) {

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use godwit_crds::contract::{
     node_lease_name, Machine, MachineDiskSource, NODE_LABEL, RESOLVED_ANNOTATION,
 };
-use godwit_crds::{MigrationPhase, StorageKind, VMMigration, VirtualMachine, VmPhase};
+use godwit_crds::{GodwitNode, MigrationPhase, StorageKind, VMMigration, VirtualMachine, VmPhase};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -41,6 +41,8 @@ pub struct Snapshot {
     pub nodes: Vec<Node>,
     /// The Leases in the lease namespace.
     pub leases: Vec<Lease>,
+    /// The GodwitNodes (in the lease namespace): what agents report.
+    pub godwit_nodes: Vec<GodwitNode>,
     /// Every VirtualMachine, all namespaces.
     pub vms: Vec<VirtualMachine>,
     /// Every VMMigration, all namespaces.
@@ -50,11 +52,15 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Lists Nodes, node Leases, VMs, migrations and Pods.
+    /// Lists Nodes, node Leases, GodwitNodes, VMs, migrations and Pods.
     pub async fn fetch(client: &Client, lease_namespace: &str) -> Result<Snapshot, kube::Error> {
         let lp = ListParams::default();
         let nodes = Api::<Node>::all(client.clone()).list(&lp).await?.items;
         let leases = Api::<Lease>::namespaced(client.clone(), lease_namespace)
+            .list(&lp)
+            .await?
+            .items;
+        let godwit_nodes = Api::<GodwitNode>::namespaced(client.clone(), lease_namespace)
             .list(&lp)
             .await?
             .items;
@@ -70,6 +76,7 @@ impl Snapshot {
         Ok(Snapshot {
             nodes,
             leases,
+            godwit_nodes,
             vms,
             migrations,
             pods,
@@ -113,7 +120,11 @@ impl ClusterView {
             if let Some(expiry) = lease.and_then(nodes::lease_expiry) {
                 lease_expiry.insert(node.name_any(), expiry);
             }
-            nodes.push(nodes::node_info(node, lease, now));
+            let reported = snapshot
+                .godwit_nodes
+                .iter()
+                .find(|g| g.metadata.name == node.metadata.name);
+            nodes.push(nodes::node_info(node, lease, reported, now));
         }
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
 

@@ -226,6 +226,33 @@ pub fn builtin_resources() -> Vec<ResourceDef> {
                 PrinterColumn::new("Type", "string", ".spec.type"),
                 age(),
             ]),
+        // The aggregation layer's registrations ([`crate::aggregator`]);
+        // no controller writes their status.
+        ResourceDef::builtin(
+            "apiregistration.k8s.io",
+            "v1",
+            "APIService",
+            "apiservices",
+            false,
+        )
+        .with_status()
+        .columns(vec![
+            PrinterColumn::new("Service", "string", ".spec.service.name"),
+            age(),
+        ]),
+        // Written by whoever plays the endpoints controller (the local
+        // cluster, for the operator it runs); read by the aggregation layer.
+        ResourceDef::builtin(
+            "discovery.k8s.io",
+            "v1",
+            "EndpointSlice",
+            "endpointslices",
+            true,
+        )
+        .columns(vec![
+            PrinterColumn::new("AddressType", "string", ".addressType"),
+            age(),
+        ]),
         // Stored only (no controllers act on them), so that the Helm chart's
         // manifests apply.
         ResourceDef::builtin("apps", "v1", "Deployment", "deployments", true)

@@ -43,7 +43,7 @@ pub fn state_with_crds() -> Arc<ServerState> {
         Duration::from_secs(5),
     ));
     for crd in CRDS {
-        let value: serde_json::Value = serde_yaml::from_str(crd).expect("the CRDs are YAML");
+        let value: serde_json::Value = serde_saphyr::from_str(crd).expect("the CRDs are YAML");
         let body = serde_json::to_vec(&value).expect("JSON");
         serve(
             &state,

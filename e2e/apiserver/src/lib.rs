@@ -22,13 +22,16 @@
 //!   a stored CRD makes its kinds live ([`crd`]), and custom resources are
 //!   pruned, defaulted and validated against the CRD schema ([`schema`]);
 //! - get, list, watch, create (with `generateName`), update, patch (merge,
-//!   JSON, strategic-as-merge, simplified server-side apply, see [`patch`]),
+//!   JSON, strategic-as-merge, see [`patch`]; server-side apply with
+//!   list-type map merging and per-manager `managedFields`, see [`apply`]),
 //!   delete with finalizers and owner-reference cascading, deletecollection,
 //!   the `status` subresource, label and field selectors ([`selector`]);
 //! - watches with resource versions, bookmarks and `410 Gone` for versions
 //!   older than the retained history ([`store`]);
 //! - `meta.k8s.io/v1` Tables with printer columns ([`table`]) and
 //!   `PartialObjectMetadata` responses;
+//! - protobuf request bodies of kubectl's typed commands for Namespace,
+//!   ConfigMap, Secret and ServiceAccount ([`protobuf`]); answers are JSON;
 //! - a request log for RBAC checks ([`audit`]);
 //! - `TokenReview`, `SubjectAccessReview` and `SelfSubjectAccessReview`,
 //!   answered from the stored RBAC objects ([`rbac`]), for components that
@@ -51,12 +54,14 @@
 //! [`handlers`] lists the protocol-level ones.
 
 pub mod admission_policy;
+pub mod aggregator;
+pub mod apply;
 pub mod audit;
-mod base64;
 pub mod convert;
 pub mod crd;
 pub mod csr;
 pub mod discovery;
+pub mod front_proxy;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod handlers;
@@ -213,6 +218,7 @@ pub async fn serve_with(
                         let service = service_fn(move |request| handlers::router::handle(state.clone(), request));
                         let _ = http1::Builder::new()
                             .serve_connection(TokioIo::new(stream), service)
+                            .with_upgrades()
                             .await;
                     });
                 }

@@ -4,10 +4,9 @@
 //! Simplifications versus a real API server:
 //! - strategic merge patch is applied as a JSON merge patch (lists are
 //!   replaced, not merged by key; `$patch` directives are not understood);
-//! - server-side apply merges the applied configuration into the live object
-//!   as a merge patch (creating the object when absent); there are no
-//!   managed fields, no field ownership conflicts and fields dropped from a
-//!   later apply are not removed. `fieldManager` and `force` are accepted.
+//! - server-side apply is [`crate::apply`]'s (list-map merging and field
+//!   ownership); [`apply`] here merges an apply body as a merge patch, for
+//!   callers without a schema or field manager.
 
 use serde_json::Value;
 
@@ -19,7 +18,7 @@ pub enum PatchError {
     UnsupportedType(String),
     /// The body is not valid JSON (or YAML for apply).
     #[error("Invalid patch body")]
-    Body(#[source] serde_yaml::Error),
+    Body(#[source] serde_saphyr::Error),
     /// The body is not a JSON patch document.
     #[error("Invalid JSON patch")]
     JsonPatchDocument(#[source] serde_json::Error),
@@ -60,7 +59,7 @@ pub fn parse_body(body: &[u8]) -> Result<Value, PatchError> {
     if let Ok(value) = serde_json::from_slice(body) {
         return Ok(value);
     }
-    serde_yaml::from_slice(body).map_err(PatchError::Body)
+    serde_saphyr::from_slice(body).map_err(PatchError::Body)
 }
 
 /// Applies a patch body of the given kind to `target`.

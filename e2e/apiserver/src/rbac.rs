@@ -101,6 +101,16 @@ pub enum Attributes {
 }
 
 impl Attributes {
+    /// `resource/subresource` as RBAC rules name it (`resource` alone
+    /// without a subresource).
+    pub fn full_resource(resource: &str, subresource: &str) -> String {
+        if subresource.is_empty() {
+            resource.to_string()
+        } else {
+            format!("{resource}/{subresource}")
+        }
+    }
+
     /// From a review's `spec` (`resourceAttributes` or `nonResourceAttributes`).
     pub fn from_spec(spec: &Value) -> Option<Self> {
         let s = |v: &Value, key: &str| v[key].as_str().unwrap_or("").to_string();
@@ -272,7 +282,8 @@ impl Rbac {
 /// labelled `aggregate-to-<it>`, and `view` is labelled into `edit`, `edit`
 /// into `admin`. Of the built-in rules (`system:aggregate-to-view` and the
 /// like) only reading namespaces is kept; pods, secrets and the rest are
-/// left out.
+/// left out. With them the Role `extension-apiserver-authentication-reader`
+/// in `kube-system`, which aggregated API servers are bound to.
 pub fn kubernetes_user_roles() -> Vec<Value> {
     let role = |name: &str, into: Option<&str>| {
         let mut labels = serde_json::Map::new();
@@ -299,11 +310,21 @@ pub fn kubernetes_user_roles() -> Vec<Value> {
         "rules": [{"apiGroups": [""], "resources": ["namespaces"],
                    "verbs": ["get", "list", "watch"]}],
     });
+    // Aggregated API servers read the front proxy's settings through it.
+    let auth_reader = serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": "extension-apiserver-authentication-reader", "namespace": "kube-system"},
+        "rules": [{"apiGroups": [""], "resources": ["configmaps"],
+                   "resourceNames": ["extension-apiserver-authentication"],
+                   "verbs": ["get", "list", "watch"]}],
+    });
     vec![
         role("view", Some("edit")),
         role("edit", Some("admin")),
         role("admin", None),
         builtin_view,
+        auth_reader,
     ]
 }
 
@@ -356,11 +377,7 @@ fn allows(rule: &Value, attrs: &Attributes) -> bool {
             name,
             ..
         } => {
-            let combined = if subresource.is_empty() {
-                resource.clone()
-            } else {
-                format!("{resource}/{subresource}")
-            };
+            let combined = Attributes::full_resource(resource, subresource);
             let resource_ok = strings(&rule["resources"]).any(|r| {
                 r == "*"
                     || r == combined

@@ -411,15 +411,21 @@ fn validate_array(schema: &Value, items: &[Value], path: &str, errors: &mut Vec<
                 .unwrap_or_default();
             let mut seen = HashSet::new();
             for (index, item) in items.iter().enumerate() {
-                let key: Vec<String> = keys
+                // Go's `%#v` of the key fields, as kube-apiserver prints them:
+                // `map[string]interface {}{"name":"data"}`, keys sorted.
+                let mut key: Vec<String> = keys
                     .iter()
-                    .map(|k| item.get(*k).map(|v| v.to_string()).unwrap_or_default())
+                    .filter_map(|k| item.get(*k).map(|v| format!("{k:?}:{v}")))
                     .collect();
+                key.sort();
                 if !seen.insert(key.clone()) {
                     errors.push(FieldError::new(
                         &format!("{path}[{index}]"),
                         "FieldValueDuplicate",
-                        format!("Duplicate value: {{{}}}", key.join(", ")),
+                        format!(
+                            "Duplicate value: map[string]interface {{}}{{{}}}",
+                            key.join(", ")
+                        ),
                     ));
                 }
             }

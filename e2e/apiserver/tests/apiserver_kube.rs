@@ -1,6 +1,7 @@
 //! kube-rs clients against the in-memory API test server: `Api` verbs,
 //! `watcher`, `Controller` (with a finalizer), recovery after forced watch
-//! expiry, Lease-based leader election and the event `Recorder`.
+//! expiry, Lease-based leader election, the event `Recorder`, and
+//! server-side apply by two field managers.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -87,7 +88,7 @@ async fn install_widget_crd(client: &Client) {
         "/tests/fixtures/widget-crd.yaml"
     );
     let crd: CustomResourceDefinition =
-        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     Api::<CustomResourceDefinition>::all(client.clone())
         .create(&PostParams::default(), &crd)
         .await
@@ -119,7 +120,7 @@ async fn api_verbs_status_subresource_and_conflicts() {
         "/tests/fixtures/widget-crd.yaml"
     );
     let mut misnamed: CustomResourceDefinition =
-        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     misnamed.metadata.name = Some("widgets.example.com".into());
     let error = Api::<CustomResourceDefinition>::all(client.clone())
         .create(&PostParams::default(), &misnamed)
@@ -186,7 +187,8 @@ async fn api_verbs_status_subresource_and_conflicts() {
         other => panic!("unexpected {other:?}"),
     }
 
-    // Dry-run creates nothing; server-side apply creates and then merges.
+    // Dry-run creates nothing; server-side apply creates, then merges what
+    // it sets and removes what the same manager stopped setting.
     let dry = PostParams {
         dry_run: true,
         ..Default::default()
@@ -204,14 +206,16 @@ async fn api_verbs_status_subresource_and_conflicts() {
         .patch(
             "w2",
             &apply,
-            &Patch::Apply(
-                json!({"apiVersion": "test.godwit.dev/v1", "kind": "Widget", "spec": {"cpu": 4}}),
-            ),
+            &Patch::Apply(json!({
+                "apiVersion": "test.godwit.dev/v1", "kind": "Widget",
+                "metadata": {"labels": {"tier": "web"}},
+                "spec": {"cpu": 4},
+            })),
         )
         .await
         .unwrap();
     assert_eq!(applied.data["spec"]["cpu"], 4);
-    assert_eq!(applied.data["spec"]["image"], "base");
+    assert!(applied.data["spec"].get("image").is_none(), "{applied:?}");
 
     let listed = widgets
         .list(&ListParams::default().labels("tier=web"))
@@ -603,7 +607,8 @@ async fn typed_godwit_kinds_from_the_crds_crate() {
         crds.create(&PostParams::default(), &crd).await.unwrap();
     }
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/vm.yaml");
-    let vm: VirtualMachine = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let vm: VirtualMachine =
+        serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), "default");
     let created = vms.create(&PostParams::default(), &vm).await.unwrap();
     assert_eq!(created.metadata.generation, Some(1));
@@ -624,6 +629,111 @@ async fn typed_godwit_kinds_from_the_crds_crate() {
         .await
         .unwrap();
     assert_eq!(listed.items.len(), 1);
+}
+
+/// Server-side apply by two field managers to one VM's conditions
+/// (`x-kubernetes-list-type: map` keyed on `type`): each keeps its own, a
+/// manager that stops applying a condition removes only one it owned, and
+/// changing the other's condition is a conflict unless forced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_field_managers_apply_their_own_conditions() {
+    use godwit_crds::VirtualMachine;
+
+    let (_server, client) = start().await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for (_, crd) in godwit_crds::crds() {
+        crds.create(&PostParams::default(), &crd).await.unwrap();
+    }
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/vm.yaml");
+    let vm: VirtualMachine =
+        serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), "default");
+    vms.create(&PostParams::default(), &vm).await.unwrap();
+    let apply = |manager: &'static str, conditions: serde_json::Value| {
+        let vms = vms.clone();
+        async move {
+            let config = json!({
+                "apiVersion": "godwit.dev/v1alpha1", "kind": "VirtualMachine",
+                "metadata": {"name": "demo"},
+                "status": {"conditions": conditions},
+            });
+            vms.patch_status("demo", &PatchParams::apply(manager), &Patch::Apply(config))
+                .await
+                .unwrap()
+        }
+    };
+    let condition = |kind: &str, status: &str| {
+        json!({"type": kind, "status": status, "reason": "Test", "message": "",
+               "lastTransitionTime": "2026-01-01T00:00:00Z"})
+    };
+    let types = |vm: &VirtualMachine| -> Vec<String> {
+        let status = vm.status.as_ref().expect("status");
+        status.conditions.iter().map(|c| c.type_.clone()).collect()
+    };
+
+    apply("a", json!([condition("Scheduled", "True")])).await;
+    let both = apply("b", json!([condition("Ready", "False")])).await;
+    assert_eq!(types(&both), ["Scheduled", "Ready"]);
+    let managers: Vec<(String, Option<String>)> = both
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .map(|entry| (entry.manager.unwrap_or_default(), entry.subresource))
+        .collect();
+    assert_eq!(
+        managers,
+        [
+            ("a".to_string(), Some("status".to_string())),
+            ("b".to_string(), Some("status".to_string()))
+        ]
+    );
+
+    // a changes its own condition: b's stays as it was.
+    let changed = apply("a", json!([condition("Scheduled", "False")])).await;
+    assert_eq!(types(&changed), ["Scheduled", "Ready"]);
+    assert_eq!(changed.status.unwrap().conditions[0].status, "False");
+    // a applies without Ready, which b owns: nothing of b's goes.
+    let kept = apply("a", json!([condition("Scheduled", "False")])).await;
+    assert_eq!(types(&kept), ["Scheduled", "Ready"]);
+    // a applies without its Scheduled: only Scheduled goes.
+    let dropped = apply("a", json!([])).await;
+    assert_eq!(types(&dropped), ["Ready"]);
+    // The spec was never touched by the status applies.
+    assert_eq!(dropped.spec, vm.spec);
+
+    // a setting b's Ready to another status conflicts, unless forced.
+    let config = json!({
+        "apiVersion": "godwit.dev/v1alpha1", "kind": "VirtualMachine",
+        "metadata": {"name": "demo"},
+        "status": {"conditions": [condition("Ready", "True")]},
+    });
+    let refused = vms
+        .patch_status("demo", &PatchParams::apply("a"), &Patch::Apply(&config))
+        .await
+        .unwrap_err();
+    match refused {
+        kube::Error::Api(status) => {
+            assert_eq!((status.code, status.reason.as_str()), (409, "Conflict"));
+            assert!(
+                status
+                    .message
+                    .contains(r#"conflict with "b": .status.conditions[type="Ready"].status"#),
+                "{}",
+                status.message
+            );
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let forced = vms
+        .patch_status(
+            "demo",
+            &PatchParams::apply("a").force(),
+            &Patch::Apply(&config),
+        )
+        .await
+        .unwrap();
+    assert_eq!(forced.status.unwrap().conditions[0].status, "True");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -685,6 +795,35 @@ async fn raw_watch_bookmarks_timeout_and_gone() {
         }
     }
     assert_eq!(initial, ["w"]);
+}
+
+/// Protobuf is not served: a client that accepts only protobuf gets 406
+/// Not Acceptable (client-go lists JSON too, and gets JSON).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protobuf_only_accept_is_not_acceptable() {
+    let (_server, client) = start().await;
+    let path = "/api/v1/namespaces/default/configmaps";
+    let only_protobuf = http::Request::get(path)
+        .header("accept", "application/vnd.kubernetes.protobuf")
+        .body(Vec::new())
+        .unwrap();
+    match client.request_text(only_protobuf).await {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 406, "{status:?}");
+            assert_eq!(status.reason, "NotAcceptable");
+        }
+        other => panic!("expected 406, got {other:?}"),
+    }
+    let either = http::Request::get(path)
+        .header(
+            "accept",
+            "application/vnd.kubernetes.protobuf,application/json",
+        )
+        .body(Vec::new())
+        .unwrap();
+    let list: serde_json::Value =
+        serde_json::from_str(&client.request_text(either).await.unwrap()).unwrap();
+    assert_eq!(list["kind"], "ConfigMapList");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

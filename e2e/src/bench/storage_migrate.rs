@@ -1,7 +1,15 @@
 //! `bench storage` (migration part): live storage migration of the test
 //! guest between two godwit-vmm processes on this machine (loopback, no
 //! bandwidth cap), while the guest rewrites 32 KiB regions of its disk
-//! back to back (`blkwrite` over its console).
+//! back to back (`blkwrite` over its console): on the source's console
+//! until the guest has moved, then on the target's until the migration is
+//! over, so the load runs for the whole migration. The guest beats every
+//! 2 ms; the largest gap between heartbeats on the two consoles is the
+//! observed pause, as in `bench migrate`. Once the migration is over, the
+//! guest on the target re-reads what it wrote (`blkverify`): each churned
+//! region with the seed of its last acknowledged write (an in-flight write
+//! may have landed or not: either seed passes), its boot-time pattern, and
+//! the template's data at both ends of the base.
 //!
 //! The disk is a 256 MiB qcow2 overlay on a raw template base holding
 //! 64 MiB of data, with 1 MiB written by the guest at boot. Three runs of
@@ -22,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use godwit_node::storage::{self, ImageFormat};
-use godwit_testkit::guest::blk_sector;
-use godwit_testkit::vmmproc::VmmProc;
+use godwit_testkit::guest::{blk_sector, Console, Line};
+use godwit_testkit::vmmproc::{attach_console, VmmProc};
 use godwit_vmm_control::{MigrateSend, Stage};
 use serde_json::{json, Value};
 
@@ -56,6 +64,12 @@ pub struct StorageMigrateResult {
     pub result: Value,
     /// Guest disk writes acknowledged during the migration.
     pub writes: u64,
+    /// Of those, acknowledged on the target (after the switch).
+    pub writes_on_target: u64,
+    /// Largest heartbeat gap seen by the host minus the period (ms).
+    pub observed_pause_ms: Option<f64>,
+    /// `blkverify` ranges that passed on the target, of those checked.
+    pub verified: (usize, usize),
 }
 
 impl StorageMigrateResult {
@@ -67,9 +81,13 @@ impl StorageMigrateResult {
             DiskMode::Shared => json!({
                 "bench": "storage-migrate-memory-only",
                 "downtime_ms": r["downtime_ms"],
+                "observed_pause_ms": self.observed_pause_ms,
                 "bytes_sent": r["bytes_sent"],
                 "total_ms": r["total_ms"],
                 "guest_disk_writes": self.writes,
+                "guest_disk_writes_on_target": self.writes_on_target,
+                "verified": self.verified.0,
+                "verify_checks": self.verified.1,
             }),
             _ => json!({
                 "bench": "storage-migrate",
@@ -77,12 +95,16 @@ impl StorageMigrateResult {
                 "allocated_bytes": s["allocated_bytes"],
                 "bytes_sent": s["bytes_sent"],
                 "downtime_ms": r["downtime_ms"],
+                "observed_pause_ms": self.observed_pause_ms,
                 "final_dirty_bytes": s["final_dirty_bytes"],
                 "dirty_bytes_sent": s["dirty_bytes_sent"],
                 "total_bytes_sent": r["bytes_sent"],
                 "total_ms": r["total_ms"],
                 "rounds": r["rounds"],
                 "guest_disk_writes": self.writes,
+                "guest_disk_writes_on_target": self.writes_on_target,
+                "verified": self.verified.0,
+                "verify_checks": self.verified.1,
             }),
         }
         .to_string()
@@ -98,28 +120,33 @@ impl StorageMigrateResult {
             DiskMode::Shared => "memory only (shared)",
         };
         format!(
-            "{:<22} {:>12} {:>12} {:>12} {:>11.1} {:>9} {:>7}",
+            "{:<22} {:>12} {:>12} {:>12} {:>11.1} {:>8} {:>9} {:>7} {:>8}",
             mode,
             s["allocated_bytes"].as_u64().unwrap_or(0),
             s["bytes_sent"].as_u64().unwrap_or(0),
             s["final_dirty_bytes"].as_u64().unwrap_or(0),
             r["downtime_ms"].as_f64().unwrap_or(0.0),
+            self.observed_pause_ms
+                .map_or("-".into(), |p| format!("{p:.1}")),
             r["total_ms"].as_u64().unwrap_or(0),
-            self.writes
+            self.writes,
+            format!("{}/{}", self.verified.0, self.verified.1)
         )
     }
 
     /// The table header.
     pub fn header() -> String {
         format!(
-            "{:<22} {:>12} {:>12} {:>12} {:>11} {:>9} {:>7}",
+            "{:<22} {:>12} {:>12} {:>12} {:>11} {:>8} {:>9} {:>7} {:>8}",
             "disk",
             "allocated_B",
             "disk_sent_B",
             "final_dirty",
             "downtime_ms",
+            "pause_ms",
             "total_ms",
-            "writes"
+            "writes",
+            "verified"
         )
     }
 }
@@ -176,7 +203,7 @@ pub fn run_one(
             "--memory-mib".into(),
             MEMORY_MIB.to_string(),
             "--cmdline".into(),
-            format!("blk_write={}:2048:2", 1u64 << 17),
+            format!("hb_ms={HB_MS} blk_write={BOOT_WRITE}:2048:2"),
             "--disk".into(),
             format!("path={}", src_disk.display()),
         ])
@@ -196,29 +223,13 @@ pub fn run_one(
         .args(&VMM_TIMEOUT)
         .stderr_to_file()
         .incoming(&format!("127.0.0.1:{port}"))?;
-    // The guest rewrites its disk until the migration ends.
+    // The guest rewrites its disk until the migration ends: on the source's
+    // console, then on the target's, which appears when the migration starts.
     let stop = Arc::new(AtomicBool::new(false));
     let writes = Arc::new(AtomicU64::new(0));
     let (s, w) = (stop.clone(), writes.clone());
-    let churn = std::thread::spawn(move || {
-        let mut seed = 10;
-        while !s.load(Ordering::Relaxed) {
-            let sector = CHURN_AT + (seed % 64) * REGION;
-            if con
-                .send(&format!("blkwrite {sector} {REGION} {seed}"))
-                .is_err()
-            {
-                return;
-            }
-            match con.wait_for("BLK write", Duration::from_secs(2), |l| {
-                l.starts_with("BLK write")
-            }) {
-                Ok(_) => w.fetch_add(1, Ordering::Relaxed),
-                Err(_) => return,
-            };
-            seed += 1;
-        }
-    });
+    let dst_sock = target.console_sock.clone();
+    let churn = std::thread::spawn(move || churn(con, &dst_sock, &s, &w));
     // Let the writer get going before the migration starts.
     std::thread::sleep(Duration::from_millis(300));
     let copy: Vec<usize> = if mode == DiskMode::Shared {
@@ -226,6 +237,7 @@ pub fn run_one(
     } else {
         vec![0]
     };
+    let start = Instant::now();
     control.migrate_send(MigrateSend {
         copy_disks: copy,
         allow_post_copy: Some(false),
@@ -236,26 +248,176 @@ pub fn run_one(
         let st = control.migrate_status()?;
         match st.stage {
             Stage::Completed => break st,
-            Stage::Failed => bail!(
-                "migration failed: {}",
-                st.error.as_deref().unwrap_or("no reason given")
-            ),
+            Stage::Failed => {
+                stop.store(true, Ordering::Relaxed);
+                bail!(
+                    "migration failed: {}",
+                    st.error.as_deref().unwrap_or("no reason given")
+                )
+            }
             _ => {}
         }
         if Instant::now() > deadline {
+            stop.store(true, Ordering::Relaxed);
             bail!("migration did not end: {st:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     stop.store(true, Ordering::Relaxed);
-    let _ = churn.join();
+    let churned = churn.join().expect("churn thread");
+    let src_lines = churned.src_lines;
+    let Some(mut dst) = churned.dst else {
+        bail!("the target's console never appeared");
+    };
+    let verified = verify(&mut dst, &churned.last, churned.in_flight)?;
+    let all: Vec<&Line> = src_lines.iter().chain(dst.lines()).collect();
+    let observed_pause_ms = crate::bench::migrate::observed_pause(&all, start);
+    drop(dst);
     drop(target);
     drop(src);
     Ok(StorageMigrateResult {
         mode,
         result: serde_json::to_value(status.result).expect("figures serialise"),
         writes: writes.load(Ordering::Relaxed),
+        writes_on_target: churned.on_target,
+        observed_pause_ms,
+        verified,
     })
+}
+
+/// The guest's heartbeat period (ms).
+const HB_MS: u64 = 2;
+/// Sector of the 1 MiB the guest writes at boot (seed 2).
+const BOOT_WRITE: u64 = 1 << 17;
+
+/// What the disk writer leaves: both consoles, the seed of the last
+/// acknowledged write of each churned region, and the write in flight when
+/// the source's console ended (region, seed).
+struct Churned {
+    src_lines: Vec<Line>,
+    dst: Option<Console>,
+    last: [Option<u64>; 64],
+    in_flight: Option<(u64, u64)>,
+    on_target: u64,
+}
+
+/// Rewrites 32 KiB regions back to back until `stop`: over the source's
+/// console until it ends (the guest moved), then over the target's.
+fn churn(mut con: Console, dst_sock: &Path, stop: &AtomicBool, writes: &AtomicU64) -> Churned {
+    let mut last = [None; 64];
+    let mut seed = 10;
+    let mut in_flight = None;
+    let mut on_target = 0;
+    let mut on_source = true;
+    let mut src_lines = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let region = seed % 64;
+        let sector = CHURN_AT + region * REGION;
+        let sent = con
+            .send(&format!("blkwrite {sector} {REGION} {seed}"))
+            .is_ok();
+        let acked = sent
+            && con
+                .wait_for("BLK write", Duration::from_secs(2), |l| {
+                    l.starts_with("BLK write")
+                })
+                .is_ok();
+        if acked {
+            last[region as usize] = Some(seed);
+            writes.fetch_add(1, Ordering::Relaxed);
+            if !on_source {
+                on_target += 1;
+            }
+            seed += 1;
+            continue;
+        }
+        if !on_source {
+            // The target's console went quiet for 2 s: try again.
+            continue;
+        }
+        // The source's console ended: the guest is moving. The write may
+        // have landed before the switch or not; the target goes on.
+        in_flight = Some((region, seed));
+        seed += 1;
+        on_source = false;
+        src_lines = con.lines().to_vec();
+        match attach_console(dst_sock, Duration::from_secs(30)) {
+            Ok(c) => con = c,
+            Err(_) => {
+                return Churned {
+                    src_lines,
+                    dst: None,
+                    last,
+                    in_flight,
+                    on_target,
+                }
+            }
+        }
+    }
+    if on_source {
+        // The migration ended between two writes, seen on the source only:
+        // the target's console has the rest.
+        src_lines = con.lines().to_vec();
+        return Churned {
+            src_lines,
+            dst: attach_console(dst_sock, Duration::from_secs(10)).ok(),
+            last,
+            in_flight,
+            on_target,
+        };
+    }
+    Churned {
+        src_lines,
+        dst: Some(con),
+        last,
+        in_flight,
+        on_target,
+    }
+}
+
+/// Has the guest on the target re-read its disk: every churned region with
+/// its last seed (either seed for the region written at the switch), its
+/// boot pattern, and the template's first and last MiB. Returns (passed,
+/// checked).
+fn verify(
+    con: &mut Console,
+    last: &[Option<u64>; 64],
+    in_flight: Option<(u64, u64)>,
+) -> Result<(usize, usize)> {
+    let mut check = |sector: u64, count: u64, seed: u64| -> Result<bool> {
+        con.send(&format!("blkverify {sector} {count} {seed}"))?;
+        let l = con.wait_for("BLK verify", Duration::from_secs(10), |l| {
+            l.starts_with("BLK verify")
+        })?;
+        Ok(l.text.starts_with("BLK verify ok"))
+    };
+    let (mut passed, mut checked) = (0, 0);
+    let base_end = BASE_DATA / 512 - 2048;
+    for (sector, count, seed) in [(0, 2048, 1), (base_end, 2048, 1), (BOOT_WRITE, 2048, 2)] {
+        checked += 1;
+        passed += usize::from(check(sector, count, seed)?);
+    }
+    for (region, seed) in last.iter().enumerate() {
+        let region = region as u64;
+        let sector = CHURN_AT + region * REGION;
+        let mut seeds: Vec<u64> = seed.iter().copied().collect();
+        if let Some((_, s)) = in_flight.filter(|&(r, _)| r == region) {
+            seeds.insert(0, s);
+        }
+        if seeds.is_empty() {
+            continue;
+        }
+        checked += 1;
+        let mut ok = false;
+        for s in seeds {
+            if check(sector, REGION, s)? {
+                ok = true;
+                break;
+            }
+        }
+        passed += usize::from(ok);
+    }
+    Ok((passed, checked))
 }
 
 /// Runs the three modes in a scratch directory (removed afterwards).

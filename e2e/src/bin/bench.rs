@@ -6,17 +6,19 @@
 //!   median over several runs, plus each engine's resident memory beyond
 //!   the guest's own RAM.
 //!
-//! - `bench migrate [--json] [--quick]`: live migration of the test guest,
-//!   godwit-vmm vs QEMU (default and best settings), idle and dirtying 1 GiB
-//!   guests over an unlimited and a 1 Gbit/s veth between two network
-//!   namespaces (see `godwit_e2e::bench::migrate`).
+//! - `bench migrate [--json] [--quick] [--runs N]`: live migration of the test guest,
+//!   godwit-vmm vs QEMU (its defaults and the best of three variants), idle
+//!   and working 1 GiB guests over an unlimited and a 1 Gbit/s veth between
+//!   two network namespaces, each cell repeated (see
+//!   `godwit_e2e::bench::migrate`).
 //!
 //! - `bench storage [--json]`: provisioning time from a cached template
 //!   (1 GiB and 20 GiB, sparse and fully written; see
 //!   `godwit_e2e::bench::storage`), then live storage migration with and
 //!   without the base image on the target against a memory-only migration
-//!   of the same workload (`godwit_e2e::bench::storage_migrate`; skip with
-//!   `--no-migrate`).
+//!   of the same workload, with the observed pause and the target's disk
+//!   re-read (`godwit_e2e::bench::storage_migrate`; skip with
+//!   `--no-migrate`, or run it alone with `--no-provision`).
 //!
 //! - `bench failover [--runs N] [--json] [--host-agents]`: HA on a two-node
 //!   local cluster with the operator and agents (in Podman containers of
@@ -204,6 +206,9 @@ struct StorageArgs {
     /// Skip the storage migration runs.
     #[arg(long)]
     no_migrate: bool,
+    /// Only the storage migration runs (no provisioning).
+    #[arg(long, conflicts_with = "no_migrate")]
+    no_provision: bool,
 }
 
 fn storage(a: StorageArgs) -> Result<()> {
@@ -213,24 +218,26 @@ fn storage(a: StorageArgs) -> Result<()> {
         runs: a.runs,
         dir: a.dir,
     };
-    if !a.json {
+    let mut short = false;
+    if !a.no_provision && !a.json {
         println!("{}", ProvisionResult::header());
     }
-    let mut short = false;
-    run(
-        &opts,
-        |r| {
-            if a.json {
-                println!("{}", r.to_json_line());
-            } else {
-                println!("{}", r.row());
-            }
-        },
-        |n| {
-            short = true;
-            eprintln!("bench storage: note: {n}")
-        },
-    )?;
+    if !a.no_provision {
+        run(
+            &opts,
+            |r| {
+                if a.json {
+                    println!("{}", r.to_json_line());
+                } else {
+                    println!("{}", r.row());
+                }
+            },
+            |n| {
+                short = true;
+                eprintln!("bench storage: note: {n}")
+            },
+        )?;
+    }
     if short && !a.json {
         println!("(* smaller than asked: not enough free disk; see the note above)");
     }
@@ -250,15 +257,23 @@ fn storage(a: StorageArgs) -> Result<()> {
         } else {
             println!("{}", r.row());
         }
+        if r.verified.0 < r.verified.1 {
+            eprintln!(
+                "bench storage: the target's disk failed {} of {} checks after a migration",
+                r.verified.1 - r.verified.0,
+                r.verified.1
+            );
+        }
     })
 }
 
 #[derive(clap::Args, Debug)]
 struct MigrateArgs {
-    /// One JSON line per engine, config, scenario and link instead of a table.
+    /// JSON lines instead of a table: one per run (`migrate-run`) and one
+    /// per engine, config, scenario and link (`migrate`: median, min, max).
     #[arg(long)]
     json: bool,
-    /// Only the unlimited link.
+    /// Only the unlimited link, 3 runs a cell.
     #[arg(long)]
     quick: bool,
     /// godwit-vmm binary (default: target/release/godwit-vmm, built if missing).
@@ -267,33 +282,73 @@ struct MigrateArgs {
     /// Only scenarios whose name contains this.
     #[arg(long)]
     scenario: Option<String>,
-    /// Only this engine (godwit or qemu).
+    /// Only this link.
+    #[arg(long, value_parser = ["unlimited", "1gbit"])]
+    link: Option<String>,
+    /// Only this engine (godwit or qemu; godwit-tls: ours over mutual TLS).
     #[arg(long)]
     engine: Option<String>,
     /// Completion timeout of one migration, seconds.
     #[arg(long, default_value_t = 60)]
     timeout_s: u64,
+    /// Runs of each cell (each QEMU variant too); default 5, 3 with --quick.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: Option<u64>,
+    /// The pause both engines aim at: Godwit's max_downtime_ms, QEMU best's downtime-limit.
+    #[arg(long, default_value_t = 50)]
+    max_downtime_ms: u64,
 }
 
 fn migrate(a: MigrateArgs) -> Result<()> {
-    use godwit_e2e::bench::migrate::{run, Options, RunResult};
+    use godwit_e2e::bench::migrate::{run, Cell, Options};
     let opts = Options {
         quick: a.quick,
         vmm: a.vmm,
         scenario: a.scenario,
+        link: a.link,
         engine: a.engine,
         timeout: Duration::from_secs(a.timeout_s),
+        runs: a.runs.unwrap_or(if a.quick { 3 } else { 5 }) as usize,
+        max_downtime_ms: a.max_downtime_ms,
     };
     if !a.json {
-        println!("{}", RunResult::header());
+        println!("{}", Cell::header());
     }
-    run(&opts, |r| {
-        if a.json {
-            println!("{}", r.to_json_line());
-        } else {
-            println!("{}", r.row());
-        }
-    })?;
+    run(
+        &opts,
+        |r| {
+            if a.json {
+                println!("{}", r.to_json_line());
+            } else {
+                let pause = r
+                    .observed_pause_ms
+                    .map_or("-".into(), |p| format!("{p:.1} ms"));
+                eprintln!(
+                    "bench migrate: {} {} {} {}: {} pause {pause}{}",
+                    r.engine,
+                    r.mode,
+                    r.scenario,
+                    r.link,
+                    if r.converged {
+                        "converged"
+                    } else {
+                        "did not converge"
+                    },
+                    r.error
+                        .as_ref()
+                        .map(|e| format!(" ({e})"))
+                        .unwrap_or_default()
+                );
+            }
+        },
+        |c| {
+            if a.json {
+                println!("{}", c.to_json_line());
+            } else {
+                println!("{}", c.row());
+            }
+        },
+    )?;
     Ok(())
 }
 

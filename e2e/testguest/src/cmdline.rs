@@ -20,6 +20,42 @@ pub struct BlkPattern {
     pub seed: u64,
 }
 
+/// The order in which a pass of the memory workload writes its pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Order {
+    /// `dirty_order=seq`: pages 0, 1, 2, ...
+    Seq,
+    /// `dirty_order=random`: a pseudo-random permutation, new each generation.
+    Random,
+}
+
+impl Order {
+    pub fn name(self) -> &'static str {
+        match self {
+            Order::Seq => "seq",
+            Order::Random => "random",
+        }
+    }
+}
+
+/// What a write of the memory workload stores in a page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fill {
+    /// `dirty_fill=marker`: two pattern words, the rest untouched.
+    Marker,
+    /// `dirty_fill=mix`: the whole page, as a zero, text-like or random page.
+    Mix,
+}
+
+impl Fill {
+    pub fn name(self) -> &'static str {
+        match self {
+            Fill::Marker => "marker",
+            Fill::Mix => "mix",
+        }
+    }
+}
+
 /// The parsed command line.
 pub struct Config {
     pub hb_ms: u64,
@@ -28,6 +64,10 @@ pub struct Config {
     pub dirty_mib: u64,
     pub dirty_rate: u64,
     pub memcheck_s: u64,
+    pub dirty_order: Order,
+    pub dirty_fill: Fill,
+    /// `mix_mib=N`: the workload's region in MiB (0 = the working set only).
+    pub mix_mib: u64,
     pub virtio: [MmioDevice; MAX_VIRTIO],
     pub nvirtio: usize,
     pub ip: Option<([u8; 4], u8)>,
@@ -48,6 +88,9 @@ impl Config {
             dirty_mib: 0,
             dirty_rate: 0,
             memcheck_s: 0,
+            dirty_order: Order::Seq,
+            dirty_fill: Fill::Marker,
+            mix_mib: 0,
             virtio: [MmioDevice::default(); MAX_VIRTIO],
             nvirtio: 0,
             ip: None,
@@ -75,6 +118,17 @@ impl Config {
                 "dirty_mib" => c.dirty_mib = parse_u64(value).unwrap_or(0),
                 "dirty_rate" => c.dirty_rate = parse_u64(value).unwrap_or(0),
                 "memcheck_s" => c.memcheck_s = parse_u64(value).unwrap_or(0),
+                "dirty_order" => match value {
+                    "seq" => c.dirty_order = Order::Seq,
+                    "random" => c.dirty_order = Order::Random,
+                    _ => {}
+                },
+                "dirty_fill" => match value {
+                    "marker" => c.dirty_fill = Fill::Marker,
+                    "mix" => c.dirty_fill = Fill::Mix,
+                    _ => {}
+                },
+                "mix_mib" => c.mix_mib = parse_u64(value).unwrap_or(0),
                 "virtio_mmio.device" => {
                     if let Some(d) = parse_mmio(value) {
                         if c.nvirtio < MAX_VIRTIO {

@@ -43,11 +43,11 @@ use linked_list_allocator::LockedHeap;
 use virtio_drivers::device::blk::VirtIOBlk;
 use virtio_drivers::transport::{DeviceType, Transport};
 
-use crate::cmdline::{parse_u64, Config};
+use crate::cmdline::{parse_u64, Config, Fill};
 use crate::net::Net;
 use crate::startinfo::StartInfo;
 use crate::virtio::{Blk, BlkOutcome};
-use crate::workload::{Check, CheckResult, Workload, PAGE};
+use crate::workload::{Check, CheckResult, Layout, Workload, PAGE};
 
 /// Printed on the first line.
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -120,6 +120,8 @@ struct Guest {
     blk: Option<Blk>,
     net: Option<Net>,
     work: Option<Workload>,
+    /// Pages written by workloads that `dirty` has since replaced.
+    written_before: u64,
     check: Option<Check>,
     power: power::Power,
     hb: u64,
@@ -151,7 +153,8 @@ fn bench(work: Option<&mut Workload>) {
     }
     let t3 = clock::now_ns();
     let mut pages = 0;
-    if let Some(w) = work {
+    // Not during a cold fill: it would overwrite what the passes wrote.
+    if let Some(w) = work.filter(|w| !w.filling()) {
         pages = w.pages.min(256);
         w.write(pages);
     }
@@ -207,6 +210,7 @@ extern "C" fn main64(start_info: u32) -> ! {
         blk: None,
         net: None,
         work: None,
+        written_before: 0,
         check: None,
         power: power::Power::new(platform, ignore_button),
         hb: 0,
@@ -223,12 +227,6 @@ extern "C" fn main64(start_info: u32) -> ! {
     if g.cfg.dirty_mib > 0 {
         g.start_workload(g.cfg.dirty_mib, g.cfg.dirty_rate);
     }
-    let now = clock::now_ns();
-    g.last_hb_ns = now;
-    g.next_hb_ns = now + g.hb_period_ns;
-    g.next_maxpause_ns = now + MAXPAUSE_EVERY_NS;
-    g.next_memcheck_ns = now + g.cfg.memcheck_s * 1_000_000_000;
-    println!("READY");
     let g = alloc::boxed::Box::leak(alloc::boxed::Box::new(g));
     let stack = addr_of_mut!(USER_STACK) as u64 + USER_STACK_SIZE as u64;
     interrupts::enter_user(user_main, g as *mut Guest as u64, stack)
@@ -238,6 +236,7 @@ extern "C" fn main64(start_info: u32) -> ! {
 extern "C" fn user_main(guest: u64) -> ! {
     // SAFETY: `guest` is the leaked Box passed by main64; nothing else uses it.
     let g = unsafe { &mut *(guest as *mut Guest) };
+    g.finish_boot();
     g.run()
 }
 
@@ -324,38 +323,78 @@ impl Guest {
         }
     }
 
+    /// The rest of the boot, in ring 3 (where memory writes run natively):
+    /// the workload's cold fill, then `READY` and the clocks of the main loop.
+    fn finish_boot(&mut self) {
+        if let Some(w) = self.work.as_mut().filter(|w| w.filling()) {
+            let t0 = clock::now_ns();
+            while !w.fill_some(CHUNK_PAGES * 16) {}
+            println!(
+                "DIRTY filled pages={} ms={}",
+                w.filled,
+                (clock::now_ns() - t0) / 1_000_000
+            );
+        }
+        let now = clock::now_ns();
+        self.last_hb_ns = now;
+        self.next_hb_ns = now + self.hb_period_ns;
+        self.next_maxpause_ns = now + MAXPAUSE_EVERY_NS;
+        self.next_memcheck_ns = now + self.cfg.memcheck_s * 1_000_000_000;
+        println!("READY");
+    }
+
+    /// Replaces the workload by one of `mib` MiB at `rate` pages/s, with the
+    /// command line's order, fill and `mix_mib` region. Its cold fill runs
+    /// before `READY` at boot, in the main loop's chunks after `dirty`.
     fn start_workload(&mut self, mib: u64, rate: u64) {
         self.check = None;
+        if let Some(old) = self.work.take() {
+            self.written_before += old.written;
+        }
         if mib == 0 {
-            self.work = None;
             println!("DIRTY stopped");
             return;
         }
+        let mix = self.cfg.dirty_fill == Fill::Mix && self.cfg.mix_mib >= mib;
+        let region_mib = if mix { self.cfg.mix_mib } else { mib };
         let image_end = core::ptr::addr_of!(__image_end) as u64;
-        let bytes = mib << 20;
+        let bytes = region_mib << 20;
         if image_end > WORKSET_BASE || !self.info.is_ram(WORKSET_BASE, bytes) {
-            self.work = None;
+            let what = if mix { "mix_mib region" } else { "working set" };
             println!(
-                "DIRTY refused mib={} base={:#x} ram_end={:#x}: working set does not fit in RAM",
+                "DIRTY refused mib={} base={:#x} ram_end={:#x} region_mib={}: {} does not fit in RAM",
                 mib,
                 WORKSET_BASE,
-                self.info.ram_end()
+                self.info.ram_end(),
+                region_mib,
+                what
             );
             return;
         }
-        self.work = Some(Workload::new(
-            WORKSET_BASE,
-            bytes / PAGE,
+        let layout = Layout {
+            base: WORKSET_BASE,
+            region_pages: bytes / PAGE,
+            hot_pages: (mib << 20) / PAGE,
+            cold_fill: mix,
+        };
+        let w = Workload::new(
+            layout,
+            self.cfg.dirty_order,
+            self.cfg.dirty_fill,
             rate,
             clock::now_ns(),
-        ));
+        );
         println!(
-            "DIRTY mib={} rate={} pages={} base={:#x}",
+            "DIRTY mib={} rate={} pages={} base={:#x} order={} fill={} region_pages={}",
             mib,
             rate,
-            bytes / PAGE,
-            WORKSET_BASE
+            w.pages,
+            WORKSET_BASE,
+            w.order.name(),
+            w.fill.name(),
+            layout.region_pages
         );
+        self.work = Some(w);
     }
 
     fn blk_write(&mut self, sector: u64, count: u64, seed: u64) {
@@ -406,7 +445,8 @@ impl Guest {
             buf: [0; 96],
             len: 0,
         };
-        let _ = writeln!(l, "HB {} {}", self.hb, now);
+        let written = self.written_before + self.work.as_ref().map_or(0, |w| w.written);
+        let _ = writeln!(l, "HB {} {} {}", self.hb, now, written);
         serial::write_bytes(&l.buf[..l.len]);
         if let Some(n) = self.net.as_mut() {
             n.broadcast(&l.buf[..l.len]);
@@ -438,7 +478,10 @@ impl Guest {
             let now = clock::now_ns();
             if now >= self.next_hb_ns || now.saturating_sub(start) >= CHUNK_NS {
                 return self.check.is_some()
-                    || self.work.as_ref().is_some_and(|w| w.rate == 0 && !w.paused);
+                    || self
+                        .work
+                        .as_ref()
+                        .is_some_and(|w| !w.paused && (w.filling() || w.rate == 0));
             }
             let Some(w) = self.work.as_mut() else {
                 return false;
@@ -460,6 +503,10 @@ impl Guest {
                         ),
                     }
                 }
+                continue;
+            }
+            if w.filling() && !w.paused {
+                w.fill_some(CHUNK_PAGES);
                 continue;
             }
             let n = w.allowed(now).min(CHUNK_PAGES);
@@ -503,7 +550,7 @@ impl Guest {
                     None => (0, 0, 0, 0, 0),
                 };
                 println!(
-                    "STATUS hb={} ns={} ticks={} pages={} rate={} gen={} pos={} written={} maxpause_ms={} clients={}",
+                    "STATUS hb={} ns={} ticks={} pages={} rate={} gen={} pos={} written={} maxpause_ms={} clients={} order={} fill={}",
                     self.hb,
                     clock::now_ns(),
                     interrupts::ticks(),
@@ -513,7 +560,9 @@ impl Guest {
                     pos,
                     written,
                     self.max_gap_ns / 1_000_000,
-                    self.net.as_ref().map_or(0, |n| n.connected())
+                    self.net.as_ref().map_or(0, |n| n.connected()),
+                    self.cfg.dirty_order.name(),
+                    self.cfg.dirty_fill.name()
                 );
             }
             ("memcheck", _) => self.start_memcheck(),

@@ -81,14 +81,18 @@ pub struct Line {
     pub at: Instant,
 }
 
-/// A `HB <counter> <guest_ns>` heartbeat.
+/// A `HB <counter> <guest_ns> <written>` heartbeat.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Heartbeat {
     pub counter: u64,
     pub guest_ns: u64,
+    /// Pages the memory workload has written since boot (0 without a
+    /// workload, and for guests that print the older `HB <counter> <guest_ns>`).
+    pub written: u64,
 }
 
-/// Parses a heartbeat line; `None` for any other line (or a fragment).
+/// Parses a heartbeat line, in the current 4-word form or the older 3-word
+/// one; `None` for any other line (or a fragment).
 pub fn parse_heartbeat(text: &str) -> Option<Heartbeat> {
     let mut w = text.split(' ');
     if w.next()? != "HB" {
@@ -96,10 +100,18 @@ pub fn parse_heartbeat(text: &str) -> Option<Heartbeat> {
     }
     let counter = w.next()?.parse().ok()?;
     let guest_ns = w.next()?.parse().ok()?;
+    let written = match w.next() {
+        None => 0,
+        Some(n) => n.parse().ok()?,
+    };
     if w.next().is_some() {
         return None;
     }
-    Some(Heartbeat { counter, guest_ns })
+    Some(Heartbeat {
+        counter,
+        guest_ns,
+        written,
+    })
 }
 
 /// Value of `key=value` in a line of space-separated fields.
@@ -459,15 +471,31 @@ mod tests {
     #[test]
     fn heartbeat_lines_parse_and_fragments_do_not() {
         assert_eq!(
+            parse_heartbeat("HB 12 3456 789"),
+            Some(Heartbeat {
+                counter: 12,
+                guest_ns: 3456,
+                written: 789
+            })
+        );
+        // The older form, from guests built before `written` was added.
+        assert_eq!(
             parse_heartbeat("HB 12 3456"),
             Some(Heartbeat {
                 counter: 12,
-                guest_ns: 3456
+                guest_ns: 3456,
+                written: 0
             })
         );
         assert_eq!(parse_heartbeat("HB 12"), None);
-        assert_eq!(parse_heartbeat("B 12 3456"), None);
-        assert_eq!(parse_heartbeat("HB 12 3456 7"), None);
+        assert_eq!(parse_heartbeat("B 12 3456 7"), None);
+        assert_eq!(parse_heartbeat("HB 12 3456 7 8"), None);
+        assert_eq!(parse_heartbeat("HB 12 3456 7x"), None);
+        assert_eq!(parse_heartbeat("HB 12 3456 "), None);
+        assert_eq!(parse_heartbeat("HB 12 34x56"), None);
+        // The tail of a line cut by a switch-over is not a heartbeat.
+        assert_eq!(parse_heartbeat("12 3456 7"), None);
+        assert_eq!(parse_heartbeat("MEMCHECK ok gen=1 pages=2"), None);
         assert_eq!(parse_heartbeat("MEMCHECK ok gen=1 pages=2"), None);
     }
 

@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use godwit_crds::{VMMigration, VirtualMachine};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
@@ -101,6 +102,31 @@ impl Agent {
             tracing::debug!(error = %e, "cannot publish event");
         }
     }
+}
+
+/// Applies `condition` to VM `vm`'s status by server-side apply, under the
+/// node agent's field manager for that condition type, so that the
+/// operator's conditions (`Scheduled`) and the agent's others stay as they
+/// are (see `godwit_crds::conditions`). Its transition time is kept when
+/// its status is unchanged.
+pub async fn apply_condition(
+    api: &Api<VirtualMachine>,
+    vm: &VirtualMachine,
+    condition: Condition,
+) -> Result<VirtualMachine, kube::Error> {
+    let current = vm
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let condition = godwit_crds::conditions::keep_transition_time(condition, current);
+    let manager = godwit_crds::conditions::field_manager("node", &condition.type_);
+    api.patch_status(
+        &vm.name_any(),
+        &PatchParams::apply(&manager).force(),
+        &Patch::Apply(godwit_crds::conditions::apply_config(vm, &condition)),
+    )
+    .await
 }
 
 /// Now, as a status timestamp.

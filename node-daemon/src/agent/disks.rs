@@ -142,8 +142,7 @@ pub fn cached_template(cache_dir: &Path, base: &Path) -> Result<CachedTemplate, 
 
 /// The template images `cache_dir` holds, by the source they were cached
 /// from: `source → "sha256:<hex>"`, from the cache's memos, for the entries
-/// still in the cache (the Node annotation
-/// [`godwit_crds::contract::CACHED_IMAGES_ANNOTATION`]).
+/// still in the cache (`GodwitNode.status.cachedImages`).
 pub fn cached_images(cache_dir: &Path) -> std::collections::BTreeMap<String, String> {
     let mut out = std::collections::BTreeMap::new();
     let Ok(cache) = TemplateCache::new(cache_dir) else {

@@ -14,17 +14,29 @@
 //! it. The file must be a regular file. A kernel without `openat2` (before
 //! Linux 5.6) refuses every such path.
 //!
+//! The one exception: for a machine made from a `ClusterVMTemplate`, a
+//! path that this template names exactly (its image source, kernel or
+//! initrd; see [`TrustedPaths`]). Only cluster administrators make those,
+//! and the agent learns their paths from the API server itself
+//! ([`super::cluster_templates`]), never from the VM: a machine that claims
+//! a template can only get that template's files, which its author could
+//! use anyway. Such a file is opened read-only, not following a symbolic
+//! link in its last component.
+//!
 //! What a VMM is handed: the kernel and initrd as the descriptor opened
 //! here (`/proc/self/fd/N`); disk and template images by the path checked
 //! here, which names the same file as long as nobody but the node's
 //! administrators can write the image directories (they are the
 //! administrators' by definition).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use godwit_crds::contract::{Machine, MachineDiskSource};
 
@@ -32,6 +44,37 @@ use godwit_crds::contract::{Machine, MachineDiskSource};
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ImageDirs {
     dirs: Vec<PathBuf>,
+    trusted: TrustedPaths,
+}
+
+/// The exact paths each of the cluster's `ClusterVMTemplate`s names (by
+/// template name), allowed outside the image directories for a machine made
+/// from that template; shared by every clone of an [`ImageDirs`] and kept
+/// current by [`super::cluster_templates::keep_current`].
+#[derive(Clone, Debug, Default)]
+pub struct TrustedPaths(Arc<RwLock<BTreeMap<String, BTreeSet<PathBuf>>>>);
+
+impl PartialEq for TrustedPaths {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for TrustedPaths {}
+
+impl TrustedPaths {
+    /// Replaces what is known: template name to the paths it names.
+    pub fn set(&self, templates: BTreeMap<String, BTreeSet<PathBuf>>) {
+        *self.0.write().expect("trusted paths lock") = templates;
+    }
+
+    fn names(&self, template: &str, path: &Path) -> bool {
+        self.0
+            .read()
+            .expect("trusted paths lock")
+            .get(template)
+            .is_some_and(|paths| paths.contains(path))
+    }
 }
 
 /// The default image directories (the examples' and the chart's).
@@ -51,7 +94,7 @@ pub enum PathRefused {
         dirs: String,
     },
     /// Under none of the image directories.
-    #[error("{what} {path:?} is refused: it is not under any of the node's image directories ({dirs}); put the image there, or ask an administrator to add its directory to the node daemon's imageDirs")]
+    #[error("{what} {path:?} is refused: it is not under any of the node's image directories ({dirs}); put the image there, or ask an administrator to add its directory to the node daemon's imageDirs or to name it in a ClusterVMTemplate")]
     Outside {
         /// What the path is for.
         what: String,
@@ -113,7 +156,15 @@ impl ImageDirs {
                 ));
             }
         }
-        Ok(ImageDirs { dirs })
+        Ok(ImageDirs {
+            dirs,
+            trusted: TrustedPaths::default(),
+        })
+    }
+
+    /// The paths allowed outside the directories (shared with every clone).
+    pub fn trusted(&self) -> &TrustedPaths {
+        &self.trusted
     }
 
     /// Refuses image directories that hold, or lie inside, one of the
@@ -155,6 +206,19 @@ impl ImageDirs {
     /// Opens `path` (named by a VM as `what`) beneath its image directory,
     /// read-only or, with `write`, read-write.
     pub fn open(&self, what: &str, path: &str, write: bool) -> Result<File, PathRefused> {
+        self.open_for(None, what, path, write)
+    }
+
+    /// [`ImageDirs::open`] for a machine made from the `ClusterVMTemplate`
+    /// `template`: a path that template names is opened read-only wherever
+    /// it is.
+    pub fn open_for(
+        &self,
+        template: Option<&str>,
+        what: &str,
+        path: &str,
+        write: bool,
+    ) -> Result<File, PathRefused> {
         let p = Path::new(path);
         if !plain_absolute(p) {
             return Err(PathRefused::NotPlain {
@@ -169,6 +233,9 @@ impl ImageDirs {
             .find_map(|d| p.strip_prefix(d).ok().map(|r| (d, r)))
             .filter(|(_, r)| !r.as_os_str().is_empty())
         else {
+            if !write && template.is_some_and(|t| self.trusted.names(t, p)) {
+                return open_trusted(what, path);
+            }
             return Err(PathRefused::Outside {
                 what: what.into(),
                 path: path.into(),
@@ -221,47 +288,34 @@ impl ImageDirs {
         }
         // SAFETY: a fresh descriptor that only this File owns.
         let file = unsafe { File::from_raw_fd(fd as i32) };
-        let meta = file.metadata().map_err(open_err)?;
-        if !meta.is_file() {
-            return Err(PathRefused::NotFile {
-                what: what.into(),
-                path: path.into(),
-            });
-        }
-        // Reads and writes block as usual from here.
-        // SAFETY: F_GETFL/F_SETFL only change the file's status flags.
-        unsafe {
-            let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
-            if flags >= 0 {
-                libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
-            }
-        }
-        Ok(file)
+        regular_file(file, what, path, open_err)
     }
 
     /// Checks every path `machine` names (boot files, disk images, template
     /// images given as paths or `file://` URLs) by opening it as
     /// [`ImageDirs::open`] does.
     pub fn check_machine(&self, machine: &Machine) -> Result<(), PathRefused> {
+        let template = machine.cluster_template.as_deref();
         if !machine.kernel.is_empty() {
-            self.open("boot.kernel", &machine.kernel, false)?;
+            self.open_for(template, "boot.kernel", &machine.kernel, false)?;
         }
         if let Some(initrd) = &machine.initrd {
-            self.open("boot.initrd", initrd, false)?;
+            self.open_for(template, "boot.initrd", initrd, false)?;
         }
         if let Some(image) = &machine.boot_image {
             if let Some(path) = local_path(&image.path) {
-                self.open("the boot image", path, false)?;
+                self.open_for(template, "the boot image", path, false)?;
             }
         }
         for disk in &machine.disks {
             match &disk.source {
                 MachineDiskSource::Image { path, .. } => {
-                    self.open(&format!("disk {}", disk.name), path, false)?;
+                    self.open_for(template, &format!("disk {}", disk.name), path, false)?;
                 }
                 MachineDiskSource::Clone { path, .. } => {
                     if let Some(path) = local_path(path) {
-                        self.open(
+                        self.open_for(
+                            template,
                             &format!("the template image of disk {}", disk.name),
                             path,
                             false,
@@ -273,6 +327,48 @@ impl ImageDirs {
         }
         Ok(())
     }
+}
+
+/// `file` as a blocking regular file, or why not.
+fn regular_file(
+    file: File,
+    what: &str,
+    path: &str,
+    open_err: impl Fn(std::io::Error) -> PathRefused,
+) -> Result<File, PathRefused> {
+    let meta = file.metadata().map_err(open_err)?;
+    if !meta.is_file() {
+        return Err(PathRefused::NotFile {
+            what: what.into(),
+            path: path.into(),
+        });
+    }
+    // Reads and writes block as usual from here.
+    // SAFETY: F_GETFL/F_SETFL only change the file's status flags.
+    unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+    Ok(file)
+}
+
+/// Opens a path a `ClusterVMTemplate` names, read-only, without following
+/// a symbolic link in its last component.
+fn open_trusted(what: &str, path: &str) -> Result<File, PathRefused> {
+    let open_err = |source| PathRefused::Open {
+        what: what.into(),
+        path: path.into(),
+        dir: "a ClusterVMTemplate's path".into(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(open_err)?;
+    regular_file(file, what, path, open_err)
 }
 
 /// The file path of a template source (a path or a `file://` URL); `None`
@@ -313,6 +409,45 @@ mod tests {
         std::fs::write(d.join("images/sub/ok.raw"), b"image").unwrap();
         std::fs::write(d.join("secret/key.pem"), b"KEY").unwrap();
         Scratch(d)
+    }
+
+    #[test]
+    fn a_cluster_templates_path_opens_only_for_its_machines() {
+        let s = scratch("trusted");
+        let dirs = ImageDirs::new([s.0.join("images")]).unwrap();
+        let key = s.0.join("secret/key.pem");
+        let path = key.display().to_string();
+        dirs.trusted().set(BTreeMap::from([(
+            "golden".to_string(),
+            BTreeSet::from([key.clone()]),
+        )]));
+        // Shared by clones, as the agent's runner holds one.
+        let runner = dirs.clone();
+        assert!(runner
+            .open_for(Some("golden"), "boot.initrd", &path, false)
+            .is_ok());
+        for (template, write) in [
+            (None, false),
+            (Some("other"), false),
+            (Some("golden"), true),
+        ] {
+            let e = runner
+                .open_for(template, "boot.initrd", &path, write)
+                .unwrap_err();
+            assert!(
+                matches!(e, PathRefused::Outside { .. }),
+                "{template:?} {write}: {e}"
+            );
+        }
+        let machine = |template: Option<&str>| Machine {
+            cluster_template: template.map(str::to_string),
+            initrd: Some(path.clone()),
+            ..Default::default()
+        };
+        assert!(runner.check_machine(&machine(Some("golden"))).is_ok());
+        assert!(runner.check_machine(&machine(None)).is_err());
+        dirs.trusted().set(BTreeMap::new());
+        assert!(runner.check_machine(&machine(Some("golden"))).is_err());
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! | --- | --- |
 //! | [`pass`] | the wiring (watches, tasks) and the pass loop |
 //! | [`lease`] | Lease renewal and self-fencing |
-//! | [`capacity`], [`usage`] | what the node offers, and what its VMs use, on the Node |
+//! | [`godwit_node`], [`usage`] | what the node offers, and what its VMs use, in its `GodwitNode` |
 //! | [`decide`] | the node's local decisions, pure |
 //! | [`vm_reconcile`], [`restart`], [`pause`] | a VM's VMM and the VM's status |
 //! | [`migrate`] | this node's side of live and cold migrations |
@@ -33,15 +33,16 @@
 //! | [`console`], [`metrics`] | the console relay and the metrics endpoint |
 
 pub mod boot;
-mod capacity;
 pub mod certificates;
 pub mod cgroup;
+pub mod cluster_templates;
 mod config;
 pub mod console;
 mod context;
 pub mod decide;
 pub mod disks;
 pub mod firewall;
+mod godwit_node;
 pub mod image_dirs;
 pub mod lease;
 pub mod metrics;

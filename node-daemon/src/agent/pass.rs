@@ -32,7 +32,7 @@ use super::firewall::{Firewall, FirewallError};
 use super::lease::{self, LeaseHealth};
 use super::vm_dir::{self, VmDir};
 use super::vmm_process::{self, node_jail, Children, Runner};
-use super::{capacity, migrate, usage, vm_reconcile};
+use super::{godwit_node, migrate, usage, vm_reconcile};
 
 /// The agent's failures that end it (everything else is retried).
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +102,10 @@ pub async fn run(
             }
         }));
     }
+    tasks.push(tokio::spawn(super::cluster_templates::keep_current(
+        client.clone(),
+        cfg.image_dirs.trusted().clone(),
+    )));
     let migration_tls = match (&cfg.migration_ca_dir, cfg.migration_csr) {
         (Some(ca), _) => Some(certificates::issue(
             ca,
@@ -182,6 +186,7 @@ pub async fn run(
     tasks.push(tokio::spawn(usage::run(
         agent.client.clone(),
         agent.cfg.node.clone(),
+        agent.cfg.lease_namespace.clone(),
         agent.cfg.state_dir.clone(),
         agent.cfg.shared_dir.clone(),
     )));
@@ -197,7 +202,7 @@ pub async fn run(
         let mut published = false;
         loop {
             if !published {
-                published = capacity::publish(&agent.client, &agent.cfg).await;
+                published = godwit_node::publish_capacity(&agent.client, &agent.cfg).await;
             }
             // While this node sends a VM, look at its progress often (the
             // status still gets it at most twice a second).

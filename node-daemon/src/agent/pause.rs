@@ -14,12 +14,11 @@ use godwit_crds::contract::{PAUSED_BY_USER_REASON, PAUSED_CONDITION, PAUSE_ANNOT
 use godwit_crds::VirtualMachine;
 use godwit_vmm_control::RunState;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::events::EventType;
 use kube::ResourceExt;
-use serde_json::json;
 
-use super::context::{now_time, Agent};
+use super::context::{apply_condition, now_time, Agent};
 use super::vm_dir::VmDir;
 
 /// What to do about a running VM's pause request.
@@ -112,19 +111,8 @@ pub async fn sync(agent: &Agent, vm: &VirtualMachine, dir: &VmDir) -> anyhow::Re
         PauseAction::Report(false) => (false, "Running", format!("the vCPUs run on {node}")),
     };
     tracing::info!(paused, "pause request carried out");
-    let conditions = with_paused(vm, paused, reason, &message);
     let api: Api<VirtualMachine> = Api::namespaced(agent.client.clone(), &dir.namespace);
-    // The whole list goes in a merge patch: guard it with the version read.
-    let patch = json!({
-        "metadata": {"resourceVersion": vm.resource_version()},
-        "status": {"conditions": conditions},
-    });
-    api.patch_status(
-        &vm.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
+    apply_condition(&api, vm, paused_condition(vm, paused, reason, &message)).await?;
     Ok(())
 }
 
@@ -132,32 +120,17 @@ fn paused_message(node: &str) -> String {
     format!("paused on request ({PAUSE_ANNOTATION}) on {node}")
 }
 
-/// VM `vm`'s conditions with `Paused` set; the others are kept, and the
-/// transition time moves only when the status changes.
-fn with_paused(vm: &VirtualMachine, paused: bool, reason: &str, message: &str) -> Vec<Condition> {
-    let mut conditions = vm
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
-    let status = if paused { "True" } else { "False" };
-    let previous = conditions.iter().position(|c| c.type_ == PAUSED_CONDITION);
-    let condition = Condition {
+/// VM `vm`'s `Paused` condition (its transition time is kept by
+/// [`apply_condition`] when the status is unchanged).
+fn paused_condition(vm: &VirtualMachine, paused: bool, reason: &str, message: &str) -> Condition {
+    Condition {
         type_: PAUSED_CONDITION.into(),
-        status: status.into(),
+        status: if paused { "True" } else { "False" }.into(),
         reason: reason.into(),
         message: message.into(),
-        last_transition_time: match previous {
-            Some(i) if conditions[i].status == status => conditions[i].last_transition_time.clone(),
-            _ => now_time(),
-        },
+        last_transition_time: now_time(),
         observed_generation: vm.metadata.generation,
-    };
-    match previous {
-        Some(i) => conditions[i] = condition,
-        None => conditions.push(condition),
     }
-    conditions
 }
 
 #[cfg(test)]
@@ -204,32 +177,5 @@ mod tests {
             PauseAction::Nothing
         );
         assert_eq!(decide(false, RunState::Running, None), PauseAction::Nothing);
-    }
-
-    #[test]
-    fn setting_paused_keeps_the_other_conditions() {
-        let mut vm = VirtualMachine::new("demo", Default::default());
-        let ready = Condition {
-            type_: "Ready".into(),
-            status: "True".into(),
-            reason: "Running".into(),
-            message: "running on n1".into(),
-            last_transition_time: now_time(),
-            observed_generation: None,
-        };
-        vm.status = Some(godwit_crds::VirtualMachineStatus {
-            conditions: vec![ready.clone()],
-            ..Default::default()
-        });
-        let once = with_paused(&vm, true, PAUSED_BY_USER_REASON, "m");
-        assert_eq!(once.len(), 2);
-        assert_eq!(once[0], ready);
-        assert_eq!(once[1].type_, "Paused");
-        assert_eq!(once[1].status, "True");
-        vm.status.as_mut().unwrap().conditions = once.clone();
-        let again = with_paused(&vm, false, "Running", "m");
-        assert_eq!(again.len(), 2);
-        assert_eq!(again[1].status, "False");
-        assert_eq!(again[1].reason, "Running");
     }
 }

@@ -1,20 +1,18 @@
 //! Measured usage: every [`USAGE_PERIOD_SECONDS`] the agent reads what each
 //! VMM on the node uses (every process of its group), CPU time (`utime + stime` of `/proc/<pid>/stat`,
 //! as a delta over the period) and resident memory (`VmRSS` of
-//! `/proc/<pid>/status`), and publishes it on the Node as
-//! [`USAGE_ANNOTATION`] ([`NodeUsage`] JSON) for the operator's DRS balancer.
+//! `/proc/<pid>/status`), and publishes it in its node's `GodwitNode` as
+//! `status.usage` ([`NodeUsage`]) for the operator's DRS balancer.
 //!
 //! The parsing and the arithmetic are pure functions; [`run`] only reads the
-//! files and writes the annotation.
+//! files and writes the status.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use godwit_crds::contract::{NodeUsage, VmUsage, USAGE_ANNOTATION, USAGE_PERIOD_SECONDS};
-use k8s_openapi::api::core::v1::Node;
+use godwit_crds::contract::{NodeUsage, VmUsage, USAGE_PERIOD_SECONDS};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
 use kube::Client;
 use serde_json::json;
 
@@ -149,15 +147,20 @@ fn sample_all(state_dir: &Path, shared_dir: &Path) -> HashMap<String, Sample> {
     out
 }
 
-/// Publishes the node's usage, and the template images its cache holds,
-/// every [`USAGE_PERIOD_SECONDS`] until dropped.
-pub async fn run(client: Client, node: String, state_dir: PathBuf, shared_dir: PathBuf) {
+/// Publishes the node's usage, and the template images its cache holds, in
+/// its GodwitNode in `namespace` every [`USAGE_PERIOD_SECONDS`] until dropped.
+pub async fn run(
+    client: Client,
+    node: String,
+    namespace: String,
+    state_dir: PathBuf,
+    shared_dir: PathBuf,
+) {
     // SAFETY: sysconf only reads a configuration value.
     let ticks_per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
         .ok()
         .filter(|t| *t > 0)
         .unwrap_or(100);
-    let nodes: Api<Node> = Api::all(client);
     let (mut before, mut at) = (HashMap::new(), Instant::now());
     loop {
         tokio::time::sleep(Duration::from_secs(USAGE_PERIOD_SECONDS)).await;
@@ -173,19 +176,13 @@ pub async fn run(client: Client, node: String, state_dir: PathBuf, shared_dir: P
         let elapsed = at.elapsed();
         let report = usage(&before, &now, ticks_per_second, elapsed, Timestamp::now());
         (before, at) = (now, Instant::now());
-        let text = serde_json::to_string(&report).unwrap_or_default();
         // The template images cached here ride along: the operator makes
         // each VMTemplate's status from them.
-        let images = serde_json::to_string(&images).unwrap_or_default();
-        let patch = json!({"metadata": {"annotations": {
-            USAGE_ANNOTATION: text,
-            godwit_crds::contract::CACHED_IMAGES_ANNOTATION: images,
-        }}});
-        if let Err(e) = nodes
-            .patch(&node, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            tracing::debug!(error = %e, "cannot publish usage on Node {node}");
+        let status = json!({"usage": report, "cachedImages": images});
+        let written =
+            super::godwit_node::apply_status(&client, &namespace, &node, "usage", status).await;
+        if let Err(e) = written {
+            tracing::debug!(error = %e, "cannot publish usage in GodwitNode {node}");
         }
     }
 }

@@ -22,7 +22,7 @@ use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use super::context::{now_time, Agent};
+use super::context::{apply_condition, now_time, Agent};
 use super::decide::{decide_node_vm, NodeVmAction, VmFacts};
 use super::vm_dir::{self, VmDir};
 use super::vmm_process::{ForceReason, ShutdownProgress};
@@ -89,6 +89,27 @@ pub async fn reconcile(agent: &Agent, vm: &VirtualMachine) -> anyhow::Result<()>
                 return Ok(());
             }
             let machine = machine.expect("decided to start only with a machine");
+            // A VM naming files where it may not is refused before it is
+            // Provisioning: a pass that failed after that write would leave
+            // it Provisioning without a VMM, which reads as files gone.
+            let dirs = agent.runner.image_dirs.clone();
+            let m = machine.clone();
+            if let Err(refused) =
+                tokio::task::spawn_blocking(move || dirs.check_machine(&m)).await?
+            {
+                let msg = format!(
+                    "cannot start on {}: {}",
+                    agent.cfg.node,
+                    godwit_crds::error_chain(&refused)
+                );
+                let reason = "ImagePathRefused";
+                tracing::warn!(vm = %format!("{ns}/{name}"), reason, "{msg}");
+                vm_phase(&api, vm, VmPhase::Failed, Some((reason, &msg))).await?;
+                agent
+                    .event(vm, EventType::Warning, reason, "Start", msg)
+                    .await;
+                return Ok(());
+            }
             vm_phase(&api, vm, VmPhase::Provisioning, None).await?;
             let runner = agent.runner.clone();
             let d = dir.clone();
@@ -307,11 +328,12 @@ async fn report_running(
         // Adopted (or started by an agent that died) before it said so.
         vm_phase(api, vm, VmPhase::Starting, None).await?;
     }
+    // The condition first: whoever sees the phase Running sees it Ready.
+    apply_condition(api, vm, ready(true, "Running", &agent.running_message())).await?;
     let patch = json!({"status": {
         "phase": VmPhase::Running,
         "nodeName": agent.cfg.node,
         "addresses": addresses,
-        "conditions": [ready(true, "Running", &agent.running_message())],
     }});
     api.patch_status(
         &vm.name_any(),
@@ -339,10 +361,10 @@ async fn vm_phase(
     phase: VmPhase,
     condition: Option<(&str, &str)>,
 ) -> anyhow::Result<()> {
-    let mut status = json!({"phase": phase});
     if let Some((reason, message)) = condition {
-        status["conditions"] = json!([ready(false, reason, message)]);
+        apply_condition(api, vm, ready(false, reason, message)).await?;
     }
+    let status = json!({"phase": phase});
     api.patch_status(
         &vm.name_any(),
         &PatchParams::default(),

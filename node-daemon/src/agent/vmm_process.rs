@@ -304,7 +304,8 @@ impl Runner {
         if machine.boot_image.is_none() {
             let mut hand = |what: &str, path: &mut String| -> Result<(), VmmProcessError> {
                 use std::os::fd::AsRawFd;
-                let file = self.image_dirs.open(what, path, false)?;
+                let template = machine.cluster_template.as_deref();
+                let file = self.image_dirs.open_for(template, what, path, false)?;
                 *path = format!("/proc/self/fd/{}", file.as_raw_fd());
                 opened.push(std::os::fd::OwnedFd::from(file));
                 Ok(())

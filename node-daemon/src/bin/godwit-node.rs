@@ -63,8 +63,9 @@ struct Args {
     /// Ports incoming migrations listen on.
     #[arg(long, default_value = "47000-47999", value_parser = parse_range)]
     migration_ports: (u16, u16),
-    /// Where `kubectl godwit console` connects (default: <node-ip>:9412;
-    /// unauthenticated for now, so keep it on the node IP; "off" disables it).
+    /// Where the operator's console proxy connects (default: <node-ip>:9412;
+    /// mutual TLS with the node's migration certificate, and only the
+    /// proxy's certificate is accepted; "off" disables it).
     #[arg(long)]
     console_addr: Option<String>,
     /// Where /metrics and /healthz are served ("off" disables them).
@@ -251,7 +252,8 @@ async fn main() {
         let listener = tokio::net::TcpListener::bind(&console_addr)
             .await
             .unwrap_or_else(|e| fail(format!("--console-addr {console_addr}: {e}")));
-        tokio::spawn(agent::console::serve(listener, args.state_dir.clone()));
+        let tls = agent::certificates::files_in(&args.state_dir.join("tls"));
+        tokio::spawn(agent::console::serve(listener, args.state_dir.clone(), tls));
     }
     let image_dirs = if args.image_dirs.is_empty() {
         agent::image_dirs::DEFAULT_IMAGE_DIRS

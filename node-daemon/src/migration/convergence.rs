@@ -4,6 +4,14 @@
 //!
 //! - Stop-and-copy as soon as the expected downtime (dirty bytes left over the
 //!   measured bandwidth, plus a fixed cost for device state) fits the policy.
+//! - When the guest dirties memory about as fast as the link carries it (it
+//!   dirtied again at least [`SHRINK_FACTOR`] of what the round sent, or the
+//!   rounds stopped shrinking) and one more round would take at least
+//!   [`POSTCOPY_EARLY_ROUND`]: switch to post-copy at once, if the policy
+//!   allows it. Each throttle step would cost a round that long with the
+//!   guest slowed, and a working set rewritten within a round at full speed
+//!   is rewritten within one at 99% throttle too; post-copy moves the rest
+//!   once.
 //! - When rounds stop shrinking (the dirty set left after a round is not at
 //!   least [`SHRINK_FACTOR`] smaller than after the round before) or too many
 //!   rounds have passed: throttle the vCPUs, stepping the throttle up each round
@@ -26,6 +34,10 @@ pub const THROTTLE_MAX: u8 = 99;
 /// What stop-and-copy costs beyond the pages (vCPU and device state, the
 /// commit round trip, resuming on the target).
 pub const FIXED_DOWNTIME: Duration = Duration::from_millis(2);
+
+/// A round expected to take at least this long, on a guest that dirties as
+/// fast as the link carries, is not repeated: post-copy comes at once.
+pub const POSTCOPY_EARLY_ROUND: Duration = Duration::from_millis(500);
 
 /// How the migration may converge.
 #[derive(Clone, Debug, PartialEq)]
@@ -110,6 +122,14 @@ pub fn decide(history: &[Round], throttle: u8, policy: &Policy, page_size: u64) 
         }
         _ => false,
     };
+    // The guest rewrote about all that the round carried: the link is the limit.
+    let outpaced =
+        stalled || (last.dirty_pages * page_size) as f64 >= last.bytes_sent as f64 * SHRINK_FACTOR;
+    let next_round =
+        Duration::from_secs_f64((last.dirty_pages * page_size) as f64 / bandwidth(last).max(1.0));
+    if policy.allow_post_copy && outpaced && next_round >= POSTCOPY_EARLY_ROUND {
+        return Decision::PostCopy;
+    }
     if !stalled && last.round + 1 < policy.max_rounds {
         return Decision::NextRound;
     }
@@ -172,6 +192,30 @@ mod tests {
         );
         assert_eq!(decide(&h, 90, &p, PAGE), Decision::Throttle(THROTTLE_MAX));
         assert_eq!(decide(&h, THROTTLE_MAX, &p, PAGE), Decision::PostCopy);
+    }
+
+    #[test]
+    fn a_link_the_guest_outpaces_goes_to_post_copy_after_round_0() {
+        // 1 Gbit/s: round 0 sent 512 MiB in 4.3 s and the guest rewrote all of it.
+        let h = [round(0, 512, 4300, 131_072)];
+        let p = Policy::default();
+        assert_eq!(decide(&h, 0, &p, PAGE), Decision::PostCopy);
+        // Without post-copy: rounds, then the throttle, as before.
+        let no_post_copy = Policy {
+            allow_post_copy: false,
+            ..Policy::default()
+        };
+        assert_eq!(decide(&h, 0, &no_post_copy, PAGE), Decision::NextRound);
+        // The same guest on a fast link: a round takes 0.25 s, so the
+        // throttle's steps are cheap and come first.
+        let fast = [round(0, 512, 250, 131_072), round(1, 512, 250, 131_072)];
+        assert_eq!(
+            decide(&fast, 0, &p, PAGE),
+            Decision::Throttle(THROTTLE_INITIAL)
+        );
+        // A guest that dirtied half of what round 0 sent: another round.
+        let half = [round(0, 512, 4300, 65_536)];
+        assert_eq!(decide(&half, 0, &p, PAGE), Decision::NextRound);
     }
 
     #[test]

@@ -205,6 +205,12 @@ impl TlsFiles {
 }
 
 impl TlsIdentity {
+    /// The server side: this identity, and client certificates required
+    /// from the CA (the node's console port checks the name itself).
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.server.clone()
+    }
+
     /// Reads the files and builds the server (client auth required) and
     /// client configurations.
     pub fn load(files: &TlsFiles) -> Result<TlsIdentity, TlsError> {

@@ -34,7 +34,7 @@ use godwit_crds::contract::{
 use k8s_openapi::api::certificates::v1::{
     CertificateSigningRequest, CertificateSigningRequestCondition,
 };
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::ByteString;
@@ -348,22 +348,10 @@ fn ca_name(ctx: &Ctx) -> String {
 
 /// The CA's certificate bundle and key, PEM.
 async fn read_ca(ctx: &Ctx) -> Result<(String, String), SignerError> {
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.cfg.ca.namespace);
-    let secret = secrets
-        .get_opt(&ctx.cfg.ca.name)
+    crate::migration_ca::read(&ctx.client, &ctx.cfg.ca)
         .await
         .map_err(|e| SignerError::CaSecret(ca_name(ctx), e))?
-        .ok_or_else(|| SignerError::CaMissing(ca_name(ctx)))?;
-    let data = secret.data.unwrap_or_default();
-    let text = |k: &str| {
-        data.get(k)
-            .and_then(|b| String::from_utf8(b.0.clone()).ok())
-            .filter(|s| !s.is_empty())
-    };
-    match (text("ca.crt"), text("ca.key")) {
-        (Some(crt), Some(key)) => Ok((crt, key)),
-        _ => Err(SignerError::CaMissing(ca_name(ctx))),
-    }
+        .ok_or_else(|| SignerError::CaMissing(ca_name(ctx)))
 }
 
 /// Publishes the CA certificates (never the key) where the nodes read them.

@@ -15,7 +15,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use super::decide::{counts_as_crash, VmStep, RETRY_UNSCHEDULABLE};
-use crate::conditions::{self, Wanted};
+use crate::conditions::Wanted;
 use crate::context::{Context, Note};
 use crate::reservations::{self, apply::ReservationError};
 use crate::scheduler::Resources;
@@ -87,16 +87,8 @@ async fn hold(
     if wanted.is_shown_in(view::vm_conditions(vm)) {
         return Ok(());
     }
-    patch_status(
-        api,
-        vm,
-        json!({
-            "phase": view::vm_phase(vm),
-            "conditions": conditions::merge(view::vm_conditions(vm), &wanted, vm.metadata.generation, Timestamp::now()),
-        }),
-        ctx,
-    )
-    .await?;
+    let patched = patch_status(api, vm, json!({"phase": view::vm_phase(vm)}), ctx).await?;
+    apply_condition(api, &patched, vm, &wanted, Timestamp::now(), ctx).await?;
     debug!(vm = %vm.name_any(), reason, "not scheduled: {message}");
     let note = if warn {
         Note::warning(reason, message)
@@ -147,7 +139,7 @@ pub async fn apply_step(
             )
             .await?;
             let scheduled = Wanted::yes(SCHEDULED, "Scheduled", message.clone());
-            patch_status(
+            let patched = patch_status(
                 &api,
                 &labelled,
                 json!({
@@ -155,11 +147,11 @@ pub async fn apply_step(
                     "nodeName": node,
                     "cpu": machine.cpu,
                     "memory": godwit_crds::format_quantity(machine.memory_bytes),
-                    "conditions": conditions::merge(view::vm_conditions(vm), &scheduled, vm.metadata.generation, now),
                 }),
                 ctx,
             )
             .await?;
+            apply_condition(&api, &patched, vm, &scheduled, now, ctx).await?;
             info!(vm = %name, %node, "scheduled");
             ctx.publish(&reference, "Schedule", &Note::normal("Scheduled", message))
                 .await;
@@ -172,17 +164,14 @@ pub async fn apply_step(
                 return Ok(Action::requeue(RETRY_UNSCHEDULABLE));
             }
             let restarted = Wanted::yes(SCHEDULED, "Restarted", message.clone());
-            patch_status(
+            let patched = patch_status(
                 &api,
                 vm,
-                json!({
-                    "phase": VmPhase::Scheduled,
-                    "nodeName": node,
-                    "conditions": conditions::merge(view::vm_conditions(vm), &restarted, vm.metadata.generation, now),
-                }),
+                json!({"phase": VmPhase::Scheduled, "nodeName": node}),
                 ctx,
             )
             .await?;
+            apply_condition(&api, &patched, vm, &restarted, now, ctx).await?;
             if counts_as_crash(vm) {
                 ctx.restarted(&vm.uid().unwrap_or_default());
             }
@@ -201,17 +190,14 @@ pub async fn apply_step(
                 vm.clone()
             };
             let pending = Wanted::no(SCHEDULED, "Rescheduling", message.clone());
-            patch_status(
+            let patched = patch_status(
                 &api,
                 &unlabelled,
-                json!({
-                    "phase": VmPhase::Pending,
-                    "nodeName": null,
-                    "conditions": conditions::merge(view::vm_conditions(vm), &pending, vm.metadata.generation, now),
-                }),
+                json!({"phase": VmPhase::Pending, "nodeName": null}),
                 ctx,
             )
             .await?;
+            apply_condition(&api, &patched, vm, &pending, now, ctx).await?;
             if view::vm_phase(vm) != VmPhase::Pending && counts_as_crash(vm) {
                 ctx.restarted(&vm.uid().unwrap_or_default());
             }
@@ -297,6 +283,25 @@ async fn patch_metadata(
 /// Merge-patches the status subresource (with `vm`'s resourceVersion as
 /// precondition, so a write based on a stale read fails and is retried),
 /// saying which generation of the spec it answers.
+/// Applies the operator's condition `wanted` to `written` (the VM as the
+/// status write just before returned it), after that write: the
+/// decision's precondition (the resourceVersion it was made on) guards the
+/// phase, and the condition then joins the list without rewriting the
+/// agent's conditions. `read` is the VM the decision was made on.
+async fn apply_condition(
+    api: &Api<VirtualMachine>,
+    written: &VirtualMachine,
+    read: &VirtualMachine,
+    wanted: &Wanted,
+    now: Timestamp,
+    ctx: &Context,
+) -> Result<VirtualMachine, VmWriteError> {
+    let condition = wanted.condition(view::vm_conditions(read), read.metadata.generation, now);
+    ctx.apply_condition(api, written, &condition)
+        .await
+        .map_err(VmWriteError::PatchStatus)
+}
+
 async fn patch_status(
     api: &Api<VirtualMachine>,
     vm: &VirtualMachine,

@@ -189,7 +189,7 @@ fn place(vm: &VirtualMachine, inputs: &VmInputs<'_>) -> VmStep {
     let name = vm.name_any();
     let resolved = match template::resolve(&name, &vm.spec, inputs.template.map(|t| &t.spec)) {
         Ok(r) => r,
-        Err(e @ ResolveError::TemplateMissing(_)) => {
+        Err(e @ ResolveError::TemplateMissing(..)) => {
             return VmStep::Hold {
                 reason: "TemplateMissing",
                 message: e.to_string(),
@@ -200,10 +200,18 @@ fn place(vm: &VirtualMachine, inputs: &VmInputs<'_>) -> VmStep {
         Err(e) => return invalid(e.to_string()),
     };
     let uid = vm.uid().unwrap_or_default();
-    let machine = match machine::build(&uid, &resolved, inputs.template) {
+    let mut machine = match machine::build(&uid, &resolved, inputs.template) {
         Ok(m) => m,
         Err(e) => return invalid(e.to_string()),
     };
+    // The node allows this ClusterVMTemplate's paths (checking them with
+    // the API server, not with this annotation).
+    machine.cluster_template = vm
+        .spec
+        .template_ref
+        .as_ref()
+        .filter(|r| r.kind == godwit_crds::TemplateKind::ClusterVMTemplate)
+        .map(|r| r.name.clone());
     let request = view::request_for(vm, inputs.cluster.machine_resources(&machine));
     let nodes = &inputs.cluster.nodes;
     let verdicts = scheduler::evaluate(

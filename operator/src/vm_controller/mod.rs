@@ -45,7 +45,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use godwit_crds::contract::NODE_LABEL;
 use godwit_crds::error_chain;
-use godwit_crds::{VMMigration, VMTemplate, VirtualMachine};
+use godwit_crds::{ClusterVMTemplate, TemplateKind, VMMigration, VMTemplate, VirtualMachine};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
@@ -104,7 +104,7 @@ pub async fn run(ctx: Arc<Context>) {
                         .spec
                         .template_ref
                         .as_ref()
-                        .is_some_and(|r| r.name == name)
+                        .is_some_and(|r| r.name == name && r.kind.is_namespaced())
             })
         }
     };
@@ -198,6 +198,13 @@ async fn reconcile_inner(
         // From the lists to the writes, no other placement may interleave.
         let _placement = ctx.placement.lock().await;
         let template = match &vm.spec.template_ref {
+            Some(r) if r.kind == TemplateKind::ClusterVMTemplate => {
+                Api::<ClusterVMTemplate>::all(ctx.client.clone())
+                    .get_opt(&r.name)
+                    .await
+                    .map_err(VmReconcileError::GetTemplate)?
+                    .map(|t| t.as_template())
+            }
             Some(r) => Api::<VMTemplate>::namespaced(ctx.client.clone(), &ns)
                 .get_opt(&r.name)
                 .await

@@ -45,5 +45,11 @@ pub fn new_state(audit: AuditLog, bookmark_interval: Duration) -> ServerState {
             .expect("namespaces are built in");
         let _ = write::create_object(&state, &def, None, object, false);
     }
+    // What aggregated API servers read to trust the front proxy.
+    let def = state
+        .def("", "v1", "configmaps")
+        .expect("configmaps are built in");
+    let cm = state.front_proxy.config_map();
+    let _ = write::create_object(&state, &def, Some("kube-system"), cm, false);
     state
 }

@@ -3,7 +3,11 @@
 //! bodies, and the request log record.
 //!
 //! Request bodies in protobuf are decoded for the kinds in
-//! [`crate::protobuf`]; responses are always JSON.
+//! [`crate::protobuf`] and refused with 415 for the rest; responses are
+//! always JSON, and a request whose `Accept` does not admit JSON (only
+//! protobuf, say, or YAML, which this server does not write) is answered
+//! 406 Not Acceptable, as kube-apiserver answers a media type it cannot
+//! produce.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,7 +19,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use super::delete::{delete, delete_collection};
-use super::error::ApiError;
+use super::error::{source_text, ApiError};
 use super::read::{get, list};
 use super::request::{Query, Target};
 use super::response::{json_response, Body};
@@ -33,6 +37,9 @@ pub async fn handle(
     state: Arc<ServerState>,
     request: http::Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    if let Some(api_service) = crate::aggregator::served_by(&state, request.uri().path()) {
+        return Ok(crate::aggregator::proxy(state, request, api_service).await);
+    }
     let (parts, body) = request.into_parts();
     let body = body
         .collect()
@@ -94,6 +101,17 @@ fn signer_check(state: &ServerState, record: &AuditRecord) -> Option<AuditRecord
         &crate::store::ObjectKey::new("", &record.name),
     )?;
     csr::signer_check(record, csr::signer_name(&stored))
+}
+
+/// Whether an `Accept` header admits a JSON answer (the only one this
+/// server gives): absent, or one of its media ranges is JSON or a wildcard.
+fn accepts_json(accept: &str) -> bool {
+    accept.trim().is_empty()
+        || accept.split(',').any(|range| {
+            let media = range.split(';').next().unwrap_or("").trim();
+            matches!(media, "application/json" | "application/*" | "*/*")
+                || media.ends_with("+json")
+        })
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
@@ -259,6 +277,13 @@ fn route(
         }
     };
     record.verb = verb.to_string();
+    if !accepts_json(accept) {
+        return Err(ApiError::new(
+            406,
+            "NotAcceptable",
+            format!("the server cannot answer in {accept:?}; it answers only application/json (also as Table or PartialObjectMetadata)"),
+        ));
+    }
     let decoded;
     let body = if content_type.contains("protobuf") {
         decoded = match verb {
@@ -267,7 +292,7 @@ fn route(
                     ApiError::new(
                         415,
                         "UnsupportedMediaType",
-                        format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml ({e})"),
+                        format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, and application/vnd.kubernetes.protobuf for v1 Namespace, ConfigMap, Secret and ServiceAccount ({})", source_text(&e)),
                     )
                 })?;
                 Bytes::from(serde_json::to_vec(&object).unwrap_or_default())
@@ -288,5 +313,29 @@ fn route(
         "patch" => patch_object(state, &target, query, content_type, body),
         "delete" => delete(state, &target, query, body),
         _ => delete_collection(state, &target, query),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::accepts_json;
+
+    #[test]
+    fn accept_headers_of_real_clients_admit_json() {
+        // kubectl's typed client, kubectl get (Table), kube-rs, curl.
+        assert!(accepts_json(
+            "application/vnd.kubernetes.protobuf,application/json"
+        ));
+        assert!(accepts_json(
+            "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
+        ));
+        assert!(accepts_json(""));
+        assert!(accepts_json("*/*"));
+        assert!(accepts_json("application/merge-patch+json"));
+        assert!(!accepts_json("application/vnd.kubernetes.protobuf"));
+        assert!(!accepts_json("application/yaml"));
+        assert!(!accepts_json(
+            "application/vnd.kubernetes.protobuf;as=Table;v=v1;g=meta.k8s.io"
+        ));
     }
 }

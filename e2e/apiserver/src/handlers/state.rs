@@ -10,6 +10,7 @@ use chrono::{SecondsFormat, Utc};
 
 use crate::audit::AuditLog;
 use crate::crd::{builtin_resources, resources_of_crd, ResourceDef};
+use crate::front_proxy::FrontProxy;
 use crate::store::{ResourceId, Store};
 
 /// The current time as the API server writes it (RFC 3339, seconds).
@@ -30,6 +31,8 @@ pub struct ServerState {
     /// Held from a Pod's quota admission until it is stored, so that two
     /// Pods cannot both take the last room of a quota.
     pub(crate) quota_lock: std::sync::Mutex<()>,
+    /// The aggregation layer's client identity ([`crate::aggregator`]).
+    pub(crate) front_proxy: FrontProxy,
 }
 
 impl ServerState {
@@ -47,6 +50,7 @@ impl ServerState {
             uid_seed: seed,
             bookmark_interval,
             quota_lock: std::sync::Mutex::new(()),
+            front_proxy: FrontProxy::generate().expect("a front-proxy CA (ring key generation)"),
         }
     }
 

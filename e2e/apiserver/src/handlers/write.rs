@@ -10,11 +10,15 @@
 //! - an update that changes nothing keeps the resource version and sends no
 //!   watch event (as the real server does); `metadata.generation` moves when
 //!   anything but metadata and status changes, for every kind;
-//! - no `managedFields`; `fieldManager` is required for apply patches and
-//!   otherwise ignored.
+//! - `managedFields` record server-side apply only ([`crate::apply`]);
+//!   other writes keep them as they are (a body without them keeps the
+//!   stored ones) and add no `Update` entry; `fieldManager` is required
+//!   for apply patches (with `force` deciding conflicts) and otherwise
+//!   ignored.
 
 use bytes::Bytes;
 use http::Response;
+use k8s_openapi::ByteString;
 use serde_json::{json, Value};
 
 use super::admission::Policies;
@@ -23,7 +27,7 @@ use super::gc::after_delete;
 use super::request::{check_metadata, key_of, parse_object, Query, Target};
 use super::response::{json_response, present, Body};
 use super::state::{now, ServerState};
-use crate::base64;
+use crate::apply::{self, Part};
 use crate::convert;
 use crate::crd::{established_status, ResourceDef};
 use crate::csr;
@@ -56,7 +60,15 @@ fn admit(
         .pointer("/metadata/name")
         .and_then(Value::as_str)
         .unwrap_or("");
-    if !is_dns_subdomain(meta_name) {
+    // RBAC objects are named by path segments (`system:aggregate-to-view`),
+    // as kube-apiserver's ValidateRBACName allows.
+    let rbac_name = def.group == "rbac.authorization.k8s.io"
+        && !meta_name.is_empty()
+        && meta_name != "."
+        && meta_name != ".."
+        && !meta_name.contains(['/', '%']);
+    if rbac_name {
+    } else if !is_dns_subdomain(meta_name) {
         errors.push(schema::FieldError {
             field: "metadata.name".into(),
             reason: "FieldValueInvalid",
@@ -98,10 +110,8 @@ fn fold_string_data(def: &ResourceDef, object: &mut Value) {
                 .map(|o| o.entry("data").or_insert_with(|| json!({})));
             if let Some(Value::Object(data)) = data {
                 for (key, value) in string_data {
-                    data.insert(
-                        key,
-                        Value::String(base64::encode(value.as_str().unwrap_or("").as_bytes())),
-                    );
+                    let bytes = ByteString(value.as_str().unwrap_or("").as_bytes().to_vec());
+                    data.insert(key, serde_json::to_value(bytes).unwrap_or_default());
                 }
             }
         }
@@ -202,7 +212,6 @@ fn create_object_with(
         "resourceVersion",
         "deletionTimestamp",
         "deletionGracePeriodSeconds",
-        "managedFields",
         "selfLink",
     ] {
         meta.remove(field);
@@ -321,11 +330,17 @@ pub(crate) fn create(
     Ok(json_response(201, &present(&target.def, &stored)))
 }
 
+/// The object without what changes on every write (the resource version,
+/// the times of managed-field entries), to tell whether a write changed it.
 fn without_volatile(object: &Value) -> Value {
     let mut object = object.clone();
     if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.remove("resourceVersion");
-        meta.remove("managedFields");
+        if let Some(Value::Array(entries)) = meta.get_mut("managedFields") {
+            for entry in entries.iter_mut().filter_map(Value::as_object_mut) {
+                entry.remove("time");
+            }
+        }
     }
     if let Some(map) = object.as_object_mut() {
         map.remove("apiVersion");
@@ -360,6 +375,10 @@ fn next_version(
     name: &str,
 ) -> Result<(Mutation, Value), ApiError> {
     let status_only = subresource.is_some();
+    let managed_fields = desired
+        .pointer("/metadata/managedFields")
+        .or_else(|| old.pointer("/metadata/managedFields"))
+        .cloned();
     let mut desired = convert::to_storage(def, &desired);
     if csr::is_csr(&def.group, &def.plural) {
         desired = csr::merge_write(old, desired, subresource);
@@ -409,6 +428,12 @@ fn next_version(
                 }
             }
         }
+    }
+    if let Some(meta) = next["metadata"].as_object_mut() {
+        match managed_fields {
+            Some(entries) => meta.insert("managedFields".into(), entries),
+            None => meta.remove("managedFields"),
+        };
     }
     if let Some(map) = next.as_object_mut() {
         map.insert("apiVersion".into(), Value::String(def.api_version()));
@@ -557,13 +582,32 @@ pub(crate) fn patch_object(
         .map_err(|e| ApiError::new(415, "UnsupportedMediaType", e.to_string()))?;
     let def = &target.def;
     let name = target.name.clone().unwrap_or_default();
+    let manager = query.get("fieldManager").unwrap_or_default();
+    let force = query.get("force") == Some("true");
+    let part = match (target.subresource.as_deref(), def.status_subresource) {
+        (Some(_), _) => Part::Status,
+        (None, true) => Part::MainWithoutStatus,
+        (None, false) => Part::Main,
+    };
     if kind == PatchKind::Apply {
-        if query.get("fieldManager").is_none_or(str::is_empty) {
+        if manager.is_empty() {
             return Err(ApiError::bad_request("PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch"));
         }
         let exists = state.store.get(&def.id(), &key_of(target, &name)).is_some();
         if !exists && target.subresource.is_none() {
             let mut object = parse_object(body)?;
+            let mut applied = json!({});
+            apply::apply(
+                def.schema.as_deref(),
+                &mut applied,
+                &object,
+                manager,
+                part,
+                force,
+                &now(),
+            )
+            .map_err(|e| ApiError::new(409, "Conflict", e.to_string()))?;
+            object["metadata"]["managedFields"] = applied["metadata"]["managedFields"].take();
             if object
                 .pointer("/metadata/name")
                 .and_then(Value::as_str)
@@ -592,10 +636,24 @@ pub(crate) fn patch_object(
     }
     let outcome = write_existing(state, target, query, |old| {
         let mut patched = present(def, old);
-        patch::apply(kind, &mut patched, body).map_err(|e| match e {
-            patch::PatchError::JsonPatch(_) => ApiError::new(422, "Invalid", source_text(&e)),
-            other => ApiError::bad_request(source_text(&other)),
-        })?;
+        if kind == PatchKind::Apply {
+            let config = parse_object(body)?;
+            apply::apply(
+                def.schema.as_deref(),
+                &mut patched,
+                &config,
+                manager,
+                part,
+                force,
+                &now(),
+            )
+            .map_err(|e| ApiError::new(409, "Conflict", e.to_string()))?;
+        } else {
+            patch::apply(kind, &mut patched, body).map_err(|e| match e {
+                patch::PatchError::JsonPatch(_) => ApiError::new(422, "Invalid", source_text(&e)),
+                other => ApiError::bad_request(source_text(&other)),
+            })?;
+        }
         if !patched.is_object() {
             return Err(ApiError::bad_request("the patch did not produce an object"));
         }

@@ -9,14 +9,14 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use godwit_testkit::guest::{guest_elf, Line};
+use godwit_testkit::guest::guest_elf;
 use godwit_testkit::qemu::ScratchDir;
 use godwit_testkit::vmmproc::{attach_console, VmmProc};
 use godwit_vmm_control::{MigrateSend, Stage};
 
 use super::error::BenchError;
-use super::report::{missing_heartbeats, observed_pause, RunResult};
-use super::scenario::{cmdline, drain, warm_up, Scenario, BOOT, MEMORY_MIB};
+use super::report::RunResult;
+use super::scenario::{after, cmdline, drain, read_until, warm_up, Scenario, BOOT, MEMORY_MIB};
 use super::topology::{free_port, Link, Topology, DST_IP, SRC_IP};
 
 /// Every VMM of the benchmark gives up after this long (`--timeout-s`).
@@ -155,6 +155,7 @@ pub(super) fn godwit_run(
     vmm: &Path,
     s: &Scenario,
     link: Link,
+    max_downtime_ms: u64,
     timeout: Duration,
     tls: bool,
 ) -> Result<RunResult, BenchError> {
@@ -208,29 +209,31 @@ pub(super) fn godwit_run(
     let poller = thread::spawn(move || {
         let _ = tx.send(attach_console(&poll_path, timeout + Duration::from_secs(10)).ok());
     });
+    let wire_before = t.wire_bytes()?;
     let start = Instant::now();
     control.migrate_send(MigrateSend {
         timeout_s: Some(timeout.as_secs()),
+        max_downtime_ms: Some(max_downtime_ms),
         ..MigrateSend::to(format!("{DST_IP}:{port}"))
     })?;
     let deadline = start + timeout + Duration::from_secs(5);
     let mut status;
-    loop {
+    let done = loop {
         status = control.migrate_status()?;
+        if matches!(status.stage, Stage::Completed | Stage::Failed) {
+            break Instant::now();
+        }
         // Keep the console's line list current (timestamps come from its reader thread).
         let _ = src_console.next_line(Duration::from_millis(20));
-        if matches!(status.stage, Stage::Completed | Stage::Failed) {
-            break;
-        }
         if Instant::now() >= deadline {
             let _ = control.migrate_cancel();
-            break;
+            break Instant::now();
         }
-    }
+    };
     r.converged = status.stage == Stage::Completed;
     match status.result.filter(|_| r.converged) {
         Some(res) => {
-            r.total_ms = res.total_ms as f64;
+            r.engine_total_ms = res.total_ms as f64;
             r.downtime_ms = Some(res.downtime_ms);
             r.bytes_sent = res.bytes_sent;
             r.rounds = res.rounds.into();
@@ -240,7 +243,7 @@ pub(super) fn godwit_run(
                 .map(|b| serde_json::to_value(b).expect("figures serialise"));
         }
         None => {
-            r.total_ms = start.elapsed().as_secs_f64() * 1000.0;
+            r.engine_total_ms = start.elapsed().as_secs_f64() * 1000.0;
             r.bytes_sent = status.transferred_bytes;
             r.rounds = status.round.into();
             r.error = status
@@ -252,7 +255,7 @@ pub(super) fn godwit_run(
     let _ = poller.join();
     if let Some(c) = dst_console.as_mut() {
         if r.converged {
-            let _ = c.heartbeats(250, Duration::from_secs(10));
+            read_until(c, done + after(s), after(s) + Duration::from_secs(10));
         }
     } else if r.converged {
         r.error = Some("target console never appeared".into());
@@ -264,14 +267,15 @@ pub(super) fn godwit_run(
     );
     if !r.converged {
         // The guest stayed on the source: a second of its heartbeats after.
-        let _ = src_console.heartbeats(250, Duration::from_secs(5));
+        read_until(
+            &mut src_console,
+            done + after(s),
+            after(s) + Duration::from_secs(5),
+        );
     }
-    let mut all: Vec<&Line> = src_console.lines().iter().collect();
-    if let Some(c) = &dst_console {
-        all.extend(c.lines().iter());
-    }
-    r.observed_pause_ms = observed_pause(&all, start);
-    r.hb_missing = missing_heartbeats(&all, start);
+    r.wire_bytes = t.wire_bytes()?.saturating_sub(wire_before);
+    let dst_lines = dst_console.as_ref().map_or(&[][..], |c| c.lines());
+    r.measure(src_console.lines(), dst_lines, start, done);
     let _ = control.stop();
     drop(dst_console);
     drop(src);

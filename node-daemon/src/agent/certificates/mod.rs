@@ -145,6 +145,15 @@ pub fn issue(
     write_identity(out_dir, &key.serialize_pem(), &cert.pem(), &ca_pem)
 }
 
+/// The node identity's files in `out_dir` (`<state-dir>/tls`).
+pub fn files_in(out_dir: &Path) -> TlsFiles {
+    TlsFiles {
+        cert: out_dir.join("node.crt"),
+        key: out_dir.join("node.key"),
+        ca: out_dir.join("ca.crt"),
+    }
+}
+
 /// Writes the node's key, certificate and trusted CAs (PEM) into `out_dir`.
 pub fn write_identity(
     out_dir: &Path,
@@ -153,11 +162,7 @@ pub fn write_identity(
     ca: &str,
 ) -> Result<TlsFiles, IdentityError> {
     fs::create_dir_all(out_dir).map_err(|e| IdentityError::Write(out_dir.to_path_buf(), e))?;
-    let files = TlsFiles {
-        cert: out_dir.join("node.crt"),
-        key: out_dir.join("node.key"),
-        ca: out_dir.join("ca.crt"),
-    };
+    let files = files_in(out_dir);
     write_private(&files.ca, ca.as_bytes())?;
     write_private(&files.key, key.as_bytes())?;
     write_private(&files.cert, cert.as_bytes())?;

@@ -1,14 +1,18 @@
 //! The source in post-copy: after the switch it sends the saved state and
 //! the runs of pages the target still needs, then pushes those pages in
 //! order, a slice at a time, serving the pages the target's vCPUs fault on
-//! first, until the target has them all and runs the guest. A lost link is
+//! first, until the target has them all and runs the guest. After each
+//! fault the push goes on from the page after it (the guest's next faults
+//! are likely there), wrapping around to the start of memory. The push
+//! keeps about a millisecond of the link's bandwidth unacknowledged
+//! ([`in_flight_cap`]), so that a faulted page does not queue behind it. A lost link is
 //! bridged by [`super::recovery`].
 
-use std::sync::mpsc::TryRecvError;
+use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
 use super::recovery::{connection_lost, reconnect_source};
-use crate::migration::convergence::Round;
+use crate::migration::convergence::{self, Round};
 use crate::migration::error::MigrationError;
 use crate::migration::guest::{DirtyPages, GuestRegion, SourceVm};
 use crate::migration::progress::{MigrationSummary, ModeUsed, Stage};
@@ -18,6 +22,20 @@ use crate::migration::transport;
 
 /// Pages pushed between two looks at the target's requests.
 const PUSH_PAGES: u64 = 32;
+/// The background push waits while more bytes than the link carries in
+/// this long are unacknowledged on the stream, so that a page the guest
+/// faults on never queues behind more than this of pushed ones (instead of
+/// the tens of milliseconds a full socket buffer and qdisc hold on a slow
+/// link), while a fast link still has enough in flight to stay full.
+const PUSH_QUEUE: Duration = Duration::from_millis(1);
+/// The least the push keeps in flight (at any bandwidth).
+const PUSH_IN_FLIGHT_MIN: usize = 64 << 10;
+
+/// The push's in-flight cap for a stream that carried `bandwidth` bytes per
+/// second in pre-copy.
+fn in_flight_cap(bandwidth: f64) -> usize {
+    ((bandwidth * PUSH_QUEUE.as_secs_f64()) as usize).max(PUSH_IN_FLIGHT_MIN)
+}
 
 /// Where the source stands in post-copy.
 struct Serve {
@@ -28,6 +46,8 @@ struct Serve {
     cursor: (usize, u64),
     /// When the target said the guest runs there (from the pause).
     activated: Option<Duration>,
+    /// Bytes the push may leave unacknowledged ([`in_flight_cap`]).
+    in_flight: usize,
 }
 
 impl Serve {
@@ -95,6 +115,7 @@ pub(crate) fn serve<V: SourceVm>(
         needed,
         cursor: (0, 0),
         activated: None,
+        in_flight: in_flight_cap(history.last().map_or(0.0, convergence::bandwidth)),
     };
     loop {
         let outcome = push(src, &mut serve, pause_start, committed).and_then(|()| finish(src));
@@ -163,6 +184,15 @@ fn push<V: SourceVm>(
         loop {
             let next = if serve.remaining == 0 {
                 transport::recv_timeout(&src.incoming, src.opts.stall_timeout).map(Some)?
+            } else if src.writer.unacked() >= serve.in_flight {
+                // The pipe is full enough: wait a little for a request.
+                match src.incoming.recv_timeout(Duration::from_micros(50)) {
+                    Ok(item) => Some(item?),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        return Err(MigrationError::StreamClosed)
+                    }
+                }
             } else {
                 match src.incoming.try_recv() {
                     Ok(item) => Some(item?),
@@ -179,6 +209,9 @@ fn push<V: SourceVm>(
                                 src.send_run(r, page, 1)?;
                                 serve.remaining -= 1;
                             }
+                            // The push goes on from where the guest works:
+                            // its next faults are likely just after this one.
+                            serve.cursor = (r, page + 1);
                         }
                     }
                     src.flush_batch()?;
@@ -202,9 +235,21 @@ fn push<V: SourceVm>(
                 return Ok(());
             }
         }
-        // Then a slice of the background push.
+        // Then a slice of the background push, from the cursor on, around
+        // to the start once the end is reached.
+        if src.writer.unacked() >= serve.in_flight {
+            continue;
+        }
         let mut pushed = 0;
-        while serve.remaining > 0 && pushed < PUSH_PAGES && serve.cursor.0 < serve.needed.len() {
+        let mut wrapped = false;
+        while serve.remaining > 0 && pushed < PUSH_PAGES {
+            if serve.cursor.0 >= serve.needed.len() {
+                if wrapped {
+                    break;
+                }
+                serve.cursor = (0, 0);
+                wrapped = true;
+            }
             let (r, page) = serve.cursor;
             let pages = serve.needed[r].bitmap.len() as u64 * 64;
             if page >= pages {
@@ -260,4 +305,20 @@ fn take_bit(d: &mut DirtyPages, page: u64) -> bool {
     let was = d.bitmap[w] & (1 << b) != 0;
     d.bitmap[w] &= !(1 << b);
     was
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_push_keeps_a_millisecond_of_the_link_in_flight_and_never_less_than_64_kib() {
+        // 1 Gbit/s: 125 kB.
+        assert_eq!(in_flight_cap(125e6), 125_000);
+        // 10 Gbit/s: 1.25 MB.
+        assert_eq!(in_flight_cap(1.25e9), 1_250_000);
+        // A slow or unmeasured link: the floor.
+        assert_eq!(in_flight_cap(10e6), 64 << 10);
+        assert_eq!(in_flight_cap(0.0), 64 << 10);
+    }
 }
