@@ -48,9 +48,35 @@ struct Serve {
     activated: Option<Duration>,
     /// Bytes the push may leave unacknowledged ([`in_flight_cap`]).
     in_flight: usize,
+    /// Since when, and at how many unacknowledged bytes, the push has been
+    /// waiting on a full pipe with nothing acknowledged ([`Serve::acked`]).
+    full: Option<(Instant, usize)>,
 }
 
 impl Serve {
+    /// The push waits on a full pipe with `unacked` bytes out: an error once
+    /// nothing has been acknowledged or heard for `stall`, the same quiet
+    /// link a blocked write would report, so that recovery takes over.
+    fn acked(&mut self, unacked: usize, stall: Duration) -> Result<(), MigrationError> {
+        match self.full {
+            Some((since, least)) if unacked >= least => {
+                if since.elapsed() >= stall {
+                    return Err(MigrationError::Protocol(protocol::ProtocolError::Io(
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!(
+                                "the migration peer acknowledged nothing for {stall:?} \
+                                 ({unacked} bytes unacknowledged)"
+                            ),
+                        ),
+                    )));
+                }
+            }
+            _ => self.full = Some((Instant::now(), unacked)),
+        }
+        Ok(())
+    }
+
     /// Replaces what the source thinks the target needs with what the target
     /// says it needs (after a reconnection: pages in flight on the lost
     /// connection never arrived).
@@ -116,6 +142,7 @@ pub(crate) fn serve<V: SourceVm>(
         cursor: (0, 0),
         activated: None,
         in_flight: in_flight_cap(history.last().map_or(0.0, convergence::bandwidth)),
+        full: None,
     };
     loop {
         let outcome = push(src, &mut serve, pause_start, committed).and_then(|()| finish(src));
@@ -179,6 +206,8 @@ fn push<V: SourceVm>(
     pause_start: Instant,
     committed: &mut bool,
 ) -> Result<(), MigrationError> {
+    // A new connection (after recovery) starts with nothing waited on.
+    serve.full = None;
     while serve.remaining > 0 || serve.activated.is_none() {
         // Requests and Activated first; with nothing left to push, wait.
         loop {
@@ -187,8 +216,14 @@ fn push<V: SourceVm>(
             } else if src.writer.unacked() >= serve.in_flight {
                 // The pipe is full enough: wait a little for a request.
                 match src.incoming.recv_timeout(Duration::from_micros(50)) {
-                    Ok(item) => Some(item?),
-                    Err(RecvTimeoutError::Timeout) => None,
+                    Ok(item) => {
+                        serve.full = None;
+                        Some(item?)
+                    }
+                    Err(RecvTimeoutError::Timeout) => {
+                        serve.acked(src.writer.unacked(), src.opts.stall_timeout)?;
+                        None
+                    }
                     Err(RecvTimeoutError::Disconnected) => {
                         return Err(MigrationError::StreamClosed)
                     }
@@ -268,6 +303,9 @@ fn push<V: SourceVm>(
             serve.cursor.1 += 1;
         }
         src.flush_batch()?;
+        if pushed > 0 {
+            serve.full = None;
+        }
         src.progress.update(|p| {
             p.memory_remaining_bytes = serve.remaining * PAGE_SIZE as u64;
             p.transferred_bytes = src.writer.bytes_sent;
@@ -320,5 +358,30 @@ mod tests {
         // A slow or unmeasured link: the floor.
         assert_eq!(in_flight_cap(10e6), 64 << 10);
         assert_eq!(in_flight_cap(0.0), 64 << 10);
+    }
+
+    #[test]
+    fn a_full_pipe_that_nothing_drains_is_a_quiet_link_and_any_ack_restarts_the_clock() {
+        let mut serve = Serve {
+            remaining: 1,
+            needed: Vec::new(),
+            cursor: (0, 0),
+            activated: None,
+            in_flight: 10,
+            full: None,
+        };
+        let long = Duration::from_secs(3600);
+        // The first wait starts the clock; the same count again is no error
+        // before the stall timeout.
+        serve.acked(100, long).unwrap();
+        serve.acked(100, long).unwrap();
+        // With no stall allowed, nothing acknowledged since is an error that
+        // recovery takes for a lost link.
+        let e = serve.acked(100, Duration::ZERO).unwrap_err();
+        assert!(connection_lost(&e), "{e}");
+        assert!(super::super::recovery::link_quiet(&e), "{e}");
+        // An acknowledgement (fewer bytes out) starts the clock again.
+        serve.acked(90, Duration::ZERO).unwrap();
+        assert_eq!(serve.full.map(|(_, n)| n), Some(90));
     }
 }
