@@ -322,7 +322,7 @@ fn a_rendered_namespace_is_labelled_privileged() {
     );
 }
 
-/// `helm test`: one Pod (a test hook) that explains the three CRDs and
+/// `helm test`: one Pod (a test hook) that explains the five CRDs and
 /// asks the release's operator Service for /healthz.
 #[test]
 fn the_test_hook_checks_the_crds_and_the_operator() {
