@@ -862,7 +862,26 @@ fn monitoring_and_aggregated_roles_render() {
         .collect();
     assert_eq!(
         alerts,
-        ["GodwitMigrationFailed", "GodwitNodeLost", "GodwitVMFailed"]
+        [
+            "GodwitMigrationFailed",
+            "GodwitNodeLost",
+            "GodwitVMFailed",
+            "GodwitVMRestartLoop"
+        ]
+    );
+    // A VM restarting in a loop is named in its alert (Prometheus'
+    // template, escaped from Helm's).
+    let looping = &rule["spec"]["groups"][0]["rules"][3];
+    assert_eq!(
+        looping["expr"],
+        "increase(godwit_vm_restarts_total[30m]) >= 3"
+    );
+    assert!(
+        looping["annotations"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("{{ $labels.namespace }}/{{ $labels.name }}"),
+        "{looping}"
     );
     let dash = find(&docs, "ConfigMap", "godwit-dashboard");
     assert_eq!(dash["metadata"]["labels"]["grafana_dashboard"], "1");

@@ -10,6 +10,7 @@
 //! | `godwit_vmmigrations` | gauge | `phase` (from the migration controller's cache) |
 //! | `godwit_migrations_total` | counter | `result` (`Succeeded`, `Failed`, `Cancelled`), counted when the operator settles a migration |
 //! | `godwit_failovers_total` | counter | VMs failed over from a lost node (HA) |
+//! | `godwit_vm_restarts_total` | counter | `namespace`, `name`: restarts of a VM that stopped or failed (those the crash-loop backoff counts) |
 //! | `godwit_operator_leader` | gauge | 1 while this instance leads |
 //!
 //! Bytes, downtime and duration of each migration are recorded by the
@@ -72,6 +73,12 @@ struct PhaseLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VmLabels {
+    namespace: String,
+    name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: String,
 }
@@ -92,6 +99,7 @@ pub struct Metrics {
     migrations_by_phase: Family<PhaseLabel, Gauge>,
     migrations_total: Family<ResultLabel, Counter>,
     failovers: Counter,
+    vm_restarts: Family<VmLabels, Counter>,
     leader: Gauge<i64, std::sync::atomic::AtomicI64>,
     vms: Mutex<Option<Store<VirtualMachine>>>,
     migrations: Mutex<Option<Store<VMMigration>>>,
@@ -106,6 +114,7 @@ impl Default for Metrics {
         let migrations_by_phase = Family::<PhaseLabel, Gauge>::default();
         let migrations_total = Family::<ResultLabel, Counter>::default();
         let failovers = Counter::<u64, AtomicU64>::default();
+        let vm_restarts = Family::<VmLabels, Counter>::default();
         let leader = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         registry.register(
             "godwit_operator_reconciles",
@@ -138,6 +147,11 @@ impl Default for Metrics {
             failovers.clone(),
         );
         registry.register(
+            "godwit_vm_restarts",
+            "Restarts of a VM that stopped or failed, by VM",
+            vm_restarts.clone(),
+        );
+        registry.register(
             "godwit_operator_leader",
             "1 while this instance leads",
             leader.clone(),
@@ -155,6 +169,7 @@ impl Default for Metrics {
             migrations_by_phase,
             migrations_total,
             failovers,
+            vm_restarts,
             leader,
             vms: Mutex::new(None),
             migrations: Mutex::new(None),
@@ -195,6 +210,17 @@ impl Metrics {
     /// Counts a VM failed over from a lost node.
     pub fn failed_over(&self) {
         self.failovers.inc();
+    }
+
+    /// Counts a restart of the VM `namespace/name` after it stopped or
+    /// failed (the restarts the crash-loop backoff counts).
+    pub fn vm_restarted(&self, namespace: &str, name: &str) {
+        self.vm_restarts
+            .get_or_create(&VmLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+            })
+            .inc();
     }
 
     /// Whether this instance leads.
@@ -262,6 +288,8 @@ mod tests {
         metrics.migration_ended(MigrationPhase::Succeeded);
         metrics.set_leader(true);
         metrics.failed_over();
+        metrics.vm_restarted("default", "web");
+        metrics.vm_restarted("default", "web");
         metrics.reconcile_took("vm", Duration::from_millis(3));
         let text = metrics.render();
         for line in [
@@ -270,6 +298,7 @@ mod tests {
             "godwit_vms{phase=\"Running\"} 0",
             "godwit_vmmigrations{phase=\"PreCopy\"} 0",
             "godwit_failovers_total 1",
+            "godwit_vm_restarts_total{namespace=\"default\",name=\"web\"} 2",
             "godwit_operator_reconcile_duration_seconds_count{controller=\"vm\"} 1",
             "godwit_migrations_total{result=\"Succeeded\"} 1",
             "godwit_migrations_total{result=\"Cancelled\"} 0",

@@ -174,6 +174,8 @@ pub async fn apply_step(
             apply_condition(&api, &patched, vm, &restarted, now, ctx).await?;
             if counts_as_crash(vm) {
                 ctx.restarted(&vm.uid().unwrap_or_default());
+                ctx.metrics
+                    .vm_restarted(&vm.namespace().unwrap_or_default(), &name);
             }
             info!(vm = %name, %node, "restarting");
             ctx.publish(&reference, "Restart", &Note::normal("Restarting", message))
@@ -200,6 +202,8 @@ pub async fn apply_step(
             apply_condition(&api, &patched, vm, &pending, now, ctx).await?;
             if view::vm_phase(vm) != VmPhase::Pending && counts_as_crash(vm) {
                 ctx.restarted(&vm.uid().unwrap_or_default());
+                ctx.metrics
+                    .vm_restarted(&vm.namespace().unwrap_or_default(), &name);
             }
             info!(vm = %name, "rescheduling");
             ctx.publish(
