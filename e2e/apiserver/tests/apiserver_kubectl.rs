@@ -606,6 +606,19 @@ fn godwit_crds_examples_and_invalid_manifests() {
     );
     let explained = cluster.ok(&["explain", "gvm.spec.runStrategy"]);
     assert!(explained.contains("RerunOnFailure"), "{explained}");
+    // The fields of issue 24: template status, conditions keyed on type,
+    // the per-node resource and the cluster-scoped template.
+    for (path, says) in [
+        ("gvmt.status.imageDigest", "imageDigest"),
+        ("gvmt.status.cachedNodes", "cachedNodes"),
+        ("gvm.status.conditions", "lastTransitionTime"),
+        ("gnode.status.capacity", "memory"),
+        ("gnode.status.usage", "cpuMillis"),
+        ("gcvmt.spec.image", "source"),
+    ] {
+        let explained = cluster.ok(&["explain", path]);
+        assert!(explained.contains(says), "explain {path}: {explained}");
+    }
     // examples/: the test guest's template and the fromImage one; one migration.
     for (short, names) in [
         (
