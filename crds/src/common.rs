@@ -29,6 +29,16 @@ pub const SYSTEM_PATH_RULE: &str = "!['/proc/', '/sys/', '/dev/', '/etc/', '/run
 /// The message of [`SYSTEM_PATH_RULE`].
 pub const SYSTEM_PATH_MESSAGE: &str = "names a system directory of the node; images come only from the node's image directories (by default /var/lib/godwit/images and /var/lib/godwit/kernels)";
 
+/// The schema of `status.machine`: an object kept as written (its fields
+/// are `contract::Machine`'s, checked by the operator that writes it).
+pub fn resolved_machine_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "The machine the VM runs as: its spec with its template applied and every source made concrete, written by the operator when it schedules the VM.",
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true
+    })
+}
+
 /// The schema of a Kubernetes label selector, as the API server checks it:
 /// `operator` is one of `In`, `NotIn`, `Exists`, `DoesNotExist` (an enum, so
 /// an unknown one is refused at admission instead of silently matching

@@ -10,7 +10,7 @@
 //!
 //! | object / field | operator | node agent |
 //! | --- | --- | --- |
-//! | VM label [`NODE_LABEL`], `status.nodeName`, annotation [`RESOLVED_ANNOTATION`] | at scheduling and when a migration ends | never |
+//! | VM label [`NODE_LABEL`], `status.nodeName`, `status.machine` ([`resolved_machine`]) | at scheduling and when a migration ends | never |
 //! | VM phase | `Pending→Scheduled`, `Stopped/Failed→Scheduled` (restart by `runStrategy`), `Running→Migrating` and back (a cold migration's `Stopped` VM only gets `status.migration`) | `Scheduled→Provisioning→Starting→Running`, `→Stopping→Stopped`, `→Failed`, addresses |
 //! | VM finalizer [`AGENT_FINALIZER`] | only when the node is lost (HA) | added before anything is created on the node, removed after the VMM is stopped and the VM's node-local files are gone |
 //! | VMMigration finalizer [`MIGRATION_FINALIZER`] | added on admission, removed once the phase is final | never |
@@ -46,7 +46,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::common::{NetworkConfig, SecretKeyRef};
-use crate::vm::{ImageFormat, StorageKind};
+use crate::vm::{ImageFormat, StorageKind, VirtualMachine};
 
 /// On a VirtualMachine: the node that runs it. On a Node: marks a Godwit node.
 pub const NODE_LABEL: &str = "godwit.dev/node";
@@ -54,10 +54,6 @@ pub const NODE_LABEL: &str = "godwit.dev/node";
 pub const SOURCE_LABEL: &str = "godwit.dev/source-node";
 /// On a VMMigration: the node the VM goes to.
 pub const TARGET_LABEL: &str = "godwit.dev/target-node";
-/// On a VirtualMachine: the [`Machine`] it runs as, JSON, written by the
-/// operator when it schedules the VM (so a later template change does not
-/// change a VM that already runs).
-pub const RESOLVED_ANNOTATION: &str = "godwit.dev/resolved";
 /// The Secret (in the operator's namespace) holding the migration CA
 /// (`ca.crt`, `ca.key`): made by the operator when it is missing, read only
 /// by the operator, which signs the nodes' certificate requests with it.
@@ -217,7 +213,9 @@ pub const FORWARD_HELLO: &str = "GODWIT-FORWARD/1";
 pub const NODE_METRICS_PORT: u16 = 9411;
 
 /// A VM as it runs: the VM's spec with its template applied, every source
-/// made concrete. Written by the operator into [`RESOLVED_ANNOTATION`].
+/// made concrete. Written by the operator into the VM's `status.machine`
+/// when it schedules the VM (so a later template change does not change a
+/// VM that already runs; status, because the VM's author cannot write it).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Machine {
@@ -382,6 +380,13 @@ pub fn stable_mac(uid: &str, index: usize) -> String {
     }
     let b = h.to_be_bytes();
     format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
+/// The machine the operator resolved for `vm` when it scheduled it
+/// (`status.machine`), if any and if it reads as one.
+pub fn resolved_machine(vm: &VirtualMachine) -> Option<Machine> {
+    let json = vm.status.as_ref()?.machine.clone()?;
+    serde_json::from_value(json).ok()
 }
 
 #[cfg(test)]

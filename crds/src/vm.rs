@@ -334,6 +334,14 @@ pub struct VirtualMachineStatus {
     /// template's, as resolved when it was scheduled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<String>,
+    /// The machine the VM runs as (`contract::Machine`, read with
+    /// `contract::resolved_machine`): its spec with its template applied,
+    /// written by the operator when it schedules the VM. In status, which
+    /// the VM's author cannot write, so a node runs only what the operator
+    /// resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::common::resolved_machine_schema")]
+    pub machine: Option<serde_json::Value>,
 }
 
 /// One interface's addresses.

@@ -9,7 +9,7 @@
 use crate::reservations::CpuAllocationRatio;
 use std::collections::BTreeMap;
 
-use godwit_crds::contract::{Machine, MIGRATION_FINALIZER, NODE_LABEL, RESOLVED_ANNOTATION};
+use godwit_crds::contract::{Machine, MIGRATION_FINALIZER, NODE_LABEL};
 use godwit_crds::contract::{SOURCE_LABEL, TARGET_LABEL};
 use godwit_crds::template::{Customization, ImageSource, NetworkConfig};
 use godwit_crds::vm::{
@@ -88,11 +88,7 @@ pub trait VmFixture: Sized {
 impl VmFixture for VirtualMachine {
     fn on(mut self, node: &str) -> Self {
         self = self.label(NODE_LABEL, node);
-        let resolved = self
-            .metadata
-            .annotations
-            .as_ref()
-            .is_some_and(|a| a.contains_key(RESOLVED_ANNOTATION));
+        let resolved = self.status.as_ref().is_some_and(|s| s.machine.is_some());
         if !resolved {
             self = self.sized(1, 1);
         }
@@ -107,13 +103,8 @@ impl VmFixture for VirtualMachine {
             kernel: "/k".into(),
             ..Default::default()
         };
-        self.metadata
-            .annotations
-            .get_or_insert_with(Default::default)
-            .insert(
-                RESOLVED_ANNOTATION.to_string(),
-                serde_json::to_string(&machine).unwrap(),
-            );
+        self.status.get_or_insert_with(Default::default).machine =
+            Some(serde_json::to_value(&machine).unwrap());
         self
     }
 

@@ -17,9 +17,7 @@
 
 use std::collections::BTreeMap;
 
-use godwit_crds::contract::{
-    node_lease_name, Machine, MachineDiskSource, NODE_LABEL, RESOLVED_ANNOTATION,
-};
+use godwit_crds::contract::{node_lease_name, Machine, MachineDiskSource, NODE_LABEL};
 use godwit_crds::{GodwitNode, MigrationPhase, StorageKind, VMMigration, VirtualMachine, VmPhase};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -188,9 +186,7 @@ pub fn migration_phase(m: &VMMigration) -> MigrationPhase {
 
 /// The machine the operator resolved for the VM when it scheduled it.
 pub fn resolved_machine(vm: &VirtualMachine) -> Option<Machine> {
-    vm.annotations()
-        .get(RESOLVED_ANNOTATION)
-        .and_then(|json| serde_json::from_str(json).ok())
+    godwit_crds::contract::resolved_machine(vm)
 }
 
 /// The VM's vCPUs and guest memory: its resolved machine's figures, else

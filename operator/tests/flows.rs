@@ -9,9 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use godwit_crds::contract::{
-    Machine, MIGRATION_FINALIZER, RESOLVED_ANNOTATION, SOURCE_LABEL, TARGET_LABEL,
-};
+use godwit_crds::contract::{Machine, MIGRATION_FINALIZER, SOURCE_LABEL, TARGET_LABEL};
 use godwit_crds::{MigrationPhase, VMMigration, VmPhase};
 use godwit_operator::{MigrationLimits, OperatorConfig};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -54,8 +52,7 @@ async fn schedule_migrate_cancel_fail_and_restart() {
     let node_b = settled(&client, "b", VmPhase::Scheduled).await;
     assert_ne!(node_a, node_b, "spread");
     let a = vm(&client, "a").await;
-    let machine: Machine =
-        serde_json::from_str(a.annotations().get(RESOLVED_ANNOTATION).unwrap()).unwrap();
+    let machine: Machine = godwit_crds::contract::resolved_machine(&a).unwrap();
     assert_eq!(machine.memory_bytes, 512 << 20);
     assert_eq!(machine.networks[0].bridge, "godwit0");
     let scheduled = a.status.unwrap().conditions;

@@ -44,10 +44,7 @@ pub async fn reconcile(agent: &Agent, vm: &VirtualMachine) -> anyhow::Result<()>
             }
         }
     }
-    let machine: Option<Machine> = vm
-        .annotations()
-        .get(contract::RESOLVED_ANNOTATION)
-        .and_then(|a| serde_json::from_str(a).ok());
+    let machine: Option<Machine> = contract::resolved_machine(vm);
     let status = vm.status.clone().unwrap_or_default();
     let facts = VmFacts {
         phase: status.phase,

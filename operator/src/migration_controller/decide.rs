@@ -544,7 +544,7 @@ fn vm_move(m: &VMMigration, vm: &VirtualMachine) -> VmMove {
 
 #[cfg(test)]
 mod tests {
-    use godwit_crds::contract::{Machine, MachineDisk, MachineDiskSource, RESOLVED_ANNOTATION};
+    use godwit_crds::contract::{Machine, MachineDisk, MachineDiskSource};
     use godwit_crds::{ImageFormat, MigrationResult, StorageKind};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -633,13 +633,8 @@ mod tests {
             }],
             ..Default::default()
         };
-        vm.metadata.annotations = Some(
-            [(
-                RESOLVED_ANNOTATION.to_string(),
-                serde_json::to_string(&machine).unwrap(),
-            )]
-            .into(),
-        );
+        vm.status.get_or_insert_with(Default::default).machine =
+            Some(serde_json::to_value(&machine).unwrap());
         vm
     }
 

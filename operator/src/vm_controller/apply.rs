@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use godwit_crds::contract::{NODE_LABEL, RESOLVED_ANNOTATION};
+use godwit_crds::contract::NODE_LABEL;
 use godwit_crds::{VirtualMachine, VmPhase};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
@@ -127,17 +127,9 @@ pub async fn apply_step(
             if !reserve_or_hold(&api, vm, &node, need, ctx).await? {
                 return Ok(Action::requeue(RETRY_UNSCHEDULABLE));
             }
-            let resolved = serde_json::to_string(&machine).map_err(VmWriteError::Serialize)?;
-            let labelled = patch_metadata(
-                &api,
-                vm,
-                json!({
-                    "labels": {NODE_LABEL: node},
-                    "annotations": {RESOLVED_ANNOTATION: resolved},
-                }),
-                ctx,
-            )
-            .await?;
+            let resolved = serde_json::to_value(&machine).map_err(VmWriteError::Serialize)?;
+            let labelled =
+                patch_metadata(&api, vm, json!({"labels": {NODE_LABEL: node}}), ctx).await?;
             let scheduled = Wanted::yes(SCHEDULED, "Scheduled", message.clone());
             let patched = patch_status(
                 &api,
@@ -145,6 +137,7 @@ pub async fn apply_step(
                 json!({
                     "phase": VmPhase::Scheduled,
                     "nodeName": node,
+                    "machine": resolved,
                     "cpu": machine.cpu,
                     "memory": godwit_crds::format_quantity(machine.memory_bytes),
                 }),

@@ -3,7 +3,8 @@
 //! It owns, on a VM (see the table in [`godwit_crds::contract`]):
 //! - scheduling: a `Pending` VM is resolved against its template, placed by
 //!   [`scheduler::place`](crate::scheduler::place), labelled [`NODE_LABEL`]`=<node>`, given its
-//!   [`RESOLVED_ANNOTATION`](godwit_crds::contract::RESOLVED_ANNOTATION), and moved to `Scheduled` with `nodeName` and the
+//!   its resolved machine in `status.machine`
+//!   ([`resolved_machine`](godwit_crds::contract::resolved_machine)), and moved to `Scheduled` with `nodeName` and the
 //!   condition `Scheduled=True`; when it cannot be placed the condition says
 //!   why (`TemplateMissing`, `InvalidSpec`, `Unschedulable`, `Halted`);
 //! - restarts by `runStrategy`: `Always` restarts a `Stopped` or `Failed` VM,

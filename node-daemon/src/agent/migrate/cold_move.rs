@@ -255,7 +255,8 @@ fn open_source(
     let text = match std::fs::read_to_string(dir.file("machine.json")) {
         Ok(text) => text,
         Err(_) => vm
-            .and_then(|v| v.annotations().get(contract::RESOLVED_ANNOTATION).cloned())
+            .and_then(|v| v.status.as_ref()?.machine.as_ref())
+            .map(|m| m.to_string())
             .ok_or_else(|| anyhow::anyhow!("the VM has no resolved machine to move"))?,
     };
     let machine: Machine = serde_json::from_str(&text)?;

@@ -31,13 +31,9 @@ pub async fn prepare(
     let vms: Api<VirtualMachine> =
         Api::namespaced(agent.client.clone(), &m.namespace().unwrap_or_default());
     let vm = vms.get(&m.spec.vm_name).await?;
-    let machine: Machine = match vm
-        .annotations()
-        .get(contract::RESOLVED_ANNOTATION)
-        .map(|a| serde_json::from_str(a))
-    {
-        Some(Ok(machine)) => machine,
-        _ => {
+    let machine: Machine = match contract::resolved_machine(&vm) {
+        Some(machine) => machine,
+        None => {
             return report::end(
                 agent,
                 api,
