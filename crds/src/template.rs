@@ -80,7 +80,13 @@ pub struct VMTemplateSpec {
     status = "VMTemplateStatus",
     shortname = "gcvmt",
     category = "godwit",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
     printcolumn(name = "Image", type_ = "string", json_path = ".spec.image.source"),
+    printcolumn(name = "Digest", type_ = "string", json_path = ".status.imageDigest"),
     printcolumn(
         name = "Age",
         type_ = "date",

@@ -221,6 +221,24 @@ spec:
         .unwrap();
     g.wait_running("from-cluster", Duration::from_secs(60))
         .unwrap();
+    // The operator writes the ClusterVMTemplate's status from the node's
+    // cache report, as for a VMTemplate.
+    g.wait("golden Ready", Duration::from_secs(60), || {
+        let t = g.get("gcvmt", "golden")?;
+        Ok(t.filter(|t| {
+            t["status"]["imageDigest"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("sha256:"))
+                && t["status"]["conditions"].as_array().is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+        }))
+    })
+    .unwrap_or_else(|e| {
+        let t = g.kubectl(&["get", "gcvmt", "golden", "-o", "json"], None);
+        panic!("{e:#}\nthe template: {t:?}")
+    });
     g.apply(&template("VMTemplate", "copied")).unwrap();
     g.apply(&from("from-namespaced", "VMTemplate", "copied"))
         .unwrap();

@@ -1,4 +1,4 @@
-//! Each VMTemplate's status, from what the node agents report of their
+//! Each VMTemplate's and ClusterVMTemplate's status, from what the node agents report of their
 //! template caches (`status.cachedImages` of each `GodwitNode`:
 //! `{"<image source>": "sha256:<hex>"}`):
 //! `cachedNodes` (the nodes whose cache holds the template's image),
@@ -13,23 +13,60 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use godwit_crds::{GodwitNode, VMTemplate, VMTemplateStatus};
+use godwit_crds::{ClusterVMTemplate, GodwitNode, VMTemplate, VMTemplateSpec, VMTemplateStatus};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::ResourceExt;
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
 use serde_json::json;
 use tracing::warn;
 
 use crate::conditions::{self, Wanted};
 use crate::context::{log_outcome, Context};
 
+/// A kind of template whose status this module writes.
+trait Template:
+    Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
+{
+    /// Its spec and its status.
+    fn parts(&self) -> (&VMTemplateSpec, Option<&VMTemplateStatus>);
+    /// The API of this kind where `namespace` (if any) holds it.
+    fn api(client: Client, namespace: Option<String>) -> Api<Self>;
+}
+
+impl Template for VMTemplate {
+    fn parts(&self) -> (&VMTemplateSpec, Option<&VMTemplateStatus>) {
+        (&self.spec, self.status.as_ref())
+    }
+    fn api(client: Client, namespace: Option<String>) -> Api<Self> {
+        match namespace {
+            Some(ns) => Api::namespaced(client, &ns),
+            None => Api::all(client),
+        }
+    }
+}
+
+impl Template for ClusterVMTemplate {
+    fn parts(&self) -> (&VMTemplateSpec, Option<&VMTemplateStatus>) {
+        (&self.spec.template, self.status.as_ref())
+    }
+    fn api(client: Client, _: Option<String>) -> Api<Self> {
+        Api::all(client)
+    }
+}
+
 /// The status `template` should show, given the cluster's GodwitNodes,
 /// at `now`.
 pub fn status_of(template: &VMTemplate, nodes: &[GodwitNode], now: Timestamp) -> VMTemplateStatus {
-    let source = &template.spec.image.source;
+    status_for(template, nodes, now)
+}
+
+fn status_for<T: Template>(template: &T, nodes: &[GodwitNode], now: Timestamp) -> VMTemplateStatus {
+    let (spec, status) = template.parts();
+    let source = &spec.image.source;
     let mut digests: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for node in nodes {
         let cached = node.status.as_ref().map(|s| &s.cached_images);
@@ -40,12 +77,7 @@ pub fn status_of(template: &VMTemplate, nodes: &[GodwitNode], now: Timestamp) ->
                 .push(node.name_any());
         }
     }
-    let expected = template
-        .spec
-        .image
-        .sha256
-        .as_ref()
-        .map(|h| format!("sha256:{h}"));
+    let expected = spec.image.sha256.as_ref().map(|h| format!("sha256:{h}"));
     // The digest most nodes report (a file changed in place is cached
     // again under its new digest, node by node).
     let newest = digests
@@ -74,22 +106,28 @@ pub fn status_of(template: &VMTemplate, nodes: &[GodwitNode], now: Timestamp) ->
             format!("{d} cached on {} node(s)", cached_nodes.len()),
         ),
     };
-    let old = template.status.clone().unwrap_or_default();
+    let old = status.cloned().unwrap_or_default();
+    let generation = template.meta().generation;
     VMTemplateStatus {
-        conditions: conditions::merge(&old.conditions, &wanted, template.metadata.generation, now),
+        conditions: conditions::merge(&old.conditions, &wanted, generation, now),
         image_digest: newest,
         cached_nodes,
-        observed_generation: template.metadata.generation,
+        observed_generation: generation,
     }
 }
 
-/// Keeps every VMTemplate's status up to date until the watches end.
+/// Keeps every VMTemplate's and ClusterVMTemplate's status up to date
+/// until the watches end.
 pub async fn run(ctx: Arc<Context>) {
-    let client = ctx.client.clone();
-    let controller = Controller::new(
-        Api::<VMTemplate>::all(client.clone()),
-        watcher::Config::default(),
+    futures::join!(
+        keep::<VMTemplate>(ctx.clone()),
+        keep::<ClusterVMTemplate>(ctx)
     );
+}
+
+async fn keep<T: Template>(ctx: Arc<Context>) {
+    let client = ctx.client.clone();
+    let controller = Controller::new(T::api(client.clone(), None), watcher::Config::default());
     let store = controller.store();
     // A node's cache report may change any template's status.
     let all = move |_: GodwitNode| {
@@ -105,28 +143,27 @@ pub async fn run(ctx: Arc<Context>) {
             watcher::Config::default(),
             all,
         )
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile::<T>, error_policy::<T>, ctx)
         .for_each(|result| async move {
             log_outcome("template", result.err());
         })
         .await;
 }
 
-fn error_policy(t: Arc<VMTemplate>, error: &kube::Error, _: Arc<Context>) -> Action {
+fn error_policy<T: Template>(t: Arc<T>, error: &kube::Error, _: Arc<Context>) -> Action {
     warn!(template = %t.name_any(), "cannot write the template's status: {}", godwit_crds::error_chain(error));
     Action::requeue(Duration::from_secs(5))
 }
 
-async fn reconcile(t: Arc<VMTemplate>, ctx: Arc<Context>) -> Result<Action, kube::Error> {
+async fn reconcile<T: Template>(t: Arc<T>, ctx: Arc<Context>) -> Result<Action, kube::Error> {
     let nodes = Api::<GodwitNode>::namespaced(ctx.client.clone(), &ctx.config.lease_namespace)
         .list(&ListParams::default())
         .await?
         .items;
-    let wanted = status_of(&t, &nodes, Timestamp::now());
-    let old = t.status.clone().unwrap_or_default();
+    let wanted = status_for(t.as_ref(), &nodes, Timestamp::now());
+    let old = t.parts().1.cloned().unwrap_or_default();
     if wanted != old {
-        let api: Api<VMTemplate> =
-            Api::namespaced(ctx.client.clone(), &t.namespace().unwrap_or_default());
+        let api = T::api(ctx.client.clone(), t.namespace());
         api.patch_status(
             &t.name_any(),
             &ctx.patch_params(),
@@ -200,5 +237,18 @@ mod tests {
         assert_eq!(ready(&wrong), ("False", "DigestMismatch"));
         let right = status_of(&template(Some("aa")), &nodes, now);
         assert_eq!(ready(&right), ("True", "Cached"));
+
+        // A ClusterVMTemplate's status comes the same way.
+        let mut cluster = ClusterVMTemplate::new(
+            "base",
+            godwit_crds::ClusterVMTemplateSpec {
+                template: template(None).spec,
+            },
+        );
+        cluster.metadata.generation = Some(2);
+        let s = status_for(&cluster, &nodes, now);
+        assert_eq!(ready(&s), ("True", "Cached"));
+        assert_eq!(s.image_digest.as_deref(), Some("sha256:aa"));
+        assert_eq!(s.observed_generation, Some(2));
     }
 }
