@@ -21,7 +21,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use godwit_crds::contract::{self, Machine};
+use godwit_crds::contract::Machine;
 use godwit_crds::{MigrationPhase, VMMigration, VirtualMachine};
 use kube::api::Api;
 use kube::runtime::events::EventType;
