@@ -182,6 +182,17 @@ fn install_upgrade_rollback_uninstall() {
         assert!(cluster.get(&["clusterrole", role]).is_some(), "{role}");
     }
     assert!(cluster
+        .get(&["apiservice", "v1.subresources.godwit.dev"])
+        .is_some());
+    assert!(cluster
+        .get(&[
+            "rolebinding",
+            "godwit-operator-auth-reader",
+            "-n",
+            "kube-system"
+        ])
+        .is_some());
+    assert!(cluster
         .get(&["clusterrolebinding", "godwit-metrics-reader"])
         .is_none());
     let record = cluster
@@ -287,6 +298,19 @@ fn install_upgrade_rollback_uninstall() {
     assert!(cluster
         .get(&["validatingadmissionpolicy", "godwit-node-restriction"])
         .is_none());
+    // The cluster-scoped and kube-system objects go too: the console API's
+    // APIService and the RoleBinding that lets it read the front proxy's CA.
+    assert!(cluster
+        .get(&["apiservice", "v1.subresources.godwit.dev"])
+        .is_none());
+    assert!(cluster
+        .get(&[
+            "rolebinding",
+            "godwit-operator-auth-reader",
+            "-n",
+            "kube-system"
+        ])
+        .is_none());
     for kind in [
         "deployments",
         "daemonsets",
@@ -304,7 +328,9 @@ fn install_upgrade_rollback_uninstall() {
     for crd in [
         "virtualmachines.godwit.dev",
         "vmtemplates.godwit.dev",
+        "clustervmtemplates.godwit.dev",
         "vmmigrations.godwit.dev",
+        "godwitnodes.godwit.dev",
     ] {
         assert!(crds.contains(crd), "{crd} was removed: {crds:?}");
     }
