@@ -7,9 +7,10 @@
 //! Needs the release binaries (`cargo build --release -p godwit-node -p
 //! godwit-operator --bins`, as e2e/test.sh does) and /dev/kvm.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use godwit_e2e::driver::{console_has, type_at, ClusterDriver, EXAMPLE_TEMPLATE, EXAMPLE_VM};
+use serde_json::Value;
 
 fn migration(name: &str, storage: Option<&str>) -> String {
     let storage = storage
@@ -68,19 +69,47 @@ fn a_vm_on_local_storage_moves_with_its_disk() {
 
     // The move, with a second pattern written while it copies.
     g.apply(&migration("move-disk", Some("Copy"))).unwrap();
-    let copying = g
-        .wait("the copy to start", Duration::from_secs(60), || {
-            let m = g.get("vmmigration", "move-disk")?;
-            Ok(m.filter(|m| m["status"]["phase"] == "PreCopy"))
-        })
-        .unwrap();
+    // A watch, not polling: a small disk may be copied, and the migration
+    // past PreCopy, within one `kubectl get`.
+    let watch = g.watch("vmmigration", "move-disk").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = Value::Null;
+    let copying = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the copy did not start within 60 s; the migration: {last}; logs in {}",
+            dir.display()
+        );
+        let Some(m) = watch.next(Duration::from_secs(1)).unwrap() else {
+            continue;
+        };
+        let phase = m["status"]["phase"]
+            .as_str()
+            .unwrap_or("Pending")
+            .to_string();
+        assert!(
+            !matches!(phase.as_str(), "Failed" | "Cancelled"),
+            "the move ended {phase}: {m}"
+        );
+        last = m;
+        if !matches!(phase.as_str(), "Pending" | "Scheduling" | "PreparingTarget") {
+            break last.clone();
+        }
+    };
+    drop(watch);
     let to = copying["status"]["targetNode"]
         .as_str()
         .unwrap()
         .to_string();
     assert_ne!(to, from);
     let dst = g.vm_dir(g.node_index(&to).unwrap(), "default", "demo");
-    type_at(&src, "blkwrite 8192 256 9").unwrap();
+    // Written while it copies, or on the target if the move is already over.
+    let writer = if copying["status"]["phase"] == "Succeeded" {
+        &dst
+    } else {
+        &src
+    };
+    type_at(writer, "blkwrite 8192 256 9").unwrap();
     // It completes on the source before the switch-over (and is copied in
     // a round or in stop-and-copy), or on the target after it.
     g.wait(
