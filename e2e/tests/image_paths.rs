@@ -213,6 +213,10 @@ spec:
   templateRef:
     kind: {kind}
     name: {template}
+  disks:
+    - name: root
+      source:
+        template: {{}}
 "#
         )
     };
@@ -221,8 +225,9 @@ spec:
         .unwrap();
     g.wait_running("from-cluster", Duration::from_secs(60))
         .unwrap();
-    // The operator writes the ClusterVMTemplate's status from the node's
-    // cache report, as for a VMTemplate.
+    // Its root disk is a copy of the template's image, which the node
+    // caches; the operator writes the ClusterVMTemplate's status from the
+    // node's cache report, as for a VMTemplate.
     g.wait("golden Ready", Duration::from_secs(60), || {
         let t = g.get("gcvmt", "golden")?;
         Ok(t.filter(|t| {
