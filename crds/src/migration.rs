@@ -113,6 +113,13 @@ pub struct VMMigrationStatus {
     /// written by the target node's agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_address: Option<String>,
+    /// Set by the target node's agent once a migration that did not succeed
+    /// has left nothing on the target (its incoming VMM stopped and its
+    /// files removed). Only then does the operator give the VM back to the
+    /// source node, where it may be restarted: the VM never runs on two
+    /// nodes, even when the source died in post-copy.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub target_released: bool,
     /// Standard conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]

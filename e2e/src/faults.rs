@@ -694,6 +694,11 @@ fn cell(g: &mut ClusterDriver, n: usize, fault: Fault, phase: Phase) -> anyhow::
     if fault == Fault::TargetDiskFull && !reason.contains("No space left") {
         bail!("the VMMigration ended {migration_phase} without saying the target disk is full: {reason:?}");
     }
+    // No fault here makes the target node lost, so a VM given back to the
+    // source was released by the target's agent first.
+    if migration_phase != "Succeeded" && mig["status"]["targetReleased"] != true {
+        bail!("the VMMigration ended {migration_phase} and the VM went back to the source without the target releasing it");
+    }
     Ok(Seen {
         outcome,
         migration_phase,

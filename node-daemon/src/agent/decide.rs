@@ -193,6 +193,8 @@ pub struct MigrationFacts {
     pub target_address: Option<String>,
     /// Deleted, or annotated `godwit.dev/cancel: "true"`.
     pub cancel_requested: bool,
+    /// `status.targetReleased`: the target said it holds nothing of the VM.
+    pub target_released: bool,
 }
 
 /// What the source VMM says about its outgoing migration.
@@ -216,8 +218,12 @@ pub enum NodeMigrationAction {
     /// Target: start the incoming VMM and publish its address.
     PrepareTarget,
     /// Target: the migration ended without the VM moving here: stop and remove
-    /// the incoming VMM.
+    /// the incoming VMM, then say so (`targetReleased`).
     DiscardIncoming,
+    /// Target: the migration ended without the VM moving here and nothing of
+    /// it is left on this node: say so (`targetReleased`), which lets the
+    /// operator give the VM back to the source.
+    ReportReleased,
     /// Source: send the VM (`migrate-send`), phase PreCopy.
     Send,
     /// Source: follow the VMM's progress and report it (and cancel it in the
@@ -242,8 +248,12 @@ pub fn decide_node_migration(
         Role::Target => {
             if m.phase.is_final() {
                 let ours = local.incoming.as_deref() == Some(m.name.as_str());
-                return if m.phase != Succeeded && ours && (local.alive || local.exists) {
+                return if m.phase == Succeeded {
+                    NodeMigrationAction::Nothing
+                } else if ours && (local.alive || local.exists) {
                     NodeMigrationAction::DiscardIncoming
+                } else if !m.target_released {
+                    NodeMigrationAction::ReportReleased
                 } else {
                     NodeMigrationAction::Nothing
                 };
@@ -556,10 +566,22 @@ mod tests {
                 decide_node_migration(Role::Target, &m, &incoming, &none),
                 NodeMigrationAction::DiscardIncoming
             );
-            // An older migration's end does not discard a VM a later one brought.
+            // An older migration's end does not discard a VM a later one
+            // brought; nothing of its own is left here.
             m.name = "m0".into();
             assert_eq!(
                 decide_node_migration(Role::Target, &m, &incoming, &none),
+                NodeMigrationAction::ReportReleased
+            );
+            // Nothing here (removed, or never started): said once.
+            m.name = "m1".into();
+            assert_eq!(
+                decide_node_migration(Role::Target, &m, &absent, &none),
+                NodeMigrationAction::ReportReleased
+            );
+            m.target_released = true;
+            assert_eq!(
+                decide_node_migration(Role::Target, &m, &absent, &none),
                 NodeMigrationAction::Nothing
             );
         }

@@ -132,9 +132,27 @@ pub fn in_flight(m: &VMMigration) -> bool {
 /// Whether deciding for `m` needs the cluster view.
 pub fn needs_cluster(m: &VMMigration) -> bool {
     let phase = migration_phase(m);
-    !phase.is_final()
-        && (matches!(phase, MigrationPhase::Pending | MigrationPhase::Scheduling)
-            || m.metadata.deletion_timestamp.is_some())
+    if phase.is_final() {
+        return awaits_target(m);
+    }
+    matches!(phase, MigrationPhase::Pending | MigrationPhase::Scheduling)
+        || m.metadata.deletion_timestamp.is_some()
+}
+
+/// Whether `m` ended without moving the VM while its target may still hold
+/// an incoming VMM: a live migration that got a target and that the target
+/// agent has not yet released (`status.targetReleased`). In post-copy that
+/// VMM ran the guest; the VM goes back to the source, and may restart there,
+/// only once it is gone.
+pub fn awaits_target(m: &VMMigration) -> bool {
+    let Some(status) = m.status.as_ref() else {
+        return false;
+    };
+    status.phase.is_final()
+        && status.phase != MigrationPhase::Succeeded
+        && m.spec.mode != MigrationMode::Cold
+        && status.target_node.is_some()
+        && !status.target_released
 }
 
 /// Whether `vm` is moved by `m` right now (its status names it).
@@ -147,6 +165,9 @@ pub fn next_migration_step(m: &VMMigration, inputs: &MigrationInputs<'_>) -> Mig
     let phase = migration_phase(m);
     if phase.is_final() {
         if let Some(vm) = inputs.vm.filter(|vm| vm_names(vm, m)) {
+            if let Some(wait) = target_holds(m, inputs) {
+                return wait;
+            }
             return MigrationStep::MoveVm(vm_move(m, vm));
         }
         if has_finalizer(m) {
@@ -447,7 +468,24 @@ fn in_progress(
     }
 }
 
-/// Seconds the source's lease has been expired beyond one more lease
+/// While the target may still run an incoming VMM of a migration that did
+/// not succeed ([`awaits_target`]), the VM waits: until the target agent
+/// releases it, or until the target node is lost (its agent fenced itself
+/// and stopped its VMMs).
+fn target_holds(m: &VMMigration, inputs: &MigrationInputs<'_>) -> Option<MigrationStep> {
+    if !awaits_target(m) {
+        return None;
+    }
+    let target = m.status.as_ref()?.target_node.as_deref()?;
+    let lost = inputs
+        .cluster
+        .is_some_and(|c| lost_for(c, target, inputs.now).is_some());
+    (!lost).then_some(MigrationStep::Nothing {
+        requeue: Some(Duration::from_secs(1)),
+    })
+}
+
+/// Seconds the node's lease has been expired beyond one more lease
 /// duration, if so (a node with no lease, or no Node, counts as long gone).
 fn lost_for(cluster: &ClusterView, node: &str, now: Timestamp) -> Option<i64> {
     let grace = i64::from(NODE_LEASE_SECONDS);
@@ -1014,7 +1052,9 @@ mod tests {
                 ..Default::default()
             });
         } else {
-            m.status.as_mut().unwrap().failure_reason = Some("link cut".into());
+            let status = m.status.as_mut().unwrap();
+            status.failure_reason = Some("link cut".into());
+            status.target_released = true;
         }
         m
     }
@@ -1059,6 +1099,50 @@ mod tests {
         assert_eq!(cancelled.node, "node-1");
         assert_eq!(cancelled.result, MigrationPhase::Cancelled);
         assert!(!cancelled.vm_note.warning);
+    }
+
+    #[test]
+    fn a_failed_migration_gives_the_vm_back_only_once_the_target_let_go() {
+        let vm = running().migrating("m1");
+        let c = cluster(vec![vm.clone()], vec![]);
+        let m = migration("m1", "demo").finalized();
+        for phase in [MigrationPhase::Failed, MigrationPhase::Cancelled] {
+            let mut held = ended(&m, phase);
+            held.status.as_mut().unwrap().target_released = false;
+            assert!(awaits_target(&held) && needs_cluster(&held));
+            // The target's incoming VMM may run the guest (post-copy):
+            // the VM stays marked as migrating, so nothing restarts it.
+            assert_eq!(
+                decide(&held, Some(&vm), &c),
+                MigrationStep::Nothing {
+                    requeue: Some(Duration::from_secs(1))
+                }
+            );
+            // Without the cluster view the target's lease is unknown: wait.
+            assert!(matches!(
+                decide_at(&held, Some(&vm), None, t0()),
+                MigrationStep::Nothing { .. }
+            ));
+            // The target node is lost: its agent fenced itself.
+            let later = at(30);
+            assert_eq!(
+                moved(decide_at(&held, Some(&vm), Some(&c), later)).node,
+                "node-1"
+            );
+            // Or the target agent released it.
+            let released = ended(&m, phase);
+            assert!(!awaits_target(&released) && !needs_cluster(&released));
+            assert_eq!(moved(decide(&released, Some(&vm), &c)).node, "node-1");
+        }
+        // A success, or a cold move (whose target never runs the guest),
+        // does not wait.
+        let mut done = ended(&m, MigrationPhase::Succeeded);
+        done.status.as_mut().unwrap().target_released = false;
+        assert!(!awaits_target(&done));
+        let mut cold = ended(&m, MigrationPhase::Failed);
+        cold.spec.mode = MigrationMode::Cold;
+        cold.status.as_mut().unwrap().target_released = false;
+        assert!(!awaits_target(&cold));
     }
 
     #[test]

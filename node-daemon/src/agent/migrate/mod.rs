@@ -16,6 +16,7 @@ use godwit_crds::{MigrationMode, VMMigration};
 use kube::api::Api;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
+use serde_json::json;
 
 use super::context::Agent;
 use super::decide::{decide_node_migration, MigrationFacts, NodeMigrationAction, Role, SendState};
@@ -38,6 +39,7 @@ pub async fn reconcile(agent: &Agent, role: Role, m: &VMMigration) -> anyhow::Re
                 .get(contract::CANCEL_ANNOTATION)
                 .map(String::as_str)
                 == Some("true"),
+        target_released: status.target_released,
     };
     let api: Api<VMMigration> = Api::namespaced(agent.client.clone(), &ns);
     let cold = m.spec.mode == MigrationMode::Cold;
@@ -62,7 +64,14 @@ pub async fn reconcile(agent: &Agent, role: Role, m: &VMMigration) -> anyhow::Re
             let d = dir.clone();
             tokio::task::spawn_blocking(move || {
                 vmm_process::stop(&d, Duration::from_secs(2));
-                vm_dir::remove(&d, false)
+                // Released only once the VMM is gone: the operator may then
+                // restart the VM on the source.
+                anyhow::ensure!(
+                    !d.state().alive,
+                    "the incoming VMM outlived SIGKILL; trying again"
+                );
+                vm_dir::remove(&d, false)?;
+                anyhow::Ok(())
             })
             .await??;
             agent
@@ -74,6 +83,10 @@ pub async fn reconcile(agent: &Agent, role: Role, m: &VMMigration) -> anyhow::Re
                     format!("Removed the incoming VM on {}", agent.cfg.node),
                 )
                 .await;
+            report::patch(&api, m, json!({"targetReleased": true})).await?;
+        }
+        NodeMigrationAction::ReportReleased => {
+            report::patch(&api, m, json!({"targetReleased": true})).await?;
         }
         NodeMigrationAction::Send => source::send(agent, &api, m, &dir).await?,
         NodeMigrationAction::Follow { cancel } => {
