@@ -168,6 +168,16 @@ async fn schedule_migrate_cancel_fail_and_restart() {
         json!({"phase": "Failed", "failureReason": "target closed the connection"}),
     )
     .await;
+    // Until the target's agent says its incoming VMM is gone, the VM stays
+    // with the migration: nothing may start it on the source meanwhile.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let held = vm(&client, "b").await.status.unwrap_or_default();
+    assert_eq!(
+        held.migration.as_deref(),
+        Some("m3"),
+        "the VM is given back before the target released it: {held:?}"
+    );
+    agent_sets_migration(&client, "m3", json!({"targetReleased": true})).await;
     let stayed = settled(&client, "b", VmPhase::Running).await;
     assert_eq!(
         stayed, node_b,

@@ -43,6 +43,10 @@ pub struct Agent {
     pub reported: Mutex<HashMap<String, Instant>>,
     /// Outgoing migrations whose post-copy link is lost (the VMM redials).
     pub reconnecting: Mutex<HashSet<String>>,
+    /// The uids of the migrations this agent has ended: a pass that still
+    /// sees one unfinished (its store not yet updated) neither ends it
+    /// again nor counts it twice.
+    pub ended: Mutex<HashSet<String>>,
     /// Cold migrations this agent sends or receives, by role and migration.
     pub cold: Mutex<HashMap<String, Arc<ColdTask>>>,
     /// Whether the node's Lease is renewed.

@@ -171,6 +171,7 @@ pub async fn run(
         children: Mutex::new(Children::default()),
         reported: Mutex::new(HashMap::new()),
         reconnecting: Mutex::default(),
+        ended: Mutex::default(),
         cold: Mutex::new(HashMap::new()),
         lease,
     });

@@ -34,6 +34,9 @@ pub async fn outgoing(
     progress: &Progress,
     cold: bool,
 ) -> anyhow::Result<()> {
+    if already_ended(agent, m) {
+        return Ok(());
+    }
     let node = &agent.cfg.node;
     let stays = if cold {
         format!("the VM stays stopped on {node} with its disks")
@@ -148,6 +151,13 @@ pub async fn outgoing(
     Ok(())
 }
 
+/// Whether this agent already ended `m`, which its store still shows
+/// unfinished.
+fn already_ended(agent: &Agent, m: &VMMigration) -> bool {
+    m.uid()
+        .is_some_and(|uid| agent.ended.lock().unwrap().contains(&uid))
+}
+
 /// Merges `status` into migration `m`'s status.
 pub async fn patch(api: &Api<VMMigration>, m: &VMMigration, status: Value) -> anyhow::Result<()> {
     api.patch_status(
@@ -170,6 +180,9 @@ pub async fn end(
     message: &str,
     done: Option<(MigrationProgress, MigrationResult)>,
 ) -> anyhow::Result<()> {
+    if already_ended(agent, m) {
+        return Ok(());
+    }
     let started = m.status.as_ref().and_then(|s| s.start_time.as_ref());
     let elapsed =
         started.and_then(|t| Duration::try_from(Timestamp::now().duration_since(t.0)).ok());
@@ -186,6 +199,11 @@ pub async fn end(
         None => status["failureReason"] = json!(message),
     }
     patch(api, m, status).await?;
+    agent
+        .ended
+        .lock()
+        .unwrap()
+        .insert(m.uid().unwrap_or_default());
     let kind = if phase == MigrationPhase::Succeeded {
         EventType::Normal
     } else {
