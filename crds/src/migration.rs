@@ -115,7 +115,8 @@ pub struct VMMigrationStatus {
     pub target_address: Option<String>,
     /// Set by the target node's agent once a migration that did not succeed
     /// has left nothing on the target (its incoming VMM stopped and its
-    /// files removed). Only then does the operator give the VM back to the
+    /// files removed). Only then (or once the target node is lost, or 2
+    /// minutes after the end) does the operator give the VM back to the
     /// source node, where it may be restarted: the VM never runs on two
     /// nodes, even when the source died in post-copy.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -23,6 +23,9 @@ use crate::view::{self, migration_phase, ClusterView};
 
 /// How long the target agent has to publish `targetAddress`.
 pub const TARGET_PREPARE_SECONDS: i64 = 60;
+/// The longest a failed migration's VM waits for its target to release it
+/// ([`awaits_target`]).
+pub const TARGET_RELEASE_SECONDS: i64 = 120;
 /// Grace after the completion timeout before the operator asks to cancel
 /// (the source agent enforces the timeout itself; this catches an agent
 /// that does not).
@@ -470,17 +473,25 @@ fn in_progress(
 
 /// While the target may still run an incoming VMM of a migration that did
 /// not succeed ([`awaits_target`]), the VM waits: until the target agent
-/// releases it, or until the target node is lost (its agent fenced itself
-/// and stopped its VMMs).
+/// releases it, until the target node is lost (its agent fenced itself and
+/// stopped its VMMs), or for at most [`TARGET_RELEASE_SECONDS`] after the
+/// end (an agent that cannot write the flag, such as one of an older
+/// release during an upgrade, does not hold the VM for ever; a live one
+/// removes an incoming VMM within seconds).
 fn target_holds(m: &VMMigration, inputs: &MigrationInputs<'_>) -> Option<MigrationStep> {
     if !awaits_target(m) {
         return None;
     }
-    let target = m.status.as_ref()?.target_node.as_deref()?;
+    let status = m.status.as_ref()?;
+    let target = status.target_node.as_deref()?;
     let lost = inputs
         .cluster
         .is_some_and(|c| lost_for(c, target, inputs.now).is_some());
-    (!lost).then_some(MigrationStep::Nothing {
+    let waited_out = status
+        .end_time
+        .as_ref()
+        .is_some_and(|t| inputs.now.as_second() - t.0.as_second() > TARGET_RELEASE_SECONDS);
+    (!lost && !waited_out).then_some(MigrationStep::Nothing {
         requeue: Some(Duration::from_secs(1)),
     })
 }
@@ -1127,6 +1138,20 @@ mod tests {
             let later = at(30);
             assert_eq!(
                 moved(decide_at(&held, Some(&vm), Some(&c), later)).node,
+                "node-1"
+            );
+            // A live target that never says so holds the VM only so long.
+            let mut live = c.clone();
+            live.lease_expiry.insert("node-2".into(), at(1000));
+            let mut old = held.clone();
+            old.status.as_mut().unwrap().end_time = Some(Time(t0()));
+            assert!(matches!(
+                decide_at(&old, Some(&vm), Some(&live), at(TARGET_RELEASE_SECONDS)),
+                MigrationStep::Nothing { .. }
+            ));
+            let late = at(TARGET_RELEASE_SECONDS + 1);
+            assert_eq!(
+                moved(decide_at(&old, Some(&vm), Some(&live), late)).node,
                 "node-1"
             );
             // Or the target agent released it.
