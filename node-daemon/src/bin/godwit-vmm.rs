@@ -311,6 +311,11 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    // Opened now: non-dumpable, `/proc/self` is root's. Without it a
+    // migration reads every page of its first pass.
+    if godwit_node::vmm::memory::pagemap().is_none() {
+        tracing::warn!("cannot open /proc/self/pagemap: migrations read never-written pages too");
+    }
     sandbox::Sandbox::new(args.seccomp, &args.seccomp_deny)
         .and_then(|s| s.install())
         .unwrap_or_else(|e| fail(error_chain(&e)));

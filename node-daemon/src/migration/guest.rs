@@ -112,6 +112,15 @@ pub trait SourceVm: Sync {
     /// Pages written since the last call, by vCPUs or devices; clears them.
     /// One entry per region, in [`SourceVm::regions`] order.
     fn take_dirty(&self) -> Result<Vec<DirtyPages>, GuestError>;
+    /// Which of `count` pages of `region`, from page index `first`, may
+    /// hold data: bit `i` of word `i / 64` for page `first + i`, no bit past
+    /// `count`. A clear bit is a page known to be zero without reading it
+    /// (never written, or given back to the host). `None`, the default: the
+    /// VM cannot tell, and the engine reads every page.
+    fn populated(&self, region: &GuestRegion, first: u64, count: u64) -> Option<Vec<u64>> {
+        let _ = (region, first, count);
+        None
+    }
     /// Stops the vCPUs (returns once none runs).
     fn pause(&self);
     /// Lets the vCPUs run again.

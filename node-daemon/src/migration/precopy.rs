@@ -1,7 +1,8 @@
 //! Pre-copy, the source's first phase: the dirty-page loop while the guest
 //! runs, auto-converge, and the last copy once the guest is paused.
 //!
-//! Round 0 sends all of guest RAM (zero pages as run headers only); each
+//! Round 0 sends all of guest RAM (zero pages as run headers only, and
+//! pages the VM knows were never written without reading them); each
 //! later round sends the pages the guest dirtied during the one before,
 //! after the disks' dirty blocks (`RoundDisks`). A round ends when the
 //! target has received it all; then [`super::convergence`] decides: another
@@ -125,7 +126,7 @@ pub(super) fn iterate<V: SourceVm>(
         let mut first = 0;
         while first < pages {
             let n = ROUND0_CHUNK_PAGES.min(pages - first);
-            src.send_run(r, first, n)?;
+            src.send_all(r, first, n)?;
             first += n;
             round_pages += n;
             let left = (total_pages - round_pages) * PAGE_SIZE as u64;

@@ -321,6 +321,44 @@ impl<'a, V: SourceVm> Source<'a, V> {
         Ok(())
     }
 
+    /// Sends pages `first .. first + count` of region `r` whatever their
+    /// state (the first round): those the VM says were never populated go
+    /// as zero runs without being read, since reading one would fault it in;
+    /// the rest through [`Source::send_run`].
+    pub fn send_all(&mut self, r: usize, first: u64, count: u64) -> Result<(), MigrationError> {
+        let region = self.regions[r];
+        let Some(bitmap) = self.vm.populated(&region, first, count) else {
+            return self.send_run(r, first, count);
+        };
+        let populated = DirtyPages {
+            gpa: region.gpa,
+            bitmap,
+        };
+        let mut next = 0;
+        for (start, n) in populated.runs() {
+            self.send_zero_run(r, first + next, start - next)?;
+            self.send_run(r, first + start, n)?;
+            next = start + n;
+        }
+        self.send_zero_run(r, first + next, count - next)
+    }
+
+    /// Sends `count` pages of region `r` from page index `first` as zero
+    /// pages, unread.
+    fn send_zero_run(&mut self, r: usize, first: u64, count: u64) -> Result<(), MigrationError> {
+        if count == 0 {
+            return Ok(());
+        }
+        let gpa = self.regions[r].gpa + first * PAGE_SIZE as u64;
+        self.batch.push_zero(gpa, count as u32);
+        self.zero_pages += count;
+        if self.batch.len() >= BATCH_BYTES {
+            self.flush_batch()?;
+            self.check_peer()?;
+        }
+        Ok(())
+    }
+
     /// Sends every page in `dirty` and returns how many pages that was.
     pub fn send_dirty(&mut self, dirty: &[DirtyPages]) -> Result<u64, MigrationError> {
         let mut pages = 0;

@@ -55,6 +55,13 @@ impl SourceVm for Vmm {
             .collect())
     }
 
+    fn populated(&self, region: &GuestRegion, first: u64, count: u64) -> Option<Vec<u64>> {
+        // Guest RAM is anonymous private memory of this process
+        // (`memory::create`): a page the page table does not hold is zero.
+        let offset = first * super::memory::PAGE_SIZE;
+        super::memory::populated(region.host_ptr(region.gpa + offset), count)
+    }
+
     fn pause(&self) {
         Vmm::pause(self)
     }
