@@ -2,8 +2,12 @@
 //! round, from the round's figures and the policy. No I/O, so every branch is
 //! unit-tested with plain numbers.
 //!
-//! - Stop-and-copy as soon as the expected downtime (dirty bytes left over the
-//!   measured bandwidth, plus a fixed cost for device state) fits the policy.
+//! - Stop-and-copy once the expected downtime (dirty bytes left over the
+//!   measured bandwidth, plus a fixed cost for device state) fits the policy,
+//!   unless one more round would at least halve it: while the guest dirties
+//!   memory at most half as fast as the link carries it, rounds go on until
+//!   the pause would be [`AIM_FRACTION`] of the policy's. The policy's
+//!   `max_downtime` is a bound, not a target.
 //! - When the guest dirties memory about as fast as the link carries it (it
 //!   dirtied again at least [`SHRINK_FACTOR`] of what the round sent, or the
 //!   rounds stopped shrinking) and one more round would take at least
@@ -34,6 +38,14 @@ pub const THROTTLE_MAX: u8 = 99;
 /// What stop-and-copy costs beyond the pages (vCPU and device state, the
 /// commit round trip, resuming on the target).
 pub const FIXED_DOWNTIME: Duration = Duration::from_millis(2);
+
+/// The pause pre-copy aims at, as a fraction of the policy's `max_downtime`:
+/// below it, no further round is tried.
+pub const AIM_FRACTION: f64 = 0.1;
+/// One more round is tried, when the pause already fits, only if the guest
+/// dirtied at most this fraction of the link's bandwidth: the round then
+/// leaves at most that fraction of the dirty set behind.
+pub const WORTH_A_ROUND: f64 = 0.5;
 
 /// A round expected to take at least this long, on a guest that dirties as
 /// fast as the link carries, is not repeated: post-copy comes at once.
@@ -112,7 +124,15 @@ pub fn decide(history: &[Round], throttle: u8, policy: &Policy, page_size: u64) 
     let Some(last) = history.last() else {
         return Decision::NextRound;
     };
-    if expected_downtime(last, page_size) <= policy.max_downtime {
+    let expected = expected_downtime(last, page_size);
+    if expected <= policy.max_downtime {
+        let shrinks = dirty_rate(last, page_size) <= bandwidth(last) * WORTH_A_ROUND;
+        if expected > policy.max_downtime.mul_f64(AIM_FRACTION)
+            && shrinks
+            && last.round + 1 < policy.max_rounds
+        {
+            return Decision::NextRound;
+        }
         return Decision::StopAndCopy;
     }
     // Round 0 sends all memory: the first comparison is round 1 against round 0.
@@ -168,6 +188,31 @@ mod tests {
         let h = [round(0, 1024, 1000, 100)];
         assert_eq!(
             decide(&h, 0, &Policy::default(), PAGE),
+            Decision::StopAndCopy
+        );
+    }
+
+    #[test]
+    fn a_pause_that_fits_is_shortened_while_rounds_halve_it() {
+        let p = Policy::default();
+        // 1 GiB/s; 8 MiB dirtied in 100 ms (80 MiB/s): 10 ms of pause fits
+        // the 50 ms bound, and one more round (8 ms) leaves about 0.6 MiB.
+        let h = [round(0, 100, 100, 2048)];
+        assert_eq!(decide(&h, 0, &p, PAGE), Decision::NextRound);
+        // Then 0.6 MiB: 2.6 ms, under the aim (5 ms): stop.
+        let h = [round(0, 100, 100, 2048), round(1, 8, 8, 160)];
+        assert_eq!(decide(&h, 0, &p, PAGE), Decision::StopAndCopy);
+        // A guest that dirties faster than half the link (5.9 MiB while 8
+        // MiB went out): another round would not halve the 7.9 ms, so stop.
+        let h = [round(0, 100, 100, 2048), round(1, 8, 8, 1500)];
+        assert_eq!(decide(&h, 0, &p, PAGE), Decision::StopAndCopy);
+        // And never past the round limit.
+        let few = Policy {
+            max_rounds: 1,
+            ..Policy::default()
+        };
+        assert_eq!(
+            decide(&[round(0, 100, 100, 2048)], 0, &few, PAGE),
             Decision::StopAndCopy
         );
     }

@@ -105,6 +105,23 @@ pub fn send<V: SourceVm>(
     outcome
 }
 
+/// Nice value of the pre-copy thread: a CPU share about a tenth of a vCPU's
+/// when they compete.
+const PRECOPY_NICE: libc::c_int = 10;
+
+/// Lowers the calling thread's priority to [`PRECOPY_NICE`] (on Linux,
+/// `setpriority` of "process" 0 is the calling thread alone). Best effort: a
+/// host that refuses leaves the thread as it was.
+fn yield_to_guest() {
+    // SAFETY: setpriority with integer arguments only.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, PRECOPY_NICE) } != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "cannot lower the pre-copy thread's priority"
+        );
+    }
+}
+
 /// The phases, in order; `paused`, `committed` and `disks` tell [`send`]
 /// what to undo on failure.
 fn run<V: SourceVm>(
@@ -144,9 +161,23 @@ fn run<V: SourceVm>(
     // Disks first: tracking on, then the allocated ranges, while the guest
     // runs; what it writes meanwhile goes in the rounds.
     disks.start(vm, &hello.disks, &ack.disks)?;
-    storage::send_bulk(src, disks)?;
-
-    let mut copied = precopy::iterate(src, &policy, throttle, disks)?;
+    // The copying beside the running guest, on a thread of lower priority
+    // than the vCPUs: where the host has no core to spare, the guest keeps
+    // its pace and the copy takes what is left. The phases with the guest
+    // paused, or running on the target, go on here at the usual priority.
+    let mut copied = std::thread::scope(|s| {
+        let copier = std::thread::Builder::new()
+            .name("migrate-precopy".into())
+            .spawn_scoped(s, || {
+                yield_to_guest();
+                storage::send_bulk(src, disks)?;
+                precopy::iterate(src, &policy, throttle, disks)
+            })
+            .map_err(MigrationError::Socket)?;
+        copier
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })?;
     if copied.switch == Switch::PostCopy {
         src.advance(SenderState::PostCopy)?;
         let pause_start = throttle.pause(vm);

@@ -7,7 +7,9 @@
 //! making a call it never makes is a VMM a guest has taken over.
 //!
 //! Filters are classic BPF built with `seccompiler` from plain syscall
-//! lists (no argument filters yet: `ioctl` is allowed whatever its request).
+//! lists; one call is allowed only with given arguments ([`CONFINED`]:
+//! `setpriority` on the calling thread), the rest whatever their arguments
+//! (`ioctl` whatever its request).
 //! Modes (`godwit-vmm --seccomp`): `on` (the default, kill), `log` (allow
 //! but log each violation through the kernel's audit log, where audit is
 //! enabled, for finding what a new code path needs) and `off`. `--seccomp-deny NAME,...`
@@ -28,7 +30,10 @@
 
 use std::collections::BTreeMap;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 /// What the filter does with a call that is not allowed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -104,6 +109,7 @@ pub const VMM_SYSCALLS: &[(&str, i64)] = &[
     ("membarrier", libc::SYS_membarrier),
     ("futex", libc::SYS_futex),
     ("sched_yield", libc::SYS_sched_yield),
+    ("setpriority", libc::SYS_setpriority),
     ("sched_getaffinity", libc::SYS_sched_getaffinity),
     ("clone", libc::SYS_clone),
     ("clone3", libc::SYS_clone3),
@@ -156,6 +162,15 @@ pub const VMM_SYSCALLS: &[(&str, i64)] = &[
     ("userfaultfd", libc::SYS_userfaultfd),
 ];
 
+/// Calls of [`VMM_SYSCALLS`] allowed only when each (argument index, value)
+/// holds: `setpriority(PRIO_PROCESS, 0, _)` changes the calling thread's
+/// nice value and no other process's (the migration's pre-copy thread
+/// yields to the vCPUs; without `CAP_SYS_NICE` the value can only go up).
+pub const CONFINED: &[(i64, &[(u8, u64)])] = &[(
+    libc::SYS_setpriority,
+    &[(0, libc::PRIO_PROCESS as u64), (1, 0)],
+)];
+
 /// Calls a vCPU thread never makes, on top of what [`VMM_SYSCALLS`] leaves out.
 pub const VCPU_FORBIDDEN: &[&str] = &[
     "openat",
@@ -176,6 +191,7 @@ pub const VCPU_FORBIDDEN: &[&str] = &[
     "userfaultfd",
     "prctl",
     "seccomp",
+    "setpriority",
 ];
 
 /// The sandbox the VMM installs.
@@ -207,8 +223,10 @@ impl Sandbox {
     }
 
     fn program(&self, allowed: impl Iterator<Item = i64>) -> Result<BpfProgram, SandboxError> {
-        let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
-            allowed.map(|nr| (nr, Vec::new())).collect();
+        let rules = allowed
+            .map(|nr| Ok((nr, confined_rules(nr)?)))
+            .collect::<Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError>>()
+            .map_err(|e| SandboxError::Seccomp(e.into()))?;
         let mismatch = match self.mode {
             Mode::Log => SeccompAction::Log,
             _ => SeccompAction::KillProcess,
@@ -242,6 +260,21 @@ impl Sandbox {
             .map(|(_, nr)| *nr);
         self.program(allowed).map(Some)
     }
+}
+
+/// The rules allowing call `nr`: none (any arguments) unless it is
+/// [`CONFINED`].
+fn confined_rules(nr: i64) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    let Some((_, args)) = CONFINED.iter().find(|(n, _)| *n == nr) else {
+        return Ok(Vec::new());
+    };
+    let conditions = args
+        .iter()
+        .map(|&(arg, value)| {
+            SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(vec![SeccompRule::new(conditions)?])
 }
 
 /// The vCPU filter of this process, set once by [`Sandbox::install`].
@@ -378,8 +411,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_forbidden_call_kills_the_process() {
+    /// Runs `call` in a child under the process filter; its wait status.
+    fn in_sandboxed_child(call: fn()) -> i32 {
         // In a child, so the test process keeps running.
         let sandbox = Sandbox::new(Mode::On, &[]).unwrap();
         let program = sandbox
@@ -392,17 +425,46 @@ mod tests {
             if seccompiler::apply_filter(&program).is_err() {
                 unsafe { libc::_exit(10) };
             }
-            // getppid is not on the list.
-            unsafe { libc::syscall(libc::SYS_getppid) };
+            call();
             unsafe { libc::_exit(0) };
         }
         let mut status = 0;
         // SAFETY: waiting for our own child.
         unsafe { libc::waitpid(pid, &mut status, 0) };
+        status
+    }
+
+    fn killed_by_sigsys(status: i32) -> bool {
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+    }
+
+    #[test]
+    fn a_forbidden_call_kills_the_process() {
+        // getppid is not on the list.
+        let status = in_sandboxed_child(|| unsafe {
+            libc::syscall(libc::SYS_getppid);
+        });
+        assert!(killed_by_sigsys(status), "status {status:#x}");
+    }
+
+    #[test]
+    fn a_thread_may_lower_its_own_priority_and_no_one_elses() {
+        let own = in_sandboxed_child(|| unsafe {
+            libc::syscall(libc::SYS_setpriority, libc::PRIO_PROCESS, 0, 5);
+        });
         assert!(
-            libc::WIFSIGNALED(status),
-            "child exited normally: {status:#x}"
+            libc::WIFEXITED(own) && libc::WEXITSTATUS(own) == 0,
+            "status {own:#x}"
         );
-        assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
+        // A process by its pid (even its own, as any other), or a whole
+        // user: killed.
+        let other = in_sandboxed_child(|| unsafe {
+            libc::syscall(libc::SYS_setpriority, libc::PRIO_PROCESS, libc::getpid(), 5);
+        });
+        assert!(killed_by_sigsys(other), "status {other:#x}");
+        let user = in_sandboxed_child(|| unsafe {
+            libc::syscall(libc::SYS_setpriority, libc::PRIO_USER, 0, 5);
+        });
+        assert!(killed_by_sigsys(user), "status {user:#x}");
     }
 }
