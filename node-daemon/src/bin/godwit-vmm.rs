@@ -313,7 +313,7 @@ fn main() {
     let args = Args::parse();
     // Opened now: non-dumpable, `/proc/self` is root's. Without it a
     // migration reads every page of its first pass.
-    if godwit_node::vmm::memory::pagemap().is_none() {
+    if godwit_node::migration::pagemap::open().is_none() {
         tracing::warn!("cannot open /proc/self/pagemap: migrations read never-written pages too");
     }
     sandbox::Sandbox::new(args.seccomp, &args.seccomp_deny)

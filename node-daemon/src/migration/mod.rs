@@ -49,7 +49,8 @@
 //!   [`connect`] (dialling and accepting, with TLS), [`tls`] (mutual TLS),
 //!   [`userfaultfd`] (the raw ioctls), [`convergence`] (the pure decision
 //!   after each round), [`progress`] (the pollable figures), [`guest`] (the
-//!   guest traits), [`error`] ([`MigrationError`]).
+//!   guest traits), [`pagemap`] (which pages of anonymous memory were never
+//!   written), [`error`] ([`MigrationError`]).
 //!
 //! Measurements (TLS cost, parallel streams) are in `docs/migration.md`.
 
@@ -58,6 +59,7 @@ pub mod connect;
 pub mod convergence;
 pub mod error;
 pub mod guest;
+pub mod pagemap;
 pub mod postcopy;
 pub mod precopy;
 pub mod progress;

@@ -191,7 +191,7 @@ impl SourceVm for TestVm {
     fn populated(&self, region: &GuestRegion, first: u64, count: u64) -> Option<Vec<u64>> {
         // An anonymous private mapping, as the VMM's guest RAM is.
         let host = region.host_ptr(region.gpa + first * PAGE_SIZE as u64);
-        crate::vmm::memory::populated(host, count)
+        super::pagemap::populated(host, count)
     }
     fn pause(&self) {
         self.paused.store(true, Ordering::SeqCst);
@@ -361,7 +361,7 @@ fn idle_memory_arrives_identical_with_zero_pages_elided() {
     // The source's page table shows what was read: only the written pages
     // (1 in 8), since the engine skips never-written ones unread.
     let pages = 64 * 256;
-    let touched: u32 = crate::vmm::memory::populated(pair.source.mem.ptr, pages)
+    let touched: u32 = super::pagemap::populated(pair.source.mem.ptr, pages)
         .unwrap()
         .iter()
         .map(|w| w.count_ones())

@@ -5,17 +5,13 @@
 //! RAM is split around the 32-bit MMIO hole (`MMIO_HOLE_START..4 GiB`), where
 //! the virtio-mmio devices, the IOAPIC and the LAPIC live.
 //!
-//! Which pages of an anonymous private mapping hold anything is in the
-//! kernel's page table, read through `/proc/self/pagemap` ([`populated`]):
-//! a page neither present nor swapped out was never written (or was given
-//! back), so it reads as zero. A migration's first pass skips those pages
-//! without touching them; reading one would fault it in.
+//! Guest RAM being anonymous private memory, a page the page table does not
+//! hold reads as zero: a migration's first round skips those unread
+//! (`migration::pagemap`).
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::OnceLock;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
@@ -62,48 +58,6 @@ pub enum MemoryError {
     /// The snapshot's memory layout does not fit this memory.
     #[error("Snapshot memory layout does not match the VM's memory")]
     LayoutMismatch,
-}
-
-/// Pagemap entry bit: the page is in RAM.
-const PAGEMAP_PRESENT: u64 = 1 << 63;
-/// Pagemap entry bit: the page is swapped out (or being moved).
-const PAGEMAP_SWAPPED: u64 = 1 << 62;
-
-static PAGEMAP: OnceLock<Option<File>> = OnceLock::new();
-
-/// This process's `/proc/self/pagemap`, opened on the first call. The VMM
-/// calls it before it makes itself non-dumpable (which gives `/proc/self`
-/// to root) and before its sandbox; `None` if it could not be opened.
-pub fn pagemap() -> Option<&'static File> {
-    PAGEMAP
-        .get_or_init(|| File::open("/proc/self/pagemap").ok())
-        .as_ref()
-}
-
-/// Which of the `pages` pages from `host` (page-aligned, inside an
-/// anonymous private mapping of this process) may hold data: bit `i` of
-/// word `i / 64` is set for a page present or swapped out. A clear bit is a
-/// page that was never written or was given back, and reads as zero.
-/// `None` when the page table cannot be read (no pagemap).
-pub fn populated(host: *const u8, pages: u64) -> Option<Vec<u64>> {
-    let file = pagemap()?;
-    let first = host as u64 / PAGE_SIZE;
-    let mut entries = vec![0u8; pages as usize * 8];
-    let mut done = 0;
-    while done < entries.len() {
-        match file.read_at(&mut entries[done..], first * 8 + done as u64) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => done += n,
-        }
-    }
-    let mut bitmap = vec![0u64; (pages as usize).div_ceil(64)];
-    for (i, e) in entries.chunks_exact(8).enumerate() {
-        let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
-        if e & (PAGEMAP_PRESENT | PAGEMAP_SWAPPED) != 0 {
-            bitmap[i / 64] |= 1 << (i % 64);
-        }
-    }
-    Some(bitmap)
 }
 
 /// The guest-physical RAM ranges for a guest of `size` bytes.
@@ -316,35 +270,6 @@ mod tests {
         assert_eq!(ram_ranges(1 << 30), vec![(GuestAddress(0), 1 << 30)]);
         let r = ram_ranges(4 << 30);
         assert_eq!(r[1], (GuestAddress(MMIO_HOLE_END), (1 << 30) as usize));
-    }
-
-    #[test]
-    fn pages_never_written_are_not_populated() {
-        // 8 MiB: pages written in the first 2 MiB, the last 2 MiB never
-        // touched (a transparent huge page may fill a written page's 2 MiB).
-        let mem = create(8).unwrap();
-        let host = mem.get_host_address(GuestAddress(0)).unwrap();
-        let pages = (8 << 20) / PAGE_SIZE;
-        for p in [0u64, 5, 300] {
-            mem.write_obj(1u8, GuestAddress(p * PAGE_SIZE)).unwrap();
-        }
-        let map = populated(host, pages).expect("this process can read its pagemap");
-        let bit = |p: u64| map[(p / 64) as usize] >> (p % 64) & 1 == 1;
-        for p in [0, 5, 300] {
-            assert!(bit(p), "written page {p} is populated");
-        }
-        for p in 1536..pages {
-            assert!(!bit(p), "page {p} was never touched");
-        }
-        // Given back to the host: zero again, and not populated.
-        // SAFETY: the first 4 MiB of `mem`'s mapping (every written page and
-        // any huge page around them); nothing else uses `mem`.
-        unsafe {
-            libc::madvise(host.cast(), 4 << 20, libc::MADV_DONTNEED);
-        }
-        let map = populated(host, pages).unwrap();
-        assert!(map.iter().all(|&w| w == 0), "{map:x?}");
-        assert_eq!(mem.read_obj::<u8>(GuestAddress(5 * PAGE_SIZE)).unwrap(), 0);
     }
 
     #[test]

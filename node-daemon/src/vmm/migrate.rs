@@ -59,7 +59,7 @@ impl SourceVm for Vmm {
         // Guest RAM is anonymous private memory of this process
         // (`memory::create`): a page the page table does not hold is zero.
         let offset = first * super::memory::PAGE_SIZE;
-        super::memory::populated(region.host_ptr(region.gpa + offset), count)
+        crate::migration::pagemap::populated(region.host_ptr(region.gpa + offset), count)
     }
 
     fn pause(&self) {
