@@ -87,7 +87,7 @@ pub fn migration_stream(data: &[u8]) {
                         .all(|g| memory.find(*g, PAGE_SIZE as u64).is_ok())
                 })
                 .unwrap_or(false),
-            Command::PostCopy => protocol::parse_page_runs(&payload)
+            Command::PostCopy | Command::Discard => protocol::parse_page_runs(&payload)
                 .map(|runs| {
                     runs.iter().all(|(gpa, pages)| {
                         memory
@@ -100,6 +100,7 @@ pub fn migration_stream(data: &[u8]) {
             | Command::Ready
             | Command::Commit
             | Command::Activated
+            | Command::Discarded
             | Command::Abort => true,
         };
         if !ok {

@@ -203,8 +203,8 @@ pub(super) fn iterate<V: SourceVm>(
     }
 }
 
-/// Adds the pages dirtied since the last round to `pending` (the guest is
-/// paused, so the set is final).
+/// Adds the pages dirtied since the last call to `pending` (once the guest
+/// is paused, the set is final).
 pub(super) fn take_last<V: SourceVm>(
     vm: &V,
     pending: &mut [DirtyPages],

@@ -47,6 +47,9 @@
 //! sequenceDiagram
 //!     participant S as Source VMM
 //!     participant T as Target VMM
+//!     S->>T: Discard (runs of pages rewritten since they were sent)
+//!     Note over T: drop those stale pages
+//!     T->>S: Discarded
 //!     Note over S: pause vCPUs (downtime starts)
 //!     S->>T: State
 //!     S->>T: PostCopy (runs of pages still to fetch)
@@ -97,7 +100,10 @@
 //!
 //! Version 3 adds post-copy recovery ([`Command::Resume`],
 //! [`Command::ResumeAck`]), sent only on a connection that resumes a
-//! post-copy migration; the first connection is unchanged.
+//! post-copy migration; the first connection is unchanged. Within it,
+//! [`Command::Discard`] and [`Command::Discarded`] go only to a target
+//! whose [`HelloAck::discard`] says it takes them (an older target never
+//! sets it and gets the plain switch to post-copy).
 
 use std::io::{Read, Write};
 
@@ -199,6 +205,14 @@ pub enum Command {
     /// Target → source: whether the guest runs here, and the pages still
     /// missing ([`encode_resume_ack`]; version 3).
     ResumeAck = 15,
+    /// Source → target, when pre-copy gives way to post-copy and before the
+    /// guest pauses: runs of pages ([`encode_page_runs`]) the guest rewrote
+    /// since they were sent, whose copies the target drops now rather than
+    /// in the downtime (version 3; only to a target whose
+    /// [`HelloAck::discard`] is set).
+    Discard = 16,
+    /// Target → source: the pages of a [`Command::Discard`] are dropped.
+    Discarded = 17,
 }
 
 impl Command {
@@ -206,7 +220,9 @@ impl Command {
     pub fn since(self) -> u16 {
         match self {
             Command::DiskBlocks => STORAGE_VERSION,
-            Command::Resume | Command::ResumeAck => RECOVERY_VERSION,
+            Command::Resume | Command::ResumeAck | Command::Discard | Command::Discarded => {
+                RECOVERY_VERSION
+            }
             _ => MIN_VERSION,
         }
     }
@@ -233,6 +249,8 @@ impl TryFrom<u16> for Command {
             13 => DiskBlocks,
             14 => Resume,
             15 => ResumeAck,
+            16 => Discard,
+            17 => Discarded,
             other => return Err(ProtocolError::UnknownCommand(other)),
         })
     }
@@ -399,6 +417,9 @@ pub struct HelloAck {
     /// One answer per offered disk, in [`Hello::disks`] order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskAccept>,
+    /// Whether the target takes [`Command::Discard`] before post-copy.
+    #[serde(default)]
+    pub discard: bool,
 }
 
 /// One run of consecutive pages in a [`Command::Pages`] payload.
@@ -805,7 +826,7 @@ mod tests {
 
     #[test]
     fn every_command_decodes_to_itself() {
-        for code in 1..=15u16 {
+        for code in 1..=17u16 {
             let command = Command::try_from(code).unwrap();
             assert_eq!(command as u16, code);
         }
@@ -814,8 +835,8 @@ mod tests {
             Err(ProtocolError::UnknownCommand(0))
         ));
         assert!(matches!(
-            Command::try_from(16),
-            Err(ProtocolError::UnknownCommand(16))
+            Command::try_from(18),
+            Err(ProtocolError::UnknownCommand(18))
         ));
     }
 

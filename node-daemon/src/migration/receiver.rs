@@ -133,7 +133,11 @@ where
     send_frame(
         stream,
         Command::HelloAck,
-        &protocol::encode_json(&HelloAck { post_copy, disks }),
+        &protocol::encode_json(&HelloAck {
+            post_copy,
+            disks,
+            discard: post_copy,
+        }),
     )?;
     state = state.advance(ReceiverState::Receiving)?;
     progress.update(|p| {
@@ -153,6 +157,14 @@ where
             }
             Command::DiskBlocks => {
                 storage::apply(&vm, &hello.disks, &payload)?;
+            }
+            Command::Discard if post_copy => {
+                // Post-copy comes next: drop what the guest rewrote while
+                // it still runs on the source, out of the downtime.
+                for (gpa, pages) in protocol::parse_page_runs(&payload)? {
+                    memory.discard(gpa, pages)?;
+                }
+                send_frame(stream, Command::Discarded, &[])?;
             }
             Command::RoundEnd => {
                 let (round, _pages) = protocol::parse_round_end(&payload)?;

@@ -28,6 +28,7 @@ use super::guest::{DirtyPages, GuestRegion, SourceVm};
 use super::progress::ProgressHandle;
 use super::protocol::{self, Command, PageBatch, PAGE_SIZE};
 use super::transport::{self, Conn, FrameWriter, Incoming};
+use super::userfaultfd;
 
 /// Payload size of a page or disk batch.
 pub const BATCH_BYTES: usize = 1 << 20;
@@ -480,19 +481,61 @@ impl ReceiverState {
 
 /// Guest memory on the target, with a bit per page that has received data (so
 /// a page that later turns all-zero is cleared, and one that was always zero
-/// is never touched).
+/// is never touched), and one per page dropped before post-copy.
 pub(crate) struct TargetMemory {
     pub regions: Vec<GuestRegion>,
     pub written: Vec<Vec<u64>>,
+    /// Pages given back to the host ([`TargetMemory::discard`]): not mapped,
+    /// so the post-copy guest's next touch faults.
+    pub discarded: Vec<Vec<u64>>,
 }
 
 impl TargetMemory {
     pub fn new(regions: Vec<GuestRegion>) -> TargetMemory {
-        let written = regions
+        let written: Vec<Vec<u64>> = regions
             .iter()
             .map(|r| vec![0u64; (r.size / PAGE_SIZE as u64).div_ceil(64) as usize])
             .collect();
-        TargetMemory { regions, written }
+        let discarded = written.clone();
+        TargetMemory {
+            regions,
+            written,
+            discarded,
+        }
+    }
+
+    /// Gives the `pages` pages at `gpa` back to the host (their copies
+    /// here are stale; post-copy fetches them again), skipping those
+    /// already given back. The guest must not run here yet.
+    pub fn discard(&mut self, gpa: u64, pages: u32) -> Result<(), MigrationError> {
+        let len = u64::from(pages) * PAGE_SIZE as u64;
+        let (idx, region) = self.find(gpa, len)?;
+        let first = (gpa - region.gpa) / PAGE_SIZE as u64;
+        let end = first + u64::from(pages);
+        let (written, discarded) = (&mut self.written[idx], &mut self.discarded[idx]);
+        let mut p = first;
+        while p < end {
+            let is_dropped = |p: u64| discarded[(p / 64) as usize] & (1 << (p % 64)) != 0;
+            if is_dropped(p) {
+                p += 1;
+                continue;
+            }
+            let start = p;
+            while p < end && !is_dropped(p) {
+                p += 1;
+            }
+            let host = region.host_ptr(region.gpa + start * PAGE_SIZE as u64);
+            // SAFETY: the run is inside the region (checked by `find`), whose
+            // mapping lives as long as the target VM; the guest does not run
+            // here yet, and post-copy fetches these pages before it reads them.
+            unsafe { userfaultfd::discard(host, ((p - start) * PAGE_SIZE as u64) as usize)? };
+            for q in start..p {
+                let (w, b) = ((q / 64) as usize, q % 64);
+                discarded[w] |= 1 << b;
+                written[w] &= !(1 << b);
+            }
+        }
+        Ok(())
     }
 
     /// The region holding `gpa .. gpa + len`, and its index.
@@ -526,8 +569,10 @@ impl TargetMemory {
                             data.len(),
                         )
                     };
+                    let discarded = &mut self.discarded[idx];
                     for p in first..first + u64::from(run.pages) {
                         written[(p / 64) as usize] |= 1 << (p % 64);
+                        discarded[(p / 64) as usize] &= !(1 << (p % 64));
                     }
                 }
                 None => {
@@ -570,6 +615,61 @@ pub(crate) fn send_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn discarded_pages_read_as_zero_and_are_marked_until_data_comes() {
+        let len = 16 * PAGE_SIZE;
+        // SAFETY: a fresh anonymous mapping, checked below, unmapped at the end.
+        let host = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(host, libc::MAP_FAILED);
+        // SAFETY: the whole mapping, as bytes; nothing else uses it.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(host.cast::<u8>(), len) };
+        let gpa = 0x10_0000;
+        let mut memory = TargetMemory::new(vec![GuestRegion {
+            gpa,
+            size: len as u64,
+            host: host.cast(),
+        }]);
+        let mut batch = PageBatch::with_capacity(len);
+        batch.push_data(gpa, &vec![7u8; len]);
+        memory.apply(batch.as_bytes()).unwrap();
+        let page = PAGE_SIZE as u64;
+        memory.discard(gpa + 2 * page, 3).unwrap();
+        // Again, overlapping: only the pages not yet dropped are.
+        memory.discard(gpa + 4 * page, 2).unwrap();
+        for p in 0..16 {
+            let dropped = (2..6).contains(&p);
+            let want = if dropped { 0 } else { 7 };
+            assert!(
+                bytes[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
+                    .iter()
+                    .all(|&b| b == want),
+                "page {p}"
+            );
+            let bit = |m: &[Vec<u64>]| m[0][0] >> p & 1 == 1;
+            assert_eq!(bit(&memory.discarded), dropped, "page {p} discarded");
+            assert_eq!(bit(&memory.written), !dropped, "page {p} written");
+        }
+        // Outside guest memory: refused.
+        assert!(memory.discard(gpa + 15 * page, 2).is_err());
+        // Data for a dropped page makes it an ordinary page again.
+        let mut batch = PageBatch::with_capacity(2 * PAGE_SIZE);
+        batch.push_data(gpa + 3 * page, &vec![9u8; PAGE_SIZE]);
+        memory.apply(batch.as_bytes()).unwrap();
+        assert_eq!(memory.discarded[0][0], 0b110100);
+        assert_eq!(bytes[3 * PAGE_SIZE], 9);
+        // SAFETY: unmapping what was mapped; `memory` is not used after.
+        unsafe { libc::munmap(host, len) };
+    }
 
     #[test]
     fn a_page_is_zero_only_when_every_byte_is() {

@@ -4,9 +4,9 @@
 //! first, until the target has them all and runs the guest. After each
 //! fault the push goes on from the page after it (the guest's next faults
 //! are likely there), wrapping around to the start of memory. The push
-//! keeps about a millisecond of the link's bandwidth unacknowledged
-//! ([`in_flight_cap`]), so that a faulted page does not queue behind it. A lost link is
-//! bridged by [`super::recovery`].
+//! keeps about a tenth of a millisecond of the link's bandwidth
+//! unacknowledged ([`in_flight_cap`]), so that a faulted page does not queue
+//! behind it. A lost link is bridged by [`super::recovery`].
 
 use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
@@ -20,16 +20,18 @@ use crate::migration::protocol::{self, Command, PAGE_SIZE};
 use crate::migration::session::Source;
 use crate::migration::transport;
 
-/// Pages pushed between two looks at the target's requests.
+/// Pages pushed between two looks at the target's requests, at most; fewer
+/// when the in-flight cap is smaller, so that a slice never overshoots it
+/// by more than itself.
 const PUSH_PAGES: u64 = 32;
 /// The background push waits while more bytes than the link carries in
 /// this long are unacknowledged on the stream, so that a page the guest
 /// faults on never queues behind more than this of pushed ones (instead of
 /// the tens of milliseconds a full socket buffer and qdisc hold on a slow
 /// link), while a fast link still has enough in flight to stay full.
-const PUSH_QUEUE: Duration = Duration::from_millis(1);
+const PUSH_QUEUE: Duration = Duration::from_micros(100);
 /// The least the push keeps in flight (at any bandwidth).
-const PUSH_IN_FLIGHT_MIN: usize = 64 << 10;
+const PUSH_IN_FLIGHT_MIN: usize = 8 << 10;
 
 /// The push's in-flight cap for a stream that carried `bandwidth` bytes per
 /// second in pre-copy.
@@ -277,7 +279,9 @@ fn push<V: SourceVm>(
         }
         let mut pushed = 0;
         let mut wrapped = false;
-        while serve.remaining > 0 && pushed < PUSH_PAGES {
+        // A slice never overshoots the in-flight cap by more than itself.
+        let slice = (serve.in_flight / PAGE_SIZE).clamp(1, PUSH_PAGES as usize) as u64;
+        while serve.remaining > 0 && pushed < slice {
             if serve.cursor.0 >= serve.needed.len() {
                 if wrapped {
                     break;
@@ -350,14 +354,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_push_keeps_a_millisecond_of_the_link_in_flight_and_never_less_than_64_kib() {
-        // 1 Gbit/s: 125 kB.
-        assert_eq!(in_flight_cap(125e6), 125_000);
-        // 10 Gbit/s: 1.25 MB.
-        assert_eq!(in_flight_cap(1.25e9), 1_250_000);
+    fn the_push_keeps_a_tenth_of_a_millisecond_of_the_link_in_flight_and_never_less_than_8_kib() {
+        // 1 Gbit/s: 12.5 kB.
+        assert_eq!(in_flight_cap(125e6), 12_500);
+        // 10 Gbit/s: 125 kB.
+        assert_eq!(in_flight_cap(1.25e9), 125_000);
         // A slow or unmeasured link: the floor.
-        assert_eq!(in_flight_cap(10e6), 64 << 10);
-        assert_eq!(in_flight_cap(0.0), 64 << 10);
+        assert_eq!(in_flight_cap(10e6), 8 << 10);
+        assert_eq!(in_flight_cap(0.0), 8 << 10);
     }
 
     #[test]

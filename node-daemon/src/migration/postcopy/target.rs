@@ -21,7 +21,7 @@ use crate::migration::progress::{ProgressHandle, Stage};
 use crate::migration::protocol::{self, Command, PAGE_SIZE};
 use crate::migration::session::{send_frame, TargetMemory};
 use crate::migration::transport::Conn;
-use crate::migration::userfaultfd::{self, Userfault};
+use crate::migration::userfaultfd::Userfault;
 
 /// Installs pages from `reader` until `Complete`.
 fn receive_pages(
@@ -87,6 +87,7 @@ pub(crate) fn run<T: TargetVm>(
     recovery: Option<Recovery<'_>>,
     userfaultfd_device: Option<BorrowedFd<'_>>,
 ) -> Result<(), MigrationError> {
+    let mut memory = memory;
     let runs = protocol::parse_page_runs(needed_payload)?;
     let needed = Needed::new(&memory.regions);
     for (gpa, pages) in &runs {
@@ -96,10 +97,9 @@ pub(crate) fn run<T: TargetVm>(
         for p in first..first + u64::from(*pages) {
             needed.mark_needed(r, p);
         }
-        // Drop the stale copy so the next touch faults and fetches it.
-        // SAFETY: the range is inside guest RAM (checked by `find`); the guest
-        // is not running yet, and the pages are fetched again before use.
-        unsafe { userfaultfd::discard(region.host_ptr(*gpa), len as usize)? };
+        // Drop the stale copy so the next touch faults and fetches it (most
+        // went before the pause, with `Discard`).
+        memory.discard(*gpa, *pages)?;
     }
     let uffd = Userfault::open(userfaultfd_device)?;
     for r in &memory.regions {
