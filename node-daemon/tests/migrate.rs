@@ -16,7 +16,7 @@ use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -168,9 +168,10 @@ fn start_target(t: &Topology, dir: &Scratch) -> Target {
 }
 
 /// A TCP client in the client namespace reading the guest's heartbeat stream
-/// and checking, line by line, that the counter goes up by exactly one.
+/// and checking, line by line, that the counter goes up by exactly one. It
+/// reads until it has seen the counter [`StreamWatch::finish_at`] names.
 struct StreamWatch {
-    stop: Arc<AtomicBool>,
+    stop_at: Arc<AtomicU64>,
     handle: std::thread::JoinHandle<Result<StreamReport, godwit_testkit::netns::NetnsError>>,
 }
 
@@ -182,9 +183,9 @@ struct StreamReport {
 }
 
 fn watch_stream(t: &Topology) -> StreamWatch {
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop_at = Arc::new(AtomicU64::new(u64::MAX));
     let (started_tx, started_rx) = std::sync::mpsc::channel();
-    let s = stop.clone();
+    let s = stop_at.clone();
     let handle = t
         .client
         .spawn_in(move || {
@@ -209,7 +210,7 @@ fn watch_stream(t: &Topology) -> StreamWatch {
             };
             let mut last = Instant::now();
             let mut lines = BufReader::new(stream).lines();
-            while !s.load(Ordering::Relaxed) {
+            while report.counters.last() < Some(&s.load(Ordering::Relaxed)) {
                 match lines.next() {
                     Some(Ok(l)) => {
                         if let Some(hb) = parse_heartbeat(l.trim_end()) {
@@ -239,12 +240,14 @@ fn watch_stream(t: &Topology) -> StreamWatch {
     started_rx
         .recv_timeout(Duration::from_secs(30))
         .expect("the TCP client receives heartbeats before the migration");
-    StreamWatch { stop, handle }
+    StreamWatch { stop_at, handle }
 }
 
 impl StreamWatch {
-    fn finish(self) -> StreamReport {
-        self.stop.store(true, Ordering::Relaxed);
+    /// Reads on until heartbeat `counter` came (or the stream broke, or
+    /// was silent for 10 s), then reports.
+    fn finish_at(self, counter: u64) -> StreamReport {
+        self.stop_at.store(counter, Ordering::Relaxed);
         self.handle
             .join()
             .expect("stream watcher")
@@ -348,7 +351,9 @@ fn check_moved(mut src: Vm, target: &Target, stream: Option<StreamWatch>, worklo
     let Some(stream) = stream else {
         return;
     };
-    let report = stream.finish();
+    // Ten heartbeats from the target: a segment lost in the switch-over
+    // costs the guest a retransmission timeout (1 s) before they come.
+    let report = stream.finish_at(source_last + 10);
     assert!(report.error.is_none(), "TCP connection broke: {report:?}");
     assert!(report.counters.len() > 10, "{report:?}");
     for w in report.counters.windows(2) {
