@@ -77,6 +77,14 @@ pub struct Progress {
     /// recovery timeout): vCPUs that touch a page still on the source wait.
     #[serde(default)]
     pub reconnecting: bool,
+    /// How many times post-copy lost its link and started reconnecting
+    /// (left out while 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reconnects: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Final figures of a migration.

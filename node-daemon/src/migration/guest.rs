@@ -78,6 +78,13 @@ impl DirtyPages {
         }
     }
 
+    /// The same runs as (guest-physical address, page count), as the
+    /// protocol's page runs carry them.
+    pub fn gpa_runs(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.runs()
+            .map(|(first, n)| (self.gpa + first * 4096, n as u32))
+    }
+
     /// Runs of consecutive dirty pages as (first page index, page count).
     pub fn runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         let total = self.bitmap.len() as u64 * 64;

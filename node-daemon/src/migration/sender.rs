@@ -29,7 +29,7 @@ use super::guest::{DirtyPages, SourceVm};
 use super::postcopy::source::serve as serve_post_copy;
 use super::precopy::{self, Switch, Throttle};
 use super::progress::{DowntimeBreakdown, MigrationSummary, ProgressHandle, Stage};
-use super::protocol::{self, Command, Hello, HelloAck, PAGE_SIZE, STORAGE_VERSION};
+use super::protocol::{self, Command, Hello, HelloAck, STORAGE_VERSION};
 use super::session::{RoundDisks, SendOptions, SenderState, Source};
 use super::storage::{self, DiskSender};
 use super::transport::{self, Conn, Incoming};
@@ -115,13 +115,7 @@ fn discard_stale<V: SourceVm>(
     pending: &mut [DirtyPages],
 ) -> Result<(), MigrationError> {
     precopy::take_last(src.vm, pending)?;
-    let runs: Vec<(u64, u32)> = pending
-        .iter()
-        .flat_map(|d| {
-            d.runs()
-                .map(move |(first, n)| (d.gpa + first * PAGE_SIZE as u64, n as u32))
-        })
-        .collect();
+    let runs: Vec<(u64, u32)> = pending.iter().flat_map(DirtyPages::gpa_runs).collect();
     src.writer
         .send(Command::Discard, &protocol::encode_page_runs(&runs))?;
     src.expect(Command::Discarded, src.opts.stall_timeout)?;

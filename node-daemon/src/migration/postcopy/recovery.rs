@@ -87,6 +87,7 @@ pub(crate) fn reconnect_source<V: SourceVm>(
     );
     src.progress.update(|p| {
         p.reconnecting = true;
+        p.reconnects += 1;
         p.stage = Stage::PostCopy;
     });
     let mut last = clone_io(why);
@@ -171,7 +172,10 @@ pub(crate) fn reconnect_target(
         godwit_crds::error_chain(why)
     );
     let _ = old.socket().shutdown(std::net::Shutdown::Both);
-    progress.update(|p| p.reconnecting = true);
+    progress.update(|p| {
+        p.reconnecting = true;
+        p.reconnects += 1;
+    });
     loop {
         if failed.load(Ordering::Acquire) {
             return Err(MigrationError::StreamClosed);

@@ -125,13 +125,7 @@ pub(crate) fn serve<V: SourceVm>(
     committed: &mut bool,
 ) -> Result<MigrationSummary, MigrationError> {
     let needed: Vec<DirtyPages> = pending.to_vec();
-    let runs: Vec<(u64, u32)> = needed
-        .iter()
-        .flat_map(|d| {
-            d.runs()
-                .map(move |(first, n)| (d.gpa + first * PAGE_SIZE as u64, n as u32))
-        })
-        .collect();
+    let runs: Vec<(u64, u32)> = needed.iter().flat_map(DirtyPages::gpa_runs).collect();
     src.in_postcopy = true;
     src.writer.send(Command::State, vm_state)?;
     src.writer
