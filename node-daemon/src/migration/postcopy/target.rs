@@ -7,6 +7,13 @@
 //! needed" bit ([`super::needed`]) is cleared only after its data is
 //! installed, so the fault thread can never zero-fill a page whose data is
 //! on its way. A lost link is bridged by [`super::recovery`].
+//!
+//! On transparent huge pages, a page that never arrived may be present
+//! (zero) because a neighbour in its huge page did, and then it never
+//! faults. That is right as long as every page still to come is dropped
+//! here first: post-copy starts only after round 0, which sent every page
+//! that was not zero, so what is still to come is the source's dirty set
+//! since, and that is exactly the needed set this drops.
 
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
