@@ -141,7 +141,8 @@ pub struct DowntimeBreakdown {
     pub pause_ms: f64,
     /// Reading the last dirty set and sending those pages.
     pub last_pages_ms: f64,
-    /// Capturing vCPU, VM and device state.
+    /// Capturing vCPU, VM and device state (in pre-copy, beside the last
+    /// pages: the two overlap).
     pub save_state_ms: f64,
     /// Sending the state until the target confirms it restored it.
     pub target_restore_ms: f64,

@@ -226,11 +226,29 @@ pub(super) fn stop_and_copy<V: SourceVm>(
     let t = Instant::now();
     take_last(src.vm, pending)?;
     let final_pages = count(pending);
-    src.send_dirty(pending)?;
-    phases.last_pages_ms = ms(t);
-    let t = Instant::now();
-    let vm_state = src.vm.save_state().map_err(MigrationError::SaveState)?;
-    phases.save_state_ms = ms(t);
+    // The state does not depend on the pages: capture it beside the send.
+    let vm = src.vm;
+    let (sent, saved) = std::thread::scope(|s| {
+        let saver = std::thread::Builder::new()
+            .name("migrate-state".into())
+            .spawn_scoped(s, || {
+                let t = Instant::now();
+                vm.save_state().map(|state| (state, ms(t)))
+            });
+        let sent = src.send_dirty(pending).map(|_| ms(t));
+        let saved = match saver {
+            Ok(h) => h.join().expect("saving the state does not panic"),
+            // No thread to spare: capture it here, after the pages.
+            Err(_) => {
+                let t = Instant::now();
+                vm.save_state().map(|state| (state, ms(t)))
+            }
+        };
+        (sent, saved)
+    });
+    phases.last_pages_ms = sent?;
+    let (vm_state, save_ms) = saved.map_err(MigrationError::SaveState)?;
+    phases.save_state_ms = save_ms;
     Ok((final_pages, vm_state))
 }
 
