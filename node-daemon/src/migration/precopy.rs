@@ -228,21 +228,19 @@ pub(super) fn stop_and_copy<V: SourceVm>(
     let final_pages = count(pending);
     // The state does not depend on the pages: capture it beside the send.
     let vm = src.vm;
+    let save = || {
+        let t = Instant::now();
+        vm.save_state().map(|state| (state, ms(t)))
+    };
     let (sent, saved) = std::thread::scope(|s| {
         let saver = std::thread::Builder::new()
             .name("migrate-state".into())
-            .spawn_scoped(s, || {
-                let t = Instant::now();
-                vm.save_state().map(|state| (state, ms(t)))
-            });
+            .spawn_scoped(s, save);
         let sent = src.send_dirty(pending).map(|_| ms(t));
         let saved = match saver {
             Ok(h) => h.join().expect("saving the state does not panic"),
             // No thread to spare: capture it here, after the pages.
-            Err(_) => {
-                let t = Instant::now();
-                vm.save_state().map(|state| (state, ms(t)))
-            }
+            Err(_) => save(),
         };
         (sent, saved)
     });
