@@ -105,7 +105,7 @@
 //! whose [`HelloAck::discard`] says it takes them (an older target never
 //! sets it and gets the plain switch to post-copy).
 
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
 
 /// Frame magic, "GDWT".
 pub const MAGIC: u32 = 0x4744_5754;
@@ -347,9 +347,28 @@ pub fn write_frame_version(
             payload.len().min(u32::MAX as usize) as u32,
         ));
     }
-    w.write_all(&Header::with_version(version, command, payload.len()).encode())
-        .and_then(|()| w.write_all(payload))
+    let header = Header::with_version(version, command, payload.len()).encode();
+    write_all_vectored(w, &mut [IoSlice::new(&header), IoSlice::new(payload)])
         .map_err(ProtocolError::Io)
+}
+
+/// Writes all of `bufs`, in as few writes as the writer takes. A frame's
+/// header and payload go to the socket in one call: on a stream without
+/// Nagle's delay, two calls would send the 16-byte header as a packet of
+/// its own (and draw an acknowledgement of its own), which on a stream of
+/// small frames (post-copy's pushes) costs more than a percent of the bytes
+/// on the wire.
+fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Reads one frame into `payload` (reusing its allocation) and returns its header.

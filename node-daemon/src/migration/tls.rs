@@ -386,12 +386,18 @@ impl Session {
 
     /// Seals `buf` and writes the records to `tcp`.
     pub fn write(&self, tcp: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(tcp, &[io::IoSlice::new(buf)])
+    }
+
+    /// Seals `bufs` (as one write: a frame's header and payload share their
+    /// records) and writes the records to `tcp`.
+    pub fn write_vectored(&self, tcp: &TcpStream, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         let mut outbox = self.outbox.lock().unwrap();
         let n = {
             let mut conn = self.conn.lock().unwrap();
             // Fails once the session has failed (say, the reader got an
             // alert), with that error.
-            let n = conn.writer().write(buf).map_err(in_our_words)?;
+            let n = conn.writer().write_vectored(bufs).map_err(in_our_words)?;
             while conn.wants_write() {
                 conn.write_tls(&mut *outbox)?;
             }

@@ -79,6 +79,13 @@ impl Write for Conn {
         }
     }
 
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match &self.tls {
+            Some(tls) => tls.write_vectored(&self.tcp, bufs),
+            None => self.tcp.write_vectored(bufs),
+        }
+    }
+
     fn flush(&mut self) -> std::io::Result<()> {
         // A TLS write puts its records on the socket before it returns.
         self.tcp.flush()
