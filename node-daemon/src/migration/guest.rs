@@ -119,6 +119,13 @@ pub trait SourceVm: Sync {
     /// Pages written since the last call, by vCPUs or devices; clears them.
     /// One entry per region, in [`SourceVm::regions`] order.
     fn take_dirty(&self) -> Result<Vec<DirtyPages>, GuestError>;
+    /// How many pages the guest wrote since the dirty set was last taken,
+    /// without taking it: nothing is write-protected again, so the guest
+    /// pays nothing for the look. `None`, the default: the VM cannot look
+    /// without taking.
+    fn dirty_count(&self) -> Result<Option<u64>, GuestError> {
+        Ok(None)
+    }
     /// Which of `count` pages of `region`, from page index `first`, may
     /// hold data: bit `i` of word `i / 64` for page `first + i`, no bit past
     /// `count`. A clear bit is a page known to be zero without reading it
@@ -231,6 +238,12 @@ impl<T: SourceVm + Send> SourceVm for std::sync::Arc<T> {
     }
     fn take_dirty(&self) -> Result<Vec<DirtyPages>, GuestError> {
         (**self).take_dirty()
+    }
+    fn dirty_count(&self) -> Result<Option<u64>, GuestError> {
+        (**self).dirty_count()
+    }
+    fn populated(&self, region: &GuestRegion, first: u64, count: u64) -> Option<Vec<u64>> {
+        (**self).populated(region, first, count)
     }
     fn pause(&self) {
         (**self).pause()

@@ -2,7 +2,9 @@
 //! runs, auto-converge, and the last copy once the guest is paused.
 //!
 //! Round 0 sends all of guest RAM (zero pages as run headers only, and
-//! pages the VM knows were never written without reading them); each
+//! pages the VM knows were never written without reading them), unless it
+//! switches to post-copy part-way (a guest that writes new pages faster
+//! than the link carries them, [`convergence::in_round0`]); each
 //! later round sends the pages the guest dirtied during the one before,
 //! after the disks' dirty blocks (`RoundDisks`). A round ends when the
 //! target has received it all; then [`super::convergence`] decides: another
@@ -16,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::convergence::{self, Decision, Policy, Round};
+use super::convergence::{self, Decision, Policy, Round, Round0};
 use super::error::MigrationError;
 use super::guest::{DirtyPages, GuestRegion, SourceVm};
 use super::progress::{DowntimeBreakdown, ModeUsed};
@@ -26,6 +28,10 @@ use super::session::{RoundDisks, SenderState, Source};
 /// Round 0 walks guest memory in chunks of this many pages (16 MiB) and
 /// updates the progress's remaining bytes after each.
 const ROUND0_CHUNK_PAGES: u64 = 4096;
+/// While round 0 runs (post-copy allowed, and a VM that can count its dirty
+/// pages without re-arming the log), it looks at the count this often
+/// ([`convergence::in_round0`]).
+const ROUND0_LOOK: Duration = Duration::from_millis(250);
 /// Throttle period: each period the vCPUs are paused for the throttle's share.
 const THROTTLE_PERIOD: Duration = Duration::from_millis(20);
 
@@ -120,6 +126,15 @@ pub(super) fn iterate<V: SourceVm>(
     let total_pages: u64 = src.regions.iter().map(|r| r.size / PAGE_SIZE as u64).sum();
     src.progress
         .update(|p| p.memory_remaining_bytes = total_pages * PAGE_SIZE as u64);
+    let mut pending = empty_dirty(&src.regions);
+    // The figures at the last look at the dirty count; `None` once round 0
+    // goes on to its end without looking.
+    let mut looked = policy.allow_post_copy.then_some(Round {
+        round: 0,
+        bytes_sent: 0,
+        duration: Duration::ZERO,
+        dirty_pages: 0,
+    });
     for r in 0..src.regions.len() {
         let pages = src.regions[r].size / PAGE_SIZE as u64;
         // In chunks, so the progress shows what round 0 has left to walk.
@@ -131,10 +146,57 @@ pub(super) fn iterate<V: SourceVm>(
             round_pages += n;
             let left = (total_pages - round_pages) * PAGE_SIZE as u64;
             src.progress.update(|p| p.memory_remaining_bytes = left);
+            let Some(last) = looked else { continue };
+            let elapsed = round_start.elapsed();
+            if elapsed < last.duration + ROUND0_LOOK {
+                continue;
+            }
+            let Some(dirtied) = vm.dirty_count().map_err(MigrationError::TakeDirty)? else {
+                looked = None;
+                continue;
+            };
+            let so_far = Round {
+                round: 0,
+                bytes_sent: src.writer.bytes_sent - bytes_before,
+                duration: elapsed,
+                dirty_pages: dirtied,
+            };
+            let window = Round {
+                round: 0,
+                bytes_sent: so_far.bytes_sent - last.bytes_sent,
+                duration: elapsed - last.duration,
+                dirty_pages: dirtied.saturating_sub(last.dirty_pages),
+            };
+            looked = Some(so_far);
+            match convergence::in_round0(&so_far, &window, policy, PAGE_SIZE as u64) {
+                Round0::Look => {}
+                Round0::Finish => looked = None,
+                Round0::PostCopy => {
+                    src.flush_batch()?;
+                    merge(
+                        &mut pending,
+                        &vm.take_dirty().map_err(MigrationError::TakeDirty)?,
+                    );
+                    not_reached(src, (r, first), &mut pending);
+                    let round = Round {
+                        dirty_pages: count(&pending),
+                        ..so_far
+                    };
+                    src.progress.update(|p| {
+                        p.memory_remaining_bytes = round.dirty_pages * PAGE_SIZE as u64;
+                        p.bandwidth_bytes_per_second = convergence::bandwidth(&round) as u64;
+                    });
+                    return Ok(PreCopied {
+                        switch: Switch::PostCopy,
+                        pending,
+                        history: vec![round],
+                        mode: ModeUsed::PreCopy,
+                    });
+                }
+            }
         }
     }
     src.flush_batch()?;
-    let mut pending = empty_dirty(&src.regions);
     let mut mode = ModeUsed::PreCopy;
     loop {
         // The round ends when the target has it all; what the guest dirtied
@@ -248,6 +310,31 @@ pub(super) fn stop_and_copy<V: SourceVm>(
     let (vm_state, save_ms) = saved.map_err(MigrationError::SaveState)?;
     phases.save_state_ms = save_ms;
     Ok((final_pages, vm_state))
+}
+
+/// Round 0 stops at page `from` (region, page): the pages from there on
+/// that may hold data go into `pending`, for post-copy to send. Those the
+/// VM knows are zero stay out: the target zero-fills a page it never got
+/// and does not need, and a write to one since is in the dirty log.
+fn not_reached<V: SourceVm>(src: &Source<'_, V>, from: (usize, u64), pending: &mut [DirtyPages]) {
+    for (r, region) in src.regions.iter().enumerate().skip(from.0) {
+        let pages = region.size / PAGE_SIZE as u64;
+        let mut first = if r == from.0 { from.1 } else { 0 };
+        while first < pages {
+            let n = ROUND0_CHUNK_PAGES.min(pages - first);
+            let bits = src.vm.populated(region, first, n);
+            for i in 0..n {
+                let maybe_data = bits
+                    .as_ref()
+                    .is_none_or(|b| b[(i / 64) as usize] & (1 << (i % 64)) != 0);
+                if maybe_data {
+                    let p = first + i;
+                    pending[r].bitmap[(p / 64) as usize] |= 1 << (p % 64);
+                }
+            }
+            first += n;
+        }
+    }
 }
 
 fn empty_dirty(regions: &[GuestRegion]) -> Vec<DirtyPages> {

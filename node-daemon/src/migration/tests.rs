@@ -115,6 +115,8 @@ struct TestVm {
     /// every page, last page first, racing the background push so that most
     /// reads fault and are fetched on demand in post-copy.
     toucher: Mutex<Option<std::thread::JoinHandle<Vec<u64>>>>,
+    /// The guest rests this long (µs) after each 64-page chunk; 0 = never.
+    pace_us: AtomicU64,
 }
 
 impl TestVm {
@@ -134,6 +136,7 @@ impl TestVm {
             generation: AtomicU64::new(0),
             restored: Mutex::new(None),
             toucher: Mutex::new(None),
+            pace_us: AtomicU64::new(0),
         })
     }
 
@@ -176,6 +179,10 @@ impl TestVm {
                             vm.dirty[p / 64].fetch_or(1 << (p % 64), Ordering::Release);
                         }
                         break;
+                    }
+                    let pace = vm.pace_us.load(Ordering::Relaxed);
+                    if pace > 0 {
+                        std::thread::sleep(Duration::from_micros(pace));
                     }
                 }
             }
@@ -224,6 +231,13 @@ impl SourceVm for TestVm {
                 .map(|w| w.swap(0, Ordering::AcqRel))
                 .collect(),
         }])
+    }
+    fn dirty_count(&self) -> Result<Option<u64>, GuestError> {
+        let n = self
+            .dirty
+            .iter()
+            .map(|w| w.load(Ordering::Acquire).count_ones());
+        Ok(Some(n.map(u64::from).sum()))
     }
     fn populated(&self, region: &GuestRegion, first: u64, count: u64) -> Option<Vec<u64>> {
         // An anonymous private mapping, as the VMM's guest RAM is.
@@ -295,6 +309,10 @@ struct Wire {
     server_name: &'static str,
     /// The target's guest RAM on transparent huge pages, as the VMM's.
     target_huge_pages: bool,
+    /// The source's guest rests this long after each 64-page chunk.
+    guest_pace: Duration,
+    /// Content in every page before the migration, not every eighth.
+    fill: bool,
 }
 
 fn migrate_over(
@@ -305,11 +323,14 @@ fn migrate_over(
     wire: Wire,
 ) -> Pair {
     let source = TestVm::new(mib);
-    // Content in every eighth page; the rest stays zero.
-    for p in (0..source.pages()).step_by(8) {
+    // Content in every eighth page (the rest stays zero), or in all.
+    for p in (0..source.pages()).step_by(if wire.fill { 1 } else { 8 }) {
         // SAFETY: p < pages.
         unsafe { *source.mem.page(p) = 7 + p as u64 };
     }
+    source
+        .pace_us
+        .store(wire.guest_pace.as_micros() as u64, Ordering::Relaxed);
     let stop = Arc::new(AtomicBool::new(false));
     let guest = source.run_guest(working_set, stop.clone());
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -515,6 +536,40 @@ fn post_copy_into_huge_pages_ends_identical() {
     );
 }
 
+/// A guest that writes new pages twice as fast as the link carries them,
+/// for longer than round 0 looks ([`convergence::ROUND0_POSTCOPY_AFTER`]):
+/// round 0 stops part-way and post-copy sends what it had not reached. The
+/// memory ends identical, and fewer pages went than a whole round 0 and
+/// the set dirtied during it would have taken (the guest writes every page
+/// within round 0's time, so that would be about two per page).
+#[test]
+fn a_guest_outpacing_the_link_switches_to_post_copy_inside_round_0_and_ends_identical() {
+    // 16 MiB/s: round 0 carries the 64 MiB of content in 4 s, and looks at
+    // the dirty count after each 16 MiB. The guest writes 64 pages (256 KiB)
+    // every 8 ms, 32 MiB/s, through all of its 64 MiB in 2 s.
+    let opts = SendOptions {
+        bandwidth_limit: Some(16 << 20),
+        ..opts(post_copy_policy())
+    };
+    let wire = Wire {
+        guest_pace: Duration::from_millis(8),
+        fill: true,
+        ..Wire::default()
+    };
+    let pair = migrate_over(64, 16384, opts, None, wire);
+    let result = pair.result.as_ref().unwrap();
+    pair.received.as_ref().unwrap();
+    assert_eq!(result.mode, ModeUsed::PostCopy);
+    assert_eq!(result.rounds, 1);
+    assert_post_copy_arrived_intact(&pair);
+    let pages = pair.source.pages() as u64;
+    assert!(
+        result.pages_sent < pages * 3 / 2,
+        "{} pages sent for {pages}: round 0 was not cut short",
+        result.pages_sent
+    );
+}
+
 #[test]
 fn wrong_version_stream_is_refused_by_the_target() {
     let pair = migrate(
@@ -667,7 +722,7 @@ fn tls_wire(pki: &Pki) -> Wire {
         source: Some(pki.identity("node-a", &["127.0.0.1", "node-a"])),
         target: Some(pki.identity("node-b", &["127.0.0.1", "node-b"])),
         server_name: "127.0.0.1",
-        target_huge_pages: false,
+        ..Wire::default()
     }
 }
 

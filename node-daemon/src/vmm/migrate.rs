@@ -55,6 +55,10 @@ impl SourceVm for Vmm {
             .collect())
     }
 
+    fn dirty_count(&self) -> Result<Option<u64>, GuestError> {
+        Ok(Vmm::peek_dirty_count(self)?)
+    }
+
     fn populated(&self, region: &GuestRegion, first: u64, count: u64) -> Option<Vec<u64>> {
         // Guest RAM is anonymous private memory of this process
         // (`memory::create`): a page the page table does not hold is zero.

@@ -219,6 +219,8 @@ pub struct Vmm {
     started: Instant,
     dirty_last: AtomicU64,
     dirty_log: AtomicBool,
+    /// KVM's manual dirty-log protection is on (`dirty::enable_manual_protect`).
+    dirty_manual: AtomicBool,
     dirty_takes: AtomicU64,
     /// Serialises pause/resume/save from several control clients.
     pub control_lock: Mutex<()>,
@@ -441,6 +443,7 @@ impl Vmm {
                 started: Instant::now(),
                 dirty_last: AtomicU64::new(0),
                 dirty_log: AtomicBool::new(false),
+                dirty_manual: AtomicBool::new(false),
                 dirty_takes: AtomicU64::new(0),
                 control_lock: Mutex::new(()),
             },
@@ -548,6 +551,11 @@ impl Vmm {
     /// also clears the VMM's own bitmap, so the first [`Vmm::take_dirty`]
     /// returns the pages written since this call.
     pub fn set_dirty_log(&self, on: bool) -> Result<(), VmmError> {
+        if on && !self.dirty_manual.load(Ordering::SeqCst) {
+            let manual = dirty::enable_manual_protect(&self.vm);
+            tracing::debug!(manual, "KVM manual dirty-log protection");
+            self.dirty_manual.store(manual, Ordering::SeqCst);
+        }
         memory::register_slots(&self.vm, &self.mem, on)?;
         if on {
             dirty::clear_vmm_bitmap(&self.mem);
@@ -568,11 +576,29 @@ impl Vmm {
         if !self.dirty_log_enabled() {
             return Err(DirtyError::NotEnabled.into());
         }
-        let d = dirty::take_dirty(&self.vm, &self.mem)?;
+        let d = dirty::take_dirty(
+            &self.vm,
+            &self.mem,
+            self.dirty_manual.load(Ordering::SeqCst),
+        )?;
         self.dirty_last
             .store(d.iter().map(|b| b.count()).sum(), Ordering::Relaxed);
         self.dirty_takes.fetch_add(1, Ordering::Relaxed);
         Ok(d)
+    }
+
+    /// How many pages the vCPUs wrote since the dirty set was last taken,
+    /// without taking it or write-protecting anything again; `None` when
+    /// KVM's manual dirty-log protection is off (the log cannot be read
+    /// without re-arming it).
+    pub fn peek_dirty_count(&self) -> Result<Option<u64>, VmmError> {
+        if !self.dirty_log_enabled() {
+            return Err(DirtyError::NotEnabled.into());
+        }
+        if !self.dirty_manual.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        Ok(Some(dirty::peek_count(&self.vm, &self.mem)?))
     }
 
     /// Runs `f` on block device number `disk` (in `--disk` order).

@@ -31,7 +31,7 @@ const PUSH_PAGES: u64 = 32;
 /// link), while a fast link still has enough in flight to stay full.
 const PUSH_QUEUE: Duration = Duration::from_micros(100);
 /// The least the push keeps in flight (at any bandwidth).
-const PUSH_IN_FLIGHT_MIN: usize = 64 << 10;
+const PUSH_IN_FLIGHT_MIN: usize = 8 << 10;
 
 /// The push's in-flight cap for a stream that carried `bandwidth` bytes per
 /// second in pre-copy.

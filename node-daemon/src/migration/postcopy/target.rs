@@ -11,9 +11,10 @@
 //! On transparent huge pages, a page that never arrived may be present
 //! (zero) because a neighbour in its huge page did, and then it never
 //! faults. That is right as long as every page still to come is dropped
-//! here first: post-copy starts only after round 0, which sent every page
-//! that was not zero, so what is still to come is the source's dirty set
-//! since, and that is exactly the needed set this drops.
+//! here first: what is still to come is the source's dirty set since round
+//! 0 and, when round 0 stopped part-way, the pages it had not reached that
+//! may hold data, and that is exactly the needed set this drops. A page
+//! round 0 neither reached nor counted is one the source knows is zero.
 
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
